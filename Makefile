@@ -1,0 +1,66 @@
+# mamba.cu build. `make` builds every binary; `make test` runs the CPU tests (CI);
+# `make test-gpu` runs the GPU tests (needs a GPU); `make train` prepares the
+# default corpus and trains the default model.
+CUDA_HOME ?= /usr/local/cuda
+NVCC      ?= $(CUDA_HOME)/bin/nvcc
+GPU_ARCH  ?= 90
+ifeq ($(GPU_ARCH),90)
+  ARCH_FLAGS := -gencode=arch=compute_90a,code=sm_90a
+else
+  ARCH_FLAGS := -gencode=arch=compute_$(GPU_ARCH),code=sm_$(GPU_ARCH)
+endif
+PYTHON    ?= /usr/bin/python3
+CXXFLAGS  := -O3 -std=c++17 -Wall -Wextra -I.
+NVCCFLAGS := -O3 -std=c++17 $(ARCH_FLAGS) -I. -Xcompiler -Wall --expt-relaxed-constexpr -lineinfo
+LIBS      := -lcublas -lcublasLt
+BUILD     := build
+
+HEADERS   := $(wildcard *.h *.cuh data/*.h test/ref/*.h test/*.h)
+CPU_TESTS := $(wildcard test/cpu/*.cu)
+GPU_TESTS := $(wildcard test/gpu/*.cu)
+DEV_BENCH := $(patsubst dev/%.cu,dev/%,$(wildcard dev/bench_*.cu))
+
+.PHONY: all test test-gpu data train clean dumps
+all: train_mamba prepare_data $(BUILD)/test_cpu $(BUILD)/test_gpu $(DEV_BENCH)
+
+prepare_data: data/prepare_data.cpp $(HEADERS)
+	$(CXX) $(CXXFLAGS) $< -o $@ -licuuc
+
+train_mamba: train_mamba.cu $(HEADERS)
+	$(NVCC) $(NVCCFLAGS) $< -o $@ $(LIBS) -licuuc
+
+dev/bench_%: dev/bench_%.cu $(HEADERS)
+	$(NVCC) $(NVCCFLAGS) $< -o $@ $(LIBS)
+
+# Tests: every file is compiled by nvcc (CPU tests may include .cuh headers for their
+# host-side parts), against one Catch2 main.
+$(BUILD)/catch_main.o: test/catch_main.cpp
+	@mkdir -p $(BUILD)
+	$(CXX) -O1 -std=c++17 -c $< -o $@
+
+$(BUILD)/cpu_%.o: test/cpu/%.cu $(HEADERS)
+	@mkdir -p $(BUILD)
+	$(NVCC) $(NVCCFLAGS) -O1 -c $< -o $@
+
+$(BUILD)/gpu_%.o: test/gpu/%.cu $(HEADERS)
+	@mkdir -p $(BUILD)
+	$(NVCC) $(NVCCFLAGS) -c $< -o $@
+
+$(BUILD)/test_cpu: $(BUILD)/catch_main.o $(patsubst test/cpu/%.cu,$(BUILD)/cpu_%.o,$(CPU_TESTS))
+	$(NVCC) $(NVCCFLAGS) $^ -o $@ $(LIBS) -licuuc
+
+$(BUILD)/test_gpu: $(BUILD)/catch_main.o $(patsubst test/gpu/%.cu,$(BUILD)/gpu_%.o,$(GPU_TESTS))
+	$(NVCC) $(NVCCFLAGS) $^ -o $@ $(LIBS) -licuuc
+
+# PyTorch (float64) reference dumps that the tests compare against
+dumps:
+	$(PYTHON) test/pytorch_ref.py --out test/dumps
+
+test: $(BUILD)/test_cpu prepare_data dumps
+	./$(BUILD)/test_cpu
+
+test-gpu: $(BUILD)/test_gpu dumps
+	./$(BUILD)/test_gpu
+
+clean:
+	rm -rf $(BUILD) train_mamba prepare_data $(DEV_BENCH)
