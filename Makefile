@@ -56,11 +56,19 @@ $(BUILD)/test_gpu: $(BUILD)/catch_main.o $(patsubst test/gpu/%.cu,$(BUILD)/gpu_%
 dumps:
 	$(PYTHON) test/pytorch_ref.py --out test/dumps
 
-test: $(BUILD)/test_cpu prepare_data dumps
+test: $(BUILD)/test_cpu prepare_data train_mamba dumps
 	./$(BUILD)/test_cpu
 
-test-gpu: $(BUILD)/test_gpu dumps
+test-gpu: $(BUILD)/test_gpu train_mamba dumps
 	./$(BUILD)/test_gpu
+
+# the default corpus (Brown, GPT-2 tokenizer) into data/brown/
+data: prepare_data
+	bash data/prepare_default.sh
+
+# the main job: build, prepare the default corpus, train the default model
+train: train_mamba data
+	./train_mamba
 
 clean:
 	rm -rf $(BUILD) train_mamba prepare_data $(DEV_BENCH)

@@ -1,0 +1,403 @@
+// prepare_data: text and JSONL to token shards, shard inspection, BPE training, and the
+// Brown corpus converter used by data/prepare_default.sh. Shard format: dataloader.h.
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <map>
+#include <sstream>
+#include <string>
+#include <vector>
+#include <nlohmann/json.hpp>
+#include "common.h"
+#include "dataloader.h"
+#include "tokenizer.h"
+#include "data/bpe_trainer.h"
+
+namespace fs = std::filesystem;
+
+static const char* USAGE =
+    "usage:\n"
+    "  prepare_data shards --tokenizer PATH --out DIR [--name NAME] [--shard-tokens N]\n"
+    "               [--val-fraction F | --val-docs N] [--jsonl-field FIELD] [--seed S] INPUT...\n"
+    "      INPUT: a text file (one document), a .jsonl file (one document per line, the string\n"
+    "      FIELD, default \"text\"), or a directory (its *.txt and *.jsonl files, recursively).\n"
+    "      Each document is preceded by the EOT token. Documents go to validation with\n"
+    "      probability F (default 0.05, chosen by --seed S, default 0) or the first N do.\n"
+    "      Writes DIR/NAME_val_000000.bin, DIR/NAME_train_000000.bin, ... of at most N tokens\n"
+    "      (default name \"data\", default 100000000 tokens per shard).\n"
+    "  prepare_data inspect [--tokenizer PATH] [--n N] SHARD\n"
+    "      header, dtype, id range, document count and the first N tokens (default 64) decoded.\n"
+    "  prepare_data train-bpe --vocab-size N --out tokenizer.json [--special TOK ...] INPUT...\n"
+    "      byte-level BPE on INPUT (as for shards); default special token <|endoftext|>.\n"
+    "  prepare_data brown SRC_DIR OUT_DIR\n"
+    "      the tagged Brown corpus (files ca01..cr09 in SRC_DIR) to plain text, one OUT_DIR/<id>.txt\n"
+    "      per text.\n";
+
+struct UsageError : std::runtime_error {
+    using std::runtime_error::runtime_error;
+};
+
+// Flags of one subcommand: `--name value` pairs (a flag in `multi` may repeat) and positionals.
+struct Args {
+    std::map<std::string, std::vector<std::string>> flags;
+    std::vector<std::string> positional;
+
+    Args(int argc, char** argv, const std::vector<std::string>& known) {
+        for (int i = 0; i < argc; i++) {
+            std::string a = argv[i];
+            if (a.rfind("--", 0) != 0) { positional.push_back(a); continue; }
+            if (std::find(known.begin(), known.end(), a) == known.end())
+                throw UsageError(strformat("unknown flag '%s'", a.c_str()));
+            if (i + 1 >= argc) throw UsageError(strformat("flag '%s' needs a value", a.c_str()));
+            flags[a].push_back(argv[++i]);
+        }
+    }
+    bool has(const std::string& f) const { return flags.count(f) > 0; }
+    std::string str(const std::string& f, const std::string& def = "") const {
+        auto it = flags.find(f);
+        if (it == flags.end()) return def;
+        if (it->second.size() > 1) throw UsageError(strformat("flag '%s' given more than once", f.c_str()));
+        return it->second[0];
+    }
+    std::string required(const std::string& f) const {
+        if (!has(f)) throw UsageError(strformat("missing required flag '%s'", f.c_str()));
+        return str(f);
+    }
+    long long integer(const std::string& f, long long def) const {
+        if (!has(f)) return def;
+        std::string v = str(f);
+        char* end;
+        long long x = strtoll(v.c_str(), &end, 10);
+        if (v.empty() || *end) throw UsageError(strformat("flag '%s' wants an integer, got '%s'", f.c_str(), v.c_str()));
+        return x;
+    }
+    double real(const std::string& f, double def) const {
+        if (!has(f)) return def;
+        std::string v = str(f);
+        char* end;
+        double x = strtod(v.c_str(), &end);
+        if (v.empty() || *end) throw UsageError(strformat("flag '%s' wants a number, got '%s'", f.c_str(), v.c_str()));
+        return x;
+    }
+};
+
+static std::string read_file(const std::string& path) {
+    std::ifstream f(path, std::ios::binary);
+    if (!f) THROW("cannot open '%s'", path.c_str());
+    std::stringstream ss;
+    ss << f.rdbuf();
+    return ss.str();
+}
+
+static bool ends_with(const std::string& s, const std::string& suffix) {
+    return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+// Calls `doc` for every document of the inputs, in order (directories sorted).
+static void for_each_document(const std::vector<std::string>& inputs, const std::string& jsonl_field,
+                              const std::function<void(const std::string&)>& doc) {
+    std::vector<std::string> files;
+    for (auto& in : inputs) {
+        if (fs::is_directory(in)) {
+            std::vector<std::string> found;
+            for (auto& e : fs::recursive_directory_iterator(in)) {
+                std::string p = e.path().string();
+                if (e.is_regular_file() && (ends_with(p, ".txt") || ends_with(p, ".jsonl"))) found.push_back(p);
+            }
+            if (found.empty()) THROW("directory '%s' holds no *.txt or *.jsonl file", in.c_str());
+            std::sort(found.begin(), found.end());
+            files.insert(files.end(), found.begin(), found.end());
+        } else if (fs::is_regular_file(in)) {
+            files.push_back(in);
+        } else {
+            THROW("input '%s' is neither a file nor a directory", in.c_str());
+        }
+    }
+    for (auto& path : files) {
+        if (!ends_with(path, ".jsonl")) {
+            doc(read_file(path));
+            continue;
+        }
+        std::ifstream f(path, std::ios::binary);
+        if (!f) THROW("cannot open '%s'", path.c_str());
+        std::string line;
+        for (long lineno = 1; std::getline(f, line); lineno++) {
+            if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
+            nlohmann::json j;
+            try {
+                j = nlohmann::json::parse(line);
+            } catch (const std::exception& e) {
+                THROW("'%s' line %ld is not valid JSON: %s", path.c_str(), lineno, e.what());
+            }
+            if (!j.is_object() || !j.contains(jsonl_field) || !j[jsonl_field].is_string())
+                THROW("'%s' line %ld has no string field '%s'", path.c_str(), lineno, jsonl_field.c_str());
+            doc(j[jsonl_field].get<std::string>());
+        }
+    }
+}
+
+static double seconds_since(std::chrono::steady_clock::time_point t0) {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+// ----------------------------------------------------------------------------
+// shards
+
+// Collects one split's tokens and writes a shard each time `shard_tokens` are ready.
+struct ShardSink {
+    std::string prefix;  // DIR/NAME_split_
+    size_t shard_tokens;
+    int vocab_size;
+    std::vector<uint32_t> buf = {};
+    int shards = 0;
+    size_t tokens = 0, docs = 0;
+
+    void add(const std::vector<uint32_t>& doc) {
+        buf.insert(buf.end(), doc.begin(), doc.end());
+        tokens += doc.size();
+        docs++;
+        while (buf.size() >= shard_tokens) {
+            std::vector<uint32_t> shard(buf.begin(), buf.begin() + shard_tokens);
+            buf.erase(buf.begin(), buf.begin() + shard_tokens);
+            write(shard);
+        }
+    }
+    void finish() {
+        if (!buf.empty()) write(buf);
+        buf.clear();
+    }
+    void write(const std::vector<uint32_t>& shard) {
+        write_shard(strformat("%s%06d.bin", prefix.c_str(), shards++), shard, vocab_size);
+    }
+};
+
+static void cmd_shards(int argc, char** argv) {
+    Args a(argc, argv, {"--tokenizer", "--out", "--name", "--shard-tokens", "--val-fraction", "--val-docs",
+                        "--jsonl-field", "--seed"});
+    if (a.positional.empty()) throw UsageError("shards: no INPUT given");
+    if (a.has("--val-fraction") && a.has("--val-docs")) throw UsageError("give --val-fraction or --val-docs, not both");
+    const std::string out = a.required("--out"), name = a.str("--name", "data");
+    const long long shard_tokens = a.integer("--shard-tokens", 100000000);
+    const double val_fraction = a.has("--val-docs") ? 0.0 : a.real("--val-fraction", 0.05);
+    const long long val_docs = a.integer("--val-docs", 0);
+    const uint64_t seed = (uint64_t)a.integer("--seed", 0);
+    if (shard_tokens <= 0 || shard_tokens > INT32_MAX) throw UsageError("--shard-tokens must be in [1, 2^31)");
+    if (val_fraction < 0 || val_fraction > 1) throw UsageError("--val-fraction must be in [0, 1]");
+    if (val_docs < 0) throw UsageError("--val-docs must be >= 0");
+
+    Tokenizer tok = Tokenizer::load(a.required("--tokenizer"));
+    const int eot = tok.eot_token();
+    if (eot < 0) THROW("tokenizer '%s' has no <|endoftext|> token to separate documents", a.str("--tokenizer").c_str());
+    fs::create_directories(out);
+    // a rerun replaces the whole set: stale shards of an earlier, larger run would mix in
+    for (auto& old : glob_sorted(out + "/" + name + "_train_*.bin")) fs::remove(old);
+    for (auto& old : glob_sorted(out + "/" + name + "_val_*.bin")) fs::remove(old);
+
+    ShardSink train{out + "/" + name + "_train_", (size_t)shard_tokens, tok.vocab_size()};
+    ShardSink val{out + "/" + name + "_val_", (size_t)shard_tokens, tok.vocab_size()};
+    auto t0 = std::chrono::steady_clock::now();
+    double last_print = 0;
+    size_t docs = 0, bytes = 0;
+    auto progress = [&](const char* tag) {
+        double dt = std::max(seconds_since(t0), 1e-9);
+        size_t toks = train.tokens + val.tokens;
+        printf("%s %zu docs (%zu val), %zu tokens (%zu val), %.1f MB text, %.0f tokens/s, %.2f MB/s, %.1f s\n", tag,
+               docs, val.docs, toks, val.tokens, bytes / 1e6, toks / dt, bytes / 1e6 / dt, dt);
+        fflush(stdout);
+    };
+    std::vector<uint32_t> ids;
+    for_each_document(a.positional, a.str("--jsonl-field", "text"), [&](const std::string& text) {
+        bool is_val = val_fraction > 0 ? (SplitMix64(seed ^ (docs * 0xA24BAED4963EE407ULL)).next() >> 11) * 0x1.0p-53 < val_fraction
+                                       : (long long)docs < val_docs;
+        ids.assign(1, (uint32_t)eot);
+        std::vector<uint32_t> enc = tok.encode(text);
+        ids.insert(ids.end(), enc.begin(), enc.end());
+        (is_val ? val : train).add(ids);
+        docs++;
+        bytes += text.size();
+        if (seconds_since(t0) - last_print >= 2.0) {
+            last_print = seconds_since(t0);
+            progress("...");
+        }
+    });
+    train.finish();
+    val.finish();
+    progress("done:");
+    printf("wrote %d train shard(s) (%zu tokens) and %d val shard(s) (%zu tokens) to %s/%s_*.bin\n", train.shards,
+           train.tokens, val.shards, val.tokens, out.c_str(), name.c_str());
+    if (train.tokens == 0) THROW("no training documents: every document went to validation");
+}
+
+// ----------------------------------------------------------------------------
+// inspect
+
+static void cmd_inspect(int argc, char** argv) {
+    Args a(argc, argv, {"--tokenizer", "--n"});
+    if (a.positional.size() != 1) throw UsageError("inspect: give exactly one SHARD");
+    const std::string path = a.positional[0];
+    const long long n = a.integer("--n", 64);
+    std::unique_ptr<Tokenizer> tok;
+    if (a.has("--tokenizer")) tok = std::make_unique<Tokenizer>(Tokenizer::load(a.str("--tokenizer")));
+    Shard sh(path, tok ? tok->vocab_size() : 0);
+    printf("file      %s (%ju bytes)\n", path.c_str(), (uintmax_t)fs::file_size(path));
+    printf("header    magic %d, version %d (%s tokens), count %zu\n", SHARD_MAGIC, sh.version(),
+           sh.version() == 1 ? "uint16" : "uint32", sh.size());
+    uint32_t lo = UINT32_MAX, hi = 0;
+    size_t eots = 0, masked = 0;
+    const int eot = tok ? tok->eot_token() : -1;
+    for (size_t i = 0; i < sh.size(); i++) {
+        uint32_t t = sh.token(i);
+        lo = std::min(lo, t);
+        hi = std::max(hi, t);
+        eots += (int64_t)t == eot;
+        masked += sh.masked(i);
+    }
+    if (sh.size()) printf("ids       min %u, max %u\n", lo, hi);
+    if (tok) printf("documents %zu (EOT id %d)\n", eots, eot);
+    if (sh.has_mask()) printf("mask      %s.mask: %zu of %zu tokens masked\n", path.c_str(), masked, sh.size());
+    std::vector<uint32_t> head;
+    for (size_t i = 0; i < sh.size() && (long long)i < n; i++) head.push_back(sh.token(i));
+    printf("first %zu tokens:", head.size());
+    for (uint32_t t : head) printf(" %u", t);
+    printf("\n");
+    if (tok) printf("decoded:\n%s\n", tok->decode(head).c_str());
+}
+
+// ----------------------------------------------------------------------------
+// train-bpe
+
+static void cmd_train_bpe(int argc, char** argv) {
+    Args a(argc, argv, {"--vocab-size", "--out", "--special", "--jsonl-field"});
+    if (a.positional.empty()) throw UsageError("train-bpe: no INPUT given");
+    const long long vocab = a.integer("--vocab-size", 0);
+    if (vocab <= 256) throw UsageError("train-bpe: --vocab-size must be > 256 (the byte tokens)");
+    const std::string out = a.required("--out");
+    std::vector<std::string> specials = a.has("--special") ? a.flags.at("--special")
+                                                           : std::vector<std::string>{"<|endoftext|>"};
+    std::vector<std::string> texts;
+    for_each_document(a.positional, a.str("--jsonl-field", "text"), [&](const std::string& t) { texts.push_back(t); });
+    auto t0 = std::chrono::steady_clock::now();
+    Tokenizer tok = train_bpe(texts, (int)vocab, specials);
+    tok.save_hf(out);
+    printf("trained a %d-token BPE on %zu documents in %.1f s, wrote %s\n", tok.vocab_size(), texts.size(),
+           seconds_since(t0), out.c_str());
+}
+
+// ----------------------------------------------------------------------------
+// brown: tagged Brown corpus (word/tag tokens) to plain text
+
+static bool all_chars_in(const std::string& w, const char* set) {
+    return !w.empty() && w.find_first_not_of(set) == std::string::npos;
+}
+
+// Rejoins the words of one tagged line into `out` with natural English spacing. `glue`: the
+// next word attaches without a space (after an opening quote or bracket); `in_squote`: a
+// lone ' opened a single quote (the corpus uses ' for both ends, and for no apostrophe).
+struct Detok {
+    bool glue = false, in_squote = false;
+};
+static void detokenize_line(const std::vector<std::string>& words, std::string& out, Detok& st) {
+    for (const std::string& raw : words) {
+        std::string w = raw;
+        bool opening = false, closing = false;
+        if (w == "``") { w = "\""; opening = true; }
+        else if (w == "''") { w = "\""; closing = true; }
+        else if (w == "`") { w = "'"; opening = true; }
+        else if (w == "'") { st.in_squote = !st.in_squote; opening = st.in_squote; closing = !opening; }
+        else if (w == "(" || w == "[" || w == "{") opening = true;
+        else if (all_chars_in(w, ",.;:?!)]}")) closing = true;
+        // the corpus repeats some sentence ends ("Jr. .", "; ;")
+        if (w.size() == 1 && strchr(".;?!", w[0]) && !out.empty() && out.back() == w[0]) continue;
+        if (!out.empty() && !st.glue && !closing) out += ' ';
+        out += w;
+        st.glue = opening;
+    }
+}
+
+// One Brown text: paragraphs start at tab-indented lines or after blank lines; a line whose
+// tags all carry "-hl" is a headline and stands alone. Paragraphs are separated by a blank line.
+static std::string brown_to_text(const std::string& src, const std::string& path) {
+    std::string out, para;
+    Detok st;
+    bool blank_before = true, after_headline = false;
+    auto flush = [&]() {
+        if (para.empty()) return;
+        if (!out.empty()) out += "\n\n";
+        out += para;
+        para.clear();
+        st = Detok();
+    };
+    std::istringstream lines(src);
+    std::string line;
+    while (std::getline(lines, line)) {
+        std::istringstream ls(line);
+        std::vector<std::string> words;
+        bool headline = true;
+        for (std::string tok; ls >> tok;) {
+            size_t slash = tok.rfind('/');
+            if (slash == std::string::npos || slash == 0) THROW("'%s': token '%s' is not word/tag", path.c_str(), tok.c_str());
+            headline = headline && ends_with(tok, "-hl");
+            words.push_back(tok.substr(0, slash));
+        }
+        if (words.empty()) { blank_before = true; continue; }
+        if (line[0] == '\t' || blank_before || headline || after_headline) flush();
+        detokenize_line(words, para, st);
+        if (headline) flush();
+        blank_before = false;
+        after_headline = headline;
+    }
+    flush();
+    return out + "\n";
+}
+
+static void cmd_brown(int argc, char** argv) {
+    Args a(argc, argv, {});
+    if (a.positional.size() != 2) throw UsageError("brown: give SRC_DIR and OUT_DIR");
+    const std::string src = a.positional[0], out = a.positional[1];
+    std::vector<std::string> ids;
+    for (auto& e : fs::directory_iterator(src)) {
+        std::string f = e.path().filename().string();
+        // text files are named c + genre letter a..r + two digits (ca01 ... cr09)
+        if (f.size() == 4 && f[0] == 'c' && f[1] >= 'a' && f[1] <= 'r' && isdigit(f[2]) && isdigit(f[3])) ids.push_back(f);
+    }
+    if (ids.empty()) THROW("'%s' holds no Brown corpus files (ca01 ... cr09)", src.c_str());
+    std::sort(ids.begin(), ids.end());
+    fs::create_directories(out);
+    size_t bytes = 0;
+    for (auto& id : ids) {
+        std::string text = brown_to_text(read_file(src + "/" + id), src + "/" + id);
+        std::string dst = out + "/" + id + ".txt";
+        FILE* f = fopen_or_throw(dst, "wb");
+        fwrite_or_throw(text.data(), 1, text.size(), f, dst);
+        fclose(f);
+        bytes += text.size();
+    }
+    printf("converted %zu Brown texts (%.2f MB of text) into %s\n", ids.size(), bytes / 1e6, out.c_str());
+}
+
+int main(int argc, char** argv) {
+    if (argc < 2) {
+        fprintf(stderr, "%s", USAGE);
+        return 1;
+    }
+    std::string cmd = argv[1];
+    try {
+        if (cmd == "shards") cmd_shards(argc - 2, argv + 2);
+        else if (cmd == "inspect") cmd_inspect(argc - 2, argv + 2);
+        else if (cmd == "train-bpe") cmd_train_bpe(argc - 2, argv + 2);
+        else if (cmd == "brown") cmd_brown(argc - 2, argv + 2);
+        else if (cmd == "-h" || cmd == "--help") { printf("%s", USAGE); return 0; }
+        else throw UsageError(strformat("unknown subcommand '%s'", cmd.c_str()));
+    } catch (const UsageError& e) {
+        fprintf(stderr, "error: %s\n%s", e.what(), USAGE);
+        return 1;
+    } catch (const std::exception& e) {
+        fprintf(stderr, "error: %s\n", e.what());
+        return 1;
+    }
+    return 0;
+}

@@ -1,0 +1,135 @@
+// Model configuration: presets, JSON configs, the parameter layout and train_mamba's
+// command line (--dry-run needs no GPU, so all of this runs in CI).
+#include <catch2/catch.hpp>
+#include <cstdio>
+#include <fstream>
+#include "mamba.cuh"
+
+static std::string write_tmp(const std::string& name, const std::string& text) {
+    std::string path = "/tmp/mamba_test_" + name;
+    std::ofstream(path) << text;
+    return path;
+}
+
+// run a command, return its exit status and combined output
+static int run_cmd(const std::string& cmd, std::string& out) {
+    FILE* p = popen((cmd + " 2>&1").c_str(), "r");
+    REQUIRE(p != nullptr);
+    char buf[4096];
+    out.clear();
+    while (fgets(buf, sizeof(buf), p)) out += buf;
+    int st = pclose(p);
+    return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+}
+
+TEST_CASE("config: every preset is valid and has the sizes of its source", "[config]") {
+    for (auto& kv : model_presets()) {
+        ModelConfig c = model_preset(kv.first);
+        CHECK((int)c.pattern.size() == c.n_layer);
+        CHECK(c.padded_vocab() % 128 == 0);
+        CHECK(c.padded_vocab() >= c.vocab_size);
+    }
+    ModelConfig m = model_preset("mamba2-370m");
+    CHECK(m.d_model == 1024);
+    CHECK(m.n_layer == 48);
+    CHECK(m.nheads() == 32);
+    CHECK(m.d_in_proj() == 2 * 2048 + 2 * 128 + 32);
+    ModelConfig nv = model_preset("nvidia-mamba2-8b");
+    CHECK(nv.d_model == 4096);
+    CHECK(nv.n_layer == 56);
+    CHECK(nv.ngroups == 8);
+    CHECK(nv.vocab_size == 256000);
+    CHECK_FALSE(nv.tie_embeddings);
+    CHECK_THROWS_WITH(model_preset("mamba2-9000b"), Catch::Contains("unknown model 'mamba2-9000b'"));
+}
+
+TEST_CASE("config: parameter layout counts every tensor once, in order", "[config]") {
+    ModelConfig c;
+    c.vocab_size = 1000; c.d_model = 128; c.n_layer = 2; c.d_state = 64; c.headdim = 64; c.ngroups = 2;
+    c.finalize();
+    ParamLayout L(c);
+    // by hand: d_inner 256, H 4, conv_dim 256 + 2*2*64 = 512, d_in_proj 512 + 256 + 4 = 772
+    const size_t per_layer = 128 + 772 * 128 + 512 * 4 + 512 + 4 + 4 + 4 + 256 + 128 * 256;
+    const size_t vocab_rows = 1024;  // 1000 padded to 128
+    CHECK(L.total == 2 * vocab_rows * 128 + 2 * per_layer + 128);
+    size_t expect_offset = 0;
+    for (auto& t : L.tensors) {
+        CHECK(t.offset == expect_offset);
+        expect_offset += t.count;
+    }
+    CHECK(L.find("layers.1.out_proj").shape == std::vector<int>{128, 256});
+    CHECK(L.find("layers.0.A_log").decay == false);
+    CHECK(L.find("layers.0.in_proj").decay == true);
+    c.tie_embeddings = true;
+    ParamLayout tied(c);
+    CHECK(tied.total == L.total - vocab_rows * 128);
+    CHECK(tied.lm_head == tied.embedding);
+}
+
+TEST_CASE("config: initialisation follows mamba_ssm", "[config]") {
+    ModelConfig c = model_preset("mamba2-tiny");
+    ParamLayout L(c);
+    std::vector<float> p(L.total);
+    init_parameters(p.data(), L, c, 42);
+    const TensorInfo& dtb = L.find("layers.0.dt_bias");
+    for (size_t i = 0; i < dtb.count; i++) {
+        double dt = std::log1p(std::exp((double)p[dtb.offset + i]));  // softplus
+        CHECK(dt >= 1e-3 * 0.999);
+        CHECK(dt <= 1e-1 * 1.001);
+    }
+    const TensorInfo& alog = L.find("layers.0.A_log");
+    for (size_t i = 0; i < alog.count; i++) {
+        CHECK(std::exp(p[alog.offset + i]) >= 1.0 - 1e-6);
+        CHECK(std::exp(p[alog.offset + i]) <= 16.0 + 1e-5);
+    }
+    const TensorInfo& emb = L.find("embedding");
+    double sum2 = 0;
+    size_t n = (size_t)c.vocab_size * c.d_model;
+    for (size_t i = 0; i < n; i++) sum2 += (double)p[i] * p[i];
+    CHECK(std::sqrt(sum2 / n) == Approx(0.02).epsilon(0.01));
+    for (size_t i = n; i < emb.count; i++) REQUIRE(p[i] == 0.0f);  // padded rows
+    std::vector<float> q(L.total);
+    init_parameters(q.data(), L, c, 42);
+    CHECK(p == q);  // deterministic for a seed
+}
+
+TEST_CASE("config: JSON files, and the errors they can raise", "[config]") {
+    std::string good = write_tmp("good.json", R"({"vocab_size": 777, "d_model": 64, "n_layer": 3, "d_state": 128,
+        "headdim": 64, "ngroups": 1, "tie_embeddings": true})");
+    ModelConfig c = model_config_from_json(good);
+    CHECK(c.vocab_size == 777);
+    CHECK(c.pattern == "MMM");
+    CHECK(c.tie_embeddings);
+    CHECK_THROWS_WITH(model_config_from_json("/tmp/does_not_exist.json"), Catch::Contains("does_not_exist.json"));
+    CHECK_THROWS_WITH(model_config_from_json(write_tmp("bad.json", "{\"d_model\": ")), Catch::Contains("not valid JSON"));
+    CHECK_THROWS_WITH(model_config_from_json(write_tmp("typo.json", R"({"d_modle": 64})")),
+                      Catch::Contains("unknown key 'd_modle'"));
+    CHECK_THROWS_WITH(model_config_from_json(write_tmp("type.json", R"({"d_model": "wide"})")),
+                      Catch::Contains("bad value for 'd_model'"));
+    CHECK_THROWS_WITH(model_config_from_json(write_tmp("div.json", R"({"d_model": 100, "headdim": 64})")),
+                      Catch::Contains("d_inner 200") && Catch::Contains("headdim 64"));
+    CHECK_THROWS_WITH(model_config_from_json(write_tmp("grp.json", R"({"d_model": 192, "headdim": 64, "ngroups": 4})")),
+                      Catch::Contains("nheads 6") && Catch::Contains("ngroups 4"));
+    CHECK_THROWS_WITH(model_config_from_json(write_tmp("pat.json", R"({"n_layer": 2, "pattern": "MMM"})")),
+                      Catch::Contains("pattern 'MMM' has 3 layers"));
+}
+
+TEST_CASE("train_mamba --dry-run prints the pattern, parameter count and memory; bad flags fail clearly", "[config][cli]") {
+    std::string out;
+    REQUIRE(run_cmd("./train_mamba --model mamba2-370m --dry-run -B 8 -T 2048", out) == 0);
+    ModelConfig c = model_preset("mamba2-370m");
+    ParamLayout L(c);
+    CHECK_THAT(out, Catch::Contains("pattern: " + std::string(48, 'M')));
+    CHECK_THAT(out, Catch::Contains("params: " + std::to_string(L.total)));
+    CHECK_THAT(out, Catch::Contains("memory estimate for B=8 T=2048"));
+    CHECK(L.total > 360000000);
+    CHECK(L.total < 375000000);
+    CHECK(run_cmd("./train_mamba --no-such-flag 1", out) == 1);
+    CHECK_THAT(out, Catch::Contains("unknown flag '--no-such-flag'"));
+    CHECK(run_cmd("./train_mamba -B many", out) == 1);
+    CHECK_THAT(out, Catch::Contains("expects an integer, got 'many'"));
+    CHECK(run_cmd("./train_mamba --total-batch 1000 -B 4 -T 64 --dry-run", out) == 1);
+    CHECK_THAT(out, Catch::Contains("not a multiple of B*T"));
+    CHECK(run_cmd("./train_mamba --model nope --dry-run", out) == 1);
+    CHECK_THAT(out, Catch::Contains("unknown model 'nope'"));
+}

@@ -1,0 +1,226 @@
+// ssd.cuh (chunked SSD scan, forward and backward) against the sequential double-precision
+// recurrence of test/ref/ssd.h: y and every gradient, on shapes with partial last chunks,
+// several (H, G), P/N/chunk variants and strided inputs embedded in a wider row with NaN in
+// the gaps (as the model's fused xBC and in_proj outputs are). Then the whole forward and
+// backward run again and must repeat bit for bit.
+#include <catch2/catch.hpp>
+#include <cmath>
+#include <cstring>
+#include <random>
+#include <vector>
+#include "ssd.cuh"
+#include "test/ref/ssd.h"
+
+// Inputs are bf16 (the reference gets the same rounded values in double); the kernels round
+// matmul operands (decayed scores, scaled x, states) to bf16 with fp32 accumulation, so the
+// relative L2 error sits near 2^-9 = 2e-3. A wrong index or a missing term gives errors of order 1.
+static const double kTol = 1e-2;
+
+static double rel_l2(const std::vector<double>& a, const std::vector<double>& ref) {
+    double num = 0, den = 0;
+    for (size_t i = 0; i < a.size(); i++) {
+        if (!std::isfinite(a[i])) return INFINITY;
+        num += (a[i] - ref[i]) * (a[i] - ref[i]);
+        den += ref[i] * ref[i];
+    }
+    return std::sqrt(num / den);
+}
+
+// With T = 1 nothing decays and the reference dA_log is exactly zero: there the kernel's value
+// (exactly cancelling terms up to fp32 rounding) must be tiny in absolute terms.
+static void check_close(const char* name, const std::vector<double>& got, const std::vector<double>& ref) {
+    double ref_norm = 0, got_norm = 0;
+    for (size_t i = 0; i < ref.size(); i++) {
+        ref_norm += ref[i] * ref[i];
+        got_norm += got[i] * got[i];
+    }
+    INFO(name << ": rel L2 " << rel_l2(got, ref) << ", |ref| " << std::sqrt(ref_norm) << ", |got| " << std::sqrt(got_norm));
+    if (ref_norm == 0) CHECK(std::sqrt(got_norm) < 1e-4);
+    else CHECK(rel_l2(got, ref) < kTol);
+}
+
+static const bf16 kPoison = __ushort_as_bfloat16((unsigned short)0x7fc0);  // NaN
+
+template <typename T>
+static T* to_device(const std::vector<T>& h) {
+    T* d = cuda_malloc_n<T>(h.size(), "test buffer");
+    cudaCheck(cudaMemcpy(d, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice));
+    return d;
+}
+template <typename T>
+static std::vector<T> to_host(const T* d, size_t n) {
+    std::vector<T> h(n);
+    cudaCheck(cudaMemcpy(h.data(), d, n * sizeof(T), cudaMemcpyDeviceToHost));
+    return h;
+}
+
+struct Rng {
+    std::mt19937_64 gen;
+    explicit Rng(uint64_t seed) : gen(seed) {}
+    double normal() { return std::normal_distribution<double>(0.0, 1.0)(gen); }
+    double uniform(double lo, double hi) { return std::uniform_real_distribution<double>(lo, hi)(gen); }
+};
+
+// a value rounded to bf16, and the rounded value as double for the reference
+static bf16 round_bf16(double v, double* out) {
+    bf16 b = __float2bfloat16((float)v);
+    *out = (double)__bfloat162float(b);
+    return b;
+}
+
+struct Outputs {
+    std::vector<bf16> y, xbc_grad, ddt;    // y (BT, HP); dx|dB|dC rows (strided); ddt rows (strided)
+    std::vector<float> dbias, dalog, dd;   // accumulated parameter gradients
+};
+
+static void check_ssd(int B, int T, int H, int G, int P, int N, int chunk, uint64_t seed) {
+    INFO("B=" << B << " T=" << T << " H=" << H << " G=" << G << " P=" << P << " N=" << N << " chunk=" << chunk);
+    Rng rng(seed);
+    const int HP = H * P, GN = G * N;
+    // the model's layout: one row [x | B | C] (+ a gap), dt in a row of its own (+ a gap)
+    const int row = HP + 2 * GN + 8, dt_stride = H + 5;
+    const size_t BT = (size_t)B * T;
+
+    std::vector<bf16> h_xbc(BT * row, kPoison), h_dt(BT * dt_stride, kPoison), h_dy(BT * HP);
+    std::vector<double> x(BT * HP), Bm(BT * GN), Cm(BT * GN), dt(BT * H), dy(BT * HP);
+    std::vector<double> dt_bias(H), A_log(H), D(H);
+    std::vector<bf16> h_bias(H), h_alog(H), h_D(H);
+    for (size_t r = 0; r < BT; r++) {
+        for (int i = 0; i < HP; i++) h_xbc[r * row + i] = round_bf16(rng.normal(), &x[r * HP + i]);
+        for (int i = 0; i < GN; i++) h_xbc[r * row + HP + i] = round_bf16(rng.normal(), &Bm[r * GN + i]);
+        for (int i = 0; i < GN; i++) h_xbc[r * row + HP + GN + i] = round_bf16(rng.normal(), &Cm[r * GN + i]);
+        for (int h = 0; h < H; h++) h_dt[r * dt_stride + h] = round_bf16(rng.uniform(-4.0, 0.0), &dt[r * H + h]);
+        for (int i = 0; i < HP; i++) h_dy[r * HP + i] = round_bf16(rng.normal(), &dy[r * HP + i]);
+    }
+    for (int h = 0; h < H; h++) {
+        const double target = std::exp(rng.uniform(std::log(1e-3), std::log(1e-1)));  // softplus(dt_bias)
+        h_bias[h] = round_bf16(std::log(std::expm1(target)), &dt_bias[h]);
+        h_alog[h] = round_bf16(std::log(rng.uniform(1.0, 16.0)), &A_log[h]);
+        h_D[h] = round_bf16(rng.uniform(0.5, 1.5), &D[h]);
+    }
+    // parameter gradients start from random values: the kernel must accumulate
+    std::vector<float> g0(3 * H);
+    for (auto& v : g0) v = (float)rng.normal();
+
+    // reference
+    std::vector<double> ry(BT * HP), rdx(BT * HP), rdB(BT * GN), rdC(BT * GN), rddt(BT * H);
+    std::vector<double> rdbias(H, 0.0), rdalog(H, 0.0), rdD(H, 0.0);
+    ref::ssd_forward(ry.data(), x.data(), Bm.data(), Cm.data(), dt.data(), dt_bias.data(), A_log.data(), D.data(), B,
+                     T, H, P, G, N);
+    ref::ssd_backward(rdx.data(), rdB.data(), rdC.data(), rddt.data(), rdbias.data(), rdalog.data(), rdD.data(),
+                      dy.data(), x.data(), Bm.data(), Cm.data(), dt.data(), dt_bias.data(), A_log.data(), D.data(),
+                      B, T, H, P, G, N);
+
+    // device
+    const SSDShape sh{B, T, H, P, G, N, chunk};
+    bf16* d_xbc = to_device(h_xbc);
+    bf16* d_dt = to_device(h_dt);
+    bf16* d_dy = to_device(h_dy);
+    bf16* d_bias = to_device(h_bias);
+    bf16* d_alog = to_device(h_alog);
+    bf16* d_D = to_device(h_D);
+    bf16* d_y = cuda_malloc_n<bf16>(BT * HP, "y");
+    bf16* d_grad = cuda_malloc_n<bf16>(BT * row, "dxbc");
+    bf16* d_ddt = cuda_malloc_n<bf16>(BT * dt_stride, "ddt");
+    float* d_pg = cuda_malloc_n<float>(3 * H, "param grads");
+    void* saved = cuda_malloc(ssd_saved_bytes(sh), "saved");
+    void* scratch = cuda_malloc(ssd_scratch_bytes(sh), "scratch");
+
+    auto run = [&]() {
+        Outputs o;
+        cudaCheck(cudaMemset(d_y, 0xff, BT * HP * sizeof(bf16)));  // 0xffff: bf16 NaN
+        cudaCheck(cudaMemset(d_grad, 0xff, BT * row * sizeof(bf16)));
+        cudaCheck(cudaMemset(d_ddt, 0xff, BT * dt_stride * sizeof(bf16)));
+        cudaCheck(cudaMemcpy(d_pg, g0.data(), 3 * H * sizeof(float), cudaMemcpyHostToDevice));
+        cudaCheck(cudaMemset(scratch, 0xff, ssd_scratch_bytes(sh)));
+        cudaCheck(cudaMemset(saved, 0xff, ssd_saved_bytes(sh)));
+        ssd_forward(d_y, saved, scratch, d_xbc, row, d_xbc + HP, d_xbc + HP + GN, row, d_dt, dt_stride, d_bias,
+                    d_alog, d_D, sh, 0);
+        cudaCheck(cudaMemset(scratch, 0xff, ssd_scratch_bytes(sh)));  // backward must not rely on forward scratch
+        ssd_backward(d_grad, row, d_grad + HP, d_grad + HP + GN, row, d_ddt, dt_stride, d_pg, d_pg + H, d_pg + 2 * H,
+                     scratch, d_dy, d_xbc, row, d_xbc + HP, d_xbc + HP + GN, row, d_dt, dt_stride, d_bias, d_alog,
+                     d_D, saved, sh, 0);
+        cudaCheck(cudaDeviceSynchronize());
+        o.y = to_host(d_y, BT * HP);
+        o.xbc_grad = to_host(d_grad, BT * row);
+        o.ddt = to_host(d_ddt, BT * dt_stride);
+        std::vector<float> pg = to_host(d_pg, 3 * H);
+        o.dbias.assign(pg.begin(), pg.begin() + H);
+        o.dalog.assign(pg.begin() + H, pg.begin() + 2 * H);
+        o.dd.assign(pg.begin() + 2 * H, pg.end());
+        return o;
+    };
+    Outputs o1 = run();
+
+    std::vector<double> gy(BT * HP), gdx(BT * HP), gdB(BT * GN), gdC(BT * GN), gddt(BT * H);
+    for (size_t r = 0; r < BT; r++) {
+        for (int i = 0; i < HP; i++) gy[r * HP + i] = __bfloat162float(o1.y[r * HP + i]);
+        for (int i = 0; i < HP; i++) gdx[r * HP + i] = __bfloat162float(o1.xbc_grad[r * row + i]);
+        for (int i = 0; i < GN; i++) gdB[r * GN + i] = __bfloat162float(o1.xbc_grad[r * row + HP + i]);
+        for (int i = 0; i < GN; i++) gdC[r * GN + i] = __bfloat162float(o1.xbc_grad[r * row + HP + GN + i]);
+        for (int h = 0; h < H; h++) gddt[r * H + h] = __bfloat162float(o1.ddt[r * dt_stride + h]);
+        // the gaps of the strided outputs are not written
+        for (int i = HP + 2 * GN; i < row; i++) REQUIRE(std::isnan(__bfloat162float(o1.xbc_grad[r * row + i])));
+        for (int i = H; i < dt_stride; i++) REQUIRE(std::isnan(__bfloat162float(o1.ddt[r * dt_stride + i])));
+    }
+    std::vector<double> gbias(H), galog(H), gD(H);
+    for (int h = 0; h < H; h++) {
+        gbias[h] = (double)o1.dbias[h] - g0[h];
+        galog[h] = (double)o1.dalog[h] - g0[H + h];
+        gD[h] = (double)o1.dd[h] - g0[2 * H + h];
+    }
+    check_close("y", gy, ry);
+    check_close("dx", gdx, rdx);
+    check_close("dB", gdB, rdB);
+    check_close("dC", gdC, rdC);
+    check_close("ddt_raw", gddt, rddt);
+    check_close("ddt_bias", gbias, rdbias);
+    check_close("dA_log", galog, rdalog);
+    check_close("dD", gD, rdD);
+
+    // determinism: the same inputs give the same bits
+    Outputs o2 = run();
+    CHECK(memcmp(o1.y.data(), o2.y.data(), o1.y.size() * sizeof(bf16)) == 0);
+    CHECK(memcmp(o1.xbc_grad.data(), o2.xbc_grad.data(), o1.xbc_grad.size() * sizeof(bf16)) == 0);
+    CHECK(memcmp(o1.ddt.data(), o2.ddt.data(), o1.ddt.size() * sizeof(bf16)) == 0);
+    CHECK(o1.dbias == o2.dbias);
+    CHECK(o1.dalog == o2.dalog);
+    CHECK(o1.dd == o2.dd);
+
+    for (void* p : {(void*)d_xbc, (void*)d_dt, (void*)d_dy, (void*)d_bias, (void*)d_alog, (void*)d_D, (void*)d_y,
+                    (void*)d_grad, (void*)d_ddt, (void*)d_pg, saved, scratch})
+        cudaCheck(cudaFree(p));
+}
+
+TEST_CASE("ssd forward/backward vs sequential reference, partial chunks", "[gpu][ssd]") {
+    check_ssd(1, 1, 4, 1, 64, 64, 64, 1);
+    check_ssd(3, 37, 4, 1, 64, 128, 256, 2);
+    check_ssd(1, 255, 8, 2, 64, 128, 128, 3);
+    check_ssd(3, 257, 6, 3, 64, 64, 256, 4);
+    check_ssd(1, 600, 8, 2, 64, 128, 256, 5);
+}
+
+TEST_CASE("ssd small heads and chunks", "[gpu][ssd]") {
+    check_ssd(3, 200, 6, 3, 32, 64, 64, 6);
+    check_ssd(1, 300, 4, 2, 32, 128, 128, 7);
+    check_ssd(2, 129, 8, 1, 64, 64, 64, 8);
+}
+
+TEST_CASE("ssd many heads per group (head slices of several heads)", "[gpu][ssd]") {
+    // 16 heads in one group over 128 tiles: the backward loops over 2 heads per block and
+    // reduces 8 dB/dC slice partials (see ssd::head_slices)
+    const SSDShape sh{2, 4000, 16, 64, 1, 64, 256};
+    REQUIRE(ssd::head_slices(sh) == 8);
+    check_ssd(2, 4000, 16, 1, 64, 64, 256, 9);
+}
+
+TEST_CASE("ssd rejects unsupported shapes", "[gpu][ssd]") {
+    auto fwd = [](SSDShape sh) {
+        ssd_forward(nullptr, nullptr, nullptr, nullptr, 0, nullptr, nullptr, 0, nullptr, 0, nullptr, nullptr, nullptr,
+                    sh, 0);
+    };
+    REQUIRE_THROWS(fwd(SSDShape{1, 64, 4, 48, 1, 64, 256}));   // P
+    REQUIRE_THROWS(fwd(SSDShape{1, 64, 4, 64, 1, 96, 256}));   // N
+    REQUIRE_THROWS(fwd(SSDShape{1, 64, 4, 64, 1, 64, 100}));   // chunk
+    REQUIRE_THROWS(fwd(SSDShape{1, 64, 6, 64, 4, 64, 256}));   // H % G
+}

@@ -1,0 +1,226 @@
+"""Float64 PyTorch reference of the Mamba-2 language model, written independently of the
+C++/CUDA code (the SSM in its quadratic form over the whole sequence, where the C++
+reference runs the sequential recurrence; autograd does the backward).
+
+For each config X it writes X.bin (MCTF tensor dump, format in HACKING.md) and X.json
+(train_mamba's model config): inputs, targets, loss weights, parameters (unpadded vocab),
+logits, loss, every gradient, then the losses of 10 AdamW steps on the same batch.
+
+Usage: /usr/bin/python3 test/pytorch_ref.py --out test/dumps
+"""
+import argparse
+import json
+import math
+import os
+import struct
+
+import torch
+import torch.nn.functional as F
+
+torch.set_default_dtype(torch.float64)
+torch.set_num_threads(os.cpu_count() or 1)
+
+CONFIGS = {
+    "mamba2_tiny": dict(
+        model=dict(vocab_size=1000, d_model=128, n_layer=2, pattern="MM", ssm="mamba2", d_state=64, headdim=64,
+                   ngroups=2, expand=2, d_conv=4, chunk_size=256, tie_embeddings=False, norm_eps=1e-5),
+        B=2, T=300, z_loss=1e-4, positional_weights=True, masked_targets=7, seed=1234),
+    "mamba2_tied": dict(
+        model=dict(vocab_size=777, d_model=64, n_layer=3, pattern="MMM", ssm="mamba2", d_state=128, headdim=64,
+                   ngroups=1, expand=2, d_conv=4, chunk_size=64, tie_embeddings=True, norm_eps=1e-5),
+        B=3, T=77, z_loss=0.0, positional_weights=False, masked_targets=0, seed=4321),
+}
+ADAMW = dict(lr=3e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, grad_clip=1.0)
+ADAMW_STEPS = 10
+
+
+def rmsnorm(x, w, eps):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+def gated_rmsnorm(y, z, w, groups, eps):
+    # mamba_ssm RMSNormGated, norm_before_gate=False: normalise y * silu(z) per group
+    v = y * F.silu(z)
+    vg = v.view(*v.shape[:-1], groups, v.shape[-1] // groups)
+    vg = vg * torch.rsqrt(vg.pow(2).mean(-1, keepdim=True) + eps)
+    return vg.view_as(v) * w
+
+
+def ssm_scan(x, Bm, Cm, dt, A, D):
+    """x (B,T,H,P), Bm/Cm (B,T,G,N), dt (B,T,H), A (H). The recurrence S_t = exp(dt_t A) S_{t-1} +
+    dt_t x_t B_t^T, y_t = S_t C_t + D x_t, evaluated in its quadratic (attention-like) form over the
+    whole sequence: y_t = sum_{s<=t} exp(sum_{s<r<=t} dt_r A) (C_t . B_s) dt_s x_s + D x_t."""
+    T, H = x.shape[1], x.shape[2]
+    G = Bm.shape[2]
+    cum = torch.cumsum(dt * A, dim=1).transpose(1, 2)  # (B,H,T)
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    # mask before exp: above the diagonal the exponent is positive and must not reach the graph
+    decay = torch.exp((cum[:, :, :, None] - cum[:, :, None, :]).masked_fill(~causal, -math.inf))
+    CB = torch.einsum("btgn,bsgn->bgts", Cm, Bm).repeat_interleave(H // G, dim=1)  # head h: group h // (H/G)
+    dtx = (dt[..., None] * x).transpose(1, 2)  # (B,H,T,P)
+    return ((decay * CB) @ dtx).transpose(1, 2) + D[:, None] * x
+
+
+class Mamba2LM:
+    def __init__(self, cfg, gen):
+        self.cfg = c = cfg
+        d, V, L = c["d_model"], c["vocab_size"], c["n_layer"]
+        self.d_inner = c["expand"] * d
+        self.H = self.d_inner // c["headdim"]
+        G, N = c["ngroups"], c["d_state"]
+        self.conv_dim = self.d_inner + 2 * G * N
+        d_in_proj = 2 * self.d_inner + 2 * G * N + self.H
+
+        def uniform(shape, bound):
+            return (torch.rand(shape, generator=gen) * 2 - 1) * bound
+
+        # mamba_ssm-style init; names and order as in HACKING.md
+        p = {"embedding": torch.randn(V, d, generator=gen) * 0.02}
+        for i, kind in enumerate(c.get("pattern", "M" * L)):
+            assert kind == "M" and c["ssm"] == "mamba2", "only Mamba-2 layers so far"
+            pre = f"layers.{i}."
+            p[pre + "norm"] = torch.ones(d)
+            p[pre + "in_proj"] = uniform((d_in_proj, d), 1 / math.sqrt(d))  # Linear default (kaiming-uniform)
+            K = c["d_conv"]
+            p[pre + "conv_weight"] = uniform((self.conv_dim, K), 1 / math.sqrt(K))  # Conv1d default, fan_in = K
+            p[pre + "conv_bias"] = uniform((self.conv_dim,), 1 / math.sqrt(K))
+            dt = torch.exp(torch.rand(self.H, generator=gen) * (math.log(1e-1) - math.log(1e-3)) + math.log(1e-3))
+            dt = dt.clamp(min=1e-4)
+            p[pre + "dt_bias"] = dt + torch.log(-torch.expm1(-dt))  # inverse softplus
+            p[pre + "A_log"] = torch.log(torch.rand(self.H, generator=gen) * 15 + 1)  # A in U[1, 16]
+            p[pre + "D"] = torch.ones(self.H)
+            p[pre + "gate_norm"] = torch.ones(self.d_inner)
+            p[pre + "out_proj"] = uniform((d, self.d_inner), 1 / math.sqrt(self.d_inner)) / math.sqrt(L)
+        p["final_norm"] = torch.ones(d)
+        if not c["tie_embeddings"]:
+            p["lm_head"] = uniform((V, d), 1 / math.sqrt(d))
+        self.params = {k: v.requires_grad_() for k, v in p.items()}
+
+    def mamba2_mixer(self, pre, xn):
+        c, p = self.cfg, self.params
+        Bsz, T, _ = xn.shape
+        G, N, P, H, di = c["ngroups"], c["d_state"], c["headdim"], self.H, self.d_inner
+        zxbcdt = xn @ p[pre + "in_proj"].T
+        z, xbc, dt_raw = torch.split(zxbcdt, [di, self.conv_dim, H], dim=-1)
+        K = c["d_conv"]
+        # causal depthwise conv as mamba_ssm runs it: pad K-1 both sides, keep the first T outputs
+        xbc = F.conv1d(xbc.transpose(1, 2), p[pre + "conv_weight"][:, None, :], p[pre + "conv_bias"],
+                       padding=K - 1, groups=self.conv_dim)[..., :T].transpose(1, 2)
+        xbc = F.silu(xbc)
+        x, Bm, Cm = torch.split(xbc, [di, G * N, G * N], dim=-1)
+        dt = F.softplus(dt_raw + p[pre + "dt_bias"])
+        A = -torch.exp(p[pre + "A_log"])
+        y = ssm_scan(x.reshape(Bsz, T, H, P), Bm.reshape(Bsz, T, G, N), Cm.reshape(Bsz, T, G, N), dt, A,
+                     p[pre + "D"]).reshape(Bsz, T, di)
+        g = gated_rmsnorm(y, z, p[pre + "gate_norm"], G, c["norm_eps"])
+        return g @ p[pre + "out_proj"].T
+
+    def forward(self, inputs):
+        c, p = self.cfg, self.params
+        h = p["embedding"][inputs]
+        for i, kind in enumerate(c.get("pattern", "M" * c["n_layer"])):
+            pre = f"layers.{i}."
+            h = h + self.mamba2_mixer(pre, rmsnorm(h, p[pre + "norm"], c["norm_eps"]))
+        h = rmsnorm(h, p["final_norm"], c["norm_eps"])
+        return h @ (p["embedding"] if c["tie_embeddings"] else p["lm_head"]).T
+
+    def decay_groups(self):
+        # AdamW weight decay on matrices, embeddings and conv weights; none on norms, biases,
+        # dt_bias, A_log, D (the same rule as mamba.cuh's ParamLayout)
+        decay = ("embedding", "lm_head", "in_proj", "out_proj", "conv_weight")
+        yes = [v for k, v in self.params.items() if k.split(".")[-1] in decay]
+        no = [v for k, v in self.params.items() if k.split(".")[-1] not in decay]
+        return yes, no
+
+
+def loss_fn(logits, targets, weights, z_loss):
+    """sum_i w_i (ce_i + z_loss lse_i^2) / #valid, masked targets (-1) have w = 0."""
+    V = logits.shape[-1]
+    lg = logits.reshape(-1, V)
+    t = targets.reshape(-1)
+    valid = t >= 0
+    lse = torch.logsumexp(lg, dim=-1)
+    ce = lse - lg.gather(1, t.clamp(min=0)[:, None])[:, 0]
+    w = torch.where(valid, weights.reshape(-1), torch.zeros_like(lse))
+    return (w * (ce + z_loss * lse * lse)).sum() / valid.sum()
+
+
+def write_dump(path, tensors):
+    with open(path + ".tmp", "wb") as f:
+        f.write(b"MCTF")
+        f.write(struct.pack("<i", len(tensors)))
+        for name, t in tensors:
+            t = torch.as_tensor(t, dtype=torch.float64).detach().contiguous()
+            nb = name.encode()
+            f.write(struct.pack("<i", len(nb)) + nb)
+            f.write(struct.pack("<i", t.dim()))
+            f.write(struct.pack(f"<{t.dim()}q", *t.shape))
+            f.write(t.numpy().astype("<f8").tobytes())
+    os.replace(path + ".tmp", path)
+
+
+def run_config(name, spec, out):
+    gen = torch.Generator().manual_seed(spec["seed"])
+    cfg = spec["model"]
+    model = Mamba2LM(cfg, gen)
+    B, T, V = spec["B"], spec["T"], cfg["vocab_size"]
+    inputs = torch.randint(0, V, (B, T), generator=gen)
+    targets = torch.randint(0, V, (B, T), generator=gen)
+    if spec["masked_targets"]:
+        idx = torch.randperm(B * T, generator=gen)[: spec["masked_targets"]]
+        targets.view(-1)[idx] = -1
+    pos = torch.arange(T, dtype=torch.float64).expand(B, T)
+    weights = torch.tanh(pos / 10) if spec["positional_weights"] else torch.ones(B, T)
+    z_loss = spec["z_loss"]
+
+    records = [("inputs", inputs), ("targets", targets), ("loss_weights", weights)]
+    # snapshots: the optimizer below updates parameters and clips gradients in place
+    records += [(k, v.detach().clone()) for k, v in model.params.items()]
+    logits = model.forward(inputs)
+    loss = loss_fn(logits, targets, weights, z_loss)
+    loss.backward()
+    records += [("logits", logits), ("loss", loss)]
+    records += [("grad." + k, v.grad.clone()) for k, v in model.params.items()]
+
+    a = ADAMW
+    decay, no_decay = model.decay_groups()
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": a["weight_decay"]},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=a["lr"], betas=(a["beta1"], a["beta2"]), eps=a["eps"])
+    step_losses = []
+    params = list(model.params.values())
+    for step in range(ADAMW_STEPS):
+        if step > 0:  # step 0 reuses the gradients above
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(model.forward(inputs), targets, weights, z_loss)
+            loss.backward()
+        step_losses.append(loss.item())
+        torch.nn.utils.clip_grad_norm_(params, a["grad_clip"])
+        opt.step()
+    records.append(("step_losses", torch.tensor(step_losses)))
+    records += [("adamw." + k, torch.tensor(v)) for k, v in a.items()]
+    records.append(("z_loss", torch.tensor(z_loss)))
+
+    write_dump(os.path.join(out, name + ".bin"), records)
+    with open(os.path.join(out, name + ".json"), "w") as f:
+        json.dump(cfg, f, indent=1)
+        f.write("\n")
+    print(f"{name}: loss {step_losses[0]:.6f} -> {step_losses[-1]:.6f} after {ADAMW_STEPS} AdamW steps")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="test/dumps")
+    ap.add_argument("--force", action="store_true", help="rewrite even if the dumps are up to date")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    script_time = os.path.getmtime(__file__)
+    for name, spec in CONFIGS.items():
+        files = [os.path.join(args.out, name + ext) for ext in (".bin", ".json")]
+        if not args.force and all(os.path.exists(f) and os.path.getmtime(f) > script_time for f in files):
+            continue
+        run_config(name, spec, args.out)
+
+
+if __name__ == "__main__":
+    main()

