@@ -47,14 +47,18 @@ inline int head_slices(const SSDShape& sh) {
     return hpg;
 }
 
-// forward scratch: chunk states S (fp32) | Hin (bf16)
-inline size_t fwd_scratch_bytes(const SSDShape& sh) { return state_floats(sh) * (sizeof(float) + sizeof(bf16)); }
+// forward scratch: states leaving each chunk (fp32) | Hin (bf16) | state-chain flags and ticket
+inline size_t chain_ints(const SSDShape& sh) { return (size_t)sh.B * sh.H * nchunks(sh) + 4; }
+inline size_t fwd_scratch_bytes(const SSDShape& sh) {
+    return state_floats(sh) * (sizeof(float) + sizeof(bf16)) + chain_ints(sh) * sizeof(int);
+}
 
 // backward scratch: S, then dS (fp32) | Hin, Gout (bf16) | 6 per-position arrays | pass dots |
 // per-chunk param partials | dB, dC slices (fp32)
 struct BwdScratch {
     bf16 *hin, *gout;
     float *states, *ddt_dir, *csum, *sst, *dd, *rsum, *off, *dots, *partials, *db_part, *dc_part;
+    int* chain;  // flags and ticket of the recomputed forward state pass
     size_t total;  // floats
     BwdScratch(const SSDShape& sh, void* base) {
         const size_t S = state_floats(sh), Tp = padded_positions(sh);
@@ -75,6 +79,7 @@ struct BwdScratch {
         partials = take(nbc * 3);
         db_part = take(bc);
         dc_part = take(bc);
+        chain = (int*)take(chain_ints(sh));
         total = off_f;
     }
 };
@@ -183,28 +188,44 @@ __device__ inline float quad_sum(float v) {
 // ----------------------------------------------------------------------------------------------
 // block helpers
 
-// rows [0, rows) of a strided bf16 matrix (COLS wide) into smem (row stride COLS + PAD); rows >= valid
-// are zero (past the end of the sequence); optional per-row scale
+// 16-byte asynchronous copy global -> smem (sm_80+); ok = false writes zeros and reads nothing
+__device__ inline void cp_async16(void* smem, const void* gmem, bool ok) {
+    const uint32_t a = (uint32_t)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(a), "l"(gmem), "r"(ok ? 16 : 0));
+}
+// all of this thread's copies landed, then the block's
+__device__ inline void cp_async_wait_sync() {
+    asm volatile("cp.async.wait_all;\n" ::: "memory");
+    __syncthreads();
+}
+
+// starts copying rows [0, rows) of a strided bf16 matrix (COLS wide) into smem (row stride COLS + PAD);
+// rows >= valid become zero (past the end of the sequence). All copies are in flight at once;
+// cp_async_wait_sync() before use.
 template <int COLS>
-__device__ inline void load_rows(bf16* s, const bf16* g, size_t stride, int rows, int valid,
-                                 const float* scale = nullptr) {
+__device__ inline void load_rows(bf16* s, const bf16* g, size_t stride, int rows, int valid) {
     constexpr int V = COLS / 8;
     for (int idx = threadIdx.x; idx < rows * V; idx += blockDim.x) {
         const int r = idx / V, v = idx - r * V;
-        uint4 val = make_uint4(0, 0, 0, 0);
-        if (r < valid) {
-            val = *reinterpret_cast<const uint4*>(g + r * stride + v * 8);
-            if (scale) {
-                __nv_bfloat162* e = reinterpret_cast<__nv_bfloat162*>(&val);
-                const float f = scale[r];
-#pragma unroll
-                for (int k = 0; k < 4; k++) {
-                    const float2 x = __bfloat1622float2(e[k]);
-                    e[k] = __floats2bfloat162_rn(x.x * f, x.y * f);
-                }
-            }
-        }
-        *reinterpret_cast<uint4*>(s + r * (COLS + PAD) + v * 8) = val;
+        const bool ok = r < valid;
+        cp_async16(s + r * (COLS + PAD) + v * 8, g + (ok ? r * stride : 0) + v * 8, ok);
+    }
+}
+
+// rows [0, rows) of an smem tile (COLS wide) times a per-row scale, in place
+template <int COLS>
+__device__ inline void scale_rows(bf16* s, int rows, const float* scale) {
+    constexpr int V = COLS / 8;
+    for (int idx = threadIdx.x; idx < rows * V; idx += blockDim.x) {
+        const int r = idx / V, v = idx - r * V;
+        uint4* p = reinterpret_cast<uint4*>(s + r * (COLS + PAD) + v * 8);
+        uint4 val = *p;
+        const float f = scale[r];
+        val.x = scale_bf16x2(val.x, f);
+        val.y = scale_bf16x2(val.y, f);
+        val.z = scale_bf16x2(val.z, f);
+        val.w = scale_bf16x2(val.w, f);
+        *p = val;
     }
 }
 
@@ -256,29 +277,51 @@ __device__ inline void chunk_dt_cumsum(float* s_dt, float* s_acum, const bf16* d
     block_scan(s_acum, Q);
 }
 
+// starts copying a chunk's dt and Acum (Q floats each, 16-byte aligned) into smem
 __device__ inline void load_chunk_floats(float* s_dt, float* s_acum, const float* dt, const float* acum, int Q) {
-    for (int i = threadIdx.x; i < Q; i += blockDim.x) {
-        s_dt[i] = dt[i];
-        s_acum[i] = acum[i];
+    for (int i = threadIdx.x; i < Q / 4; i += blockDim.x) {
+        cp_async16(s_dt + 4 * i, dt + 4 * i, true);
+        cp_async16(s_acum + 4 * i, acum + 4 * i, true);
     }
 }
 
 // ----------------------------------------------------------------------------------------------
-// chunk states: out[b,h,c] (P x N, fp32) = sum_j wt_j v_j w_j^T over the chunk
+// the forward state pass runs inside the chunk-state kernel: the block of chunk c waits for the
+// fp32 state leaving chunk c-1 (flag set by that block), so the chunk states never round-trip
+// through memory. Blocks take their (c, b, h) from a ticket in launch order, chunk-major: a block
+// only waits for blocks that took earlier tickets, i.e. are already running (no deadlock).
+struct StateChain {
+    bf16* hin;    // (B, H, nc, P, N): state entering each chunk, bf16 for the matmuls
+    int* flags;   // (B, H, nc): 1 once the state leaving that chunk is in `out`; zeroed before launch
+    int* ticket;  // block counter; zeroed before launch
+};
+
+// chunk states, S_c = sum_j wt_j v_j w_j^T over the chunk (P x N)
 //   forward (GRAD = false): v = x, w = B, wt_j = dt_j exp(Aend - Acum_j); dt/Acum computed here from
-//     dt_raw and stored to dt_out/acum_out when those are non-null
-//   state gradient (GRAD = true): v = dy, w = C, wt_i = exp(Acum_i); Acum read from acum_in
+//     dt_raw and stored to dt_out/acum_out when those are non-null. Then the state pass:
+//     chain.hin[c] = Hin_c (bf16), out[c] = Hin_{c+1} = exp(Aend_c) Hin_c + S_c (fp32, Hin_0 = 0)
+//   state gradient (GRAD = true): v = dy, w = C, wt_i = exp(Acum_i); Acum read from acum_in; out[c] = S_c
 // grid (nchunks, H, B)
 template <int P, int N, bool GRAD>
 __global__ void __launch_bounds__(THREADS)
-ssd_chunk_state_kernel(float* out, float* dt_out, float* acum_out, const float* acum_in, const bf16* v, int v_stride, const bf16* w,
-                       int w_stride, const bf16* dt_raw, int dt_stride, const bf16* dt_bias, const bf16* A_log,
-                       int T, int H, int G, int Q) {
+ssd_chunk_state_kernel(float* out, StateChain chain, float* dt_out, float* acum_out, const float* acum_in, const bf16* v,
+                       int v_stride, const bf16* w, int w_stride, const bf16* dt_raw, int dt_stride,
+                       const bf16* dt_bias, const bf16* A_log, int T, int H, int G, int Q) {
     constexpr int WM = P / 16, WN = 4 / WM, NT = N / WN / 8;
     __shared__ float s_dt[MAX_CHUNK], s_acum[MAX_CHUNK], s_wt[MAX_CHUNK];
     __shared__ alignas(16) bf16 s_v[TILE * (P + PAD)];
     __shared__ alignas(16) bf16 s_w[TILE * (N + PAD)];
-    const int c = blockIdx.x, h = blockIdx.y, b = blockIdx.z, nc = gridDim.x;
+    __shared__ int s_ticket;
+    const int nc = gridDim.x;
+    int c = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    if (!GRAD) {
+        if (threadIdx.x == 0) s_ticket = atomicAdd(chain.ticket, 1);
+        __syncthreads();
+        const int bh = s_ticket % (gridDim.y * gridDim.z);
+        c = s_ticket / (gridDim.y * gridDim.z);
+        h = bh % H;
+        b = bh / H;
+    }
     const int g = h / (H / G), t0 = c * Q, valid = min(Q, T - t0);
     const size_t bh = (size_t)b * H + h, pos0 = bh * nc * Q + (size_t)t0;
 
@@ -306,30 +349,59 @@ ssd_chunk_state_kernel(float* out, float* dt_out, float* acum_out, const float* 
     for (int j0 = 0; j0 < valid; j0 += TILE) {
         __syncthreads();
         const size_t row = (size_t)b * T + t0 + j0;
-        load_rows<P>(s_v, v + row * v_stride + h * P, v_stride, TILE, valid - j0, s_wt + j0);
+        load_rows<P>(s_v, v + row * v_stride + h * P, v_stride, TILE, valid - j0);
         load_rows<N>(s_w, w + row * w_stride + g * N, w_stride, TILE, valid - j0);
+        cp_async_wait_sync();
+        scale_rows<P>(s_v, TILE, s_wt + j0);
         __syncthreads();
         warp_mma<NT, true, true>(acc, s_v, P + PAD, m0, s_w, N + PAD, n0, TILE);
     }
     float* o = out + (bh * nc + c) * P * N;
     const int r = m0 + (lane >> 2), cl = n0 + 2 * (lane & 3);
+    if (!GRAD) {
+        int* flag = chain.flags + bh * nc + c;
+        if (c > 0) {
+            if (threadIdx.x == 0)
+                while (*(volatile int*)(flag - 1) == 0) {}
+            __threadfence();
+            __syncthreads();
+        }
+        const float* prev = o - P * N;
+        bf16* hin = chain.hin + (bh * nc + c) * P * N;
+        const float decay = expf(aend);
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+            for (int half = 0; half < 2; half++) {
+                const int e = (r + 8 * half) * N + cl + nt * 8;
+                // the previous block's stores: read through L2 (L1 is not coherent)
+                const float2 hp = c > 0 ? __ldcg(reinterpret_cast<const float2*>(prev + e)) : make_float2(0.f, 0.f);
+                *reinterpret_cast<__nv_bfloat162*>(hin + e) = __floats2bfloat162_rn(hp.x, hp.y);
+                acc[nt][2 * half] += decay * hp.x;
+                acc[nt][2 * half + 1] += decay * hp.y;
+            }
+        if (c == nc - 1) return;  // nobody reads the state leaving the last chunk
+    }
 #pragma unroll
     for (int nt = 0; nt < NT; nt++) {
         *reinterpret_cast<float2*>(o + r * N + cl + nt * 8) = make_float2(acc[nt][0], acc[nt][1]);
         *reinterpret_cast<float2*>(o + (r + 8) * N + cl + nt * 8) = make_float2(acc[nt][2], acc[nt][3]);
     }
+    if (!GRAD) {
+        __threadfence();
+        __syncthreads();
+        if (threadIdx.x == 0) *(volatile int*)(chain.flags + bh * nc + c) = 1;
+    }
 }
 
 // ----------------------------------------------------------------------------------------------
-// state passing over chunks, one float4 of a (b, h) state per thread; grid (splits, B*H)
-//   forward: from the chunk states S_c, out_c = Hin_c (entering chunk c): Hin_{c+1} = exp(Aend_c) Hin_c + S_c
-//   reverse: from dS_c (gradient through chunk c's own outputs), out_c = Gout_c = dL/dS_c = G_{c+1} with
-//            G_c = exp(Aend_c) G_{c+1} + dS_c; dots[b,h,c,split] = exp(Aend_c) <Gout_c, Hin_c> (the
-//            gradient of Aend_c through the pass)
-template <bool REVERSE>
+// reverse state pass over chunks, one float4 of a (b, h) state per thread; grid (splits, B*H):
+// from dS_c (gradient through chunk c's own outputs), out_c = Gout_c = dL/dS_c = G_{c+1} with
+// G_c = exp(Aend_c) G_{c+1} + dS_c; dots[b,h,c,split] = exp(Aend_c) <Gout_c, Hin_c> (the gradient of
+// Aend_c through the pass)
 __global__ void __launch_bounds__(PASS_THREADS)
-ssd_state_pass_kernel(bf16* __restrict__ out, float* dots, const float* __restrict__ states, const bf16* hin, const float* acum_s, int nc,
-                      int Q, int PN) {
+ssd_state_pass_reverse_kernel(bf16* __restrict__ out, float* dots, const float* __restrict__ states, const bf16* hin,
+                              const float* acum_s, int nc, int Q, int PN) {
     __shared__ float s_tmp[32];
     const size_t bh = blockIdx.y;
     const int e = blockIdx.x * blockDim.x + threadIdx.x;
@@ -339,24 +411,22 @@ ssd_state_pass_kernel(bf16* __restrict__ out, float* dots, const float* __restri
     const float* acum = acum_s + bh * nc * Q + Q - 1;
     float4 hs = make_float4(0.f, 0.f, 0.f, 0.f);
     for (int k = 0; k < nc; k++) {
-        const int c = REVERSE ? nc - 1 - k : k;
+        const int c = nc - 1 - k;
         const float decay = expf(acum[(size_t)c * Q]);
         float4 s = make_float4(0.f, 0.f, 0.f, 0.f);
         if (ok) {
             s = st[(size_t)c * PN / 4];
             o[(size_t)c * PN / 4] = make_uint2(pack_bf16(hs.x, hs.y), pack_bf16(hs.z, hs.w));
         }
-        if (REVERSE) {
-            float d = 0.f;
-            if (ok) {
-                const uint2 hv = reinterpret_cast<const uint2*>(hin + (bh * nc + c) * PN)[e];
-                const float2 h0 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&hv.x));
-                const float2 h1 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&hv.y));
-                d = hs.x * h0.x + hs.y * h0.y + hs.z * h1.x + hs.w * h1.y;
-            }
-            d = block_sum(d, s_tmp);
-            if (threadIdx.x == 0) dots[(bh * nc + c) * gridDim.x + blockIdx.x] = decay * d;
+        float d = 0.f;
+        if (ok) {
+            const uint2 hv = reinterpret_cast<const uint2*>(hin + (bh * nc + c) * PN)[e];
+            const float2 h0 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&hv.x));
+            const float2 h1 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&hv.y));
+            d = hs.x * h0.x + hs.y * h0.y + hs.z * h1.x + hs.w * h1.y;
         }
+        d = block_sum(d, s_tmp);
+        if (threadIdx.x == 0) dots[(bh * nc + c) * gridDim.x + blockIdx.x] = decay * d;
         hs.x = decay * hs.x + s.x;
         hs.y = decay * hs.y + s.y;
         hs.z = decay * hs.z + s.z;
@@ -386,7 +456,8 @@ ssd_chunk_scan_kernel(bf16* y, const float* dt_s, const float* acum_s, const bf1
     load_chunk_floats(s_dt, s_acum, dt_s + pos0, acum_s + pos0, Q);
     load_rows<N>(s_c, Cm + (row0 + i0) * bc_stride + g * N, bc_stride, TILE, valid - i0);
     load_rows<N>(s_buf, hin + (bh * nc + c) * P * N, N, P, P);
-    __syncthreads();
+    load_rows<P>(s_x, x + row0 * x_stride + h * P, x_stride, TILE, valid);  // x of the first B tile
+    cp_async_wait_sync();
 
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, m0 = warp * 16;
     const int ra = i0 + m0 + (lane >> 2), rb = ra + 8;  // chunk-local rows of this thread
@@ -404,8 +475,8 @@ ssd_chunk_scan_kernel(bf16* y, const float* dt_s, const float* acum_s, const bf1
         const int j0 = jt * TILE;
         __syncthreads();
         load_rows<N>(s_buf, Bm + (row0 + j0) * bc_stride + g * N, bc_stride, TILE, valid - j0);
-        load_rows<P>(s_x, x + (row0 + j0) * x_stride + h * P, x_stride, TILE, valid - j0);
-        __syncthreads();
+        if (jt > 0) load_rows<P>(s_x, x + (row0 + j0) * x_stride + h * P, x_stride, TILE, valid - j0);
+        cp_async_wait_sync();
         // on the diagonal tile this warp's rows only see columns j < m0 + 16
         const int kend = jt == it ? warp + 1 : 4;
         float s[8][4];
@@ -423,6 +494,7 @@ ssd_chunk_scan_kernel(bf16* y, const float* dt_s, const float* acum_s, const bf1
         warp_mma_rega<P / 8>(acc, pa, s_x, P + PAD, 0, kend);
     }
 
+    // s_x now holds the diagonal tile: the x rows of this tile
     const float d = __bfloat162float(D[h]);
 #pragma unroll
     for (int half = 0; half < 2; half++) {
@@ -432,7 +504,7 @@ ssd_chunk_scan_kernel(bf16* y, const float* dt_s, const float* acum_s, const bf1
 #pragma unroll
         for (int n = 0; n < P / 8; n++) {
             const int p = n * 8 + 2 * (lane & 3);
-            const float2 xv = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(x + row * x_stride + h * P + p));
+            const float2 xv = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(s_x + (i - i0) * (P + PAD) + p));
             *reinterpret_cast<__nv_bfloat162*>(y + row * (size_t)(H * P) + h * P + p) =
                 __floats2bfloat162_rn(acc[n][2 * half] + d * xv.x, acc[n][2 * half + 1] + d * xv.y);
         }
@@ -481,7 +553,7 @@ ssd_bwd_dx_db_kernel(bf16* dx, int dx_stride, float* db_part, BwdScratch sc, con
         load_rows<P>(s_xj, x + (row0 + j0) * x_stride + h * P, x_stride, TILE, valid - j0);
         load_rows<N>(s_g, sc.gout + (bh * nc + c) * P * N, N, P, P);
         load_chunk_floats(s_dt, s_acum, dt_s + pos0, acum_s + pos0, Q);
-        __syncthreads();
+        cp_async_wait_sync();
 
         const float aend = s_acum[Q - 1];
         const float dta = s_dt[ra], dtb = s_dt[rb];
@@ -510,7 +582,7 @@ ssd_bwd_dx_db_kernel(bf16* dx, int dx_stride, float* db_part, BwdScratch sc, con
             __syncthreads();
             load_rows<N>(s_ci, Cm + (row0 + i0) * bc_stride + g * N, bc_stride, TILE, valid - i0);
             load_rows<P>(s_dyi, dy + (row0 + i0) * dy_stride + h * P, dy_stride, TILE, valid - i0);
-            __syncthreads();
+            cp_async_wait_sync();
             // on the diagonal tile this warp's rows only see columns i >= m0
             const int kbeg = it == jt ? warp : 0;
             float m[8][4], s[8][4];
@@ -529,7 +601,7 @@ ssd_bwd_dx_db_kernel(bf16* dx, int dx_stride, float* db_part, BwdScratch sc, con
                         const float l = expf(s_acum[i] - s_acum[j]);
                         pv = s[n][e] * l;
                         mv = m[n][e] * l * dtj;
-                        if (e < 2) csa += pv * mv; else csb += pv * mv;
+                        if (e < 2) csa += s[n][e] * mv; else csb += s[n][e] * mv;  // Z_ij: one factor L_ij
                     }
                     s[n][e] = pv;
                     m[n][e] = mv;
@@ -628,7 +700,7 @@ ssd_bwd_dc_kernel(float* dc_part, BwdScratch sc, const float* dt_s, const float*
         load_rows<P>(s_dyi, dy + (row0 + i0) * dy_stride + h * P, dy_stride, TILE, valid - i0);
         load_rows<N>(s_h, sc.hin + (bh * nc + c) * P * N, N, P, P);
         load_chunk_floats(s_dt, s_acum, dt_s + pos0, acum_s + pos0, Q);
-        __syncthreads();
+        cp_async_wait_sync();
 
         const float ea = expf(s_acum[ra]), eb = expf(s_acum[rb]);
         float oa = 0.f, ob = 0.f;
@@ -655,7 +727,7 @@ ssd_bwd_dc_kernel(float* dc_part, BwdScratch sc, const float* dt_s, const float*
             __syncthreads();
             load_rows<N>(s_bj, Bm + (row0 + j0) * bc_stride + g * N, bc_stride, TILE, valid - j0);
             load_rows<P>(s_xj, x + (row0 + j0) * x_stride + h * P, x_stride, TILE, valid - j0);
-            __syncthreads();
+            cp_async_wait_sync();
             // on the diagonal tile this warp's rows only see columns j < m0 + 16
             const int kend = jt == it ? warp + 1 : 4;
             float m[8][4], s[8][4];
@@ -810,6 +882,21 @@ inline void check_rows(const char* what, const void* p, int stride, int min_stri
               what, min_stride, stride);
 }
 
+// chunk states and the forward state pass (one kernel): Hin per chunk (bf16) into hin; `states`
+// (fp32) and `chain` (chain_ints) are its scratch; dt/Acum stored when dt_out is non-null
+template <int P, int N>
+void chunk_states_forward(bf16* hin, float* states, int* chain, float* dt_out, float* acum_out, const bf16* x,
+                          int x_stride, const bf16* Bm, int bc_stride, const bf16* dt_raw, int dt_stride,
+                          const bf16* dt_bias, const bf16* A_log, const SSDShape& sh, cudaStream_t s) {
+    const int nc = nchunks(sh);
+    cudaCheck(cudaMemsetAsync(chain, 0, chain_ints(sh) * sizeof(int), s));
+    const StateChain ch{hin, chain, chain + (size_t)sh.B * sh.H * nc};
+    ssd_chunk_state_kernel<P, N, false><<<dim3(nc, sh.H, sh.B), THREADS, 0, s>>>(
+        states, ch, dt_out, acum_out, nullptr, x, x_stride, Bm, bc_stride, dt_raw, dt_stride, dt_bias, A_log, sh.T,
+        sh.H, sh.G, sh.chunk);
+    cudaCheckLast();
+}
+
 template <int P, int N>
 void forward_impl(bf16* y, void* saved, void* scratch, const bf16* x, int x_stride, const bf16* Bm, const bf16* Cm,
                   int bc_stride, const bf16* dt_raw, int dt_stride, const bf16* dt_bias, const bf16* A_log,
@@ -819,12 +906,9 @@ void forward_impl(bf16* y, void* saved, void* scratch, const bf16* x, int x_stri
     float* acum_s = dt_s + padded_positions(sh);
     float* states = (float*)scratch;
     bf16* hin = (bf16*)(states + state_floats(sh));
-    ssd_chunk_state_kernel<P, N, false><<<dim3(nc, sh.H, sh.B), THREADS, 0, s>>>(
-        states, dt_s, acum_s, nullptr, x, x_stride, Bm, bc_stride, dt_raw, dt_stride, dt_bias, A_log, sh.T, sh.H, sh.G, Q);
-    cudaCheckLast();
-    ssd_state_pass_kernel<false><<<dim3(pass_splits(sh), sh.B * sh.H), PASS_THREADS, 0, s>>>(
-        hin, nullptr, states, nullptr, acum_s, nc, Q, P * N);
-    cudaCheckLast();
+    int* chain = (int*)(hin + state_floats(sh));
+    chunk_states_forward<P, N>(hin, states, chain, dt_s, acum_s, x, x_stride, Bm, bc_stride, dt_raw, dt_stride, dt_bias,
+                               A_log, sh, s);
     ssd_chunk_scan_kernel<P, N><<<dim3(nc * (Q / TILE), sh.H, sh.B), THREADS, 0, s>>>(
         y, dt_s, acum_s, hin, x, x_stride, Bm, Cm, bc_stride, D, sh.T, sh.H, sh.G, Q);
     cudaCheckLast();
@@ -844,19 +928,15 @@ void backward_impl(bf16* dx, int dx_stride, bf16* dB, bf16* dC, int dbc_stride, 
     const dim3 tile_grid(nc * (Q / TILE), sh.G * nsl, sh.B);
 
     // recompute the states entering each chunk
-    ssd_chunk_state_kernel<P, N, false><<<chunk_grid, THREADS, 0, s>>>(
-        sc.states, nullptr, nullptr, nullptr, x, x_stride, Bm, bc_stride, dt_raw, dt_stride, dt_bias, A_log, sh.T, sh.H, sh.G, Q);
-    cudaCheckLast();
-    ssd_state_pass_kernel<false><<<pass_grid, PASS_THREADS, 0, s>>>(sc.hin, nullptr, sc.states, nullptr, acum_s, nc,
-                                                                     Q, P * N);
-    cudaCheckLast();
+    chunk_states_forward<P, N>(sc.hin, sc.states, sc.chain, nullptr, nullptr, x, x_stride, Bm, bc_stride, dt_raw,
+                               dt_stride, dt_bias, A_log, sh, s);
     // state gradients: per-chunk dS from the outputs, then the reverse pass to Gout
     ssd_chunk_state_kernel<P, N, true><<<chunk_grid, THREADS, 0, s>>>(
-        sc.states, nullptr, nullptr, acum_s, dy, sh.H * P, Cm, bc_stride, nullptr, 0, nullptr, nullptr,
+        sc.states, StateChain{}, nullptr, nullptr, acum_s, dy, sh.H * P, Cm, bc_stride, nullptr, 0, nullptr, nullptr,
         sh.T, sh.H, sh.G, Q);
     cudaCheckLast();
-    ssd_state_pass_kernel<true><<<pass_grid, PASS_THREADS, 0, s>>>(sc.gout, sc.dots, sc.states, sc.hin, acum_s, nc,
-                                                                   Q, P * N);
+    ssd_state_pass_reverse_kernel<<<pass_grid, PASS_THREADS, 0, s>>>(sc.gout, sc.dots, sc.states, sc.hin, acum_s, nc,
+                                                                     Q, P * N);
     cudaCheckLast();
 
     const size_t smem = bwd_smem_bytes(P, N);

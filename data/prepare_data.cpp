@@ -2,6 +2,7 @@
 // Brown corpus converter used by data/prepare_default.sh. Shard format: dataloader.h.
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstring>
 #include <cstdio>
 #include <filesystem>
@@ -25,8 +26,8 @@ static const char* USAGE =
     "               [--val-fraction F | --val-docs N] [--jsonl-field FIELD] [--seed S] INPUT...\n"
     "      INPUT: a text file (one document), a .jsonl file (one document per line, the string\n"
     "      FIELD, default \"text\"), or a directory (its *.txt and *.jsonl files, recursively).\n"
-    "      Each document is preceded by the EOT token. Documents go to validation with\n"
-    "      probability F (default 0.05, chosen by --seed S, default 0) or the first N do.\n"
+    "      Each document is preceded by the EOT token. Validation takes every (1/F)-th document\n"
+    "      (default F 0.05; --seed S, default 0, picks the offset) or the first N documents.\n"
     "      Writes DIR/NAME_val_000000.bin, DIR/NAME_train_000000.bin, ... of at most N tokens\n"
     "      (default name \"data\", default 100000000 tokens per shard).\n"
     "  prepare_data inspect [--tokenizer PATH] [--n N] SHARD\n"
@@ -209,9 +210,13 @@ static void cmd_shards(int argc, char** argv) {
                docs, val.docs, toks, val.tokens, bytes / 1e6, toks / dt, bytes / 1e6 / dt, dt);
         fflush(stdout);
     };
+    const double val_offset = (SplitMix64(seed).next() >> 11) * 0x1.0p-53;
     std::vector<uint32_t> ids;
     for_each_document(a.positional, a.str("--jsonl-field", "text"), [&](const std::string& text) {
-        bool is_val = val_fraction > 0 ? (SplitMix64(seed ^ (docs * 0xA24BAED4963EE407ULL)).next() >> 11) * 0x1.0p-53 < val_fraction
+        // a systematic sample: document i is val when i*F + offset crosses an integer, so val
+        // takes a fraction F spread evenly over the input order (Brown's genres alike)
+        bool is_val = val_fraction > 0 ? std::floor((docs + 1) * val_fraction + val_offset) >
+                                             std::floor(docs * val_fraction + val_offset)
                                        : (long long)docs < val_docs;
         ids.assign(1, (uint32_t)eot);
         std::vector<uint32_t> enc = tok.encode(text);

