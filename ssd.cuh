@@ -47,18 +47,14 @@ inline int head_slices(const SSDShape& sh) {
     return hpg;
 }
 
-// forward scratch: states leaving each chunk (fp32) | Hin (bf16) | state-chain flags and ticket
-inline size_t chain_ints(const SSDShape& sh) { return (size_t)sh.B * sh.H * nchunks(sh) + 4; }
-inline size_t fwd_scratch_bytes(const SSDShape& sh) {
-    return state_floats(sh) * (sizeof(float) + sizeof(bf16)) + chain_ints(sh) * sizeof(int);
-}
+// forward scratch: chunk states S (fp32) | Hin (bf16)
+inline size_t fwd_scratch_bytes(const SSDShape& sh) { return state_floats(sh) * (sizeof(float) + sizeof(bf16)); }
 
 // backward scratch: S, then dS (fp32) | Hin, Gout (bf16) | 6 per-position arrays | pass dots |
 // per-chunk param partials | dB, dC slices (fp32)
 struct BwdScratch {
     bf16 *hin, *gout;
     float *states, *ddt_dir, *csum, *sst, *dd, *rsum, *off, *dots, *partials, *db_part, *dc_part;
-    int* chain;  // flags and ticket of the recomputed forward state pass
     size_t total;  // floats
     BwdScratch(const SSDShape& sh, void* base) {
         const size_t S = state_floats(sh), Tp = padded_positions(sh);
@@ -79,7 +75,6 @@ struct BwdScratch {
         partials = take(nbc * 3);
         db_part = take(bc);
         dc_part = take(bc);
-        chain = (int*)take(chain_ints(sh));
         total = off_f;
     }
 };
@@ -286,42 +281,21 @@ __device__ inline void load_chunk_floats(float* s_dt, float* s_acum, const float
 }
 
 // ----------------------------------------------------------------------------------------------
-// the forward state pass runs inside the chunk-state kernel: the block of chunk c waits for the
-// fp32 state leaving chunk c-1 (flag set by that block), so the chunk states never round-trip
-// through memory. Blocks take their (c, b, h) from a ticket in launch order, chunk-major: a block
-// only waits for blocks that took earlier tickets, i.e. are already running (no deadlock).
-struct StateChain {
-    bf16* hin;    // (B, H, nc, P, N): state entering each chunk, bf16 for the matmuls
-    int* flags;   // (B, H, nc): 1 once the state leaving that chunk is in `out`; zeroed before launch
-    int* ticket;  // block counter; zeroed before launch
-};
-
-// chunk states, S_c = sum_j wt_j v_j w_j^T over the chunk (P x N)
+// chunk states: out[b,h,c] (P x N, fp32) = sum_j wt_j v_j w_j^T over the chunk
 //   forward (GRAD = false): v = x, w = B, wt_j = dt_j exp(Aend - Acum_j); dt/Acum computed here from
-//     dt_raw and stored to dt_out/acum_out when those are non-null. Then the state pass:
-//     chain.hin[c] = Hin_c (bf16), out[c] = Hin_{c+1} = exp(Aend_c) Hin_c + S_c (fp32, Hin_0 = 0)
-//   state gradient (GRAD = true): v = dy, w = C, wt_i = exp(Acum_i); Acum read from acum_in; out[c] = S_c
+//     dt_raw and stored to dt_out/acum_out when those are non-null
+//   state gradient (GRAD = true): v = dy, w = C, wt_i = exp(Acum_i); Acum read from acum_in
 // grid (nchunks, H, B)
 template <int P, int N, bool GRAD>
 __global__ void __launch_bounds__(THREADS)
-ssd_chunk_state_kernel(float* out, StateChain chain, float* dt_out, float* acum_out, const float* acum_in, const bf16* v,
+ssd_chunk_state_kernel(float* out, float* dt_out, float* acum_out, const float* acum_in, const bf16* v,
                        int v_stride, const bf16* w, int w_stride, const bf16* dt_raw, int dt_stride,
                        const bf16* dt_bias, const bf16* A_log, int T, int H, int G, int Q) {
     constexpr int WM = P / 16, WN = 4 / WM, NT = N / WN / 8;
     __shared__ float s_dt[MAX_CHUNK], s_acum[MAX_CHUNK], s_wt[MAX_CHUNK];
     __shared__ alignas(16) bf16 s_v[TILE * (P + PAD)];
     __shared__ alignas(16) bf16 s_w[TILE * (N + PAD)];
-    __shared__ int s_ticket;
-    const int nc = gridDim.x;
-    int c = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
-    if (!GRAD) {
-        if (threadIdx.x == 0) s_ticket = atomicAdd(chain.ticket, 1);
-        __syncthreads();
-        const int bh = s_ticket % (gridDim.y * gridDim.z);
-        c = s_ticket / (gridDim.y * gridDim.z);
-        h = bh % H;
-        b = bh / H;
-    }
+    const int c = blockIdx.x, h = blockIdx.y, b = blockIdx.z, nc = gridDim.x;
     const int g = h / (H / G), t0 = c * Q, valid = min(Q, T - t0);
     const size_t bh = (size_t)b * H + h, pos0 = bh * nc * Q + (size_t)t0;
 
@@ -358,50 +332,23 @@ ssd_chunk_state_kernel(float* out, StateChain chain, float* dt_out, float* acum_
     }
     float* o = out + (bh * nc + c) * P * N;
     const int r = m0 + (lane >> 2), cl = n0 + 2 * (lane & 3);
-    if (!GRAD) {
-        int* flag = chain.flags + bh * nc + c;
-        if (c > 0) {
-            if (threadIdx.x == 0)
-                while (*(volatile int*)(flag - 1) == 0) {}
-            __threadfence();
-            __syncthreads();
-        }
-        const float* prev = o - P * N;
-        bf16* hin = chain.hin + (bh * nc + c) * P * N;
-        const float decay = expf(aend);
-#pragma unroll
-        for (int nt = 0; nt < NT; nt++)
-#pragma unroll
-            for (int half = 0; half < 2; half++) {
-                const int e = (r + 8 * half) * N + cl + nt * 8;
-                // the previous block's stores: read through L2 (L1 is not coherent)
-                const float2 hp = c > 0 ? __ldcg(reinterpret_cast<const float2*>(prev + e)) : make_float2(0.f, 0.f);
-                *reinterpret_cast<__nv_bfloat162*>(hin + e) = __floats2bfloat162_rn(hp.x, hp.y);
-                acc[nt][2 * half] += decay * hp.x;
-                acc[nt][2 * half + 1] += decay * hp.y;
-            }
-        if (c == nc - 1) return;  // nobody reads the state leaving the last chunk
-    }
 #pragma unroll
     for (int nt = 0; nt < NT; nt++) {
         *reinterpret_cast<float2*>(o + r * N + cl + nt * 8) = make_float2(acc[nt][0], acc[nt][1]);
         *reinterpret_cast<float2*>(o + (r + 8) * N + cl + nt * 8) = make_float2(acc[nt][2], acc[nt][3]);
     }
-    if (!GRAD) {
-        __threadfence();
-        __syncthreads();
-        if (threadIdx.x == 0) *(volatile int*)(chain.flags + bh * nc + c) = 1;
-    }
 }
 
 // ----------------------------------------------------------------------------------------------
-// reverse state pass over chunks, one float4 of a (b, h) state per thread; grid (splits, B*H):
-// from dS_c (gradient through chunk c's own outputs), out_c = Gout_c = dL/dS_c = G_{c+1} with
-// G_c = exp(Aend_c) G_{c+1} + dS_c; dots[b,h,c,split] = exp(Aend_c) <Gout_c, Hin_c> (the gradient of
-// Aend_c through the pass)
+// state passing over chunks, one float4 of a (b, h) state per thread; grid (splits, B*H)
+//   forward: from the chunk states S_c, out_c = Hin_c (entering chunk c): Hin_{c+1} = exp(Aend_c) Hin_c + S_c
+//   reverse: from dS_c (gradient through chunk c's own outputs), out_c = Gout_c = dL/dS_c = G_{c+1} with
+//            G_c = exp(Aend_c) G_{c+1} + dS_c; dots[b,h,c,split] = exp(Aend_c) <Gout_c, Hin_c> (the
+//            gradient of Aend_c through the pass)
+template <bool REVERSE>
 __global__ void __launch_bounds__(PASS_THREADS)
-ssd_state_pass_reverse_kernel(bf16* __restrict__ out, float* dots, const float* __restrict__ states, const bf16* hin,
-                              const float* acum_s, int nc, int Q, int PN) {
+ssd_state_pass_kernel(bf16* __restrict__ out, float* dots, const float* __restrict__ states, const bf16* hin,
+                      const float* acum_s, int nc, int Q, int PN) {
     __shared__ float s_tmp[32];
     const size_t bh = blockIdx.y;
     const int e = blockIdx.x * blockDim.x + threadIdx.x;
@@ -411,22 +358,24 @@ ssd_state_pass_reverse_kernel(bf16* __restrict__ out, float* dots, const float* 
     const float* acum = acum_s + bh * nc * Q + Q - 1;
     float4 hs = make_float4(0.f, 0.f, 0.f, 0.f);
     for (int k = 0; k < nc; k++) {
-        const int c = nc - 1 - k;
+        const int c = REVERSE ? nc - 1 - k : k;
         const float decay = expf(acum[(size_t)c * Q]);
         float4 s = make_float4(0.f, 0.f, 0.f, 0.f);
         if (ok) {
             s = st[(size_t)c * PN / 4];
             o[(size_t)c * PN / 4] = make_uint2(pack_bf16(hs.x, hs.y), pack_bf16(hs.z, hs.w));
         }
-        float d = 0.f;
-        if (ok) {
-            const uint2 hv = reinterpret_cast<const uint2*>(hin + (bh * nc + c) * PN)[e];
-            const float2 h0 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&hv.x));
-            const float2 h1 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&hv.y));
-            d = hs.x * h0.x + hs.y * h0.y + hs.z * h1.x + hs.w * h1.y;
+        if (REVERSE) {
+            float d = 0.f;
+            if (ok) {
+                const uint2 hv = reinterpret_cast<const uint2*>(hin + (bh * nc + c) * PN)[e];
+                const float2 h0 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&hv.x));
+                const float2 h1 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&hv.y));
+                d = hs.x * h0.x + hs.y * h0.y + hs.z * h1.x + hs.w * h1.y;
+            }
+            d = block_sum(d, s_tmp);
+            if (threadIdx.x == 0) dots[(bh * nc + c) * gridDim.x + blockIdx.x] = decay * d;
         }
-        d = block_sum(d, s_tmp);
-        if (threadIdx.x == 0) dots[(bh * nc + c) * gridDim.x + blockIdx.x] = decay * d;
         hs.x = decay * hs.x + s.x;
         hs.y = decay * hs.y + s.y;
         hs.z = decay * hs.z + s.z;
@@ -882,21 +831,6 @@ inline void check_rows(const char* what, const void* p, int stride, int min_stri
               what, min_stride, stride);
 }
 
-// chunk states and the forward state pass (one kernel): Hin per chunk (bf16) into hin; `states`
-// (fp32) and `chain` (chain_ints) are its scratch; dt/Acum stored when dt_out is non-null
-template <int P, int N>
-void chunk_states_forward(bf16* hin, float* states, int* chain, float* dt_out, float* acum_out, const bf16* x,
-                          int x_stride, const bf16* Bm, int bc_stride, const bf16* dt_raw, int dt_stride,
-                          const bf16* dt_bias, const bf16* A_log, const SSDShape& sh, cudaStream_t s) {
-    const int nc = nchunks(sh);
-    cudaCheck(cudaMemsetAsync(chain, 0, chain_ints(sh) * sizeof(int), s));
-    const StateChain ch{hin, chain, chain + (size_t)sh.B * sh.H * nc};
-    ssd_chunk_state_kernel<P, N, false><<<dim3(nc, sh.H, sh.B), THREADS, 0, s>>>(
-        states, ch, dt_out, acum_out, nullptr, x, x_stride, Bm, bc_stride, dt_raw, dt_stride, dt_bias, A_log, sh.T,
-        sh.H, sh.G, sh.chunk);
-    cudaCheckLast();
-}
-
 template <int P, int N>
 void forward_impl(bf16* y, void* saved, void* scratch, const bf16* x, int x_stride, const bf16* Bm, const bf16* Cm,
                   int bc_stride, const bf16* dt_raw, int dt_stride, const bf16* dt_bias, const bf16* A_log,
@@ -906,9 +840,12 @@ void forward_impl(bf16* y, void* saved, void* scratch, const bf16* x, int x_stri
     float* acum_s = dt_s + padded_positions(sh);
     float* states = (float*)scratch;
     bf16* hin = (bf16*)(states + state_floats(sh));
-    int* chain = (int*)(hin + state_floats(sh));
-    chunk_states_forward<P, N>(hin, states, chain, dt_s, acum_s, x, x_stride, Bm, bc_stride, dt_raw, dt_stride, dt_bias,
-                               A_log, sh, s);
+    ssd_chunk_state_kernel<P, N, false><<<dim3(nc, sh.H, sh.B), THREADS, 0, s>>>(
+        states, dt_s, acum_s, nullptr, x, x_stride, Bm, bc_stride, dt_raw, dt_stride, dt_bias, A_log, sh.T, sh.H, sh.G, Q);
+    cudaCheckLast();
+    ssd_state_pass_kernel<false><<<dim3(pass_splits(sh), sh.B * sh.H), PASS_THREADS, 0, s>>>(
+        hin, nullptr, states, nullptr, acum_s, nc, Q, P * N);
+    cudaCheckLast();
     ssd_chunk_scan_kernel<P, N><<<dim3(nc * (Q / TILE), sh.H, sh.B), THREADS, 0, s>>>(
         y, dt_s, acum_s, hin, x, x_stride, Bm, Cm, bc_stride, D, sh.T, sh.H, sh.G, Q);
     cudaCheckLast();
@@ -928,15 +865,19 @@ void backward_impl(bf16* dx, int dx_stride, bf16* dB, bf16* dC, int dbc_stride, 
     const dim3 tile_grid(nc * (Q / TILE), sh.G * nsl, sh.B);
 
     // recompute the states entering each chunk
-    chunk_states_forward<P, N>(sc.hin, sc.states, sc.chain, nullptr, nullptr, x, x_stride, Bm, bc_stride, dt_raw,
-                               dt_stride, dt_bias, A_log, sh, s);
+    ssd_chunk_state_kernel<P, N, false><<<chunk_grid, THREADS, 0, s>>>(
+        sc.states, nullptr, nullptr, nullptr, x, x_stride, Bm, bc_stride, dt_raw, dt_stride, dt_bias, A_log, sh.T, sh.H, sh.G, Q);
+    cudaCheckLast();
+    ssd_state_pass_kernel<false><<<pass_grid, PASS_THREADS, 0, s>>>(sc.hin, nullptr, sc.states, nullptr, acum_s, nc,
+                                                                     Q, P * N);
+    cudaCheckLast();
     // state gradients: per-chunk dS from the outputs, then the reverse pass to Gout
     ssd_chunk_state_kernel<P, N, true><<<chunk_grid, THREADS, 0, s>>>(
-        sc.states, StateChain{}, nullptr, nullptr, acum_s, dy, sh.H * P, Cm, bc_stride, nullptr, 0, nullptr, nullptr,
+        sc.states, nullptr, nullptr, acum_s, dy, sh.H * P, Cm, bc_stride, nullptr, 0, nullptr, nullptr,
         sh.T, sh.H, sh.G, Q);
     cudaCheckLast();
-    ssd_state_pass_reverse_kernel<<<pass_grid, PASS_THREADS, 0, s>>>(sc.gout, sc.dots, sc.states, sc.hin, acum_s, nc,
-                                                                     Q, P * N);
+    ssd_state_pass_kernel<true><<<pass_grid, PASS_THREADS, 0, s>>>(sc.gout, sc.dots, sc.states, sc.hin, acum_s, nc,
+                                                                   Q, P * N);
     cudaCheckLast();
 
     const size_t smem = bwd_smem_bytes(P, N);
