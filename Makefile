@@ -11,7 +11,7 @@ else
 endif
 PYTHON    ?= /usr/bin/python3
 CXXFLAGS  := -O3 -std=c++17 -Wall -Wextra -I.
-NVCCFLAGS := -O3 -std=c++17 $(ARCH_FLAGS) -I. -Xcompiler -Wall --expt-relaxed-constexpr -lineinfo
+NVCCFLAGS := -O3 -std=c++17 $(ARCH_FLAGS) -I. -Xcompiler -Wall --expt-relaxed-constexpr --extended-lambda -lineinfo
 LIBS      := -lcublas -lcublasLt
 BUILD     := build
 

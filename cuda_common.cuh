@@ -37,3 +37,65 @@ inline void* cuda_malloc(size_t bytes, const char* what) {
 
 template <typename T>
 inline T* cuda_malloc_n(size_t n, const char* what) { return (T*)cuda_malloc(n * sizeof(T), what); }
+
+// ----------------------------------------------------------------------------
+// Deterministic column sums: out[c, v] (+)= sum over rows r of term(r, c, v), for the
+// weight gradients of per-channel parameters (norm weights, conv weights and bias).
+// Rows are cut into a fixed number of chunks; each block sums its chunk for 32 columns in
+// row order, then one pass adds the chunk partials in chunk order: no atomics, so the
+// result is the same bit for bit on every run.
+
+constexpr int COLSUM_CHUNKS = 64;
+
+inline size_t colsum_scratch_floats(int C, int NV) { return (size_t)COLSUM_CHUNKS * C * NV; }
+
+// term(r, c, vals) fills vals[0..NV) for row r, column c
+template <int NV, typename Term>
+__global__ void colsum_partial_kernel(float* partial, Term term, int rows, int C) {
+    __shared__ float red[8][32][NV];
+    const int c = blockIdx.x * 32 + threadIdx.x, chunk = blockIdx.y;
+    const int per = (rows + COLSUM_CHUNKS - 1) / COLSUM_CHUNKS;
+    const int r0 = chunk * per, r1 = min(rows, r0 + per);
+    float acc[NV] = {};
+    if (c < C) {
+        for (int r = r0 + threadIdx.y; r < r1; r += 8) {
+            float vals[NV];
+            term(r, c, vals);
+            for (int v = 0; v < NV; v++) acc[v] += vals[v];
+        }
+    }
+    for (int v = 0; v < NV; v++) red[threadIdx.y][threadIdx.x][v] = acc[v];
+    __syncthreads();
+    if (threadIdx.y == 0 && c < C) {
+        for (int y = 1; y < 8; y++)
+            for (int v = 0; v < NV; v++) acc[v] += red[y][threadIdx.x][v];
+        for (int v = 0; v < NV; v++) partial[((size_t)chunk * C + c) * NV + v] = acc[v];
+    }
+}
+
+// store(c, v, sum) receives each column's total
+template <int NV, typename Store>
+__global__ void colsum_finalize_kernel(const float* partial, Store store, int C) {
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    for (int v = 0; v < NV; v++) {
+        float s = 0.0f;
+        for (int k = 0; k < COLSUM_CHUNKS; k++) s += partial[((size_t)k * C + c) * NV + v];
+        store(c, v, s);
+    }
+}
+
+template <int NV, typename Term, typename Store>
+inline void column_sum(float* scratch, Term term, Store store, int rows, int C, cudaStream_t s) {
+    dim3 grid((C + 31) / 32, COLSUM_CHUNKS), block(32, 8);
+    colsum_partial_kernel<NV><<<grid, block, 0, s>>>(scratch, term, rows, C);
+    cudaCheckLast();
+    colsum_finalize_kernel<NV><<<(C + 255) / 256, 256, 0, s>>>(scratch, store, C);
+    cudaCheckLast();
+}
+
+// warp-wide sum
+__device__ inline float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+    return v;
+}

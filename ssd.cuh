@@ -8,8 +8,8 @@
 //   pass   Hin_{c+1} = exp(Aend_c) Hin_c + S_c                               (sequential over chunks)
 //   inter  Y[i] += exp(Acum_i) Hin_c C_i
 // Matmuls run on tensor cores (mma.sync m16n8k16, bf16 in, fp32 accumulate; valid on sm_80 and sm_90);
-// cumsums, decays and the state recurrence are fp32; the states entering each chunk (and their
-// gradients) are stored bf16, the precision the matmuls read them in. A chunk is processed in
+// cumsums, decays and the state recurrence are fp32; the chunk states, the states entering each
+// chunk and their gradients are stored bf16, the precision the matmuls read them in. A chunk is processed in
 // 64-row tiles, one 16-row slab per warp.
 // The backward recomputes the chunk states (saved keeps only dt and Acum), runs the state pass in
 // reverse for the state gradients, then two tile kernels (column direction: dx, dB; row direction: dC),
@@ -47,14 +47,14 @@ inline int head_slices(const SSDShape& sh) {
     return hpg;
 }
 
-// forward scratch: chunk states S (fp32) | Hin (bf16)
-inline size_t fwd_scratch_bytes(const SSDShape& sh) { return state_floats(sh) * (sizeof(float) + sizeof(bf16)); }
+// forward scratch: chunk states S, overwritten in place by Hin (bf16)
+inline size_t fwd_scratch_bytes(const SSDShape& sh) { return state_floats(sh) * sizeof(bf16); }
 
-// backward scratch: S, then dS (fp32) | Hin, Gout (bf16) | 6 per-position arrays | pass dots |
-// per-chunk param partials | dB, dC slices (fp32)
+// backward scratch: S, then Hin in place | dS, then Gout in place (bf16) | 6 per-position arrays |
+// pass dots | per-chunk param partials | dB, dC slices (fp32)
 struct BwdScratch {
     bf16 *hin, *gout;
-    float *states, *ddt_dir, *csum, *sst, *dd, *rsum, *off, *dots, *partials, *db_part, *dc_part;
+    float *ddt_dir, *csum, *sst, *dd, *rsum, *off, *dots, *partials, *db_part, *dc_part;
     size_t total;  // floats
     BwdScratch(const SSDShape& sh, void* base) {
         const size_t S = state_floats(sh), Tp = padded_positions(sh);
@@ -62,7 +62,6 @@ struct BwdScratch {
         const size_t bc = (size_t)sh.B * sh.T * sh.G * head_slices(sh) * sh.N;
         size_t off_f = 0;
         auto take = [&](size_t n) { float* p = base ? (float*)base + off_f : nullptr; off_f += n; return p; };
-        states = take(S);
         hin = (bf16*)take(S / 2);  // S is a multiple of 4: the bf16 arrays keep 16-byte alignment
         gout = (bf16*)take(S / 2);
         ddt_dir = take(Tp);
@@ -102,8 +101,9 @@ __device__ inline uint32_t pack_bf16(float lo, float hi) {
     __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
     return *reinterpret_cast<uint32_t*>(&v);
 }
+__device__ inline float2 unpack_bf16(uint32_t v) { return __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&v)); }
 __device__ inline uint32_t scale_bf16x2(uint32_t v, float s) {
-    const float2 f = __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&v));
+    const float2 f = unpack_bf16(v);
     return pack_bf16(f.x * s, f.y * s);
 }
 
@@ -188,6 +188,10 @@ __device__ inline void cp_async16(void* smem, const void* gmem, bool ok) {
     const uint32_t a = (uint32_t)__cvta_generic_to_shared(smem);
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(a), "l"(gmem), "r"(ok ? 16 : 0));
 }
+__device__ inline void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+// all but the newest `pending` committed groups of this thread's copies landed
+template <int pending>
+__device__ inline void cp_async_wait_group() { asm volatile("cp.async.wait_group %0;\n" ::"n"(pending) : "memory"); }
 // all of this thread's copies landed, then the block's
 __device__ inline void cp_async_wait_sync() {
     asm volatile("cp.async.wait_all;\n" ::: "memory");
@@ -257,6 +261,9 @@ __device__ inline float block_sum(float v, float* s_tmp /* >= 32 floats */) {
     return t;
 }
 
+// exp of a decay exponent (<= 0): the fast intrinsic, its error is far below bf16 rounding
+__device__ inline float decay_exp(float x) { return __expf(x); }
+
 __device__ inline float softplus(float z) { return z > 20.f ? z : log1pf(expf(z)); }
 
 // dt and Acum (in-chunk inclusive cumsum of dt A) of one chunk and head into smem; positions
@@ -281,23 +288,34 @@ __device__ inline void load_chunk_floats(float* s_dt, float* s_acum, const float
 }
 
 // ----------------------------------------------------------------------------------------------
-// chunk states: out[b,h,c] (P x N, fp32) = sum_j wt_j v_j w_j^T over the chunk
+// chunk states: out[b,h,c] (P x N, bf16) = sum_j wt_j v_j w_j^T over the chunk
 //   forward (GRAD = false): v = x, w = B, wt_j = dt_j exp(Aend - Acum_j); dt/Acum computed here from
 //     dt_raw and stored to dt_out/acum_out when those are non-null
 //   state gradient (GRAD = true): v = dy, w = C, wt_i = exp(Acum_i); Acum read from acum_in
-// grid (nchunks, H, B)
+// grid (nchunks, H, B); dynamic smem chunk_state_smem_bytes: two tile buffers, the next tile loads
+// while the current one is multiplied
 template <int P, int N, bool GRAD>
 __global__ void __launch_bounds__(THREADS)
-ssd_chunk_state_kernel(float* out, float* dt_out, float* acum_out, const float* acum_in, const bf16* v,
+ssd_chunk_state_kernel(bf16* out, float* dt_out, float* acum_out, const float* acum_in, const bf16* v,
                        int v_stride, const bf16* w, int w_stride, const bf16* dt_raw, int dt_stride,
                        const bf16* dt_bias, const bf16* A_log, int T, int H, int G, int Q) {
     constexpr int WM = P / 16, WN = 4 / WM, NT = N / WN / 8;
+    constexpr int VS = TILE * (P + PAD), WS = TILE * (N + PAD);
     __shared__ float s_dt[MAX_CHUNK], s_acum[MAX_CHUNK], s_wt[MAX_CHUNK];
-    __shared__ alignas(16) bf16 s_v[TILE * (P + PAD)];
-    __shared__ alignas(16) bf16 s_w[TILE * (N + PAD)];
+    extern __shared__ __align__(16) unsigned char smem[];
+    bf16* s_v = reinterpret_cast<bf16*>(smem);  // 2 buffers each
+    bf16* s_w = s_v + 2 * VS;
     const int c = blockIdx.x, h = blockIdx.y, b = blockIdx.z, nc = gridDim.x;
-    const int g = h / (H / G), t0 = c * Q, valid = min(Q, T - t0);
+    const int g = h / (H / G), t0 = c * Q, valid = min(Q, T - t0), ntiles = (valid + TILE - 1) / TILE;
     const size_t bh = (size_t)b * H + h, pos0 = bh * nc * Q + (size_t)t0;
+    auto load_tile = [&](int k) {
+        const int j0 = k * TILE;
+        const size_t row = (size_t)b * T + t0 + j0;
+        load_rows<P>(s_v + (k & 1) * VS, v + row * v_stride + h * P, v_stride, TILE, valid - j0);
+        load_rows<N>(s_w + (k & 1) * WS, w + row * w_stride + g * N, w_stride, TILE, valid - j0);
+        cp_async_commit();
+    };
+    load_tile(0);
 
     if (!GRAD) {
         const float A = -expf(__bfloat162float(A_log[h]));
@@ -320,66 +338,68 @@ ssd_chunk_state_kernel(float* out, float* dt_out, float* acum_out, const float* 
     const int m0 = (warp % WM) * 16, n0 = (warp / WM) * (N / WN);
     float acc[NT][4];
     zero(acc);
-    for (int j0 = 0; j0 < valid; j0 += TILE) {
+    for (int k = 0; k < ntiles; k++) {
+        if (k + 1 < ntiles) {
+            load_tile(k + 1);  // its buffer was freed by the barrier ending iteration k - 1
+            cp_async_wait_group<1>();
+        } else {
+            cp_async_wait_group<0>();
+        }
         __syncthreads();
-        const size_t row = (size_t)b * T + t0 + j0;
-        load_rows<P>(s_v, v + row * v_stride + h * P, v_stride, TILE, valid - j0);
-        load_rows<N>(s_w, w + row * w_stride + g * N, w_stride, TILE, valid - j0);
-        cp_async_wait_sync();
-        scale_rows<P>(s_v, TILE, s_wt + j0);
+        bf16* sv = s_v + (k & 1) * VS;
+        scale_rows<P>(sv, TILE, s_wt + k * TILE);
         __syncthreads();
-        warp_mma<NT, true, true>(acc, s_v, P + PAD, m0, s_w, N + PAD, n0, TILE);
+        warp_mma<NT, true, true>(acc, sv, P + PAD, m0, s_w + (k & 1) * WS, N + PAD, n0, TILE);
+        __syncthreads();
     }
-    float* o = out + (bh * nc + c) * P * N;
+    bf16* o = out + (bh * nc + c) * P * N;
     const int r = m0 + (lane >> 2), cl = n0 + 2 * (lane & 3);
 #pragma unroll
     for (int nt = 0; nt < NT; nt++) {
-        *reinterpret_cast<float2*>(o + r * N + cl + nt * 8) = make_float2(acc[nt][0], acc[nt][1]);
-        *reinterpret_cast<float2*>(o + (r + 8) * N + cl + nt * 8) = make_float2(acc[nt][2], acc[nt][3]);
+        *reinterpret_cast<uint32_t*>(o + r * N + cl + nt * 8) = pack_bf16(acc[nt][0], acc[nt][1]);
+        *reinterpret_cast<uint32_t*>(o + (r + 8) * N + cl + nt * 8) = pack_bf16(acc[nt][2], acc[nt][3]);
     }
 }
 
 // ----------------------------------------------------------------------------------------------
-// state passing over chunks, one float4 of a (b, h) state per thread; grid (splits, B*H)
-//   forward: from the chunk states S_c, out_c = Hin_c (entering chunk c): Hin_{c+1} = exp(Aend_c) Hin_c + S_c
-//   reverse: from dS_c (gradient through chunk c's own outputs), out_c = Gout_c = dL/dS_c = G_{c+1} with
+// state passing over chunks, in place, 4 elements of a (b, h) state per thread; grid (splits, B*H)
+//   forward: st_c = S_c (chunk states) becomes Hin_c (entering chunk c): Hin_{c+1} = exp(Aend_c) Hin_c + S_c
+//   reverse: st_c = dS_c (gradient through chunk c's own outputs) becomes Gout_c = dL/dS_c = G_{c+1} with
 //            G_c = exp(Aend_c) G_{c+1} + dS_c; dots[b,h,c,split] = exp(Aend_c) <Gout_c, Hin_c> (the
 //            gradient of Aend_c through the pass)
 template <bool REVERSE>
 __global__ void __launch_bounds__(PASS_THREADS)
-ssd_state_pass_kernel(bf16* __restrict__ out, float* dots, const float* __restrict__ states, const bf16* hin,
-                      const float* acum_s, int nc, int Q, int PN) {
+ssd_state_pass_kernel(bf16* st, float* dots, const bf16* hin, const float* acum_s, int nc, int Q, int PN) {
     __shared__ float s_tmp[32];
     const size_t bh = blockIdx.y;
     const int e = blockIdx.x * blockDim.x + threadIdx.x;
     const bool ok = e < PN / 4;
-    const float4* st = reinterpret_cast<const float4*>(states + bh * nc * PN) + e;
-    uint2* o = reinterpret_cast<uint2*>(out + bh * nc * PN) + e;
+    uint2* sp = reinterpret_cast<uint2*>(st + bh * nc * PN) + e;
+    const uint2* hp = reinterpret_cast<const uint2*>(hin + bh * nc * PN) + e;
     const float* acum = acum_s + bh * nc * Q + Q - 1;
-    float4 hs = make_float4(0.f, 0.f, 0.f, 0.f);
+    float hs[4] = {0.f, 0.f, 0.f, 0.f};
+    uint2 next = ok ? sp[(size_t)(REVERSE ? nc - 1 : 0) * PN / 4] : make_uint2(0, 0);
     for (int k = 0; k < nc; k++) {
         const int c = REVERSE ? nc - 1 - k : k;
+        const uint2 cur = next;
+        if (ok && k + 1 < nc) next = sp[(size_t)(REVERSE ? c - 1 : c + 1) * PN / 4];  // prefetch the next chunk
         const float decay = expf(acum[(size_t)c * Q]);
-        float4 s = make_float4(0.f, 0.f, 0.f, 0.f);
-        if (ok) {
-            s = st[(size_t)c * PN / 4];
-            o[(size_t)c * PN / 4] = make_uint2(pack_bf16(hs.x, hs.y), pack_bf16(hs.z, hs.w));
-        }
+        if (ok) sp[(size_t)c * PN / 4] = make_uint2(pack_bf16(hs[0], hs[1]), pack_bf16(hs[2], hs[3]));
         if (REVERSE) {
             float d = 0.f;
             if (ok) {
-                const uint2 hv = reinterpret_cast<const uint2*>(hin + (bh * nc + c) * PN)[e];
-                const float2 h0 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&hv.x));
-                const float2 h1 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&hv.y));
-                d = hs.x * h0.x + hs.y * h0.y + hs.z * h1.x + hs.w * h1.y;
+                const uint2 hv = hp[(size_t)c * PN / 4];
+                const float2 h0 = unpack_bf16(hv.x), h1 = unpack_bf16(hv.y);
+                d = hs[0] * h0.x + hs[1] * h0.y + hs[2] * h1.x + hs[3] * h1.y;
             }
             d = block_sum(d, s_tmp);
             if (threadIdx.x == 0) dots[(bh * nc + c) * gridDim.x + blockIdx.x] = decay * d;
         }
-        hs.x = decay * hs.x + s.x;
-        hs.y = decay * hs.y + s.y;
-        hs.z = decay * hs.z + s.z;
-        hs.w = decay * hs.w + s.w;
+        const float2 s0 = unpack_bf16(cur.x), s1 = unpack_bf16(cur.y);
+        hs[0] = decay * hs[0] + s0.x;
+        hs[1] = decay * hs[1] + s0.y;
+        hs[2] = decay * hs[2] + s1.x;
+        hs[3] = decay * hs[3] + s1.y;
     }
 }
 
@@ -436,7 +456,7 @@ ssd_chunk_scan_kernel(bf16* y, const float* dt_s, const float* acum_s, const bf1
 #pragma unroll
             for (int e = 0; e < 4; e++) {
                 const int i = e < 2 ? ra : rb, j = j0 + n * 8 + 2 * (lane & 3) + (e & 1);
-                s[n][e] = j <= i ? s[n][e] * expf(s_acum[i] - s_acum[j]) * s_dt[j] : 0.f;
+                s[n][e] = j <= i ? s[n][e] * decay_exp(s_acum[i] - s_acum[j]) * s_dt[j] : 0.f;
             }
         uint32_t pa[4][4];
         acc_to_a(pa, s);
@@ -472,13 +492,14 @@ __global__ void __launch_bounds__(THREADS)
 ssd_bwd_dx_db_kernel(bf16* dx, int dx_stride, float* db_part, BwdScratch sc, const float* dt_s, const float* acum_s,
                      const bf16* dy, const bf16* x, int x_stride, const bf16* Bm, const bf16* Cm, int bc_stride,
                      const bf16* D, int T, int H, int G, int Q, int nsl) {
+    constexpr int CS = TILE * (N + PAD), DS = TILE * (P + PAD);
     extern __shared__ __align__(16) unsigned char smem[];
     bf16* s_bj = reinterpret_cast<bf16*>(smem);
-    bf16* s_ci = s_bj + TILE * (N + PAD);
-    bf16* s_g = s_ci + TILE * (N + PAD);
+    bf16* s_cib = s_bj + TILE * (N + PAD);  // 2 buffers: the next C_i tile loads while one is used
+    bf16* s_g = s_cib + 2 * CS;
     bf16* s_xj = s_g + P * (N + PAD);
-    bf16* s_dyi = s_xj + TILE * (P + PAD);
-    float* s_dt = reinterpret_cast<float*>(s_dyi + TILE * (P + PAD));
+    bf16* s_dyib = s_xj + TILE * (P + PAD);  // 2 buffers
+    float* s_dt = reinterpret_cast<float*>(s_dyib + 2 * DS);
     float* s_acum = s_dt + MAX_CHUNK;
 
     const int ntl = Q / TILE, c = blockIdx.x / ntl, jt = blockIdx.x % ntl, nc = gridDim.x / ntl;
@@ -498,11 +519,20 @@ ssd_bwd_dx_db_kernel(bf16* dx, int dx_stride, float* db_part, BwdScratch sc, con
     for (int hh = 0; hh < hps; hh++) {
         const int h = h0 + hh;
         const size_t bh = (size_t)b * H + h, pos0 = bh * Tp + t0;
+        auto load_i = [&](int it, int buf) {
+            const int i0 = it * TILE;
+            load_rows<N>(s_cib + buf * CS, Cm + (row0 + i0) * bc_stride + g * N, bc_stride, TILE, valid - i0);
+            load_rows<P>(s_dyib + buf * DS, dy + (row0 + i0) * dy_stride + h * P, dy_stride, TILE, valid - i0);
+            cp_async_commit();
+        };
         __syncthreads();
         load_rows<P>(s_xj, x + (row0 + j0) * x_stride + h * P, x_stride, TILE, valid - j0);
         load_rows<N>(s_g, sc.gout + (bh * nc + c) * P * N, N, P, P);
         load_chunk_floats(s_dt, s_acum, dt_s + pos0, acum_s + pos0, Q);
-        cp_async_wait_sync();
+        cp_async_commit();
+        load_i(jt, 0);
+        cp_async_wait_group<1>();
+        __syncthreads();
 
         const float aend = s_acum[Q - 1];
         const float dta = s_dt[ra], dtb = s_dt[rb];
@@ -525,13 +555,18 @@ ssd_bwd_dx_db_kernel(bf16* dx, int dx_stride, float* db_part, BwdScratch sc, con
         warp_mma<N / 8, false, true, true>(db, s_xj, P + PAD, m0, s_g, N + PAD, 0, P, dta * wa, dtb * wb);
 
         float csa = 0.f, csb = 0.f;
-        for (int it = jt; it < ntl; it++) {
-            const int i0 = it * TILE;
-            if (i0 >= valid) break;
+        const int it_end = min(ntl, (valid + TILE - 1) / TILE);
+        for (int it = jt; it < it_end; it++) {
+            const int i0 = it * TILE, buf = (it - jt) & 1;
+            if (it + 1 < it_end) {
+                load_i(it + 1, buf ^ 1);  // that buffer was freed by the barrier ending the previous iteration
+                cp_async_wait_group<1>();
+            } else {
+                cp_async_wait_group<0>();
+            }
             __syncthreads();
-            load_rows<N>(s_ci, Cm + (row0 + i0) * bc_stride + g * N, bc_stride, TILE, valid - i0);
-            load_rows<P>(s_dyi, dy + (row0 + i0) * dy_stride + h * P, dy_stride, TILE, valid - i0);
-            cp_async_wait_sync();
+            const bf16* s_ci = s_cib + buf * CS;
+            const bf16* s_dyi = s_dyib + buf * DS;
             // on the diagonal tile this warp's rows only see columns i >= m0
             const int kbeg = it == jt ? warp : 0;
             float m[8][4], s[8][4];
@@ -547,7 +582,7 @@ ssd_bwd_dx_db_kernel(bf16* dx, int dx_stride, float* db_part, BwdScratch sc, con
                     const float dtj = e < 2 ? dta : dtb;
                     float pv = 0.f, mv = 0.f;
                     if (i >= j) {
-                        const float l = expf(s_acum[i] - s_acum[j]);
+                        const float l = decay_exp(s_acum[i] - s_acum[j]);
                         pv = s[n][e] * l;
                         mv = m[n][e] * l * dtj;
                         if (e < 2) csa += s[n][e] * mv; else csb += s[n][e] * mv;  // Z_ij: one factor L_ij
@@ -560,6 +595,7 @@ ssd_bwd_dx_db_kernel(bf16* dx, int dx_stride, float* db_part, BwdScratch sc, con
             acc_to_a(ma, m);
             warp_mma_rega<P / 8>(u, pa, s_dyi, P + PAD, kbeg);
             warp_mma_rega<N / 8>(db, ma, s_ci, N + PAD, kbeg);
+            __syncthreads();
         }
         csa = quad_sum(csa);
         csb = quad_sum(csb);
@@ -691,7 +727,7 @@ ssd_bwd_dc_kernel(float* dc_part, BwdScratch sc, const float* dt_s, const float*
                     const int i = e < 2 ? ra : rb, j = j0 + n * 8 + 2 * q + (e & 1);
                     float mv = 0.f;
                     if (j <= i) {
-                        mv = m[n][e] * expf(s_acum[i] - s_acum[j]) * s_dt[j];
+                        mv = m[n][e] * decay_exp(s_acum[i] - s_acum[j]) * s_dt[j];
                         if (e < 2) rsa += s[n][e] * mv; else rsb += s[n][e] * mv;
                     }
                     m[n][e] = mv;
@@ -811,8 +847,12 @@ __global__ void ssd_reduce_bc_kernel(bf16* dB, bf16* dC, int dbc_stride, const f
 // ----------------------------------------------------------------------------------------------
 // launchers
 
-inline size_t bwd_smem_bytes(int P, int N) {
-    return (size_t)(2 * TILE * (N + PAD) + P * (N + PAD) + 2 * TILE * (P + PAD)) * sizeof(bf16) +
+inline size_t chunk_state_smem_bytes(int P, int N) { return (size_t)2 * TILE * (P + N + 2 * PAD) * sizeof(bf16); }
+
+// dC kernel; the dx/dB kernel double-buffers its C_i and dy_i tiles
+inline size_t bwd_smem_bytes(int P, int N, bool dbuf) {
+    const int extra = dbuf ? TILE * (N + PAD) + TILE * (P + PAD) : 0;
+    return (size_t)(2 * TILE * (N + PAD) + P * (N + PAD) + 2 * TILE * (P + PAD) + extra) * sizeof(bf16) +
            2 * MAX_CHUNK * sizeof(float);
 }
 
@@ -838,13 +878,15 @@ void forward_impl(bf16* y, void* saved, void* scratch, const bf16* x, int x_stri
     const int nc = nchunks(sh), Q = sh.chunk;
     float* dt_s = (float*)saved;
     float* acum_s = dt_s + padded_positions(sh);
-    float* states = (float*)scratch;
-    bf16* hin = (bf16*)(states + state_floats(sh));
-    ssd_chunk_state_kernel<P, N, false><<<dim3(nc, sh.H, sh.B), THREADS, 0, s>>>(
-        states, dt_s, acum_s, nullptr, x, x_stride, Bm, bc_stride, dt_raw, dt_stride, dt_bias, A_log, sh.T, sh.H, sh.G, Q);
+    bf16* hin = (bf16*)scratch;  // chunk states, then in place the states entering each chunk
+    const size_t cs_smem = chunk_state_smem_bytes(P, N);
+    cudaCheck(cudaFuncSetAttribute(ssd_chunk_state_kernel<P, N, false>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                   (int)cs_smem));
+    ssd_chunk_state_kernel<P, N, false><<<dim3(nc, sh.H, sh.B), THREADS, cs_smem, s>>>(
+        hin, dt_s, acum_s, nullptr, x, x_stride, Bm, bc_stride, dt_raw, dt_stride, dt_bias, A_log, sh.T, sh.H, sh.G, Q);
     cudaCheckLast();
     ssd_state_pass_kernel<false><<<dim3(pass_splits(sh), sh.B * sh.H), PASS_THREADS, 0, s>>>(
-        hin, nullptr, states, nullptr, acum_s, nc, Q, P * N);
+        hin, nullptr, nullptr, acum_s, nc, Q, P * N);
     cudaCheckLast();
     ssd_chunk_scan_kernel<P, N><<<dim3(nc * (Q / TILE), sh.H, sh.B), THREADS, 0, s>>>(
         y, dt_s, acum_s, hin, x, x_stride, Bm, Cm, bc_stride, D, sh.T, sh.H, sh.G, Q);
@@ -865,25 +907,29 @@ void backward_impl(bf16* dx, int dx_stride, bf16* dB, bf16* dC, int dbc_stride, 
     const dim3 tile_grid(nc * (Q / TILE), sh.G * nsl, sh.B);
 
     // recompute the states entering each chunk
-    ssd_chunk_state_kernel<P, N, false><<<chunk_grid, THREADS, 0, s>>>(
-        sc.states, nullptr, nullptr, nullptr, x, x_stride, Bm, bc_stride, dt_raw, dt_stride, dt_bias, A_log, sh.T, sh.H, sh.G, Q);
+    const size_t cs_smem = chunk_state_smem_bytes(P, N);
+    cudaCheck(cudaFuncSetAttribute(ssd_chunk_state_kernel<P, N, false>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                   (int)cs_smem));
+    cudaCheck(cudaFuncSetAttribute(ssd_chunk_state_kernel<P, N, true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                   (int)cs_smem));
+    ssd_chunk_state_kernel<P, N, false><<<chunk_grid, THREADS, cs_smem, s>>>(
+        sc.hin, nullptr, nullptr, nullptr, x, x_stride, Bm, bc_stride, dt_raw, dt_stride, dt_bias, A_log, sh.T, sh.H, sh.G, Q);
     cudaCheckLast();
-    ssd_state_pass_kernel<false><<<pass_grid, PASS_THREADS, 0, s>>>(sc.hin, nullptr, sc.states, nullptr, acum_s, nc,
-                                                                     Q, P * N);
+    ssd_state_pass_kernel<false><<<pass_grid, PASS_THREADS, 0, s>>>(sc.hin, nullptr, nullptr, acum_s, nc, Q, P * N);
     cudaCheckLast();
     // state gradients: per-chunk dS from the outputs, then the reverse pass to Gout
-    ssd_chunk_state_kernel<P, N, true><<<chunk_grid, THREADS, 0, s>>>(
-        sc.states, nullptr, nullptr, acum_s, dy, sh.H * P, Cm, bc_stride, nullptr, 0, nullptr, nullptr,
+    ssd_chunk_state_kernel<P, N, true><<<chunk_grid, THREADS, cs_smem, s>>>(
+        sc.gout, nullptr, nullptr, acum_s, dy, sh.H * P, Cm, bc_stride, nullptr, 0, nullptr, nullptr,
         sh.T, sh.H, sh.G, Q);
     cudaCheckLast();
-    ssd_state_pass_kernel<true><<<pass_grid, PASS_THREADS, 0, s>>>(sc.gout, sc.dots, sc.states, sc.hin, acum_s, nc,
-                                                                   Q, P * N);
+    ssd_state_pass_kernel<true><<<pass_grid, PASS_THREADS, 0, s>>>(sc.gout, sc.dots, sc.hin, acum_s, nc, Q, P * N);
     cudaCheckLast();
 
-    const size_t smem = bwd_smem_bytes(P, N);
-    cudaCheck(cudaFuncSetAttribute(ssd_bwd_dx_db_kernel<P, N>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+    const size_t smem = bwd_smem_bytes(P, N, false), smem_db = bwd_smem_bytes(P, N, true);
+    cudaCheck(cudaFuncSetAttribute(ssd_bwd_dx_db_kernel<P, N>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                   (int)smem_db));
     cudaCheck(cudaFuncSetAttribute(ssd_bwd_dc_kernel<P, N>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
-    ssd_bwd_dx_db_kernel<P, N><<<tile_grid, THREADS, smem, s>>>(dx, dx_stride, sc.db_part, sc, dt_s, acum_s, dy, x,
+    ssd_bwd_dx_db_kernel<P, N><<<tile_grid, THREADS, smem_db, s>>>(dx, dx_stride, sc.db_part, sc, dt_s, acum_s, dy, x,
                                                                 x_stride, Bm, Cm, bc_stride, D, sh.T, sh.H, sh.G, Q,
                                                                 nsl);
     cudaCheckLast();

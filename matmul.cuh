@@ -1,0 +1,53 @@
+// Plain matmuls through cuBLAS, in PyTorch Linear's convention: out(M,N) = inp(M,K) @ W(N,K)^T.
+// bf16 operands, fp32 accumulation; weight gradients accumulate in fp32.
+// Row-major (M,N) is column-major (N,M), so each call is written for cuBLAS's column-major view.
+#pragma once
+#include <cublas_v2.h>
+#include "cuda_common.cuh"
+
+inline void cublas_check(cublasStatus_t st, const char* file, int line) {
+    if (st != CUBLAS_STATUS_SUCCESS) {
+        fprintf(stderr, "cuBLAS error %d at %s:%d\n", (int)st, file, line);
+        exit(EXIT_FAILURE);
+    }
+}
+#define cublasCheck(st) cublas_check((st), __FILE__, __LINE__)
+
+inline cublasHandle_t& cublas_handle() {
+    static cublasHandle_t handle = nullptr;
+    return handle;
+}
+
+inline void matmul_init() {
+    if (cublas_handle()) return;
+    cublasCheck(cublasCreate(&cublas_handle()));
+    cublasCheck(cublasSetMathMode(cublas_handle(), CUBLAS_DEFAULT_MATH));
+}
+
+// C(col-major m x n, ldc) = alpha op(A) op(B) + beta C, A/B bf16, C bf16 or fp32
+inline void gemm(cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k, const bf16* A, int lda, const bf16* B,
+                 int ldb, void* C, cudaDataType ctype, int ldc, float beta, cudaStream_t s) {
+    matmul_init();
+    const float alpha = 1.0f;
+    cublasCheck(cublasSetStream(cublas_handle(), s));
+    cublasCheck(cublasGemmEx(cublas_handle(), ta, tb, m, n, k, &alpha, A, CUDA_R_16BF, lda, B, CUDA_R_16BF, ldb, &beta,
+                             C, ctype, ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+
+inline void matmul_forward(bf16* out, const bf16* inp, const bf16* weight, int M, int N, int K, cudaStream_t s) {
+    gemm(CUBLAS_OP_T, CUBLAS_OP_N, N, M, K, weight, K, inp, K, out, CUDA_R_16BF, N, 0.0f, s);
+}
+
+// out = residual + inp @ W^T in fp32 (the residual stream)
+inline void matmul_forward_residual(float* out, const float* residual, const bf16* inp, const bf16* weight, int M,
+                                    int N, int K, cudaStream_t s) {
+    if (out != residual) cudaCheck(cudaMemcpyAsync(out, residual, (size_t)M * N * sizeof(float), cudaMemcpyDeviceToDevice, s));
+    gemm(CUBLAS_OP_T, CUBLAS_OP_N, N, M, K, weight, K, inp, K, out, CUDA_R_32F, N, 1.0f, s);
+}
+
+// dinp(M,K) = dout(M,N) @ W(N,K) (skipped if dinp is null); dW(N,K) += dout^T @ inp
+inline void matmul_backward(bf16* dinp, float* dweight, const bf16* dout, const bf16* inp, const bf16* weight, int M,
+                            int N, int K, cudaStream_t s) {
+    if (dinp) gemm(CUBLAS_OP_N, CUBLAS_OP_N, K, M, N, weight, K, dout, N, dinp, CUDA_R_16BF, K, 0.0f, s);
+    gemm(CUBLAS_OP_N, CUBLAS_OP_T, K, N, M, inp, K, dout, N, dweight, CUDA_R_32F, K, 1.0f, s);
+}

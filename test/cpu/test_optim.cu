@@ -1,0 +1,40 @@
+// Learning-rate schedules (host only): exact at their breakpoints, in steps or tokens,
+// and bad values rejected with their message.
+#include <catch2/catch.hpp>
+#include "optim.cuh"
+
+TEST_CASE("schedules: cosine is exact at warmup end, midpoint and total", "[optim]") {
+    LRSchedule s = LRSchedule::cosine(2e-3, 2e-4, 480, 10480);
+    CHECK(s.at(0) == 0.0);
+    CHECK(s.at(240) == Approx(1e-3));
+    CHECK(s.at(480) == Approx(2e-3));
+    CHECK(s.at(480 + 5000) == Approx(1.1e-3));  // half way down the cosine
+    CHECK(s.at(10480) == Approx(2e-4));
+    CHECK(s.at(20000) == Approx(2e-4));
+    for (long t = 481; t < 10480; t += 97) CHECK(s.at(t) <= s.at(t - 1));
+}
+
+TEST_CASE("schedules: WSD by fraction and by absolute decay start, in tokens", "[optim]") {
+    LRSchedule f = LRSchedule::wsd(1e-3, 1e-5, 100, 1000, 0.8, -1);
+    CHECK(f.decay_start == 800);
+    CHECK(f.at(100) == Approx(1e-3));
+    CHECK(f.at(799) == Approx(1e-3));
+    CHECK(f.at(900) == Approx((1e-3 + 1e-5) / 2));
+    CHECK(f.at(1000) == Approx(1e-5));
+    const long tok = 2'000'000;  // tokens per step: the schedule counts tokens
+    LRSchedule a = LRSchedule::wsd(4.5e-4, 0.0, 2000 * tok, 10000 * tok, -1.0, 7000 * tok);
+    CHECK(a.at(1000 * tok) == Approx(2.25e-4));
+    CHECK(a.at(7000 * tok) == Approx(4.5e-4));
+    CHECK(a.at(8500 * tok) == Approx(2.25e-4));
+    CHECK(a.at(10000 * tok) == Approx(0.0).margin(1e-12));
+    LRSchedule c = LRSchedule::constant(3e-4, 10);
+    CHECK(c.at(5) == Approx(1.5e-4));
+    CHECK(c.at(1000000) == Approx(3e-4));
+}
+
+TEST_CASE("schedules: bad values are rejected with their message", "[optim]") {
+    CHECK_THROWS_WITH(LRSchedule::cosine(1e-3, 1e-4, 500, 100), Catch::Contains("warmup 500 is longer"));
+    CHECK_THROWS_WITH(LRSchedule::cosine(-1.0, 0.0, 0, 100), Catch::Contains("must be >= 0"));
+    CHECK_THROWS_WITH(LRSchedule::wsd(1e-3, 0.0, 10, 100, 1.5, -1), Catch::Contains("stable fraction"));
+    CHECK_THROWS_WITH(LRSchedule::wsd(1e-3, 0.0, 10, 100, -1.0, 5), Catch::Contains("decay start 5"));
+}
