@@ -6,7 +6,7 @@
 #include <vector>
 #include "cuda_common.cuh"
 
-__global__ void embedding_forward_kernel(float* out, const int* tokens, const bf16* wte, int BT, int C) {
+static __global__ void embedding_forward_kernel(float* out, const int* tokens, const bf16* wte, int BT, int C) {
     const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (size_t)BT * C) return;
     const int r = (int)(i / C), c = (int)(i % C);
@@ -57,7 +57,7 @@ struct EmbeddingBuckets {
 };
 
 // one block per distinct token; threads over channels
-__global__ void embedding_backward_kernel(float* dwte, const float* dout, const int* tokens, const int* offsets,
+static __global__ void embedding_backward_kernel(float* dwte, const float* dout, const int* tokens, const int* offsets,
                                           const int* positions, int C) {
     const int b = blockIdx.x;
     const int tok = tokens[b], p0 = offsets[b], p1 = offsets[b + 1];

@@ -11,7 +11,7 @@
 
 constexpr int LOSS_THREADS = 512;
 
-__global__ void __launch_bounds__(LOSS_THREADS)
+static __global__ void __launch_bounds__(LOSS_THREADS)
 fused_classifier_kernel(bf16* logits, float* losses, int* target_rank, const int* targets, const float* weights,
                         float dloss, float z_loss, int V, int Vp, bool write_dlogits) {
     __shared__ float s_max[LOSS_THREADS / 32], s_sum[LOSS_THREADS / 32];

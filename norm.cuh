@@ -16,7 +16,7 @@ constexpr int NORM_WARPS = 8;  // rows per block
 // ----------------------------------------------------------------------------
 // RMSNorm
 
-__global__ void rmsnorm_forward_kernel(bf16* out, float* rstd, const float* x, const bf16* w, int rows, int C,
+static __global__ void rmsnorm_forward_kernel(bf16* out, float* rstd, const float* x, const bf16* w, int rows, int C,
                                        float eps) {
     const int row = blockIdx.x * NORM_WARPS + threadIdx.y, lane = threadIdx.x;
     if (row >= rows) return;
@@ -35,7 +35,7 @@ inline void rmsnorm_forward(bf16* out, float* rstd, const float* x, const bf16* 
 }
 
 // dx += rstd * (g - xhat * mean(g * xhat)), g = dout * w, xhat = x * rstd; also writes bf16(dx)
-__global__ void rmsnorm_backward_kernel(float* dx, bf16* dx_bf16, const bf16* dout, const float* x, const bf16* w,
+static __global__ void rmsnorm_backward_kernel(float* dx, bf16* dx_bf16, const bf16* dout, const float* x, const bf16* w,
                                         const float* rstd, int rows, int C) {
     const int row = blockIdx.x * NORM_WARPS + threadIdx.y, lane = threadIdx.x;
     if (row >= rows) return;
@@ -68,7 +68,7 @@ inline void rmsnorm_backward(float* dx, bf16* dx_bf16, float* dweight, float* sc
 // Gated grouped RMSNorm: v = y * silu(z); per group of C/groups channels
 // n = v * rstd_g, rstd_g = 1/sqrt(mean_group(v^2) + eps); out = n * w
 
-__global__ void gated_rmsnorm_forward_kernel(bf16* out, float* rstd, const bf16* y, const bf16* z, int z_stride,
+static __global__ void gated_rmsnorm_forward_kernel(bf16* out, float* rstd, const bf16* y, const bf16* z, int z_stride,
                                              const bf16* w, int rows, int C, int groups, float eps) {
     const int row = blockIdx.x * NORM_WARPS + threadIdx.y, lane = threadIdx.x;
     if (row >= rows) return;
@@ -99,7 +99,7 @@ inline void gated_rmsnorm_forward(bf16* out, float* rstd, const bf16* y, const b
 }
 
 // dv = rstd * (gw - n * mean_group(gw * n)), gw = dout * w; dy = dv * silu(z); dz = dv * y * silu'(z)
-__global__ void gated_rmsnorm_backward_kernel(bf16* dy, bf16* dz, int dz_stride, const bf16* dout, const bf16* y,
+static __global__ void gated_rmsnorm_backward_kernel(bf16* dy, bf16* dz, int dz_stride, const bf16* dout, const bf16* y,
                                               const bf16* z, int z_stride, const bf16* w, const float* rstd, int rows,
                                               int C, int groups) {
     const int row = blockIdx.x * NORM_WARPS + threadIdx.y, lane = threadIdx.x;

@@ -24,7 +24,7 @@ constexpr int NORM_BLOCKS = 1024;
 struct AdamWItem { size_t start; uint32_t count; uint32_t decay; };
 
 // clip_scale = min(1, clip / (norm + 1e-6)) as torch.nn.utils.clip_grad_norm_
-__global__ void adamw_kernel(float* master, bf16* params, float* m, float* v, const float* grads,
+static __global__ void adamw_kernel(float* master, bf16* params, float* m, float* v, const float* grads,
                              const AdamWItem* items, size_t begin, const float* norm2, float grad_clip, float lr,
                              float beta1, float beta2, float eps, float wd, float bc1, float bc2) {
     const AdamWItem it = items[blockIdx.x];
@@ -47,7 +47,7 @@ __global__ void adamw_kernel(float* master, bf16* params, float* m, float* v, co
 }
 
 // per-block sums of squares over a fixed grid, then one block adds them in order
-__global__ void sumsq_partial_kernel(float* partial, const float* x, size_t n) {
+static __global__ void sumsq_partial_kernel(float* partial, const float* x, size_t n) {
     __shared__ float red[32];
     float acc = 0.0f;
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
@@ -62,7 +62,7 @@ __global__ void sumsq_partial_kernel(float* partial, const float* x, size_t n) {
     }
 }
 
-__global__ void sum_in_order_kernel(float* out, const float* partial, int n) {
+static __global__ void sum_in_order_kernel(float* out, const float* partial, int n) {
     __shared__ float red[32];
     float acc = 0.0f;
     for (int i = threadIdx.x; i < n; i += blockDim.x) acc += partial[i];

@@ -761,7 +761,7 @@ ssd_bwd_dc_kernel(float* dc_part, BwdScratch sc, const float* dt_s, const float*
 // per chunk and head: gradient of Acum, reverse cumsum to the gradient of a_t = dt_t A, then
 //   ddt_t = ddt_dir_t + A da_t,  ddt_raw_t = ddt_t sigmoid(dt_raw_t + dt_bias)
 // and the chunk's partial sums of ddt_raw, dt da (-> dA), x.dy (-> dD). grid (nchunks, H, B)
-__global__ void __launch_bounds__(THREADS)
+static __global__ void __launch_bounds__(THREADS)
 ssd_bwd_dt_kernel(bf16* ddt_raw, int ddt_stride, BwdScratch sc, const float* dt_s, const float* acum_s,
                   const bf16* dt_raw, int dt_stride, const bf16* dt_bias, const bf16* A_log, int T, int H, int Q,
                   int splits) {
@@ -810,7 +810,7 @@ ssd_bwd_dt_kernel(bf16* ddt_raw, int ddt_stride, BwdScratch sc, const float* dt_
 }
 
 // parameter gradients: sum the per-chunk partials over b and c in order, accumulate
-__global__ void ssd_param_grads_kernel(float* ddt_bias, float* dA_log, float* dD, const float* partials,
+static __global__ void ssd_param_grads_kernel(float* ddt_bias, float* dA_log, float* dD, const float* partials,
                                        const bf16* A_log, int B, int H, int nc) {
     const int h = blockIdx.x * blockDim.x + threadIdx.x;
     if (h >= H) return;
@@ -828,7 +828,7 @@ __global__ void ssd_param_grads_kernel(float* ddt_bias, float* dA_log, float* dD
 }
 
 // dB, dC: sum the head-slice partials (B, T, G, slices, N) in order into the strided bf16 outputs
-__global__ void ssd_reduce_bc_kernel(bf16* dB, bf16* dC, int dbc_stride, const float* db_part, const float* dc_part,
+static __global__ void ssd_reduce_bc_kernel(bf16* dB, bf16* dC, int dbc_stride, const float* db_part, const float* dc_part,
                                      size_t rows /*B*T*/, int G, int N, int nsl) {
     const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     const size_t GN = (size_t)G * N;
