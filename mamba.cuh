@@ -327,6 +327,32 @@ inline double flops_per_token(const ModelConfig& c) {
 }
 
 // ----------------------------------------------------------------------------
+// Optional per-phase timing (train_mamba --bench --profile): an event at each named mark;
+// the time up to the next mark is charged to the mark's name.
+struct PhaseTimer {
+    std::vector<std::pair<std::string, cudaEvent_t>> marks;
+    std::map<std::string, double> ms;
+    void mark(const std::string& name, cudaStream_t s) {
+        cudaEvent_t e;
+        cudaCheck(cudaEventCreate(&e));
+        cudaCheck(cudaEventRecord(e, s));
+        marks.push_back({name, e});
+    }
+    // adds the marks recorded so far to the totals (the last mark closes the previous one)
+    void collect() {
+        if (marks.empty()) return;
+        cudaCheck(cudaEventSynchronize(marks.back().second));
+        for (size_t i = 0; i + 1 < marks.size(); i++) {
+            float t;
+            cudaCheck(cudaEventElapsedTime(&t, marks[i].second, marks[i + 1].second));
+            ms[marks[i].first] += t;
+        }
+        for (auto& m : marks) cudaCheck(cudaEventDestroy(m.second));
+        marks.clear();
+    }
+};
+
+// ----------------------------------------------------------------------------
 // 4. The model on the GPU
 
 struct Model {
@@ -349,6 +375,8 @@ struct Model {
     int *d_inputs = nullptr, *d_targets = nullptr, *d_rank = nullptr;
     float* d_weights = nullptr;
     EmbeddingBuckets buckets;
+    PhaseTimer* timer = nullptr;  // set to time each phase
+    void phase(const char* name, cudaStream_t s) { if (timer) timer->mark(name, s); }
 
     explicit Model(const ModelConfig& c) : cfg(c), layout(c) {
         master = cuda_malloc_n<float>(layout.total, "fp32 master weights");
@@ -471,21 +499,31 @@ struct Model {
         if (weights) cudaCheck(cudaMemcpyAsync(d_weights, weights, BT * sizeof(float), cudaMemcpyHostToDevice, s));
         if (dloss > 0) buckets.build(inputs, BT, s);  // for the embedding backward
 
+        phase("embedding", s);
         embedding_forward(resid[0], d_inputs, w(layout.embedding), BT, d, s);
         const SSDShape sh = ssd_shape(cfg, B, T);
         for (int l = 0; l < cfg.n_layer; l++) {
             const Mamba2Offsets& o = layout.layers[l];
+            phase("rmsnorm", s);
             rmsnorm_forward(xn, rstd[l], resid[l], w(o.norm), BT, d, cfg.norm_eps, s);
+            phase("in_proj", s);
             matmul_forward(zxbcdt[l], xn, w(o.in_proj), BT, cfg.d_in_proj(), d, s);
+            phase("conv1d", s);
             mamba2_conv(l, s);
             SSDViews v = ssd_views(l);
+            phase("ssd", s);
             ssd_forward(y[l], ssd_saved[l], ssd_scratch, v.x, cfg.conv_dim(), v.Bm, v.Cm, cfg.conv_dim(), v.dt,
                         cfg.d_in_proj(), w(o.dt_bias), w(o.A_log), w(o.D), sh, s);
+            phase("gated_norm", s);
             mamba2_gate(l, s);
+            phase("out_proj", s);
             matmul_forward_residual(resid[l + 1], resid[l], g, w(o.out_proj), BT, d, cfg.d_inner(), s);
         }
+        phase("rmsnorm", s);
         rmsnorm_forward(xn, rstd[cfg.n_layer], resid[cfg.n_layer], w(layout.final_norm), BT, d, cfg.norm_eps, s);
+        phase("lm_head", s);
         matmul_forward(logits, xn, w(layout.lm_head), BT, Vp, d, s);
+        phase("loss", s);
         if (targets)
             fused_classifier(logits, losses, target_rank, d_targets, weights ? d_weights : nullptr, dloss, z_loss, BT,
                              cfg.vocab_size, Vp, dloss > 0, s);
@@ -498,30 +536,40 @@ struct Model {
         const int di = cfg.d_inner(), dip = cfg.d_in_proj(), gn = cfg.ngroups * cfg.d_state, cd = cfg.conv_dim();
         const SSDShape sh = ssd_shape(cfg, B, T);
         // final norm and LM head: xn still holds the final norm's output
+        phase("lm_head bwd", s);
         matmul_backward(dxn, grads + layout.lm_head, logits, xn, w(layout.lm_head), BT, cfg.padded_vocab(), d, s);
+        phase("rmsnorm bwd", s);
         cudaCheck(cudaMemsetAsync(dresid, 0, (size_t)BT * d * sizeof(float), s));
         rmsnorm_backward(dresid, dresid_bf16, grads + layout.final_norm, norm_scratch, dxn, resid[L],
                          w(layout.final_norm), rstd[L], BT, d, s);
         for (int l = L - 1; l >= 0; l--) {
             const Mamba2Offsets& o = layout.layers[l];
             // recompute what the forward did not keep
+            phase("recompute", s);
             rmsnorm_forward(xn, rstd[l], resid[l], w(o.norm), BT, d, cfg.norm_eps, s);
             mamba2_conv(l, s);
             mamba2_gate(l, s);
             // out_proj: dresid_bf16 is the gradient of this block's output
+            phase("out_proj bwd", s);
             matmul_backward(dg, grads + o.out_proj, dresid_bf16, g, w(o.out_proj), BT, d, di, s);
+            phase("gated_norm bwd", s);
             gated_rmsnorm_backward(dy, dzxbcdt, dip, grads + o.gate_norm, norm_scratch, dg, y[l], zxbcdt[l], dip,
                                    w(o.gate_norm), gate_rstd[l], BT, di, cfg.ngroups, s);
             SSDViews v = ssd_views(l);
+            phase("ssd bwd", s);
             ssd_backward(dxbc, cd, dxbc + di, dxbc + di + gn, cd, dzxbcdt + 2 * di + 2 * gn, dip,
                          grads + o.dt_bias, grads + o.A_log, grads + o.D, ssd_scratch, dy,
                          v.x, cd, v.Bm, v.Cm, cd, v.dt, dip, w(o.dt_bias), w(o.A_log), w(o.D), ssd_saved[l], sh, s);
+            phase("conv1d bwd", s);
             conv1d_silu_backward(dzxbcdt + di, dip, grads + o.conv_w, grads + o.conv_b, norm_scratch, dxbc,
                                  zxbcdt[l] + di, dip, w(o.conv_w), w(o.conv_b), B, T, cd, cfg.d_conv, s);
+            phase("in_proj bwd", s);
             matmul_backward(dxn, grads + o.in_proj, dzxbcdt, xn, w(o.in_proj), BT, dip, d, s);
+            phase("rmsnorm bwd", s);
             rmsnorm_backward(dresid, dresid_bf16, grads + o.norm, norm_scratch, dxn, resid[l], w(o.norm), rstd[l],
                              BT, d, s);
         }
+        phase("embedding bwd", s);
         embedding_backward(grads + layout.embedding, dresid, buckets, d, s);
     }
 

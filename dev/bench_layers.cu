@@ -1,0 +1,133 @@
+// Microbenchmarks of the memory-bound layers at Mamba-2 370M's shapes (B*T = 16384,
+// d_model 1024, d_inner 2048, conv_dim 2304, vocab 50304): causal conv1d + SiLU, the gated
+// grouped RMSNorm, RMSNorm and the fused classifier, forward and backward. Each is first
+// checked against the double reference on a slice of rows, then timed (cudaEvents, median of
+// 50 after warmup) and reported in GB/s against the 3.0 TB/s copy ceiling (ANCHORS.md).
+#include <algorithm>
+#include <functional>
+#include <random>
+#include <vector>
+#include "conv1d.cuh"
+#include "norm.cuh"
+#include "loss.cuh"
+#include "test/ref/conv1d.h"
+#include "test/ref/norm.h"
+
+static const double kCeilingGBs = 3000.0;
+
+static double median_ms(const std::function<void()>& f) {
+    cudaEvent_t a, b;
+    cudaCheck(cudaEventCreate(&a));
+    cudaCheck(cudaEventCreate(&b));
+    for (int i = 0; i < 5; i++) f();
+    std::vector<float> t;
+    for (int i = 0; i < 50; i++) {
+        cudaCheck(cudaEventRecord(a));
+        f();
+        cudaCheck(cudaEventRecord(b));
+        cudaCheck(cudaEventSynchronize(b));
+        float ms;
+        cudaCheck(cudaEventElapsedTime(&ms, a, b));
+        t.push_back(ms);
+    }
+    std::sort(t.begin(), t.end());
+    return t[t.size() / 2];
+}
+
+static void report(const char* what, double ms, double bytes) {
+    double gbs = bytes / ms / 1e6;
+    printf("%-32s %8.3f ms %8.0f GB/s  %5.1f%% of %.0f GB/s\n", what, ms, gbs, 100 * gbs / kCeilingGBs, kCeilingGBs);
+}
+
+static std::mt19937 rng(1);
+static bf16* rand_bf16(size_t n, std::vector<double>* host = nullptr, double sd = 1.0) {
+    std::normal_distribution<float> nd(0.0f, (float)sd);
+    std::vector<bf16> h(n);
+    for (auto& x : h) x = __float2bfloat16(nd(rng));
+    if (host) { host->resize(n); for (size_t i = 0; i < n; i++) (*host)[i] = __bfloat162float(h[i]); }
+    bf16* d = cuda_malloc_n<bf16>(n, "bench");
+    cudaCheck(cudaMemcpy(d, h.data(), n * sizeof(bf16), cudaMemcpyHostToDevice));
+    return d;
+}
+
+static double rel_err(const bf16* d, const std::vector<double>& ref, size_t n, size_t stride_rows = 0, size_t cols = 0) {
+    std::vector<bf16> h(stride_rows ? n / cols * stride_rows : n);
+    cudaCheck(cudaMemcpy(h.data(), d, h.size() * sizeof(bf16), cudaMemcpyDeviceToHost));
+    double num = 0, den = 0;
+    for (size_t i = 0; i < n; i++) {
+        size_t j = stride_rows ? (i / cols) * stride_rows + i % cols : i;
+        double g = __bfloat162float(h[j]);
+        num += (g - ref[i]) * (g - ref[i]);
+        den += ref[i] * ref[i];
+    }
+    return std::sqrt(num / den);
+}
+
+int main() {
+    const int B = 8, T = 2048, BT = B * T, d = 1024, di = 2048, cd = 2304, dip = 4384, K = 4, Vp = 50304, V = 50277;
+    // --- conv1d: input is the xBC slice of the in_proj output (row stride d_in_proj)
+    std::vector<double> h_in, h_w, h_b;
+    bf16* in = rand_bf16((size_t)BT * dip, &h_in);
+    bf16* w = rand_bf16((size_t)cd * K, &h_w, 0.5);
+    bf16* bias = rand_bf16(cd, &h_b, 0.5);
+    bf16* out = cuda_malloc_n<bf16>((size_t)BT * cd, "out");
+    bf16* dout = rand_bf16((size_t)BT * cd);
+    bf16* din = cuda_malloc_n<bf16>((size_t)BT * dip, "din");
+    float* dw = cuda_malloc_n<float>((size_t)cd * K, "dw");
+    float* db = cuda_malloc_n<float>(cd, "db");
+    float* scratch = cuda_malloc_n<float>(conv1d_backward_scratch_floats(B, T, cd, K), "scratch");
+    conv1d_silu_forward(out, in, dip, w, bias, B, T, cd, K, 0);
+    {   // check batch 0's first 64 steps: the causal conv sees nothing beyond them
+        const int Tc = 64;
+        std::vector<double> inc((size_t)Tc * cd), ref((size_t)Tc * cd);
+        for (int t = 0; t < Tc; t++)
+            for (int c = 0; c < cd; c++) inc[(size_t)t * cd + c] = h_in[(size_t)t * dip + d * 0 + c];
+        ref::conv1d_silu_forward(ref.data(), inc.data(), h_w.data(), h_b.data(), 1, Tc, cd, K);
+        double e = rel_err(out, ref, ref.size());
+        printf("check conv1d forward: rel L2 %.2e %s\n", e, e < 1e-2 ? "ok" : "FAILED");
+        if (!(e < 1e-2)) return 1;
+    }
+    double bytes_fwd = (double)BT * cd * 2 * 2;       // read x, write out
+    double bytes_bwd = (double)BT * cd * 2 * 3;       // read x and dout, write dx (the fp32 dpre round trip is extra)
+    report("conv1d+silu forward", median_ms([&] { conv1d_silu_forward(out, in, dip, w, bias, B, T, cd, K, 0); }), bytes_fwd);
+    report("conv1d+silu backward", median_ms([&] {
+        conv1d_silu_backward(din, dip, dw, db, scratch, dout, in, dip, w, bias, B, T, cd, K, 0); }), bytes_bwd);
+
+    // --- gated norm: y (BT, d_inner), z the first d_inner columns of the in_proj output
+    std::vector<double> h_y, h_gw;
+    bf16* y = rand_bf16((size_t)BT * di, &h_y);
+    bf16* gw = rand_bf16(di, &h_gw, 0.2);
+    bf16* g = cuda_malloc_n<bf16>((size_t)BT * di, "g");
+    float* rstd = cuda_malloc_n<float>(BT, "rstd");
+    float* dgw = cuda_malloc_n<float>(di, "dgw");
+    bf16* dy = cuda_malloc_n<bf16>((size_t)BT * di, "dy");
+    float* nscratch = cuda_malloc_n<float>(gated_rmsnorm_backward_scratch_floats(BT, di), "scratch");
+    gated_rmsnorm_forward(g, rstd, y, in, dip, gw, BT, di, 1, 1e-5f, 0);
+    {
+        const int rows = 64;
+        std::vector<double> zc((size_t)rows * di), ref((size_t)rows * di), rr(rows);
+        for (int r = 0; r < rows; r++)
+            for (int c = 0; c < di; c++) zc[(size_t)r * di + c] = h_in[(size_t)r * dip + c];
+        ref::gated_rmsnorm_forward(ref.data(), rr.data(), h_y.data(), zc.data(), h_gw.data(), rows, di, 1, 1e-5);
+        double e = rel_err(g, ref, ref.size());
+        printf("check gated norm forward: rel L2 %.2e %s\n", e, e < 1e-2 ? "ok" : "FAILED");
+        if (!(e < 1e-2)) return 1;
+    }
+    report("gated rmsnorm forward", median_ms([&] { gated_rmsnorm_forward(g, rstd, y, in, dip, gw, BT, di, 1, 1e-5f, 0); }),
+           (double)BT * di * 2 * 3);
+    report("gated rmsnorm backward", median_ms([&] {
+        gated_rmsnorm_backward(dy, din, dip, dgw, nscratch, out /* as dout */, y, in, dip, gw, rstd, BT, di, 1, 0); }),
+           (double)BT * di * 2 * 5);
+
+    // --- fused classifier over the padded vocabulary
+    bf16* logits = rand_bf16((size_t)BT * Vp, nullptr, 2.0);
+    std::vector<int> tgt(BT);
+    for (auto& t : tgt) t = (int)(rng() % V);
+    int* dt = cuda_malloc_n<int>(BT, "targets");
+    cudaCheck(cudaMemcpy(dt, tgt.data(), BT * sizeof(int), cudaMemcpyHostToDevice));
+    float* losses = cuda_malloc_n<float>(BT, "losses");
+    report("fused classifier (loss+dlogits)", median_ms([&] {
+        fused_classifier(logits, losses, nullptr, dt, nullptr, 1.0f / BT, 1e-4f, BT, V, Vp, true, 0); }),
+           (double)BT * Vp * 2 * 3);
+    return 0;
+}
