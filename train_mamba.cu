@@ -345,8 +345,7 @@ static int run(const Args& a) {
     for (int step = start_step; step < a.steps; step++) {
         const bool last = step == a.steps - 1;
         if (a.val_every > 0 && step % a.val_every == 0) print_eval(model, val, a.val_batches, step);
-        if (a.sample_every > 0 && step > 0 && step % a.sample_every == 0)
-        {
+        if (a.sample_every > 0 && step > 0 && step % a.sample_every == 0) {
             std::string text = sample_text(model, *tok, a.sample_len, a.seed + step);
             for (size_t p; (p = text.find('\n')) != std::string::npos;) text.replace(p, 1, "\\n");  // one log line
             printf("sample: %s\n", text.c_str());
