@@ -2,6 +2,7 @@
 // Library code throws std::runtime_error with a message that names the offending
 // file or value; each main() catches it, prints "error: ..." and exits 1.
 #pragma once
+#include <cmath>
 #include <cstdarg>
 #include <cstdio>
 #include <cstdint>
@@ -34,3 +35,24 @@ inline void fwrite_or_throw(const void* src, size_t size, size_t count, FILE* f,
 }
 
 inline size_t ceil_div(size_t a, size_t b) { return (a + b - 1) / b; }
+
+// splitmix64: a fixed generator, so shuffles and initialisations are identical on every
+// platform and library
+struct SplitMix64 {
+    uint64_t state;
+    explicit SplitMix64(uint64_t seed) : state(seed) {}
+    uint64_t next() {
+        uint64_t z = (state += 0x9E3779B97F4A7C15ULL);
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+        return z ^ (z >> 31);
+    }
+    // uniform in [0, n) by multiply-shift (bias below 2^-32 for the sizes used here)
+    uint64_t below(uint64_t n) { return (uint64_t)(((unsigned __int128)next() * n) >> 64); }
+    double uniform() { return (next() >> 11) * (1.0 / 9007199254740992.0); }  // [0, 1)
+    double normal() {  // Box-Muller
+        double u1 = uniform(), u2 = uniform();
+        return std::sqrt(-2.0 * std::log(1.0 - u1)) * std::cos(2.0 * M_PI * u2);
+    }
+};
+

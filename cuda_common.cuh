@@ -99,3 +99,13 @@ __device__ inline float warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
     return v;
 }
+
+// block-wide sum (blockDim.x a multiple of 32, at most 1024); the result is valid in thread 0
+__device__ inline float block_sum(float v) {
+    __shared__ float red[32];
+    v = warp_sum(v);
+    if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = v;
+    __syncthreads();
+    v = threadIdx.x < blockDim.x / 32 ? red[threadIdx.x] : 0.0f;
+    return threadIdx.x < 32 ? warp_sum(v) : 0.0f;
+}

@@ -39,20 +39,6 @@ constexpr int32_t MASK_MAGIC = 20240521;
 constexpr int SHARD_HEADER_INTS = 256;
 constexpr size_t SHARD_HEADER_BYTES = SHARD_HEADER_INTS * sizeof(int32_t);
 
-// splitmix64: a fixed generator, so shuffles are identical on every platform and library
-struct SplitMix64 {
-    uint64_t state;
-    explicit SplitMix64(uint64_t seed) : state(seed) {}
-    uint64_t next() {
-        uint64_t z = (state += 0x9E3779B97F4A7C15ULL);
-        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
-        z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
-        return z ^ (z >> 31);
-    }
-    // uniform in [0, n) by multiply-shift (bias below 2^-32 for the sizes used here)
-    uint64_t below(uint64_t n) { return (uint64_t)(((unsigned __int128)next() * n) >> 64); }
-};
-
 // ----------------------------------------------------------------------------
 // writing
 

@@ -211,30 +211,12 @@ struct ParamLayout {
     }
 };
 
-// Deterministic host RNG for initialisation (splitmix64 + Box-Muller): the same seed gives
-// the same model on every machine.
-struct HostRNG {
-    uint64_t state;
-    explicit HostRNG(uint64_t seed) : state(seed) {}
-    uint64_t next() {
-        uint64_t z = (state += 0x9E3779B97F4A7C15ull);
-        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-        z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-        return z ^ (z >> 31);
-    }
-    double uniform() { return (next() >> 11) * (1.0 / 9007199254740992.0); }  // [0, 1)
-    double normal() {
-        double u1 = uniform(), u2 = uniform();
-        return std::sqrt(-2.0 * std::log(1.0 - u1)) * std::cos(2.0 * M_PI * u2);
-    }
-};
-
 // mamba_ssm's initialisation: embedding N(0, 0.02); Linear kaiming-uniform (bound
 // 1/sqrt(fan_in)), out_proj further divided by sqrt(n_layer); conv1d bound 1/sqrt(K);
 // A = -[1..16] uniform, A_log = log of it; dt log-uniform in [1e-3, 1e-1] (floor 1e-4)
 // stored as dt_bias = softplus^-1(dt); norms and D ones. Padded vocab rows stay zero.
 inline void init_parameters(float* master, const ParamLayout& layout, const ModelConfig& c, uint64_t seed) {
-    HostRNG rng(seed);
+    SplitMix64 rng(seed);
     for (const TensorInfo& t : layout.tensors) {
         float* p = master + t.offset;
         int fan_in = t.shape.size() == 2 ? t.shape[1] : 1;

@@ -48,32 +48,18 @@ static __global__ void adamw_kernel(float* master, bf16* params, float* m, float
 
 // per-block sums of squares over a fixed grid, then one block adds them in order
 static __global__ void sumsq_partial_kernel(float* partial, const float* x, size_t n) {
-    __shared__ float red[32];
     float acc = 0.0f;
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
         acc += x[i] * x[i];
-    acc = warp_sum(acc);
-    if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = acc;
-    __syncthreads();
-    if (threadIdx.x < 32) {
-        acc = threadIdx.x < blockDim.x / 32 ? red[threadIdx.x] : 0.0f;
-        acc = warp_sum(acc);
-        if (threadIdx.x == 0) partial[blockIdx.x] = acc;
-    }
+    acc = block_sum(acc);
+    if (threadIdx.x == 0) partial[blockIdx.x] = acc;
 }
 
 static __global__ void sum_in_order_kernel(float* out, const float* partial, int n) {
-    __shared__ float red[32];
     float acc = 0.0f;
     for (int i = threadIdx.x; i < n; i += blockDim.x) acc += partial[i];
-    acc = warp_sum(acc);
-    if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = acc;
-    __syncthreads();
-    if (threadIdx.x < 32) {
-        acc = threadIdx.x < blockDim.x / 32 ? red[threadIdx.x] : 0.0f;
-        acc = warp_sum(acc);
-        if (threadIdx.x == 0) *out = acc;
-    }
+    acc = block_sum(acc);
+    if (threadIdx.x == 0) *out = acc;
 }
 
 struct AdamW {

@@ -214,7 +214,7 @@ static std::string sample_text(Model& model, const Tokenizer& tok, int len, uint
     std::vector<int> inputs((size_t)model.B * T, eot);
     std::vector<bf16> row(Vp);
     std::vector<uint32_t> out;
-    HostRNG rng(seed);
+    SplitMix64 rng(seed);
     len = std::min(len, T - 1);
     for (int t = 0; t < len; t++) {
         model.forward(inputs.data(), nullptr, nullptr, 0.0f, 0.0f);
@@ -275,7 +275,7 @@ static int run(const Args& a) {
 
     if (a.bench) {
         model.init(a.seed);
-        HostRNG rng(a.seed);
+        SplitMix64 rng(a.seed);
         std::vector<int> inputs((size_t)a.B * a.T), targets(inputs.size());
         std::vector<double> times;
         PhaseTimer timer;

@@ -138,7 +138,7 @@ TEST_CASE("train_mamba: 2N steps straight equal N steps, resume, N steps (bit fo
     // a synthetic shard of random tokens, so the test needs no prepared corpus
     const std::string dir = "/tmp/mamba_resume_test";
     REQUIRE(system(("rm -rf " + dir + " && mkdir -p " + dir).c_str()) == 0);
-    HostRNG rng(7);
+    SplitMix64 rng(7);
     std::vector<uint32_t> tokens(20000);
     for (auto& t : tokens) t = (uint32_t)(rng.next() % 1000);
     write_shard(dir + "/tiny_train_000000.bin", tokens, 1000);
