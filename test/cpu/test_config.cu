@@ -1,6 +1,7 @@
 // Model configuration: presets, JSON configs, the parameter layout and train_mamba's
 // command line (--dry-run needs no GPU, so all of this runs in CI).
 #include <catch2/catch.hpp>
+#include "test/test_util.h"
 #include <cstdio>
 #include <fstream>
 #include "mamba.cuh"
@@ -9,17 +10,6 @@ static std::string write_tmp(const std::string& name, const std::string& text) {
     std::string path = "/tmp/mamba_test_" + name;
     std::ofstream(path) << text;
     return path;
-}
-
-// run a command, return its exit status and combined output
-static int run_cmd(const std::string& cmd, std::string& out) {
-    FILE* p = popen((cmd + " 2>&1").c_str(), "r");
-    REQUIRE(p != nullptr);
-    char buf[4096];
-    out.clear();
-    while (fgets(buf, sizeof(buf), p)) out += buf;
-    int st = pclose(p);
-    return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
 }
 
 TEST_CASE("config: every preset is valid and has the sizes of its source", "[config]") {

@@ -1,6 +1,7 @@
 // Token shards, the loader and the prepare_data CLI. Shards here are written byte by byte
 // (as llm.c's Python writer does), independently of write_shard.
 #include <catch2/catch.hpp>
+#include "test/test_util.h"
 #include <algorithm>
 #include <cstdio>
 #include <fstream>
@@ -283,17 +284,6 @@ TEST_CASE("loader: masked targets are -1 and pos_in_doc restarts at every EOT", 
     }
     CHECK(masked > 0);
     CHECK(resets > 0);
-}
-
-// run a command from the repo root, return its exit status and combined output
-static int run_cmd(const std::string& cmd, std::string& out) {
-    FILE* p = popen((cmd + " 2>&1").c_str(), "r");
-    REQUIRE(p != nullptr);
-    char buf[4096];
-    out.clear();
-    while (fgets(buf, sizeof(buf), p)) out += buf;
-    int st = pclose(p);
-    return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
 }
 
 TEST_CASE("prepare_data: text and JSONL to shards, EOT before each document, val split by document", "[data][cli]") {

@@ -2,6 +2,7 @@
 // loss, every parameter gradient, and the losses of 10 AdamW steps. Then a resume test
 // through the train_mamba binary: 2N steps straight equal N steps, resume, N steps.
 #include <catch2/catch.hpp>
+#include "test/test_util.h"
 #include <cmath>
 #include <cstdlib>
 #include <fstream>
@@ -15,16 +16,6 @@
 // value) with fp32 accumulation; through a few layers the relative L2 error of the outputs
 // stays near 1e-2. A wrong index or a missing term gives errors of order 1.
 static const double kLogitsTol = 2e-2, kGradTol = 5e-2, kLossTol = 1e-2;
-
-static double rel_l2(const std::vector<double>& a, const std::vector<double>& ref) {
-    double num = 0, den = 0;
-    for (size_t i = 0; i < a.size(); i++) {
-        if (!std::isfinite(a[i])) return INFINITY;
-        num += (a[i] - ref[i]) * (a[i] - ref[i]);
-        den += ref[i] * ref[i];
-    }
-    return std::sqrt(num / den);
-}
 
 struct DumpCase {
     ModelConfig cfg;

@@ -4,6 +4,7 @@
 // the gaps (as the model's fused xBC and in_proj outputs are). Then the whole forward and
 // backward run again and must repeat bit for bit.
 #include <catch2/catch.hpp>
+#include "test/test_util.h"
 #include <cmath>
 #include <cstring>
 #include <random>
@@ -15,16 +16,6 @@
 // matmul operands (decayed scores, scaled x, states) to bf16 with fp32 accumulation, so the
 // relative L2 error sits near 2^-9 = 2e-3. A wrong index or a missing term gives errors of order 1.
 static const double kTol = 1e-2;
-
-static double rel_l2(const std::vector<double>& a, const std::vector<double>& ref) {
-    double num = 0, den = 0;
-    for (size_t i = 0; i < a.size(); i++) {
-        if (!std::isfinite(a[i])) return INFINITY;
-        num += (a[i] - ref[i]) * (a[i] - ref[i]);
-        den += ref[i] * ref[i];
-    }
-    return std::sqrt(num / den);
-}
 
 // With T = 1 nothing decays and the reference dA_log is exactly zero: there the kernel's value
 // (exactly cancelling terms up to fp32 rounding) must be tiny in absolute terms.
