@@ -249,6 +249,9 @@ inline void init_parameters(float* master, const ParamLayout& layout, const Mode
 // Cheap elementwise results (the norm output, the conv output, the gated norm output) are
 // recomputed in the backward into shared buffers instead of being kept per layer.
 
+// rows of logits that exist at once (the LM head and the loss run chunk by chunk)
+constexpr int LOGIT_CHUNK = 2048;
+
 struct ActivationSizes {
     size_t resid, rstd, zxbcdt, y, gate_rstd, ssd_saved;   // per layer (resid: n_layer + 1 of them)
     size_t xn, xbc, g, logits, losses, ssd_scratch;  // shared
@@ -273,7 +276,7 @@ inline ActivationSizes activation_sizes(const ModelConfig& c, int B, int T) {
     s.xn = BT * d;
     s.xbc = BT * c.conv_dim();
     s.g = BT * c.d_inner();
-    s.logits = BT * c.padded_vocab();
+    s.logits = std::min(BT, (size_t)LOGIT_CHUNK) * c.padded_vocab();
     s.losses = BT;
     s.ssd_scratch = ssd_scratch_bytes(sh);
     s.dresid = BT * d;
@@ -469,10 +472,11 @@ struct Model {
         return {xbc, xbc + di, xbc + di + gn, zxbcdt[l] + 2 * di + 2 * gn};
     }
 
-    // Forward to the per-token losses. targets may be null (logits only). weights may be
-    // null (all 1). With dloss > 0 the logits buffer is turned into the logits' gradient,
-    // ready for backward(). Returns nothing: read `losses` (device) or use mean_loss().
-    // With target_rank (device, BT ints) it also records each target's rank for top-k accuracy.
+    // Forward to the per-token losses (`losses`, device; loss_sum() on the host). targets
+    // may be null: the forward then stops at the final norm, and compute_logits() gives the
+    // logits of chosen rows. weights may be null (all 1). With dloss > 0 the gradient is
+    // carried back through the LM head, ready for backward(). With target_rank (device, BT
+    // ints) it also records each target's rank for top-k accuracy.
     void forward(const int* inputs, const int* targets, const float* weights, float dloss, float z_loss,
                  cudaStream_t s = 0, int* target_rank = nullptr) {
         const int BT = B * T, d = cfg.d_model, Vp = cfg.padded_vocab();
@@ -503,23 +507,44 @@ struct Model {
         }
         phase("rmsnorm", s);
         rmsnorm_forward(xn, rstd[cfg.n_layer], resid[cfg.n_layer], w(layout.final_norm), BT, d, cfg.norm_eps, s);
-        phase("lm_head", s);
-        matmul_forward(logits, xn, w(layout.lm_head), BT, Vp, d, s);
-        phase("loss", s);
-        if (targets)
-            fused_classifier(logits, losses, target_rank, d_targets, weights ? d_weights : nullptr, dloss, z_loss, BT,
-                             cfg.vocab_size, Vp, dloss > 0, s);
+        if (targets) lm_head_and_loss(target_rank, weights != nullptr, dloss, z_loss, s);
     }
 
-    // Backward from the logits' gradient left by forward(dloss > 0); gradients accumulate
+    // Logits of rows [r0, r0 + rows) (rows <= logit_rows()) into `logits`, after a forward.
+    void compute_logits(int r0, int rows, cudaStream_t s = 0) {
+        if (rows > logit_rows()) THROW("compute_logits: %d rows asked, the buffer holds %d", rows, logit_rows());
+        matmul_forward(logits, xn + (size_t)r0 * cfg.d_model, w(layout.lm_head), rows, cfg.padded_vocab(), cfg.d_model, s);
+    }
+    int logit_chunk = LOGIT_CHUNK;  // tests set it smaller to run several chunks
+    int logit_rows() const { return std::min(B * T, std::min(logit_chunk, LOGIT_CHUNK)); }
+
+    // The LM head and the loss run over chunks of rows, so the logits of the whole batch
+    // never exist at once; with dloss > 0 each chunk's gradient goes straight through the
+    // LM head (into dxn and the head's weight gradient), ready for backward().
+    void lm_head_and_loss(int* target_rank, bool weighted, float dloss, float z_loss, cudaStream_t s) {
+        const int BT = B * T, d = cfg.d_model, Vp = cfg.padded_vocab();
+        for (int r0 = 0; r0 < BT; r0 += logit_rows()) {
+            const int rows = std::min(logit_rows(), BT - r0);
+            phase("lm_head", s);
+            compute_logits(r0, rows, s);
+            phase("loss", s);
+            fused_classifier(logits, losses + r0, target_rank ? target_rank + r0 : nullptr, d_targets + r0,
+                             weighted ? d_weights + r0 : nullptr, dloss, z_loss, rows, cfg.vocab_size, Vp, dloss > 0, s);
+            if (dloss > 0) {
+                phase("lm_head bwd", s);
+                matmul_backward(dxn + (size_t)r0 * d, grads + layout.lm_head, logits, xn + (size_t)r0 * d,
+                                w(layout.lm_head), rows, Vp, d, s);
+            }
+        }
+    }
+
+    // Backward from what forward(dloss > 0) left; gradients accumulate
     // into `grads` (zero them once per optimizer step with zero_grad()).
     void backward(cudaStream_t s = 0) {
         const int BT = B * T, d = cfg.d_model, L = cfg.n_layer;
         const int di = cfg.d_inner(), dip = cfg.d_in_proj(), gn = cfg.ngroups * cfg.d_state, cd = cfg.conv_dim();
         const SSDShape sh = ssd_shape(cfg, B, T);
-        // final norm and LM head: xn still holds the final norm's output
-        phase("lm_head bwd", s);
-        matmul_backward(dxn, grads + layout.lm_head, logits, xn, w(layout.lm_head), BT, cfg.padded_vocab(), d, s);
+        // the forward left the gradient of the final norm's output in dxn
         phase("rmsnorm bwd", s);
         cudaCheck(cudaMemsetAsync(dresid, 0, (size_t)BT * d * sizeof(float), s));
         rmsnorm_backward(dresid, dresid_bf16, grads + layout.final_norm, norm_scratch, dxn, resid[L],

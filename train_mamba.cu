@@ -218,7 +218,8 @@ static std::string sample_text(Model& model, const Tokenizer& tok, int len, uint
     len = std::min(len, T - 1);
     for (int t = 0; t < len; t++) {
         model.forward(inputs.data(), nullptr, nullptr, 0.0f, 0.0f);
-        cudaCheck(cudaMemcpy(row.data(), model.logits + (size_t)t * Vp, Vp * sizeof(bf16), cudaMemcpyDeviceToHost));
+        model.compute_logits(t, 1);
+        cudaCheck(cudaMemcpy(row.data(), model.logits, Vp * sizeof(bf16), cudaMemcpyDeviceToHost));
         // temperature 0.8 softmax sampling over the real vocabulary
         float mx = -1e30f;
         for (int j = 0; j < V; j++) mx = std::max(mx, __bfloat162float(row[j]));

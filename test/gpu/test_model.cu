@@ -53,16 +53,21 @@ static void check_model_against_dump(const std::string& name) {
     Model model(cfg);
     model.set_master(dc.master(model.layout));
     model.allocate(dc.B, dc.T);
+    model.logit_chunk = 128;  // several chunks of the LM head and loss, the last one partial
     const int BT = dc.B * dc.T, V = cfg.vocab_size, Vp = cfg.padded_vocab();
 
-    // logits (forward without the loss gradient, so the buffer keeps the logits)
-    cudaCheck(cudaMemset(model.logits, 0xFF, (size_t)BT * Vp * sizeof(bf16)));  // NaN poison
+    // logits, chunk by chunk (the model never holds all of them)
     model.forward(dc.inputs.data(), nullptr, nullptr, 0.0f, 0.0f);
-    std::vector<bf16> lg((size_t)BT * Vp);
-    cudaCheck(cudaMemcpy(lg.data(), model.logits, lg.size() * sizeof(bf16), cudaMemcpyDeviceToHost));
     std::vector<double> logits((size_t)BT * V);
-    for (int i = 0; i < BT; i++)
-        for (int j = 0; j < V; j++) logits[(size_t)i * V + j] = __bfloat162float(lg[(size_t)i * Vp + j]);
+    std::vector<bf16> lg((size_t)model.logit_rows() * Vp);
+    for (int r0 = 0; r0 < BT; r0 += model.logit_rows()) {
+        const int rows = std::min(model.logit_rows(), BT - r0);
+        cudaCheck(cudaMemset(model.logits, 0xFF, lg.size() * sizeof(bf16)));  // NaN poison
+        model.compute_logits(r0, rows);
+        cudaCheck(cudaMemcpy(lg.data(), model.logits, (size_t)rows * Vp * sizeof(bf16), cudaMemcpyDeviceToHost));
+        for (int i = 0; i < rows; i++)
+            for (int j = 0; j < V; j++) logits[(size_t)(r0 + i) * V + j] = __bfloat162float(lg[(size_t)i * Vp + j]);
+    }
     double e_logits = rel_l2(logits, dc.tf.get("logits").data);
     INFO(name << ": logits rel L2 error " << e_logits);
     CHECK(e_logits < kLogitsTol);
