@@ -34,10 +34,6 @@ inline void gemm(cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k
                              C, ctype, ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
 
-inline void matmul_forward(bf16* out, const bf16* inp, const bf16* weight, int M, int N, int K, cudaStream_t s) {
-    gemm(CUBLAS_OP_T, CUBLAS_OP_N, N, M, K, weight, K, inp, K, out, CUDA_R_16BF, N, 0.0f, s);
-}
-
 // out = residual + inp @ W^T in fp32 (the residual stream)
 inline void matmul_forward_residual(float* out, const float* residual, const bf16* inp, const bf16* weight, int M,
                                     int N, int K, cudaStream_t s) {
@@ -45,9 +41,32 @@ inline void matmul_forward_residual(float* out, const float* residual, const bf1
     gemm(CUBLAS_OP_T, CUBLAS_OP_N, N, M, K, weight, K, inp, K, out, CUDA_R_32F, N, 1.0f, s);
 }
 
+// Row strides (in elements) for operands that are column slices of wider buffers, and
+// whether dinp is written or accumulated (bf16 +=, for inputs that feed two matmuls).
+struct MatmulStrides { int inp, out; bool accumulate_dinp = false; };
+
+// out(M,N) = inp(M,K) @ W(N,K)^T, inp and out rows strided
+inline void matmul_forward(bf16* out, const bf16* inp, const bf16* weight, int M, int N, int K, MatmulStrides ld,
+                           cudaStream_t s) {
+    gemm(CUBLAS_OP_T, CUBLAS_OP_N, N, M, K, weight, K, inp, ld.inp, out, CUDA_R_16BF, ld.out, 0.0f, s);
+}
+
+// dinp(M,K) = dout(M,N) @ W(N,K) (skipped if dinp is null); dW(N,K) += dout^T @ inp.
+// ld.inp strides inp and dinp, ld.out strides dout.
+inline void matmul_backward(bf16* dinp, float* dweight, const bf16* dout, const bf16* inp, const bf16* weight, int M,
+                            int N, int K, MatmulStrides ld, cudaStream_t s) {
+    if (dinp)
+        gemm(CUBLAS_OP_N, CUBLAS_OP_N, K, M, N, weight, K, dout, ld.out, dinp, CUDA_R_16BF, ld.inp,
+             ld.accumulate_dinp ? 1.0f : 0.0f, s);
+    gemm(CUBLAS_OP_N, CUBLAS_OP_T, K, N, M, inp, ld.inp, dout, ld.out, dweight, CUDA_R_32F, K, 1.0f, s);
+}
+
+inline void matmul_forward(bf16* out, const bf16* inp, const bf16* weight, int M, int N, int K, cudaStream_t s) {
+    matmul_forward(out, inp, weight, M, N, K, MatmulStrides{K, N}, s);
+}
+
 // dinp(M,K) = dout(M,N) @ W(N,K) (skipped if dinp is null); dW(N,K) += dout^T @ inp
 inline void matmul_backward(bf16* dinp, float* dweight, const bf16* dout, const bf16* inp, const bf16* weight, int M,
                             int N, int K, cudaStream_t s) {
-    if (dinp) gemm(CUBLAS_OP_N, CUBLAS_OP_N, K, M, N, weight, K, dout, N, dinp, CUDA_R_16BF, K, 0.0f, s);
-    gemm(CUBLAS_OP_N, CUBLAS_OP_T, K, N, M, inp, K, dout, N, dweight, CUDA_R_32F, K, 1.0f, s);
+    matmul_backward(dinp, dweight, dout, inp, weight, M, N, K, MatmulStrides{K, N}, s);
 }

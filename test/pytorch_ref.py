@@ -1,6 +1,7 @@
-"""Float64 PyTorch reference of the Mamba-2 language model, written independently of the
-C++/CUDA code (the SSM in its quadratic form over the whole sequence, where the C++
-reference runs the sequential recurrence; autograd does the backward).
+"""Float64 PyTorch reference of the language models (Mamba-2, Mamba-1, attention and MLP
+layers in any pattern), written independently of the C++/CUDA code (Mamba-2's SSM in its
+quadratic form over the whole sequence, where the C++ reference runs the sequential
+recurrence; autograd does every backward).
 
 For each config X it writes X.bin (MCTF tensor dump, format in HACKING.md) and X.json
 (train_mamba's model config): inputs, targets, loss weights, parameters (unpadded vocab),
@@ -29,6 +30,20 @@ CONFIGS = {
         model=dict(vocab_size=777, d_model=64, n_layer=3, pattern="MMM", ssm="mamba2", d_state=128, headdim=64,
                    ngroups=1, expand=2, d_conv=4, chunk_size=64, tie_embeddings=True, norm_eps=1e-5),
         B=3, T=77, z_loss=0.0, positional_weights=False, masked_targets=0, seed=4321),
+    "mamba1_tiny": dict(
+        model=dict(vocab_size=1000, d_model=128, n_layer=2, pattern="MM", ssm="mamba1", d_state=16, expand=2,
+                   d_conv=4, dt_rank=8, tie_embeddings=False, norm_eps=1e-5),
+        B=2, T=150, z_loss=1e-4, positional_weights=True, masked_targets=5, seed=99),
+    "hybrid_tiny": dict(
+        model=dict(vocab_size=500, d_model=128, n_layer=6, pattern="M*+M+*", ssm="mamba2", d_state=32, headdim=32,
+                   ngroups=2, expand=2, d_conv=4, chunk_size=64, n_heads=4, n_kv_heads=2, attn_head_dim=64,
+                   rope=False, mlp="gelu", d_ff=256, tie_embeddings=False, norm_eps=1e-5),
+        B=2, T=100, z_loss=0.0, positional_weights=True, masked_targets=3, seed=7),
+    "transformer_tiny": dict(
+        model=dict(vocab_size=300, d_model=128, n_layer=4, pattern="*+*+", n_heads=4, n_kv_heads=1,
+                   attn_head_dim=64, rope=True, rope_theta=10000.0, mlp="swiglu", d_ff=192, tie_embeddings=True,
+                   norm_eps=1e-5),
+        B=2, T=70, z_loss=1e-4, positional_weights=False, masked_targets=0, seed=2024),
 }
 ADAMW = dict(lr=3e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, grad_clip=1.0)
 ADAMW_STEPS = 10
@@ -61,53 +76,114 @@ def ssm_scan(x, Bm, Cm, dt, A, D):
     return ((decay * CB) @ dtx).transpose(1, 2) + D[:, None] * x
 
 
-class Mamba2LM:
+def selective_scan(u, delta, A, Bm, Cm, D):
+    """Mamba-1: u, delta (B,T,D), A (D,N), Bm/Cm (B,T,N). The recurrence h_t = exp(delta_t A) h_{t-1} +
+    delta_t B_t u_t, y_t = C_t . h_t + D u_t, stepped through time."""
+    Bsz, T, Dd = u.shape
+    h = torch.zeros(Bsz, Dd, A.shape[1])
+    ys = []
+    for t in range(T):
+        h = torch.exp(delta[:, t, :, None] * A) * h + (delta[:, t] * u[:, t])[:, :, None] * Bm[:, t, None, :]
+        ys.append((h * Cm[:, t, None, :]).sum(-1))
+    return torch.stack(ys, dim=1) + D * u
+
+
+def rope(x, theta):
+    """rotate-half RoPE on (B,T,H,Dh): pairs (i, i + Dh/2) turn by t * theta^(-2i/Dh)."""
+    T, Dh = x.shape[1], x.shape[3]
+    freq = theta ** (-torch.arange(0, Dh // 2, dtype=torch.float64) * 2 / Dh)
+    ang = torch.arange(T, dtype=torch.float64)[:, None] * freq[None, :]  # (T, Dh/2)
+    cos, sin = torch.cos(ang)[None, :, None, :], torch.sin(ang)[None, :, None, :]
+    x1, x2 = x[..., : Dh // 2], x[..., Dh // 2:]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+def causal_attention(q, k, v):
+    """q (B,T,Hq,Dh), k/v (B,T,Hkv,Dh); query head h reads kv head h // (Hq/Hkv)."""
+    T, Hq, Dh = q.shape[1], q.shape[2], q.shape[3]
+    rep = Hq // k.shape[2]
+    k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
+    s = torch.einsum("bthd,bshd->bhts", q, k) / math.sqrt(Dh)
+    s = s.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), -math.inf)
+    return torch.einsum("bhts,bshd->bthd", torch.softmax(s, dim=-1), v)
+
+
+class LM:
+    """Embedding -> one pre-norm residual block per pattern symbol -> final norm -> LM head."""
+
     def __init__(self, cfg, gen):
         self.cfg = c = cfg
-        d, V, L = c["d_model"], c["vocab_size"], c["n_layer"]
-        self.d_inner = c["expand"] * d
-        self.H = self.d_inner // c["headdim"]
-        G, N = c["ngroups"], c["d_state"]
-        self.conv_dim = self.d_inner + 2 * G * N
-        d_in_proj = 2 * self.d_inner + 2 * G * N + self.H
+        d, V = c["d_model"], c["vocab_size"]
+        self.pattern = c.get("pattern", "M" * c["n_layer"])
+        L = len(self.pattern)
+        self.d_inner = c.get("expand", 2) * d
+        di, K = self.d_inner, c.get("d_conv", 4)
 
         def uniform(shape, bound):
             return (torch.rand(shape, generator=gen) * 2 - 1) * bound
 
+        def dt_bias(n):  # softplus(dt_bias) log-uniform in [1e-3, 1e-1], floor 1e-4
+            dt = torch.exp(torch.rand(n, generator=gen) * (math.log(1e-1) - math.log(1e-3)) + math.log(1e-3))
+            dt = dt.clamp(min=1e-4)
+            return dt + torch.log(-torch.expm1(-dt))  # inverse softplus
+
         # mamba_ssm-style init; names and order as in HACKING.md
         p = {"embedding": torch.randn(V, d, generator=gen) * 0.02}
-        for i, kind in enumerate(c.get("pattern", "M" * L)):
-            assert kind == "M" and c["ssm"] == "mamba2", "only Mamba-2 layers so far"
+        for i, kind in enumerate(self.pattern):
             pre = f"layers.{i}."
             p[pre + "norm"] = torch.ones(d)
-            p[pre + "in_proj"] = uniform((d_in_proj, d), 1 / math.sqrt(d))  # Linear default (kaiming-uniform)
-            K = c["d_conv"]
-            p[pre + "conv_weight"] = uniform((self.conv_dim, K), 1 / math.sqrt(K))  # Conv1d default, fan_in = K
-            p[pre + "conv_bias"] = uniform((self.conv_dim,), 1 / math.sqrt(K))
-            dt = torch.exp(torch.rand(self.H, generator=gen) * (math.log(1e-1) - math.log(1e-3)) + math.log(1e-3))
-            dt = dt.clamp(min=1e-4)
-            p[pre + "dt_bias"] = dt + torch.log(-torch.expm1(-dt))  # inverse softplus
-            p[pre + "A_log"] = torch.log(torch.rand(self.H, generator=gen) * 15 + 1)  # A in U[1, 16]
-            p[pre + "D"] = torch.ones(self.H)
-            p[pre + "gate_norm"] = torch.ones(self.d_inner)
-            p[pre + "out_proj"] = uniform((d, self.d_inner), 1 / math.sqrt(self.d_inner)) / math.sqrt(L)
+            if kind == "M" and c["ssm"] == "mamba2":
+                G, N = c["ngroups"], c["d_state"]
+                H = di // c["headdim"]
+                conv_dim = di + 2 * G * N
+                p[pre + "in_proj"] = uniform((2 * di + 2 * G * N + H, d), 1 / math.sqrt(d))  # kaiming-uniform
+                p[pre + "conv_weight"] = uniform((conv_dim, K), 1 / math.sqrt(K))  # Conv1d default, fan_in = K
+                p[pre + "conv_bias"] = uniform((conv_dim,), 1 / math.sqrt(K))
+                p[pre + "dt_bias"] = dt_bias(H)
+                p[pre + "A_log"] = torch.log(torch.rand(H, generator=gen) * 15 + 1)  # A in U[1, 16]
+                p[pre + "D"] = torch.ones(H)
+                p[pre + "gate_norm"] = torch.ones(di)
+                p[pre + "out_proj"] = uniform((d, di), 1 / math.sqrt(di)) / math.sqrt(L)
+            elif kind == "M":
+                N, R = c["d_state"], c["dt_rank"]
+                p[pre + "in_proj"] = uniform((2 * di, d), 1 / math.sqrt(d))
+                p[pre + "conv_weight"] = uniform((di, K), 1 / math.sqrt(K))
+                p[pre + "conv_bias"] = uniform((di,), 1 / math.sqrt(K))
+                p[pre + "x_proj"] = uniform((R + 2 * N, di), 1 / math.sqrt(di))
+                p[pre + "dt_proj"] = uniform((di, R), 1 / math.sqrt(R))
+                p[pre + "dt_bias"] = dt_bias(di)
+                p[pre + "A_log"] = torch.log(torch.arange(1, N + 1, dtype=torch.float64)).repeat(di, 1)  # S4D-real
+                p[pre + "D"] = torch.ones(di)
+                p[pre + "out_proj"] = uniform((d, di), 1 / math.sqrt(di)) / math.sqrt(L)
+            elif kind == "*":
+                Hq, Hkv, Dh = c["n_heads"], c["n_kv_heads"], c["attn_head_dim"]
+                p[pre + "qkv_proj"] = uniform(((Hq + 2 * Hkv) * Dh, d), 1 / math.sqrt(d))
+                p[pre + "o_proj"] = uniform((d, Hq * Dh), 1 / math.sqrt(Hq * Dh)) / math.sqrt(L)
+            else:
+                ff = c["d_ff"]
+                up = 2 * ff if c["mlp"] == "swiglu" else ff
+                p[pre + "up_proj"] = uniform((up, d), 1 / math.sqrt(d))
+                p[pre + "down_proj"] = uniform((d, ff), 1 / math.sqrt(ff)) / math.sqrt(L)
         p["final_norm"] = torch.ones(d)
         if not c["tie_embeddings"]:
             p["lm_head"] = uniform((V, d), 1 / math.sqrt(d))
         self.params = {k: v.requires_grad_() for k, v in p.items()}
 
+    def conv(self, pre, x):
+        # causal depthwise conv as mamba_ssm runs it: pad K-1 both sides, keep the first T outputs
+        K, T = self.cfg.get("d_conv", 4), x.shape[1]
+        w, b = self.params[pre + "conv_weight"], self.params[pre + "conv_bias"]
+        return F.silu(F.conv1d(x.transpose(1, 2), w[:, None, :], b, padding=K - 1, groups=w.shape[0])[..., :T]
+                      .transpose(1, 2))
+
     def mamba2_mixer(self, pre, xn):
         c, p = self.cfg, self.params
         Bsz, T, _ = xn.shape
-        G, N, P, H, di = c["ngroups"], c["d_state"], c["headdim"], self.H, self.d_inner
+        G, N, P, di = c["ngroups"], c["d_state"], c["headdim"], self.d_inner
+        H = di // P
         zxbcdt = xn @ p[pre + "in_proj"].T
-        z, xbc, dt_raw = torch.split(zxbcdt, [di, self.conv_dim, H], dim=-1)
-        K = c["d_conv"]
-        # causal depthwise conv as mamba_ssm runs it: pad K-1 both sides, keep the first T outputs
-        xbc = F.conv1d(xbc.transpose(1, 2), p[pre + "conv_weight"][:, None, :], p[pre + "conv_bias"],
-                       padding=K - 1, groups=self.conv_dim)[..., :T].transpose(1, 2)
-        xbc = F.silu(xbc)
-        x, Bm, Cm = torch.split(xbc, [di, G * N, G * N], dim=-1)
+        z, xbc, dt_raw = torch.split(zxbcdt, [di, di + 2 * G * N, H], dim=-1)
+        x, Bm, Cm = torch.split(self.conv(pre, xbc), [di, G * N, G * N], dim=-1)
         dt = F.softplus(dt_raw + p[pre + "dt_bias"])
         A = -torch.exp(p[pre + "A_log"])
         y = ssm_scan(x.reshape(Bsz, T, H, P), Bm.reshape(Bsz, T, G, N), Cm.reshape(Bsz, T, G, N), dt, A,
@@ -115,19 +191,58 @@ class Mamba2LM:
         g = gated_rmsnorm(y, z, p[pre + "gate_norm"], G, c["norm_eps"])
         return g @ p[pre + "out_proj"].T
 
+    def mamba1_mixer(self, pre, xn):
+        c, p = self.cfg, self.params
+        N, R, di = c["d_state"], c["dt_rank"], self.d_inner
+        x, z = torch.split(xn @ p[pre + "in_proj"].T, [di, di], dim=-1)
+        u = self.conv(pre, x)
+        dt, Bm, Cm = torch.split(u @ p[pre + "x_proj"].T, [R, N, N], dim=-1)
+        delta = F.softplus(dt @ p[pre + "dt_proj"].T + p[pre + "dt_bias"])
+        y = selective_scan(u, delta, -torch.exp(p[pre + "A_log"]), Bm, Cm, p[pre + "D"]) * F.silu(z)
+        return y @ p[pre + "out_proj"].T
+
+    def attention(self, pre, xn):
+        c, p = self.cfg, self.params
+        Bsz, T, _ = xn.shape
+        Hq, Hkv, Dh = c["n_heads"], c["n_kv_heads"], c["attn_head_dim"]
+        q, k, v = torch.split(xn @ p[pre + "qkv_proj"].T, [Hq * Dh, Hkv * Dh, Hkv * Dh], dim=-1)
+        q, k, v = q.reshape(Bsz, T, Hq, Dh), k.reshape(Bsz, T, Hkv, Dh), v.reshape(Bsz, T, Hkv, Dh)
+        if c.get("rope", False):
+            q, k = rope(q, c["rope_theta"]), rope(k, c["rope_theta"])
+        return causal_attention(q, k, v).reshape(Bsz, T, Hq * Dh) @ p[pre + "o_proj"].T
+
+    def mlp(self, pre, xn):
+        c, p = self.cfg, self.params
+        a = xn @ p[pre + "up_proj"].T
+        if c["mlp"] == "swiglu":
+            gate, up = a.chunk(2, dim=-1)
+            act = F.silu(gate) * up
+        elif c["mlp"] == "gelu":
+            act = F.gelu(a)
+        else:
+            act = F.relu(a) ** 2
+        return act @ p[pre + "down_proj"].T
+
     def forward(self, inputs):
         c, p = self.cfg, self.params
         h = p["embedding"][inputs]
-        for i, kind in enumerate(c.get("pattern", "M" * c["n_layer"])):
+        for i, kind in enumerate(self.pattern):
             pre = f"layers.{i}."
-            h = h + self.mamba2_mixer(pre, rmsnorm(h, p[pre + "norm"], c["norm_eps"]))
+            xn = rmsnorm(h, p[pre + "norm"], c["norm_eps"])
+            if kind == "M":
+                h = h + (self.mamba2_mixer(pre, xn) if c["ssm"] == "mamba2" else self.mamba1_mixer(pre, xn))
+            elif kind == "*":
+                h = h + self.attention(pre, xn)
+            else:
+                h = h + self.mlp(pre, xn)
         h = rmsnorm(h, p["final_norm"], c["norm_eps"])
         return h @ (p["embedding"] if c["tie_embeddings"] else p["lm_head"]).T
 
     def decay_groups(self):
         # AdamW weight decay on matrices, embeddings and conv weights; none on norms, biases,
         # dt_bias, A_log, D (the same rule as mamba.cuh's ParamLayout)
-        decay = ("embedding", "lm_head", "in_proj", "out_proj", "conv_weight")
+        decay = ("embedding", "lm_head", "in_proj", "out_proj", "conv_weight", "x_proj", "dt_proj", "qkv_proj",
+                 "o_proj", "up_proj", "down_proj")
         yes = [v for k, v in self.params.items() if k.split(".")[-1] in decay]
         no = [v for k, v in self.params.items() if k.split(".")[-1] not in decay]
         return yes, no
@@ -162,7 +277,7 @@ def write_dump(path, tensors):
 def run_config(name, spec, out):
     gen = torch.Generator().manual_seed(spec["seed"])
     cfg = spec["model"]
-    model = Mamba2LM(cfg, gen)
+    model = LM(cfg, gen)
     B, T, V = spec["B"], spec["T"], cfg["vocab_size"]
     inputs = torch.randint(0, V, (B, T), generator=gen)
     targets = torch.randint(0, V, (B, T), generator=gen)

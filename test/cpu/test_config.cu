@@ -2,6 +2,7 @@
 // command line (--dry-run needs no GPU, so all of this runs in CI).
 #include <catch2/catch.hpp>
 #include "test/test_util.h"
+#include <algorithm>
 #include <cstdio>
 #include <fstream>
 #include "mamba.cuh"
@@ -104,6 +105,71 @@ TEST_CASE("config: JSON files, and the errors they can raise", "[config]") {
                       Catch::Contains("pattern 'MMM' has 3 layers"));
 }
 
+TEST_CASE("config: the layer allocation reproduces SPEC.md's algorithm", "[config]") {
+    // expected patterns from the algorithm as SPEC.md writes it, run in Python (round half to even)
+    struct Case { int total; double attn, mlp; const char* pattern; };
+    for (const Case& k : std::vector<Case>{
+        {56, 0.08, 0.5, "M+M+M++M+M*+M+M+M+M++M*+M+M+M+M+M*++M+M+M+M+M*+M++M+M+M+"},
+        {24, 0.08, 0.5, "M+M+M++*M+M+M+M+*M++M+M+"},
+        {48, 0.08, 0.5, "M+M+M++M+*M+M+M+M++*M+M+M+M+*M++M+M+M+*M+M++M+M+"},
+        {10, 0.5, 0.0, "M*M*M**M*M"},
+        {8, 0.25, 0.25, "MM*+M*M+"},
+        {6, 0.0, 0.5, "M+M+M+"},
+        {5, 0.1, 0.0, "MMMMM"},
+        {10, 0.25, 0.0, "MMM*MM*MMM"},
+        {7, 0.5, 0.5, "+**+**+"},
+    }) {
+        INFO(k.total << " layers, attention " << k.attn << ", MLP " << k.mlp);
+        CHECK(allocate_pattern(k.total, k.attn, k.mlp) == k.pattern);
+    }
+    CHECK(round_half_even(2.5) == 2);
+    CHECK(round_half_even(3.5) == 4);
+    CHECK(round_half_even(0.5) == 0);
+    ModelConfig hy = model_preset("nvidia-hybrid-8b");  // 24 Mamba-2, 4 attention, 28 MLP
+    CHECK(std::count(hy.pattern.begin(), hy.pattern.end(), 'M') == 24);
+    CHECK(std::count(hy.pattern.begin(), hy.pattern.end(), '*') == 4);
+    CHECK(std::count(hy.pattern.begin(), hy.pattern.end(), '+') == 28);
+    CHECK(hy.q_heads() == 32);
+    CHECK(hy.kv_heads() == 8);
+    CHECK(hy.attn_head_dim == 128);
+    ModelConfig tf = model_preset("nvidia-transformer-8b");
+    CHECK(tf.pattern.size() == 64);
+    CHECK(tf.pattern.find('M') == std::string::npos);
+    CHECK(tf.rope);
+    CHECK_THROWS_WITH(allocate_pattern(10, 0.7, 0.5), Catch::Contains("must be >= 0 with a sum <= 1"));
+    ModelConfig bad = model_preset("mamba2-tiny");
+    bad.pattern = "MxM"; bad.n_layer = 3;
+    CHECK_THROWS_WITH(bad.finalize(), Catch::Contains("layer symbol 'x'"));
+    ModelConfig heads = model_preset("hybrid-tiny");
+    heads.n_heads = 6; heads.n_kv_heads = 4;
+    CHECK_THROWS_WITH(heads.finalize(), Catch::Contains("heads 6 are not a multiple of kv heads 4"));
+}
+
+TEST_CASE("config: Mamba-1 presets and layout", "[config]") {
+    ModelConfig m = model_preset("mamba-2.8b");
+    CHECK(m.mamba1());
+    CHECK(m.d_state == 16);
+    CHECK(m.dt_rank_() == 160);
+    CHECK(m.tie_embeddings);
+    ParamLayout L(m);
+    // mamba_ssm's state-spaces/mamba-2.8b has 2.77B parameters (vocab padded to 50280 there, 50304 here)
+    CHECK(L.total > 2.70e9);
+    CHECK(L.total < 2.85e9);
+    CHECK(L.find("layers.0.A_log").shape == std::vector<int>{5120, 16});
+    CHECK(L.find("layers.0.x_proj").shape == std::vector<int>{160 + 32, 5120});
+    CHECK(L.find("layers.0.dt_proj").shape == std::vector<int>{5120, 160});
+    CHECK(L.find("layers.0.x_proj").block_matrix);
+    CHECK_FALSE(L.find("layers.0.dt_proj").block_matrix);
+    ModelConfig small = model_preset("mamba-tiny");
+    ParamLayout S(small);
+    std::vector<float> q(S.total);
+    init_parameters(q.data(), S, small, 3);
+    const TensorInfo& alog = S.find("layers.0.A_log");
+    for (int n = 0; n < small.d_state; n++) CHECK(q[alog.offset + 5 * small.d_state + n] == Approx(std::log(n + 1.0)));
+    CHECK(model_preset("nvidia-mamba-8b").d_state == 128);
+    CHECK(model_preset("mamba-7b").vocab_size == 50432);
+}
+
 TEST_CASE("train_mamba --dry-run prints the pattern, parameter count and memory; bad flags fail clearly", "[config][cli]") {
     std::string out;
     REQUIRE(run_cmd("./train_mamba --model mamba2-370m --dry-run -B 8 -T 2048", out) == 0);
@@ -114,6 +180,18 @@ TEST_CASE("train_mamba --dry-run prints the pattern, parameter count and memory;
     CHECK_THAT(out, Catch::Contains("memory estimate for B=8 T=2048"));
     CHECK(L.total > 360000000);
     CHECK(L.total < 375000000);
+    // a hybrid from the allocation flags, and an explicit pattern of Mamba-1 layers
+    REQUIRE(run_cmd("./train_mamba --model mamba2-tiny --layers 24 --attn-ratio 0.08 --mlp-ratio 0.5 --dry-run", out) == 0);
+    CHECK_THAT(out, Catch::Contains("pattern: M+M+M++*M+M+M+M+*M++M+M+\n"));
+    ModelConfig h = model_preset("mamba2-tiny");
+    h.n_layer = 24; h.pattern = allocate_pattern(24, 0.08, 0.5);
+    h.finalize();
+    CHECK_THAT(out, Catch::Contains("params: " + std::to_string(ParamLayout(h).total) + "\n"));
+    REQUIRE(run_cmd("./train_mamba --model mamba2-tiny --ssm mamba1 --pattern 'M+M' --dry-run", out) == 0);
+    CHECK_THAT(out, Catch::Contains("pattern: M+M\n"));
+    CHECK_THAT(out, Catch::Contains("mamba1: d_inner 768, d_state 16, dt_rank 24"));
+    CHECK(run_cmd("./train_mamba --pattern 'M?M' --dry-run", out) == 1);
+    CHECK_THAT(out, Catch::Contains("layer symbol '?'"));
     CHECK(run_cmd("./train_mamba --no-such-flag 1", out) == 1);
     CHECK_THAT(out, Catch::Contains("unknown flag '--no-such-flag'"));
     CHECK(run_cmd("./train_mamba -B many", out) == 1);

@@ -82,6 +82,18 @@ TEST_CASE("reference: mamba2_tied matches PyTorch (tied embeddings)", "[referenc
     check_reference_against_dump("mamba2_tied");
 }
 
+TEST_CASE("reference: mamba1_tiny matches PyTorch (Mamba-1 blocks, z-loss, weights, masks)", "[reference]") {
+    check_reference_against_dump("mamba1_tiny");
+}
+
+TEST_CASE("reference: hybrid_tiny matches PyTorch (Mamba-2, GQA attention, GELU MLP)", "[reference]") {
+    check_reference_against_dump("hybrid_tiny");
+}
+
+TEST_CASE("reference: transformer_tiny matches PyTorch (GQA 4:1 with RoPE, SwiGLU, tied)", "[reference]") {
+    check_reference_against_dump("transformer_tiny");
+}
+
 TEST_CASE("reference: dump reader rejects a missing name and a bad file", "[reference]") {
     TensorFile tf("test/dumps/mamba2_tied.bin");
     CHECK_THROWS(tf.get("no_such_tensor"));
@@ -218,5 +230,23 @@ TEST_CASE("reference: conv1d_silu and cross_entropy backwards match finite diffe
                            z_loss, BT, V);
         CHECK(losses[1] == 0.0);  // masked target
         CHECK(rel_err(dlogits, numeric_grad(logits, loss)) < tol);
+    }
+}
+
+TEST_CASE("reference: MLP activation backwards match finite differences", "[reference]") {
+    std::mt19937 rng(17);
+    const int rows = 3, ff = 5;
+    for (const char* kind : {"swiglu", "gelu", "relu2"}) {
+        const int w = std::string(kind) == "swiglu" ? 2 * ff : ff;
+        auto a = random_vec(rng, rows * w, -2, 2), R = random_vec(rng, rows * ff, -1, 1);
+        std::vector<double> act(rows * ff);
+        auto loss = [&] {
+            ref::mlp_act_forward(act.data(), a.data(), rows, ff, kind);
+            return dot(act, R);
+        };
+        std::vector<double> da(a.size(), NAN);
+        ref::mlp_act_backward(da.data(), R.data(), a.data(), rows, ff, kind);
+        INFO(kind);
+        CHECK(rel_err(da, numeric_grad(a, loss)) < 1e-6);
     }
 }

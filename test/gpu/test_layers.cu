@@ -12,11 +12,13 @@
 #include "norm.cuh"
 #include "conv1d.cuh"
 #include "loss.cuh"
+#include "mlp.cuh"
 #include "test/ref/linear.h"
 #include "test/ref/embedding.h"
 #include "test/ref/norm.h"
 #include "test/ref/conv1d.h"
 #include "test/ref/loss.h"
+#include "test/ref/mlp.h"
 
 // bf16 outputs carry 2^-9 relative rounding per value: their relative L2 error sits near
 // 2e-3. fp32 outputs computed from the same (bf16-exact) inputs agree to ~1e-6.
@@ -92,6 +94,61 @@ TEST_CASE("matmul: forward, fused residual forward, backward (accumulating dW)",
         CHECK(rel_l2(out32.dbl(), ref_res) < kTolFp32);
         CHECK(rel_l2(dinp.dbl(), ref_dinp) < kTolBf16);
         CHECK(rel_l2(dw.dbl(), ref_dw) < kTolFp32);
+    }
+}
+
+TEST_CASE("matmul: strided column slices, dinp written and accumulated", "[layers]") {
+    // out = columns [3, 3+N) of a row of width ldo; inp = columns [5, 5+K) of a row of width ldi
+    const int M = 45, N = 24, K = 40, ldi = 53, ldo = 31;
+    Buf<bf16> inp((size_t)M * ldi), w((size_t)N * K), out((size_t)M * ldo), dout((size_t)M * ldo), dinp((size_t)M * ldi);
+    Buf<float> dw((size_t)N * K);
+    inp.randn(); w.randn(0, 0.1); dout.randn(); dinp.randn(); dw.randn();
+    auto dw0 = dw.dbl();
+    auto dinp0 = dinp.h;
+    out.poison();
+    matmul_forward(out.d + 3, inp.d + 5, w.d, M, N, K, MatmulStrides{ldi, ldo}, 0);
+    matmul_backward(dinp.d + 5, dw.d, dout.d + 3, inp.d + 5, w.d, M, N, K, MatmulStrides{ldi, ldo, true}, 0);
+    cudaCheck(cudaDeviceSynchronize());
+    out.down(); dinp.down(); dw.down();
+    auto slice = [&](const std::vector<double>& full, int ld, int off, int n) {
+        std::vector<double> r((size_t)M * n);
+        for (int i = 0; i < M; i++)
+            for (int j = 0; j < n; j++) r[(size_t)i * n + j] = full[(size_t)i * ld + off + j];
+        return r;
+    };
+    auto x = slice(inp.dbl(), ldi, 5, K), dy = slice(dout.dbl(), ldo, 3, N);
+    std::vector<double> ref_out((size_t)M * N), ref_dinp((size_t)M * K), ref_dw = dw0;
+    ref::linear_forward(ref_out.data(), x.data(), w.dbl().data(), M, N, K);
+    ref::linear_backward(ref_dinp.data(), ref_dw.data(), dy.data(), x.data(), w.dbl().data(), M, N, K);
+    Buf<bf16> old((size_t)M * ldi);
+    old.h = dinp0;
+    auto d0 = slice(old.dbl(), ldi, 5, K);
+    for (size_t i = 0; i < ref_dinp.size(); i++) ref_dinp[i] += d0[i];  // accumulated
+    CHECK(rel_l2(slice(out.dbl(), ldo, 3, N), ref_out) < kTolBf16);
+    CHECK(rel_l2(slice(dinp.dbl(), ldi, 5, K), ref_dinp) < kTolBf16);
+    CHECK(rel_l2(dw.dbl(), ref_dw) < kTolFp32);
+    for (int i = 0; i < M; i++)  // the columns outside the slices are untouched
+        for (int j : {0, 1, 2, 3, 4, 45, 52}) REQUIRE(__bfloat162float(dinp.h[(size_t)i * ldi + j]) ==
+                                                     __bfloat162float(dinp0[(size_t)i * ldi + j]));
+}
+
+TEST_CASE("mlp activations: swiglu, gelu, relu2 forward and backward", "[layers]") {
+    for (auto [kind, name] : {std::pair{MlpAct::SwiGLU, "swiglu"}, std::pair{MlpAct::GELU, "gelu"},
+                              std::pair{MlpAct::ReLU2, "relu2"}}) {
+        const int rows = 77, ff = 136, w = mlp_up_width(kind) * ff;
+        INFO(name);
+        Buf<bf16> a((size_t)rows * w), act((size_t)rows * ff), dact((size_t)rows * ff), da((size_t)rows * w);
+        a.randn(0, 1.5); dact.randn();
+        act.poison(); da.poison();
+        mlp_act_forward(act.d, a.d, rows, ff, kind, 0);
+        mlp_act_backward(da.d, dact.d, a.d, rows, ff, kind, 0);
+        cudaCheck(cudaDeviceSynchronize());
+        act.down(); da.down();
+        std::vector<double> ra((size_t)rows * ff), rda((size_t)rows * w);
+        ref::mlp_act_forward(ra.data(), a.dbl().data(), rows, ff, name);
+        ref::mlp_act_backward(rda.data(), dact.dbl().data(), a.dbl().data(), rows, ff, name);
+        CHECK(rel_l2(act.dbl(), ra) < kTolBf16);
+        CHECK(rel_l2(da.dbl(), rda) < kTolBf16);
     }
 }
 
