@@ -1,0 +1,769 @@
+// Causal grouped-query flash attention (forward and backward) and rotary position embedding.
+//
+// Layout: the fused q/k/v projection gives one row per token (B*T rows) of
+//   [q heads (Hq*Dh) | k heads (Hkv*Dh) | v heads (Hkv*Dh)]
+// and query head h reads kv head h / (Hq/Hkv). Per sequence b and query head h:
+//   S = q k^T / sqrt(Dh) (causal: token t sees s <= t),  lse_t = logsumexp_s S_ts,
+//   P = exp(S - lse),  out = P v.
+// Backward (P recomputed from lse, Delta_t = rowsum(dout * out)):
+//   dP = dout v^T,  dS = P * (dP - Delta),  dq = dS k / sqrt(Dh),  dk = dS^T q / sqrt(Dh),  dv = P^T dout.
+// Flash-style tiles, nothing of size T x T in memory: the forward keeps an online softmax (running max
+// and sum, fp32) per query row; the backward runs two kernels after the Delta pass:
+//   dK/dV: one block per (kv tile, kv head, b) loops over every query head of its group and every query
+//          tile at or after the diagonal, summing dK and dV in registers (no atomics);
+//   dQ:    one block per (query tile, query head, b) loops over the kv tiles up to the diagonal.
+// Every sum runs in a fixed order: results repeat bit for bit.
+// Matmuls run on tensor cores: mma.sync m16n8k16 (bf16 in, fp32 accumulate; sm_80 and later), operands
+// from shared memory through ldmatrix, tiles streamed with cp.async double buffering. Each warp owns
+// 16 (or 32) rows of the tile it computes; probabilities stay in registers as the next matmul's operand.
+#pragma once
+#include <cstdint>
+#include "cuda_common.cuh"
+
+struct AttnShape { int B, T, Hq, Hkv, Dh; };
+
+namespace attn {
+
+constexpr int PAD = 8;  // bf16 padding per smem row: ldmatrix rows hit distinct banks
+constexpr float LOG2E = 1.4426950408889634f;
+constexpr float LN2 = 0.6931471805599453f;
+
+// ----------------------------------------------------------------------------------------------
+// warp-level tensor-core helpers
+//
+// m16n8k16 fragments (g = lane / 4, q = lane % 4):
+//   A 16x16: a0 (row g, cols 2q, 2q+1), a1 (row g+8), a2 (row g, cols 2q+8, 2q+9), a3 (row g+8, cols 2q+8..)
+//   B 16x8:  b0 (k 2q, 2q+1, col g), b1 (k 2q+8, 2q+9, col g)
+//   C 16x8:  c0, c1 (row g, cols 2q, 2q+1), c2, c3 (row g+8)
+
+__device__ inline void ldsm_x4(uint32_t (&r)[4], const bf16* p) {
+    const uint32_t a = (uint32_t)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
+}
+__device__ inline void ldsm_x4_t(uint32_t (&r)[4], const bf16* p) {
+    const uint32_t a = (uint32_t)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
+}
+__device__ inline void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ inline uint32_t pack_bf16(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+}
+__device__ inline float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+__device__ inline float quad_max(float v) {
+    v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
+    return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+}
+__device__ inline float quad_sum(float v) {
+    v += __shfl_xor_sync(0xffffffffu, v, 1);
+    return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
+// accumulator tiles 2kk, 2kk+1 (16 x 16 fp32) as the A fragment of the next matmul (k = their columns)
+template <int N>
+__device__ inline void acc_to_a(uint32_t (&a)[4], const float (&s)[N][4], int kk) {
+    a[0] = pack_bf16(s[2 * kk][0], s[2 * kk][1]);
+    a[1] = pack_bf16(s[2 * kk][2], s[2 * kk][3]);
+    a[2] = pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+    a[3] = pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+}
+
+// Lane offsets for ldmatrix x4 (within a 16 x 16 block):
+//   A from row-major smem [m][k]: row lane & 15, col (lane >> 4) * 8
+//   B (two n-tiles) from n-major smem [n][k] (non-trans): row (lane & 7) + (lane >> 4) * 8, col ((lane >> 3) & 1) * 8
+//   B (two n-tiles) from k-major smem [k][n] (trans):     row (lane & 7) + ((lane >> 3) & 1) * 8, col (lane >> 4) * 8
+struct Lanes {
+    int arow, acol, brow, bcol, trow, tcol;
+    __device__ Lanes() {
+        const int lane = threadIdx.x & 31;
+        arow = lane & 15;
+        acol = (lane >> 4) * 8;
+        brow = (lane & 7) + (lane >> 4) * 8;
+        bcol = ((lane >> 3) & 1) * 8;
+        trow = (lane & 7) + ((lane >> 3) & 1) * 8;
+        tcol = (lane >> 4) * 8;
+    }
+};
+
+// acc (16 x 8N) += A (16 x 16K, row-major smem) * B^T, B (8N x 16K) n-major smem (rows of B are columns of acc)
+template <int N, int K>
+__device__ inline void mma_abt(float (&acc)[N][4], const bf16* sA, int lda, const bf16* sB, int ldb, const Lanes& ln) {
+#pragma unroll
+    for (int kk = 0; kk < K; kk++) {
+        uint32_t a[4];
+        ldsm_x4(a, sA + ln.arow * lda + kk * 16 + ln.acol);
+#pragma unroll
+        for (int nt = 0; nt < N; nt += 2) {
+            uint32_t b[4];
+            ldsm_x4(b, sB + (nt * 8 + ln.brow) * ldb + kk * 16 + ln.bcol);
+            mma(acc[nt], a, b[0], b[1]);
+            mma(acc[nt + 1], a, b[2], b[3]);
+        }
+    }
+}
+// acc (16 x 8N) += A (16 x 16K, register fragments) * B^T, B (8N x 16K) n-major smem
+template <int N, int K>
+__device__ inline void mma_rbt(float (&acc)[N][4], const uint32_t (&a)[K][4], const bf16* sB, int ldb, const Lanes& ln) {
+#pragma unroll
+    for (int kk = 0; kk < K; kk++) {
+#pragma unroll
+        for (int nt = 0; nt < N; nt += 2) {
+            uint32_t b[4];
+            ldsm_x4(b, sB + (nt * 8 + ln.brow) * ldb + kk * 16 + ln.bcol);
+            mma(acc[nt], a[kk], b[0], b[1]);
+            mma(acc[nt + 1], a[kk], b[2], b[3]);
+        }
+    }
+}
+// acc (16 x 8N) += A (16 x 16K, register fragments) * B, B (16K x 8N) k-major smem
+template <int N, int K>
+__device__ inline void mma_rb(float (&acc)[N][4], const uint32_t (&a)[K][4], const bf16* sB, int ldb, const Lanes& ln) {
+#pragma unroll
+    for (int kk = 0; kk < K; kk++) {
+#pragma unroll
+        for (int nt = 0; nt < N; nt += 2) {
+            uint32_t b[4];
+            ldsm_x4_t(b, sB + (kk * 16 + ln.trow) * ldb + nt * 8 + ln.tcol);
+            mma(acc[nt], a[kk], b[0], b[1]);
+            mma(acc[nt + 1], a[kk], b[2], b[3]);
+        }
+    }
+}
+
+// ----------------------------------------------------------------------------------------------
+// block-level copies
+
+__device__ inline void cp_async16(void* smem, const void* gmem, bool ok) {
+    const uint32_t a = (uint32_t)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(a), "l"(gmem), "r"(ok ? 16 : 0));
+}
+__device__ inline void cp_async4(float* smem, const float* gmem, bool ok) {
+    const uint32_t a = (uint32_t)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(a), "l"(gmem), "r"(ok ? 4 : 0));
+}
+__device__ inline void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int pending>
+__device__ inline void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(pending) : "memory"); }
+
+// starts copying ROWS rows (COLS bf16 wide, row stride `stride` elements) into smem (row stride COLS + PAD);
+// rows >= valid become zeros (past the end of the sequence)
+template <int ROWS, int COLS, int NTHREADS>
+__device__ inline void load_tile(bf16* s, const bf16* g, size_t stride, int valid) {
+    constexpr int V = COLS / 8;
+#pragma unroll
+    for (int idx = threadIdx.x; idx < ROWS * V; idx += NTHREADS) {
+        const int r = idx / V, c = idx - r * V;
+        const bool ok = r < valid;
+        cp_async16(s + r * (COLS + PAD) + c * 8, g + (ok ? (size_t)r * stride + c * 8 : 0), ok);
+    }
+}
+// ROWS rows of an smem tile to global memory with 16-byte stores; rows >= valid are skipped
+template <int ROWS, int COLS, int NTHREADS>
+__device__ inline void store_tile(bf16* g, size_t stride, const bf16* s, int valid) {
+    constexpr int V = COLS / 8;
+    for (int idx = threadIdx.x; idx < ROWS * V; idx += NTHREADS) {
+        const int r = idx / V, c = idx - r * V;
+        if (r < valid)
+            *reinterpret_cast<uint4*>(g + (size_t)r * stride + c * 8) =
+                *reinterpret_cast<const uint4*>(s + r * (COLS + PAD) + c * 8);
+    }
+}
+
+template <typename K>
+inline void set_smem(K kernel, size_t bytes) {
+    cudaCheck(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
+}
+
+// ----------------------------------------------------------------------------------------------
+// forward: one block per (query tile of BM rows, query head, b); NW warps, each owning MT = BM / (16 NW)
+// consecutive 16-row slabs; kv tiles of BN rows double-buffered.
+
+template <int D, int BM, int BN, int NW>
+__global__ void __launch_bounds__(NW * 32)
+fwd_kernel(bf16* __restrict__ out, float* __restrict__ lse, const bf16* __restrict__ qkv, int T, int Hq, int Hkv,
+           float scale_log2) {
+    constexpr int MT = BM / (16 * NW), LD = D + PAD, NT = BN / 8, DT = D / 8, KD = D / 16, NTH = NW * 32;
+    static_assert(BM == 16 * NW * MT && BN % 16 == 0, "tile shape");
+    constexpr bool QREG = MT == 1;  // one slab per warp: keep its q fragments in registers
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    bf16* sQ = reinterpret_cast<bf16*>(smem_raw);
+    bf16* sK = sQ + BM * LD;
+    bf16* sV = sK + 2 * BN * LD;
+
+    const int h = blockIdx.x % Hq, b = blockIdx.x / Hq;
+    const int qt = gridDim.y - 1 - blockIdx.y, q0 = qt * BM;  // longest tiles first
+    const int kvh = h / (Hq / Hkv);
+    const size_t stride = (size_t)(Hq + 2 * Hkv) * D;
+    const bf16* gq = qkv + (size_t)b * T * stride + (size_t)h * D;
+    const bf16* gk = qkv + (size_t)b * T * stride + (size_t)(Hq + kvh) * D;
+    const bf16* gv = gk + (size_t)Hkv * D;
+    const int nkv = (min(T, q0 + BM) + BN - 1) / BN;
+
+    load_tile<BM, D, NTH>(sQ, gq + (size_t)q0 * stride, stride, T - q0);
+    load_tile<BN, D, NTH>(sK, gk, stride, T);
+    load_tile<BN, D, NTH>(sV, gv, stride, T);
+    cp_async_commit();
+
+    const Lanes ln;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, qd = lane & 3;
+    const int wr0 = warp * 16 * MT;  // the warp's first row in the tile
+
+    float o[MT][DT][4], mrow[MT][2], lsum[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++) {
+#pragma unroll
+        for (int dt = 0; dt < DT; dt++) o[mt][dt][0] = o[mt][dt][1] = o[mt][dt][2] = o[mt][dt][3] = 0.f;
+        mrow[mt][0] = mrow[mt][1] = -INFINITY;
+        lsum[mt][0] = lsum[mt][1] = 0.f;
+    }
+    uint32_t qf[QREG ? KD : 1][4];
+
+    for (int j = 0; j < nkv; j++) {
+        if (j + 1 < nkv) {
+            const int st = (j + 1) & 1, k1 = (j + 1) * BN;
+            load_tile<BN, D, NTH>(sK + st * BN * LD, gk + (size_t)k1 * stride, stride, T - k1);
+            load_tile<BN, D, NTH>(sV + st * BN * LD, gv + (size_t)k1 * stride, stride, T - k1);
+            cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+        if constexpr (QREG) {
+            if (j == 0) {
+#pragma unroll
+                for (int kk = 0; kk < KD; kk++) ldsm_x4(qf[kk], sQ + (wr0 + ln.arow) * LD + kk * 16 + ln.acol);
+            }
+        }
+        const bf16* cK = sK + (j & 1) * BN * LD;
+        const bf16* cV = sV + (j & 1) * BN * LD;
+        const int k0 = j * BN;
+        if (k0 <= q0 + wr0 + 16 * MT - 1) {  // else every entry of the warp's rows is masked
+            float s[MT][NT][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+                for (int nt = 0; nt < NT; nt++) s[mt][nt][0] = s[mt][nt][1] = s[mt][nt][2] = s[mt][nt][3] = 0.f;
+            // S = Q K^T
+#pragma unroll
+            for (int kk = 0; kk < KD; kk++) {
+                uint32_t bf[NT][2];
+#pragma unroll
+                for (int nt = 0; nt < NT; nt += 2) {
+                    uint32_t r[4];
+                    ldsm_x4(r, cK + (nt * 8 + ln.brow) * LD + kk * 16 + ln.bcol);
+                    bf[nt][0] = r[0];
+                    bf[nt][1] = r[1];
+                    bf[nt + 1][0] = r[2];
+                    bf[nt + 1][1] = r[3];
+                }
+#pragma unroll
+                for (int mt = 0; mt < MT; mt++) {
+                    uint32_t a[4];
+                    if constexpr (QREG) {
+                        a[0] = qf[kk][0]; a[1] = qf[kk][1]; a[2] = qf[kk][2]; a[3] = qf[kk][3];
+                    } else {
+                        ldsm_x4(a, sQ + (wr0 + mt * 16 + ln.arow) * LD + kk * 16 + ln.acol);
+                    }
+#pragma unroll
+                    for (int nt = 0; nt < NT; nt++) mma(s[mt][nt], a, bf[nt][0], bf[nt][1]);
+                }
+            }
+            // online softmax (log2 domain)
+            const bool need_mask = k0 + BN - 1 > q0 + wr0;
+#pragma unroll
+            for (int mt = 0; mt < MT; mt++) {
+#pragma unroll
+                for (int hf = 0; hf < 2; hf++) {
+                    const int row = q0 + wr0 + mt * 16 + g + 8 * hf;
+                    float mx = -INFINITY;
+#pragma unroll
+                    for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+                        for (int e = 0; e < 2; e++) {
+                            float v = s[mt][nt][2 * hf + e] * scale_log2;
+                            if (need_mask && k0 + nt * 8 + 2 * qd + e > row) v = -INFINITY;
+                            s[mt][nt][2 * hf + e] = v;
+                            mx = fmaxf(mx, v);
+                        }
+                    mx = quad_max(mx);
+                    const float mnew = fmaxf(mrow[mt][hf], mx);  // finite: kv tile 0 holds column 0 <= row
+                    const float alpha = fast_exp2(mrow[mt][hf] - mnew);
+                    mrow[mt][hf] = mnew;
+                    float sum = 0.f;
+#pragma unroll
+                    for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+                        for (int e = 0; e < 2; e++) {
+                            const float p = fast_exp2(s[mt][nt][2 * hf + e] - mnew);
+                            s[mt][nt][2 * hf + e] = p;
+                            sum += p;
+                        }
+                    lsum[mt][hf] = lsum[mt][hf] * alpha + sum;
+#pragma unroll
+                    for (int dt = 0; dt < DT; dt++) {
+                        o[mt][dt][2 * hf] *= alpha;
+                        o[mt][dt][2 * hf + 1] *= alpha;
+                    }
+                }
+            }
+            // O += P V
+#pragma unroll
+            for (int kk = 0; kk < BN / 16; kk++) {
+                uint32_t pa[MT][4];
+#pragma unroll
+                for (int mt = 0; mt < MT; mt++) acc_to_a(pa[mt], s[mt], kk);
+#pragma unroll
+                for (int dt = 0; dt < DT; dt += 2) {
+                    uint32_t r[4];
+                    ldsm_x4_t(r, cV + (kk * 16 + ln.trow) * LD + dt * 8 + ln.tcol);
+#pragma unroll
+                    for (int mt = 0; mt < MT; mt++) {
+                        mma(o[mt][dt], pa[mt], r[0], r[1]);
+                        mma(o[mt][dt + 1], pa[mt], r[2], r[3]);
+                    }
+                }
+            }
+        }
+        __syncthreads();
+    }
+
+    // O / l as bf16 into sQ (free after the loop's last barrier), lse, then coalesced stores
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+        for (int hf = 0; hf < 2; hf++) {
+            const float l = quad_sum(lsum[mt][hf]), inv = 1.f / l;
+            const int r = wr0 + mt * 16 + g + 8 * hf;
+#pragma unroll
+            for (int dt = 0; dt < DT; dt++)
+                *reinterpret_cast<uint32_t*>(sQ + r * LD + dt * 8 + 2 * qd) =
+                    pack_bf16(o[mt][dt][2 * hf] * inv, o[mt][dt][2 * hf + 1] * inv);
+            if (qd == 0 && q0 + r < T) lse[((size_t)b * Hq + h) * T + q0 + r] = (mrow[mt][hf] + log2f(l)) * LN2;
+        }
+    __syncthreads();
+    store_tile<BM, D, NTH>(out + ((size_t)b * T + q0) * Hq * D + (size_t)h * D, (size_t)Hq * D, sQ, T - q0);
+}
+
+template <int D, int BM, int BN, int NW>
+inline void launch_fwd(bf16* out, float* lse, const bf16* qkv, const AttnShape& sh, cudaStream_t s) {
+    const size_t smem = (size_t)(BM + 4 * BN) * (D + PAD) * sizeof(bf16);
+    auto kernel = fwd_kernel<D, BM, BN, NW>;
+    set_smem(kernel, smem);
+    dim3 grid(sh.B * sh.Hq, (sh.T + BM - 1) / BM);
+    kernel<<<grid, NW * 32, smem, s>>>(out, lse, qkv, sh.T, sh.Hq, sh.Hkv, LOG2E / sqrtf((float)D));
+    cudaCheckLast();
+}
+
+// ----------------------------------------------------------------------------------------------
+// backward
+
+// Delta[b, h, t] = sum_d dout * out (one warp per row and head)
+template <int D>
+__global__ void bwd_delta_kernel(float* __restrict__ delta, const bf16* __restrict__ dout, const bf16* __restrict__ out,
+                                 int BT, int T, int Hq) {
+    const int idx = blockIdx.x * 8 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (idx >= BT * Hq) return;
+    const int bt = idx / Hq, h = idx - bt * Hq;
+    const bf16* a = dout + (size_t)bt * Hq * D + (size_t)h * D;
+    const bf16* o = out + (size_t)bt * Hq * D + (size_t)h * D;
+    float acc = 0.f;
+#pragma unroll
+    for (int i = lane * 2; i < D; i += 64) {
+        const float2 x = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(a + i));
+        const float2 y = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(o + i));
+        acc += x.x * y.x + x.y * y.y;
+    }
+    acc = warp_sum(acc);
+    if (lane == 0) {
+        const int b = bt / T, t = bt - b * T;
+        delta[((size_t)b * Hq + h) * T + t] = acc;
+    }
+}
+
+// dK, dV: one block per (kv tile of BN = 16 NW rows, kv head, b); warp w owns kv rows [16w, 16w + 16).
+// Loops over the query heads of the group and the query tiles (BMQ rows) from the diagonal on, in that
+// fixed order, with transposed scores so P^T and dS^T stay in registers as A operands:
+//   S^T = K Q^T, P^T = exp2(S^T scale log2e - lse log2e), dV += P^T dO, dP^T = V dO^T,
+//   dS^T = P^T (dP^T - Delta), dK += dS^T Q.
+template <int D, int BMQ, int NW>
+__global__ void __launch_bounds__(NW * 32)
+bwd_dkdv_kernel(bf16* __restrict__ dqkv, const bf16* __restrict__ qkv, const bf16* __restrict__ dout,
+                const float* __restrict__ lse, const float* __restrict__ delta, int T, int Hq, int Hkv,
+                float scale_log2, float scale) {
+    constexpr int BN = 16 * NW, LD = D + PAD, NQ = BMQ / 8, DT = D / 8, KD = D / 16, NTH = NW * 32;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    bf16* sK = reinterpret_cast<bf16*>(smem_raw);
+    bf16* sV = sK + BN * LD;
+    bf16* sQ = sV + BN * LD;        // 2 stages
+    bf16* sdO = sQ + 2 * BMQ * LD;  // 2 stages
+    float* sL = reinterpret_cast<float*>(sdO + 2 * BMQ * LD);  // 2 stages: lse
+    float* sD = sL + 2 * BMQ;                                  // 2 stages: Delta
+
+    const int kvh = blockIdx.x % Hkv, b = blockIdx.x / Hkv;
+    const int kv0 = blockIdx.y * BN;  // low tiles see the most query tiles: launched first
+    const int G = Hq / Hkv;
+    const size_t stride = (size_t)(Hq + 2 * Hkv) * D, dstride = (size_t)Hq * D;
+    const bf16* gk = qkv + (size_t)b * T * stride + (size_t)(Hq + kvh) * D;
+    const bf16* gv = gk + (size_t)Hkv * D;
+    const int qt0 = kv0 / BMQ, nqi = (T + BMQ - 1) / BMQ - qt0, total = G * nqi;
+
+    // q tile, dO tile, lse and Delta of iteration `it` into stage st, all with cp.async. Padded query rows
+    // (q >= T) read zeros: q = dO = 0 there, so P = 1 but dP = Delta = 0 and they add nothing.
+    auto issue = [&](int it, int st) {
+        const int h = kvh * G + it / nqi, q0 = (qt0 + it % nqi) * BMQ;
+        load_tile<BMQ, D, NTH>(sQ + st * BMQ * LD, qkv + ((size_t)b * T + q0) * stride + (size_t)h * D, stride, T - q0);
+        load_tile<BMQ, D, NTH>(sdO + st * BMQ * LD, dout + ((size_t)b * T + q0) * dstride + (size_t)h * D, dstride,
+                               T - q0);
+        const size_t base = ((size_t)b * Hq + h) * T;
+        for (int i = threadIdx.x; i < BMQ; i += NTH) {
+            const bool ok = q0 + i < T;
+            cp_async4(sL + st * BMQ + i, lse + base + (ok ? q0 + i : 0), ok);
+            cp_async4(sD + st * BMQ + i, delta + base + (ok ? q0 + i : 0), ok);
+        }
+    };
+    load_tile<BN, D, NTH>(sK, gk + (size_t)kv0 * stride, stride, T - kv0);
+    load_tile<BN, D, NTH>(sV, gv + (size_t)kv0 * stride, stride, T - kv0);
+    issue(0, 0);
+    cp_async_commit();
+
+    const Lanes ln;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, qd = lane & 3;
+    const int kr = kv0 + warp * 16;  // the warp's first kv row
+    const bf16* wK = sK + warp * 16 * LD;
+    const bf16* wV = sV + warp * 16 * LD;
+
+    float dk[DT][4], dv[DT][4];
+#pragma unroll
+    for (int dt = 0; dt < DT; dt++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) dk[dt][e] = dv[dt][e] = 0.f;
+
+    for (int it = 0; it < total; it++) {
+        const int st = it & 1;
+        if (it + 1 < total) {
+            issue(it + 1, st ^ 1);
+            cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+        const int q0 = (qt0 + it % nqi) * BMQ;
+        const bf16* cQ = sQ + st * BMQ * LD;
+        const bf16* cdO = sdO + st * BMQ * LD;
+        const float* cL = sL + st * BMQ;
+        const float* cD = sD + st * BMQ;
+        if (q0 + BMQ - 1 >= kr) {  // else every query of the tile precedes the warp's kv rows
+            float s[NQ][4];
+#pragma unroll
+            for (int nt = 0; nt < NQ; nt++) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+            mma_abt<NQ, KD>(s, wK, LD, cQ, LD, ln);  // S^T (kv x q)
+            const bool need_mask = q0 < kr + 15;
+            uint32_t pa[NQ / 2][4];
+#pragma unroll
+            for (int nt = 0; nt < NQ; nt++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const int qi = nt * 8 + 2 * qd + (e & 1), kvrow = kr + g + 8 * (e >> 1);
+                    float p = fast_exp2(s[nt][e] * scale_log2 - cL[qi] * LOG2E);
+                    if (need_mask && q0 + qi < kvrow) p = 0.f;
+                    s[nt][e] = p;
+                }
+#pragma unroll
+            for (int kk = 0; kk < NQ / 2; kk++) acc_to_a(pa[kk], s, kk);
+            mma_rb<DT, NQ / 2>(dv, pa, cdO, LD, ln);  // dV += P^T dO
+            float dp[NQ][4];
+#pragma unroll
+            for (int nt = 0; nt < NQ; nt++) dp[nt][0] = dp[nt][1] = dp[nt][2] = dp[nt][3] = 0.f;
+            mma_abt<NQ, KD>(dp, wV, LD, cdO, LD, ln);  // dP^T = V dO^T
+#pragma unroll
+            for (int nt = 0; nt < NQ; nt++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const int qi = nt * 8 + 2 * qd + (e & 1);
+                    dp[nt][e] = s[nt][e] * (dp[nt][e] - cD[qi]);
+                }
+#pragma unroll
+            for (int kk = 0; kk < NQ / 2; kk++) acc_to_a(pa[kk], dp, kk);
+            mma_rb<DT, NQ / 2>(dk, pa, cQ, LD, ln);  // dK += dS^T Q
+        }
+        __syncthreads();
+    }
+
+    // dK * scale into sK, dV into sV (free after the last barrier), then coalesced stores
+#pragma unroll
+    for (int dt = 0; dt < DT; dt++)
+#pragma unroll
+        for (int hf = 0; hf < 2; hf++) {
+            const int r = warp * 16 + g + 8 * hf;
+            *reinterpret_cast<uint32_t*>(sK + r * LD + dt * 8 + 2 * qd) =
+                pack_bf16(dk[dt][2 * hf] * scale, dk[dt][2 * hf + 1] * scale);
+            *reinterpret_cast<uint32_t*>(sV + r * LD + dt * 8 + 2 * qd) = pack_bf16(dv[dt][2 * hf], dv[dt][2 * hf + 1]);
+        }
+    __syncthreads();
+    bf16* gdk = dqkv + ((size_t)b * T + kv0) * stride + (size_t)(Hq + kvh) * D;
+    store_tile<BN, D, NTH>(gdk, stride, sK, T - kv0);
+    store_tile<BN, D, NTH>(gdk + (size_t)Hkv * D, stride, sV, T - kv0);
+}
+
+// dQ: one block per (query tile of BMQ = 16 NW rows, query head, b); warp w owns query rows [16w, 16w + 16).
+// Loops over the kv tiles (BN rows) up to the diagonal:
+//   S = Q K^T, P = exp2(S scale log2e - lse log2e), dP = dO V^T, dS = P (dP - Delta), dQ += dS K.
+// AREG: the warp's q and dO fragments stay in registers (else read from smem for every kv tile).
+template <int D, int BN, int NW, bool AREG>
+__global__ void __launch_bounds__(NW * 32)
+bwd_dq_kernel(bf16* __restrict__ dqkv, const bf16* __restrict__ qkv, const bf16* __restrict__ dout,
+              const float* __restrict__ lse, const float* __restrict__ delta, int T, int Hq, int Hkv,
+              float scale_log2, float scale) {
+    constexpr int BMQ = 16 * NW, LD = D + PAD, NT = BN / 8, DT = D / 8, KD = D / 16, NTH = NW * 32;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    bf16* sQ = reinterpret_cast<bf16*>(smem_raw);
+    bf16* sdO = sQ + BMQ * LD;
+    bf16* sK = sdO + BMQ * LD;  // 2 stages
+    bf16* sV = sK + 2 * BN * LD;  // 2 stages
+
+    const int h = blockIdx.x % Hq, b = blockIdx.x / Hq;
+    const int q0 = (gridDim.y - 1 - blockIdx.y) * BMQ;  // longest tiles first
+    const int kvh = h / (Hq / Hkv);
+    const size_t stride = (size_t)(Hq + 2 * Hkv) * D, dstride = (size_t)Hq * D;
+    const bf16* gk = qkv + (size_t)b * T * stride + (size_t)(Hq + kvh) * D;
+    const bf16* gv = gk + (size_t)Hkv * D;
+    const int nkv = (min(T, q0 + BMQ) + BN - 1) / BN;
+
+    load_tile<BMQ, D, NTH>(sQ, qkv + ((size_t)b * T + q0) * stride + (size_t)h * D, stride, T - q0);
+    load_tile<BMQ, D, NTH>(sdO, dout + ((size_t)b * T + q0) * dstride + (size_t)h * D, dstride, T - q0);
+    load_tile<BN, D, NTH>(sK, gk, stride, T);
+    load_tile<BN, D, NTH>(sV, gv, stride, T);
+    cp_async_commit();
+
+    const Lanes ln;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, qd = lane & 3;
+    const int qr = q0 + warp * 16;  // the warp's first query row
+    float l2[2], dl[2];
+#pragma unroll
+    for (int hf = 0; hf < 2; hf++) {
+        const int q = qr + g + 8 * hf;
+        const size_t i = ((size_t)b * Hq + h) * T + q;
+        l2[hf] = q < T ? lse[i] * LOG2E : INFINITY;
+        dl[hf] = q < T ? delta[i] : 0.f;
+    }
+    const bf16* wQ = sQ + warp * 16 * LD;
+    const bf16* wdO = sdO + warp * 16 * LD;
+    uint32_t qf[AREG ? KD : 1][4], of[AREG ? KD : 1][4];
+
+    float dq[DT][4];
+#pragma unroll
+    for (int dt = 0; dt < DT; dt++) dq[dt][0] = dq[dt][1] = dq[dt][2] = dq[dt][3] = 0.f;
+
+    for (int j = 0; j < nkv; j++) {
+        if (j + 1 < nkv) {
+            const int st = (j + 1) & 1, k1 = (j + 1) * BN;
+            load_tile<BN, D, NTH>(sK + st * BN * LD, gk + (size_t)k1 * stride, stride, T - k1);
+            load_tile<BN, D, NTH>(sV + st * BN * LD, gv + (size_t)k1 * stride, stride, T - k1);
+            cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+        if constexpr (AREG) {
+            if (j == 0) {
+#pragma unroll
+                for (int kk = 0; kk < KD; kk++) {
+                    ldsm_x4(qf[kk], wQ + ln.arow * LD + kk * 16 + ln.acol);
+                    ldsm_x4(of[kk], wdO + ln.arow * LD + kk * 16 + ln.acol);
+                }
+            }
+        }
+        const bf16* cK = sK + (j & 1) * BN * LD;
+        const bf16* cV = sV + (j & 1) * BN * LD;
+        const int k0 = j * BN;
+        if (k0 <= qr + 15) {
+            float s[NT][4], dp[NT][4];
+#pragma unroll
+            for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) s[nt][e] = dp[nt][e] = 0.f;
+            if constexpr (AREG) {
+                mma_rbt<NT, KD>(s, qf, cK, LD, ln);   // S = Q K^T
+                mma_rbt<NT, KD>(dp, of, cV, LD, ln);  // dP = dO V^T
+            } else {
+                mma_abt<NT, KD>(s, wQ, LD, cK, LD, ln);
+                mma_abt<NT, KD>(dp, wdO, LD, cV, LD, ln);
+            }
+            const bool need_mask = k0 + BN - 1 > qr;
+#pragma unroll
+            for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const int hf = e >> 1, col = k0 + nt * 8 + 2 * qd + (e & 1), row = qr + g + 8 * hf;
+                    float p = fast_exp2(s[nt][e] * scale_log2 - l2[hf]);
+                    if (need_mask && col > row) p = 0.f;
+                    s[nt][e] = p * (dp[nt][e] - dl[hf]);
+                }
+            uint32_t da[BN / 16][4];
+#pragma unroll
+            for (int kk = 0; kk < BN / 16; kk++) acc_to_a(da[kk], s, kk);
+            mma_rb<DT, BN / 16>(dq, da, cK, LD, ln);  // dQ += dS K
+        }
+        __syncthreads();
+    }
+
+#pragma unroll
+    for (int dt = 0; dt < DT; dt++)
+#pragma unroll
+        for (int hf = 0; hf < 2; hf++) {
+            const int r = warp * 16 + g + 8 * hf;
+            *reinterpret_cast<uint32_t*>(sQ + r * LD + dt * 8 + 2 * qd) =
+                pack_bf16(dq[dt][2 * hf] * scale, dq[dt][2 * hf + 1] * scale);
+        }
+    __syncthreads();
+    store_tile<BMQ, D, NTH>(dqkv + ((size_t)b * T + q0) * stride + (size_t)h * D, stride, sQ, T - q0);
+}
+
+template <int D, int BMQ, int NW>
+inline void launch_dkdv(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse, const float* delta,
+                        const AttnShape& sh, cudaStream_t s) {
+    constexpr int BN = 16 * NW;
+    const size_t smem = (size_t)(2 * BN + 4 * BMQ) * (D + PAD) * sizeof(bf16) + 4 * BMQ * sizeof(float);
+    auto kernel = bwd_dkdv_kernel<D, BMQ, NW>;
+    set_smem(kernel, smem);
+    dim3 grid(sh.B * sh.Hkv, (sh.T + BN - 1) / BN);
+    const float scale = 1.f / sqrtf((float)D);
+    kernel<<<grid, NW * 32, smem, s>>>(dqkv, qkv, dout, lse, delta, sh.T, sh.Hq, sh.Hkv, scale * LOG2E, scale);
+    cudaCheckLast();
+}
+
+template <int D, int BN, int NW, bool AREG>
+inline void launch_dq(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse, const float* delta,
+                      const AttnShape& sh, cudaStream_t s) {
+    constexpr int BMQ = 16 * NW;
+    const size_t smem = (size_t)(2 * BMQ + 4 * BN) * (D + PAD) * sizeof(bf16);
+    auto kernel = bwd_dq_kernel<D, BN, NW, AREG>;
+    set_smem(kernel, smem);
+    dim3 grid(sh.B * sh.Hq, (sh.T + BMQ - 1) / BMQ);
+    const float scale = 1.f / sqrtf((float)D);
+    kernel<<<grid, NW * 32, smem, s>>>(dqkv, qkv, dout, lse, delta, sh.T, sh.Hq, sh.Hkv, scale * LOG2E, scale);
+    cudaCheckLast();
+}
+
+template <int D>
+inline void launch_delta(float* delta, const bf16* dout, const bf16* out, const AttnShape& sh, cudaStream_t s) {
+    const int rows = sh.B * sh.T * sh.Hq;
+    bwd_delta_kernel<D><<<(rows + 7) / 8, 256, 0, s>>>(delta, dout, out, sh.B * sh.T, sh.T, sh.Hq);
+    cudaCheckLast();
+}
+
+inline void check_shape(const AttnShape& sh) {
+    if (sh.Dh != 64 && sh.Dh != 128) THROW("attention: head dim %d not supported (64 or 128)", sh.Dh);
+    if (sh.B < 1 || sh.T < 1 || sh.Hq < 1 || sh.Hkv < 1 || sh.Hq % sh.Hkv != 0)
+        THROW("attention: bad shape B=%d T=%d Hq=%d Hkv=%d (Hq must be a multiple of Hkv)", sh.B, sh.T, sh.Hq, sh.Hkv);
+}
+
+// tile configurations (D, ...): the launchers below use these
+template <int D> struct Cfg;
+template <> struct Cfg<64> {
+    static constexpr int FWD_BM = 128, FWD_BN = 64, FWD_NW = 4;
+    static constexpr int DKDV_BMQ = 64, DKDV_NW = 4, DQ_BN = 64, DQ_NW = 4;
+    static constexpr bool DQ_AREG = true;
+};
+template <> struct Cfg<128> {
+    static constexpr int FWD_BM = 128, FWD_BN = 64, FWD_NW = 4;
+    static constexpr int DKDV_BMQ = 64, DKDV_NW = 4, DQ_BN = 64, DQ_NW = 4;
+    static constexpr bool DQ_AREG = true;
+};
+
+template <int D>
+inline void forward(bf16* out, float* lse, const bf16* qkv, const AttnShape& sh, cudaStream_t s) {
+    using C = Cfg<D>;
+    launch_fwd<D, C::FWD_BM, C::FWD_BN, C::FWD_NW>(out, lse, qkv, sh, s);
+}
+template <int D>
+inline void backward(bf16* dqkv, float* delta, const bf16* dout, const bf16* qkv, const bf16* out, const float* lse,
+                     const AttnShape& sh, cudaStream_t s) {
+    using C = Cfg<D>;
+    launch_delta<D>(delta, dout, out, sh, s);
+    launch_dkdv<D, C::DKDV_BMQ, C::DKDV_NW>(dqkv, dout, qkv, lse, delta, sh, s);
+    launch_dq<D, C::DQ_BN, C::DQ_NW, C::DQ_AREG>(dqkv, dout, qkv, lse, delta, sh, s);
+}
+
+// ----------------------------------------------------------------------------------------------
+// RoPE (rotate-half): pairs (i, i + Dh/2) of every q and k head rotated by pos * theta^(-2i/Dh);
+// INV rotates by the negative angle (the backward of a rotation is its transpose)
+
+template <bool INV>
+__global__ void rope_kernel(bf16* x, int BT, int T, int H /* q + k heads */, int Dh, size_t stride, float log2_theta) {
+    const int half = Dh / 2;
+    const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (size_t)BT * H * half) return;
+    const int i = (int)(idx % half);
+    const size_t rest = idx / half;
+    const int hh = (int)(rest % H);
+    const size_t bt = rest / H;
+    const int pos = (int)(bt % T);
+    const float inv_freq = exp2f(-(2.f * i / Dh) * log2_theta);
+    float sn, cs;
+    sincosf((float)pos * inv_freq, &sn, &cs);
+    if (INV) sn = -sn;
+    bf16* p = x + bt * stride + (size_t)hh * Dh + i;
+    const float x1 = __bfloat162float(p[0]), x2 = __bfloat162float(p[half]);
+    p[0] = __float2bfloat16(x1 * cs - x2 * sn);
+    p[half] = __float2bfloat16(x2 * cs + x1 * sn);
+}
+
+template <bool INV>
+inline void launch_rope(bf16* x, const AttnShape& sh, float theta, cudaStream_t s) {
+    check_shape(sh);
+    const size_t n = (size_t)sh.B * sh.T * (sh.Hq + sh.Hkv) * (sh.Dh / 2);
+    const size_t stride = (size_t)(sh.Hq + 2 * sh.Hkv) * sh.Dh;
+    rope_kernel<INV><<<(unsigned)((n + 255) / 256), 256, 0, s>>>(x, sh.B * sh.T, sh.T, sh.Hq + sh.Hkv, sh.Dh, stride,
+                                                                 log2f(theta));
+    cudaCheckLast();
+}
+
+}  // namespace attn
+
+// ----------------------------------------------------------------------------------------------
+// public interface
+
+// temporary for the backward (Delta, fp32 (B, Hq, T)), shared by layers
+inline size_t attention_scratch_bytes(const AttnShape& sh) {
+    return ((size_t)sh.B * sh.Hq * sh.T * sizeof(float) + 255) / 256 * 256;
+}
+
+// out (B*T, Hq*Dh) bf16; lse (B, Hq, T) fp32 logsumexp of the scaled scores, kept for the backward
+inline void attention_forward(bf16* out, float* lse, const bf16* qkv, const AttnShape& sh, cudaStream_t s) {
+    attn::check_shape(sh);
+    if (sh.Dh == 64) attn::forward<64>(out, lse, qkv, sh, s);
+    else attn::forward<128>(out, lse, qkv, sh, s);
+}
+
+// dqkv (same layout as qkv) written; dout (B*T, Hq*Dh)
+inline void attention_backward(bf16* dqkv, void* scratch, const bf16* dout, const bf16* qkv, const bf16* out,
+                               const float* lse, const AttnShape& sh, cudaStream_t s) {
+    attn::check_shape(sh);
+    float* delta = static_cast<float*>(scratch);
+    if (sh.Dh == 64) attn::backward<64>(dqkv, delta, dout, qkv, out, lse, sh, s);
+    else attn::backward<128>(dqkv, delta, dout, qkv, out, lse, sh, s);
+}
+
+// RoPE on the q and k parts of qkv, in place (rotate-half / GPT-NeoX: pairs (i, i + Dh/2),
+// angle pos * theta^(-2i/Dh), pos = t within the sequence)
+inline void rope_forward(bf16* qkv, const AttnShape& sh, float theta, cudaStream_t s) {
+    attn::launch_rope<false>(qkv, sh, theta, s);
+}
+// rotates dq, dk of dqkv back in place
+inline void rope_backward(bf16* dqkv, const AttnShape& sh, float theta, cudaStream_t s) {
+    attn::launch_rope<true>(dqkv, sh, theta, s);
+}

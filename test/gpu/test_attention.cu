@@ -1,0 +1,160 @@
+// attention.cuh (causal GQA flash attention, RoPE) against the double reference of test/ref/attention.h:
+// out, lse and the q, k, v parts of dqkv on shapes with partial tiles, GQA ratios 1, 2, 4, 8 and both
+// head dims; outputs NaN-poisoned before the kernels run; a second run must repeat bit for bit.
+#include <catch2/catch.hpp>
+#include "test/test_util.h"
+#include <cmath>
+#include <cstring>
+#include <random>
+#include <vector>
+#include "attention.cuh"
+#include "test/ref/attention.h"
+
+template <typename T>
+static T* to_device(const std::vector<T>& h) {
+    T* d = cuda_malloc_n<T>(h.size(), "test buffer");
+    cudaCheck(cudaMemcpy(d, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice));
+    return d;
+}
+template <typename T>
+static std::vector<T> to_host(const T* d, size_t n) {
+    std::vector<T> h(n);
+    cudaCheck(cudaMemcpy(h.data(), d, n * sizeof(T), cudaMemcpyDeviceToHost));
+    return h;
+}
+
+// a normal sample rounded to bf16, and the rounded value as double for the reference
+static bf16 rand_bf16(std::mt19937_64& gen, double sd, double* out) {
+    bf16 b = __float2bfloat16((float)(std::normal_distribution<double>(0.0, sd)(gen)));
+    *out = (double)__bfloat162float(b);
+    return b;
+}
+
+// the columns [c0, c0 + H*Dh) of every row of a (BT, row) bf16 matrix, as double (BT, H*Dh)
+static std::vector<double> columns(const std::vector<bf16>& m, size_t BT, int row, int c0, int n) {
+    std::vector<double> r(BT * n);
+    for (size_t t = 0; t < BT; t++)
+        for (int i = 0; i < n; i++) r[t * n + i] = __bfloat162float(m[t * row + c0 + i]);
+    return r;
+}
+
+// relative L2 below tol; where the reference is exactly zero (T = 1: the only position has P = 1 and
+// dS = P (dP - Delta) = 0), the kernel's value (cancelling terms up to fp32 rounding) must be tiny
+static void check_close(const char* name, const std::vector<double>& got, const std::vector<double>& ref, double tol) {
+    double rn = 0, gn = 0;
+    for (size_t i = 0; i < ref.size(); i++) {
+        rn += ref[i] * ref[i];
+        gn += std::isfinite(got[i]) ? got[i] * got[i] : INFINITY;
+    }
+    INFO(name << ": rel L2 " << rel_l2(got, ref) << ", |ref| " << std::sqrt(rn) << ", |got| " << std::sqrt(gn));
+    if (rn == 0) CHECK(std::sqrt(gn) < 1e-3);
+    else CHECK(rel_l2(got, ref) < tol);
+}
+
+static void check_attention(int B, int T, int Hq, int Hkv, int Dh, uint64_t seed) {
+    INFO("B=" << B << " T=" << T << " Hq=" << Hq << " Hkv=" << Hkv << " Dh=" << Dh);
+    std::mt19937_64 gen(seed);
+    const size_t BT = (size_t)B * T;
+    const int nq = Hq * Dh, nkv = Hkv * Dh, row = nq + 2 * nkv;
+    std::vector<bf16> h_qkv(BT * row), h_dout(BT * nq);
+    std::vector<double> q(BT * nq), k(BT * nkv), v(BT * nkv), dout(BT * nq);
+    for (size_t t = 0; t < BT; t++) {
+        for (int i = 0; i < nq; i++) h_qkv[t * row + i] = rand_bf16(gen, 1.5, &q[t * nq + i]);  // peaked softmax
+        for (int i = 0; i < nkv; i++) h_qkv[t * row + nq + i] = rand_bf16(gen, 1.0, &k[t * nkv + i]);
+        for (int i = 0; i < nkv; i++) h_qkv[t * row + nq + nkv + i] = rand_bf16(gen, 1.0, &v[t * nkv + i]);
+        for (int i = 0; i < nq; i++) h_dout[t * nq + i] = rand_bf16(gen, 1.0, &dout[t * nq + i]);
+    }
+    std::vector<double> rout(BT * nq), rlse((size_t)B * Hq * T), rdq(BT * nq), rdk(BT * nkv), rdv(BT * nkv);
+    ref::attention_forward(rout.data(), rlse.data(), q.data(), k.data(), v.data(), B, T, Hq, Hkv, Dh);
+    ref::attention_backward(rdq.data(), rdk.data(), rdv.data(), dout.data(), q.data(), k.data(), v.data(), B, T, Hq,
+                            Hkv, Dh);
+
+    const AttnShape sh{B, T, Hq, Hkv, Dh};
+    bf16* d_qkv = to_device(h_qkv);
+    bf16* d_dout = to_device(h_dout);
+    bf16* d_out = cuda_malloc_n<bf16>(BT * nq, "out");
+    float* d_lse = cuda_malloc_n<float>((size_t)B * Hq * T, "lse");
+    bf16* d_dqkv = cuda_malloc_n<bf16>(BT * row, "dqkv");
+    void* scratch = cuda_malloc(attention_scratch_bytes(sh), "scratch");
+
+    struct Outputs { std::vector<bf16> out, dqkv; std::vector<float> lse; };
+    auto run = [&]() {
+        cudaCheck(cudaMemset(d_out, 0xff, BT * nq * sizeof(bf16)));  // NaN
+        cudaCheck(cudaMemset(d_lse, 0xff, (size_t)B * Hq * T * sizeof(float)));
+        cudaCheck(cudaMemset(d_dqkv, 0xff, BT * row * sizeof(bf16)));
+        cudaCheck(cudaMemset(scratch, 0xff, attention_scratch_bytes(sh)));
+        attention_forward(d_out, d_lse, d_qkv, sh, 0);
+        attention_backward(d_dqkv, scratch, d_dout, d_qkv, d_out, d_lse, sh, 0);
+        cudaCheck(cudaDeviceSynchronize());
+        return Outputs{to_host(d_out, BT * nq), to_host(d_dqkv, BT * row), to_host(d_lse, (size_t)B * Hq * T)};
+    };
+    Outputs o1 = run();
+
+    std::vector<double> gout = columns(o1.out, BT, nq, 0, nq);
+    std::vector<double> glse(o1.lse.begin(), o1.lse.end());
+    std::vector<double> gdq = columns(o1.dqkv, BT, row, 0, nq);
+    std::vector<double> gdk = columns(o1.dqkv, BT, row, nq, nkv);
+    std::vector<double> gdv = columns(o1.dqkv, BT, row, nq + nkv, nkv);
+    check_close("out", gout, rout, 2e-2);
+    check_close("lse", glse, rlse, 1e-4);
+    check_close("dq", gdq, rdq, 2e-2);
+    check_close("dk", gdk, rdk, 2e-2);
+    check_close("dv", gdv, rdv, 2e-2);
+
+    Outputs o2 = run();  // bit-identical rerun
+    CHECK(memcmp(o1.out.data(), o2.out.data(), o1.out.size() * sizeof(bf16)) == 0);
+    CHECK(memcmp(o1.dqkv.data(), o2.dqkv.data(), o1.dqkv.size() * sizeof(bf16)) == 0);
+    CHECK(memcmp(o1.lse.data(), o2.lse.data(), o1.lse.size() * sizeof(float)) == 0);
+
+    for (void* p : {(void*)d_qkv, (void*)d_dout, (void*)d_out, (void*)d_lse, (void*)d_dqkv, scratch})
+        cudaCheck(cudaFree(p));
+}
+
+TEST_CASE("attention forward/backward vs double reference (GQA, partial tiles)", "[gpu][attention]") {
+    check_attention(2, 77, 4, 4, 64, 1);
+    check_attention(1, 200, 8, 2, 64, 2);
+    check_attention(1, 1, 4, 1, 64, 3);
+    check_attention(1, 130, 8, 1, 128, 4);
+    check_attention(2, 33, 16, 2, 128, 5);
+    check_attention(1, 517, 2, 1, 128, 6);
+    check_attention(1, 300, 6, 3, 64, 7);
+}
+
+static void check_rope(int B, int T, int Hq, int Hkv, int Dh, float theta, uint64_t seed) {
+    INFO("B=" << B << " T=" << T << " Hq=" << Hq << " Hkv=" << Hkv << " Dh=" << Dh << " theta=" << theta);
+    std::mt19937_64 gen(seed);
+    const size_t BT = (size_t)B * T;
+    const int nq = Hq * Dh, nkv = Hkv * Dh, row = nq + 2 * nkv;
+    const AttnShape sh{B, T, Hq, Hkv, Dh};
+    for (int backward = 0; backward < 2; backward++) {
+        std::vector<bf16> h(BT * row);
+        double tmp;
+        for (auto& x : h) x = rand_bf16(gen, 1.0, &tmp);
+        std::vector<double> q = columns(h, BT, row, 0, nq), k = columns(h, BT, row, nq, nkv);
+        if (backward) {
+            ref::rope_backward(q.data(), B, T, Hq, Dh, theta);
+            ref::rope_backward(k.data(), B, T, Hkv, Dh, theta);
+        } else {
+            ref::rope_forward(q.data(), B, T, Hq, Dh, theta);
+            ref::rope_forward(k.data(), B, T, Hkv, Dh, theta);
+        }
+        bf16* d = to_device(h);
+        if (backward) rope_backward(d, sh, theta, 0);
+        else rope_forward(d, sh, theta, 0);
+        std::vector<bf16> g = to_host(d, BT * row);
+        cudaCheck(cudaFree(d));
+        INFO((backward ? "backward" : "forward"));
+        CHECK(rel_l2(columns(g, BT, row, 0, nq), q) < 1e-2);
+        CHECK(rel_l2(columns(g, BT, row, nq, nkv), k) < 1e-2);
+        // v untouched
+        bool same = true;
+        for (size_t t = 0; t < BT; t++)
+            same = same && memcmp(&g[t * row + nq + nkv], &h[t * row + nq + nkv], nkv * sizeof(bf16)) == 0;
+        CHECK(same);
+    }
+}
+
+TEST_CASE("rope forward/backward vs double reference", "[gpu][attention]") {
+    check_rope(2, 77, 4, 2, 64, 10000.f, 11);
+    check_rope(1, 1000, 4, 1, 128, 500000.f, 12);
+}
