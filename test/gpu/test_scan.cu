@@ -1,0 +1,237 @@
+// scan.cuh (Mamba-1 selective scan, forward and backward) against the sequential double-precision
+// recurrence of test/ref/scan.h: y and every gradient, on odd shapes (T not a multiple of the chunk,
+// D not a multiple of the block, every N configuration), with the model's strided layouts: u in rows
+// of its own stride, z a column slice of a wider row, B and C column slices of the x_proj row; the
+// gradient outputs strided too (du with a stride different from u), gaps poisoned with NaN and checked
+// untouched. Parameter gradients accumulate into random starting values. Then everything runs again
+// and must repeat bit for bit.
+#include <catch2/catch.hpp>
+#include "test/test_util.h"
+#include <cmath>
+#include <cstring>
+#include <random>
+#include <vector>
+#include "scan.cuh"
+#include "test/ref/scan.h"
+
+// bf16 inputs (the reference gets the same rounded values); bf16 outputs round to 2^-9 relative
+static const double kTolBf16 = 2e-2;
+static const double kTolFp32 = 5e-3;
+
+static void check_close(const char* name, const std::vector<double>& got, const std::vector<double>& ref, double tol) {
+    double ref_norm = 0, got_norm = 0;
+    for (size_t i = 0; i < ref.size(); i++) {
+        ref_norm += ref[i] * ref[i];
+        got_norm += got[i] * got[i];
+    }
+    INFO(name << ": rel L2 " << rel_l2(got, ref) << ", |ref| " << std::sqrt(ref_norm) << ", |got| " << std::sqrt(got_norm));
+    if (ref_norm == 0) CHECK(std::sqrt(got_norm) < 1e-4);
+    else CHECK(rel_l2(got, ref) < tol);
+}
+
+static const bf16 kPoison = __ushort_as_bfloat16((unsigned short)0x7fc0);  // NaN
+
+template <typename T>
+static T* to_device(const std::vector<T>& h) {
+    T* d = cuda_malloc_n<T>(h.size(), "test buffer");
+    cudaCheck(cudaMemcpy(d, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice));
+    return d;
+}
+template <typename T>
+static std::vector<T> to_host(const T* d, size_t n) {
+    std::vector<T> h(n);
+    cudaCheck(cudaMemcpy(h.data(), d, n * sizeof(T), cudaMemcpyDeviceToHost));
+    return h;
+}
+
+struct Rng {
+    std::mt19937_64 gen;
+    explicit Rng(uint64_t seed) : gen(seed) {}
+    double normal() { return std::normal_distribution<double>(0.0, 1.0)(gen); }
+    double uniform(double lo, double hi) { return std::uniform_real_distribution<double>(lo, hi)(gen); }
+};
+
+static bf16 round_bf16(double v, double* out) {
+    bf16 b = __float2bfloat16((float)v);
+    *out = (double)__bfloat162float(b);
+    return b;
+}
+
+struct Outputs {
+    std::vector<bf16> y, du, ddt, zbuf, bcbuf;  // zbuf: [x | dz | gap] rows; bcbuf: [dt | dB | dC | gap] rows
+    std::vector<float> pg;                      // dA_log (D*N) | dDskip (D) | ddt_bias (D)
+};
+
+static void check_scan(int B, int T, int D, int N, uint64_t seed) {
+    INFO("B=" << B << " T=" << T << " D=" << D << " N=" << N);
+    Rng rng(seed);
+    const size_t BT = (size_t)B * T;
+    // strides as in the model, plus gaps: u (conv output), dt (dt_proj output), z slice of [x | z],
+    // B/C slices of the x_proj row [dt_low | B | C]
+    const int us = D + 3, dts = D + 5, zs = 2 * D + 1, z_off = D, R = 7, bcs = R + 2 * N + 2, dus = D + 2;
+
+    std::vector<bf16> h_u(BT * us, kPoison), h_dt(BT * dts, kPoison), h_z(BT * zs, kPoison), h_bc(BT * bcs, kPoison),
+        h_dy(BT * D);
+    std::vector<double> u(BT * D), dt(BT * D), z(BT * D), Bm(BT * N), Cm(BT * N), dy(BT * D);
+    std::vector<double> dt_bias(D), A_log((size_t)D * N), Dsk(D);
+    std::vector<bf16> h_bias(D), h_alog((size_t)D * N), h_D(D);
+    for (int d = 0; d < D; d++) {
+        // softplus(dt_raw + dt_bias) in about [1e-3, 0.2]
+        const double target = std::exp(rng.uniform(std::log(2e-3), std::log(0.1)));
+        h_bias[d] = round_bf16(std::log(std::expm1(target)), &dt_bias[d]);
+        for (int n = 0; n < N; n++)
+            h_alog[(size_t)d * N + n] = round_bf16(std::log(n + 1.0) + 0.1 * rng.normal(), &A_log[(size_t)d * N + n]);
+        h_D[d] = round_bf16(rng.uniform(0.5, 1.5), &Dsk[d]);
+    }
+    for (size_t r = 0; r < BT; r++) {
+        for (int d = 0; d < D; d++) {
+            h_u[r * us + d] = round_bf16(rng.normal(), &u[r * D + d]);
+            h_dt[r * dts + d] = round_bf16(rng.uniform(-0.7, 0.7), &dt[r * D + d]);
+            h_z[r * zs + z_off + d] = round_bf16(rng.normal(), &z[r * D + d]);
+            h_dy[r * D + d] = round_bf16(rng.normal(), &dy[r * D + d]);
+        }
+        for (int n = 0; n < N; n++) {
+            h_bc[r * bcs + R + n] = round_bf16(rng.normal(), &Bm[r * N + n]);
+            h_bc[r * bcs + R + N + n] = round_bf16(rng.normal(), &Cm[r * N + n]);
+        }
+    }
+    const size_t npg = (size_t)D * N + 2 * D;
+    std::vector<float> g0(npg);
+    for (auto& v : g0) v = (float)rng.normal();
+
+    // reference
+    std::vector<double> ry(BT * D), rdu(BT * D), rddt(BT * D), rdz(BT * D), rdB(BT * N), rdC(BT * N);
+    std::vector<double> rdA((size_t)D * N, 0.0), rdD(D, 0.0), rdbias(D, 0.0);
+    ref::selective_scan_forward(ry.data(), u.data(), dt.data(), z.data(), Bm.data(), Cm.data(), dt_bias.data(),
+                                A_log.data(), Dsk.data(), B, T, D, N);
+    ref::selective_scan_backward(rdu.data(), rddt.data(), rdz.data(), rdB.data(), rdC.data(), rdA.data(), rdD.data(),
+                                 rdbias.data(), dy.data(), u.data(), dt.data(), z.data(), Bm.data(), Cm.data(),
+                                 dt_bias.data(), A_log.data(), Dsk.data(), B, T, D, N);
+
+    // device
+    const ScanShape sh{B, T, D, N};
+    bf16 *d_u = to_device(h_u), *d_dt = to_device(h_dt), *d_z = to_device(h_z), *d_bc = to_device(h_bc);
+    bf16 *d_dy = to_device(h_dy), *d_bias = to_device(h_bias), *d_alog = to_device(h_alog), *d_D = to_device(h_D);
+    bf16* d_y = cuda_malloc_n<bf16>(BT * D, "y");
+    bf16* d_du = cuda_malloc_n<bf16>(BT * dus, "du");
+    bf16* d_ddt = cuda_malloc_n<bf16>(BT * dts, "ddt");
+    bf16* d_zg = cuda_malloc_n<bf16>(BT * zs, "dz rows");
+    bf16* d_bcg = cuda_malloc_n<bf16>(BT * bcs, "dbc rows");
+    float* d_pg = cuda_malloc_n<float>(npg, "param grads");
+    void* saved = cuda_malloc(scan_saved_bytes(sh), "saved");
+    void* scratch = cuda_malloc(scan_scratch_bytes(sh), "scratch");
+
+    auto run = [&]() {
+        Outputs o;
+        cudaCheck(cudaMemset(d_y, 0xff, BT * D * sizeof(bf16)));  // 0xffff: bf16 NaN
+        cudaCheck(cudaMemset(d_du, 0xff, BT * dus * sizeof(bf16)));
+        cudaCheck(cudaMemset(d_ddt, 0xff, BT * dts * sizeof(bf16)));
+        cudaCheck(cudaMemset(d_zg, 0xff, BT * zs * sizeof(bf16)));
+        cudaCheck(cudaMemset(d_bcg, 0xff, BT * bcs * sizeof(bf16)));
+        cudaCheck(cudaMemcpy(d_pg, g0.data(), npg * sizeof(float), cudaMemcpyHostToDevice));
+        cudaCheck(cudaMemset(saved, 0xff, scan_saved_bytes(sh)));
+        cudaCheck(cudaMemset(scratch, 0xff, scan_scratch_bytes(sh)));
+        selective_scan_forward(d_y, saved, d_u, us, d_dt, dts, d_z + z_off, zs, d_bc + R, d_bc + R + N, bcs, d_bias,
+                               d_alog, d_D, sh, 0);
+        selective_scan_backward(d_du, dus, d_ddt, dts, d_zg + z_off, zs, d_bcg + R, d_bcg + R + N, bcs, d_pg,
+                                d_pg + (size_t)D * N, d_pg + (size_t)D * N + D, scratch, d_dy, d_u, us, d_dt, dts,
+                                d_z + z_off, zs, d_bc + R, d_bc + R + N, bcs, d_bias, d_alog, d_D, saved, sh, 0);
+        cudaCheck(cudaDeviceSynchronize());
+        o.y = to_host(d_y, BT * D);
+        o.du = to_host(d_du, BT * dus);
+        o.ddt = to_host(d_ddt, BT * dts);
+        o.zbuf = to_host(d_zg, BT * zs);
+        o.bcbuf = to_host(d_bcg, BT * bcs);
+        o.pg = to_host(d_pg, npg);
+        return o;
+    };
+    Outputs o1 = run();
+
+    auto f = [](bf16 v) { return (double)__bfloat162float(v); };
+    std::vector<double> gy(BT * D), gdu(BT * D), gddt(BT * D), gdz(BT * D), gdB(BT * N), gdC(BT * N);
+    bool gaps_ok = true;
+    for (size_t r = 0; r < BT; r++) {
+        for (int d = 0; d < D; d++) {
+            gy[r * D + d] = f(o1.y[r * D + d]);
+            gdu[r * D + d] = f(o1.du[r * dus + d]);
+            gddt[r * D + d] = f(o1.ddt[r * dts + d]);
+            gdz[r * D + d] = f(o1.zbuf[r * zs + z_off + d]);
+        }
+        for (int n = 0; n < N; n++) {
+            gdB[r * N + n] = f(o1.bcbuf[r * bcs + R + n]);
+            gdC[r * N + n] = f(o1.bcbuf[r * bcs + R + N + n]);
+        }
+        // the columns around the strided outputs are not written
+        for (int i = D; i < dus; i++) gaps_ok &= std::isnan(f(o1.du[r * dus + i]));
+        for (int i = D; i < dts; i++) gaps_ok &= std::isnan(f(o1.ddt[r * dts + i]));
+        for (int i = 0; i < z_off; i++) gaps_ok &= std::isnan(f(o1.zbuf[r * zs + i]));
+        for (int i = z_off + D; i < zs; i++) gaps_ok &= std::isnan(f(o1.zbuf[r * zs + i]));
+        for (int i = 0; i < R; i++) gaps_ok &= std::isnan(f(o1.bcbuf[r * bcs + i]));
+        for (int i = R + 2 * N; i < bcs; i++) gaps_ok &= std::isnan(f(o1.bcbuf[r * bcs + i]));
+    }
+    CHECK(gaps_ok);
+    std::vector<double> gA((size_t)D * N), gD(D), gbias(D);
+    for (size_t i = 0; i < (size_t)D * N; i++) gA[i] = (double)o1.pg[i] - g0[i];
+    for (int d = 0; d < D; d++) {
+        gD[d] = (double)o1.pg[(size_t)D * N + d] - g0[(size_t)D * N + d];
+        gbias[d] = (double)o1.pg[(size_t)D * N + D + d] - g0[(size_t)D * N + D + d];
+    }
+    check_close("y", gy, ry, kTolBf16);
+    check_close("du", gdu, rdu, kTolBf16);
+    check_close("ddt_raw", gddt, rddt, kTolBf16);
+    check_close("dz", gdz, rdz, kTolBf16);
+    check_close("dB", gdB, rdB, kTolBf16);
+    check_close("dC", gdC, rdC, kTolBf16);
+    // fp32 sums, compared after subtracting the fp32 starting value (which costs ~1e-7 absolute)
+    check_close("dA_log", gA, rdA, kTolFp32);
+    check_close("dDskip", gD, rdD, kTolFp32);
+    check_close("ddt_bias", gbias, rdbias, kTolFp32);
+
+    // determinism: the same inputs give the same bits
+    Outputs o2 = run();
+    CHECK(memcmp(o1.y.data(), o2.y.data(), o1.y.size() * sizeof(bf16)) == 0);
+    CHECK(memcmp(o1.du.data(), o2.du.data(), o1.du.size() * sizeof(bf16)) == 0);
+    CHECK(memcmp(o1.ddt.data(), o2.ddt.data(), o1.ddt.size() * sizeof(bf16)) == 0);
+    CHECK(memcmp(o1.zbuf.data(), o2.zbuf.data(), o1.zbuf.size() * sizeof(bf16)) == 0);
+    CHECK(memcmp(o1.bcbuf.data(), o2.bcbuf.data(), o1.bcbuf.size() * sizeof(bf16)) == 0);
+    CHECK(memcmp(o1.pg.data(), o2.pg.data(), o1.pg.size() * sizeof(float)) == 0);
+
+    for (void* p : {(void*)d_u, (void*)d_dt, (void*)d_z, (void*)d_bc, (void*)d_dy, (void*)d_bias, (void*)d_alog,
+                    (void*)d_D, (void*)d_y, (void*)d_du, (void*)d_ddt, (void*)d_zg, (void*)d_bcg, (void*)d_pg, saved,
+                    scratch})
+        cudaCheck(cudaFree(p));
+}
+
+TEST_CASE("selective scan vs sequential reference, N = 16/64/128", "[gpu][scan]") {
+    check_scan(2, 77, 40, 16, 1);
+    check_scan(1, 300, 130, 128, 2);
+    check_scan(3, 129, 64, 64, 3);
+    check_scan(1, 1, 8, 16, 4);
+}
+
+TEST_CASE("selective scan, generic N", "[gpu][scan]") {
+    check_scan(2, 70, 33, 1, 5);    // N=1
+    check_scan(1, 65, 21, 5, 6);    // N=5: 2 lanes per channel, padded states
+    check_scan(2, 50, 17, 30, 7);   // N=30: 8 lanes per channel
+    check_scan(1, 40, 9, 200, 8);   // N=200: 8 states per thread, 128-thread blocks
+}
+
+TEST_CASE("selective scan backward in several slabs", "[gpu][scan]") {
+    // a tiny partial budget: one chunk per slab, the dh carry and parameter partials pass between slabs
+    const size_t saved_budget = scan::partial_budget;
+    scan::partial_budget = 1;
+    REQUIRE(scan::slab_chunks(ScanShape{2, 300, 70, 16}) == 1);
+    check_scan(2, 300, 70, 16, 9);
+    check_scan(1, 200, 40, 128, 10);
+    scan::partial_budget = saved_budget;
+}
+
+TEST_CASE("selective scan rejects unsupported shapes", "[gpu][scan]") {
+    auto fwd = [](ScanShape sh) {
+        selective_scan_forward(nullptr, nullptr, nullptr, 0, nullptr, 0, nullptr, 0, nullptr, nullptr, 0, nullptr,
+                               nullptr, nullptr, sh, 0);
+    };
+    REQUIRE_THROWS(fwd(ScanShape{1, 64, 16, 0}));
+    REQUIRE_THROWS(fwd(ScanShape{1, 64, 16, 257}));
+    REQUIRE_THROWS(fwd(ScanShape{1, 0, 16, 16}));
+}
