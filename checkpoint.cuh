@@ -2,10 +2,11 @@
 //
 // File layout (little endian):
 //   char magic[8] = "MAMBACK1"
-//   uint64 header_bytes, then a JSON header: model config, step, parameter count,
-//     loader state size
+//   uint64 header_bytes, then a JSON header: model config, step, tokens seen, parameter
+//     count, loader state size, the decay-mixture loader's state if any, and the list of
+//     optimizer state arrays ("optimizer": [[name, floats], ...]; AdamW m and v when absent)
 //   the loader state (raw bytes of DataLoader::State)
-//   float master[n], float adam_m[n], float adam_v[n]
+//   float master[n], then each optimizer state array in the listed order
 // Files are written to NAME.tmp and renamed, so a crash never leaves a torn checkpoint.
 #pragma once
 #include <algorithm>
@@ -22,33 +23,55 @@
 
 struct TrainState {
     int step = 0;
+    long tokens = 0;             // tokens trained on (the schedule's clock when it counts tokens)
     DataLoader::State loader{};
+    bool has_mix = false;        // a second data mixture (WSD decay phase) and its position
+    DataLoader::State mix_loader{};
 };
+
+// optimizer state: named float arrays, saved after the master weights in this order
+using OptState = std::vector<std::pair<std::string, std::vector<float>>>;
+
+inline OptState adamw_state(const AdamW& opt) {
+    OptState st(2);
+    st[0].first = "adamw.m"; st[1].first = "adamw.v";
+    opt.get_state(st[0].second, st[1].second);
+    return st;
+}
 
 static const char kCheckpointMagic[8] = {'M', 'A', 'M', 'B', 'A', 'C', 'K', '1'};
 
-inline std::string checkpoint_save(const std::string& dir, const TrainState& st, const Model& model, const AdamW& opt,
-                                   const ModelConfig& cfg) {
+inline std::string checkpoint_save(const std::string& dir, const TrainState& st, const Model& model,
+                                   const OptState& opt, const ModelConfig& cfg) {
     std::filesystem::create_directories(dir);
     char name[64];
     snprintf(name, sizeof(name), "step_%08d.ckpt", st.step);
     const std::string path = dir + "/" + name, tmp = path + ".tmp";
-    nlohmann::json h = {{"config", model_config_to_json(cfg)}, {"step", st.step},
-                        {"num_params", model.layout.total}, {"loader_state_bytes", sizeof(st.loader)}};
+    nlohmann::json arrays = nlohmann::json::array();
+    for (auto& [n, v] : opt) arrays.push_back({n, v.size()});
+    nlohmann::json h = {{"config", model_config_to_json(cfg)}, {"step", st.step}, {"tokens", st.tokens},
+                        {"num_params", model.layout.total}, {"loader_state_bytes", sizeof(st.loader)},
+                        {"optimizer", arrays}};
+    if (st.has_mix) h["mix_loader"] = {st.mix_loader.epoch, st.mix_loader.position};
     std::string header = h.dump();
     uint64_t header_bytes = header.size();
-    std::vector<float> master = model.get_master(), m, v;
-    opt.get_state(m, v);
+    std::vector<float> master = model.get_master();
     FILE* f = fopen_or_throw(tmp, "wb");
     fwrite_or_throw(kCheckpointMagic, 1, 8, f, tmp);
     fwrite_or_throw(&header_bytes, sizeof(header_bytes), 1, f, tmp);
     fwrite_or_throw(header.data(), 1, header.size(), f, tmp);
     fwrite_or_throw(&st.loader, sizeof(st.loader), 1, f, tmp);
-    for (auto* vec : {&master, &m, &v}) fwrite_or_throw(vec->data(), sizeof(float), vec->size(), f, tmp);
+    fwrite_or_throw(master.data(), sizeof(float), master.size(), f, tmp);
+    for (auto& [n, v] : opt) fwrite_or_throw(v.data(), sizeof(float), v.size(), f, tmp);
     if (fflush(f) != 0 || fsync(fileno(f)) != 0) THROW("cannot flush checkpoint '%s'", tmp.c_str());
     fclose(f);
     std::filesystem::rename(tmp, path);
     return path;
+}
+
+inline std::string checkpoint_save(const std::string& dir, const TrainState& st, const Model& model, const AdamW& opt,
+                                   const ModelConfig& cfg) {
+    return checkpoint_save(dir, st, model, adamw_state(opt), cfg);
 }
 
 // a checkpoint file, or a directory: its latest step_*.ckpt
@@ -84,7 +107,10 @@ inline nlohmann::json checkpoint_header(const std::string& path, FILE** keep_ope
     }
 }
 
-inline TrainState checkpoint_load(const std::string& path, Model& model, AdamW& opt, const ModelConfig& cfg) {
+// Loads the weights into `model` and returns the training state; `opt` receives the
+// optimizer arrays, which must have the names and sizes it is given with (a run with another
+// optimizer set-up is refused, naming what differs).
+inline TrainState checkpoint_load(const std::string& path, Model& model, OptState& opt, const ModelConfig& cfg) {
     FILE* f = nullptr;
     nlohmann::json h = checkpoint_header(path, &f);
     if (h["config"] != model_config_to_json(cfg)) {
@@ -97,13 +123,33 @@ inline TrainState checkpoint_load(const std::string& path, Model& model, AdamW& 
         fclose(f);
         THROW("checkpoint '%s' does not match this build (params %zu vs %zu)", path.c_str(), n, model.layout.total);
     }
+    nlohmann::json arrays = h.value("optimizer", nlohmann::json::array({{"adamw.m", n}, {"adamw.v", n}}));
+    std::string have, want;
+    for (auto& a : arrays) have += a[0].get<std::string>() + "(" + std::to_string(a[1].get<size_t>()) + ") ";
+    for (auto& [name, v] : opt) want += name + "(" + std::to_string(v.size()) + ") ";
+    if (have != want) {
+        fclose(f);
+        THROW("checkpoint '%s' holds optimizer state %sbut this run needs %s", path.c_str(), have.c_str(), want.c_str());
+    }
     TrainState st;
     st.step = h["step"].get<int>();
+    st.tokens = h.value("tokens", 0L);
+    if (h.contains("mix_loader")) {
+        st.has_mix = true;
+        st.mix_loader = {h["mix_loader"][0].get<uint64_t>(), h["mix_loader"][1].get<uint64_t>()};
+    }
     fread_or_throw(&st.loader, sizeof(st.loader), 1, f, path);
-    std::vector<float> master(n), m(n), v(n);
-    for (auto* vec : {&master, &m, &v}) fread_or_throw(vec->data(), sizeof(float), n, f, path);
+    std::vector<float> master(n);
+    fread_or_throw(master.data(), sizeof(float), n, f, path);
+    for (auto& [name, v] : opt) fread_or_throw(v.data(), sizeof(float), v.size(), f, path);
     fclose(f);
     model.set_master(master);
-    opt.set_state(m, v);
     return st;
+}
+
+inline TrainState checkpoint_load(const std::string& path, Model& model, AdamW& opt, const ModelConfig& cfg) {
+    OptState st = adamw_state(opt);
+    TrainState ts = checkpoint_load(path, model, st, cfg);
+    opt.set_state(st[0].second, st[1].second);
+    return ts;
 }

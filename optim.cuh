@@ -1,5 +1,5 @@
 // Optimizer: AdamW on the fp32 master weights (writing the bf16 compute copy), the global
-// gradient norm with clipping, and the learning-rate schedules.
+// gradient norm with clipping, Muon for the blocks' matrices, and the learning-rate schedules.
 //
 // The flat parameter buffer is cut into work items of at most ADAMW_ITEM elements, each
 // inside one tensor, so a single launch knows every element's weight-decay flag. An AdamW
@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 #include "cuda_common.cuh"
+#include "matmul.cuh"
 
 struct ParamTensor { size_t offset, count; bool decay; };
 
@@ -122,6 +123,198 @@ struct AdamW {
 };
 
 // ----------------------------------------------------------------------------
+// Muon (momentum orthogonalised by Newton-Schulz) for the 2-D matrices of the blocks; the
+// rest (embeddings, LM head, norms, biases, conv1d, A_log, D, dt_bias) stays with AdamW,
+// with its own learning rate. Per matrix W (rows, cols), row-major at `offset` of the flat
+// buffers:
+//   g   = grad * clip_scale            (the global-norm clip, computed as AdamW does)
+//   buf = momentum * buf + g
+//   u   = nesterov ? g + momentum * buf : buf
+//   O   = NewtonSchulz5(u)             (bf16 on tensor cores, fp32 accumulation)
+//   W   = W * (1 - lr * wd) - lr * 0.2 * sqrt(max(rows, cols)) * O
+// The 0.2 sqrt(max(rows, cols)) factor (Moonlight) gives the update the RMS of a typical
+// AdamW update (~0.2), so both groups can share weight decay and similar learning rates.
+// The momentum of each matrix is contiguous in the order given, so a ZeRO-1 rank can own
+// whole matrices: build its Muon from the matrices it owns.
+
+struct MuonConfig { float momentum = 0.95f; bool nesterov = true; int ns_steps = 5; float weight_decay = 0.1f; float grad_clip = 1.0f; };
+struct MuonMatrix { size_t offset; int rows, cols; };  // row-major (rows, cols) at this offset of the flat buffers
+
+// quintic Newton-Schulz coefficients (Keller Jordan): p(s) = a s + b s^3 + c s^5 pushes every
+// singular value of a matrix with spectral norm <= 1 into about [0.7, 1.2] in 5 steps
+constexpr float MUON_NS_A = 3.4445f, MUON_NS_B = -4.7750f, MUON_NS_C = 2.0315f;
+constexpr int MUON_NORM_BLOCKS = 256;  // at most this many partial sums per matrix
+
+inline float muon_update_scale(int rows, int cols) { return 0.2f * std::sqrt((float)std::max(rows, cols)); }
+
+__device__ inline float muon_clip_scale(const float* norm2, float grad_clip) {
+    if (grad_clip <= 0.0f || norm2 == nullptr) return 1.0f;
+    return fminf(1.0f, grad_clip / (sqrtf(*norm2) + 1e-6f));
+}
+
+// buf = momentum * buf + g; partial[block] = sum of u^2 over this block's elements
+static __global__ void muon_momentum_kernel(float* buf, float* partial, const float* grads, const float* norm2,
+                                            float grad_clip, float momentum, int nesterov, size_t n) {
+    const float clip = muon_clip_scale(norm2, grad_clip);
+    float acc = 0.0f;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        const float g = grads[i] * clip;
+        const float b = momentum * buf[i] + g;
+        buf[i] = b;
+        const float u = nesterov ? g + momentum * b : b;
+        acc += u * u;
+    }
+    acc = block_sum(acc);
+    if (threadIdx.x == 0) partial[blockIdx.x] = acc;
+}
+
+// X = u / (||u||_F + 1e-7) in bf16, u recomputed from the updated buf
+static __global__ void muon_normalize_kernel(bf16* X, const float* buf, const float* grads, const float* norm2,
+                                             const float* unorm2, float grad_clip, float momentum, int nesterov,
+                                             size_t n) {
+    const float clip = muon_clip_scale(norm2, grad_clip);
+    const float inv = 1.0f / (sqrtf(*unorm2) + 1e-7f);
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        const float b = buf[i];
+        const float u = nesterov ? grads[i] * clip + momentum * b : b;
+        X[i] = __float2bfloat16(u * inv);
+    }
+}
+
+// master = master * (1 - lr wd) - lr * scale * O; params = bf16(master)
+static __global__ void muon_apply_kernel(float* master, bf16* params, const bf16* O, float scale, float lr, float wd,
+                                         size_t n) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        float p = master[i];
+        p -= lr * wd * p;
+        p -= lr * scale * __bfloat162float(O[i]);
+        master[i] = p;
+        params[i] = __float2bfloat16(p);
+    }
+}
+
+// C(col-major m x n, ldc) = alpha op(A) op(B) + beta C, all bf16, fp32 accumulation (tensor cores)
+inline void muon_gemm(cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k, float alpha, const bf16* A,
+                      int lda, const bf16* B, int ldb, float beta, bf16* C, int ldc, cudaStream_t s) {
+    matmul_init();
+    cublasCheck(cublasSetStream(cublas_handle(), s));
+    cublasCheck(cublasGemmEx(cublas_handle(), ta, tb, m, n, k, &alpha, A, CUDA_R_16BF, lda, B, CUDA_R_16BF, ldb, &beta,
+                             C, CUDA_R_16BF, ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+
+// In place on X (row-major rows x cols, bf16): `steps` quintic Newton-Schulz iterations on
+// the small side, X <- a X + (b A + c A A) X with A = X X^T (or, for rows > cols, on X^T:
+// X <- a X + X (b A + c A A) with A = X^T X, which is the same thing transposed, so no
+// explicit transposes). X2 (rows*cols), A and Bm (min(rows,cols)^2) are workspaces; the
+// result ends in X (the pointers are swapped back when steps is odd by one last copy).
+inline void newton_schulz5(bf16* X, bf16* X2, bf16* A, bf16* Bm, int rows, int cols, int steps, cudaStream_t s) {
+    // cuBLAS is column-major: the row-major (rows, cols) data is the column-major V = X^T (cols x rows, ld cols)
+    const int m = std::min(rows, cols);
+    const size_t xbytes = (size_t)rows * cols * sizeof(bf16), abytes = (size_t)m * m * sizeof(bf16);
+    bf16 *cur = X, *nxt = X2;
+    for (int it = 0; it < steps; it++) {
+        if (rows <= cols) {
+            // A = X X^T = V^T V (rows x rows, symmetric)
+            muon_gemm(CUBLAS_OP_T, CUBLAS_OP_N, rows, rows, cols, 1.0f, cur, cols, cur, cols, 0.0f, A, rows, s);
+        } else {
+            // A = X^T X = V V^T (cols x cols, symmetric)
+            muon_gemm(CUBLAS_OP_N, CUBLAS_OP_T, cols, cols, rows, 1.0f, cur, cols, cur, cols, 0.0f, A, cols, s);
+        }
+        // Bm = b A + c A A
+        cudaCheck(cudaMemcpyAsync(Bm, A, abytes, cudaMemcpyDeviceToDevice, s));
+        muon_gemm(CUBLAS_OP_N, CUBLAS_OP_N, m, m, m, MUON_NS_C, A, m, A, m, MUON_NS_B, Bm, m, s);
+        cudaCheck(cudaMemcpyAsync(nxt, cur, xbytes, cudaMemcpyDeviceToDevice, s));
+        if (rows <= cols) {
+            // X' = a X + Bm X  <=>  V' = a V + V Bm (Bm symmetric)
+            muon_gemm(CUBLAS_OP_N, CUBLAS_OP_N, cols, rows, rows, 1.0f, cur, cols, Bm, rows, MUON_NS_A, nxt, cols, s);
+        } else {
+            // X' = a X + X Bm  <=>  V' = a V + Bm V
+            muon_gemm(CUBLAS_OP_N, CUBLAS_OP_N, cols, rows, cols, 1.0f, Bm, cols, cur, cols, MUON_NS_A, nxt, cols, s);
+        }
+        std::swap(cur, nxt);
+    }
+    if (cur != X) cudaCheck(cudaMemcpyAsync(X, cur, xbytes, cudaMemcpyDeviceToDevice, s));
+}
+
+struct Muon {
+    MuonConfig cfg;
+    std::vector<MuonMatrix> mats;
+    std::vector<size_t> state_offset;  // where each matrix's momentum starts in `momentum`
+    size_t total = 0;                  // momentum floats
+    float* momentum = nullptr;
+    bf16 *X = nullptr, *X2 = nullptr, *A = nullptr, *Bm = nullptr;  // Newton-Schulz workspace (largest matrix)
+    float *partial = nullptr, *unorm2 = nullptr;
+
+    Muon(const std::vector<MuonMatrix>& mats_, MuonConfig c) : cfg(c), mats(mats_) {
+        if (mats.empty()) THROW("Muon: no matrices");
+        if (cfg.ns_steps < 0) THROW("Muon: ns_steps must be >= 0, got %d", cfg.ns_steps);
+        size_t max_x = 0, max_a = 0;
+        for (const MuonMatrix& mt : mats) {
+            if (mt.rows <= 0 || mt.cols <= 0) THROW("Muon: matrix at offset %zu has shape (%d, %d)", mt.offset, mt.rows, mt.cols);
+            state_offset.push_back(total);
+            total += (size_t)mt.rows * mt.cols;
+            max_x = std::max(max_x, (size_t)mt.rows * mt.cols);
+            const size_t m = std::min(mt.rows, mt.cols);
+            max_a = std::max(max_a, m * m);
+        }
+        std::vector<MuonMatrix> sorted = mats;
+        std::sort(sorted.begin(), sorted.end(), [](const MuonMatrix& a, const MuonMatrix& b) { return a.offset < b.offset; });
+        for (size_t i = 1; i < sorted.size(); i++)
+            if (sorted[i - 1].offset + (size_t)sorted[i - 1].rows * sorted[i - 1].cols > sorted[i].offset)
+                THROW("Muon: matrices at offsets %zu and %zu overlap", sorted[i - 1].offset, sorted[i].offset);
+        momentum = cuda_malloc_n<float>(total, "Muon momentum");
+        cudaCheck(cudaMemset(momentum, 0, total * sizeof(float)));
+        X = cuda_malloc_n<bf16>(max_x, "Muon Newton-Schulz X");
+        X2 = cuda_malloc_n<bf16>(max_x, "Muon Newton-Schulz X2");
+        A = cuda_malloc_n<bf16>(max_a, "Muon Newton-Schulz A");
+        Bm = cuda_malloc_n<bf16>(max_a, "Muon Newton-Schulz B");
+        partial = cuda_malloc_n<float>(MUON_NORM_BLOCKS, "Muon norm partials");
+        unorm2 = cuda_malloc_n<float>(1, "Muon norm");
+    }
+    Muon(const Muon&) = delete;
+    Muon& operator=(const Muon&) = delete;
+    ~Muon() {
+        for (void* p : {(void*)momentum, (void*)X, (void*)X2, (void*)A, (void*)Bm, (void*)partial, (void*)unorm2}) cudaFree(p);
+    }
+
+    // grad_norm2: the squared global gradient norm (AdamW::grad_norm_squared), on the device;
+    // null (or grad_clip <= 0) for no clipping
+    void step(float* master, bf16* params, const float* grads, const float* grad_norm2, float lr, cudaStream_t s) {
+        for (size_t k = 0; k < mats.size(); k++) {
+            const MuonMatrix& mt = mats[k];
+            const size_t n = (size_t)mt.rows * mt.cols;
+            float* buf = momentum + state_offset[k];
+            const float* g = grads + mt.offset;
+            // fixed grid per shape: the norm's summation order is the same on every run
+            const int blocks = (int)std::min<size_t>(MUON_NORM_BLOCKS, (n + 255) / 256);
+            muon_momentum_kernel<<<blocks, 256, 0, s>>>(buf, partial, g, grad_norm2, cfg.grad_clip, cfg.momentum,
+                                                        cfg.nesterov, n);
+            cudaCheckLast();
+            sum_in_order_kernel<<<1, 256, 0, s>>>(unorm2, partial, blocks);
+            cudaCheckLast();
+            const int eblocks = (int)std::min<size_t>(2048, (n + 255) / 256);
+            muon_normalize_kernel<<<eblocks, 256, 0, s>>>(X, buf, g, grad_norm2, unorm2, cfg.grad_clip, cfg.momentum,
+                                                          cfg.nesterov, n);
+            cudaCheckLast();
+            newton_schulz5(X, X2, A, Bm, mt.rows, mt.cols, cfg.ns_steps, s);
+            muon_apply_kernel<<<eblocks, 256, 0, s>>>(master + mt.offset, params + mt.offset, X,
+                                                      muon_update_scale(mt.rows, mt.cols), lr, cfg.weight_decay, n);
+            cudaCheckLast();
+        }
+    }
+
+    size_t state_floats() const { return total; }
+    void get_state(std::vector<float>& hm) const {
+        hm.resize(total);
+        cudaCheck(cudaMemcpy(hm.data(), momentum, total * sizeof(float), cudaMemcpyDeviceToHost));
+    }
+    void set_state(const std::vector<float>& hm) {
+        if (hm.size() != total) THROW("Muon state has %zu values, this optimizer holds %zu", hm.size(), total);
+        cudaCheck(cudaMemcpy(momentum, hm.data(), total * sizeof(float), cudaMemcpyHostToDevice));
+    }
+};
+
+// ----------------------------------------------------------------------------
 // Learning-rate schedules, in one unit the caller picks (optimizer steps or tokens).
 //   constant: linear warmup from 0, then peak
 //   cosine:   linear warmup, cosine from peak to min_lr at total, min_lr after
@@ -172,5 +365,18 @@ struct LRSchedule {
         if (kind == "constant") return strformat("constant %g after %ld warmup", peak, warmup);
         if (kind == "cosine") return strformat("cosine %g -> %g over %ld, warmup %ld", peak, min_lr, total, warmup);
         return strformat("wsd %g, warmup %ld, stable to %ld, linear to %g at %ld", peak, warmup, decay_start, min_lr, total);
+    }
+};
+
+// Batch-size ramp-up (SPEC.md section 3): the tokens of one optimizer step grow linearly
+// from `start` to `target` over the first `ramp_tokens` tokens of the run, in whole
+// micro-batches of `micro` tokens (at least one).
+struct BatchRamp {
+    long start = 0, target = 0, ramp_tokens = 0, micro = 1;
+    long at(long tokens_seen) const {
+        if (ramp_tokens <= 0 || tokens_seen >= ramp_tokens) return target;
+        const double b = start + (double)(target - start) * (double)tokens_seen / (double)ramp_tokens;
+        const long n = std::max(1L, (long)(b / (double)micro));
+        return std::min(n * micro, target);
     }
 };

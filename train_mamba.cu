@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
@@ -41,6 +42,13 @@ struct Args {
     std::string resume;
     bool bench = false, profile = false, dry_run = false, recompute = false;
     int bench_steps = 20;
+    std::string optimizer = "adamw";   // adamw | muon (Muon for the blocks' matrices, AdamW for the rest)
+    float muon_lr = 0, muon_momentum = 0.95f;  // muon_lr 0: the AdamW peak lr
+    long ramp_start = 0, ramp_tokens = 0;      // batch ramp-up (tokens per step at the start, ramp length)
+    double spike_factor = 0;           // loss-spike recovery when > 0
+    int spike_window = 20, inject_spike_at = -1;
+    std::string mix_data;              // WSD decay phase: a second mixture of shards
+    double mix_weight = 0;
 };
 
 static void usage() {
@@ -74,6 +82,14 @@ static void usage() {
         "  --wsd-fraction F        WSD: stable phase as a fraction of the run (default 0.8)\n"
         "  --wsd-decay-start N     WSD: decay start in schedule units (overrides the fraction)\n"
         "  --weight-decay F --beta1 F --beta2 F --eps F --grad-clip F\n"
+        "  --optimizer O           adamw | muon: Muon for the blocks' 2-D matrices, AdamW for the rest\n"
+        "  --muon-lr F             Muon's peak lr (default: --lr; the update's RMS matches AdamW's)\n"
+        "  --muon-momentum F       Muon's Nesterov momentum (default 0.95)\n"
+        "  --batch-ramp-start N    tokens per step at the start of a linear batch ramp-up to --total-batch\n"
+        "  --batch-ramp-tokens N   length of the ramp-up in tokens (the schedule then counts tokens and the\n"
+        "                          run lasts --steps x --total-batch tokens)\n"
+        "  --mix-data GLOB         WSD: shards mixed into the decay phase ...\n"
+        "  --mix-weight W          ... as this fraction of its micro-batches (default 0)\n"
         "loss:\n"
         "  --z-loss F              z-loss coefficient (e.g. 1e-4; default 0)\n"
         "  --pos-weight            weight each token's loss by tanh(position / 10)\n"
@@ -81,7 +97,13 @@ static void usage() {
         "  --seed N                initialisation and data order (default 1337)\n"
         "  --val-every N --val-batches N --sample-every N --sample-len N\n"
         "  --ckpt-dir DIR --ckpt-every N   checkpoints (atomic; 0 = only at the end)\n"
-        "  --resume PATH           checkpoint file, or a directory (its latest checkpoint)\n"
+        "  --resume PATH           checkpoint file, or a directory (its latest checkpoint); the schedule\n"
+        "                          comes from this run's flags (continue a WSD run with a new --steps or\n"
+        "                          --wsd-decay-start)\n"
+        "  --spike-factor F        roll back to the last checkpoint when a step's loss exceeds F times\n"
+        "                          the mean of the last --spike-window steps, skipping its batches\n"
+        "  --spike-window N        steps in that mean (default 20)\n"
+        "  --inject-spike-at N     test the recovery: corrupt the batch of step N (random targets)\n"
         "  --bench                 time --bench-steps steps on random tokens (no data, no checkpoints)\n"
         "  --profile               with --bench: time of each phase (kernel family) per step\n"
         "  --dry-run               print the model, parameter counts and memory estimate; no GPU\n");
@@ -147,12 +169,29 @@ static Args parse_args(int argc, char** argv) {
         else if (f == "--ckpt-every") a.ckpt_every = (int)to_long();
         else if (f == "--resume") a.resume = v;
         else if (f == "--bench-steps") a.bench_steps = (int)to_long();
+        else if (f == "--optimizer") a.optimizer = v;
+        else if (f == "--muon-lr") a.muon_lr = (float)to_float();
+        else if (f == "--muon-momentum") a.muon_momentum = (float)to_float();
+        else if (f == "--batch-ramp-start") a.ramp_start = to_long();
+        else if (f == "--batch-ramp-tokens") a.ramp_tokens = to_long();
+        else if (f == "--spike-factor") a.spike_factor = to_float();
+        else if (f == "--spike-window") a.spike_window = (int)to_long();
+        else if (f == "--inject-spike-at") a.inject_spike_at = (int)to_long();
+        else if (f == "--mix-data") a.mix_data = v;
+        else if (f == "--mix-weight") a.mix_weight = to_float();
         else THROW("unknown flag '%s' (see --help)", f.c_str());
     }
     if (a.B <= 0 || a.T <= 0) THROW("batch size and sequence length must be positive (B %d, T %d)", a.B, a.T);
     if (a.steps <= 0) THROW("--steps must be positive, got %d", a.steps);
     if (a.schedule_unit != "steps" && a.schedule_unit != "tokens")
         THROW("--schedule-unit must be 'steps' or 'tokens', got '%s'", a.schedule_unit.c_str());
+    if (a.optimizer != "adamw" && a.optimizer != "muon")
+        THROW("--optimizer must be adamw or muon, got '%s'", a.optimizer.c_str());
+    if (a.ramp_tokens < 0 || a.ramp_start < 0) THROW("--batch-ramp-start and --batch-ramp-tokens must be >= 0");
+    if (a.ramp_tokens > 0) a.schedule_unit = "tokens";  // a ramp-up makes steps unequal: count tokens
+    if (a.mix_weight < 0 || a.mix_weight > 1) THROW("--mix-weight must be in [0, 1], got %g", a.mix_weight);
+    if (!a.mix_data.empty() && a.schedule != "wsd") THROW("--mix-data mixes into WSD's decay phase: use --lr-schedule wsd");
+    if (a.spike_window < 2) THROW("--spike-window must be at least 2, got %d", a.spike_window);
     if (a.total_batch == 0) a.total_batch = (long)a.B * a.T;
     if (a.total_batch % ((long)a.B * a.T) != 0)
         THROW("--total-batch %ld is not a multiple of B*T = %d*%d = %ld", a.total_batch, a.B, a.T, (long)a.B * a.T);
@@ -211,6 +250,131 @@ static void print_dry_run(const ModelConfig& c, const ParamLayout& layout, int B
     printf("flops per token (fwd+bwd): %.3g\n", flops_per_token(c, T));
 }
 
+// The optimizers of a run: AdamW over every tensor, or Muon for the blocks' 2-D matrices
+// with AdamW for the rest. Both read the one global gradient norm.
+struct Optimizers {
+    AdamW adamw;
+    std::unique_ptr<Muon> muon;
+    double muon_scale = 1.0;  // Muon's lr / AdamW's lr (the schedule's shape is shared)
+
+    static std::vector<ParamTensor> adamw_tensors(const ParamLayout& L, bool with_muon) {
+        std::vector<ParamTensor> v;
+        for (auto& t : L.tensors)
+            if (!(with_muon && t.block_matrix)) v.push_back({t.offset, t.count, t.decay});
+        return v;
+    }
+    Optimizers(const Args& a, const ParamLayout& L)
+        : adamw(adamw_tensors(L, a.optimizer == "muon"), 0, L.total, [&] {
+              AdamWConfig c;
+              c.beta1 = a.beta1; c.beta2 = a.beta2; c.eps = a.eps; c.weight_decay = a.weight_decay;
+              c.grad_clip = a.grad_clip;
+              return c;
+          }()) {
+        if (a.optimizer != "muon") return;
+        std::vector<MuonMatrix> mats;
+        for (auto& t : L.tensors)
+            if (t.block_matrix) mats.push_back({t.offset, t.shape[0], t.shape[1]});
+        MuonConfig mc;
+        mc.momentum = a.muon_momentum; mc.weight_decay = a.weight_decay; mc.grad_clip = a.grad_clip;
+        muon = std::make_unique<Muon>(mats, mc);
+        muon_scale = a.muon_lr > 0 ? a.muon_lr / a.lr : 1.0;
+    }
+
+    // returns the squared global gradient norm (device)
+    float* step(Model& m, float lr, int t, cudaStream_t s) {
+        float* norm2 = adamw.grad_norm_squared(m.grads, m.layout.total, s);
+        adamw.step(m.master, m.params, m.grads, norm2, lr, t, s);
+        if (muon) muon->step(m.master, m.params, m.grads, norm2, (float)(lr * muon_scale), s);
+        return norm2;
+    }
+    OptState state() const {
+        OptState st = adamw_state(adamw);
+        if (muon) {
+            st.push_back({"muon.momentum", {}});
+            muon->get_state(st.back().second);
+        }
+        return st;
+    }
+    void set(const OptState& st) {
+        adamw.set_state(st[0].second, st[1].second);
+        if (muon) muon->set_state(st[2].second);
+    }
+};
+
+// Loss-spike detection: a step's loss against the mean of the last `window` steps.
+struct SpikeGuard {
+    double factor;
+    size_t window;
+    std::vector<double> recent;
+    bool is_spike(double loss) const {
+        if (factor <= 0 || recent.size() < window) return false;
+        double mean = 0;
+        for (double l : recent) mean += l;
+        return loss > factor * mean / recent.size();
+    }
+    double mean() const {
+        double m = 0;
+        for (double l : recent) m += l;
+        return recent.empty() ? 0 : m / recent.size();
+    }
+    void add(double loss) {
+        recent.push_back(loss);
+        if (recent.size() > window) recent.erase(recent.begin());
+    }
+};
+
+static void run_bench(const Args& a, const ModelConfig& cfg, Model& model, Optimizers& opt, double peak, double fpt) {
+    const long tokens_per_step = a.total_batch;
+    const int accum = (int)(tokens_per_step / ((long)a.B * a.T));
+    std::vector<float> posw;
+    if (a.pos_weight) positional_weights(posw, a.B, a.T);
+    model.init(a.seed);
+    SplitMix64 rng(a.seed);
+    std::vector<int> inputs((size_t)a.B * a.T), targets(inputs.size());
+    std::vector<double> times;
+    PhaseTimer timer;
+    for (int step = 0; step < a.bench_steps + 3; step++) {
+        model.timer = a.profile && step >= 3 ? &timer : nullptr;
+        for (size_t i = 0; i < inputs.size(); i++) {
+            inputs[i] = (int)(rng.next() % cfg.vocab_size);
+            targets[i] = (int)(rng.next() % cfg.vocab_size);
+        }
+        cudaCheck(cudaDeviceSynchronize());
+        auto t0 = std::chrono::steady_clock::now();
+        model.zero_grad();
+        for (int m = 0; m < accum; m++) {
+            model.forward(inputs.data(), targets.data(), a.pos_weight ? posw.data() : nullptr,
+                          1.0f / tokens_per_step, a.z_loss);
+            model.backward();
+        }
+        model.phase("optimizer", 0);
+        opt.step(model, a.lr, step + 1, 0);
+        model.phase("end", 0);
+        timer.collect();
+        cudaCheck(cudaDeviceSynchronize());
+        double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        if (step >= 3) times.push_back(dt);
+    }
+    std::sort(times.begin(), times.end());
+    double med = times[times.size() / 2];
+    size_t free_b, total_b;
+    cudaCheck(cudaMemGetInfo(&free_b, &total_b));
+    double tps = tokens_per_step / med;
+    printf("bench: %s B=%d T=%d accum=%d%s%s: median step %.2f ms, %.0f tokens/s, MFU %.1f%%, "
+           "device memory in use %.2f GiB\n", cfg.name.c_str(), a.B, a.T, accum, a.recompute ? " recompute" : "",
+           opt.muon ? " muon" : "", med * 1e3, tps, peak > 0 ? 100.0 * fpt * tps / peak : 0.0,
+           (total_b - free_b) / double(1 << 30));
+    if (a.profile) {  // the events themselves add a little time: shares, not a second clock
+        double sum = 0;
+        for (auto& kv : timer.ms) sum += kv.second;
+        std::vector<std::pair<double, std::string>> rows;
+        for (auto& kv : timer.ms) rows.push_back({kv.second / a.bench_steps, kv.first});
+        std::sort(rows.rbegin(), rows.rend());
+        printf("per-step time by phase (all layers):\n");
+        for (auto& [ms, name] : rows) printf("  %-16s %8.2f ms  %5.1f%%\n", name.c_str(), ms, 100.0 * ms * a.bench_steps / sum);
+    }
+}
+
 static int run(const Args& a) {
     ModelConfig cfg = model_config(a);
     ParamLayout layout(cfg);
@@ -227,101 +391,75 @@ static int run(const Args& a) {
     Model model(cfg);
     model.recompute = a.recompute;
     model.allocate(a.B, a.T);
-    const int accum = (int)(a.total_batch / ((long)a.B * a.T));
-    const long tokens_per_step = a.total_batch;
+    Optimizers opt(a, layout);
+    const long micro_tokens = (long)a.B * a.T;
+    const double peak = peak_flops(prop), fpt = flops_per_token(cfg, a.T);
+    if (a.bench) { run_bench(a, cfg, model, opt, peak, fpt); return 0; }
 
-    AdamWConfig ocfg;
-    ocfg.beta1 = a.beta1; ocfg.beta2 = a.beta2; ocfg.eps = a.eps; ocfg.weight_decay = a.weight_decay;
-    ocfg.grad_clip = a.grad_clip;
-    std::vector<ParamTensor> ptensors;
-    for (auto& t : layout.tensors) ptensors.push_back({t.offset, t.count, t.decay});
-    AdamW opt(ptensors, 0, layout.total, ocfg);
-
+    // the run's length and schedule: in steps, or in tokens (--schedule-unit tokens, ramp-up)
     const bool unit_tokens = a.schedule_unit == "tokens";
-    const long total_units = unit_tokens ? (long)a.steps * tokens_per_step : a.steps;
+    const long total_tokens = (long)a.steps * a.total_batch;
+    const long total_units = unit_tokens ? total_tokens : a.steps;
     LRSchedule sched = a.schedule == "wsd"
         ? LRSchedule::wsd(a.lr, a.min_lr, a.warmup, total_units, a.wsd_decay_start >= 0 ? -1.0 : a.wsd_fraction,
                           a.wsd_decay_start)
         : a.schedule == "cosine" ? LRSchedule::cosine(a.lr, a.min_lr, a.warmup, total_units)
         : a.schedule == "constant" ? LRSchedule::constant(a.lr, a.warmup)
         : throw std::runtime_error("--lr-schedule must be cosine, wsd or constant, got '" + a.schedule + "'");
-    printf("schedule: %s (unit: %s)\n", sched.describe().c_str(), a.schedule_unit.c_str());
+    printf("schedule: %s (unit: %s)%s\n", sched.describe().c_str(), a.schedule_unit.c_str(),
+           opt.muon ? strformat("; Muon lr x%g", opt.muon_scale).c_str() : "");
+    BatchRamp ramp{a.ramp_tokens > 0 ? std::max(a.ramp_start, micro_tokens) : a.total_batch, a.total_batch,
+                   a.ramp_tokens, micro_tokens};
+    if (a.ramp_tokens > 0)
+        printf("batch ramp-up: %ld -> %ld tokens per step over the first %ld tokens\n", ramp.at(0), a.total_batch,
+               a.ramp_tokens);
 
     std::vector<float> posw;
     if (a.pos_weight) positional_weights(posw, a.B, a.T);
-    const double peak = peak_flops(prop), fpt = flops_per_token(cfg, a.T);
-
-    if (a.bench) {
-        model.init(a.seed);
-        SplitMix64 rng(a.seed);
-        std::vector<int> inputs((size_t)a.B * a.T), targets(inputs.size());
-        std::vector<double> times;
-        PhaseTimer timer;
-        for (int step = 0; step < a.bench_steps + 3; step++) {
-            model.timer = a.profile && step >= 3 ? &timer : nullptr;
-            for (size_t i = 0; i < inputs.size(); i++) {
-                inputs[i] = (int)(rng.next() % cfg.vocab_size);
-                targets[i] = (int)(rng.next() % cfg.vocab_size);
-            }
-            cudaCheck(cudaDeviceSynchronize());
-            auto t0 = std::chrono::steady_clock::now();
-            model.zero_grad();
-            for (int m = 0; m < accum; m++) {
-                model.forward(inputs.data(), targets.data(), a.pos_weight ? posw.data() : nullptr,
-                              1.0f / tokens_per_step, a.z_loss);
-                model.backward();
-            }
-            model.phase("adamw", 0);
-            float* norm2 = opt.grad_norm_squared(model.grads, layout.total, 0);
-            opt.step(model.master, model.params, model.grads, norm2, a.lr, step + 1, 0);
-            model.phase("end", 0);
-            timer.collect();
-            cudaCheck(cudaDeviceSynchronize());
-            double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-            if (step >= 3) times.push_back(dt);
-        }
-        std::sort(times.begin(), times.end());
-        double med = times[times.size() / 2];
-        size_t free_b, total_b;
-        cudaCheck(cudaMemGetInfo(&free_b, &total_b));
-        double tps = tokens_per_step / med;
-        printf("bench: %s B=%d T=%d accum=%d: median step %.2f ms, %.0f tokens/s, MFU %.1f%%, "
-               "device memory in use %.2f GiB\n", cfg.name.c_str(), a.B, a.T, accum, med * 1e3, tps,
-               peak > 0 ? 100.0 * fpt * tps / peak : 0.0, (total_b - free_b) / double(1 << 30));
-        if (a.profile) {  // the events themselves add a little time: shares, not a second clock
-            double sum = 0;
-            for (auto& kv : timer.ms) sum += kv.second;
-            std::vector<std::pair<double, std::string>> rows;
-            for (auto& kv : timer.ms) rows.push_back({kv.second / a.bench_steps, kv.first});
-            std::sort(rows.rbegin(), rows.rend());
-            printf("per-step time by phase (all layers):\n");
-            for (auto& [ms, name] : rows) printf("  %-16s %8.2f ms  %5.1f%%\n", name.c_str(), ms, 100.0 * ms * a.bench_steps / sum);
-        }
-        return 0;
-    }
-
     // the tokenizer only decodes samples; runs without samples need none
     std::optional<Tokenizer> tok;
     if (a.sample_every > 0) tok = Tokenizer::load(a.tokenizer);
     const int eot = tok ? tok->eot_token() : -1;
     DataLoader train(a.train_data, a.B, a.T, 0, 1, a.seed, true, cfg.vocab_size, eot);
     DataLoader val(a.val_data, a.B, a.T, 0, 1, a.seed, false, cfg.vocab_size, eot);
+    std::optional<DataLoader> mix;
+    if (!a.mix_data.empty()) {
+        mix.emplace(a.mix_data, a.B, a.T, 0, 1, a.seed + 1, true, cfg.vocab_size, eot);
+        printf("decay-phase mixture: %.0f%% of micro-batches from %s (from %ld %s)\n", 100 * a.mix_weight,
+               a.mix_data.c_str(), sched.decay_start, a.schedule_unit.c_str());
+    }
 
-    int start_step = 0;
+    TrainState st;
+    auto restore = [&](const std::string& path) {
+        OptState os = opt.state();  // names and sizes for checkpoint_load
+        st = checkpoint_load(path, model, os, cfg);
+        opt.set(os);
+        train.restore(st.loader);
+        if (mix && st.has_mix) mix->restore(st.mix_loader);
+    };
     if (!a.resume.empty()) {
         std::string path = checkpoint_resolve(a.resume);
-        TrainState st = checkpoint_load(path, model, opt, cfg);
-        train.restore(st.loader);
-        start_step = st.step;
-        printf("resumed from %s at step %d\n", path.c_str(), start_step);
+        restore(path);
+        printf("resumed from %s at step %d (%ld tokens)\n", path.c_str(), st.step, st.tokens);
     } else {
         model.init(a.seed);
     }
+    auto save = [&]() {
+        st.loader = train.state();
+        st.has_mix = mix.has_value();
+        if (mix) st.mix_loader = mix->state();
+        std::string path = checkpoint_save(a.ckpt_dir, st, model, opt.state(), cfg);
+        printf("checkpoint: %s\n", path.c_str());
+        return path;
+    };
 
-    printf("training: %d steps of %ld tokens (B=%d T=%d accum=%d)\n", a.steps, tokens_per_step, a.B, a.T, accum);
-    std::vector<int> inputs((size_t)accum * a.B * a.T), targets(inputs.size());
-    for (int step = start_step; step < a.steps; step++) {
-        const bool last = step == a.steps - 1;
+    printf("training: %ld tokens in steps of %ld (B=%d T=%d)\n", total_tokens, a.total_batch, a.B, a.T);
+    std::vector<int> inputs, targets;
+    SpikeGuard spikes{a.spike_factor, (size_t)a.spike_window, {}};
+    std::string last_ckpt;
+    auto done = [&] { return unit_tokens ? st.tokens >= total_tokens : st.step >= a.steps; };
+    while (!done()) {
+        const int step = st.step;
         if (a.val_every > 0 && step % a.val_every == 0) print_eval(model, val, a.val_batches, step);
         if (a.sample_every > 0 && step > 0 && step % a.sample_every == 0) {
             std::string text = sample_text(model, *tok, a.sample_len, a.seed + step);
@@ -330,48 +468,77 @@ static int run(const Args& a) {
         }
 
         auto t0 = std::chrono::steady_clock::now();
+        const long step_tokens = ramp.at(st.tokens);
+        const int accum = (int)(step_tokens / micro_tokens);
+        const long units_before = unit_tokens ? st.tokens : step;
         // the whole step's batches first: the loss is normalised by its count of valid targets
-        long valid = 0;
+        inputs.resize((size_t)accum * micro_tokens);
+        targets.resize(inputs.size());
         for (int m = 0; m < accum; m++) {
-            train.next_batch();
-            size_t off = (size_t)m * a.B * a.T;
-            std::copy(train.inputs(), train.inputs() + a.B * a.T, inputs.begin() + off);
-            std::copy(train.targets(), train.targets() + a.B * a.T, targets.begin() + off);
+            // in WSD's decay phase, a share of the micro-batches comes from the second mixture
+            SplitMix64 pick(a.seed ^ ((uint64_t)step * 0x9E3779B97F4A7C15ULL + m));
+            DataLoader& src = mix && units_before >= sched.decay_start && pick.uniform() < a.mix_weight ? *mix : train;
+            src.next_batch();
+            std::copy(src.inputs(), src.inputs() + micro_tokens, inputs.begin() + (size_t)m * micro_tokens);
+            std::copy(src.targets(), src.targets() + micro_tokens, targets.begin() + (size_t)m * micro_tokens);
         }
+        if (step + 1 == a.inject_spike_at) {  // a corrupt batch: random targets
+            SplitMix64 r(a.seed + 17);
+            for (int& t : targets) t = (int)(r.next() % cfg.vocab_size);
+            printf("injected a corrupt batch at step %d\n", step + 1);
+        }
+        long valid = 0;
         for (int t : targets) valid += t >= 0;
-        if (valid == 0) THROW("step %d: every target of the batch is masked", step);
+        if (valid == 0) THROW("step %d: every target of the batch is masked", step + 1);
         model.zero_grad();
         double loss = 0;
         for (int m = 0; m < accum; m++) {
-            size_t off = (size_t)m * a.B * a.T;
+            size_t off = (size_t)m * micro_tokens;
             model.forward(inputs.data() + off, targets.data() + off, a.pos_weight ? posw.data() : nullptr,
                           1.0f / valid, a.z_loss);
             model.backward();
             loss += model.loss_sum();
         }
         loss /= valid;
-        // the lr of the step that brings the count of steps (or tokens) to step + 1
-        long units = unit_tokens ? (long)(step + 1) * tokens_per_step : step + 1;
-        float lr = (float)sched.at(units);
-        float* norm2 = opt.grad_norm_squared(model.grads, layout.total, 0);
-        opt.step(model.master, model.params, model.grads, norm2, lr, step + 1, 0);
+        if (spikes.is_spike(loss)) {
+            // skip the update; go back to the last checkpoint and leave the loader past this batch
+            DataLoader::State skip_to = train.state();
+            printf("spike: step %d loss %.4f > %.1f x recent mean %.4f\n", step + 1, loss, a.spike_factor, spikes.mean());
+            if (!last_ckpt.empty()) {
+                restore(last_ckpt);
+                const DataLoader::State from = train.state();
+                train.restore(skip_to);
+                printf("spike: rolled back to %s (step %d); skipped the batches of steps %d..%d "
+                       "(loader epoch %llu position %llu to epoch %llu position %llu)\n", last_ckpt.c_str(), st.step,
+                       st.step + 1, step + 1, (unsigned long long)from.epoch, (unsigned long long)from.position,
+                       (unsigned long long)skip_to.epoch, (unsigned long long)skip_to.position);
+            } else {
+                printf("spike: no checkpoint yet; skipped the batch of step %d\n", step + 1);
+            }
+            spikes.recent.clear();
+            fflush(stdout);
+            continue;
+        }
+        spikes.add(loss);
+        // the lr of the step that brings the count of steps (or tokens) to its new value
+        st.step++;
+        st.tokens += step_tokens;
+        const float lr = (float)sched.at(unit_tokens ? st.tokens : st.step);
+        float* norm2 = opt.step(model, lr, st.step, 0);
         float h_norm2;
         cudaCheck(cudaMemcpy(&h_norm2, norm2, sizeof(float), cudaMemcpyDeviceToHost));
         double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
         size_t free_b, total_b;
         cudaCheck(cudaMemGetInfo(&free_b, &total_b));
-        double tps = tokens_per_step / dt;
-        printf("step %5d | loss %.4f | lr %.2e | norm %.3f | %.1f ms | %.0f tok/s | MFU %.1f%% | mem %.2f GiB\n",
-               step + 1, loss, lr, std::sqrt(h_norm2), dt * 1e3, tps, peak > 0 ? 100.0 * fpt * tps / peak : 0.0,
-               (total_b - free_b) / double(1 << 30));
+        double tps = step_tokens / dt;
+        printf("step %5d | loss %.4f | lr %.2e | norm %.3f | %.1f ms | %.0f tok/s | MFU %.1f%% | mem %.2f GiB%s\n",
+               st.step, loss, lr, std::sqrt(h_norm2), dt * 1e3, tps, peak > 0 ? 100.0 * fpt * tps / peak : 0.0,
+               (total_b - free_b) / double(1 << 30),
+               a.ramp_tokens > 0 ? strformat(" | batch %ld", step_tokens).c_str() : "");
         fflush(stdout);
-        if ((a.ckpt_every > 0 && (step + 1) % a.ckpt_every == 0) || last) {
-            TrainState st{step + 1, train.state()};
-            std::string path = checkpoint_save(a.ckpt_dir, st, model, opt, cfg);
-            printf("checkpoint: %s\n", path.c_str());
-        }
+        if ((a.ckpt_every > 0 && st.step % a.ckpt_every == 0) || done()) last_ckpt = save();
     }
-    if (a.val_every > 0) print_eval(model, val, a.val_batches, a.steps);
+    if (a.val_every > 0) print_eval(model, val, a.val_batches, st.step);
     return 0;
 }
 

@@ -38,3 +38,22 @@ TEST_CASE("schedules: bad values are rejected with their message", "[optim]") {
     CHECK_THROWS_WITH(LRSchedule::wsd(1e-3, 0.0, 10, 100, 1.5, -1), Catch::Contains("stable fraction"));
     CHECK_THROWS_WITH(LRSchedule::wsd(1e-3, 0.0, 10, 100, -1.0, 5), Catch::Contains("decay start 5"));
 }
+
+TEST_CASE("schedules: batch ramp-up is exact at its breakpoints, in whole micro-batches", "[optim]") {
+    // Mambaoutai's ablation: 2M-token batches ramped over the first 1B tokens (micro-batch 8 x 4096)
+    const long micro = 8 * 4096, target = 64 * micro, ramp_tokens = 1'000'000'000;
+    BatchRamp r{4 * micro, target, ramp_tokens, micro};
+    CHECK(r.at(0) == 4 * micro);
+    CHECK(r.at(ramp_tokens / 2) == 34 * micro);  // half way: (4 + 64) / 2 micro-batches
+    CHECK(r.at(ramp_tokens - 1) == 63 * micro);  // just below the target: rounded down
+    CHECK(r.at(ramp_tokens) == target);
+    CHECK(r.at(5 * ramp_tokens) == target);
+    for (long t = 0; t < ramp_tokens; t += ramp_tokens / 97) {
+        CHECK(r.at(t) % micro == 0);
+        CHECK(r.at(t) <= r.at(t + ramp_tokens / 97));
+    }
+    BatchRamp tiny{1, target, ramp_tokens, micro};  // at least one micro-batch
+    CHECK(tiny.at(0) == micro);
+    BatchRamp off{target, target, 0, micro};
+    CHECK(off.at(0) == target);
+}
