@@ -68,7 +68,7 @@ npm-files:
 test: $(BUILD)/test_cpu prepare_data train_mamba dumps npm-files
 	./$(BUILD)/test_cpu
 
-test-gpu: $(BUILD)/test_gpu train_mamba dumps
+test-gpu: $(BUILD)/test_gpu train_mamba finetune_mamba prepare_data dumps npm-files
 	./$(BUILD)/test_gpu
 
 # the default corpus (Brown, GPT-2 tokenizer) into data/brown/
@@ -85,4 +85,4 @@ train: train_mamba data
 	./train_mamba
 
 clean:
-	rm -rf $(BUILD) train_mamba prepare_data $(DEV_BENCH)
+	rm -rf $(BUILD) train_mamba finetune_mamba prepare_data $(DEV_BENCH)

@@ -28,17 +28,27 @@ static void positional_weights(std::vector<float>& w, int B, int T) {
 }
 
 // mean loss and top-1/top-5 accuracy over the valid (unmasked) targets of `batches` batches
-// from the start of `val`; `valid` counts those targets
+// from the start of `val`; `valid` counts those targets. samples > 0 (an unshuffled loader):
+// only its first `samples` samples count, so that a set that is not a whole number of
+// batches counts every sample once (the rows that wrap around are masked).
 struct EvalResult { double loss, top1, top5; long valid; };
 
-static EvalResult evaluate(Model& model, DataLoader& val, int batches) {
+static EvalResult evaluate(Model& model, DataLoader& val, int batches, size_t samples = 0) {
     val.reset();
     double loss = 0, top1 = 0, top5 = 0;
     long n = 0;
-    std::vector<int> rank((size_t)model.B * model.T);
+    const int B = model.B, T = model.T;
+    std::vector<int> rank((size_t)B * T), targets;
     for (int i = 0; i < batches; i++) {
         val.next_batch();
-        model.forward(val.inputs(), val.targets(), nullptr, 0.0f, 0.0f, 0, model.d_rank);
+        const int* tg = val.targets();
+        if (samples > 0 && (size_t)(i + 1) * B > samples) {
+            targets.assign(tg, tg + (size_t)B * T);
+            for (int b = 0; b < B; b++)
+                if ((size_t)i * B + b >= samples) std::fill(targets.begin() + (size_t)b * T, targets.begin() + (size_t)(b + 1) * T, -1);
+            tg = targets.data();
+        }
+        model.forward(val.inputs(), tg, nullptr, 0.0f, 0.0f, 0, model.d_rank);
         loss += model.loss_sum();
         cudaCheck(cudaMemcpy(rank.data(), model.d_rank, rank.size() * sizeof(int), cudaMemcpyDeviceToHost));
         for (int r : rank) {

@@ -17,6 +17,7 @@
 #include "dataloader.h"
 #include "tokenizer.h"
 #include "data/bpe_trainer.h"
+#include "data/sft.h"
 
 namespace fs = std::filesystem;
 
@@ -34,6 +35,22 @@ static const char* USAGE =
     "      header, dtype, id range, document count and the first N tokens (default 64) decoded.\n"
     "  prepare_data train-bpe --vocab-size N --out tokenizer.json [--special TOK ...] INPUT...\n"
     "      byte-level BPE on INPUT (as for shards); default special token <|endoftext|>.\n"
+    "  prepare_data sft --tokenizer PATH --out DIR [--name NAME] [--template chatml|alpaca|FILE.json]\n"
+    "               [--system TEXT] [--format auto|alpaca|chat] [--seq-len T] [--max-len N]\n"
+    "               [--overflow truncate|drop] [--val-fraction F | --val-examples N] [--seed S] INPUT...\n"
+    "      instruction data for fine-tuning. INPUT: a .jsonl file (or a directory of them) of Alpaca\n"
+    "      records {instruction, input (optional), output} or chat records {messages: [{role,\n"
+    "      content}, ...]} (--format auto tells them apart by the 'messages' key). Each example is\n"
+    "      rendered with the template (default chatml: <|im_start|>ROLE\\nCONTENT<|im_end|>\\n per turn;\n"
+    "      --system TEXT adds a system turn to examples without one) and written as EOT ex EOT ex\n"
+    "      ... EOT into DIR/NAME_{train,val}_000000.bin (default name \"sft\") with a loss mask\n"
+    "      SHARD.mask: 1 on every response and the stop token that ends it, 0 elsewhere.\n"
+    "      --seq-len T (default 256; 0: plain concatenation) keeps each example inside one T-token\n"
+    "      training window (the gap padded with masked EOT tokens). Examples longer than --max-len\n"
+    "      tokens (default T; an example's tokens + 1 EOT) are truncated or dropped (--overflow,\n"
+    "      default truncate). Validation takes every (1/F)-th example (default F 0.1) or the first N.\n"
+    "      Also writes DIR/tokenizer.json (the tokenizer plus <|im_start|>, <|im_end|>) and\n"
+    "      DIR/template.json, which finetune_mamba reads.\n"
     "  prepare_data brown SRC_DIR OUT_DIR\n"
     "      the tagged Brown corpus (files ca01..cr09 in SRC_DIR) to plain text, one OUT_DIR/<id>.txt\n"
     "      per text.\n";
@@ -293,6 +310,124 @@ static void cmd_train_bpe(int argc, char** argv) {
 }
 
 // ----------------------------------------------------------------------------
+// sft: instruction data to shards with a loss mask (data/sft.h has the format)
+
+static void cmd_sft(int argc, char** argv) {
+    Args a(argc, argv, {"--tokenizer", "--out", "--name", "--template", "--system", "--format", "--seq-len",
+                        "--max-len", "--overflow", "--val-fraction", "--val-examples", "--seed"});
+    if (a.positional.empty()) throw UsageError("sft: no INPUT given");
+    if (a.has("--val-fraction") && a.has("--val-examples"))
+        throw UsageError("give --val-fraction or --val-examples, not both");
+    const std::string out = a.required("--out"), name = a.str("--name", "sft");
+    const long long T = a.integer("--seq-len", 256);
+    const long long max_len = a.integer("--max-len", T);
+    const std::string overflow = a.str("--overflow", "truncate"), format = a.str("--format", "auto");
+    const double val_fraction = a.has("--val-examples") ? 0.0 : a.real("--val-fraction", 0.1);
+    const long long val_examples = a.integer("--val-examples", 0);
+    const uint64_t seed = (uint64_t)a.integer("--seed", 0);
+    if (T < 0 || T > (1 << 24)) throw UsageError("--seq-len must be in [0, 2^24]");
+    if (max_len < 0) throw UsageError("--max-len must be >= 0 (0: no limit)");
+    if (T > 0 && (max_len == 0 || max_len > T))
+        throw UsageError(strformat("--max-len %lld must be in [1, --seq-len %lld]", max_len, T));
+    if (overflow != "truncate" && overflow != "drop") throw UsageError("--overflow must be truncate or drop");
+    if (format != "auto" && format != "alpaca" && format != "chat") throw UsageError("--format must be auto, alpaca or chat");
+    if (val_fraction < 0 || val_fraction > 1) throw UsageError("--val-fraction must be in [0, 1]");
+    if (val_examples < 0) throw UsageError("--val-examples must be >= 0");
+    const sft::Format fmt = format == "alpaca" ? sft::Format::Alpaca : format == "chat" ? sft::Format::Chat
+                                                                                        : sft::Format::Auto;
+    sft::Template tmpl = sft::load_template(a.str("--template", "chatml"));
+    if (a.has("--system")) tmpl.default_system = a.str("--system");
+
+    Tokenizer tok = Tokenizer::load(a.required("--tokenizer"));
+    sft::add_template_specials(tok, tmpl);
+    const uint32_t eot = (uint32_t)tok.eot_token();
+    printf("special tokens:");
+    std::vector<std::string> shown = {"<|endoftext|>", "<|im_start|>", "<|im_end|>"};
+    for (auto& s : tmpl.specials) if (std::find(shown.begin(), shown.end(), s) == shown.end()) shown.push_back(s);
+    for (auto& s : shown) printf(" %s %d", s.c_str(), tok.token_id(s));
+    printf(" (vocab %d); template %s, stop %s (id %d)\n", tok.vocab_size(), tmpl.name.c_str(), tmpl.stop.c_str(),
+           tok.token_id(tmpl.stop));
+
+    std::vector<std::string> files;
+    for (auto& in : a.positional) {
+        if (fs::is_directory(in)) {
+            std::vector<std::string> found;
+            for (auto& e : fs::recursive_directory_iterator(in))
+                if (e.is_regular_file() && ends_with(e.path().string(), ".jsonl")) found.push_back(e.path().string());
+            if (found.empty()) THROW("directory '%s' holds no *.jsonl file", in.c_str());
+            std::sort(found.begin(), found.end());
+            files.insert(files.end(), found.begin(), found.end());
+        } else if (fs::is_regular_file(in)) {
+            files.push_back(in);
+        } else {
+            THROW("input '%s' is neither a file nor a directory", in.c_str());
+        }
+    }
+
+    sft::SftStream train((int)T, eot), val((int)T, eot);
+    size_t read = 0, n_chat = 0, truncated = 0, dropped_long = 0, dropped_cut = 0, no_response = 0;
+    const double val_offset = (SplitMix64(seed).next() >> 11) * 0x1.0p-53;
+    for (auto& path : files) {
+        std::ifstream f(path, std::ios::binary);
+        if (!f) THROW("cannot open '%s'", path.c_str());
+        std::string line;
+        for (long lineno = 1; std::getline(f, line); lineno++) {
+            if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
+            const std::string where = strformat("'%s' line %ld", path.c_str(), lineno);
+            nlohmann::json j;
+            try {
+                j = nlohmann::json::parse(line);
+            } catch (const std::exception& e) {
+                THROW("%s is not valid JSON: %s", where.c_str(), e.what());
+            }
+            bool chat = false;
+            std::vector<sft::Turn> turns = sft::parse_record(j, tmpl, fmt, where, &chat);
+            // the same systematic split as `shards`, over examples
+            const bool is_val = val_fraction > 0 ? std::floor((read + 1) * val_fraction + val_offset) >
+                                                       std::floor(read * val_fraction + val_offset)
+                                                 : (long long)read < val_examples;
+            read++;
+            n_chat += chat;
+            sft::Rendered r = sft::render(turns, tmpl, tok);
+            if (r.trained() == 0) { no_response++; continue; }
+            if (max_len > 0 && r.tokens.size() + 1 > (size_t)max_len) {
+                if (overflow == "drop") { dropped_long++; continue; }
+                if (!sft::truncate(r, (size_t)max_len)) { dropped_cut++; continue; }
+                truncated++;
+            }
+            (is_val ? val : train).add(r);
+        }
+    }
+    train.finish();
+    val.finish();
+    printf("examples: %zu read (%zu Alpaca, %zu chat), %zu train, %zu val\n", read, read - n_chat, n_chat,
+           train.examples, val.examples);
+    printf("longer than --max-len %lld (--overflow %s): %zu truncated, %zu dropped, %zu dropped as nothing of the "
+           "response was left; %zu without an assistant turn dropped\n", max_len, overflow.c_str(), truncated,
+           dropped_long, dropped_cut, no_response);
+    if (train.examples == 0) THROW("no training examples: every example was dropped or went to validation");
+
+    fs::create_directories(out);
+    for (auto& old : glob_sorted(out + "/" + name + "_*_*.bin*")) fs::remove(old);
+    auto write_split = [&](sft::SftStream& s, const char* split) {
+        std::string path = strformat("%s/%s_%s_000000.bin", out.c_str(), name.c_str(), split);
+        write_shard(path, s.tokens, tok.vocab_size());
+        write_mask(path + ".mask", s.mask);
+        printf("%s: %zu examples, %zu tokens (%zu trained, %zu padding) -> %s (+ .mask)\n", split, s.examples,
+               s.tokens.size(), s.trained(), s.pad_tokens, path.c_str());
+    };
+    write_split(train, "train");
+    if (val.examples > 0) write_split(val, "val");
+    tok.save_hf(out + "/tokenizer.json");
+    {
+        std::ofstream tf(out + "/template.json");
+        tf << sft::template_to_json(tmpl).dump(1) << "\n";
+        if (!tf) THROW("cannot write '%s/template.json'", out.c_str());
+    }
+    printf("wrote %s/tokenizer.json and %s/template.json\n", out.c_str(), out.c_str());
+}
+
+// ----------------------------------------------------------------------------
 // brown: tagged Brown corpus (word/tag tokens) to plain text
 
 static bool all_chars_in(const std::string& w, const char* set) {
@@ -395,6 +530,7 @@ int main(int argc, char** argv) {
         else if (cmd == "inspect") cmd_inspect(argc - 2, argv + 2);
         else if (cmd == "train-bpe") cmd_train_bpe(argc - 2, argv + 2);
         else if (cmd == "brown") cmd_brown(argc - 2, argv + 2);
+        else if (cmd == "sft") cmd_sft(argc - 2, argv + 2);
         else if (cmd == "-h" || cmd == "--help") { printf("%s", USAGE); return 0; }
         else throw UsageError(strformat("unknown subcommand '%s'", cmd.c_str()));
     } catch (const UsageError& e) {
