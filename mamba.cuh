@@ -138,6 +138,11 @@ inline void ModelConfig::finalize() {
             if (nheads() % ngroups != 0)
                 THROW("nheads %d (d_inner %d / headdim %d) is not divisible by ngroups %d", nheads(), d_inner(), headdim,
                       ngroups);
+            // what the SSD kernels are built for (ssd.cuh)
+            if ((headdim != 32 && headdim != 64) || (d_state != 64 && d_state != 128) ||
+                (chunk_size != 64 && chunk_size != 128 && chunk_size != 256))
+                THROW("Mamba-2 needs headdim 32 or 64, d_state 64 or 128 and chunk 64, 128 or 256 (got %d, %d, %d)",
+                      headdim, d_state, chunk_size);
         }
     }
     if (has('*')) {

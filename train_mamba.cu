@@ -468,7 +468,8 @@ static int run(const Args& a) {
         }
 
         auto t0 = std::chrono::steady_clock::now();
-        const long step_tokens = ramp.at(st.tokens);
+        // the last step stops at the run's length (both are whole micro-batches)
+        const long step_tokens = unit_tokens ? std::min(ramp.at(st.tokens), total_tokens - st.tokens) : ramp.at(st.tokens);
         const int accum = (int)(step_tokens / micro_tokens);
         const long units_before = unit_tokens ? st.tokens : step;
         // the whole step's batches first: the loss is normalised by its count of valid targets

@@ -101,6 +101,8 @@ TEST_CASE("config: JSON files, and the errors they can raise", "[config]") {
                       Catch::Contains("d_inner 200") && Catch::Contains("headdim 64"));
     CHECK_THROWS_WITH(model_config_from_json(write_tmp("grp.json", R"({"d_model": 192, "headdim": 64, "ngroups": 4})")),
                       Catch::Contains("nheads 6") && Catch::Contains("ngroups 4"));
+    CHECK_THROWS_WITH(model_config_from_json(write_tmp("ssd.json", R"({"d_model": 128, "d_state": 32})")),
+                      Catch::Contains("d_state 64 or 128") && Catch::Contains("got 64, 32, 256"));
     CHECK_THROWS_WITH(model_config_from_json(write_tmp("pat.json", R"({"n_layer": 2, "pattern": "MMM"})")),
                       Catch::Contains("pattern 'MMM' has 3 layers"));
 }

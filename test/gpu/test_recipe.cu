@@ -109,7 +109,8 @@ TEST_CASE("recipe: WSD continues from a stable-phase checkpoint with a new lengt
     CHECK(at18.position == at12.position + 2 * 4);
     REQUIRE(h18.contains("mix_loader"));
     CHECK(h18["mix_loader"][1].get<uint64_t>() == 4 * 4);
-    CHECK(lines.back().loss < lines[6].loss);
+    CHECK(lines[8].loss > 2 * lines[6].loss);        // step 15: the new mixture is unlike the main data
+    CHECK(lines.back().loss < lines[8].loss - 2.0);  // and is learnt in the decay phase
 }
 
 TEST_CASE("recipe: Muon + AdamW trains, resumes bit for bit, and refuses an AdamW-only checkpoint", "[recipe][muon]") {
