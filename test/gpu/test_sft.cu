@@ -130,7 +130,7 @@ TEST_CASE("sft: with masked prompts the gradient is the response-only loss's (0/
 TEST_CASE("sft: vocabulary growth copies every tensor and starts new rows at the mean row", "[sft]") {
     sft_gpu_fresh_dir(SFT_GPU_TMP + "/grow");
     ModelConfig a = model_config_from_json(write_config(SFT_GPU_TMP + "/grow/a.json",
-        R"({"vocab_size": 250, "d_model": 64, "n_layer": 2, "pattern": "M+", "d_state": 16, "headdim": 32,
+        R"({"vocab_size": 250, "d_model": 64, "n_layer": 2, "pattern": "M+", "d_state": 64, "headdim": 32,
             "tie_embeddings": false})"));
     ModelConfig b = a;
     b.vocab_size = 258;  // crosses no padding boundary: 256 rows either way
