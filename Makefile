@@ -26,8 +26,13 @@ all: train_mamba finetune_mamba prepare_data $(BUILD)/test_cpu $(BUILD)/test_gpu
 prepare_data: data/prepare_data.cpp $(HEADERS)
 	$(CXX) $(CXXFLAGS) $< -o $@ -licuuc
 
+# Open MPI launches the ranks (mpicxx names its include and library directories); NCCL
+# comes with the CUDA toolkit
+MPI_INC   := $(addprefix -I,$(shell mpicxx --showme:incdirs 2>/dev/null))
+MPI_LIB   := $(addprefix -L,$(shell mpicxx --showme:libdirs 2>/dev/null)) -lmpi
+
 train_mamba: train_mamba.cu $(HEADERS)
-	$(NVCC) $(NVCCFLAGS) $< -o $@ $(LIBS) -licuuc
+	$(NVCC) $(NVCCFLAGS) $(MPI_INC) $< -o $@ $(LIBS) $(MPI_LIB) -lnccl -licuuc
 
 finetune_mamba: finetune_mamba.cu $(HEADERS)
 	$(NVCC) $(NVCCFLAGS) $< -o $@ $(LIBS) -licuuc

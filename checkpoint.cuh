@@ -7,6 +7,9 @@
 //     optimizer state arrays ("optimizer": [[name, floats], ...]; AdamW m and v when absent)
 //   the loader state (raw bytes of DataLoader::State)
 //   float master[n], then each optimizer state array in the listed order
+// A run of W > 1 ranks (ZeRO-1) writes each rank's optimizer arrays to NAME.rankR-of-W
+// (the same layout: magic, JSON header, arrays) and lists none in the main file, whose
+// header records W; the main file is written last, after every rank's file.
 // Files are written to NAME.tmp and renamed, so a crash never leaves a torn checkpoint.
 #pragma once
 #include <algorithm>
@@ -41,32 +44,68 @@ inline OptState adamw_state(const AdamW& opt) {
 
 static const char kCheckpointMagic[8] = {'M', 'A', 'M', 'B', 'A', 'C', 'K', '1'};
 
-inline std::string checkpoint_save(const std::string& dir, const TrainState& st, const Model& model,
-                                   const OptState& opt, const ModelConfig& cfg) {
-    std::filesystem::create_directories(dir);
+inline std::string checkpoint_name(const std::string& dir, int step) {
     char name[64];
-    snprintf(name, sizeof(name), "step_%08d.ckpt", st.step);
-    const std::string path = dir + "/" + name, tmp = path + ".tmp";
+    snprintf(name, sizeof(name), "step_%08d.ckpt", step);
+    return dir + "/" + name;
+}
+inline std::string checkpoint_shard_name(const std::string& path, int rank, int world) {
+    return path + ".rank" + std::to_string(rank) + "-of-" + std::to_string(world);
+}
+
+inline nlohmann::json opt_arrays(const OptState& opt) {
     nlohmann::json arrays = nlohmann::json::array();
     for (auto& [n, v] : opt) arrays.push_back({n, v.size()});
-    nlohmann::json h = {{"config", model_config_to_json(cfg)}, {"step", st.step}, {"tokens", st.tokens},
-                        {"num_params", model.layout.total}, {"loader_state_bytes", sizeof(st.loader)},
-                        {"optimizer", arrays}};
-    if (st.has_mix) h["mix_loader"] = {st.mix_loader.epoch, st.mix_loader.position};
-    std::string header = h.dump();
+    return arrays;
+}
+
+// magic, header, then the raw parts, to path.tmp, flushed, renamed to path
+inline void write_atomic(const std::string& path, const nlohmann::json& h,
+                         const std::vector<std::pair<const void*, size_t>>& parts) {
+    const std::string tmp = path + ".tmp", header = h.dump();
     uint64_t header_bytes = header.size();
-    std::vector<float> master = model.get_master();
     FILE* f = fopen_or_throw(tmp, "wb");
     fwrite_or_throw(kCheckpointMagic, 1, 8, f, tmp);
     fwrite_or_throw(&header_bytes, sizeof(header_bytes), 1, f, tmp);
     fwrite_or_throw(header.data(), 1, header.size(), f, tmp);
-    fwrite_or_throw(&st.loader, sizeof(st.loader), 1, f, tmp);
-    fwrite_or_throw(master.data(), sizeof(float), master.size(), f, tmp);
-    for (auto& [n, v] : opt) fwrite_or_throw(v.data(), sizeof(float), v.size(), f, tmp);
+    for (auto& [p, n] : parts) fwrite_or_throw(p, 1, n, f, tmp);
     if (fflush(f) != 0 || fsync(fileno(f)) != 0) THROW("cannot flush checkpoint '%s'", tmp.c_str());
     fclose(f);
     std::filesystem::rename(tmp, path);
+}
+
+// Writes this rank's part of a checkpoint and returns the main file's path. With several
+// ranks, `barrier` runs between the ranks' optimizer files and rank 0's main file, and the
+// model's master weights must be complete on rank 0.
+template <typename Barrier>
+inline std::string checkpoint_save(const std::string& dir, const TrainState& st, const Model& model,
+                                   const OptState& opt, const ModelConfig& cfg, int rank, int world, Barrier&& barrier) {
+    std::filesystem::create_directories(dir);
+    const std::string path = checkpoint_name(dir, st.step);
+    std::vector<std::pair<const void*, size_t>> arrays;
+    for (auto& [n, v] : opt) arrays.push_back({v.data(), v.size() * sizeof(float)});
+    if (world > 1) {
+        write_atomic(checkpoint_shard_name(path, rank, world),
+                     {{"rank", rank}, {"world", world}, {"step", st.step}, {"optimizer", opt_arrays(opt)}}, arrays);
+        barrier();
+        arrays.clear();
+    }
+    if (rank == 0) {
+        nlohmann::json h = {{"config", model_config_to_json(cfg)}, {"step", st.step}, {"tokens", st.tokens},
+                            {"num_params", model.layout.total}, {"loader_state_bytes", sizeof(st.loader)},
+                            {"world", world}, {"optimizer", world > 1 ? nlohmann::json::array() : opt_arrays(opt)}};
+        if (st.has_mix) h["mix_loader"] = {st.mix_loader.epoch, st.mix_loader.position};
+        std::vector<float> master = model.get_master();
+        arrays.insert(arrays.begin(), {{&st.loader, sizeof(st.loader)}, {master.data(), master.size() * sizeof(float)}});
+        write_atomic(path, h, arrays);
+    }
+    barrier();  // no rank reads the checkpoint before it exists
     return path;
+}
+
+inline std::string checkpoint_save(const std::string& dir, const TrainState& st, const Model& model,
+                                   const OptState& opt, const ModelConfig& cfg) {
+    return checkpoint_save(dir, st, model, opt, cfg, 0, 1, [] {});
 }
 
 inline std::string checkpoint_save(const std::string& dir, const TrainState& st, const Model& model, const AdamW& opt,
@@ -110,9 +149,16 @@ inline nlohmann::json checkpoint_header(const std::string& path, FILE** keep_ope
 // Loads the weights into `model` and returns the training state; `opt` receives the
 // optimizer arrays, which must have the names and sizes it is given with (a run with another
 // optimizer set-up is refused, naming what differs).
-inline TrainState checkpoint_load(const std::string& path, Model& model, OptState& opt, const ModelConfig& cfg) {
+inline TrainState checkpoint_load(const std::string& path, Model& model, OptState& opt, const ModelConfig& cfg,
+                                  int rank = 0, int world = 1) {
     FILE* f = nullptr;
     nlohmann::json h = checkpoint_header(path, &f);
+    const int saved_world = h.value("world", 1);
+    if (saved_world != world) {
+        fclose(f);
+        THROW("checkpoint '%s' was written by %d rank(s), with the optimizer state sharded among them; resume it "
+              "with mpirun -np %d (this run has %d)", path.c_str(), saved_world, saved_world, world);
+    }
     if (h["config"] != model_config_to_json(cfg)) {
         fclose(f);
         THROW("checkpoint '%s' holds model %s, but this run builds %s", path.c_str(), h["config"].dump().c_str(),
@@ -123,12 +169,18 @@ inline TrainState checkpoint_load(const std::string& path, Model& model, OptStat
         fclose(f);
         THROW("checkpoint '%s' does not match this build (params %zu vs %zu)", path.c_str(), n, model.layout.total);
     }
+    FILE* fo = f;  // where the optimizer arrays are: this file, or this rank's own
     nlohmann::json arrays = h.value("optimizer", nlohmann::json::array({{"adamw.m", n}, {"adamw.v", n}}));
+    if (world > 1) {
+        const std::string shard = checkpoint_shard_name(path, rank, world);
+        arrays = checkpoint_header(shard, &fo)["optimizer"];
+    }
     std::string have, want;
     for (auto& a : arrays) have += a[0].get<std::string>() + "(" + std::to_string(a[1].get<size_t>()) + ") ";
     for (auto& [name, v] : opt) want += name + "(" + std::to_string(v.size()) + ") ";
     if (have != want) {
         fclose(f);
+        if (fo != f) fclose(fo);
         THROW("checkpoint '%s' holds optimizer state %sbut this run needs %s", path.c_str(), have.c_str(), want.c_str());
     }
     TrainState st;
@@ -141,8 +193,9 @@ inline TrainState checkpoint_load(const std::string& path, Model& model, OptStat
     fread_or_throw(&st.loader, sizeof(st.loader), 1, f, path);
     std::vector<float> master(n);
     fread_or_throw(master.data(), sizeof(float), n, f, path);
-    for (auto& [name, v] : opt) fread_or_throw(v.data(), sizeof(float), v.size(), f, path);
+    for (auto& [name, v] : opt) fread_or_throw(v.data(), sizeof(float), v.size(), fo, path);
     fclose(f);
+    if (fo != f) fclose(fo);
     model.set_master(master);
     return st;
 }

@@ -62,8 +62,16 @@ static EvalResult evaluate(Model& model, DataLoader& val, int batches, size_t sa
     return {loss / d, top1 / d, top5 / d, n};
 }
 
-static void print_eval(Model& model, DataLoader& val, int batches, int step) {
-    EvalResult e = evaluate(model, val, batches);
+// an evaluation over several ranks' shares: each rank's result, weighted by its count
+// (`sum` adds a value over the ranks)
+template <typename Sum>
+static EvalResult combine_eval(const EvalResult& e, Sum&& sum) {
+    const double n = sum((double)e.valid);
+    if (n <= 0) return e;
+    return {sum(e.loss * e.valid) / n, sum(e.top1 * e.valid) / n, sum(e.top5 * e.valid) / n, (long)n};
+}
+
+static void print_eval(const EvalResult& e, int step) {
     printf("step %5d | val loss %.4f | top-1 %.2f%% | top-5 %.2f%%\n", step, e.loss, 100 * e.top1, 100 * e.top5);
     fflush(stdout);
 }

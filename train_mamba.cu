@@ -13,6 +13,7 @@
 #include "dataloader.h"
 #include "tokenizer.h"
 #include "checkpoint.cuh"
+#include "comm.cuh"
 #include "session.cuh"
 
 struct Args {
@@ -250,9 +251,13 @@ static void print_dry_run(const ModelConfig& c, const ParamLayout& layout, int B
     printf("flops per token (fwd+bwd): %.3g\n", flops_per_token(c, T));
 }
 
-// The optimizers of a run: AdamW over every tensor, or Muon for the blocks' 2-D matrices
-// with AdamW for the rest. Both read the one global gradient norm.
+// The optimizers of a rank: AdamW over its range of the parameter buffer (all of it on one
+// GPU; its ZeRO-1 share on several), or Muon for the blocks' 2-D matrices in the range with
+// AdamW for the rest. Both read the one global gradient norm.
 struct Optimizers {
+    Comm& comm;
+    std::vector<size_t> bounds;  // rank r owns [bounds[r], bounds[r + 1])
+    size_t begin, end;
     AdamW adamw;
     std::unique_ptr<Muon> muon;
     double muon_scale = 1.0;  // Muon's lr / AdamW's lr (the schedule's shape is shared)
@@ -263,8 +268,14 @@ struct Optimizers {
             if (!(with_muon && t.block_matrix)) v.push_back({t.offset, t.count, t.decay});
         return v;
     }
-    Optimizers(const Args& a, const ParamLayout& L)
-        : adamw(adamw_tensors(L, a.optimizer == "muon"), 0, L.total, [&] {
+    static std::vector<size_t> ranges(const ParamLayout& L, int world) {
+        std::vector<size_t> ends;
+        for (auto& t : L.tensors) ends.push_back(t.offset + t.count);
+        return partition_ranges(ends, L.total, world);
+    }
+    Optimizers(const Args& a, const ParamLayout& L, Comm& c)
+        : comm(c), bounds(ranges(L, c.world)), begin(bounds[c.rank]), end(bounds[c.rank + 1]),
+          adamw(adamw_tensors(L, a.optimizer == "muon"), begin, end, [&] {
               AdamWConfig c;
               c.beta1 = a.beta1; c.beta2 = a.beta2; c.eps = a.eps; c.weight_decay = a.weight_decay;
               c.grad_clip = a.grad_clip;
@@ -273,19 +284,27 @@ struct Optimizers {
         if (a.optimizer != "muon") return;
         std::vector<MuonMatrix> mats;
         for (auto& t : L.tensors)
-            if (t.block_matrix) mats.push_back({t.offset, t.shape[0], t.shape[1]});
+            if (t.block_matrix && t.offset >= begin && t.offset < end) mats.push_back({t.offset, t.shape[0], t.shape[1]});
         MuonConfig mc;
         mc.momentum = a.muon_momentum; mc.weight_decay = a.weight_decay; mc.grad_clip = a.grad_clip;
-        muon = std::make_unique<Muon>(mats, mc);
+        if (!mats.empty()) muon = std::make_unique<Muon>(mats, mc);
         muon_scale = a.muon_lr > 0 ? a.muon_lr / a.lr : 1.0;
     }
 
-    // returns the squared global gradient norm (device)
+    // Sums the gradients onto their owners, updates this rank's range and shares the new
+    // bf16 weights; returns the squared global gradient norm (device).
     float* step(Model& m, float lr, int t, cudaStream_t s) {
-        float* norm2 = adamw.grad_norm_squared(m.grads, m.layout.total, s);
+        comm.reduce_ranges(m.grads, bounds, s);
+        float* norm2 = adamw.grad_norm_squared(m.grads + begin, end - begin, s);
+        comm.allreduce_sum(norm2, 1, s);
         adamw.step(m.master, m.params, m.grads, norm2, lr, t, s);
         if (muon) muon->step(m.master, m.params, m.grads, norm2, (float)(lr * muon_scale), s);
+        comm.broadcast_ranges(m.params, bounds, s);
+        comm.wait(s);
         return norm2;
+    }
+    size_t state_bytes() const {
+        return 2 * (end - begin) * sizeof(float) + (muon ? muon->state_floats() * sizeof(float) : 0);
     }
     OptState state() const {
         OptState st = adamw_state(adamw);
@@ -298,6 +317,11 @@ struct Optimizers {
     void set(const OptState& st) {
         adamw.set_state(st[0].second, st[1].second);
         if (muon) muon->set_state(st[2].second);
+    }
+    // every rank's master range onto every rank (before rank 0 writes a checkpoint)
+    void gather_master(Model& m, cudaStream_t s) {
+        comm.broadcast_ranges(m.master, bounds, s);
+        comm.wait(s);
     }
 };
 
@@ -325,11 +349,11 @@ struct SpikeGuard {
 
 static void run_bench(const Args& a, const ModelConfig& cfg, Model& model, Optimizers& opt, double peak, double fpt) {
     const long tokens_per_step = a.total_batch;
-    const int accum = (int)(tokens_per_step / ((long)a.B * a.T));
+    const int accum = (int)(tokens_per_step / ((long)a.B * a.T * opt.comm.world));
     std::vector<float> posw;
     if (a.pos_weight) positional_weights(posw, a.B, a.T);
     model.init(a.seed);
-    SplitMix64 rng(a.seed);
+    SplitMix64 rng(a.seed + opt.comm.rank);
     std::vector<int> inputs((size_t)a.B * a.T), targets(inputs.size());
     std::vector<double> times;
     PhaseTimer timer;
@@ -360,10 +384,11 @@ static void run_bench(const Args& a, const ModelConfig& cfg, Model& model, Optim
     size_t free_b, total_b;
     cudaCheck(cudaMemGetInfo(&free_b, &total_b));
     double tps = tokens_per_step / med;
-    printf("bench: %s B=%d T=%d accum=%d%s%s: median step %.2f ms, %.0f tokens/s, MFU %.1f%%, "
-           "device memory in use %.2f GiB\n", cfg.name.c_str(), a.B, a.T, accum, a.recompute ? " recompute" : "",
-           opt.muon ? " muon" : "", med * 1e3, tps, peak > 0 ? 100.0 * fpt * tps / peak : 0.0,
-           (total_b - free_b) / double(1 << 30));
+    printf("bench: %s B=%d T=%d accum=%d%s%s on %d GPU(s): median step %.2f ms, %.0f tokens/s (%.0f per GPU), "
+           "MFU %.1f%%, device memory in use %.2f GiB (rank 0; optimizer state %.2f GiB)\n", cfg.name.c_str(), a.B, a.T,
+           accum, a.recompute ? " recompute" : "", a.optimizer == "muon" ? " muon" : "", opt.comm.world, med * 1e3, tps,
+           tps / opt.comm.world, peak > 0 ? 100.0 * fpt * tps / (peak * opt.comm.world) : 0.0,
+           (total_b - free_b) / double(1 << 30), opt.state_bytes() / double(1 << 30));
     if (a.profile) {  // the events themselves add a little time: shares, not a second clock
         double sum = 0;
         for (auto& kv : timer.ms) sum += kv.second;
@@ -375,7 +400,7 @@ static void run_bench(const Args& a, const ModelConfig& cfg, Model& model, Optim
     }
 }
 
-static int run(const Args& a) {
+static int run(const Args& a, Comm& comm) {
     ModelConfig cfg = model_config(a);
     ParamLayout layout(cfg);
     if (a.dry_run) { print_dry_run(cfg, layout, a.B, a.T, a.recompute); return 0; }
@@ -388,12 +413,17 @@ static int run(const Args& a) {
     print_dry_run(cfg, layout, a.B, a.T, a.recompute);
     matmul_init();
 
+    // the batch sizes are global: every rank runs micro-batches of B x T
+    const long local_tokens = (long)a.B * a.T, micro_tokens = local_tokens * comm.world;
+    if (a.total_batch % micro_tokens != 0)
+        THROW("--total-batch %ld is not a multiple of B*T*ranks = %d*%d*%d = %ld", a.total_batch, a.B, a.T, comm.world,
+              micro_tokens);
+    if (comm.multi()) printf("ranks: %d (ZeRO-1: optimizer state sharded by tensor ranges)\n", comm.world);
     Model model(cfg);
     model.recompute = a.recompute;
     model.allocate(a.B, a.T);
-    Optimizers opt(a, layout);
-    const long micro_tokens = (long)a.B * a.T;
-    const double peak = peak_flops(prop), fpt = flops_per_token(cfg, a.T);
+    Optimizers opt(a, layout, comm);
+    const double peak = peak_flops(prop) * comm.world, fpt = flops_per_token(cfg, a.T);
     if (a.bench) { run_bench(a, cfg, model, opt, peak, fpt); return 0; }
 
     // the run's length and schedule: in steps, or in tokens (--schedule-unit tokens, ramp-up)
@@ -420,11 +450,14 @@ static int run(const Args& a) {
     std::optional<Tokenizer> tok;
     if (a.sample_every > 0) tok = Tokenizer::load(a.tokenizer);
     const int eot = tok ? tok->eot_token() : -1;
-    DataLoader train(a.train_data, a.B, a.T, 0, 1, a.seed, true, cfg.vocab_size, eot);
-    DataLoader val(a.val_data, a.B, a.T, 0, 1, a.seed, false, cfg.vocab_size, eot);
+    DataLoader train(a.train_data, a.B, a.T, comm.rank, comm.world, a.seed, true, cfg.vocab_size, eot);
+    DataLoader val(a.val_data, a.B, a.T, comm.rank, comm.world, a.seed, false, cfg.vocab_size, eot);
+    auto print_val = [&](int step) {
+        print_eval(combine_eval(evaluate(model, val, a.val_batches), [&](double v) { return comm.sum(v); }), step);
+    };
     std::optional<DataLoader> mix;
     if (!a.mix_data.empty()) {
-        mix.emplace(a.mix_data, a.B, a.T, 0, 1, a.seed + 1, true, cfg.vocab_size, eot);
+        mix.emplace(a.mix_data, a.B, a.T, comm.rank, comm.world, a.seed + 1, true, cfg.vocab_size, eot);
         printf("decay-phase mixture: %.0f%% of micro-batches from %s (from %ld %s)\n", 100 * a.mix_weight,
                a.mix_data.c_str(), sched.decay_start, a.schedule_unit.c_str());
     }
@@ -432,7 +465,7 @@ static int run(const Args& a) {
     TrainState st;
     auto restore = [&](const std::string& path) {
         OptState os = opt.state();  // names and sizes for checkpoint_load
-        st = checkpoint_load(path, model, os, cfg);
+        st = checkpoint_load(path, model, os, cfg, comm.rank, comm.world);
         opt.set(os);
         train.restore(st.loader);
         if (mix && st.has_mix) mix->restore(st.mix_loader);
@@ -448,7 +481,9 @@ static int run(const Args& a) {
         st.loader = train.state();
         st.has_mix = mix.has_value();
         if (mix) st.mix_loader = mix->state();
-        std::string path = checkpoint_save(a.ckpt_dir, st, model, opt.state(), cfg);
+        if (comm.multi()) opt.gather_master(model, 0);
+        std::string path = checkpoint_save(a.ckpt_dir, st, model, opt.state(), cfg, comm.rank, comm.world,
+                                           [&] { comm.barrier(); });
         printf("checkpoint: %s\n", path.c_str());
         return path;
     };
@@ -460,8 +495,8 @@ static int run(const Args& a) {
     auto done = [&] { return unit_tokens ? st.tokens >= total_tokens : st.step >= a.steps; };
     while (!done()) {
         const int step = st.step;
-        if (a.val_every > 0 && step % a.val_every == 0) print_eval(model, val, a.val_batches, step);
-        if (a.sample_every > 0 && step > 0 && step % a.sample_every == 0) {
+        if (a.val_every > 0 && step % a.val_every == 0) print_val(step);
+        if (a.sample_every > 0 && step > 0 && step % a.sample_every == 0 && comm.root()) {
             std::string text = sample_text(model, *tok, a.sample_len, a.seed + step);
             for (size_t p; (p = text.find('\n')) != std::string::npos;) text.replace(p, 1, "\\n");  // one log line
             printf("sample: %s\n", text.c_str());
@@ -473,15 +508,15 @@ static int run(const Args& a) {
         const int accum = (int)(step_tokens / micro_tokens);
         const long units_before = unit_tokens ? st.tokens : step;
         // the whole step's batches first: the loss is normalised by its count of valid targets
-        inputs.resize((size_t)accum * micro_tokens);
+        inputs.resize((size_t)accum * local_tokens);
         targets.resize(inputs.size());
         for (int m = 0; m < accum; m++) {
             // in WSD's decay phase, a share of the micro-batches comes from the second mixture
             SplitMix64 pick(a.seed ^ ((uint64_t)step * 0x9E3779B97F4A7C15ULL + m));
             DataLoader& src = mix && units_before >= sched.decay_start && pick.uniform() < a.mix_weight ? *mix : train;
             src.next_batch();
-            std::copy(src.inputs(), src.inputs() + micro_tokens, inputs.begin() + (size_t)m * micro_tokens);
-            std::copy(src.targets(), src.targets() + micro_tokens, targets.begin() + (size_t)m * micro_tokens);
+            std::copy(src.inputs(), src.inputs() + local_tokens, inputs.begin() + (size_t)m * local_tokens);
+            std::copy(src.targets(), src.targets() + local_tokens, targets.begin() + (size_t)m * local_tokens);
         }
         if (step + 1 == a.inject_spike_at) {  // a corrupt batch: random targets
             SplitMix64 r(a.seed + 17);
@@ -490,17 +525,18 @@ static int run(const Args& a) {
         }
         long valid = 0;
         for (int t : targets) valid += t >= 0;
+        valid = comm.sum(valid);  // the loss is the mean over the global batch
         if (valid == 0) THROW("step %d: every target of the batch is masked", step + 1);
         model.zero_grad();
         double loss = 0;
         for (int m = 0; m < accum; m++) {
-            size_t off = (size_t)m * micro_tokens;
+            size_t off = (size_t)m * local_tokens;
             model.forward(inputs.data() + off, targets.data() + off, a.pos_weight ? posw.data() : nullptr,
                           1.0f / valid, a.z_loss);
             model.backward();
             loss += model.loss_sum();
         }
-        loss /= valid;
+        loss = comm.sum(loss) / valid;
         if (spikes.is_spike(loss)) {
             // skip the update; go back to the last checkpoint and leave the loader past this batch
             DataLoader::State skip_to = train.state();
@@ -539,15 +575,22 @@ static int run(const Args& a) {
         fflush(stdout);
         if ((a.ckpt_every > 0 && st.step % a.ckpt_every == 0) || done()) last_ckpt = save();
     }
-    if (a.val_every > 0) print_eval(model, val, a.val_batches, st.step);
+    if (a.val_every > 0) print_val(st.step);
     return 0;
 }
 
 int main(int argc, char** argv) {
+    Comm comm;
+    comm.init(&argc, &argv);
+    if (!comm.root() && !freopen("/dev/null", "w", stdout)) comm_abort("cannot silence stdout");  // rank 0 logs
+    int rc = 0;
     try {
-        return run(parse_args(argc, argv));
+        rc = run(parse_args(argc, argv), comm);
     } catch (const std::exception& e) {
+        if (comm.multi()) comm_abort(("error: " + std::string(e.what())).c_str());
         fprintf(stderr, "error: %s\n", e.what());
-        return 1;
+        rc = 1;
     }
+    comm.finalize();
+    return rc;
 }

