@@ -368,6 +368,25 @@ struct LRSchedule {
     }
 };
 
+// ZeRO-1: cuts [0, total) at the given tensor boundaries into `world` contiguous ranges of about
+// total / world elements: rank r owns [bounds[r], bounds[r + 1]).
+inline std::vector<size_t> partition_ranges(const std::vector<size_t>& tensor_ends, size_t total, int world) {
+    std::vector<size_t> bounds(1, 0);
+    for (int r = 1; r < world; r++) {
+        const size_t target = total * r / world;
+        size_t cut = bounds.back();
+        for (size_t e : tensor_ends) {  // the boundary closest to the target, not before the last cut
+            if (e < bounds.back()) continue;
+            if (e > total) break;
+            if (cut == bounds.back() || (e > target ? e - target : target - e) < (cut > target ? cut - target : target - cut))
+                cut = e;
+        }
+        bounds.push_back(cut);
+    }
+    bounds.push_back(total);
+    return bounds;
+}
+
 // Batch-size ramp-up (SPEC.md section 3): the tokens of one optimizer step grow linearly
 // from `start` to `target` over the first `ramp_tokens` tokens of the run, in whole
 // micro-batches of `micro` tokens (at least one).

@@ -1,6 +1,7 @@
 // Learning-rate schedules (host only): exact at their breakpoints, in steps or tokens,
 // and bad values rejected with their message.
 #include <catch2/catch.hpp>
+#include <algorithm>
 #include "optim.cuh"
 
 TEST_CASE("schedules: cosine is exact at warmup end, midpoint and total", "[optim]") {
@@ -56,4 +57,26 @@ TEST_CASE("schedules: batch ramp-up is exact at its breakpoints, in whole micro-
     CHECK(tiny.at(0) == micro);
     BatchRamp off{target, target, 0, micro};
     CHECK(off.at(0) == target);
+}
+
+TEST_CASE("ZeRO-1: ranges cut at tensor boundaries, balanced, covering everything once", "[optim]") {
+    // an embedding, 6 blocks of 3 tensors, a head
+    std::vector<size_t> ends;
+    size_t off = 0;
+    auto add = [&](size_t n) { off += n; ends.push_back(off); };
+    add(1000);
+    for (int l = 0; l < 6; l++) { add(10); add(300); add(150); }
+    add(1000);
+    for (int world : {1, 2, 3, 4, 8}) {
+        std::vector<size_t> b = partition_ranges(ends, off, world);
+        REQUIRE(b.size() == (size_t)world + 1);
+        CHECK(b.front() == 0);
+        CHECK(b.back() == off);
+        for (int r = 0; r < world; r++) {
+            CHECK(b[r] <= b[r + 1]);
+            CHECK(std::find(ends.begin(), ends.end(), b[r + 1]) != ends.end());  // a tensor boundary
+        }
+    }
+    std::vector<size_t> two = partition_ranges(ends, off, 2);
+    CHECK(two[1] == 1000 + 3 * 460);  // half of 4760 is 2380: after the third block
 }
