@@ -2,12 +2,14 @@
 // tensors. A run started without mpirun is one rank and touches neither MPI nor NCCL.
 //
 // ZeRO-1 here: the flat parameter buffer is cut at tensor boundaries into one contiguous
-// range per rank (balanced by element count), so every tensor, and so every Muon matrix,
-// is owned whole by one rank. After the backward, each range's gradient is summed onto its
-// owner (one ncclReduce per range, grouped: a reduce-scatter with uneven pieces); the owner
-// updates its range's fp32 master weights and optimizer state; the updated bf16 weights go
-// back to every rank (one ncclBroadcast per range, grouped: an all-gather).
+// range per rank (balanced by element count, optim.cuh's partition_ranges), so every
+// tensor, and so every Muon matrix, is owned whole by one rank. During the backward each
+// finished bucket of gradients is summed onto its owners (ncclReduce per owner: together a
+// reduce-scatter with uneven pieces, GradReducer below); the owner updates its range's fp32
+// master weights and optimizer state; the updated bf16 weights go back to every rank (one
+// ncclBroadcast per range, grouped: an all-gather).
 #pragma once
+#include <algorithm>
 #include <chrono>
 #include <cstdlib>
 #include <string>
@@ -120,16 +122,6 @@ struct Comm {
     void allreduce_sum(float* x, size_t n, cudaStream_t s) {
         if (multi()) ncclCheck(ncclAllReduce(x, x, n, ncclFloat, ncclSum, nccl, s));
     }
-    // buf[bounds[r], bounds[r+1]) summed over the ranks onto rank r, for every r
-    void reduce_ranges(float* buf, const std::vector<size_t>& bounds, cudaStream_t s) {
-        if (!multi()) return;
-        ncclCheck(ncclGroupStart());
-        for (int r = 0; r < world; r++) {
-            const size_t a = bounds[r], n = bounds[r + 1] - a;
-            if (n) ncclCheck(ncclReduce(buf + a, buf + a, n, ncclFloat, ncclSum, r, nccl, s));
-        }
-        ncclCheck(ncclGroupEnd());
-    }
     // buf[bounds[r], bounds[r+1]) from rank r to every rank, for every r
     template <typename T>
     void broadcast_ranges(T* buf, const std::vector<size_t>& bounds, cudaStream_t s) {
@@ -142,5 +134,55 @@ struct Comm {
             if (n) ncclCheck(ncclBroadcast(buf + a, buf + a, n, type, r, nccl, s));
         }
         ncclCheck(ncclGroupEnd());
+    }
+};
+
+// Reduces the gradients onto their owners while the backward still runs. The backward
+// finishes the buffer from its end down (LM head and final norm, then the blocks from the
+// last, then the embedding), so after each of its marks the span [ready(mark), total) is
+// final. Once the finished but unsent span reaches `bucket` elements it goes out on the
+// communication stream (one ncclReduce per owner it touches); the last mark sends the rest.
+struct GradReducer {
+    Comm& comm;
+    std::vector<size_t> bounds;  // owner ranges (partition_ranges)
+    size_t bucket;               // elements per launch; 0: everything at the last mark
+    size_t sent = 0;             // [sent, total) is on its way
+    cudaStream_t stream = nullptr;
+    cudaEvent_t ready_ev = nullptr, done_ev = nullptr;
+
+    GradReducer(Comm& c, std::vector<size_t> b, size_t bucket_elems) : comm(c), bounds(std::move(b)), bucket(bucket_elems) {
+        if (!comm.multi()) return;
+        cudaCheck(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+        cudaCheck(cudaEventCreateWithFlags(&ready_ev, cudaEventDisableTiming));
+        cudaCheck(cudaEventCreateWithFlags(&done_ev, cudaEventDisableTiming));
+    }
+    ~GradReducer() {
+        if (stream) cudaStreamDestroy(stream);
+        if (ready_ev) cudaEventDestroy(ready_ev);
+        if (done_ev) cudaEventDestroy(done_ev);
+    }
+
+    void begin() { sent = bounds.back(); }
+
+    // the backward (on stream s) has finished grads[lo, total); `last` marks its end
+    void ready(float* grads, size_t lo, bool last, cudaStream_t s) {
+        if (!comm.multi() || sent <= lo) return;
+        if (!last && (bucket == 0 || sent - lo < bucket)) return;
+        cudaCheck(cudaEventRecord(ready_ev, s));
+        cudaCheck(cudaStreamWaitEvent(stream, ready_ev, 0));
+        ncclCheck(ncclGroupStart());
+        for (int r = 0; r < comm.world; r++) {
+            const size_t a = std::max(lo, bounds[r]), b = std::min(sent, bounds[r + 1]);
+            if (a < b) ncclCheck(ncclReduce(grads + a, grads + a, b - a, ncclFloat, ncclSum, r, comm.nccl, stream));
+        }
+        ncclCheck(ncclGroupEnd());
+        sent = lo;
+    }
+
+    // stream s waits for every launched reduction
+    void finish(cudaStream_t s) {
+        if (!comm.multi()) return;
+        cudaCheck(cudaEventRecord(done_ev, stream));
+        cudaCheck(cudaStreamWaitEvent(s, done_ev, 0));
     }
 };

@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstring>
 #include <fstream>
+#include <functional>
 #include <map>
 #include <string>
 #include <vector>
@@ -614,6 +615,10 @@ struct Model {
     std::vector<void*> owned;   // every activation allocation, freed together
     PhaseTimer* timer = nullptr;  // set to time each phase
     void phase(const char* name, cudaStream_t s) { if (timer) timer->mark(name, s); }
+    // Called by backward() as the gradients become final from the end of the buffer down:
+    // grads[lo, total) are done (queued on the stream); `last` at the end. Multi-GPU runs
+    // start reducing them while the backward goes on.
+    std::function<void(size_t lo, bool last, cudaStream_t s)> grads_done;
 
     explicit Model(const ModelConfig& c) : cfg(c), layout(c) {
         master = cuda_malloc_n<float>(layout.total, "fp32 master weights");
@@ -963,9 +968,14 @@ struct Model {
         cudaCheck(cudaMemsetAsync(dresid, 0, (size_t)BT * d * sizeof(float), s));
         rmsnorm_backward(dresid, dresid_bf16, grads + layout.final_norm, norm_scratch, dxn, resid[L],
                          w(layout.final_norm), final_rstd, BT, d, s);
-        for (int l = L - 1; l >= 0; l--) layer_backward(l, s);
+        if (grads_done) grads_done(layout.final_norm, false, s);  // and an untied LM head, done in the forward
+        for (int l = L - 1; l >= 0; l--) {
+            layer_backward(l, s);
+            if (grads_done) grads_done(layout.layers[l].norm, false, s);
+        }
         phase("embedding bwd", s);
         embedding_backward(grads + layout.embedding, dresid, buckets, d, s);
+        if (grads_done) grads_done(0, true, s);
     }
 
     void zero_grad(cudaStream_t s = 0) { cudaCheck(cudaMemsetAsync(grads, 0, layout.total * sizeof(float), s)); }

@@ -50,6 +50,7 @@ struct Args {
     int spike_window = 20, inject_spike_at = -1;
     std::string mix_data;              // WSD decay phase: a second mixture of shards
     double mix_weight = 0;
+    double bucket_mb = 32;             // gradient reduction buckets (several GPUs)
 };
 
 static void usage() {
@@ -105,6 +106,9 @@ static void usage() {
         "                          the mean of the last --spike-window steps, skipping its batches\n"
         "  --spike-window N        steps in that mean (default 20)\n"
         "  --inject-spike-at N     test the recovery: corrupt the batch of step N (random targets)\n"
+        "several GPUs (mpirun -np N ./train_mamba ...):\n"
+        "  --bucket-mb F           gradients reduced during the backward in buckets of F MiB (default 32;\n"
+        "                          0: all at once after the backward)\n"
         "  --bench                 time --bench-steps steps on random tokens (no data, no checkpoints)\n"
         "  --profile               with --bench: time of each phase (kernel family) per step\n"
         "  --dry-run               print the model, parameter counts and memory estimate; no GPU\n");
@@ -180,6 +184,7 @@ static Args parse_args(int argc, char** argv) {
         else if (f == "--inject-spike-at") a.inject_spike_at = (int)to_long();
         else if (f == "--mix-data") a.mix_data = v;
         else if (f == "--mix-weight") a.mix_weight = to_float();
+        else if (f == "--bucket-mb") a.bucket_mb = to_float();
         else THROW("unknown flag '%s' (see --help)", f.c_str());
     }
     if (a.B <= 0 || a.T <= 0) THROW("batch size and sequence length must be positive (B %d, T %d)", a.B, a.T);
@@ -192,6 +197,7 @@ static Args parse_args(int argc, char** argv) {
     if (a.ramp_tokens > 0) a.schedule_unit = "tokens";  // a ramp-up makes steps unequal: count tokens
     if (a.mix_weight < 0 || a.mix_weight > 1) THROW("--mix-weight must be in [0, 1], got %g", a.mix_weight);
     if (!a.mix_data.empty() && a.schedule != "wsd") THROW("--mix-data mixes into WSD's decay phase: use --lr-schedule wsd");
+    if (a.bucket_mb < 0) THROW("--bucket-mb must be >= 0, got %g", a.bucket_mb);
     if (a.spike_window < 2) THROW("--spike-window must be at least 2, got %d", a.spike_window);
     if (a.total_batch == 0) a.total_batch = (long)a.B * a.T;
     if (a.total_batch % ((long)a.B * a.T) != 0)
@@ -258,6 +264,7 @@ struct Optimizers {
     Comm& comm;
     std::vector<size_t> bounds;  // rank r owns [bounds[r], bounds[r + 1])
     size_t begin, end;
+    GradReducer reducer;
     AdamW adamw;
     std::unique_ptr<Muon> muon;
     double muon_scale = 1.0;  // Muon's lr / AdamW's lr (the schedule's shape is shared)
@@ -275,6 +282,7 @@ struct Optimizers {
     }
     Optimizers(const Args& a, const ParamLayout& L, Comm& c)
         : comm(c), bounds(ranges(L, c.world)), begin(bounds[c.rank]), end(bounds[c.rank + 1]),
+          reducer(c, bounds, (size_t)(a.bucket_mb * (1 << 20) / sizeof(float))),
           adamw(adamw_tensors(L, a.optimizer == "muon"), begin, end, [&] {
               AdamWConfig c;
               c.beta1 = a.beta1; c.beta2 = a.beta2; c.eps = a.eps; c.weight_decay = a.weight_decay;
@@ -291,10 +299,19 @@ struct Optimizers {
         muon_scale = a.muon_lr > 0 ? a.muon_lr / a.lr : 1.0;
     }
 
-    // Sums the gradients onto their owners, updates this rank's range and shares the new
-    // bf16 weights; returns the squared global gradient norm (device).
+    // Before the backward of a step's last micro-batch: its gradients are reduced onto
+    // their owners bucket by bucket while the backward runs (several ranks).
+    void overlap_reduction(Model& m, bool last_micro) {
+        m.grads_done = nullptr;
+        if (!comm.multi() || !last_micro) return;
+        reducer.begin();
+        m.grads_done = [this, &m](size_t lo, bool last, cudaStream_t s) { reducer.ready(m.grads, lo, last, s); };
+    }
+
+    // After the backward: waits for the gradients' reduction, updates this rank's range and
+    // shares the new bf16 weights; returns the squared global gradient norm (device).
     float* step(Model& m, float lr, int t, cudaStream_t s) {
-        comm.reduce_ranges(m.grads, bounds, s);
+        reducer.finish(s);
         float* norm2 = adamw.grad_norm_squared(m.grads + begin, end - begin, s);
         comm.allreduce_sum(norm2, 1, s);
         adamw.step(m.master, m.params, m.grads, norm2, lr, t, s);
@@ -369,6 +386,7 @@ static void run_bench(const Args& a, const ModelConfig& cfg, Model& model, Optim
         for (int m = 0; m < accum; m++) {
             model.forward(inputs.data(), targets.data(), a.pos_weight ? posw.data() : nullptr,
                           1.0f / tokens_per_step, a.z_loss);
+            opt.overlap_reduction(model, m == accum - 1);
             model.backward();
         }
         model.phase("optimizer", 0);
@@ -387,7 +405,7 @@ static void run_bench(const Args& a, const ModelConfig& cfg, Model& model, Optim
     printf("bench: %s B=%d T=%d accum=%d%s%s on %d GPU(s): median step %.2f ms, %.0f tokens/s (%.0f per GPU), "
            "MFU %.1f%%, device memory in use %.2f GiB (rank 0; optimizer state %.2f GiB)\n", cfg.name.c_str(), a.B, a.T,
            accum, a.recompute ? " recompute" : "", a.optimizer == "muon" ? " muon" : "", opt.comm.world, med * 1e3, tps,
-           tps / opt.comm.world, peak > 0 ? 100.0 * fpt * tps / (peak * opt.comm.world) : 0.0,
+           tps / opt.comm.world, peak > 0 ? 100.0 * fpt * tps / peak : 0.0,
            (total_b - free_b) / double(1 << 30), opt.state_bytes() / double(1 << 30));
     if (a.profile) {  // the events themselves add a little time: shares, not a second clock
         double sum = 0;
@@ -533,12 +551,14 @@ static int run(const Args& a, Comm& comm) {
             size_t off = (size_t)m * local_tokens;
             model.forward(inputs.data() + off, targets.data() + off, a.pos_weight ? posw.data() : nullptr,
                           1.0f / valid, a.z_loss);
+            opt.overlap_reduction(model, m == accum - 1);
             model.backward();
             loss += model.loss_sum();
         }
         loss = comm.sum(loss) / valid;
         if (spikes.is_spike(loss)) {
             // skip the update; go back to the last checkpoint and leave the loader past this batch
+            opt.reducer.finish(0);
             DataLoader::State skip_to = train.state();
             printf("spike: step %d loss %.4f > %.1f x recent mean %.4f\n", step + 1, loss, a.spike_factor, spikes.mean());
             if (!last_ckpt.empty()) {
