@@ -146,19 +146,9 @@ static Args parse_args(int argc, char** argv) {
     return a;
 }
 
-// ModelConfig from a checkpoint header's "config" (model_config_to_json's keys), through
-// the JSON config reader
+// ModelConfig from a checkpoint header's "config" (model_config_to_json's keys)
 static ModelConfig config_from_json(const nlohmann::json& j, const std::string& ckpt) {
-    char tmp[] = "/tmp/finetune_mamba_config_XXXXXX";
-    int fd = mkstemp(tmp);
-    if (fd < 0) THROW("cannot create a temporary file for the config of '%s'", ckpt.c_str());
-    std::string text = j.dump();
-    bool ok = write(fd, text.data(), text.size()) == (ssize_t)text.size();
-    close(fd);
-    if (!ok) { unlink(tmp); THROW("cannot write '%s'", tmp); }
-    ModelConfig c;
-    try { c = model_config_from_json(tmp); } catch (...) { unlink(tmp); throw; }
-    unlink(tmp);
+    ModelConfig c = model_config_from_json(j, ckpt);
     if (model_config_to_json(c) != j)
         THROW("checkpoint '%s': its config %s does not round-trip (%s)", ckpt.c_str(), j.dump().c_str(),
               model_config_to_json(c).dump().c_str());

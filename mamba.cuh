@@ -234,16 +234,11 @@ inline ModelConfig model_preset(const std::string& name) {
     return c;
 }
 
-// JSON config (keys as in HACKING.md); unknown keys are an error so typos do not pass silently.
-inline ModelConfig model_config_from_json(const std::string& path) {
-    std::ifstream f(path);
-    if (!f) THROW("cannot open model config '%s'", path.c_str());
-    nlohmann::json j;
-    try { j = nlohmann::json::parse(f); } catch (const std::exception& e) {
-        THROW("model config '%s' is not valid JSON: %s", path.c_str(), e.what());
-    }
+// JSON config (keys as in HACKING.md) from a parsed object; `origin` names it in errors.
+// Unknown keys are an error so typos do not pass silently.
+inline ModelConfig model_config_from_json(const nlohmann::json& j, const std::string& origin) {
     ModelConfig c;
-    c.name = path;
+    c.name = origin;
     for (auto& [key, v] : j.items()) {
         try {
             if (key == "vocab_size") c.vocab_size = v.get<int>();
@@ -270,14 +265,24 @@ inline ModelConfig model_config_from_json(const std::string& path) {
             else if (key == "tie_embeddings") c.tie_embeddings = v.get<bool>();
             else if (key == "norm_eps") c.norm_eps = v.get<float>();
             else if (key == "name") c.name = v.get<std::string>();
-            else THROW("model config '%s': unknown key '%s'", path.c_str(), key.c_str());
+            else THROW("model config '%s': unknown key '%s'", origin.c_str(), key.c_str());
         } catch (const nlohmann::json::exception& e) {
-            THROW("model config '%s': bad value for '%s': %s", path.c_str(), key.c_str(), e.what());
+            THROW("model config '%s': bad value for '%s': %s", origin.c_str(), key.c_str(), e.what());
         }
     }
     if (j.contains("pattern") && !j.contains("n_layer")) c.n_layer = (int)c.pattern.size();
     c.finalize();
     return c;
+}
+
+inline ModelConfig model_config_from_json(const std::string& path) {
+    std::ifstream f(path);
+    if (!f) THROW("cannot open model config '%s'", path.c_str());
+    nlohmann::json j;
+    try { j = nlohmann::json::parse(f); } catch (const std::exception& e) {
+        THROW("model config '%s' is not valid JSON: %s", path.c_str(), e.what());
+    }
+    return model_config_from_json(j, path);
 }
 
 inline nlohmann::json model_config_to_json(const ModelConfig& c) {
