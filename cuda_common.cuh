@@ -20,6 +20,11 @@ inline void cuda_check(cudaError_t err, const char* file, int line) {
 #define cudaCheckLast() cuda_check(cudaGetLastError(), __FILE__, __LINE__)
 
 // cudaMalloc that ends the program with the size asked for and what was free.
+// bytes handed out by cuda_malloc so far: the engine allocates once at set-up and frees at
+// exit, so this is its peak (the figure torch.cuda.max_memory_allocated gives; no CUDA
+// context, no cuBLAS workspace)
+inline size_t& cuda_allocated_bytes() { static size_t n = 0; return n; }
+
 inline void* cuda_malloc(size_t bytes, const char* what) {
     void* ptr = nullptr;
     cudaError_t err = cudaMalloc(&ptr, bytes);
@@ -32,6 +37,7 @@ inline void* cuda_malloc(size_t bytes, const char* what) {
         exit(EXIT_FAILURE);
     }
     cuda_check(err, __FILE__, __LINE__);
+    cuda_allocated_bytes() += bytes;
     return ptr;
 }
 

@@ -403,10 +403,12 @@ static void run_bench(const Args& a, const ModelConfig& cfg, Model& model, Optim
     cudaCheck(cudaMemGetInfo(&free_b, &total_b));
     double tps = tokens_per_step / med;
     printf("bench: %s B=%d T=%d accum=%d%s%s on %d GPU(s): median step %.2f ms, %.0f tokens/s (%.0f per GPU), "
-           "MFU %.1f%%, device memory in use %.2f GiB (rank 0; optimizer state %.2f GiB)\n", cfg.name.c_str(), a.B, a.T,
+           "MFU %.1f%%, device memory in use %.2f GiB, allocated %.2f GiB (rank 0; optimizer state %.2f GiB)\n",
+           cfg.name.c_str(), a.B, a.T,
            accum, a.recompute ? " recompute" : "", a.optimizer == "muon" ? " muon" : "", opt.comm.world, med * 1e3, tps,
            tps / opt.comm.world, peak > 0 ? 100.0 * fpt * tps / peak : 0.0,
-           (total_b - free_b) / double(1 << 30), opt.state_bytes() / double(1 << 30));
+           (total_b - free_b) / double(1 << 30), cuda_allocated_bytes() / double(1 << 30),
+           opt.state_bytes() / double(1 << 30));
     if (a.profile) {  // the events themselves add a little time: shares, not a second clock
         double sum = 0;
         for (auto& kv : timer.ms) sum += kv.second;
