@@ -175,6 +175,35 @@ private:
     MappedFile mask_;
 };
 
+// Document boundaries inside packed rows: each row of a batch is cut where a document
+// starts (an EOT input token starts one, as pos_in_doc counts) and every piece gets a row of
+// its own, padded with EOT inputs and masked targets. A causal model run on these rows sees
+// nothing of the other documents: its state starts fresh at each document (the SSM state,
+// the conv window, attention) and positions count from the document's start.
+struct DocRows {
+    std::vector<int> inputs, targets;
+    int rows = 0;
+};
+
+inline DocRows split_documents(const int* inputs, const int* targets, int B, int T, int eot) {
+    DocRows d;
+    for (int b = 0; b < B; b++) {
+        const int* in = inputs + (size_t)b * T;
+        const int* tg = targets + (size_t)b * T;
+        for (int start = 0; start < T;) {
+            int end = start + 1;
+            while (end < T && in[end] != eot) end++;
+            d.inputs.insert(d.inputs.end(), in + start, in + end);
+            d.targets.insert(d.targets.end(), tg + start, tg + end);
+            d.inputs.insert(d.inputs.end(), T - (end - start), eot);
+            d.targets.insert(d.targets.end(), T - (end - start), -1);
+            d.rows++;
+            start = end;
+        }
+    }
+    return d;
+}
+
 static inline std::vector<std::string> glob_sorted(const std::string& pattern) {
     glob_t g;
     std::vector<std::string> out;

@@ -51,6 +51,7 @@ struct Args {
     std::string mix_data;              // WSD decay phase: a second mixture of shards
     double mix_weight = 0;
     double bucket_mb = 32;             // gradient reduction buckets (several GPUs)
+    bool doc_reset = false;            // documents in a packed row do not see each other
 };
 
 static void usage() {
@@ -95,6 +96,8 @@ static void usage() {
         "loss:\n"
         "  --z-loss F              z-loss coefficient (e.g. 1e-4; default 0)\n"
         "  --pos-weight            weight each token's loss by tanh(position / 10)\n"
+        "  --doc-reset             reset the state at each end-of-text token inside a packed row: every\n"
+        "                          document runs as a row of its own (positions count from its start)\n"
         "run:\n"
         "  --seed N                initialisation and data order (default 1337)\n"
         "  --val-every N --val-batches N --sample-every N --sample-len N\n"
@@ -124,6 +127,7 @@ static Args parse_args(int argc, char** argv) {
         if (f == "--profile") { a.profile = true; continue; }
         if (f == "--pos-weight") { a.pos_weight = true; continue; }
         if (f == "--recompute") { a.recompute = true; continue; }
+        if (f == "--doc-reset") { a.doc_reset = true; continue; }
         if (i + 1 >= argc) THROW("flag '%s' needs a value (see --help)", f.c_str());
         std::string v = argv[++i];
         auto to_long = [&](void) -> long {
@@ -468,8 +472,10 @@ static int run(const Args& a, Comm& comm) {
     if (a.pos_weight) positional_weights(posw, a.B, a.T);
     // the tokenizer only decodes samples; runs without samples need none
     std::optional<Tokenizer> tok;
-    if (a.sample_every > 0) tok = Tokenizer::load(a.tokenizer);
+    if (a.sample_every > 0 || a.doc_reset) tok = Tokenizer::load(a.tokenizer);
     const int eot = tok ? tok->eot_token() : -1;
+    if (a.doc_reset && eot < 0) THROW("--doc-reset needs the tokenizer's <|endoftext|> token ('%s' has none)",
+                                      a.tokenizer.c_str());
     DataLoader train(a.train_data, a.B, a.T, comm.rank, comm.world, a.seed, true, cfg.vocab_size, eot);
     DataLoader val(a.val_data, a.B, a.T, comm.rank, comm.world, a.seed, false, cfg.vocab_size, eot);
     auto print_val = [&](int step) {
@@ -543,17 +549,26 @@ static int run(const Args& a, Comm& comm) {
             for (int& t : targets) t = (int)(r.next() % cfg.vocab_size);
             printf("injected a corrupt batch at step %d\n", step + 1);
         }
+        int passes = accum;  // forward/backward passes of B rows
+        if (a.doc_reset) {
+            DocRows d = split_documents(inputs.data(), targets.data(), accum * a.B, a.T, eot);
+            passes = (d.rows + a.B - 1) / a.B;
+            d.inputs.resize((size_t)passes * local_tokens, eot);  // whole passes: masked padding rows
+            d.targets.resize((size_t)passes * local_tokens, -1);
+            inputs.swap(d.inputs);
+            targets.swap(d.targets);
+        }
         long valid = 0;
         for (int t : targets) valid += t >= 0;
         valid = comm.sum(valid);  // the loss is the mean over the global batch
         if (valid == 0) THROW("step %d: every target of the batch is masked", step + 1);
         model.zero_grad();
         double loss = 0;
-        for (int m = 0; m < accum; m++) {
+        for (int m = 0; m < passes; m++) {
             size_t off = (size_t)m * local_tokens;
             model.forward(inputs.data() + off, targets.data() + off, a.pos_weight ? posw.data() : nullptr,
                           1.0f / valid, a.z_loss);
-            opt.overlap_reduction(model, m == accum - 1);
+            opt.overlap_reduction(model, m == passes - 1);
             model.backward();
             loss += model.loss_sum();
         }

@@ -367,3 +367,21 @@ TEST_CASE("prepare_data brown: tagged text to natural spacing, quotes and paragr
           "Merger proposed\n\n"
           "They said 'pro' votes won't count?\n");
 }
+
+TEST_CASE("loader: split_documents gives every document piece a row of its own", "[data]") {
+    const int B = 2, T = 6, E = 9;  // E: the end-of-text token
+    // row 0: a document's tail, then two documents (each starts with EOT); row 1: one piece
+    const std::vector<int> in = {1, 2, E, 3, E, 4, 5, 6, 7, 8, 1, 2};
+    std::vector<int> tg(in.size());
+    for (size_t i = 0; i < tg.size(); i++) tg[i] = 100 + (int)i;
+    tg[3] = -1;  // a masked target stays masked
+    DocRows d = split_documents(in.data(), tg.data(), B, T, E);
+    REQUIRE(d.rows == 4);
+    CHECK(d.inputs == std::vector<int>{1, 2, E, E, E, E, E, 3, E, E, E, E, E, 4, E, E, E, E, 5, 6, 7, 8, 1, 2});
+    CHECK(d.targets == std::vector<int>{100, 101, -1, -1, -1, -1, 102, -1, -1, -1, -1, -1, 104, 105, -1, -1, -1, -1,
+                                        106, 107, 108, 109, 110, 111});
+    long valid_in = 0, valid_out = 0;  // every unmasked target kept once
+    for (int t : tg) valid_in += t >= 0;
+    for (int t : d.targets) valid_out += t >= 0;
+    CHECK(valid_in == valid_out);
+}

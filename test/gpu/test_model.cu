@@ -168,6 +168,58 @@ TEST_CASE("model: --recompute gives the same gradients bit for bit, with less ac
     }
 }
 
+// loss sum and gradients of rows run as one batch of B rows (B = rows, T)
+static double loss_and_grads(DumpCase& dc, const std::vector<int>& in, const std::vector<int>& tg, int B, int T,
+                             float dloss, std::vector<float>& g) {
+    Model model(dc.cfg);
+    model.set_master(dc.master(model.layout));
+    model.allocate(B, T);
+    model.zero_grad();
+    model.forward(in.data(), tg.data(), nullptr, dloss, 0.0f);
+    model.backward();
+    g.resize(model.layout.total);
+    cudaCheck(cudaMemcpy(g.data(), model.grads, g.size() * sizeof(float), cudaMemcpyDeviceToHost));
+    return model.loss_sum();
+}
+
+TEST_CASE("model: --doc-reset rows equal running each document separately", "[model]") {
+    // a hybrid (Mamba-2 state, conv window, attention): two packed rows of T tokens holding
+    // four documents; the split rows against each document alone in a batch of its own
+    matmul_init();
+    DumpCase dc("hybrid_tiny");
+    const int T = 70, E = 3;  // E plays the end-of-text token
+    SplitMix64 rng(5);
+    std::vector<int> in(2 * T), tg(2 * T);
+    for (int i = 0; i < 2 * T; i++) {
+        in[i] = 10 + (int)(rng.next() % 400);
+        tg[i] = 10 + (int)(rng.next() % 400);
+    }
+    in[25] = in[51] = in[T + 40] = E;  // documents start at 25 and 51 in row 0, at 40 in row 1
+    DocRows d = split_documents(in.data(), tg.data(), 2, T, E);
+    REQUIRE(d.rows == 5);
+    long valid = 0;
+    for (int t : tg) valid += t >= 0;
+    std::vector<float> g_split, g_doc, g_sum, g_packed;
+    const double split = loss_and_grads(dc, d.inputs, d.targets, d.rows, T, 1.0f / valid, g_split);
+    double separate = 0;
+    for (int r = 0; r < d.rows; r++) {
+        std::vector<int> ri(d.inputs.begin() + r * T, d.inputs.begin() + (r + 1) * T);
+        std::vector<int> rt(d.targets.begin() + r * T, d.targets.begin() + (r + 1) * T);
+        separate += loss_and_grads(dc, ri, rt, 1, T, 1.0f / valid, g_doc);
+        if (g_sum.empty()) g_sum.assign(g_doc.size(), 0.0f);
+        for (size_t i = 0; i < g_doc.size(); i++) g_sum[i] += g_doc[i];
+    }
+    // the same rows, batched differently: equal up to the matmuls' bf16 rounding
+    INFO("split rows " << split << ", documents one by one " << separate);
+    CHECK(std::fabs(split - separate) < 2e-4 * std::fabs(separate));
+    std::vector<double> a(g_split.begin(), g_split.end()), b(g_sum.begin(), g_sum.end());
+    CHECK(rel_l2(a, b) < 2e-3);
+    // the packed rows (no reset) differ: the later documents see the earlier ones
+    const double packed = loss_and_grads(dc, in, tg, 2, T, 1.0f / valid, g_packed);
+    INFO("packed rows " << packed);
+    CHECK(packed != split);
+}
+
 static std::string slurp(const std::string& path) {
     std::ifstream f(path, std::ios::binary);
     REQUIRE(f.good());
