@@ -15,7 +15,7 @@ NVCCFLAGS := -O3 -std=c++17 $(ARCH_FLAGS) -I. -Xcompiler -Wall --expt-relaxed-co
 LIBS      := -lcublas -lcublasLt
 BUILD     := build
 
-HEADERS   := $(wildcard *.h *.cuh data/*.h test/ref/*.h test/*.h)
+HEADERS   := $(wildcard *.h *.cuh data/*.h test/ref/*.h test/*.h dev/*.h)
 CPU_TESTS := $(wildcard test/cpu/*.cu)
 GPU_TESTS := $(wildcard test/gpu/*.cu)
 DEV_BENCH := $(patsubst dev/%.cu,dev/%,$(wildcard dev/bench_*.cu))

@@ -167,6 +167,21 @@ __device__ inline void load_tile(bf16* s, const bf16* g, size_t stride, int vali
         cp_async16(s + r * (COLS + PAD) + c * 8, g + (ok ? (size_t)r * stride + c * 8 : 0), ok);
     }
 }
+// Double-buffered K/V tiles of BN rows: starts loading tile j + 1 into buffer (j + 1) & 1 and
+// waits for tile j (already in flight); the last tile only waits
+template <int BN, int D, int NTH>
+__device__ inline void prefetch_next_kv(bf16* sK, bf16* sV, const bf16* gk, const bf16* gv, size_t stride, int T, int j,
+                                        int nkv) {
+    if (j + 1 < nkv) {
+        const int st = (j + 1) & 1, k1 = (j + 1) * BN;
+        load_tile<BN, D, NTH>(sK + st * BN * (D + PAD), gk + (size_t)k1 * stride, stride, T - k1);
+        load_tile<BN, D, NTH>(sV + st * BN * (D + PAD), gv + (size_t)k1 * stride, stride, T - k1);
+        cp_async_commit();
+        cp_async_wait<1>();
+    } else {
+        cp_async_wait<0>();
+    }
+}
 // ROWS rows of an smem tile to global memory with 16-byte stores; rows >= valid are skipped
 template <int ROWS, int COLS, int NTHREADS>
 __device__ inline void store_tile(bf16* g, size_t stride, const bf16* s, int valid) {
@@ -229,15 +244,7 @@ fwd_kernel(bf16* __restrict__ out, float* __restrict__ lse, const bf16* __restri
     uint32_t qf[QREG ? KD : 1][4];
 
     for (int j = 0; j < nkv; j++) {
-        if (j + 1 < nkv) {
-            const int st = (j + 1) & 1, k1 = (j + 1) * BN;
-            load_tile<BN, D, NTH>(sK + st * BN * LD, gk + (size_t)k1 * stride, stride, T - k1);
-            load_tile<BN, D, NTH>(sV + st * BN * LD, gv + (size_t)k1 * stride, stride, T - k1);
-            cp_async_commit();
-            cp_async_wait<1>();
-        } else {
-            cp_async_wait<0>();
-        }
+        prefetch_next_kv<BN, D, NTH>(sK, sV, gk, gv, stride, T, j, nkv);
         __syncthreads();
         if constexpr (QREG) {
             if (j == 0) {
@@ -567,15 +574,7 @@ bwd_dq_kernel(bf16* __restrict__ dqkv, const bf16* __restrict__ qkv, const bf16*
     for (int dt = 0; dt < DT; dt++) dq[dt][0] = dq[dt][1] = dq[dt][2] = dq[dt][3] = 0.f;
 
     for (int j = 0; j < nkv; j++) {
-        if (j + 1 < nkv) {
-            const int st = (j + 1) & 1, k1 = (j + 1) * BN;
-            load_tile<BN, D, NTH>(sK + st * BN * LD, gk + (size_t)k1 * stride, stride, T - k1);
-            load_tile<BN, D, NTH>(sV + st * BN * LD, gv + (size_t)k1 * stride, stride, T - k1);
-            cp_async_commit();
-            cp_async_wait<1>();
-        } else {
-            cp_async_wait<0>();
-        }
+        prefetch_next_kv<BN, D, NTH>(sK, sV, gk, gv, stride, T, j, nkv);
         __syncthreads();
         if constexpr (AREG) {
             if (j == 0) {

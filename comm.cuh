@@ -79,9 +79,10 @@ struct Comm {
     bool multi() const { return world > 1; }
     bool root() const { return rank == 0; }
 
-    // Waits for the stream's work, polling NCCL's asynchronous error state, so a failed or
-    // stuck collective ends the job instead of hanging it.
+    // With several ranks: waits for the stream's work, polling NCCL's asynchronous error
+    // state, so a failed or stuck collective ends the job instead of hanging it.
     void wait(cudaStream_t s) {
+        if (!multi()) return;  // one rank: the next copy to the host waits anyway
         const auto t0 = std::chrono::steady_clock::now();
         for (;;) {
             cudaError_t e = cudaStreamQuery(s);

@@ -6,6 +6,7 @@
 #include <cstdarg>
 #include <cstdio>
 #include <cstdint>
+#include <cstdlib>
 #include <stdexcept>
 #include <string>
 
@@ -19,6 +20,20 @@ inline std::string strformat(const char* fmt, ...) {
 }
 
 #define THROW(...) throw std::runtime_error(strformat(__VA_ARGS__))
+
+// a command-line flag's value as a whole integer or a number; the error names the flag
+inline long flag_long(const std::string& flag, const std::string& v) {
+    char* end;
+    long x = strtol(v.c_str(), &end, 10);
+    if (*end || v.empty()) THROW("flag %s expects an integer, got '%s'", flag.c_str(), v.c_str());
+    return x;
+}
+inline double flag_double(const std::string& flag, const std::string& v) {
+    char* end;
+    double x = strtod(v.c_str(), &end);
+    if (*end || v.empty()) THROW("flag %s expects a number, got '%s'", flag.c_str(), v.c_str());
+    return x;
+}
 
 inline FILE* fopen_or_throw(const std::string& path, const char* mode) {
     FILE* f = fopen(path.c_str(), mode);

@@ -91,16 +91,8 @@ static Args parse_args(int argc, char** argv) {
         if (f == "--greedy") { a.greedy = true; continue; }
         if (i + 1 >= argc) THROW("flag '%s' needs a value (see --help)", f.c_str());
         std::string v = argv[++i];
-        auto to_long = [&](void) -> long {
-            char* end; long x = strtol(v.c_str(), &end, 10);
-            if (*end || v.empty()) THROW("flag %s expects an integer, got '%s'", f.c_str(), v.c_str());
-            return x;
-        };
-        auto to_float = [&](void) -> double {
-            char* end; double x = strtod(v.c_str(), &end);
-            if (*end || v.empty()) THROW("flag %s expects a number, got '%s'", f.c_str(), v.c_str());
-            return x;
-        };
+        auto to_long = [&] { return flag_long(f, v); };
+        auto to_float = [&] { return flag_double(f, v); };
         if (f == "--init") a.init = v;
         else if (f == "--train-data") a.train_data = v;
         else if (f == "--val-data") a.val_data = v;

@@ -130,16 +130,8 @@ static Args parse_args(int argc, char** argv) {
         if (f == "--doc-reset") { a.doc_reset = true; continue; }
         if (i + 1 >= argc) THROW("flag '%s' needs a value (see --help)", f.c_str());
         std::string v = argv[++i];
-        auto to_long = [&](void) -> long {
-            char* end; long x = strtol(v.c_str(), &end, 10);
-            if (*end || v.empty()) THROW("flag %s expects an integer, got '%s'", f.c_str(), v.c_str());
-            return x;
-        };
-        auto to_float = [&](void) -> double {
-            char* end; double x = strtod(v.c_str(), &end);
-            if (*end || v.empty()) THROW("flag %s expects a number, got '%s'", f.c_str(), v.c_str());
-            return x;
-        };
+        auto to_long = [&] { return flag_long(f, v); };
+        auto to_float = [&] { return flag_double(f, v); };
         if (f == "--model") a.model = v;
         else if (f == "--config") a.config_json = v;
         else if (f == "--vocab-size") a.vocab_size = (int)to_long();
@@ -351,12 +343,7 @@ struct SpikeGuard {
     double factor;
     size_t window;
     std::vector<double> recent;
-    bool is_spike(double loss) const {
-        if (factor <= 0 || recent.size() < window) return false;
-        double mean = 0;
-        for (double l : recent) mean += l;
-        return loss > factor * mean / recent.size();
-    }
+    bool is_spike(double loss) const { return factor > 0 && recent.size() >= window && loss > factor * mean(); }
     double mean() const {
         double m = 0;
         for (double l : recent) m += l;

@@ -115,18 +115,21 @@ static bool ends_with(const std::string& s, const std::string& suffix) {
     return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
 
-// Calls `doc` for every document of the inputs, in order (directories sorted).
-static void for_each_document(const std::vector<std::string>& inputs, const std::string& jsonl_field,
-                              const std::function<void(const std::string&)>& doc) {
+// The input files: files as given, directories as their files (recursively, sorted) whose
+// names end in one of `exts`.
+static std::vector<std::string> input_files(const std::vector<std::string>& inputs, const std::vector<std::string>& exts) {
     std::vector<std::string> files;
     for (auto& in : inputs) {
         if (fs::is_directory(in)) {
             std::vector<std::string> found;
             for (auto& e : fs::recursive_directory_iterator(in)) {
                 std::string p = e.path().string();
-                if (e.is_regular_file() && (ends_with(p, ".txt") || ends_with(p, ".jsonl"))) found.push_back(p);
+                for (auto& x : exts)
+                    if (e.is_regular_file() && ends_with(p, x)) { found.push_back(p); break; }
             }
-            if (found.empty()) THROW("directory '%s' holds no *.txt or *.jsonl file", in.c_str());
+            std::string names;
+            for (auto& x : exts) names += (names.empty() ? "*" : " or *") + x;
+            if (found.empty()) THROW("directory '%s' holds no %s file", in.c_str(), names.c_str());
             std::sort(found.begin(), found.end());
             files.insert(files.end(), found.begin(), found.end());
         } else if (fs::is_regular_file(in)) {
@@ -135,6 +138,13 @@ static void for_each_document(const std::vector<std::string>& inputs, const std:
             THROW("input '%s' is neither a file nor a directory", in.c_str());
         }
     }
+    return files;
+}
+
+// Calls `doc` for every document of the inputs, in order (directories sorted).
+static void for_each_document(const std::vector<std::string>& inputs, const std::string& jsonl_field,
+                              const std::function<void(const std::string&)>& doc) {
+    const std::vector<std::string> files = input_files(inputs, {".txt", ".jsonl"});
     for (auto& path : files) {
         if (!ends_with(path, ".jsonl")) {
             doc(read_file(path));
@@ -348,21 +358,7 @@ static void cmd_sft(int argc, char** argv) {
     printf(" (vocab %d); template %s, stop %s (id %d)\n", tok.vocab_size(), tmpl.name.c_str(), tmpl.stop.c_str(),
            tok.token_id(tmpl.stop));
 
-    std::vector<std::string> files;
-    for (auto& in : a.positional) {
-        if (fs::is_directory(in)) {
-            std::vector<std::string> found;
-            for (auto& e : fs::recursive_directory_iterator(in))
-                if (e.is_regular_file() && ends_with(e.path().string(), ".jsonl")) found.push_back(e.path().string());
-            if (found.empty()) THROW("directory '%s' holds no *.jsonl file", in.c_str());
-            std::sort(found.begin(), found.end());
-            files.insert(files.end(), found.begin(), found.end());
-        } else if (fs::is_regular_file(in)) {
-            files.push_back(in);
-        } else {
-            THROW("input '%s' is neither a file nor a directory", in.c_str());
-        }
-    }
+    const std::vector<std::string> files = input_files(a.positional, {".jsonl"});
 
     sft::SftStream train((int)T, eot), val((int)T, eot);
     size_t read = 0, n_chat = 0, truncated = 0, dropped_long = 0, dropped_cut = 0, no_response = 0;

@@ -12,27 +12,11 @@
 #include "loss.cuh"
 #include "test/ref/conv1d.h"
 #include "test/ref/norm.h"
+#include "dev/bench_util.h"
 
 static const double kCeilingGBs = 3000.0;
 
-static double median_ms(const std::function<void()>& f) {
-    cudaEvent_t a, b;
-    cudaCheck(cudaEventCreate(&a));
-    cudaCheck(cudaEventCreate(&b));
-    for (int i = 0; i < 5; i++) f();
-    std::vector<float> t;
-    for (int i = 0; i < 50; i++) {
-        cudaCheck(cudaEventRecord(a));
-        f();
-        cudaCheck(cudaEventRecord(b));
-        cudaCheck(cudaEventSynchronize(b));
-        float ms;
-        cudaCheck(cudaEventElapsedTime(&ms, a, b));
-        t.push_back(ms);
-    }
-    std::sort(t.begin(), t.end());
-    return t[t.size() / 2];
-}
+static double median_ms(const std::function<void()>& f) { return time_ms(f, 5, 50); }
 
 static void report(const char* what, double ms, double bytes) {
     double gbs = bytes / ms / 1e6;

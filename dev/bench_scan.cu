@@ -10,32 +10,8 @@
 #include <vector>
 #include "scan.cuh"
 #include "test/ref/scan.h"
+#include "dev/bench_util.h"
 
-static float median(std::vector<float> v) {
-    std::sort(v.begin(), v.end());
-    return v[v.size() / 2];
-}
-
-template <typename F>
-static float time_ms(F&& f, int warmup, int iters) {
-    for (int i = 0; i < warmup; i++) f();
-    cudaEvent_t a, b;
-    cudaCheck(cudaEventCreate(&a));
-    cudaCheck(cudaEventCreate(&b));
-    std::vector<float> ms;
-    for (int i = 0; i < iters; i++) {
-        cudaCheck(cudaEventRecord(a));
-        f();
-        cudaCheck(cudaEventRecord(b));
-        cudaCheck(cudaEventSynchronize(b));
-        float t;
-        cudaCheck(cudaEventElapsedTime(&t, a, b));
-        ms.push_back(t);
-    }
-    cudaCheck(cudaEventDestroy(a));
-    cudaCheck(cudaEventDestroy(b));
-    return median(ms);
-}
 
 // Buffers of one shape in the model's layout: u (stride D), dt (stride D), z a slice of [x | z]
 // (stride 2D), B/C slices of the x_proj row [dt_low | B | C] (stride R + 2N), gradients alike.

@@ -9,32 +9,8 @@
 #include <vector>
 #include "ssd.cuh"
 #include "test/ref/ssd.h"
+#include "dev/bench_util.h"
 
-static float median(std::vector<float> v) {
-    std::sort(v.begin(), v.end());
-    return v[v.size() / 2];
-}
-
-template <typename F>
-static float time_ms(F&& f, int warmup, int iters) {
-    for (int i = 0; i < warmup; i++) f();
-    cudaEvent_t a, b;
-    cudaCheck(cudaEventCreate(&a));
-    cudaCheck(cudaEventCreate(&b));
-    std::vector<float> ms;
-    for (int i = 0; i < iters; i++) {
-        cudaCheck(cudaEventRecord(a));
-        f();
-        cudaCheck(cudaEventRecord(b));
-        cudaCheck(cudaEventSynchronize(b));
-        float t;
-        cudaCheck(cudaEventElapsedTime(&t, a, b));
-        ms.push_back(t);
-    }
-    cudaCheck(cudaEventDestroy(a));
-    cudaCheck(cudaEventDestroy(b));
-    return median(ms);
-}
 
 int main() {
     try {

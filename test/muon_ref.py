@@ -15,9 +15,10 @@ Usage: /usr/bin/python3 test/muon_ref.py --out test/dumps
 import argparse
 import math
 import os
-import struct
 
 import torch
+
+from pytorch_ref import write_dump  # the MCTF dump format (HACKING.md)
 
 torch.set_default_dtype(torch.float64)
 
@@ -25,20 +26,6 @@ SHAPES = [(64, 40), (33, 96), (128, 128)]
 LR, MOMENTUM, NESTEROV, NS_STEPS, WD, CLIP = 0.02, 0.95, True, 5, 0.1, 1.0
 # step 1's gradients are clipped (norm ~150 > 1); step 2's are not (norm ~0.15)
 GRAD_SCALES = [1.0, 1e-3]
-
-
-def write_dump(path, tensors):
-    with open(path + ".tmp", "wb") as f:
-        f.write(b"MCTF")
-        f.write(struct.pack("<i", len(tensors)))
-        for name, t in tensors:
-            t = torch.as_tensor(t, dtype=torch.float64).detach().contiguous()
-            nb = name.encode()
-            f.write(struct.pack("<i", len(nb)) + nb)
-            f.write(struct.pack("<i", t.dim()))
-            f.write(struct.pack(f"<{t.dim()}q", *t.shape))
-            f.write(t.numpy().astype("<f8").tobytes())
-    os.replace(path + ".tmp", path)
 
 
 def newton_schulz5(G, steps):

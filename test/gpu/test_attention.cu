@@ -2,7 +2,7 @@
 // out, lse and the q, k, v parts of dqkv on shapes with partial tiles, GQA ratios 1, 2, 4, 8 and both
 // head dims; outputs NaN-poisoned before the kernels run; a second run must repeat bit for bit.
 #include <catch2/catch.hpp>
-#include "test/test_util.h"
+#include "test/gpu_util.h"
 #include <cmath>
 #include <cstring>
 #include <random>
@@ -10,24 +10,9 @@
 #include "attention.cuh"
 #include "test/ref/attention.h"
 
-template <typename T>
-static T* to_device(const std::vector<T>& h) {
-    T* d = cuda_malloc_n<T>(h.size(), "test buffer");
-    cudaCheck(cudaMemcpy(d, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice));
-    return d;
-}
-template <typename T>
-static std::vector<T> to_host(const T* d, size_t n) {
-    std::vector<T> h(n);
-    cudaCheck(cudaMemcpy(h.data(), d, n * sizeof(T), cudaMemcpyDeviceToHost));
-    return h;
-}
-
 // a normal sample rounded to bf16, and the rounded value as double for the reference
 static bf16 rand_bf16(std::mt19937_64& gen, double sd, double* out) {
-    bf16 b = __float2bfloat16((float)(std::normal_distribution<double>(0.0, sd)(gen)));
-    *out = (double)__bfloat162float(b);
-    return b;
+    return round_bf16(std::normal_distribution<double>(0.0, sd)(gen), out);
 }
 
 // the columns [c0, c0 + H*Dh) of every row of a (BT, row) bf16 matrix, as double (BT, H*Dh)
@@ -36,19 +21,6 @@ static std::vector<double> columns(const std::vector<bf16>& m, size_t BT, int ro
     for (size_t t = 0; t < BT; t++)
         for (int i = 0; i < n; i++) r[t * n + i] = __bfloat162float(m[t * row + c0 + i]);
     return r;
-}
-
-// relative L2 below tol; where the reference is exactly zero (T = 1: the only position has P = 1 and
-// dS = P (dP - Delta) = 0), the kernel's value (cancelling terms up to fp32 rounding) must be tiny
-static void check_close(const char* name, const std::vector<double>& got, const std::vector<double>& ref, double tol) {
-    double rn = 0, gn = 0;
-    for (size_t i = 0; i < ref.size(); i++) {
-        rn += ref[i] * ref[i];
-        gn += std::isfinite(got[i]) ? got[i] * got[i] : INFINITY;
-    }
-    INFO(name << ": rel L2 " << rel_l2(got, ref) << ", |ref| " << std::sqrt(rn) << ", |got| " << std::sqrt(gn));
-    if (rn == 0) CHECK(std::sqrt(gn) < 1e-3);
-    else CHECK(rel_l2(got, ref) < tol);
 }
 
 static void check_attention(int B, int T, int Hq, int Hkv, int Dh, uint64_t seed) {
@@ -97,8 +69,10 @@ static void check_attention(int B, int T, int Hq, int Hkv, int Dh, uint64_t seed
     std::vector<double> gdv = columns(o1.dqkv, BT, row, nq + nkv, nkv);
     check_close("out", gout, rout, 2e-2);
     check_close("lse", glse, rlse, 1e-4);
-    check_close("dq", gdq, rdq, 2e-2);
-    check_close("dk", gdk, rdk, 2e-2);
+    // T = 1: the only position has P = 1 and dS = P (dP - Delta) = 0, so the reference dq, dk are
+    // zero and the kernel's (cancelling up to fp32 rounding) must be tiny
+    check_close("dq", gdq, rdq, 2e-2, 1e-3);
+    check_close("dk", gdk, rdk, 2e-2, 1e-3);
     check_close("dv", gdv, rdv, 2e-2);
 
     Outputs o2 = run();  // bit-identical rerun

@@ -6,7 +6,7 @@
 // untouched. Parameter gradients accumulate into random starting values. Then everything runs again
 // and must repeat bit for bit.
 #include <catch2/catch.hpp>
-#include "test/test_util.h"
+#include "test/gpu_util.h"
 #include <cmath>
 #include <cstring>
 #include <random>
@@ -17,45 +17,6 @@
 // bf16 inputs (the reference gets the same rounded values); bf16 outputs round to 2^-9 relative
 static const double kTolBf16 = 2e-2;
 static const double kTolFp32 = 5e-3;
-
-static void check_close(const char* name, const std::vector<double>& got, const std::vector<double>& ref, double tol) {
-    double ref_norm = 0, got_norm = 0;
-    for (size_t i = 0; i < ref.size(); i++) {
-        ref_norm += ref[i] * ref[i];
-        got_norm += got[i] * got[i];
-    }
-    INFO(name << ": rel L2 " << rel_l2(got, ref) << ", |ref| " << std::sqrt(ref_norm) << ", |got| " << std::sqrt(got_norm));
-    if (ref_norm == 0) CHECK(std::sqrt(got_norm) < 1e-4);
-    else CHECK(rel_l2(got, ref) < tol);
-}
-
-static const bf16 kPoison = __ushort_as_bfloat16((unsigned short)0x7fc0);  // NaN
-
-template <typename T>
-static T* to_device(const std::vector<T>& h) {
-    T* d = cuda_malloc_n<T>(h.size(), "test buffer");
-    cudaCheck(cudaMemcpy(d, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice));
-    return d;
-}
-template <typename T>
-static std::vector<T> to_host(const T* d, size_t n) {
-    std::vector<T> h(n);
-    cudaCheck(cudaMemcpy(h.data(), d, n * sizeof(T), cudaMemcpyDeviceToHost));
-    return h;
-}
-
-struct Rng {
-    std::mt19937_64 gen;
-    explicit Rng(uint64_t seed) : gen(seed) {}
-    double normal() { return std::normal_distribution<double>(0.0, 1.0)(gen); }
-    double uniform(double lo, double hi) { return std::uniform_real_distribution<double>(lo, hi)(gen); }
-};
-
-static bf16 round_bf16(double v, double* out) {
-    bf16 b = __float2bfloat16((float)v);
-    *out = (double)__bfloat162float(b);
-    return b;
-}
 
 struct Outputs {
     std::vector<bf16> y, du, ddt, zbuf, bcbuf;  // zbuf: [x | dz | gap] rows; bcbuf: [dt | dB | dC | gap] rows
