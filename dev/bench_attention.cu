@@ -10,7 +10,7 @@
 #include <vector>
 #include "attention.cuh"
 #include "test/ref/attention.h"
-#include "dev/bench_util.h"
+#include "dev/timing.h"
 
 
 struct Bufs {

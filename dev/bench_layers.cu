@@ -12,7 +12,7 @@
 #include "loss.cuh"
 #include "test/ref/conv1d.h"
 #include "test/ref/norm.h"
-#include "dev/bench_util.h"
+#include "dev/timing.h"
 
 static const double kCeilingGBs = 3000.0;
 

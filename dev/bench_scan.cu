@@ -10,7 +10,7 @@
 #include <vector>
 #include "scan.cuh"
 #include "test/ref/scan.h"
-#include "dev/bench_util.h"
+#include "dev/timing.h"
 
 
 // Buffers of one shape in the model's layout: u (stride D), dt (stride D), z a slice of [x | z]

@@ -9,7 +9,7 @@
 #include <vector>
 #include "ssd.cuh"
 #include "test/ref/ssd.h"
-#include "dev/bench_util.h"
+#include "dev/timing.h"
 
 
 int main() {
