@@ -2,61 +2,208 @@
 // may be slices of a wider buffer (the xBC part of Mamba-2's in_proj output):
 //   pre[b,t,c] = bias[c] + sum_k w[c,k] in[b, t-(K-1)+k, c]   (zero before t = 0)
 //   out = silu(pre)
+// Both passes walk time: each lane holds VEC consecutive channels, each warp a run of rows,
+// and the last K inputs (and in the backward the last K pre-activation gradients) stay in
+// registers, so every tensor is read once from memory, with K-1 rows of halo per run.
 #pragma once
 #include "cuda_common.cuh"
 #include "norm.cuh"  // silu, silu_grad
 
-template <int K>
-__device__ inline float conv1d_pre(const bf16* in, int in_stride, const bf16* w, const bf16* bias, int b, int t, int T,
-                                   int c, int C) {
-    float acc = __bfloat162float(bias[c]);
-    #pragma unroll
-    for (int k = 0; k < K; k++) {
-        int ts = t - (K - 1) + k;
-        if (ts >= 0) acc += __bfloat162float(w[c * K + k]) * __bfloat162float(in[((size_t)b * T + ts) * in_stride + c]);
+constexpr int CONV_WARPS = 8;     // warps of a block: runs of rows over the same channels
+constexpr int CONV_FWD_ROWS = 32; // rows of a forward run
+constexpr int CONV_STEP = 4;      // rows loaded at once (independent loads in flight)
+
+// one channel vector's taps and the sliding window of its last K inputs
+template <int K, int VEC>
+struct ConvLane {
+    float w[K][VEC], bias[VEC];
+    float x[K][VEC];  // x[k] = in[t - (K-1) + k], zero before the sequence start
+
+    __device__ void load_taps(const bf16* weight, const bf16* b, int c0) {
+        #pragma unroll
+        for (int e = 0; e < VEC; e++) {
+            #pragma unroll
+            for (int k = 0; k < K; k++) w[k][e] = __bfloat162float(weight[(c0 + e) * K + k]);
+            bias[e] = __bfloat162float(b[c0 + e]);
+        }
+        clear();
     }
-    return acc;
-}
-
-template <int K>
-__global__ void conv1d_silu_forward_kernel(bf16* out, const bf16* in, int in_stride, const bf16* w, const bf16* bias,
-                                           int B, int T, int C) {
-    const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= (size_t)B * T * C) return;
-    const int c = (int)(i % C), t = (int)((i / C) % T), b = (int)(i / ((size_t)C * T));
-    out[i] = __float2bfloat16(silu(conv1d_pre<K>(in, in_stride, w, bias, b, t, T, c, C)));
-}
-
-// gradient of the pre-activation, kept in fp32 scratch for the input and weight gradients
-template <int K>
-__global__ void conv1d_dpre_kernel(float* dpre, const bf16* dout, const bf16* in, int in_stride, const bf16* w,
-                                   const bf16* bias, int B, int T, int C) {
-    const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= (size_t)B * T * C) return;
-    const int c = (int)(i % C), t = (int)((i / C) % T), b = (int)(i / ((size_t)C * T));
-    dpre[i] = __bfloat162float(dout[i]) * silu_grad(conv1d_pre<K>(in, in_stride, w, bias, b, t, T, c, C));
-}
-
-// din[b,s,c] = sum_k w[c,k] dpre[b, s+(K-1)-k, c]
-template <int K>
-__global__ void conv1d_din_kernel(bf16* din, int din_stride, const float* dpre, const bf16* w, int B, int T, int C) {
-    const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= (size_t)B * T * C) return;
-    const int c = (int)(i % C), s = (int)((i / C) % T), b = (int)(i / ((size_t)C * T));
-    float acc = 0.0f;
-    #pragma unroll
-    for (int k = 0; k < K; k++) {
-        int t = s + (K - 1) - k;
-        if (t < T) acc += __bfloat162float(w[c * K + k]) * dpre[((size_t)b * T + t) * C + c];
+    __device__ void clear() {
+        #pragma unroll
+        for (int k = 0; k < K; k++)
+            #pragma unroll
+            for (int e = 0; e < VEC; e++) x[k][e] = 0.0f;
     }
-    din[((size_t)b * T + s) * din_stride + c] = __float2bfloat16(acc);
+    // row t's input enters the window; a new sequence (t_in_seq == 0) forgets the old one
+    __device__ void push(const Pack<bf16, VEC>& in, int t_in_seq) {
+        if (t_in_seq == 0) clear();
+        #pragma unroll
+        for (int k = 0; k < K - 1; k++)
+            #pragma unroll
+            for (int e = 0; e < VEC; e++) x[k][e] = x[k + 1][e];
+        #pragma unroll
+        for (int e = 0; e < VEC; e++) x[K - 1][e] = __bfloat162float(in.v[e]);
+    }
+    __device__ float pre(int e) const {
+        float acc = bias[e];
+        #pragma unroll
+        for (int k = 0; k < K; k++) acc += w[k][e] * x[k][e];
+        return acc;
+    }
+};
+
+// the row's place in its sequence for any row index r >= -T (rows before 0 count as the
+// end of an earlier sequence and are never loaded)
+__device__ inline int conv_t_in_seq(int r, int T) { return ((r % T) + T) % T; }
+
+template <int VEC>
+__device__ inline Pack<bf16, VEC> conv_load(const bf16* p, bool valid) {
+    Pack<bf16, VEC> pk;
+    if (valid) pk = *reinterpret_cast<const Pack<bf16, VEC>*>(p);
+    else
+        #pragma unroll
+        for (int e = 0; e < VEC; e++) pk.v[e] = __float2bfloat16(0.0f);
+    return pk;
 }
+
+template <int K, int VEC>
+__global__ void __launch_bounds__(32 * CONV_WARPS)
+conv1d_silu_forward_kernel(bf16* __restrict__ out, const bf16* __restrict__ in, int in_stride,
+                           const bf16* __restrict__ w, const bf16* __restrict__ bias, int rows, int T, int C) {
+    const int c0 = (blockIdx.x * 32 + threadIdx.x) * VEC;
+    const int r0 = (blockIdx.y * CONV_WARPS + threadIdx.y) * CONV_FWD_ROWS, r1 = min(rows, r0 + CONV_FWD_ROWS);
+    if (c0 >= C || r0 >= rows) return;
+    ConvLane<K, VEC> lane;
+    lane.load_taps(w, bias, c0);
+    Pack<bf16, VEC> xs[CONV_STEP], xn[CONV_STEP];
+    auto load = [&](Pack<bf16, VEC>* buf, int t) {
+        #pragma unroll
+        for (int u = 0; u < CONV_STEP; u++)
+            buf[u] = conv_load<VEC>(in + (size_t)(t + u) * in_stride + c0, t + u >= 0 && t + u < r1);
+    };
+    int tt = conv_t_in_seq(r0 - (K - 1), T);
+    load(xs, r0 - (K - 1));
+    for (int t = r0 - (K - 1); t < r1; t += CONV_STEP) {
+        load(xn, t + CONV_STEP);  // in flight while this step's rows are used
+        #pragma unroll
+        for (int u = 0; u < CONV_STEP; u++) {
+            const int r = t + u;
+            if (r >= r1) break;
+            lane.push(xs[u], tt);
+            if (r >= r0) {
+                float o[VEC];
+                #pragma unroll
+                for (int e = 0; e < VEC; e++) o[e] = silu(lane.pre(e));
+                store_vec<VEC>(out + (size_t)r * C + c0, o);
+            }
+            if (++tt == T) tt = 0;
+        }
+        #pragma unroll
+        for (int u = 0; u < CONV_STEP; u++) xs[u] = xn[u];
+    }
+}
+
+// Backward: dpre = dout * silu'(pre); din[s] = sum_k w[k] dpre[s+(K-1)-k] (within s's
+// sequence); dw[k] += dpre[t] in[t-(K-1)+k], dbias += dpre[t]. Block y is column-sum chunk
+// y (cuda_common.cuh); its warps split the chunk's rows into runs, and their weight
+// gradients are summed in warp order into the chunk's partial.
+template <int K, int VEC>
+__global__ void __launch_bounds__(32 * CONV_WARPS, 2)  // two blocks an SM: at most 128 registers
+conv1d_silu_backward_kernel(bf16* __restrict__ din, int din_stride, float* __restrict__ partial,
+                            const bf16* __restrict__ dout, const bf16* __restrict__ in, int in_stride,
+                            const bf16* __restrict__ w, const bf16* __restrict__ bias, int rows, int T, int C) {
+    __shared__ float red[CONV_WARPS][K + 1][32 * VEC];
+    const int c0 = (blockIdx.x * 32 + threadIdx.x) * VEC;
+    int p0, p1;
+    colsum_chunk_rows(blockIdx.y, rows, &p0, &p1);
+    const int run = (p1 - p0 + CONV_WARPS - 1) / CONV_WARPS;
+    const int r0 = min(p1, p0 + threadIdx.y * run), r1 = min(p1, r0 + run);
+    float acc[K + 1][VEC] = {};  // dw[k] for k < K, dbias at K
+    if (c0 < C && r0 < r1) {
+        ConvLane<K, VEC> lane;
+        lane.load_taps(w, bias, c0);
+        float dq[K][VEC] = {};  // dq[j] = dpre[t - (K-1) + j]
+        const int t_end = r1 + K - 1;  // din of the run's last row needs dpre K-1 rows further on
+        Pack<bf16, VEC> xs[CONV_STEP], gs[CONV_STEP], xn[CONV_STEP], gn[CONV_STEP];
+        auto load = [&](Pack<bf16, VEC>* x, Pack<bf16, VEC>* g, int t) {
+            #pragma unroll
+            for (int u = 0; u < CONV_STEP; u++) {
+                const int r = t + u;
+                const bool valid = r >= 0 && r < rows && r < t_end;
+                x[u] = conv_load<VEC>(in + (size_t)r * in_stride + c0, valid);
+                g[u] = conv_load<VEC>(dout + (size_t)r * C + c0, valid && r >= r0);
+            }
+        };
+        int tt = conv_t_in_seq(r0 - (K - 1), T);
+        load(xs, gs, r0 - (K - 1));
+        for (int t = r0 - (K - 1); t < t_end; t += CONV_STEP) {
+            load(xn, gn, t + CONV_STEP);  // in flight while this step's rows are used
+            #pragma unroll
+            for (int u = 0; u < CONV_STEP; u++) {
+                const int r = t + u;
+                if (r >= t_end) break;
+                lane.push(xs[u], tt);
+                #pragma unroll
+                for (int j = 0; j < K - 1; j++)
+                    #pragma unroll
+                    for (int e = 0; e < VEC; e++) dq[j][e] = dq[j + 1][e];
+                #pragma unroll
+                for (int e = 0; e < VEC; e++) {  // zero outside [r0, rows): gs is zero there
+                    const float dp = __bfloat162float(gs[u].v[e]) * silu_grad(lane.pre(e));
+                    dq[K - 1][e] = dp;
+                    if (r < r1) {
+                        #pragma unroll
+                        for (int k = 0; k < K; k++) acc[k][e] += dp * lane.x[k][e];
+                        acc[K][e] += dp;
+                    }
+                }
+                const int s = r - (K - 1);
+                if (s >= r0) {
+                    const int ts = s % T;
+                    float d[VEC];
+                    #pragma unroll
+                    for (int e = 0; e < VEC; e++) {
+                        d[e] = 0.0f;
+                        #pragma unroll
+                        for (int j = 0; j < K; j++)
+                            if (ts + j < T) d[e] += lane.w[K - 1 - j][e] * dq[j][e];
+                    }
+                    store_vec<VEC>(din + (size_t)s * din_stride + c0, d);
+                }
+                if (++tt == T) tt = 0;
+            }
+            #pragma unroll
+            for (int u = 0; u < CONV_STEP; u++) { xs[u] = xn[u]; gs[u] = gn[u]; }
+        }
+    }
+    #pragma unroll
+    for (int v = 0; v <= K; v++)
+        #pragma unroll
+        for (int e = 0; e < VEC; e++) red[threadIdx.y][v][threadIdx.x * VEC + e] = acc[v][e];
+    __syncthreads();
+    const int tid = threadIdx.y * 32 + threadIdx.x;
+    for (int i = tid; i < (K + 1) * 32 * VEC; i += 32 * CONV_WARPS) {
+        const int v = i / (32 * VEC), cc = i % (32 * VEC), c = blockIdx.x * 32 * VEC + cc;
+        if (c >= C) continue;
+        float sum = 0.0f;
+        for (int y = 0; y < CONV_WARPS; y++) sum += red[y][v][cc];
+        partial[((size_t)blockIdx.y * C + c) * (K + 1) + v] = sum;
+    }
+}
+
+// 4 channels a lane (8-byte accesses, 256 contiguous bytes a warp): the taps, the windows,
+// the loads in flight and the backward's gradient sums stay in registers at 2-3 blocks an SM
+constexpr int CONV_MAX_VEC = 4;
 
 template <int K>
 inline void conv1d_silu_forward_k(bf16* out, const bf16* in, int in_stride, const bf16* w, const bf16* bias, int B,
                                   int T, int C, cudaStream_t s) {
-    const size_t n = (size_t)B * T * C;
-    conv1d_silu_forward_kernel<K><<<ceil_div(n, 256), 256, 0, s>>>(out, in, in_stride, w, bias, B, T, C);
+    const int rows = B * T;
+    vec_dispatch<CONV_MAX_VEC>(vec_width(CONV_MAX_VEC, sizeof(bf16), {out, in}, {C, in_stride}), [&](auto V) {
+        constexpr int v = decltype(V)::value;
+        dim3 grid(ceil_div(C, 32 * v), ceil_div(rows, CONV_WARPS * CONV_FWD_ROWS));
+        conv1d_silu_forward_kernel<K, v><<<grid, dim3(32, CONV_WARPS), 0, s>>>(out, in, in_stride, w, bias, rows, T, C);
+    });
     cudaCheckLast();
 }
 
@@ -64,32 +211,25 @@ template <int K>
 inline void conv1d_silu_backward_k(bf16* din, int din_stride, float* dweight, float* dbias, float* scratch,
                                    const bf16* dout, const bf16* in, int in_stride, const bf16* w, const bf16* bias,
                                    int B, int T, int C, cudaStream_t s) {
-    const size_t n = (size_t)B * T * C;
-    float* dpre = scratch;
-    conv1d_dpre_kernel<K><<<ceil_div(n, 256), 256, 0, s>>>(dpre, dout, in, in_stride, w, bias, B, T, C);
+    const int rows = B * T;
+    const int vec = vec_width(CONV_MAX_VEC, sizeof(bf16), {din, dout, in}, {C, in_stride, din_stride});
+    vec_dispatch<CONV_MAX_VEC>(vec, [&](auto V) {
+        constexpr int v = decltype(V)::value;
+        dim3 grid(ceil_div(C, 32 * v), COLSUM_CHUNKS);
+        conv1d_silu_backward_kernel<K, v><<<grid, dim3(32, CONV_WARPS), 0, s>>>(din, din_stride, scratch, dout, in,
+                                                                              in_stride, w, bias, rows, T, C);
+    });
     cudaCheckLast();
-    conv1d_din_kernel<K><<<ceil_div(n, 256), 256, 0, s>>>(din, din_stride, dpre, w, B, T, C);
-    cudaCheckLast();
-    // vals[k] = dpre * in[t-(K-1)+k] (weight k), vals[K] = dpre (bias)
-    column_sum<K + 1>(scratch + n,
-        [=] __device__(int r, int c, float* v) {
-            const int t = r % T;
-            const float d = dpre[(size_t)r * C + c];
-            for (int k = 0; k < K; k++) {
-                int ts = t - (K - 1) + k;
-                v[k] = ts >= 0 ? d * __bfloat162float(in[(size_t)(r - (K - 1) + k) * in_stride + c]) : 0.0f;
-            }
-            v[K] = d;
-        },
+    colsum_finalize<K + 1>(scratch,
         [=] __device__(int c, int k, float sum) {
             if (k < K) dweight[c * K + k] += sum;
             else dbias[c] += sum;
-        },
-        B * T, C, s);
+        }, C, s);
 }
 
 inline size_t conv1d_backward_scratch_floats(int B, int T, int C, int K) {
-    return (size_t)B * T * C + colsum_scratch_floats(C, K + 1);
+    (void)B; (void)T;
+    return colsum_scratch_floats(C, K + 1);
 }
 
 #define CONV1D_DISPATCH(K, CALL)                                                   \

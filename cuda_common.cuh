@@ -5,6 +5,9 @@
 #include <cuda_bf16.h>
 #include <cstdio>
 #include <cstdlib>
+#include <cstdint>
+#include <initializer_list>
+#include <type_traits>
 #include "common.h"
 
 typedef __nv_bfloat16 bf16;
@@ -45,37 +48,109 @@ template <typename T>
 inline T* cuda_malloc_n(size_t n, const char* what) { return (T*)cuda_malloc(n * sizeof(T), what); }
 
 // ----------------------------------------------------------------------------
+// Vector access: VEC consecutive values moved by one load or store (16 bytes at most), the
+// widest the pointers and row strides allow. Memory-bound kernels take VEC as a template
+// parameter and their launchers pick it with vec_width.
+
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Pack { T v[VEC]; };
+
+template <int VEC>
+__device__ inline void load_vec(float* out, const bf16* p) {
+    const Pack<bf16, VEC> pk = *reinterpret_cast<const Pack<bf16, VEC>*>(p);
+    #pragma unroll
+    for (int e = 0; e < VEC; e++) out[e] = __bfloat162float(pk.v[e]);
+}
+template <int VEC>
+__device__ inline void load_vec(float* out, const float* p) {
+    const Pack<float, VEC> pk = *reinterpret_cast<const Pack<float, VEC>*>(p);
+    #pragma unroll
+    for (int e = 0; e < VEC; e++) out[e] = pk.v[e];
+}
+template <int VEC>
+__device__ inline void store_vec(bf16* p, const float* v) {
+    Pack<bf16, VEC> pk;
+    #pragma unroll
+    for (int e = 0; e < VEC; e++) pk.v[e] = __float2bfloat16(v[e]);
+    *reinterpret_cast<Pack<bf16, VEC>*>(p) = pk;
+}
+template <int VEC>
+__device__ inline void store_vec(float* p, const float* v) {
+    Pack<float, VEC> pk;
+    #pragma unroll
+    for (int e = 0; e < VEC; e++) pk.v[e] = v[e];
+    *reinterpret_cast<Pack<float, VEC>*>(p) = pk;
+}
+
+// the widest of max_vec, max_vec/2, ..., 1 that every pointer is aligned to (in elements of
+// elem_bytes) and every count (row strides, channel counts, column offsets) divides by
+inline int vec_width(int max_vec, int elem_bytes, std::initializer_list<const void*> ptrs,
+                     std::initializer_list<long> counts) {
+    int v = max_vec;
+    for (; v > 1; v /= 2) {
+        bool ok = true;
+        for (const void* p : ptrs) ok = ok && (reinterpret_cast<uintptr_t>(p) % ((uintptr_t)v * elem_bytes) == 0);
+        for (long n : counts) ok = ok && n % v == 0;
+        if (ok) break;
+    }
+    return v;
+}
+
+// launch(std::integral_constant<int, V>()) with V = vec, a power of two <= MAX: a launcher's
+// one call site for every vector width its kernel is built for
+template <int MAX, typename F>
+inline void vec_dispatch(int vec, F&& launch) {
+    if constexpr (MAX > 1) {
+        if (vec < MAX) return vec_dispatch<MAX / 2>(vec, launch);
+    }
+    launch(std::integral_constant<int, MAX>());
+}
+
+// ----------------------------------------------------------------------------
 // Deterministic column sums: out[c, v] (+)= sum over rows r of term(r, c, v), for the
 // weight gradients of per-channel parameters (norm weights, conv weights and bias).
-// Rows are cut into a fixed number of chunks; each block sums its chunk for 32 columns in
-// row order, then one pass adds the chunk partials in chunk order: no atomics, so the
-// result is the same bit for bit on every run.
+// Rows are cut into a fixed number of chunks; each block sums its chunk for 32 x VEC columns
+// in row order, then one pass adds the chunk partials in chunk order: no atomics, so the
+// result is the same bit for bit on every run. Kernels that make their partials themselves
+// (conv1d's backward) write the same layout, partial[(chunk * C + c) * NV + v], and finish
+// with colsum_finalize.
 
 constexpr int COLSUM_CHUNKS = 64;
 
 inline size_t colsum_scratch_floats(int C, int NV) { return (size_t)COLSUM_CHUNKS * C * NV; }
 
-// term(r, c, vals) fills vals[0..NV) for row r, column c
-template <int NV, typename Term>
-__global__ void colsum_partial_kernel(float* partial, Term term, int rows, int C) {
-    __shared__ float red[8][32][NV];
-    const int c = blockIdx.x * 32 + threadIdx.x, chunk = blockIdx.y;
+// rows [r0, r1) of chunk `chunk` of COLSUM_CHUNKS
+__device__ inline void colsum_chunk_rows(int chunk, int rows, int* r0, int* r1) {
     const int per = (rows + COLSUM_CHUNKS - 1) / COLSUM_CHUNKS;
-    const int r0 = chunk * per, r1 = min(rows, r0 + per);
-    float acc[NV] = {};
+    *r0 = min(rows, chunk * per);
+    *r1 = min(rows, *r0 + per);
+}
+
+// term(r, c, vals) fills vals[v * VEC + e] for row r, columns c .. c + VEC - 1
+template <int NV, int VEC, typename Term>
+__global__ void colsum_partial_kernel(float* partial, Term term, int rows, int C) {
+    __shared__ float red[8][32][NV * VEC];
+    const int c = (blockIdx.x * 32 + threadIdx.x) * VEC, chunk = blockIdx.y;
+    int r0, r1;
+    colsum_chunk_rows(chunk, rows, &r0, &r1);
+    float acc[NV * VEC] = {};
     if (c < C) {
         for (int r = r0 + threadIdx.y; r < r1; r += 8) {
-            float vals[NV];
+            float vals[NV * VEC];
             term(r, c, vals);
-            for (int v = 0; v < NV; v++) acc[v] += vals[v];
+            #pragma unroll
+            for (int v = 0; v < NV * VEC; v++) acc[v] += vals[v];
         }
     }
-    for (int v = 0; v < NV; v++) red[threadIdx.y][threadIdx.x][v] = acc[v];
+    #pragma unroll
+    for (int v = 0; v < NV * VEC; v++) red[threadIdx.y][threadIdx.x][v] = acc[v];
     __syncthreads();
     if (threadIdx.y == 0 && c < C) {
         for (int y = 1; y < 8; y++)
-            for (int v = 0; v < NV; v++) acc[v] += red[y][threadIdx.x][v];
-        for (int v = 0; v < NV; v++) partial[((size_t)chunk * C + c) * NV + v] = acc[v];
+            #pragma unroll
+            for (int v = 0; v < NV * VEC; v++) acc[v] += red[y][threadIdx.x][v];
+        for (int e = 0; e < VEC; e++)
+            for (int v = 0; v < NV; v++) partial[((size_t)chunk * C + c + e) * NV + v] = acc[v * VEC + e];
     }
 }
 
@@ -91,13 +166,19 @@ __global__ void colsum_finalize_kernel(const float* partial, Store store, int C)
     }
 }
 
-template <int NV, typename Term, typename Store>
+template <int NV, typename Store>
+inline void colsum_finalize(const float* partial, Store store, int C, cudaStream_t s) {
+    colsum_finalize_kernel<NV><<<(C + 255) / 256, 256, 0, s>>>(partial, store, C);
+    cudaCheckLast();
+}
+
+// VEC must divide C and suit the term's loads (see vec_width)
+template <int NV, int VEC = 1, typename Term, typename Store>
 inline void column_sum(float* scratch, Term term, Store store, int rows, int C, cudaStream_t s) {
-    dim3 grid((C + 31) / 32, COLSUM_CHUNKS), block(32, 8);
-    colsum_partial_kernel<NV><<<grid, block, 0, s>>>(scratch, term, rows, C);
+    dim3 grid(ceil_div(C, 32 * VEC), COLSUM_CHUNKS), block(32, 8);
+    colsum_partial_kernel<NV, VEC><<<grid, block, 0, s>>>(scratch, term, rows, C);
     cudaCheckLast();
-    colsum_finalize_kernel<NV><<<(C + 255) / 256, 256, 0, s>>>(scratch, store, C);
-    cudaCheckLast();
+    colsum_finalize<NV>(scratch, store, C, s);
 }
 
 // warp-wide sum

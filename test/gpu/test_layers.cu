@@ -182,7 +182,8 @@ TEST_CASE("embedding: forward, deterministic backward", "[layers]") {
 }
 
 TEST_CASE("rmsnorm: forward and backward (dx accumulates, bf16 copy, dweight)", "[layers]") {
-    for (auto [rows, C] : {std::pair{1, 64}, std::pair{37, 200}, std::pair{1000, 1024}}) {
+    // C 67 and 202 take the scalar and 2-wide paths, the others 4-wide
+    for (auto [rows, C] : {std::pair{1, 64}, std::pair{37, 200}, std::pair{1000, 1024}, std::pair{5, 67}, std::pair{9, 202}}) {
         INFO("rows=" << rows << " C=" << C);
         Buf<float> x((size_t)rows * C), rstd(rows), dx((size_t)rows * C), dw(C), scratch(rmsnorm_backward_scratch_floats(rows, C));
         Buf<bf16> w(C), out((size_t)rows * C), dout((size_t)rows * C), dxb((size_t)rows * C);
@@ -205,9 +206,12 @@ TEST_CASE("rmsnorm: forward and backward (dx accumulates, bf16 copy, dweight)", 
 }
 
 TEST_CASE("gated rmsnorm: grouped, strided z, forward and backward", "[layers]") {
-    for (auto [rows, C, groups] : {std::tuple{37, 256, 1}, std::tuple{100, 384, 3}, std::tuple{1, 64, 2}}) {
-        INFO("rows=" << rows << " C=" << C << " groups=" << groups);
-        const int zs = C + 17;  // z is a slice of a wider row
+    // z is a slice of a wider row; its stride and the group size pick the vector width (1 for
+    // the odd strides, then 8, 8, 4, 2)
+    for (auto [rows, C, groups, zs] : {std::tuple{37, 256, 1, 273}, std::tuple{100, 384, 3, 401}, std::tuple{1, 64, 2, 81},
+                                       std::tuple{45, 512, 2, 576}, std::tuple{33, 384, 3, 392}, std::tuple{19, 96, 4, 100},
+                                       std::tuple{7, 60, 5, 62}}) {
+        INFO("rows=" << rows << " C=" << C << " groups=" << groups << " z stride=" << zs);
         Buf<bf16> y((size_t)rows * C), z((size_t)rows * zs), w(C), out((size_t)rows * C), dout((size_t)rows * C),
             dy((size_t)rows * C), dz((size_t)rows * zs);
         Buf<float> rstd((size_t)rows * groups), dw(C), scratch(gated_rmsnorm_backward_scratch_floats(rows, C));
@@ -235,10 +239,14 @@ TEST_CASE("gated rmsnorm: grouped, strided z, forward and backward", "[layers]")
 }
 
 TEST_CASE("conv1d + SiLU: causal, strided, forward and backward, deterministic", "[layers]") {
-    const int K = 4;
-    for (auto [B, T, C] : {std::tuple{2, 37, 100}, std::tuple{1, 1, 24}, std::tuple{3, 300, 64}}) {
-        INFO("B=" << B << " T=" << T << " C=" << C);
-        const int is = C + 40, BT = B * T;
+    // input stride and channels pick the vector width (forward up to 8, backward up to 4; 1 and 2
+    // for the odd ones); T = 1 and 3 put sequence starts inside one warp's run of rows, 2 x 1000
+    // makes runs of 4 rows (the chunks are 32 rows, 8 warps each)
+    for (auto [B, T, C, is, K] : {std::tuple{2, 37, 100, 140, 4}, std::tuple{1, 1, 24, 64, 4}, std::tuple{3, 300, 64, 104, 4},
+                                  std::tuple{2, 45, 37, 77, 4}, std::tuple{2, 50, 70, 110, 4}, std::tuple{5, 3, 48, 48, 4},
+                                  std::tuple{2, 1000, 64, 96, 4}, std::tuple{3, 41, 40, 48, 3}, std::tuple{2, 33, 16, 24, 2}}) {
+        INFO("B=" << B << " T=" << T << " C=" << C << " stride=" << is << " K=" << K);
+        const int BT = B * T;
         Buf<bf16> in((size_t)BT * is), w((size_t)C * K), bias(C), out((size_t)BT * C), dout((size_t)BT * C),
             din((size_t)BT * is);
         Buf<float> dw((size_t)C * K), db(C), scratch(conv1d_backward_scratch_floats(B, T, C, K));
@@ -258,6 +266,8 @@ TEST_CASE("conv1d + SiLU: causal, strided, forward and backward, deterministic",
         CHECK(rel_l2(din.cols(BT, is, C), rdin) < kTolBf16);
         CHECK(rel_l2(dw.dbl(), rdw) < kTolFp32);
         CHECK(rel_l2(db.dbl(), rdb) < kTolFp32);
+        for (int r = 0; r < BT; r++)  // the gap beside the din slice is untouched
+            for (int c = C; c < is; c++) REQUIRE(std::isnan(__bfloat162float(din.h[(size_t)r * is + c])));
         std::vector<float> first = dw.h;
         dw.h.assign(dw0.begin(), dw0.end()); dw.up();
         conv1d_silu_backward(din.d, is, dw.d, db.d, scratch.d, dout.d, in.d, is, w.d, bias.d, B, T, C, K, 0);
