@@ -285,9 +285,7 @@ static int run(const Args& a) {
     AdamWConfig ocfg;
     ocfg.beta1 = a.beta1; ocfg.beta2 = a.beta2; ocfg.eps = a.eps; ocfg.weight_decay = a.weight_decay;
     ocfg.grad_clip = a.grad_clip;
-    std::vector<ParamTensor> ptensors;
-    for (auto& t : layout.tensors) ptensors.push_back({t.offset, t.count, t.decay});
-    AdamW opt(ptensors, 0, layout.total, ocfg);
+    AdamW opt(adamw_tensors(layout, false), 0, layout.total, ocfg);
     LRSchedule sched = LRSchedule::cosine(a.lr, a.min_lr, std::min<long>(a.warmup, steps), steps);
     printf("fine-tuning: %d steps of %ld tokens (B=%d T=%d accum=%d%s), schedule %s\n", steps, tokens_per_step, a.B,
            a.T, accum, a.epochs > 0 ? strformat(", %g epochs", a.epochs).c_str() : "", sched.describe().c_str());

@@ -25,6 +25,7 @@
 #include "mlp.cuh"
 #include "scan.cuh"
 #include "attention.cuh"
+#include "optim.cuh"
 
 // ----------------------------------------------------------------------------
 // 1. Configuration
@@ -386,6 +387,22 @@ struct ParamLayout {
         THROW("no parameter named '%s'", name.c_str());
     }
 };
+
+// The tensors AdamW updates: all of them, or with Muon all but the blocks' 2-D matrices
+inline std::vector<ParamTensor> adamw_tensors(const ParamLayout& L, bool with_muon) {
+    std::vector<ParamTensor> v;
+    for (auto& t : L.tensors)
+        if (!(with_muon && t.block_matrix)) v.push_back({t.offset, t.count, t.decay});
+    return v;
+}
+
+// optimizer state of the whole buffer: AdamW's m and v over its tensors, Muon's momentum
+// over the rest (the tensors tile the buffer)
+inline size_t optimizer_state_bytes(const ParamLayout& L, bool with_muon) {
+    size_t adamw = 0;
+    for (const ParamTensor& t : adamw_tensors(L, with_muon)) adamw += t.count;
+    return (2 * adamw + (L.total - adamw)) * sizeof(float);
+}
 
 // mamba_ssm's initialisation: embedding N(0, 0.02); Linear kaiming-uniform (bound
 // 1/sqrt(fan_in); for Mamba-1's dt_proj that is its dt_rank^-0.5), each block's output

@@ -100,9 +100,7 @@ static void check_model_against_dump(const std::string& name) {
     oc.weight_decay = (float)dc.tf.get("adamw.weight_decay").data[0];
     oc.grad_clip = (float)dc.tf.get("adamw.grad_clip").data[0];
     const float lr = (float)dc.tf.get("adamw.lr").data[0];
-    std::vector<ParamTensor> pt;
-    for (auto& t : model.layout.tensors) pt.push_back({t.offset, t.count, t.decay});
-    AdamW opt(pt, 0, model.layout.total, oc);
+    AdamW opt(adamw_tensors(model.layout, false), 0, model.layout.total, oc);
     const auto& ref_losses = dc.tf.get("step_losses").data;
     for (int step = 0; step < (int)ref_losses.size(); step++) {
         model.zero_grad();
