@@ -322,14 +322,12 @@ static int run(const Args& a) {
             printf("step %5d | no response token in the batch: skipped\n", step + 1);
         } else {
             model.zero_grad();
-            double loss = 0;
             for (int m = 0; m < accum; m++) {
                 size_t off = (size_t)m * a.B * a.T;
                 model.forward(inputs.data() + off, targets.data() + off, nullptr, 1.0f / valid, 0.0f);
                 model.backward();
-                loss += model.loss_sum();
             }
-            loss /= valid;
+            const double loss = model.loss_sum() / valid;
             float* norm2 = opt.grad_norm_squared(model.grads, layout.total, 0);
             opt.step(model.master, model.params, model.grads, norm2, lr, step + 1, 0);
             float h_norm2;

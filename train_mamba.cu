@@ -547,16 +547,14 @@ static int run(const Args& a, Comm& comm) {
         valid = comm.sum(valid);  // the loss is the mean over the global batch
         if (valid == 0) THROW("step %d: every target of the batch is masked", step + 1);
         model.zero_grad();
-        double loss = 0;
         for (int m = 0; m < passes; m++) {
             size_t off = (size_t)m * local_tokens;
             model.forward(inputs.data() + off, targets.data() + off, a.pos_weight ? posw.data() : nullptr,
                           1.0f / valid, a.z_loss);
             opt.overlap_reduction(model, m == passes - 1);
             model.backward();
-            loss += model.loss_sum();
         }
-        loss = comm.sum(loss) / valid;
+        const double loss = comm.sum(model.loss_sum()) / valid;  // the step's one read of the loss
         if (spikes.is_spike(loss)) {
             // skip the update; go back to the last checkpoint and leave the loader past this batch
             opt.reducer.finish(0);
