@@ -4,7 +4,8 @@
 //   char magic[8] = "MAMBACK1"
 //   uint64 header_bytes, then a JSON header: model config, step, tokens seen, parameter
 //     count, loader state size, the decay-mixture loader's state if any, and the list of
-//     optimizer state arrays ("optimizer": [[name, floats], ...]; AdamW m and v when absent)
+//     optimizer state arrays ("optimizer": [[name, floats], ...]; AdamW m and v when absent;
+//     AdamW's m and v hold the elements of the tensors it updates only, in its items' order)
 //   the loader state (raw bytes of DataLoader::State)
 //   float master[n], then each optimizer state array in the listed order
 // A run of W > 1 ranks (ZeRO-1) writes each rank's optimizer arrays to NAME.rankR-of-W
@@ -181,7 +182,9 @@ inline TrainState checkpoint_load(const std::string& path, Model& model, OptStat
     if (have != want) {
         fclose(f);
         if (fo != f) fclose(fo);
-        THROW("checkpoint '%s' holds optimizer state %sbut this run needs %s", path.c_str(), have.c_str(), want.c_str());
+        THROW("checkpoint '%s' holds optimizer state %sbut this run needs %s(AdamW's m and v cover only the "
+              "tensors AdamW updates: their size follows from the model, --optimizer and the ranks)", path.c_str(),
+              have.c_str(), want.c_str());
     }
     TrainState st;
     st.step = h["step"].get<int>();

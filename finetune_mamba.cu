@@ -285,9 +285,7 @@ static int run(const Args& a) {
     AdamWConfig ocfg;
     ocfg.beta1 = a.beta1; ocfg.beta2 = a.beta2; ocfg.eps = a.eps; ocfg.weight_decay = a.weight_decay;
     ocfg.grad_clip = a.grad_clip;
-    std::vector<ParamTensor> ptensors;
-    for (auto& t : layout.tensors) ptensors.push_back({t.offset, t.count, t.decay});
-    AdamW opt(ptensors, 0, layout.total, ocfg);
+    AdamW opt(adamw_tensors(layout, false), 0, layout.total, ocfg);
     LRSchedule sched = LRSchedule::cosine(a.lr, a.min_lr, std::min<long>(a.warmup, steps), steps);
     printf("fine-tuning: %d steps of %ld tokens (B=%d T=%d accum=%d%s), schedule %s\n", steps, tokens_per_step, a.B,
            a.T, accum, a.epochs > 0 ? strformat(", %g epochs", a.epochs).c_str() : "", sched.describe().c_str());
@@ -324,14 +322,12 @@ static int run(const Args& a) {
             printf("step %5d | no response token in the batch: skipped\n", step + 1);
         } else {
             model.zero_grad();
-            double loss = 0;
             for (int m = 0; m < accum; m++) {
                 size_t off = (size_t)m * a.B * a.T;
                 model.forward(inputs.data() + off, targets.data() + off, nullptr, 1.0f / valid, 0.0f);
                 model.backward();
-                loss += model.loss_sum();
             }
-            loss /= valid;
+            const double loss = model.loss_sum() / valid;
             float* norm2 = opt.grad_norm_squared(model.grads, layout.total, 0);
             opt.step(model.master, model.params, model.grads, norm2, lr, step + 1, 0);
             float h_norm2;

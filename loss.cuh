@@ -5,6 +5,7 @@
 //   losses[i] = w_i (ce + z_loss lse^2)
 //   dlogits[i, j] = dloss w_i (softmax_j (1 + 2 z_loss lse) - [j == t_i]); 0 for padded j >= V
 //   target_rank[i] = #{j < V : logits[i, j] > logits[i, t_i]} (for top-k accuracy)
+// loss_accumulate adds the sum of the per-token losses to a device total (no host sync).
 #pragma once
 #include <cfloat>
 #include "cuda_common.cuh"
@@ -80,5 +81,27 @@ inline void fused_classifier(bf16* logits, float* losses, int* target_rank, cons
     if (Vp % 8 != 0 || V > Vp) THROW("fused_classifier: padded vocab %d must be a multiple of 8 and >= V %d", Vp, V);
     fused_classifier_kernel<<<BT, LOSS_THREADS, 0, s>>>(logits, losses, target_rank, targets, weights, dloss, z_loss, V,
                                                         Vp, write_dlogits);
+    cudaCheckLast();
+}
+
+constexpr int LOSS_SUM_THREADS = 1024;
+
+// *total += sum of losses[0, n) in fp64, by one block in a fixed order (strided per thread,
+// then a tree over the threads): the same bits on every run
+static __global__ void __launch_bounds__(LOSS_SUM_THREADS) loss_sum_kernel(double* total, const float* losses, int n) {
+    __shared__ double red[LOSS_SUM_THREADS];
+    double acc = 0.0;
+    for (int i = threadIdx.x; i < n; i += LOSS_SUM_THREADS) acc += losses[i];
+    red[threadIdx.x] = acc;
+    __syncthreads();
+    for (int k = LOSS_SUM_THREADS / 2; k > 0; k >>= 1) {
+        if (threadIdx.x < k) red[threadIdx.x] += red[threadIdx.x + k];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) *total += red[0];
+}
+
+inline void loss_accumulate(double* total, const float* losses, int n, cudaStream_t s) {
+    loss_sum_kernel<<<1, LOSS_SUM_THREADS, 0, s>>>(total, losses, n);
     cudaCheckLast();
 }

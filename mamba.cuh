@@ -25,6 +25,7 @@
 #include "mlp.cuh"
 #include "scan.cuh"
 #include "attention.cuh"
+#include "optim.cuh"
 
 // ----------------------------------------------------------------------------
 // 1. Configuration
@@ -387,6 +388,22 @@ struct ParamLayout {
     }
 };
 
+// The tensors AdamW updates: all of them, or with Muon all but the blocks' 2-D matrices
+inline std::vector<ParamTensor> adamw_tensors(const ParamLayout& L, bool with_muon) {
+    std::vector<ParamTensor> v;
+    for (auto& t : L.tensors)
+        if (!(with_muon && t.block_matrix)) v.push_back({t.offset, t.count, t.decay});
+    return v;
+}
+
+// optimizer state of the whole buffer: AdamW's m and v over its tensors, Muon's momentum
+// over the rest (the tensors tile the buffer)
+inline size_t optimizer_state_bytes(const ParamLayout& L, bool with_muon) {
+    size_t adamw = 0;
+    for (const ParamTensor& t : adamw_tensors(L, with_muon)) adamw += t.count;
+    return (2 * adamw + (L.total - adamw)) * sizeof(float);
+}
+
 // mamba_ssm's initialisation: embedding N(0, 0.02); Linear kaiming-uniform (bound
 // 1/sqrt(fan_in); for Mamba-1's dt_proj that is its dt_rank^-0.5), each block's output
 // matrix further divided by sqrt(n_layer); conv1d bound 1/sqrt(K); Mamba-2 A = -U[1, 16]
@@ -527,7 +544,8 @@ inline ActivationSizes activation_sizes(const ModelConfig& c, int B, int T, bool
     s.total_bytes = (L + 1) * s.resid * 4 + (recompute ? 2 : L + 1) * s.rstd * 4 + kept +
                     (s.xn + s.xbc + s.g + s.dt + s.logits) * 2 + s.losses * 4 + s.mixer_scratch +
                     s.dresid * 4 + (s.dresid + s.xn + s.din + s.dxbc + s.dy + s.dg + s.dxproj) * 2 +
-                    s.norm_scratch * 4 + BT * (3 * sizeof(int) + sizeof(float));  // inputs, targets, ranks, weights
+                    s.norm_scratch * 4 + BT * (3 * sizeof(int) + sizeof(float)) +  // inputs, targets, ranks, weights
+                    sizeof(double);                                                 // the loss total
     return s;
 }
 
@@ -613,6 +631,7 @@ struct Model {
     bf16 *dresid_bf16 = nullptr, *dxn = nullptr, *din = nullptr, *dxbc = nullptr, *dy = nullptr, *dg = nullptr,
          *dxproj = nullptr;
     float *dresid = nullptr, *losses = nullptr, *norm_scratch = nullptr;
+    double* loss_total = nullptr;  // the per-token losses summed over forwards, read by loss_sum()
     void* mixer_scratch = nullptr;
     int *d_inputs = nullptr, *d_targets = nullptr, *d_rank = nullptr;
     float* d_weights = nullptr;
@@ -706,6 +725,8 @@ struct Model {
         d_targets = alloc<int>((size_t)B * T, "targets");
         d_rank = alloc<int>((size_t)B * T, "target ranks");
         d_weights = alloc<float>((size_t)B * T, "loss weights");
+        loss_total = alloc<double>(1, "loss total");
+        cudaCheck(cudaMemset(loss_total, 0, sizeof(double)));
     }
 
     void free_activations() {
@@ -915,11 +936,12 @@ struct Model {
         rmsnorm_backward(dresid, dresid_bf16, grads + o.norm, norm_scratch, dxn, resid[l], w(o.norm), a.rstd, BT, d, s);
     }
 
-    // Forward to the per-token losses (`losses`, device; loss_sum() on the host). targets
-    // may be null: the forward then stops at the final norm, and compute_logits() gives the
-    // logits of chosen rows. weights may be null (all 1). With dloss > 0 the gradient is
-    // carried back through the LM head, ready for backward(). With target_rank (device, BT
-    // ints) it also records each target's rank for top-k accuracy.
+    // Forward to the per-token losses (`losses`, device), whose sum it adds to the device
+    // total that loss_sum() reads. targets may be null: the forward then stops at the final
+    // norm, and compute_logits() gives the logits of chosen rows. weights may be null (all
+    // 1). With dloss > 0 the gradient is carried back through the LM head, ready for
+    // backward(). With target_rank (device, BT ints) it also records each target's rank for
+    // top-k accuracy.
     void forward(const int* inputs, const int* targets, const float* weights, float dloss, float z_loss,
                  cudaStream_t s = 0, int* target_rank = nullptr) {
         const int BT = B * T, d = cfg.d_model;
@@ -933,7 +955,9 @@ struct Model {
         for (int l = 0; l < cfg.n_layer; l++) layer_forward(l, s);
         phase("rmsnorm", s);
         rmsnorm_forward(xn, final_rstd, resid[cfg.n_layer], w(layout.final_norm), BT, d, cfg.norm_eps, s);
-        if (targets) lm_head_and_loss(target_rank, weights != nullptr, dloss, z_loss, s);
+        if (!targets) return;
+        lm_head_and_loss(target_rank, weights != nullptr, dloss, z_loss, s);
+        loss_accumulate(loss_total, losses, BT, s);
     }
 
     // Logits of rows [r0, r0 + rows) (rows <= logit_rows()) into `logits`, after a forward.
@@ -985,12 +1009,12 @@ struct Model {
 
     void zero_grad(cudaStream_t s = 0) { cudaCheck(cudaMemsetAsync(grads, 0, layout.total * sizeof(float), s)); }
 
-    // sum of the per-token losses of the last forward (host sync)
-    double loss_sum() const {
-        std::vector<float> h((size_t)B * T);
-        cudaCheck(cudaMemcpy(h.data(), losses, h.size() * sizeof(float), cudaMemcpyDeviceToHost));
-        double sum = 0;
-        for (float x : h) sum += x;
+    // The sum of the per-token losses of every forward (with targets) since the last call,
+    // and the total back to zero: one host sync, once per optimizer step or evaluation.
+    double loss_sum() {
+        double sum;
+        cudaCheck(cudaMemcpy(&sum, loss_total, sizeof(double), cudaMemcpyDeviceToHost));
+        cudaCheck(cudaMemset(loss_total, 0, sizeof(double)));
         return sum;
     }
 };

@@ -1,10 +1,11 @@
 // Optimizer: AdamW on the fp32 master weights (writing the bf16 compute copy), the global
 // gradient norm with clipping, Muon for the blocks' matrices, and the learning-rate schedules.
 //
-// The flat parameter buffer is cut into work items of at most ADAMW_ITEM elements, each
-// inside one tensor, so a single launch knows every element's weight-decay flag. An AdamW
-// owns the elements [begin, end) of the buffer (all of it on one GPU; a rank's shard under
-// ZeRO-1).
+// An AdamW updates the elements of its tensors that lie in [begin, end) of the flat buffer
+// (all of it on one GPU; a rank's shard under ZeRO-1), cut into work items of at most
+// ADAMW_ITEM elements, each inside one tensor, so a single launch knows every element's
+// weight-decay flag. Its m and v hold only those elements (not the Muon matrices between
+// them), item after item.
 #pragma once
 #include <algorithm>
 #include <cmath>
@@ -22,18 +23,35 @@ struct AdamWConfig {
 constexpr size_t ADAMW_ITEM = 4096;
 constexpr int NORM_BLOCKS = 1024;
 
-struct AdamWItem { size_t start; uint32_t count; uint32_t decay; };
+// start: the item's first element in the flat buffer; state: where its m and v start
+struct AdamWItem { size_t start, state; uint32_t count, decay; };
+
+// The work items over the tensors' elements in [begin, end), in the tensors' order, and
+// their places in the compact state: each item's state follows the previous item's.
+inline std::vector<AdamWItem> adamw_items(const std::vector<ParamTensor>& tensors, size_t begin, size_t end) {
+    std::vector<AdamWItem> items;
+    size_t state = 0;
+    for (const ParamTensor& t : tensors) {
+        const size_t a = std::max(t.offset, begin), b = std::min(t.offset + t.count, end);
+        for (size_t s = a; s < b; s += ADAMW_ITEM) {
+            const uint32_t n = (uint32_t)std::min(ADAMW_ITEM, b - s);
+            items.push_back({s, state, n, (uint32_t)t.decay});
+            state += n;
+        }
+    }
+    return items;
+}
 
 // clip_scale = min(1, clip / (norm + 1e-6)) as torch.nn.utils.clip_grad_norm_
 static __global__ void adamw_kernel(float* master, bf16* params, float* m, float* v, const float* grads,
-                             const AdamWItem* items, size_t begin, const float* norm2, float grad_clip, float lr,
+                             const AdamWItem* items, const float* norm2, float grad_clip, float lr,
                              float beta1, float beta2, float eps, float wd, float bc1, float bc2) {
     const AdamWItem it = items[blockIdx.x];
     const float norm = sqrtf(*norm2);
     const float clip = grad_clip > 0.0f ? fminf(1.0f, grad_clip / (norm + 1e-6f)) : 1.0f;
     const float decay = it.decay ? wd : 0.0f;
     for (uint32_t k = threadIdx.x; k < it.count; k += blockDim.x) {
-        const size_t i = it.start + k, j = i - begin;  // j: index into this optimizer's state
+        const size_t i = it.start + k, j = it.state + k;  // j: index into the compact m and v
         const float g = grads[i] * clip;
         const float mi = beta1 * m[j] + (1.0f - beta1) * g;
         const float vi = beta2 * v[j] + (1.0f - beta2) * g * g;
@@ -66,6 +84,7 @@ static __global__ void sum_in_order_kernel(float* out, const float* partial, int
 struct AdamW {
     AdamWConfig cfg;
     size_t begin, end;
+    size_t n_state = 0;  // elements it updates: the length of m and v
     float *m = nullptr, *v = nullptr, *partial = nullptr, *norm2 = nullptr;
     AdamWItem* items = nullptr;
     int num_items = 0;
@@ -73,19 +92,19 @@ struct AdamW {
     AdamW(const std::vector<ParamTensor>& tensors, size_t begin_, size_t end_, AdamWConfig c)
         : cfg(c), begin(begin_), end(end_) {
         if (end <= begin) THROW("AdamW: empty parameter range [%zu, %zu)", begin, end);
-        std::vector<AdamWItem> h;
-        for (const ParamTensor& t : tensors) {
-            size_t a = std::max(t.offset, begin), b = std::min(t.offset + t.count, end);
-            for (size_t s = a; s < b; s += ADAMW_ITEM)
-                h.push_back({s, (uint32_t)std::min(ADAMW_ITEM, b - s), (uint32_t)t.decay});
-        }
+        std::vector<AdamWItem> h = adamw_items(tensors, begin, end);
         num_items = (int)h.size();
-        items = cuda_malloc_n<AdamWItem>(h.size(), "AdamW work items");
-        cudaCheck(cudaMemcpy(items, h.data(), h.size() * sizeof(AdamWItem), cudaMemcpyHostToDevice));
-        m = cuda_malloc_n<float>(end - begin, "AdamW m");
-        v = cuda_malloc_n<float>(end - begin, "AdamW v");
-        cudaCheck(cudaMemset(m, 0, (end - begin) * sizeof(float)));
-        cudaCheck(cudaMemset(v, 0, (end - begin) * sizeof(float)));
+        // no items when a ZeRO-1 range holds Muon matrices only: no state, no launch, but
+        // the gradient norm is still computed here
+        if (num_items > 0) {
+            n_state = h.back().state + h.back().count;
+            items = cuda_malloc_n<AdamWItem>(h.size(), "AdamW work items");
+            cudaCheck(cudaMemcpy(items, h.data(), h.size() * sizeof(AdamWItem), cudaMemcpyHostToDevice));
+            m = cuda_malloc_n<float>(n_state, "AdamW m");
+            v = cuda_malloc_n<float>(n_state, "AdamW v");
+            cudaCheck(cudaMemset(m, 0, n_state * sizeof(float)));
+            cudaCheck(cudaMemset(v, 0, n_state * sizeof(float)));
+        }
         partial = cuda_malloc_n<float>(NORM_BLOCKS, "grad norm partials");
         norm2 = cuda_malloc_n<float>(1, "grad norm");
     }
@@ -103,22 +122,26 @@ struct AdamW {
     }
 
     void step(float* master, bf16* params, const float* grads, const float* grad_norm2, float lr, int t, cudaStream_t s) {
+        if (num_items == 0) return;
         const float bc1 = 1.0f - std::pow(cfg.beta1, (float)t), bc2 = 1.0f - std::pow(cfg.beta2, (float)t);
-        adamw_kernel<<<num_items, 256, 0, s>>>(master, params, m, v, grads, items, begin, grad_norm2, cfg.grad_clip, lr,
+        adamw_kernel<<<num_items, 256, 0, s>>>(master, params, m, v, grads, items, grad_norm2, cfg.grad_clip, lr,
                                                cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay, bc1, bc2);
         cudaCheckLast();
     }
 
     void get_state(std::vector<float>& hm, std::vector<float>& hv) const {
-        hm.resize(end - begin); hv.resize(end - begin);
-        cudaCheck(cudaMemcpy(hm.data(), m, hm.size() * sizeof(float), cudaMemcpyDeviceToHost));
-        cudaCheck(cudaMemcpy(hv.data(), v, hv.size() * sizeof(float), cudaMemcpyDeviceToHost));
+        hm.resize(n_state); hv.resize(n_state);
+        if (n_state == 0) return;
+        cudaCheck(cudaMemcpy(hm.data(), m, n_state * sizeof(float), cudaMemcpyDeviceToHost));
+        cudaCheck(cudaMemcpy(hv.data(), v, n_state * sizeof(float), cudaMemcpyDeviceToHost));
     }
     void set_state(const std::vector<float>& hm, const std::vector<float>& hv) {
-        if (hm.size() != end - begin || hv.size() != end - begin)
-            THROW("AdamW state has %zu/%zu values, this optimizer holds %zu", hm.size(), hv.size(), end - begin);
-        cudaCheck(cudaMemcpy(m, hm.data(), hm.size() * sizeof(float), cudaMemcpyHostToDevice));
-        cudaCheck(cudaMemcpy(v, hv.data(), hv.size() * sizeof(float), cudaMemcpyHostToDevice));
+        if (hm.size() != n_state || hv.size() != n_state)
+            THROW("AdamW state has %zu/%zu values, this optimizer holds %zu (the elements of its tensors in "
+                  "[%zu, %zu))", hm.size(), hv.size(), n_state, begin, end);
+        if (n_state == 0) return;
+        cudaCheck(cudaMemcpy(m, hm.data(), n_state * sizeof(float), cudaMemcpyHostToDevice));
+        cudaCheck(cudaMemcpy(v, hv.data(), n_state * sizeof(float), cudaMemcpyHostToDevice));
     }
 };
 

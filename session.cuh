@@ -35,7 +35,7 @@ struct EvalResult { double loss, top1, top5; long valid; };
 
 static EvalResult evaluate(Model& model, DataLoader& val, int batches, size_t samples = 0) {
     val.reset();
-    double loss = 0, top1 = 0, top5 = 0;
+    double top1 = 0, top5 = 0;
     long n = 0;
     const int B = model.B, T = model.T;
     std::vector<int> rank((size_t)B * T), targets;
@@ -49,7 +49,6 @@ static EvalResult evaluate(Model& model, DataLoader& val, int batches, size_t sa
             tg = targets.data();
         }
         model.forward(val.inputs(), tg, nullptr, 0.0f, 0.0f, 0, model.d_rank);
-        loss += model.loss_sum();
         cudaCheck(cudaMemcpy(rank.data(), model.d_rank, rank.size() * sizeof(int), cudaMemcpyDeviceToHost));
         for (int r : rank) {
             if (r < 0) continue;  // masked target
@@ -59,7 +58,7 @@ static EvalResult evaluate(Model& model, DataLoader& val, int batches, size_t sa
         }
     }
     const double d = std::max(n, 1L);
-    return {loss / d, top1 / d, top5 / d, n};
+    return {model.loss_sum() / d, top1 / d, top5 / d, n};  // the losses of every batch, read once
 }
 
 // an evaluation over several ranks' shares: each rank's result, weighted by its count

@@ -224,7 +224,7 @@ static ModelConfig model_config(const Args& a) {
     return c;
 }
 
-static void print_dry_run(const ModelConfig& c, const ParamLayout& layout, int B, int T, bool recompute) {
+static void print_dry_run(const ModelConfig& c, const ParamLayout& layout, int B, int T, bool recompute, bool muon) {
     printf("model: %s\n", c.name.c_str());
     printf("pattern: %s\n", c.pattern.c_str());
     int n[3] = {0, 0, 0};
@@ -247,9 +247,12 @@ static void print_dry_run(const ModelConfig& c, const ParamLayout& layout, int B
     printf("params: %zu\n", layout.total);
     for (auto& kv : per_kind) printf("  %-10s %zu\n", kv.first.c_str(), kv.second);
     ActivationSizes s = activation_sizes(c, B, T, recompute);
-    double pbytes = layout.total * (4.0 + 2 + 4 + 8);  // master, bf16 copy, grads, AdamW m and v
-    printf("memory estimate for B=%d T=%d%s: parameters+grads+AdamW %.2f GiB, activations %.2f GiB, total %.2f GiB\n",
-           B, T, recompute ? " (recompute)" : "", pbytes / (1 << 30), s.total_bytes / double(1 << 30), (pbytes + s.total_bytes) / (1 << 30));
+    const double pbytes = layout.total * (4.0 + 2 + 4);  // master, bf16 copy, grads
+    const double obytes = optimizer_state_bytes(layout, muon);
+    printf("memory estimate for B=%d T=%d%s: parameters+grads %.2f GiB, optimizer state (%s) %.2f GiB, "
+           "activations %.2f GiB, total %.2f GiB\n", B, T, recompute ? " (recompute)" : "", pbytes / (1 << 30),
+           muon ? "AdamW m and v, Muon momentum" : "AdamW m and v", obytes / (1 << 30), s.total_bytes / double(1 << 30),
+           (pbytes + obytes + s.total_bytes) / (1 << 30));
     printf("flops per token (fwd+bwd): %.3g\n", flops_per_token(c, T));
 }
 
@@ -265,12 +268,6 @@ struct Optimizers {
     std::unique_ptr<Muon> muon;
     double muon_scale = 1.0;  // Muon's lr / AdamW's lr (the schedule's shape is shared)
 
-    static std::vector<ParamTensor> adamw_tensors(const ParamLayout& L, bool with_muon) {
-        std::vector<ParamTensor> v;
-        for (auto& t : L.tensors)
-            if (!(with_muon && t.block_matrix)) v.push_back({t.offset, t.count, t.decay});
-        return v;
-    }
     static std::vector<size_t> ranges(const ParamLayout& L, int world) {
         std::vector<size_t> ends;
         for (auto& t : L.tensors) ends.push_back(t.offset + t.count);
@@ -317,7 +314,7 @@ struct Optimizers {
         return norm2;
     }
     size_t state_bytes() const {
-        return 2 * (end - begin) * sizeof(float) + (muon ? muon->state_floats() * sizeof(float) : 0);
+        return (2 * adamw.n_state + (muon ? muon->state_floats() : 0)) * sizeof(float);
     }
     OptState state() const {
         OptState st = adamw_state(adamw);
@@ -414,14 +411,14 @@ static void run_bench(const Args& a, const ModelConfig& cfg, Model& model, Optim
 static int run(const Args& a, Comm& comm) {
     ModelConfig cfg = model_config(a);
     ParamLayout layout(cfg);
-    if (a.dry_run) { print_dry_run(cfg, layout, a.B, a.T, a.recompute); return 0; }
+    if (a.dry_run) { print_dry_run(cfg, layout, a.B, a.T, a.recompute, a.optimizer == "muon"); return 0; }
 
     int ndev = 0;
     if (cudaGetDeviceCount(&ndev) != cudaSuccess || ndev == 0) THROW("no CUDA GPU found (use --dry-run without one)");
     cudaDeviceProp prop;
     cudaCheck(cudaGetDeviceProperties(&prop, 0));
     printf("device: %s, %d SMs, %.1f GiB\n", prop.name, prop.multiProcessorCount, prop.totalGlobalMem / double(1 << 30));
-    print_dry_run(cfg, layout, a.B, a.T, a.recompute);
+    print_dry_run(cfg, layout, a.B, a.T, a.recompute, a.optimizer == "muon");
     matmul_init();
 
     // the batch sizes are global: every rank runs micro-batches of B x T
@@ -550,16 +547,14 @@ static int run(const Args& a, Comm& comm) {
         valid = comm.sum(valid);  // the loss is the mean over the global batch
         if (valid == 0) THROW("step %d: every target of the batch is masked", step + 1);
         model.zero_grad();
-        double loss = 0;
         for (int m = 0; m < passes; m++) {
             size_t off = (size_t)m * local_tokens;
             model.forward(inputs.data() + off, targets.data() + off, a.pos_weight ? posw.data() : nullptr,
                           1.0f / valid, a.z_loss);
             opt.overlap_reduction(model, m == passes - 1);
             model.backward();
-            loss += model.loss_sum();
         }
-        loss = comm.sum(loss) / valid;
+        const double loss = comm.sum(model.loss_sum()) / valid;  // the step's one read of the loss
         if (spikes.is_spike(loss)) {
             // skip the update; go back to the last checkpoint and leave the loader past this batch
             opt.reducer.finish(0);

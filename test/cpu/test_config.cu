@@ -180,8 +180,15 @@ TEST_CASE("train_mamba --dry-run prints the pattern, parameter count and memory;
     CHECK_THAT(out, Catch::Contains("pattern: " + std::string(48, 'M')));
     CHECK_THAT(out, Catch::Contains("params: " + std::to_string(L.total)));
     CHECK_THAT(out, Catch::Contains("memory estimate for B=8 T=2048"));
+    CHECK_THAT(out, Catch::Contains(strformat("optimizer state (AdamW m and v) %.2f GiB",
+                                              optimizer_state_bytes(L, false) / double(1 << 30))));
     CHECK(L.total > 360000000);
     CHECK(L.total < 375000000);
+    // with Muon, AdamW's m and v leave out Muon's matrices (which have one momentum each)
+    REQUIRE(run_cmd("./train_mamba --model mamba2-370m --optimizer muon --dry-run -B 8 -T 2048", out) == 0);
+    CHECK(optimizer_state_bytes(L, true) < 0.6 * optimizer_state_bytes(L, false));
+    CHECK_THAT(out, Catch::Contains(strformat("optimizer state (AdamW m and v, Muon momentum) %.2f GiB",
+                                              optimizer_state_bytes(L, true) / double(1 << 30))));
     // a hybrid from the allocation flags, and an explicit pattern of Mamba-1 layers
     REQUIRE(run_cmd("./train_mamba --model mamba2-tiny --layers 24 --attn-ratio 0.08 --mlp-ratio 0.5 --dry-run", out) == 0);
     CHECK_THAT(out, Catch::Contains("pattern: M+M+M++*M+M+M+M+*M++M+M+\n"));

@@ -1,7 +1,9 @@
 // Learning-rate schedules (host only): exact at their breakpoints, in steps or tokens,
-// and bad values rejected with their message.
+// and bad values rejected with their message; ZeRO-1's ranges; AdamW's work items and the
+// place of each in its compact state.
 #include <catch2/catch.hpp>
 #include <algorithm>
+#include "mamba.cuh"
 #include "optim.cuh"
 
 TEST_CASE("schedules: cosine is exact at warmup end, midpoint and total", "[optim]") {
@@ -79,4 +81,88 @@ TEST_CASE("ZeRO-1: ranges cut at tensor boundaries, balanced, covering everythin
     }
     std::vector<size_t> two = partition_ranges(ends, off, 2);
     CHECK(two[1] == 1000 + 3 * 460);  // half of 4760 is 2380: after the third block
+}
+
+TEST_CASE("AdamW: work items cover its tensors in [begin, end), their state item after item", "[optim]") {
+    // three tensors with gaps between them (Muon's matrices); an item holds at most ADAMW_ITEM elements
+    const std::vector<ParamTensor> tensors = {{0, 10, false}, {30, 5000, true}, {9000, 3, false}};
+    std::vector<AdamWItem> it = adamw_items(tensors, 0, 9003);
+    REQUIRE(it.size() == 4);
+    const size_t want[4][4] = {{0, 0, 10, 0}, {30, 10, ADAMW_ITEM, 1}, {30 + ADAMW_ITEM, 10 + ADAMW_ITEM, 5000 - ADAMW_ITEM, 1},
+                               {9000, 5010, 3, 0}};  // start, state, count, decay
+    for (int k = 0; k < 4; k++) {
+        INFO("item " << k);
+        CHECK(it[k].start == want[k][0]);
+        CHECK(it[k].state == want[k][1]);
+        CHECK(it[k].count == want[k][2]);
+        CHECK(it[k].decay == want[k][3]);
+    }
+    // a range that cuts the tensors: only their elements inside it, the state from 0
+    it = adamw_items(tensors, 5, 9001);
+    REQUIRE(it.size() == 4);
+    CHECK((it[0].start == 5 && it[0].state == 0 && it[0].count == 5));
+    CHECK((it[1].start == 30 && it[1].state == 5));
+    CHECK((it[3].start == 9000 && it[3].state == 5 + 5000 && it[3].count == 1));
+    CHECK(adamw_items(tensors, 10, 30).empty());  // a range of Muon matrices only
+}
+
+TEST_CASE("AdamW: compact state of a Muon + AdamW split over ZeRO-1 ranges; the memory estimate", "[optim]") {
+    ModelConfig c = model_preset("hybrid-tiny");  // Mamba-2, attention and MLP blocks
+    c.vocab_size = 1000;
+    c.finalize();
+    const ParamLayout L(c);
+    std::vector<size_t> ends;
+    size_t muon_total = 0;
+    for (auto& t : L.tensors) {
+        ends.push_back(t.offset + t.count);
+        if (t.block_matrix) muon_total += t.count;
+    }
+    REQUIRE(muon_total > 0);
+    const std::vector<ParamTensor> with_muon = adamw_tensors(L, true), alone = adamw_tensors(L, false);
+    CHECK(alone.size() == L.tensors.size());
+    CHECK(with_muon.size() < alone.size());
+    // the tensor an element belongs to
+    auto tensor_at = [&](size_t i) -> const TensorInfo& {
+        for (auto& t : L.tensors) if (i >= t.offset && i < t.offset + t.count) return t;
+        FAIL("element " << i << " is in no tensor");
+        return L.tensors[0];
+    };
+    for (int world : {1, 2, 3, 8}) {
+        const std::vector<size_t> b = partition_ranges(ends, L.total, world);
+        size_t state_total = 0;
+        for (int r = 0; r < world; r++) {
+            INFO("rank " << r << " of " << world);
+            const std::vector<AdamWItem> it = adamw_items(with_muon, b[r], b[r + 1]);
+            size_t state = 0, in_range = 0;
+            for (size_t k = 0; k < it.size(); k++) {
+                const TensorInfo& t = tensor_at(it[k].start);
+                REQUIRE(it[k].state == state);  // contiguous, in item order
+                REQUIRE(it[k].count > 0);
+                REQUIRE(it[k].count <= ADAMW_ITEM);
+                REQUIRE(it[k].start >= b[r]);
+                REQUIRE(it[k].start + it[k].count <= b[r + 1]);
+                REQUIRE(it[k].start + it[k].count <= t.offset + t.count);  // inside one tensor
+                REQUIRE(!t.block_matrix);                                  // never a Muon matrix
+                REQUIRE(it[k].decay == (uint32_t)t.decay);
+                if (k > 0) REQUIRE(it[k].start >= it[k - 1].start + it[k - 1].count);
+                state += it[k].count;
+            }
+            for (auto& t : L.tensors)
+                if (!t.block_matrix && t.offset >= b[r] && t.offset < b[r + 1]) in_range += t.count;
+            CHECK(state == in_range);  // every AdamW element of the range, once
+            state_total += state;
+            // AdamW alone: the compact state is the whole range in order, as before the split
+            const std::vector<AdamWItem> all = adamw_items(alone, b[r], b[r + 1]);
+            size_t n = 0;
+            for (auto& x : all) {
+                REQUIRE(x.state == x.start - b[r]);
+                n += x.count;
+            }
+            CHECK(n == b[r + 1] - b[r]);
+        }
+        CHECK(state_total + muon_total == L.total);
+    }
+    // --dry-run's optimizer state: m and v over AdamW's tensors, one momentum over Muon's
+    CHECK(optimizer_state_bytes(L, false) == 8 * L.total);
+    CHECK(optimizer_state_bytes(L, true) == 8 * (L.total - muon_total) + 4 * muon_total);
 }

@@ -1,6 +1,7 @@
 // The whole CUDA model against the float64 PyTorch dumps (test/pytorch_ref.py): logits,
-// loss, every parameter gradient, and the losses of 10 AdamW steps. Then a resume test
-// through the train_mamba binary: 2N steps straight equal N steps, resume, N steps.
+// loss, every parameter gradient, and the losses of 10 AdamW steps; the device loss total.
+// Then a resume test through the train_mamba binary: 2N steps straight equal N steps,
+// resume, N steps.
 #include <catch2/catch.hpp>
 #include "test/test_util.h"
 #include <cmath>
@@ -100,9 +101,7 @@ static void check_model_against_dump(const std::string& name) {
     oc.weight_decay = (float)dc.tf.get("adamw.weight_decay").data[0];
     oc.grad_clip = (float)dc.tf.get("adamw.grad_clip").data[0];
     const float lr = (float)dc.tf.get("adamw.lr").data[0];
-    std::vector<ParamTensor> pt;
-    for (auto& t : model.layout.tensors) pt.push_back({t.offset, t.count, t.decay});
-    AdamW opt(pt, 0, model.layout.total, oc);
+    AdamW opt(adamw_tensors(model.layout, false), 0, model.layout.total, oc);
     const auto& ref_losses = dc.tf.get("step_losses").data;
     double worst_step = 0;  // the margin, printed below
     for (int step = 0; step < (int)ref_losses.size(); step++) {
@@ -171,6 +170,28 @@ TEST_CASE("model: --recompute gives the same gradients bit for bit, with less ac
         CHECK(norm > 0);
         CHECK(activation_sizes(dc.cfg, dc.B, dc.T, true).total_bytes < activation_sizes(dc.cfg, dc.B, dc.T).total_bytes);
     }
+}
+
+TEST_CASE("model: loss_sum() totals the forwards since its last call on the device, then starts from zero", "[model]") {
+    matmul_init();
+    DumpCase dc("hybrid_tiny");
+    Model model(dc.cfg);
+    model.set_master(dc.master(model.layout));
+    model.allocate(dc.B, dc.T);
+    auto forward = [&] { model.forward(dc.inputs.data(), dc.targets.data(), dc.weights.data(), 0.0f, dc.z_loss()); };
+    forward();
+    std::vector<float> h((size_t)dc.B * dc.T);
+    cudaCheck(cudaMemcpy(h.data(), model.losses, h.size() * sizeof(float), cudaMemcpyDeviceToHost));
+    double host = 0;
+    for (float x : h) host += x;
+    REQUIRE(host > 0);
+    const double one = model.loss_sum();
+    CHECK(std::fabs(one - host) < 1e-12 * host);  // fp64 sums of the same floats in another order
+    CHECK(model.loss_sum() == 0.0);               // read once: the total is back to zero
+    forward();
+    model.forward(dc.inputs.data(), nullptr, nullptr, 0.0f, 0.0f);  // no targets: nothing added
+    forward();
+    CHECK(model.loss_sum() == 2 * one);  // the same bits each time (fixed-order sums)
 }
 
 // loss sum and gradients of rows run as one batch of B rows (B = rows, T)

@@ -1,9 +1,11 @@
 // AdamW on the GPU against the double reference (torch.optim.AdamW semantics), with the
-// gradient norm and clipping, mixed decay flags, a sub-range, and bit-identical reruns.
+// gradient norm and clipping, mixed decay flags, a sub-range, bit-identical reruns, and the
+// compact state of tensors with gaps between them (Muon's matrices).
 #include <catch2/catch.hpp>
 #include <cmath>
 #include <random>
 #include "optim.cuh"
+#include "test/gpu_util.h"
 #include "test/ref/adamw.h"
 
 TEST_CASE("AdamW: 5 steps over several tensors match the reference, clipping on and off", "[optim]") {
@@ -88,5 +90,88 @@ TEST_CASE("AdamW: an update over [begin, end) leaves the rest alone and reruns b
         }
     }
     CHECK(results[0] == results[1]);
+    cudaFree(dp); cudaFree(dg); cudaFree(db);
+}
+
+TEST_CASE("AdamW: tensors with gaps (Muon's matrices) get a compact state; resume from it; gaps untouched", "[optim]") {
+    // a ZeRO-1 range [2000, 30000) that starts after the first tensor; the gaps are Muon's
+    const size_t total = 30000, begin = 2000, end = 30000;
+    const std::vector<ParamTensor> tensors = {{0, 2000, true}, {2500, 4099, false}, {9000, 7, true}, {20000, 10000, true}};
+    const std::vector<ParamTensor> mine(tensors.begin() + 1, tensors.end());  // those in the range
+    AdamWConfig cfg;
+    cfg.grad_clip = 0.0f;  // no clipping: the reference takes the gradients as they are
+    const float lr = 1e-2f;
+    Rng rng(21);
+    std::vector<float> p(total), g[2];
+    for (auto& x : p) x = (float)rng.normal();
+    for (auto& gs : g) {
+        gs.resize(total);
+        for (auto& x : gs) x = (float)rng.normal();
+    }
+    float *dp = to_device(p), *dg = cuda_malloc_n<float>(total, "g");
+    bf16* db = cuda_malloc_n<bf16>(total, "p bf16");
+    cudaCheck(cudaMemset(db, 0xFF, total * sizeof(bf16)));
+    auto step = [&](AdamW& opt, int t) {
+        cudaCheck(cudaMemcpy(dg, g[t - 1].data(), total * 4, cudaMemcpyHostToDevice));
+        opt.step(dp, db, dg, opt.grad_norm_squared(dg + begin, end - begin, 0), lr, t, 0);
+    };
+    AdamW opt(tensors, begin, end, cfg);
+    REQUIRE(opt.n_state == 4099 + 7 + 10000);
+    std::vector<double> rp(p.begin(), p.end()), rm(total, 0.0), rv(total, 0.0);
+    std::vector<float> after1, m1, v1;
+    for (int t = 1; t <= 2; t++) {
+        step(opt, t);
+        std::vector<double> gd(g[t - 1].begin(), g[t - 1].end());
+        for (auto& x : mine)
+            ref::adamw_step(rp.data() + x.offset, rm.data() + x.offset, rv.data() + x.offset, gd.data() + x.offset,
+                            x.count, lr, cfg.beta1, cfg.beta2, cfg.eps, x.decay ? cfg.weight_decay : 0.0, t);
+        if (t == 1) {
+            after1 = to_host(dp, total);
+            opt.get_state(m1, v1);
+        }
+    }
+    const std::vector<float> after2 = to_host(dp, total);
+    const std::vector<bf16> b = to_host(db, total);
+    std::vector<double> got, want;
+    for (size_t i = 0; i < total; i++) {
+        const bool updated = std::any_of(mine.begin(), mine.end(),
+                                         [&](const ParamTensor& x) { return i >= x.offset && i < x.offset + x.count; });
+        if (updated) {
+            got.push_back(after2[i]);
+            want.push_back(rp[i]);
+            REQUIRE(__bfloat162float(b[i]) == __bfloat162float(__float2bfloat16(after2[i])));
+        } else {
+            REQUIRE(after2[i] == p[i]);  // the first tensor (another rank's) and the gaps (Muon's)
+            REQUIRE(std::isnan(__bfloat162float(b[i])));
+        }
+    }
+    CHECK(rel_l2(got, want) < 1e-6);
+    // m and v hold the tensors' elements back to back, in order
+    std::vector<float> m2, v2;
+    opt.get_state(m2, v2);
+    REQUIRE(m2.size() == opt.n_state);
+    REQUIRE(v2.size() == opt.n_state);
+    std::vector<double> gm, wm, gv, wv;
+    size_t j = 0;
+    for (auto& x : mine)
+        for (size_t k = 0; k < x.count; k++, j++) {
+            gm.push_back(m2[j]); wm.push_back(rm[x.offset + k]);
+            gv.push_back(v2[j]); wv.push_back(rv[x.offset + k]);
+        }
+    CHECK(rel_l2(gm, wm) < 1e-6);
+    CHECK(rel_l2(gv, wv) < 1e-6);
+    // a fresh optimizer given step 1's state and weights repeats step 2 bit for bit
+    AdamW resumed(tensors, begin, end, cfg);
+    resumed.set_state(m1, v1);
+    cudaCheck(cudaMemcpy(dp, after1.data(), total * 4, cudaMemcpyHostToDevice));
+    step(resumed, 2);
+    CHECK(to_host(dp, total) == after2);
+    CHECK_THROWS_WITH(resumed.set_state(std::vector<float>(end - begin), std::vector<float>(end - begin)),
+                      Catch::Contains("AdamW state has 28000/28000 values, this optimizer holds 14106"));
+    // a range of Muon matrices only: no state, and a step changes nothing
+    AdamW none(tensors, 2000, 2500, cfg);
+    CHECK(none.n_state == 0);
+    step(none, 1);
+    CHECK(to_host(dp, total) == after2);
     cudaFree(dp); cudaFree(dg); cudaFree(db);
 }
