@@ -19,43 +19,21 @@
 #pragma once
 #include <cstdint>
 #include "cuda_common.cuh"
+#include "tensor_core.cuh"
 
 struct AttnShape { int B, T, Hq, Hkv, Dh; };
 
 namespace attn {
+
+using namespace tc;
 
 constexpr int PAD = 8;  // bf16 padding per smem row: ldmatrix rows hit distinct banks
 constexpr float LOG2E = 1.4426950408889634f;
 constexpr float LN2 = 0.6931471805599453f;
 
 // ----------------------------------------------------------------------------------------------
-// warp-level tensor-core helpers
-//
-// m16n8k16 fragments (g = lane / 4, q = lane % 4):
-//   A 16x16: a0 (row g, cols 2q, 2q+1), a1 (row g+8), a2 (row g, cols 2q+8, 2q+9), a3 (row g+8, cols 2q+8..)
-//   B 16x8:  b0 (k 2q, 2q+1, col g), b1 (k 2q+8, 2q+9, col g)
-//   C 16x8:  c0, c1 (row g, cols 2q, 2q+1), c2, c3 (row g+8)
+// warp-level tensor-core helpers (the PTX wrappers and fragment layouts are in tensor_core.cuh)
 
-__device__ inline void ldsm_x4(uint32_t (&r)[4], const bf16* p) {
-    const uint32_t a = (uint32_t)__cvta_generic_to_shared(p);
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
-}
-__device__ inline void ldsm_x4_t(uint32_t (&r)[4], const bf16* p) {
-    const uint32_t a = (uint32_t)__cvta_generic_to_shared(p);
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
-}
-__device__ inline void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-                 "{%0,%1,%2,%3};\n"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-__device__ inline uint32_t pack_bf16(float lo, float hi) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&v);
-}
 __device__ inline float fast_exp2(float x) {
     float y;
     asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
@@ -64,18 +42,6 @@ __device__ inline float fast_exp2(float x) {
 __device__ inline float quad_max(float v) {
     v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
     return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
-}
-__device__ inline float quad_sum(float v) {
-    v += __shfl_xor_sync(0xffffffffu, v, 1);
-    return v + __shfl_xor_sync(0xffffffffu, v, 2);
-}
-// accumulator tiles 2kk, 2kk+1 (16 x 16 fp32) as the A fragment of the next matmul (k = their columns)
-template <int N>
-__device__ inline void acc_to_a(uint32_t (&a)[4], const float (&s)[N][4], int kk) {
-    a[0] = pack_bf16(s[2 * kk][0], s[2 * kk][1]);
-    a[1] = pack_bf16(s[2 * kk][2], s[2 * kk][3]);
-    a[2] = pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-    a[3] = pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
 }
 
 // Lane offsets for ldmatrix x4 (within a 16 x 16 block):
@@ -95,65 +61,54 @@ struct Lanes {
     }
 };
 
-// acc (16 x 8N) += A (16 x 16K, row-major smem) * B^T, B (8N x 16K) n-major smem (rows of B are columns of acc)
+// one k16 step: acc (16 x 8N) += a (16 x 16 fragment) * B (k rows [16kk, 16kk + 16), 8N columns) from smem,
+// B_KM: k-major smem [k][n], else n-major smem [n][k] (rows are columns of acc)
+template <int N, bool B_KM>
+__device__ inline void mma_k16(float (&acc)[N][4], const uint32_t (&a)[4], const bf16* sB, int ldb, int kk,
+                               const Lanes& ln) {
+#pragma unroll
+    for (int nt = 0; nt < N; nt += 2) {
+        uint32_t b[4];
+        if constexpr (B_KM) ldsm_x4_t(b, sB + (kk * 16 + ln.trow) * ldb + nt * 8 + ln.tcol);
+        else ldsm_x4(b, sB + (nt * 8 + ln.brow) * ldb + kk * 16 + ln.bcol);
+        mma_bf16(acc[nt], a, b[0], b[1]);
+        mma_bf16(acc[nt + 1], a, b[2], b[3]);
+    }
+}
+// acc (16 x 8N) += A (16 x 16K, row-major smem) * B^T, B (8N x 16K) n-major smem
 template <int N, int K>
 __device__ inline void mma_abt(float (&acc)[N][4], const bf16* sA, int lda, const bf16* sB, int ldb, const Lanes& ln) {
 #pragma unroll
     for (int kk = 0; kk < K; kk++) {
         uint32_t a[4];
         ldsm_x4(a, sA + ln.arow * lda + kk * 16 + ln.acol);
-#pragma unroll
-        for (int nt = 0; nt < N; nt += 2) {
-            uint32_t b[4];
-            ldsm_x4(b, sB + (nt * 8 + ln.brow) * ldb + kk * 16 + ln.bcol);
-            mma(acc[nt], a, b[0], b[1]);
-            mma(acc[nt + 1], a, b[2], b[3]);
-        }
+        mma_k16<N, false>(acc, a, sB, ldb, kk, ln);
     }
 }
-// acc (16 x 8N) += A (16 x 16K, register fragments) * B^T, B (8N x 16K) n-major smem
-template <int N, int K>
-__device__ inline void mma_rbt(float (&acc)[N][4], const uint32_t (&a)[K][4], const bf16* sB, int ldb, const Lanes& ln) {
-#pragma unroll
-    for (int kk = 0; kk < K; kk++) {
-#pragma unroll
-        for (int nt = 0; nt < N; nt += 2) {
-            uint32_t b[4];
-            ldsm_x4(b, sB + (nt * 8 + ln.brow) * ldb + kk * 16 + ln.bcol);
-            mma(acc[nt], a[kk], b[0], b[1]);
-            mma(acc[nt + 1], a[kk], b[2], b[3]);
-        }
-    }
-}
-// acc (16 x 8N) += A (16 x 16K, register fragments) * B, B (16K x 8N) k-major smem
-template <int N, int K>
+// acc (16 x 8N) += A (16 x 16K, register fragments) * B (16K x 8N), B from smem as in mma_k16
+template <int N, int K, bool B_KM>
 __device__ inline void mma_rb(float (&acc)[N][4], const uint32_t (&a)[K][4], const bf16* sB, int ldb, const Lanes& ln) {
 #pragma unroll
-    for (int kk = 0; kk < K; kk++) {
+    for (int kk = 0; kk < K; kk++) mma_k16<N, B_KM>(acc, a[kk], sB, ldb, kk, ln);
+}
+
+// a 16 x 8N accumulator as bf16 into rows m0 .. m0 + 16 of an smem tile (row stride ld), rows g / g+8 times
+// sc0 / sc1
+template <int N>
+__device__ inline void store_acc(bf16* s, int ld, int m0, const float (&acc)[N][4], float sc0 = 1.f, float sc1 = 1.f) {
 #pragma unroll
-        for (int nt = 0; nt < N; nt += 2) {
-            uint32_t b[4];
-            ldsm_x4_t(b, sB + (kk * 16 + ln.trow) * ldb + nt * 8 + ln.tcol);
-            mma(acc[nt], a[kk], b[0], b[1]);
-            mma(acc[nt + 1], a[kk], b[2], b[3]);
+    for (int n = 0; n < N; n++)
+#pragma unroll
+        for (int hf = 0; hf < 2; hf++) {
+            const int lane = threadIdx.x & 31, r = m0 + (lane >> 2) + 8 * hf, qd = lane & 3;
+            const float sc = hf ? sc1 : sc0;
+            *reinterpret_cast<uint32_t*>(s + r * ld + n * 8 + 2 * qd) =
+                pack_bf16(acc[n][2 * hf] * sc, acc[n][2 * hf + 1] * sc);
         }
-    }
 }
 
 // ----------------------------------------------------------------------------------------------
 // block-level copies
-
-__device__ inline void cp_async16(void* smem, const void* gmem, bool ok) {
-    const uint32_t a = (uint32_t)__cvta_generic_to_shared(smem);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(a), "l"(gmem), "r"(ok ? 16 : 0));
-}
-__device__ inline void cp_async4(float* smem, const float* gmem, bool ok) {
-    const uint32_t a = (uint32_t)__cvta_generic_to_shared(smem);
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(a), "l"(gmem), "r"(ok ? 4 : 0));
-}
-__device__ inline void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int pending>
-__device__ inline void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(pending) : "memory"); }
 
 // starts copying ROWS rows (COLS bf16 wide, row stride `stride` elements) into smem (row stride COLS + PAD);
 // rows >= valid become zeros (past the end of the sequence)
@@ -177,9 +132,9 @@ __device__ inline void prefetch_next_kv(bf16* sK, bf16* sV, const bf16* gk, cons
         load_tile<BN, D, NTH>(sK + st * BN * (D + PAD), gk + (size_t)k1 * stride, stride, T - k1);
         load_tile<BN, D, NTH>(sV + st * BN * (D + PAD), gv + (size_t)k1 * stride, stride, T - k1);
         cp_async_commit();
-        cp_async_wait<1>();
+        cp_async_wait_group<1>();
     } else {
-        cp_async_wait<0>();
+        cp_async_wait_group<0>();
     }
 }
 // ROWS rows of an smem tile to global memory with 16-byte stores; rows >= valid are skipped
@@ -236,8 +191,7 @@ fwd_kernel(bf16* __restrict__ out, float* __restrict__ lse, const bf16* __restri
     float o[MT][DT][4], mrow[MT][2], lsum[MT][2];
 #pragma unroll
     for (int mt = 0; mt < MT; mt++) {
-#pragma unroll
-        for (int dt = 0; dt < DT; dt++) o[mt][dt][0] = o[mt][dt][1] = o[mt][dt][2] = o[mt][dt][3] = 0.f;
+        zero(o[mt]);
         mrow[mt][0] = mrow[mt][1] = -INFINITY;
         lsum[mt][0] = lsum[mt][1] = 0.f;
     }
@@ -258,9 +212,7 @@ fwd_kernel(bf16* __restrict__ out, float* __restrict__ lse, const bf16* __restri
         if (k0 <= q0 + wr0 + 16 * MT - 1) {  // else every entry of the warp's rows is masked
             float s[MT][NT][4];
 #pragma unroll
-            for (int mt = 0; mt < MT; mt++)
-#pragma unroll
-                for (int nt = 0; nt < NT; nt++) s[mt][nt][0] = s[mt][nt][1] = s[mt][nt][2] = s[mt][nt][3] = 0.f;
+            for (int mt = 0; mt < MT; mt++) zero(s[mt]);
             // S = Q K^T
 #pragma unroll
             for (int kk = 0; kk < KD; kk++) {
@@ -283,7 +235,7 @@ fwd_kernel(bf16* __restrict__ out, float* __restrict__ lse, const bf16* __restri
                         ldsm_x4(a, sQ + (wr0 + mt * 16 + ln.arow) * LD + kk * 16 + ln.acol);
                     }
 #pragma unroll
-                    for (int nt = 0; nt < NT; nt++) mma(s[mt][nt], a, bf[nt][0], bf[nt][1]);
+                    for (int nt = 0; nt < NT; nt++) mma_bf16(s[mt][nt], a, bf[nt][0], bf[nt][1]);
                 }
             }
             // online softmax (log2 domain)
@@ -336,8 +288,8 @@ fwd_kernel(bf16* __restrict__ out, float* __restrict__ lse, const bf16* __restri
                     ldsm_x4_t(r, cV + (kk * 16 + ln.trow) * LD + dt * 8 + ln.tcol);
 #pragma unroll
                     for (int mt = 0; mt < MT; mt++) {
-                        mma(o[mt][dt], pa[mt], r[0], r[1]);
-                        mma(o[mt][dt + 1], pa[mt], r[2], r[3]);
+                        mma_bf16(o[mt][dt], pa[mt], r[0], r[1]);
+                        mma_bf16(o[mt][dt + 1], pa[mt], r[2], r[3]);
                     }
                 }
             }
@@ -451,19 +403,17 @@ bwd_dkdv_kernel(bf16* __restrict__ dqkv, const bf16* __restrict__ qkv, const bf1
     const bf16* wV = sV + warp * 16 * LD;
 
     float dk[DT][4], dv[DT][4];
-#pragma unroll
-    for (int dt = 0; dt < DT; dt++)
-#pragma unroll
-        for (int e = 0; e < 4; e++) dk[dt][e] = dv[dt][e] = 0.f;
+    zero(dk);
+    zero(dv);
 
     for (int it = 0; it < total; it++) {
         const int st = it & 1;
         if (it + 1 < total) {
             issue(it + 1, st ^ 1);
             cp_async_commit();
-            cp_async_wait<1>();
+            cp_async_wait_group<1>();
         } else {
-            cp_async_wait<0>();
+            cp_async_wait_group<0>();
         }
         __syncthreads();
         const int q0 = (qt0 + it % nqi) * BMQ;
@@ -473,8 +423,7 @@ bwd_dkdv_kernel(bf16* __restrict__ dqkv, const bf16* __restrict__ qkv, const bf1
         const float* cD = sD + st * BMQ;
         if (q0 + BMQ - 1 >= kr) {  // else every query of the tile precedes the warp's kv rows
             float s[NQ][4];
-#pragma unroll
-            for (int nt = 0; nt < NQ; nt++) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+            zero(s);
             mma_abt<NQ, KD>(s, wK, LD, cQ, LD, ln);  // S^T (kv x q)
             const bool need_mask = q0 < kr + 15;
             uint32_t pa[NQ / 2][4];
@@ -487,12 +436,10 @@ bwd_dkdv_kernel(bf16* __restrict__ dqkv, const bf16* __restrict__ qkv, const bf1
                     if (need_mask && q0 + qi < kvrow) p = 0.f;
                     s[nt][e] = p;
                 }
-#pragma unroll
-            for (int kk = 0; kk < NQ / 2; kk++) acc_to_a(pa[kk], s, kk);
-            mma_rb<DT, NQ / 2>(dv, pa, cdO, LD, ln);  // dV += P^T dO
+            acc_to_a(pa, s);
+            mma_rb<DT, NQ / 2, true>(dv, pa, cdO, LD, ln);  // dV += P^T dO
             float dp[NQ][4];
-#pragma unroll
-            for (int nt = 0; nt < NQ; nt++) dp[nt][0] = dp[nt][1] = dp[nt][2] = dp[nt][3] = 0.f;
+            zero(dp);
             mma_abt<NQ, KD>(dp, wV, LD, cdO, LD, ln);  // dP^T = V dO^T
 #pragma unroll
             for (int nt = 0; nt < NQ; nt++)
@@ -501,23 +448,15 @@ bwd_dkdv_kernel(bf16* __restrict__ dqkv, const bf16* __restrict__ qkv, const bf1
                     const int qi = nt * 8 + 2 * qd + (e & 1);
                     dp[nt][e] = s[nt][e] * (dp[nt][e] - cD[qi]);
                 }
-#pragma unroll
-            for (int kk = 0; kk < NQ / 2; kk++) acc_to_a(pa[kk], dp, kk);
-            mma_rb<DT, NQ / 2>(dk, pa, cQ, LD, ln);  // dK += dS^T Q
+            acc_to_a(pa, dp);
+            mma_rb<DT, NQ / 2, true>(dk, pa, cQ, LD, ln);  // dK += dS^T Q
         }
         __syncthreads();
     }
 
     // dK * scale into sK, dV into sV (free after the last barrier), then coalesced stores
-#pragma unroll
-    for (int dt = 0; dt < DT; dt++)
-#pragma unroll
-        for (int hf = 0; hf < 2; hf++) {
-            const int r = warp * 16 + g + 8 * hf;
-            *reinterpret_cast<uint32_t*>(sK + r * LD + dt * 8 + 2 * qd) =
-                pack_bf16(dk[dt][2 * hf] * scale, dk[dt][2 * hf + 1] * scale);
-            *reinterpret_cast<uint32_t*>(sV + r * LD + dt * 8 + 2 * qd) = pack_bf16(dv[dt][2 * hf], dv[dt][2 * hf + 1]);
-        }
+    store_acc(sK, LD, warp * 16, dk, scale, scale);
+    store_acc(sV, LD, warp * 16, dv);
     __syncthreads();
     bf16* gdk = dqkv + ((size_t)b * T + kv0) * stride + (size_t)(Hq + kvh) * D;
     store_tile<BN, D, NTH>(gdk, stride, sK, T - kv0);
@@ -570,8 +509,7 @@ bwd_dq_kernel(bf16* __restrict__ dqkv, const bf16* __restrict__ qkv, const bf16*
     uint32_t qf[AREG ? KD : 1][4], of[AREG ? KD : 1][4];
 
     float dq[DT][4];
-#pragma unroll
-    for (int dt = 0; dt < DT; dt++) dq[dt][0] = dq[dt][1] = dq[dt][2] = dq[dt][3] = 0.f;
+    zero(dq);
 
     for (int j = 0; j < nkv; j++) {
         prefetch_next_kv<BN, D, NTH>(sK, sV, gk, gv, stride, T, j, nkv);
@@ -590,13 +528,11 @@ bwd_dq_kernel(bf16* __restrict__ dqkv, const bf16* __restrict__ qkv, const bf16*
         const int k0 = j * BN;
         if (k0 <= qr + 15) {
             float s[NT][4], dp[NT][4];
-#pragma unroll
-            for (int nt = 0; nt < NT; nt++)
-#pragma unroll
-                for (int e = 0; e < 4; e++) s[nt][e] = dp[nt][e] = 0.f;
+            zero(s);
+            zero(dp);
             if constexpr (AREG) {
-                mma_rbt<NT, KD>(s, qf, cK, LD, ln);   // S = Q K^T
-                mma_rbt<NT, KD>(dp, of, cV, LD, ln);  // dP = dO V^T
+                mma_rb<NT, KD, false>(s, qf, cK, LD, ln);   // S = Q K^T
+                mma_rb<NT, KD, false>(dp, of, cV, LD, ln);  // dP = dO V^T
             } else {
                 mma_abt<NT, KD>(s, wQ, LD, cK, LD, ln);
                 mma_abt<NT, KD>(dp, wdO, LD, cV, LD, ln);
@@ -612,21 +548,13 @@ bwd_dq_kernel(bf16* __restrict__ dqkv, const bf16* __restrict__ qkv, const bf16*
                     s[nt][e] = p * (dp[nt][e] - dl[hf]);
                 }
             uint32_t da[BN / 16][4];
-#pragma unroll
-            for (int kk = 0; kk < BN / 16; kk++) acc_to_a(da[kk], s, kk);
-            mma_rb<DT, BN / 16>(dq, da, cK, LD, ln);  // dQ += dS K
+            acc_to_a(da, s);
+            mma_rb<DT, BN / 16, true>(dq, da, cK, LD, ln);  // dQ += dS K
         }
         __syncthreads();
     }
 
-#pragma unroll
-    for (int dt = 0; dt < DT; dt++)
-#pragma unroll
-        for (int hf = 0; hf < 2; hf++) {
-            const int r = warp * 16 + g + 8 * hf;
-            *reinterpret_cast<uint32_t*>(sQ + r * LD + dt * 8 + 2 * qd) =
-                pack_bf16(dq[dt][2 * hf] * scale, dq[dt][2 * hf + 1] * scale);
-        }
+    store_acc(sQ, LD, warp * 16, dq, scale, scale);
     __syncthreads();
     store_tile<BMQ, D, NTH>(dqkv + ((size_t)b * T + q0) * stride + (size_t)h * D, stride, sQ, T - q0);
 }

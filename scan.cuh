@@ -114,6 +114,47 @@ __device__ __forceinline__ void load_vec(float (&dst)[NPT], const float* src) {
     }
 }
 
+// the rows a kernel reads: u, dt_raw, z (strides us, dts, zs), B and C (stride bcs), and dt_bias
+struct Inputs {
+    const bf16 *u, *dtr, *z, *Bm, *Cm, *dt_bias;
+    int us, dts, zs, bcs;
+};
+
+// One time tile [t0, t0 + TT) of the inputs in registers, all loaded before any is converted so that the loads
+// overlap. Element e of this thread is i = tid + e THREADS of the [TT][DT] tile (step i / DT, channel
+// d0 + i % DT) and of the [TT][NP] tile (step i / NP, state i % NP); zeros outside the sequence, the channels
+// and the states. full = false loads only what the state recurrence needs (dt_raw, dt_bias, u, B); DY also dy.
+template <int TT, int DT, int NP, int THREADS, bool DY>
+struct TileRegs {
+    static constexpr int E = (TT * DT + THREADS - 1) / THREADS, EB = (TT * NP + THREADS - 1) / THREADS;
+    bf16 dt[E], bias[E], u[E], z[E], dy[DY ? E : 1], B[EB], C[EB];
+
+    __device__ __forceinline__ void load(const Inputs& in, const bf16* dout, int t0, int b, int d0, int T, int D,
+                                         int N, bool full) {
+        const int tid = threadIdx.x;
+        const bf16 zero = __float2bfloat16(0.f);
+#pragma unroll
+        for (int e = 0; e < E; e++) {
+            const int i = tid + e * THREADS, tl = i / DT, c = i % DT, t = t0 + tl, dd = d0 + c;
+            const bool ok = i < TT * DT && t < T && dd < D;
+            const size_t r = (size_t)b * T + t;
+            dt[e] = ok ? in.dtr[r * in.dts + dd] : zero;
+            bias[e] = ok ? in.dt_bias[dd] : zero;
+            u[e] = ok ? in.u[r * in.us + dd] : zero;
+            z[e] = ok && full ? in.z[r * in.zs + dd] : zero;
+            if constexpr (DY) dy[e] = ok && full ? dout[r * D + dd] : zero;
+        }
+#pragma unroll
+        for (int e = 0; e < EB; e++) {
+            const int i = tid + e * THREADS, tl = i / NP, n = i % NP, t = t0 + tl;
+            const bool ok = i < TT * NP && t < T && n < N;
+            const size_t r = ((size_t)b * T + t) * in.bcs + n;
+            B[e] = ok ? in.Bm[r] : zero;
+            C[e] = ok && full ? in.Cm[r] : zero;
+        }
+    }
+};
+
 // ----------------------------------------------------------------------------------------------
 // forward
 
@@ -136,6 +177,7 @@ fwd_kernel(bf16* out, float* saved, const bf16* u, int us, const bf16* dtr, int 
     const int tid = threadIdx.x, g = tid % G, dl = tid / G;
     const int b = blockIdx.y, d0 = blockIdx.x * DT, d = d0 + dl;
     const int nck = (T + CK - 1) / CK;
+    const Inputs in{u, dtr, z, Bm, Cm, dt_bias, us, dts, zs, bcs};
 
     float A2[NPT], h[NPT];
 #pragma unroll
@@ -151,43 +193,24 @@ fwd_kernel(bf16* out, float* saved, const bf16* u, int us, const bf16* dtr, int 
 #pragma unroll
             for (int j = 0; j < NPT; j += 4) *reinterpret_cast<float4*>(dst + j) = make_float4(h[j], h[j + 1], h[j + 2], h[j + 3]);
         }
-        {  // stage the tile: all loads first, then convert
-            constexpr int E = (TT * DT + THREADS - 1) / THREADS, EB = (TT * NP + THREADS - 1) / THREADS;
-            const bf16 zero = __float2bfloat16(0.f);
-            bf16 rdt[E], rbias[E], ru[E], rz[E], rB[EB], rC[EB];
+        {  // stage the tile
+            TileRegs<TT, DT, NP, THREADS, false> r;
+            r.load(in, nullptr, t0, b, d0, T, D, N, true);
 #pragma unroll
-            for (int e = 0; e < E; e++) {
-                const int i = tid + e * THREADS, tl = i / DT, c = i % DT, t = t0 + tl, dd = d0 + c;
-                const bool ok = i < TT * DT && t < T && dd < D;
-                const size_t r = (size_t)b * T + t;
-                rdt[e] = ok ? dtr[r * dts + dd] : zero;
-                rbias[e] = ok ? dt_bias[dd] : zero;
-                ru[e] = ok ? u[r * us + dd] : zero;
-                rz[e] = ok ? z[r * zs + dd] : zero;
-            }
-#pragma unroll
-            for (int e = 0; e < EB; e++) {
-                const int i = tid + e * THREADS, tl = i / NP, n = i % NP, t = t0 + tl;
-                const bool ok = i < TT * NP && t < T && n < N;
-                const size_t r = ((size_t)b * T + t) * bcs + n;
-                rB[e] = ok ? Bm[r] : zero;
-                rC[e] = ok ? Cm[r] : zero;
-            }
-#pragma unroll
-            for (int e = 0; e < E; e++) {
+            for (int e = 0; e < r.E; e++) {
                 const int i = tid + e * THREADS, tl = i / DT, c = i % DT, t = t0 + tl, dd = d0 + c;
                 if (i < TT * DT) {
-                    s_delta[i] = (t < T && dd < D) ? softplusf(bf(rdt[e]) + bf(rbias[e])) : 0.f;
-                    s_u[i] = bf(ru[e]);
-                    s_z[i] = bf(rz[e]);
+                    s_delta[i] = (t < T && dd < D) ? softplusf(bf(r.dt[e]) + bf(r.bias[e])) : 0.f;
+                    s_u[i] = bf(r.u[e]);
+                    s_z[i] = bf(r.z[e]);
                 }
             }
 #pragma unroll
-            for (int e = 0; e < EB; e++) {
+            for (int e = 0; e < r.EB; e++) {
                 const int i = tid + e * THREADS;
                 if (i < TT * NP) {
-                    s_B[i] = bf(rB[e]);
-                    s_C[i] = bf(rC[e]);
+                    s_B[i] = bf(r.B[e]);
+                    s_C[i] = bf(r.C[e]);
                 }
             }
         }
@@ -274,6 +297,7 @@ bwd_kernel(bf16* du_out, int dus, bf16* ddt_out, int ddts, bf16* dz_out, int dzs
     const int tid = threadIdx.x, g = tid % G, dl = tid / G, lane = tid % 32, warp = tid / 32;
     const int b = blockIdx.y, d0 = blockIdx.x * DT, d = d0 + dl;
     const int nck = (T + CK - 1) / CK;
+    const Inputs in{u, dtr, z, Bm, Cm, dt_bias, us, dts, zs, bcs};
 
     float A[NPT], A2[NPT], dh[NPT], dA_acc[NPT];
 #pragma unroll
@@ -290,38 +314,18 @@ bwd_kernel(bf16* du_out, int dus, bf16* ddt_out, int ddts, bf16* dz_out, int dzs
 
     // stage a tile: full also loads dy, z, C and the gate terms
     auto stage = [&](int t0, bool full) {
-        constexpr int E = (TT * DT + THREADS - 1) / THREADS, EB = (TT * NP + THREADS - 1) / THREADS;
-        const bf16 zero = __float2bfloat16(0.f);
-        bf16 rdt[E], rbias[E], ru[E], rz[E], rdy[E], rB[EB], rC[EB];
+        TileRegs<TT, DT, NP, THREADS, true> r;
+        r.load(in, dout, t0, b, d0, T, D, N, full);
 #pragma unroll
-        for (int e = 0; e < E; e++) {  // all loads first
-            const int i = tid + e * THREADS, tl = i / DT, c = i % DT, t = t0 + tl, dd = d0 + c;
-            const bool ok = i < TT * DT && t < T && dd < D;
-            const size_t r = (size_t)b * T + t;
-            rdt[e] = ok ? dtr[r * dts + dd] : zero;
-            rbias[e] = ok ? dt_bias[dd] : zero;
-            ru[e] = ok ? u[r * us + dd] : zero;
-            rz[e] = ok && full ? z[r * zs + dd] : zero;
-            rdy[e] = ok && full ? dout[r * D + dd] : zero;
-        }
-#pragma unroll
-        for (int e = 0; e < EB; e++) {
-            const int i = tid + e * THREADS, tl = i / NP, n = i % NP, t = t0 + tl;
-            const bool ok = i < TT * NP && t < T && n < N;
-            const size_t r = ((size_t)b * T + t) * bcs + n;
-            rB[e] = ok ? Bm[r] : zero;
-            rC[e] = ok && full ? Cm[r] : zero;
-        }
-#pragma unroll
-        for (int e = 0; e < E; e++) {
+        for (int e = 0; e < r.E; e++) {
             const int i = tid + e * THREADS, tl = i / DT, c = i % DT, t = t0 + tl, dd = d0 + c;
             if (i < TT * DT) {
                 const bool ok = t < T && dd < D;
-                const float x = bf(rdt[e]) + bf(rbias[e]), uu = bf(ru[e]);
+                const float x = bf(r.dt[e]) + bf(r.bias[e]), uu = bf(r.u[e]);
                 s_delta[i] = ok ? softplusf(x) : 0.f;
                 s_u[i] = uu;
                 if (full) {
-                    const float zz = bf(rz[e]), dy = bf(rdy[e]);
+                    const float zz = bf(r.z[e]), dy = bf(r.dy[e]);
                     const float sz = sigmoidf_(zz);
                     const float dyp = dy * zz * sz;  // zero where not ok
                     s_dyp[i] = dyp;
@@ -332,11 +336,11 @@ bwd_kernel(bf16* du_out, int dus, bf16* ddt_out, int ddts, bf16* dz_out, int dzs
             }
         }
 #pragma unroll
-        for (int e = 0; e < EB; e++) {
+        for (int e = 0; e < r.EB; e++) {
             const int i = tid + e * THREADS;
             if (i < TT * NP) {
-                s_B[i] = bf(rB[e]);
-                if (full) s_C[i] = bf(rC[e]);
+                s_B[i] = bf(r.B[e]);
+                if (full) s_C[i] = bf(r.C[e]);
             }
         }
     };
@@ -377,6 +381,15 @@ bwd_kernel(bf16* du_out, int dus, bf16* ddt_out, int ddts, bf16* dz_out, int dzs
             // forward through the tile: decays and a h_{t-1} cached; the C.h sums and dC terms
             float q[TT][NPT], a[TT][NPT], rd[CNT_D], rn[CNT_N];
             const int rank = lane / G;
+            // rn summed over the warp's channels into its s_red rows: which = 0 dB, 1 dC
+            auto reduce_rn = [&](int which) {
+                transpose_reduce<CNT_N, R, G>(rn, rank);
+#pragma unroll
+                for (int i = 0; i < CNT_N / R; i++) {
+                    const int idx = rank * (CNT_N / R) + i, j = idx % NPT, tl = idx / NPT;
+                    s_red[(warp * 2 * TT + which * TT + tl) * NP + g * NPT + j] = rn[i];
+                }
+            };
 #pragma unroll
             for (int tl = 0; tl < TT; tl++) {
                 const float de = s_delta[tl * DT + dl], du = de * s_u[tl * DT + dl], dyp = s_dyp[tl * DT + dl];
@@ -395,12 +408,7 @@ bwd_kernel(bf16* du_out, int dus, bf16* ddt_out, int ddts, bf16* dz_out, int dzs
                 rd[2 * TT + tl] = Ys;
                 rd[3 * TT + tl] = 0.f;
             }
-            transpose_reduce<CNT_N, R, G>(rn, rank);
-#pragma unroll
-            for (int i = 0; i < CNT_N / R; i++) {
-                const int idx = rank * (CNT_N / R) + i, j = idx % NPT, tl = idx / NPT;
-                s_red[(warp * 2 * TT + TT + tl) * NP + g * NPT + j] = rn[i];
-            }
+            reduce_rn(1);
 #pragma unroll
             for (int tl = TT - 1; tl >= 0; tl--) {
                 const float de = s_delta[tl * DT + dl], du = de * s_u[tl * DT + dl], dyp = s_dyp[tl * DT + dl];
@@ -427,12 +435,7 @@ bwd_kernel(bf16* du_out, int dus, bf16* ddt_out, int ddts, bf16* dz_out, int dzs
                 const int idx = g * (CNT_D / G) + i, which = idx / TT, tl = idx % TT;
                 if (which < 3) s_X[(which * TT + tl) * DT + dl] = rd[i];  // s_X, s_Y, s_Ys are consecutive
             }
-            transpose_reduce<CNT_N, R, G>(rn, rank);
-#pragma unroll
-            for (int i = 0; i < CNT_N / R; i++) {
-                const int idx = rank * (CNT_N / R) + i, j = idx % NPT, tl = idx / NPT;
-                s_red[(warp * 2 * TT + tl) * NP + g * NPT + j] = rn[i];
-            }
+            reduce_rn(0);
             __syncthreads();
             for (int i = tid; i < TT * DT; i += THREADS) {
                 const int tl = i / DT, cc = i % DT, t = t0 + tl, dd = d0 + cc;

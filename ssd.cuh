@@ -18,10 +18,13 @@
 #pragma once
 #include <cstdint>
 #include "cuda_common.cuh"
+#include "tensor_core.cuh"
 
 struct SSDShape { int B, T, H, P, G, N, chunk; };
 
 namespace ssd {
+
+using namespace tc;
 
 constexpr int TILE = 64;      // rows of a chunk tile (4 warps x 16 rows)
 constexpr int THREADS = 128;  // tile kernels
@@ -79,28 +82,8 @@ struct BwdScratch {
 };
 
 // ----------------------------------------------------------------------------------------------
-// tensor-core helpers (warp level)
+// tensor-core helpers (warp level; the PTX wrappers are in tensor_core.cuh)
 
-__device__ inline void ldsm_x4(uint32_t r[4], const bf16* p) {
-    const uint32_t a = (uint32_t)__cvta_generic_to_shared(p);
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
-}
-__device__ inline void ldsm_x4_t(uint32_t r[4], const bf16* p) {
-    const uint32_t a = (uint32_t)__cvta_generic_to_shared(p);
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
-}
-__device__ inline void mma_bf16(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-                 "{%0,%1,%2,%3};\n"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-__device__ inline uint32_t pack_bf16(float lo, float hi) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&v);
-}
 __device__ inline float2 unpack_bf16(uint32_t v) { return __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&v)); }
 __device__ inline uint32_t scale_bf16x2(uint32_t v, float s) {
     const float2 f = unpack_bf16(v);
@@ -111,7 +94,7 @@ __device__ inline uint32_t scale_bf16x2(uint32_t v, float s) {
 // B_KM: smem holds B k-major (sB[k][n]), else n-major (sB[n][k]). Only n-tiles [nlo, nhi) are
 // computed (even bounds, warp-uniform): the causal mask zeroes the others on diagonal tiles.
 template <int NT, bool B_KM>
-__device__ inline void mma_k16(float (&acc)[NT][4], const uint32_t a[4], const bf16* sB, int ldb, int n0, int k0,
+__device__ inline void mma_k16(float (&acc)[NT][4], const uint32_t (&a)[4], const bf16* sB, int ldb, int n0, int k0,
                                int nlo = 0, int nhi = NT) {
     static_assert(NT % 2 == 0, "pairs of n-tiles");
     const int lane = threadIdx.x & 31, r = lane & 7, mi = lane >> 3;
@@ -156,42 +139,9 @@ __device__ inline void warp_mma_rega(float (&acc)[NT][4], const uint32_t (&a)[4]
         if (kk >= klo && kk < khi) mma_k16<NT, true>(acc, a[kk], sB, ldb, 0, kk * 16);
 }
 
-// a 16 x 64 fp32 accumulator (8 n-tiles) as the four k16 A fragments of the next matmul
-__device__ inline void acc_to_a(uint32_t (&a)[4][4], const float (&s)[8][4]) {
-#pragma unroll
-    for (int kk = 0; kk < 4; kk++) {
-        a[kk][0] = pack_bf16(s[2 * kk][0], s[2 * kk][1]);
-        a[kk][1] = pack_bf16(s[2 * kk][2], s[2 * kk][3]);
-        a[kk][2] = pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-        a[kk][3] = pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-    }
-}
-
-template <int NT>
-__device__ inline void zero(float (&acc)[NT][4]) {
-#pragma unroll
-    for (int i = 0; i < NT; i++) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
-}
-
-// sum over the 4 lanes that share an accumulator row
-__device__ inline float quad_sum(float v) {
-    v += __shfl_xor_sync(0xffffffffu, v, 1);
-    v += __shfl_xor_sync(0xffffffffu, v, 2);
-    return v;
-}
-
 // ----------------------------------------------------------------------------------------------
 // block helpers
 
-// 16-byte asynchronous copy global -> smem (sm_80+); ok = false writes zeros and reads nothing
-__device__ inline void cp_async16(void* smem, const void* gmem, bool ok) {
-    const uint32_t a = (uint32_t)__cvta_generic_to_shared(smem);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(a), "l"(gmem), "r"(ok ? 16 : 0));
-}
-__device__ inline void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-// all but the newest `pending` committed groups of this thread's copies landed
-template <int pending>
-__device__ inline void cp_async_wait_group() { asm volatile("cp.async.wait_group %0;\n" ::"n"(pending) : "memory"); }
 // all of this thread's copies landed, then the block's
 __device__ inline void cp_async_wait_sync() {
     asm volatile("cp.async.wait_all;\n" ::: "memory");
@@ -481,6 +431,54 @@ ssd_chunk_scan_kernel(bf16* y, const float* dt_s, const float* acum_s, const bf1
 }
 
 // ----------------------------------------------------------------------------------------------
+// the two backward tile kernels: grid (nchunks * Q/64, G * slices, B)
+
+// what a block works on: 64-row tile `tile` (of ntl, chunk-local rows r0..) of chunk c (of nc) in batch b,
+// the heads h0 .. h0 + hps of group g (head slice sl); `valid` positions of the chunk are inside the sequence
+struct TileBlock {
+    int ntl, c, tile, nc, g, sl, b, hps, h0, t0, valid, r0;
+    __device__ __forceinline__ TileBlock(int T, int H, int G, int Q, int nsl) {
+        ntl = Q / TILE, c = blockIdx.x / ntl, tile = blockIdx.x % ntl, nc = gridDim.x / ntl;
+        g = blockIdx.y / nsl, sl = blockIdx.y % nsl, b = blockIdx.z;
+        hps = H / G / nsl, h0 = g * (H / G) + sl * hps;
+        t0 = c * Q, valid = min(Q, T - t0), r0 = tile * TILE;
+    }
+};
+
+// dots of rows g / g+8 of a 16 x 8NT accumulator with rows m0 + g / m0 + g + 8 of an smem tile (row
+// stride ld), this lane's part (quad_sum gives the row's)
+template <int NT>
+__device__ __forceinline__ void row_dots(float& da, float& db, const float (&acc)[NT][4], const bf16* s, int ld,
+                                         int m0) {
+    const int lane = threadIdx.x & 31, q = lane & 3;
+    da = db = 0.f;
+#pragma unroll
+    for (int n = 0; n < NT; n++) {
+        const int p = n * 8 + 2 * q;
+        const float2 va = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(s + (m0 + (lane >> 2)) * ld + p));
+        const float2 vb = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(s + (m0 + (lane >> 2) + 8) * ld + p));
+        da += va.x * acc[n][0] + va.y * acc[n][1];
+        db += vb.x * acc[n][2] + vb.y * acc[n][3];
+    }
+}
+
+// this block's dB or dC partial (chunk-local rows ra, rb of a 16 x N accumulator; rows past the sequence
+// skipped) into the head-slice partials, layout (B, T, G, slices, N)
+template <int N>
+__device__ __forceinline__ void store_slice_part(float* part, const float (&acc)[N / 8][4], const TileBlock& tb,
+                                                 size_t row0, int G, int nsl, int ra, int rb) {
+    const int q = threadIdx.x & 3;
+#pragma unroll
+    for (int half = 0; half < 2; half++) {
+        const int r = half ? rb : ra;
+        if (r >= tb.valid) continue;
+        float* o = part + (((row0 + r) * G + tb.g) * nsl + tb.sl) * N + 2 * q;
+#pragma unroll
+        for (int n = 0; n < N / 8; n++)
+            *reinterpret_cast<float2*>(o + n * 8) = make_float2(acc[n][2 * half], acc[n][2 * half + 1]);
+    }
+}
+
 // backward, column direction: one 64-row tile of positions j in a chunk, a slice of the heads of one
 // group; grid (nchunks * Q/64, G * slices, B). Per head, with u_j = sum_{i>=j} (C_i.B_j) L_ij dy_i
 // + exp(Aend - Acum_j) Gout B_j  (L_ij = exp(Acum_i - Acum_j)):
@@ -502,12 +500,10 @@ ssd_bwd_dx_db_kernel(bf16* dx, int dx_stride, float* db_part, BwdScratch sc, con
     float* s_dt = reinterpret_cast<float*>(s_dyib + 2 * DS);
     float* s_acum = s_dt + MAX_CHUNK;
 
-    const int ntl = Q / TILE, c = blockIdx.x / ntl, jt = blockIdx.x % ntl, nc = gridDim.x / ntl;
-    const int g = blockIdx.y / nsl, sl = blockIdx.y % nsl, b = blockIdx.z;
-    const int hps = H / G / nsl, h0 = g * (H / G) + sl * hps;
-    const int t0 = c * Q, valid = min(Q, T - t0), j0 = jt * TILE;
+    const TileBlock tb(T, H, G, Q, nsl);
+    const int jt = tb.tile, j0 = tb.r0, g = tb.g, valid = tb.valid;  // the tile's positions j
     if (j0 >= valid) return;
-    const size_t row0 = (size_t)b * T + t0, Tp = (size_t)nc * Q;
+    const size_t row0 = (size_t)tb.b * T + tb.t0, Tp = (size_t)tb.nc * Q;
     const int dy_stride = H * P;
 
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, m0 = warp * 16, q = lane & 3;
@@ -516,9 +512,9 @@ ssd_bwd_dx_db_kernel(bf16* dx, int dx_stride, float* db_part, BwdScratch sc, con
 
     float db[N / 8][4];
     zero(db);
-    for (int hh = 0; hh < hps; hh++) {
-        const int h = h0 + hh;
-        const size_t bh = (size_t)b * H + h, pos0 = bh * Tp + t0;
+    for (int hh = 0; hh < tb.hps; hh++) {
+        const int h = tb.h0 + hh;
+        const size_t bh = (size_t)tb.b * H + h, pos0 = bh * Tp + tb.t0;
         auto load_i = [&](int it, int buf) {
             const int i0 = it * TILE;
             load_rows<N>(s_cib + buf * CS, Cm + (row0 + i0) * bc_stride + g * N, bc_stride, TILE, valid - i0);
@@ -527,7 +523,7 @@ ssd_bwd_dx_db_kernel(bf16* dx, int dx_stride, float* db_part, BwdScratch sc, con
         };
         __syncthreads();
         load_rows<P>(s_xj, x + (row0 + j0) * x_stride + h * P, x_stride, TILE, valid - j0);
-        load_rows<N>(s_g, sc.gout + (bh * nc + c) * P * N, N, P, P);
+        load_rows<N>(s_g, sc.gout + (bh * tb.nc + tb.c) * P * N, N, P, P);
         load_chunk_floats(s_dt, s_acum, dt_s + pos0, acum_s + pos0, Q);
         cp_async_commit();
         load_i(jt, 0);
@@ -540,22 +536,18 @@ ssd_bwd_dx_db_kernel(bf16* dx, int dx_stride, float* db_part, BwdScratch sc, con
         float u[P / 8][4];
         zero(u);
         warp_mma<P / 8, false, false>(u, s_bj, N + PAD, m0, s_g, N + PAD, 0, N);
-        float sa = 0.f, sb = 0.f;
 #pragma unroll
         for (int n = 0; n < P / 8; n++) {
-            const int p = n * 8 + 2 * q;
             u[n][0] *= wa; u[n][1] *= wa; u[n][2] *= wb; u[n][3] *= wb;
-            const float2 xa = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(s_xj + (m0 + (lane >> 2)) * (P + PAD) + p));
-            const float2 xb = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(s_xj + (m0 + (lane >> 2) + 8) * (P + PAD) + p));
-            sa += xa.x * u[n][0] + xa.y * u[n][1];
-            sb += xb.x * u[n][2] + xb.y * u[n][3];
         }
+        float sa, sb;
+        row_dots(sa, sb, u, s_xj, P + PAD, m0);
         sa = dta * quad_sum(sa);
         sb = dtb * quad_sum(sb);
         warp_mma<N / 8, false, true, true>(db, s_xj, P + PAD, m0, s_g, N + PAD, 0, P, dta * wa, dtb * wb);
 
         float csa = 0.f, csb = 0.f;
-        const int it_end = min(ntl, (valid + TILE - 1) / TILE);
+        const int it_end = min(tb.ntl, (valid + TILE - 1) / TILE);
         for (int it = jt; it < it_end; it++) {
             const int i0 = it * TILE, buf = (it - jt) & 1;
             if (it + 1 < it_end) {
@@ -634,16 +626,7 @@ ssd_bwd_dx_db_kernel(bf16* dx, int dx_stride, float* db_part, BwdScratch sc, con
         }
     }
 
-    // dB partial of this head slice: layout (B, T, G, slices, N)
-#pragma unroll
-    for (int half = 0; half < 2; half++) {
-        const int j = half ? rb : ra;
-        if (j >= valid) continue;
-        float* o = db_part + (((row0 + j) * G + g) * nsl + sl) * N + 2 * q;
-#pragma unroll
-        for (int n = 0; n < N / 8; n++)
-            *reinterpret_cast<float2*>(o + n * 8) = make_float2(db[n][2 * half], db[n][2 * half + 1]);
-    }
+    store_slice_part<N>(db_part, db, tb, row0, G, nsl, ra, rb);
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -664,12 +647,10 @@ ssd_bwd_dc_kernel(float* dc_part, BwdScratch sc, const float* dt_s, const float*
     float* s_dt = reinterpret_cast<float*>(s_xj + TILE * (P + PAD));
     float* s_acum = s_dt + MAX_CHUNK;
 
-    const int ntl = Q / TILE, c = blockIdx.x / ntl, it = blockIdx.x % ntl, nc = gridDim.x / ntl;
-    const int g = blockIdx.y / nsl, sl = blockIdx.y % nsl, b = blockIdx.z;
-    const int hps = H / G / nsl, h0 = g * (H / G) + sl * hps;
-    const int t0 = c * Q, valid = min(Q, T - t0), i0 = it * TILE;
+    const TileBlock tb(T, H, G, Q, nsl);
+    const int it = tb.tile, i0 = tb.r0, g = tb.g, valid = tb.valid;  // the tile's positions i
     if (i0 >= valid) return;
-    const size_t row0 = (size_t)b * T + t0, Tp = (size_t)nc * Q;
+    const size_t row0 = (size_t)tb.b * T + tb.t0, Tp = (size_t)tb.nc * Q;
     const int dy_stride = H * P;
 
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, m0 = warp * 16, q = lane & 3;
@@ -678,29 +659,22 @@ ssd_bwd_dc_kernel(float* dc_part, BwdScratch sc, const float* dt_s, const float*
 
     float dc[N / 8][4];
     zero(dc);
-    for (int hh = 0; hh < hps; hh++) {
-        const int h = h0 + hh;
-        const size_t bh = (size_t)b * H + h, pos0 = bh * Tp + t0;
+    for (int hh = 0; hh < tb.hps; hh++) {
+        const int h = tb.h0 + hh;
+        const size_t bh = (size_t)tb.b * H + h, pos0 = bh * Tp + tb.t0;
         __syncthreads();
         load_rows<P>(s_dyi, dy + (row0 + i0) * dy_stride + h * P, dy_stride, TILE, valid - i0);
-        load_rows<N>(s_h, sc.hin + (bh * nc + c) * P * N, N, P, P);
+        load_rows<N>(s_h, sc.hin + (bh * tb.nc + tb.c) * P * N, N, P, P);
         load_chunk_floats(s_dt, s_acum, dt_s + pos0, acum_s + pos0, Q);
         cp_async_wait_sync();
 
         const float ea = expf(s_acum[ra]), eb = expf(s_acum[rb]);
-        float oa = 0.f, ob = 0.f;
+        float oa, ob;
         {
             float yo[P / 8][4];  // Hin C_i
             zero(yo);
             warp_mma<P / 8, false, false>(yo, s_ci, N + PAD, m0, s_h, N + PAD, 0, N);
-#pragma unroll
-            for (int n = 0; n < P / 8; n++) {
-                const int p = n * 8 + 2 * q;
-                const float2 da = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(s_dyi + (m0 + (lane >> 2)) * (P + PAD) + p));
-                const float2 dbv = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(s_dyi + (m0 + (lane >> 2) + 8) * (P + PAD) + p));
-                oa += da.x * yo[n][0] + da.y * yo[n][1];
-                ob += dbv.x * yo[n][2] + dbv.y * yo[n][3];
-            }
+            row_dots(oa, ob, yo, s_dyi, P + PAD, m0);
         }
         oa = ea * quad_sum(oa);
         ob = eb * quad_sum(ob);
@@ -746,15 +720,7 @@ ssd_bwd_dc_kernel(float* dc_part, BwdScratch sc, const float* dt_s, const float*
         }
     }
 
-#pragma unroll
-    for (int half = 0; half < 2; half++) {
-        const int i = half ? rb : ra;
-        if (i >= valid) continue;
-        float* o = dc_part + (((row0 + i) * G + g) * nsl + sl) * N + 2 * q;
-#pragma unroll
-        for (int n = 0; n < N / 8; n++)
-            *reinterpret_cast<float2*>(o + n * 8) = make_float2(dc[n][2 * half], dc[n][2 * half + 1]);
-    }
+    store_slice_part<N>(dc_part, dc, tb, row0, G, nsl, ra, rb);
 }
 
 // ----------------------------------------------------------------------------------------------

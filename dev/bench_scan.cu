@@ -10,6 +10,7 @@
 #include <vector>
 #include "scan.cuh"
 #include "test/ref/scan.h"
+#include "test/test_util.h"
 #include "dev/timing.h"
 
 
@@ -87,16 +88,6 @@ struct Bufs {
     }
 };
 
-static double rel_err(const std::vector<double>& got, const std::vector<double>& ref) {
-    double num = 0, den = 0;
-    for (size_t i = 0; i < got.size(); i++) {
-        const double d = std::isfinite(got[i]) ? got[i] - ref[i] : INFINITY;
-        num += d * d;
-        den += ref[i] * ref[i];
-    }
-    return std::sqrt(num / den);
-}
-
 // forward and backward at a small shape against the reference
 static void check(int B, int T, int D, int N) {
     Bufs bf(B, T, D, N, 99);
@@ -141,7 +132,7 @@ static void check(int B, int T, int D, int N) {
     for (size_t i = 0; i < BT * D; i++) gy[i] = f(hy[i]), gdu[i] = f(hdu[i]);
     for (size_t r = 0; r < BT; r++)
         for (int n = 0; n < N; n++) gdB[r * N + n] = f(hxp[r * bf.xps() + bf.R + n]);
-    const double ey = rel_err(gy, y), edu = rel_err(gdu, du), edB = rel_err(gdB, dB);
+    const double ey = rel_l2(gy, y), edu = rel_l2(gdu, du), edB = rel_l2(gdB, dB);
     printf("check B=%d T=%d D=%d N=%d: rel L2 y %.2e du %.2e dB %.2e\n", B, T, D, N, ey, edu, edB);
     if (!(ey < 2e-2 && edu < 2e-2 && edB < 2e-2)) THROW("selective scan mismatch at N=%d", N);
 }

@@ -1,8 +1,10 @@
 // Helpers shared by the GPU kernel tests: device copies, NaN poison, bf16-exact random
-// inputs, and the relative-L2 check against the double reference.
+// inputs, strided outputs read back, and the checks against the double reference.
 #pragma once
 #include <catch2/catch.hpp>
 #include <cmath>
+#include <cstring>
+#include <initializer_list>
 #include <random>
 #include <vector>
 #include "cuda_common.cuh"
@@ -22,6 +24,14 @@ static std::vector<T> to_host(const T* d, size_t n) {
     cudaCheck(cudaMemcpy(h.data(), d, n * sizeof(T), cudaMemcpyDeviceToHost));
     return h;
 }
+inline void cuda_free_all(std::initializer_list<void*> ps) {
+    for (void* p : ps) cudaCheck(cudaFree(p));
+}
+
+// device outputs poisoned before a kernel runs: all bits set is NaN in bf16 and fp32
+template <typename T>
+inline void poison(T* d, size_t n) { cudaCheck(cudaMemset(d, 0xff, n * sizeof(T))); }
+inline void poison_bytes(void* d, size_t bytes) { cudaCheck(cudaMemset(d, 0xff, bytes)); }
 
 struct Rng {
     std::mt19937_64 gen;
@@ -35,6 +45,33 @@ static bf16 round_bf16(double v, double* out) {
     bf16 b = __float2bfloat16((float)v);
     *out = (double)__bfloat162float(b);
     return b;
+}
+
+// the columns [c0, c0 + n) of every row of a (rows, row) bf16 matrix, as double (rows, n)
+inline std::vector<double> columns(const std::vector<bf16>& m, size_t rows, int row, int c0, int n) {
+    std::vector<double> r(rows * n);
+    for (size_t t = 0; t < rows; t++)
+        for (int i = 0; i < n; i++) r[t * n + i] = __bfloat162float(m[t * row + c0 + i]);
+    return r;
+}
+// every value of a (rows, row) bf16 matrix outside the columns [c0, c0 + n) is NaN: a strided output
+// (poisoned before the kernel ran) was not written in its gaps
+inline bool nan_outside(const std::vector<bf16>& m, size_t rows, int row, int c0, int n) {
+    for (size_t t = 0; t < rows; t++)
+        for (int i = 0; i < row; i++)
+            if ((i < c0 || i >= c0 + n) && !std::isnan(__bfloat162float(m[t * row + i]))) return false;
+    return true;
+}
+// what a kernel added to an accumulating fp32 output that started at `start`: elements [off, off + n)
+inline std::vector<double> added(const std::vector<float>& got, const std::vector<float>& start, size_t off, size_t n) {
+    std::vector<double> r(n);
+    for (size_t i = 0; i < n; i++) r[i] = (double)got[off + i] - start[off + i];
+    return r;
+}
+// bit-identical results (reruns must repeat)
+template <typename T>
+inline bool same_bits(const std::vector<T>& a, const std::vector<T>& b) {
+    return a.size() == b.size() && memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0;
 }
 
 // relative L2 below tol; where the reference is exactly zero (a degenerate shape, e.g. T = 1,

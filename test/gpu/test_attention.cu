@@ -15,14 +15,6 @@ static bf16 rand_bf16(std::mt19937_64& gen, double sd, double* out) {
     return round_bf16(std::normal_distribution<double>(0.0, sd)(gen), out);
 }
 
-// the columns [c0, c0 + H*Dh) of every row of a (BT, row) bf16 matrix, as double (BT, H*Dh)
-static std::vector<double> columns(const std::vector<bf16>& m, size_t BT, int row, int c0, int n) {
-    std::vector<double> r(BT * n);
-    for (size_t t = 0; t < BT; t++)
-        for (int i = 0; i < n; i++) r[t * n + i] = __bfloat162float(m[t * row + c0 + i]);
-    return r;
-}
-
 static void check_attention(int B, int T, int Hq, int Hkv, int Dh, uint64_t seed) {
     INFO("B=" << B << " T=" << T << " Hq=" << Hq << " Hkv=" << Hkv << " Dh=" << Dh);
     std::mt19937_64 gen(seed);
@@ -51,10 +43,10 @@ static void check_attention(int B, int T, int Hq, int Hkv, int Dh, uint64_t seed
 
     struct Outputs { std::vector<bf16> out, dqkv; std::vector<float> lse; };
     auto run = [&]() {
-        cudaCheck(cudaMemset(d_out, 0xff, BT * nq * sizeof(bf16)));  // NaN
-        cudaCheck(cudaMemset(d_lse, 0xff, (size_t)B * Hq * T * sizeof(float)));
-        cudaCheck(cudaMemset(d_dqkv, 0xff, BT * row * sizeof(bf16)));
-        cudaCheck(cudaMemset(scratch, 0xff, attention_scratch_bytes(sh)));
+        poison(d_out, BT * nq);
+        poison(d_lse, (size_t)B * Hq * T);
+        poison(d_dqkv, BT * row);
+        poison_bytes(scratch, attention_scratch_bytes(sh));
         attention_forward(d_out, d_lse, d_qkv, sh, 0);
         attention_backward(d_dqkv, scratch, d_dout, d_qkv, d_out, d_lse, sh, 0);
         cudaCheck(cudaDeviceSynchronize());
@@ -62,26 +54,20 @@ static void check_attention(int B, int T, int Hq, int Hkv, int Dh, uint64_t seed
     };
     Outputs o1 = run();
 
-    std::vector<double> gout = columns(o1.out, BT, nq, 0, nq);
-    std::vector<double> glse(o1.lse.begin(), o1.lse.end());
-    std::vector<double> gdq = columns(o1.dqkv, BT, row, 0, nq);
-    std::vector<double> gdk = columns(o1.dqkv, BT, row, nq, nkv);
-    std::vector<double> gdv = columns(o1.dqkv, BT, row, nq + nkv, nkv);
-    check_close("out", gout, rout, 2e-2);
-    check_close("lse", glse, rlse, 1e-4);
+    check_close("out", columns(o1.out, BT, nq, 0, nq), rout, 2e-2);
+    check_close("lse", std::vector<double>(o1.lse.begin(), o1.lse.end()), rlse, 1e-4);
     // T = 1: the only position has P = 1 and dS = P (dP - Delta) = 0, so the reference dq, dk are
     // zero and the kernel's (cancelling up to fp32 rounding) must be tiny
-    check_close("dq", gdq, rdq, 2e-2, 1e-3);
-    check_close("dk", gdk, rdk, 2e-2, 1e-3);
-    check_close("dv", gdv, rdv, 2e-2);
+    check_close("dq", columns(o1.dqkv, BT, row, 0, nq), rdq, 2e-2, 1e-3);
+    check_close("dk", columns(o1.dqkv, BT, row, nq, nkv), rdk, 2e-2, 1e-3);
+    check_close("dv", columns(o1.dqkv, BT, row, nq + nkv, nkv), rdv, 2e-2);
 
     Outputs o2 = run();  // bit-identical rerun
-    CHECK(memcmp(o1.out.data(), o2.out.data(), o1.out.size() * sizeof(bf16)) == 0);
-    CHECK(memcmp(o1.dqkv.data(), o2.dqkv.data(), o1.dqkv.size() * sizeof(bf16)) == 0);
-    CHECK(memcmp(o1.lse.data(), o2.lse.data(), o1.lse.size() * sizeof(float)) == 0);
+    CHECK(same_bits(o1.out, o2.out));
+    CHECK(same_bits(o1.dqkv, o2.dqkv));
+    CHECK(same_bits(o1.lse, o2.lse));
 
-    for (void* p : {(void*)d_qkv, (void*)d_dout, (void*)d_out, (void*)d_lse, (void*)d_dqkv, scratch})
-        cudaCheck(cudaFree(p));
+    cuda_free_all({d_qkv, d_dout, d_out, d_lse, d_dqkv, scratch});
 }
 
 TEST_CASE("attention forward/backward vs double reference (GQA, partial tiles)", "[gpu][attention]") {

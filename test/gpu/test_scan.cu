@@ -8,7 +8,6 @@
 #include <catch2/catch.hpp>
 #include "test/gpu_util.h"
 #include <cmath>
-#include <cstring>
 #include <random>
 #include <vector>
 #include "scan.cuh"
@@ -84,14 +83,14 @@ static void check_scan(int B, int T, int D, int N, uint64_t seed) {
 
     auto run = [&]() {
         Outputs o;
-        cudaCheck(cudaMemset(d_y, 0xff, BT * D * sizeof(bf16)));  // 0xffff: bf16 NaN
-        cudaCheck(cudaMemset(d_du, 0xff, BT * dus * sizeof(bf16)));
-        cudaCheck(cudaMemset(d_ddt, 0xff, BT * dts * sizeof(bf16)));
-        cudaCheck(cudaMemset(d_zg, 0xff, BT * zs * sizeof(bf16)));
-        cudaCheck(cudaMemset(d_bcg, 0xff, BT * bcs * sizeof(bf16)));
+        poison(d_y, BT * D);
+        poison(d_du, BT * dus);
+        poison(d_ddt, BT * dts);
+        poison(d_zg, BT * zs);
+        poison(d_bcg, BT * bcs);
         cudaCheck(cudaMemcpy(d_pg, g0.data(), npg * sizeof(float), cudaMemcpyHostToDevice));
-        cudaCheck(cudaMemset(saved, 0xff, scan_saved_bytes(sh)));
-        cudaCheck(cudaMemset(scratch, 0xff, scan_scratch_bytes(sh)));
+        poison_bytes(saved, scan_saved_bytes(sh));
+        poison_bytes(scratch, scan_scratch_bytes(sh));
         selective_scan_forward(d_y, saved, d_u, us, d_dt, dts, d_z + z_off, zs, d_bc + R, d_bc + R + N, bcs, d_bias,
                                d_alog, d_D, sh, 0);
         selective_scan_backward(d_du, dus, d_ddt, dts, d_zg + z_off, zs, d_bcg + R, d_bcg + R + N, bcs, d_pg,
@@ -108,59 +107,34 @@ static void check_scan(int B, int T, int D, int N, uint64_t seed) {
     };
     Outputs o1 = run();
 
-    auto f = [](bf16 v) { return (double)__bfloat162float(v); };
-    std::vector<double> gy(BT * D), gdu(BT * D), gddt(BT * D), gdz(BT * D), gdB(BT * N), gdC(BT * N);
-    bool gaps_ok = true;
-    for (size_t r = 0; r < BT; r++) {
-        for (int d = 0; d < D; d++) {
-            gy[r * D + d] = f(o1.y[r * D + d]);
-            gdu[r * D + d] = f(o1.du[r * dus + d]);
-            gddt[r * D + d] = f(o1.ddt[r * dts + d]);
-            gdz[r * D + d] = f(o1.zbuf[r * zs + z_off + d]);
-        }
-        for (int n = 0; n < N; n++) {
-            gdB[r * N + n] = f(o1.bcbuf[r * bcs + R + n]);
-            gdC[r * N + n] = f(o1.bcbuf[r * bcs + R + N + n]);
-        }
-        // the columns around the strided outputs are not written
-        for (int i = D; i < dus; i++) gaps_ok &= std::isnan(f(o1.du[r * dus + i]));
-        for (int i = D; i < dts; i++) gaps_ok &= std::isnan(f(o1.ddt[r * dts + i]));
-        for (int i = 0; i < z_off; i++) gaps_ok &= std::isnan(f(o1.zbuf[r * zs + i]));
-        for (int i = z_off + D; i < zs; i++) gaps_ok &= std::isnan(f(o1.zbuf[r * zs + i]));
-        for (int i = 0; i < R; i++) gaps_ok &= std::isnan(f(o1.bcbuf[r * bcs + i]));
-        for (int i = R + 2 * N; i < bcs; i++) gaps_ok &= std::isnan(f(o1.bcbuf[r * bcs + i]));
-    }
-    CHECK(gaps_ok);
-    std::vector<double> gA((size_t)D * N), gD(D), gbias(D);
-    for (size_t i = 0; i < (size_t)D * N; i++) gA[i] = (double)o1.pg[i] - g0[i];
-    for (int d = 0; d < D; d++) {
-        gD[d] = (double)o1.pg[(size_t)D * N + d] - g0[(size_t)D * N + d];
-        gbias[d] = (double)o1.pg[(size_t)D * N + D + d] - g0[(size_t)D * N + D + d];
-    }
-    check_close("y", gy, ry, kTolBf16);
-    check_close("du", gdu, rdu, kTolBf16);
-    check_close("ddt_raw", gddt, rddt, kTolBf16);
-    check_close("dz", gdz, rdz, kTolBf16);
-    check_close("dB", gdB, rdB, kTolBf16);
-    check_close("dC", gdC, rdC, kTolBf16);
+    // the columns around the strided outputs are not written
+    CHECK(nan_outside(o1.du, BT, dus, 0, D));
+    CHECK(nan_outside(o1.ddt, BT, dts, 0, D));
+    CHECK(nan_outside(o1.zbuf, BT, zs, z_off, D));
+    CHECK(nan_outside(o1.bcbuf, BT, bcs, R, 2 * N));
+    check_close("y", columns(o1.y, BT, D, 0, D), ry, kTolBf16);
+    check_close("du", columns(o1.du, BT, dus, 0, D), rdu, kTolBf16);
+    check_close("ddt_raw", columns(o1.ddt, BT, dts, 0, D), rddt, kTolBf16);
+    check_close("dz", columns(o1.zbuf, BT, zs, z_off, D), rdz, kTolBf16);
+    check_close("dB", columns(o1.bcbuf, BT, bcs, R, N), rdB, kTolBf16);
+    check_close("dC", columns(o1.bcbuf, BT, bcs, R + N, N), rdC, kTolBf16);
     // fp32 sums, compared after subtracting the fp32 starting value (which costs ~1e-7 absolute)
-    check_close("dA_log", gA, rdA, kTolFp32);
-    check_close("dDskip", gD, rdD, kTolFp32);
-    check_close("ddt_bias", gbias, rdbias, kTolFp32);
+    const size_t DN = (size_t)D * N;
+    check_close("dA_log", added(o1.pg, g0, 0, DN), rdA, kTolFp32);
+    check_close("dDskip", added(o1.pg, g0, DN, D), rdD, kTolFp32);
+    check_close("ddt_bias", added(o1.pg, g0, DN + D, D), rdbias, kTolFp32);
 
     // determinism: the same inputs give the same bits
     Outputs o2 = run();
-    CHECK(memcmp(o1.y.data(), o2.y.data(), o1.y.size() * sizeof(bf16)) == 0);
-    CHECK(memcmp(o1.du.data(), o2.du.data(), o1.du.size() * sizeof(bf16)) == 0);
-    CHECK(memcmp(o1.ddt.data(), o2.ddt.data(), o1.ddt.size() * sizeof(bf16)) == 0);
-    CHECK(memcmp(o1.zbuf.data(), o2.zbuf.data(), o1.zbuf.size() * sizeof(bf16)) == 0);
-    CHECK(memcmp(o1.bcbuf.data(), o2.bcbuf.data(), o1.bcbuf.size() * sizeof(bf16)) == 0);
-    CHECK(memcmp(o1.pg.data(), o2.pg.data(), o1.pg.size() * sizeof(float)) == 0);
+    CHECK(same_bits(o1.y, o2.y));
+    CHECK(same_bits(o1.du, o2.du));
+    CHECK(same_bits(o1.ddt, o2.ddt));
+    CHECK(same_bits(o1.zbuf, o2.zbuf));
+    CHECK(same_bits(o1.bcbuf, o2.bcbuf));
+    CHECK(same_bits(o1.pg, o2.pg));
 
-    for (void* p : {(void*)d_u, (void*)d_dt, (void*)d_z, (void*)d_bc, (void*)d_dy, (void*)d_bias, (void*)d_alog,
-                    (void*)d_D, (void*)d_y, (void*)d_du, (void*)d_ddt, (void*)d_zg, (void*)d_bcg, (void*)d_pg, saved,
-                    scratch})
-        cudaCheck(cudaFree(p));
+    cuda_free_all({d_u, d_dt, d_z, d_bc, d_dy, d_bias, d_alog, d_D, d_y, d_du, d_ddt, d_zg, d_bcg, d_pg, saved,
+                   scratch});
 }
 
 TEST_CASE("selective scan vs sequential reference, N = 16/64/128", "[gpu][scan]") {

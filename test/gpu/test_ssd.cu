@@ -6,7 +6,6 @@
 #include <catch2/catch.hpp>
 #include "test/gpu_util.h"
 #include <cmath>
-#include <cstring>
 #include <random>
 #include <vector>
 #include "ssd.cuh"
@@ -18,8 +17,8 @@
 static const double kTol = 1e-2;
 
 struct Outputs {
-    std::vector<bf16> y, xbc_grad, ddt;    // y (BT, HP); dx|dB|dC rows (strided); ddt rows (strided)
-    std::vector<float> dbias, dalog, dd;   // accumulated parameter gradients
+    std::vector<bf16> y, xbc_grad, ddt;  // y (BT, HP); dx|dB|dC rows (strided); ddt rows (strided)
+    std::vector<float> pg;               // accumulated parameter gradients: ddt_bias (H) | dA_log (H) | dD (H)
 };
 
 static void check_ssd(int B, int T, int H, int G, int P, int N, int chunk, uint64_t seed) {
@@ -77,15 +76,15 @@ static void check_ssd(int B, int T, int H, int G, int P, int N, int chunk, uint6
 
     auto run = [&]() {
         Outputs o;
-        cudaCheck(cudaMemset(d_y, 0xff, BT * HP * sizeof(bf16)));  // 0xffff: bf16 NaN
-        cudaCheck(cudaMemset(d_grad, 0xff, BT * row * sizeof(bf16)));
-        cudaCheck(cudaMemset(d_ddt, 0xff, BT * dt_stride * sizeof(bf16)));
+        poison(d_y, BT * HP);
+        poison(d_grad, BT * row);
+        poison(d_ddt, BT * dt_stride);
         cudaCheck(cudaMemcpy(d_pg, g0.data(), 3 * H * sizeof(float), cudaMemcpyHostToDevice));
-        cudaCheck(cudaMemset(scratch, 0xff, ssd_scratch_bytes(sh)));
-        cudaCheck(cudaMemset(saved, 0xff, ssd_saved_bytes(sh)));
+        poison_bytes(scratch, ssd_scratch_bytes(sh));
+        poison_bytes(saved, ssd_saved_bytes(sh));
         ssd_forward(d_y, saved, scratch, d_xbc, row, d_xbc + HP, d_xbc + HP + GN, row, d_dt, dt_stride, d_bias,
                     d_alog, d_D, sh, 0);
-        cudaCheck(cudaMemset(scratch, 0xff, ssd_scratch_bytes(sh)));  // backward must not rely on forward scratch
+        poison_bytes(scratch, ssd_scratch_bytes(sh));  // backward must not rely on forward scratch
         ssd_backward(d_grad, row, d_grad + HP, d_grad + HP + GN, row, d_ddt, dt_stride, d_pg, d_pg + H, d_pg + 2 * H,
                      scratch, d_dy, d_xbc, row, d_xbc + HP, d_xbc + HP + GN, row, d_dt, dt_stride, d_bias, d_alog,
                      d_D, saved, sh, 0);
@@ -93,52 +92,31 @@ static void check_ssd(int B, int T, int H, int G, int P, int N, int chunk, uint6
         o.y = to_host(d_y, BT * HP);
         o.xbc_grad = to_host(d_grad, BT * row);
         o.ddt = to_host(d_ddt, BT * dt_stride);
-        std::vector<float> pg = to_host(d_pg, 3 * H);
-        o.dbias.assign(pg.begin(), pg.begin() + H);
-        o.dalog.assign(pg.begin() + H, pg.begin() + 2 * H);
-        o.dd.assign(pg.begin() + 2 * H, pg.end());
+        o.pg = to_host(d_pg, 3 * H);
         return o;
     };
     Outputs o1 = run();
 
-    std::vector<double> gy(BT * HP), gdx(BT * HP), gdB(BT * GN), gdC(BT * GN), gddt(BT * H);
-    for (size_t r = 0; r < BT; r++) {
-        for (int i = 0; i < HP; i++) gy[r * HP + i] = __bfloat162float(o1.y[r * HP + i]);
-        for (int i = 0; i < HP; i++) gdx[r * HP + i] = __bfloat162float(o1.xbc_grad[r * row + i]);
-        for (int i = 0; i < GN; i++) gdB[r * GN + i] = __bfloat162float(o1.xbc_grad[r * row + HP + i]);
-        for (int i = 0; i < GN; i++) gdC[r * GN + i] = __bfloat162float(o1.xbc_grad[r * row + HP + GN + i]);
-        for (int h = 0; h < H; h++) gddt[r * H + h] = __bfloat162float(o1.ddt[r * dt_stride + h]);
-        // the gaps of the strided outputs are not written
-        for (int i = HP + 2 * GN; i < row; i++) REQUIRE(std::isnan(__bfloat162float(o1.xbc_grad[r * row + i])));
-        for (int i = H; i < dt_stride; i++) REQUIRE(std::isnan(__bfloat162float(o1.ddt[r * dt_stride + i])));
-    }
-    std::vector<double> gbias(H), galog(H), gD(H);
-    for (int h = 0; h < H; h++) {
-        gbias[h] = (double)o1.dbias[h] - g0[h];
-        galog[h] = (double)o1.dalog[h] - g0[H + h];
-        gD[h] = (double)o1.dd[h] - g0[2 * H + h];
-    }
-    check_close("y", gy, ry, kTol);
-    check_close("dx", gdx, rdx, kTol);
-    check_close("dB", gdB, rdB, kTol);
-    check_close("dC", gdC, rdC, kTol);
-    check_close("ddt_raw", gddt, rddt, kTol);
-    check_close("ddt_bias", gbias, rdbias, kTol);
-    check_close("dA_log", galog, rdalog, kTol);
-    check_close("dD", gD, rdD, kTol);
+    // the gaps of the strided outputs are not written
+    REQUIRE(nan_outside(o1.xbc_grad, BT, row, 0, HP + 2 * GN));
+    REQUIRE(nan_outside(o1.ddt, BT, dt_stride, 0, H));
+    check_close("y", columns(o1.y, BT, HP, 0, HP), ry, kTol);
+    check_close("dx", columns(o1.xbc_grad, BT, row, 0, HP), rdx, kTol);
+    check_close("dB", columns(o1.xbc_grad, BT, row, HP, GN), rdB, kTol);
+    check_close("dC", columns(o1.xbc_grad, BT, row, HP + GN, GN), rdC, kTol);
+    check_close("ddt_raw", columns(o1.ddt, BT, dt_stride, 0, H), rddt, kTol);
+    check_close("ddt_bias", added(o1.pg, g0, 0, H), rdbias, kTol);
+    check_close("dA_log", added(o1.pg, g0, H, H), rdalog, kTol);
+    check_close("dD", added(o1.pg, g0, 2 * H, H), rdD, kTol);
 
     // determinism: the same inputs give the same bits
     Outputs o2 = run();
-    CHECK(memcmp(o1.y.data(), o2.y.data(), o1.y.size() * sizeof(bf16)) == 0);
-    CHECK(memcmp(o1.xbc_grad.data(), o2.xbc_grad.data(), o1.xbc_grad.size() * sizeof(bf16)) == 0);
-    CHECK(memcmp(o1.ddt.data(), o2.ddt.data(), o1.ddt.size() * sizeof(bf16)) == 0);
-    CHECK(o1.dbias == o2.dbias);
-    CHECK(o1.dalog == o2.dalog);
-    CHECK(o1.dd == o2.dd);
+    CHECK(same_bits(o1.y, o2.y));
+    CHECK(same_bits(o1.xbc_grad, o2.xbc_grad));
+    CHECK(same_bits(o1.ddt, o2.ddt));
+    CHECK(same_bits(o1.pg, o2.pg));
 
-    for (void* p : {(void*)d_xbc, (void*)d_dt, (void*)d_dy, (void*)d_bias, (void*)d_alog, (void*)d_D, (void*)d_y,
-                    (void*)d_grad, (void*)d_ddt, (void*)d_pg, saved, scratch})
-        cudaCheck(cudaFree(p));
+    cuda_free_all({d_xbc, d_dt, d_dy, d_bias, d_alog, d_D, d_y, d_grad, d_ddt, d_pg, saved, scratch});
 }
 
 TEST_CASE("ssd forward/backward vs sequential reference, partial chunks", "[gpu][ssd]") {
