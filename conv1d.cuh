@@ -108,7 +108,7 @@ conv1d_silu_forward_kernel(bf16* __restrict__ out, const bf16* __restrict__ in, 
 // y (cuda_common.cuh); its warps split the chunk's rows into runs, and their weight
 // gradients are summed in warp order into the chunk's partial.
 template <int K, int VEC>
-__global__ void __launch_bounds__(32 * CONV_WARPS, 2)  // two blocks an SM: at most 128 registers
+__global__ void __launch_bounds__(32 * CONV_WARPS)
 conv1d_silu_backward_kernel(bf16* __restrict__ din, int din_stride, float* __restrict__ partial,
                             const bf16* __restrict__ dout, const bf16* __restrict__ in, int in_stride,
                             const bf16* __restrict__ w, const bf16* __restrict__ bias, int rows, int T, int C) {
@@ -124,20 +124,17 @@ conv1d_silu_backward_kernel(bf16* __restrict__ din, int din_stride, float* __res
         lane.load_taps(w, bias, c0);
         float dq[K][VEC] = {};  // dq[j] = dpre[t - (K-1) + j]
         const int t_end = r1 + K - 1;  // din of the run's last row needs dpre K-1 rows further on
-        Pack<bf16, VEC> xs[CONV_STEP], gs[CONV_STEP], xn[CONV_STEP], gn[CONV_STEP];
-        auto load = [&](Pack<bf16, VEC>* x, Pack<bf16, VEC>* g, int t) {
+        int tt = conv_t_in_seq(r0 - (K - 1), T);
+        for (int t = r0 - (K - 1); t < t_end; t += CONV_STEP) {
+            // no prefetch of the next rows here: its registers would cost the second block an SM
+            Pack<bf16, VEC> xs[CONV_STEP], gs[CONV_STEP];
             #pragma unroll
             for (int u = 0; u < CONV_STEP; u++) {
                 const int r = t + u;
                 const bool valid = r >= 0 && r < rows && r < t_end;
-                x[u] = conv_load<VEC>(in + (size_t)r * in_stride + c0, valid);
-                g[u] = conv_load<VEC>(dout + (size_t)r * C + c0, valid && r >= r0);
+                xs[u] = conv_load<VEC>(in + (size_t)r * in_stride + c0, valid);
+                gs[u] = conv_load<VEC>(dout + (size_t)r * C + c0, valid && r >= r0);
             }
-        };
-        int tt = conv_t_in_seq(r0 - (K - 1), T);
-        load(xs, gs, r0 - (K - 1));
-        for (int t = r0 - (K - 1); t < t_end; t += CONV_STEP) {
-            load(xn, gn, t + CONV_STEP);  // in flight while this step's rows are used
             #pragma unroll
             for (int u = 0; u < CONV_STEP; u++) {
                 const int r = t + u;
@@ -172,8 +169,6 @@ conv1d_silu_backward_kernel(bf16* __restrict__ din, int din_stride, float* __res
                 }
                 if (++tt == T) tt = 0;
             }
-            #pragma unroll
-            for (int u = 0; u < CONV_STEP; u++) { xs[u] = xn[u]; gs[u] = gn[u]; }
         }
     }
     #pragma unroll
@@ -192,14 +187,15 @@ conv1d_silu_backward_kernel(bf16* __restrict__ din, int din_stride, float* __res
 }
 
 // 4 channels a lane (8-byte accesses, 256 contiguous bytes a warp): the taps, the windows,
-// the loads in flight and the backward's gradient sums stay in registers at 2-3 blocks an SM
+// the loads in flight and the backward's gradient sums stay in registers at 2-3 blocks an SM.
+// MAX_VEC is a parameter so that dev/bench_layers can time the other widths.
 constexpr int CONV_MAX_VEC = 4;
 
-template <int K>
+template <int K, int MAX_VEC = CONV_MAX_VEC>
 inline void conv1d_silu_forward_k(bf16* out, const bf16* in, int in_stride, const bf16* w, const bf16* bias, int B,
                                   int T, int C, cudaStream_t s) {
     const int rows = B * T;
-    vec_dispatch<CONV_MAX_VEC>(vec_width(CONV_MAX_VEC, sizeof(bf16), {out, in}, {C, in_stride}), [&](auto V) {
+    vec_dispatch<MAX_VEC>(vec_width(MAX_VEC, sizeof(bf16), {out, in}, {C, in_stride}), [&](auto V) {
         constexpr int v = decltype(V)::value;
         dim3 grid(ceil_div(C, 32 * v), ceil_div(rows, CONV_WARPS * CONV_FWD_ROWS));
         conv1d_silu_forward_kernel<K, v><<<grid, dim3(32, CONV_WARPS), 0, s>>>(out, in, in_stride, w, bias, rows, T, C);
@@ -207,13 +203,13 @@ inline void conv1d_silu_forward_k(bf16* out, const bf16* in, int in_stride, cons
     cudaCheckLast();
 }
 
-template <int K>
+template <int K, int MAX_VEC = CONV_MAX_VEC>
 inline void conv1d_silu_backward_k(bf16* din, int din_stride, float* dweight, float* dbias, float* scratch,
                                    const bf16* dout, const bf16* in, int in_stride, const bf16* w, const bf16* bias,
                                    int B, int T, int C, cudaStream_t s) {
     const int rows = B * T;
-    const int vec = vec_width(CONV_MAX_VEC, sizeof(bf16), {din, dout, in}, {C, in_stride, din_stride});
-    vec_dispatch<CONV_MAX_VEC>(vec, [&](auto V) {
+    const int vec = vec_width(MAX_VEC, sizeof(bf16), {din, dout, in}, {C, in_stride, din_stride});
+    vec_dispatch<MAX_VEC>(vec, [&](auto V) {
         constexpr int v = decltype(V)::value;
         dim3 grid(ceil_div(C, 32 * v), COLSUM_CHUNKS);
         conv1d_silu_backward_kernel<K, v><<<grid, dim3(32, CONV_WARPS), 0, s>>>(din, din_stride, scratch, dout, in,

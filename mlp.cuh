@@ -31,39 +31,56 @@ __device__ inline float mlp_act(MlpAct kind, float g, float u) {
     }
 }
 
-static __global__ void mlp_act_forward_kernel(bf16* act, const bf16* a, size_t rows, int ff, MlpAct kind) {
+// VEC consecutive hidden units per thread (ff is a multiple of VEC)
+template <int VEC>
+__global__ void mlp_act_forward_kernel(bf16* __restrict__ act, const bf16* __restrict__ a, size_t rows, int ff,
+                                       MlpAct kind) {
     const int w = kind == MlpAct::SwiGLU ? 2 * ff : ff;
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < rows * ff; i += (size_t)gridDim.x * blockDim.x) {
+    for (size_t i = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) * VEC; i < rows * ff;
+         i += (size_t)gridDim.x * blockDim.x * VEC) {
         const size_t r = i / ff, j = i % ff;
         const bf16* row = a + r * w;
-        float g = __bfloat162float(row[j]);
-        float u = kind == MlpAct::SwiGLU ? __bfloat162float(row[ff + j]) : 1.0f;
-        act[i] = __float2bfloat16(mlp_act(kind, g, u));
+        float g[VEC], u[VEC], o[VEC];
+        load_vec<VEC>(g, row + j);
+        if (kind == MlpAct::SwiGLU) load_vec<VEC>(u, row + ff + j);
+        #pragma unroll
+        for (int e = 0; e < VEC; e++) o[e] = mlp_act(kind, g[e], kind == MlpAct::SwiGLU ? u[e] : 1.0f);
+        store_vec<VEC>(act + i, o);
     }
 }
 
 // da (same layout as a) = dact * f'(a), written
-static __global__ void mlp_act_backward_kernel(bf16* da, const bf16* dact, const bf16* a, size_t rows, int ff,
-                                               MlpAct kind) {
+template <int VEC>
+__global__ void mlp_act_backward_kernel(bf16* __restrict__ da, const bf16* __restrict__ dact, const bf16* __restrict__ a,
+                                        size_t rows, int ff, MlpAct kind) {
     const int w = kind == MlpAct::SwiGLU ? 2 * ff : ff;
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < rows * ff; i += (size_t)gridDim.x * blockDim.x) {
+    for (size_t i = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) * VEC; i < rows * ff;
+         i += (size_t)gridDim.x * blockDim.x * VEC) {
         const size_t r = i / ff, j = i % ff;
-        const float g = __bfloat162float(a[r * w + j]), d = __bfloat162float(dact[i]);
-        switch (kind) {
-            case MlpAct::SwiGLU: {
-                const float u = __bfloat162float(a[r * w + ff + j]);
-                da[r * w + j] = __float2bfloat16(d * u * silu_grad(g));
-                da[r * w + ff + j] = __float2bfloat16(d * silu(g));
-                break;
+        float g[VEC], d[VEC], dg[VEC];
+        load_vec<VEC>(g, a + r * w + j);
+        load_vec<VEC>(d, dact + i);
+        if (kind == MlpAct::SwiGLU) {
+            float u[VEC], du[VEC];
+            load_vec<VEC>(u, a + r * w + ff + j);
+            #pragma unroll
+            for (int e = 0; e < VEC; e++) {
+                dg[e] = d[e] * u[e] * silu_grad(g[e]);
+                du[e] = d[e] * silu(g[e]);
             }
-            case MlpAct::GELU: {
-                const float cdf = 0.5f * (1.0f + erff(g * 0.70710678f));
-                const float pdf = 0.39894228f * __expf(-0.5f * g * g);
-                da[i] = __float2bfloat16(d * (cdf + g * pdf));
-                break;
+            store_vec<VEC>(da + r * w + ff + j, du);
+        } else if (kind == MlpAct::GELU) {
+            #pragma unroll
+            for (int e = 0; e < VEC; e++) {
+                const float cdf = 0.5f * (1.0f + erff(g[e] * 0.70710678f));
+                const float pdf = 0.39894228f * __expf(-0.5f * g[e] * g[e]);
+                dg[e] = d[e] * (cdf + g[e] * pdf);
             }
-            default: da[i] = __float2bfloat16(d * 2.0f * fmaxf(g, 0.0f)); break;
+        } else {
+            #pragma unroll
+            for (int e = 0; e < VEC; e++) dg[e] = d[e] * 2.0f * fmaxf(g[e], 0.0f);
         }
+        store_vec<VEC>(da + r * w + j, dg);
     }
 }
 
@@ -71,11 +88,18 @@ static inline int elementwise_blocks(size_t n) { return (int)std::min<size_t>((n
 
 // act (rows, ff) from a (rows, ff * mlp_up_width(kind))
 inline void mlp_act_forward(bf16* act, const bf16* a, int rows, int ff, MlpAct kind, cudaStream_t s) {
-    mlp_act_forward_kernel<<<elementwise_blocks((size_t)rows * ff), 256, 0, s>>>(act, a, rows, ff, kind);
+    vec_dispatch<8>(vec_width(8, sizeof(bf16), {act, a}, {ff}), [&](auto V) {
+        constexpr int v = decltype(V)::value;
+        mlp_act_forward_kernel<v><<<elementwise_blocks((size_t)rows * ff / v), 256, 0, s>>>(act, a, rows, ff, kind);
+    });
     cudaCheckLast();
 }
 
 inline void mlp_act_backward(bf16* da, const bf16* dact, const bf16* a, int rows, int ff, MlpAct kind, cudaStream_t s) {
-    mlp_act_backward_kernel<<<elementwise_blocks((size_t)rows * ff), 256, 0, s>>>(da, dact, a, rows, ff, kind);
+    vec_dispatch<8>(vec_width(8, sizeof(bf16), {da, dact, a}, {ff}), [&](auto V) {
+        constexpr int v = decltype(V)::value;
+        mlp_act_backward_kernel<v><<<elementwise_blocks((size_t)rows * ff / v), 256, 0, s>>>(da, dact, a, rows, ff,
+                                                                                           kind);
+    });
     cudaCheckLast();
 }

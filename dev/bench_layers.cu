@@ -11,8 +11,10 @@
 #include "conv1d.cuh"
 #include "norm.cuh"
 #include "loss.cuh"
+#include "mlp.cuh"
 #include "test/ref/conv1d.h"
 #include "test/ref/norm.h"
+#include "test/ref/mlp.h"
 #include "dev/timing.h"
 
 static double kCeilingGBs = 0;
@@ -88,6 +90,13 @@ int main() {
     report("conv1d+silu forward", median_ms([&] { conv1d_silu_forward(out, in, dip, w, bias, B, T, cd, K, 0); }), bytes_fwd);
     report("conv1d+silu backward", median_ms([&] {
         conv1d_silu_backward(din, dip, dw, db, scratch, dout, in, dip, w, bias, B, T, cd, K, 0); }), bytes_bwd);
+    // the other channel-vector widths (the launchers default to CONV_MAX_VEC)
+    report("  forward, 8 channels a lane", median_ms([&] {
+        conv1d_silu_forward_k<K, 8>(out, in, dip, w, bias, B, T, cd, 0); }), bytes_fwd);
+    report("  forward, 2 channels a lane", median_ms([&] {
+        conv1d_silu_forward_k<K, 2>(out, in, dip, w, bias, B, T, cd, 0); }), bytes_fwd);
+    report("  backward, 2 channels a lane", median_ms([&] {
+        conv1d_silu_backward_k<K, 2>(din, dip, dw, db, scratch, dout, in, dip, w, bias, B, T, cd, 0); }), bytes_bwd);
 
     // --- gated norm: y (BT, d_inner), z the first d_inner columns of the in_proj output
     std::vector<double> h_y, h_gw;
@@ -145,6 +154,25 @@ int main() {
     report("rmsnorm backward", median_ms([&] {
         rmsnorm_backward(dx, dxb, dnw, rscratch, xn /* as dout */, x, nw, rstd, BT, d, 0); }),
            (double)BT * d * (2 + 4 + 4 + 4 + 2));  // read dout, x, dx; write dx, dx bf16
+
+    // --- MLP activation at hybrid-1.3b's shape (B*T = 8192 rows, GELU over ff = 8192)
+    {
+        const int rows = 8192, ff = 8192;
+        std::vector<double> h_a;
+        bf16* a = rand_bf16((size_t)rows * ff, &h_a);
+        bf16* act = cuda_malloc_n<bf16>((size_t)rows * ff, "act");
+        bf16* da = cuda_malloc_n<bf16>((size_t)rows * ff, "da");
+        mlp_act_forward(act, a, rows, ff, MlpAct::GELU, 0);
+        std::vector<double> ref((size_t)64 * ff);
+        ref::mlp_act_forward(ref.data(), h_a.data(), 64, ff, "gelu");
+        double e = rel_err(act, ref, ref.size());
+        printf("check mlp gelu forward: rel L2 %.2e %s\n", e, e < 1e-2 ? "ok" : "FAILED");
+        if (!(e < 1e-2)) return 1;
+        const double bytes = (double)rows * ff * 2;
+        report("mlp gelu forward", median_ms([&] { mlp_act_forward(act, a, rows, ff, MlpAct::GELU, 0); }), 2 * bytes);
+        report("mlp gelu backward", median_ms([&] { mlp_act_backward(da, act, a, rows, ff, MlpAct::GELU, 0); }),
+               3 * bytes);
+    }
 
     // --- fused classifier over the padded vocabulary
     bf16* logits = rand_bf16((size_t)BT * Vp, nullptr, 2.0);

@@ -133,10 +133,12 @@ TEST_CASE("matmul: strided column slices, dinp written and accumulated", "[layer
 }
 
 TEST_CASE("mlp activations: swiglu, gelu, relu2 forward and backward", "[layers]") {
-    for (auto [kind, name] : {std::pair{MlpAct::SwiGLU, "swiglu"}, std::pair{MlpAct::GELU, "gelu"},
-                              std::pair{MlpAct::ReLU2, "relu2"}}) {
-        const int rows = 77, ff = 136, w = mlp_up_width(kind) * ff;
-        INFO(name);
+    // ff 136, 68, 37: 8, 4 and 1 hidden units a thread
+    for (auto [kind, name, ff] : {std::tuple{MlpAct::SwiGLU, "swiglu", 136}, std::tuple{MlpAct::GELU, "gelu", 136},
+                                  std::tuple{MlpAct::ReLU2, "relu2", 136}, std::tuple{MlpAct::SwiGLU, "swiglu", 37},
+                                  std::tuple{MlpAct::GELU, "gelu", 68}, std::tuple{MlpAct::ReLU2, "relu2", 37}}) {
+        const int rows = 77, w = mlp_up_width(kind) * ff;
+        INFO(name << " ff=" << ff);
         Buf<bf16> a((size_t)rows * w), act((size_t)rows * ff), dact((size_t)rows * ff), da((size_t)rows * w);
         a.randn(0, 1.5); dact.randn();
         act.poison(); da.poison();
