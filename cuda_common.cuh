@@ -196,3 +196,12 @@ __device__ inline float block_sum(float v) {
     v = threadIdx.x < blockDim.x / 32 ? red[threadIdx.x] : 0.0f;
     return threadIdx.x < 32 ? warp_sum(v) : 0.0f;
 }
+
+// ----------------------------------------------------------------------------
+// device math shared by the kernels
+
+__device__ inline float silu(float x) { return x / (1.0f + __expf(-x)); }
+__device__ inline float silu_grad(float x) {  // d silu / dx
+    float s = 1.0f / (1.0f + __expf(-x));
+    return s * (1.0f + x * (1.0f - s));
+}

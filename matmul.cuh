@@ -24,11 +24,11 @@ inline void matmul_init() {
     cublasCheck(cublasSetMathMode(cublas_handle(), CUBLAS_DEFAULT_MATH));
 }
 
-// C(col-major m x n, ldc) = alpha op(A) op(B) + beta C, A/B bf16, C bf16 or fp32
+// C(col-major m x n, ldc) = alpha op(A) op(B) + beta C, A/B bf16, C bf16 or fp32 (Muon's
+// Newton-Schulz iterations call it directly)
 inline void gemm(cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k, const bf16* A, int lda, const bf16* B,
-                 int ldb, void* C, cudaDataType ctype, int ldc, float beta, cudaStream_t s) {
+                 int ldb, void* C, cudaDataType ctype, int ldc, float beta, cudaStream_t s, float alpha = 1.0f) {
     matmul_init();
-    const float alpha = 1.0f;
     cublasCheck(cublasSetStream(cublas_handle(), s));
     cublasCheck(cublasGemmEx(cublas_handle(), ta, tb, m, n, k, &alpha, A, CUDA_R_16BF, lda, B, CUDA_R_16BF, ldb, &beta,
                              C, ctype, ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));

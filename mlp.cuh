@@ -7,20 +7,8 @@
 // The matmuls are cuBLAS (matmul.cuh); these kernels are the elementwise middle.
 #pragma once
 #include <string>
-#include "cuda_common.cuh"
-#include "norm.cuh"  // silu, silu_grad
-
-enum class MlpAct { SwiGLU, GELU, ReLU2 };
-
-inline MlpAct mlp_act_from_name(const std::string& name) {
-    if (name == "swiglu") return MlpAct::SwiGLU;
-    if (name == "gelu") return MlpAct::GELU;
-    if (name == "relu2") return MlpAct::ReLU2;
-    THROW("unknown MLP activation '%s' (swiglu, gelu, relu2)", name.c_str());
-}
-
-// columns of the up projection's output per hidden unit
-inline int mlp_up_width(MlpAct kind) { return kind == MlpAct::SwiGLU ? 2 : 1; }
+#include "cuda_common.cuh"  // silu, silu_grad
+#include "model_config.h"  // MlpAct
 
 // f(a) for one hidden unit; g is the gate (swiglu) or the pre-activation, u the up value
 __device__ inline float mlp_act(MlpAct kind, float g, float u) {

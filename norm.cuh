@@ -6,12 +6,6 @@
 #include <algorithm>
 #include "cuda_common.cuh"
 
-__device__ inline float silu(float x) { return x / (1.0f + __expf(-x)); }
-__device__ inline float silu_grad(float x) {  // d silu / dx
-    float s = 1.0f / (1.0f + __expf(-x));
-    return s * (1.0f + x * (1.0f - s));
-}
-
 constexpr int NORM_WARPS = 8;  // rows per block
 
 // ----------------------------------------------------------------------------

