@@ -24,6 +24,8 @@
 // registers as the next matmul's operand. sm80_forward / sm80_backward stay callable on Hopper (the
 // benchmark compares them).
 #pragma once
+#include <algorithm>
+#include <climits>
 #include <cstdint>
 #include "cuda_common.cuh"
 #include "tensor_core.cuh"
@@ -738,9 +740,14 @@ inline void launch_rope(bf16* x, const AttnShape& sh, float theta, const int* po
 // public interface. pos (B*T, or nullptr for plain causal attention): each token's position in its
 // document, 0 at a document start (see the header)
 
-// temporary for the backward, shared by layers
+// temporary for the backward, shared by layers (also enough for sm80_backward)
 inline size_t attention_scratch_bytes(const AttnShape& sh) {
-    return ((size_t)sh.B * sh.Hq * sh.T * sizeof(float) + 255) / 256 * 256;  // Delta, fp32 (B, Hq, T)
+    const size_t delta = ((size_t)sh.B * sh.Hq * sh.T * sizeof(float) + 255) / 256 * 256;  // sm80: Delta (B, Hq, T)
+#ifdef ATTN_SM90
+    return std::max(delta, attn::sm90::scratch_bytes(sh));  // + the dQ accumulator (B, Hq, T, Dh) fp32
+#else
+    return delta;
+#endif
 }
 
 // out (B*T, Hq*Dh) bf16; lse (B, Hq, T) fp32 logsumexp of the scaled scores, kept for the backward
@@ -758,7 +765,11 @@ inline void attention_forward(bf16* out, float* lse, const bf16* qkv, const Attn
 inline void attention_backward(bf16* dqkv, void* scratch, const bf16* dout, const bf16* qkv, const bf16* out,
                                const float* lse, const AttnShape& sh, const int* pos, cudaStream_t s) {
     attn::check_shape(sh);
+#ifdef ATTN_SM90
+    attn::sm90::backward(dqkv, scratch, dout, qkv, out, lse, sh, pos, s);
+#else
     attn::sm80_backward(dqkv, scratch, dout, qkv, out, lse, sh, pos, s);
+#endif
 }
 
 // RoPE on the q and k parts of qkv, in place (rotate-half / GPT-NeoX: pairs (i, i + Dh/2),
