@@ -569,7 +569,8 @@ __global__ void __launch_bounds__(384, 1) bwd_kernel(const __grid_constant__ Bwd
                 int* sem = p.sem + tile;
                 float* dst = p.dqacc + tile * BM * D;
                 mbar_wait(dq_full, i & 1);
-                while (ld_acquire(sem) < n - n_lo) __nanosleep(32);
+                for (uint32_t polls = 0; ld_acquire(sem) < n - n_lo; __nanosleep(64))
+                    if (++polls == (1u << 28)) __trap();  // minutes: a bug, not a slow turn
                 fence_async_global();  // the reduction comes after the previous contributor's
                 if (n == n_lo) bulk_store(dst, sdq, C::DQ_BYTES);
                 else bulk_add_f32(dst, sdq, C::DQ_BYTES);

@@ -84,14 +84,22 @@ __device__ inline void mbar_arrive(uint64_t* bar) {
     asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_u32(bar)) : "memory");
 }
 // waits until the phase of parity `parity` has completed (on a fresh barrier parity 1 passes at once: the
-// producer's first pass through an empty ring)
+// producer's first pass through an empty ring). A wait of 2^30 polls (each try_wait suspends the thread for
+// a while: minutes in all) is a pipeline bug: trap, so that the launch fails with an error instead of hanging.
 __device__ inline void mbar_wait(uint64_t* bar, uint32_t parity) {
     asm volatile(
         "{\n"
         ".reg .pred P1;\n"
+        ".reg .u32 polls;\n"
+        "mov.u32 polls, 0;\n"
         "WAIT:\n"
         "mbarrier.try_wait.parity.shared::cta.b64 P1, [%0], %1;\n"
-        "@!P1 bra WAIT;\n"
+        "@P1 bra DONE;\n"
+        "add.u32 polls, polls, 1;\n"
+        "setp.eq.u32 P1, polls, 1073741824;\n"
+        "@P1 trap;\n"
+        "bra WAIT;\n"
+        "DONE:\n"
         "}\n" ::"r"(smem_u32(bar)),
         "r"(parity)
         : "memory");
