@@ -5,7 +5,7 @@
 // tiles, longest (last query tiles) first, dealt to the blocks in a snake order so that their sums even out;
 // the query heads of one kv head are neighbours in the list, so their K/V tiles are read from L2 while the
 // other heads' blocks still need them. A block is one producer warpgroup and NWG consumer warpgroups:
-//   producer (one thread, 32 registers): per tile the Q tile (BM = 64 NWG rows) into sQ, then the K and V
+//   producer (one thread, 24 registers): per tile the Q tile (BM = 64 NWG rows) into sQ, then the K and V
 //     tiles (BN rows) from the diagonal down to the first tile of the document, into a ring of STAGES
 //     buffers; every load is a TMA box that completes on an mbarrier ("full"), and a buffer is refilled
 //     only after every consumer warp arrived on its "empty" barrier.
@@ -23,6 +23,8 @@
 //
 // Included by attention.cuh (after AttnShape) when the build targets sm_90a.
 #pragma once
+#include <algorithm>
+#include <climits>
 #include <cstdint>
 #include "cuda_common.cuh"
 #include "hopper.cuh"
@@ -36,14 +38,17 @@ namespace attn::sm90 {  // attn's helpers (fast_exp2, quad_max, doc_start, ...) 
 
 using namespace hopper;
 
-// registers per thread after setmaxnreg: the producer warpgroup keeps 32, the consumers share the rest of
-// the 64K (multiples of 8, at most 240)
-constexpr int REG_PRODUCER = 32;
+// registers per thread: a block of NWG + 1 warpgroups starts with 64K / its threads each (in multiples of 8,
+// what ptxas allocates under the launch bounds); setmaxnreg moves them from the producer warpgroup, which
+// keeps 24, to the consumers, within the block's own allocation (a request beyond it would wait forever)
+constexpr int REG_PRODUCER = 24;
 constexpr int reg_consumer(int nwg) {
-    return ((65536 / 128 - REG_PRODUCER) / nwg) / 8 * 8 > 240 ? 240 : ((65536 / 128 - REG_PRODUCER) / nwg) / 8 * 8;
+    const int start = 65536 / (128 * (nwg + 1)) / 8 * 8;
+    return std::min(240, (start * (nwg + 1) - REG_PRODUCER) / nwg / 8 * 8);
 }
+static_assert(reg_consumer(2) == 240 && reg_consumer(3) == 160, "register split");
 
-// The tile list of both passes: tile idx of `ntiles`, the k-th of this block, dealt in a snake order
+// the forward's k-th work tile of this block: the list dealt to the blocks in a snake order
 __device__ inline int snake_tile(int k) {
     const int G = gridDim.x;
     return k * G + ((k & 1) ? G - 1 - (int)blockIdx.x : (int)blockIdx.x);
