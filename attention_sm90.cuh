@@ -794,16 +794,22 @@ __global__ void bwd_dq_kernel(bf16* __restrict__ dqkv, const float* __restrict__
 
 inline size_t scratch_bytes(const AttnShape& sh) { return BwdScratch(nullptr, sh).bytes; }
 
+// the backward's three launches (the benchmark times them one by one)
 template <int D>
-inline void backward(bf16* dqkv, void* scratch, const bf16* dout, const bf16* qkv, const bf16* out, const float* lse,
-                     const AttnShape& sh, const int* pos, cudaStream_t s) {
-    using C = BwdCfg<D>;
+inline void launch_bwd_prep(void* scratch, const bf16* dout, const bf16* out, const float* lse, const AttnShape& sh,
+                            const int* pos, cudaStream_t s) {
     const BwdScratch sc(scratch, sh);
     const int rows = sh.B * sh.Hq * sc.Tp;
     bwd_prep_kernel<D><<<(rows + 7) / 8, 256, 0, s>>>(sc.l2, sc.dl, sc.dsp, dout, out, lse, pos, sh.B, sh.T, sc.Tp,
                                                       sh.Hq);
     cudaCheckLast();
-    cudaCheck(cudaMemsetAsync(sc.sem, 0, (size_t)rows / C::BM * sizeof(int), s));
+    cudaCheck(cudaMemsetAsync(sc.sem, 0, (size_t)rows / BwdCfg<D>::BM * sizeof(int), s));
+}
+template <int D>
+inline void launch_bwd_main(bf16* dqkv, void* scratch, const bf16* dout, const bf16* qkv, const AttnShape& sh,
+                            const int* pos, cudaStream_t s) {
+    using C = BwdCfg<D>;
+    const BwdScratch sc(scratch, sh);
     BwdParams p;
     const int W = (sh.Hq + 2 * sh.Hkv) * D;
     p.q = tensor_map_rows(qkv, W, sh.T, sh.B, C::BM);
@@ -826,10 +832,23 @@ inline void backward(bf16* dqkv, void* scratch, const bf16* dout, const bf16* qk
     auto kernel = bwd_kernel<D>;
     cudaCheck(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM));
     const int nkv = (sh.T + C::BN - 1) / C::BN;
-    kernel<<<nkv * sh.B * sh.Hkv, 384, C::SMEM, s>>>(p);
+    kernel<<<nkv * sh.B * sh.Hkv, 384, C::SMEM, s>>>(p);  // kv tile major: block n after every block n - 1
     cudaCheckLast();
-    bwd_dq_kernel<D><<<rows / C::BM * (D / 64), 128, 0, s>>>(dqkv, sc.dqacc, sh.T, sc.Tp, sh.Hq, sh.Hkv, p.scale);
+}
+template <int D>
+inline void launch_bwd_dq(bf16* dqkv, void* scratch, const AttnShape& sh, cudaStream_t s) {
+    const BwdScratch sc(scratch, sh);
+    const int tiles = sh.B * sh.Hq * sc.Tp / BwdCfg<D>::BM;
+    bwd_dq_kernel<D><<<tiles * (D / 64), 128, 0, s>>>(dqkv, sc.dqacc, sh.T, sc.Tp, sh.Hq, sh.Hkv,
+                                                       1.f / sqrtf((float)D));
     cudaCheckLast();
+}
+template <int D>
+inline void backward(bf16* dqkv, void* scratch, const bf16* dout, const bf16* qkv, const bf16* out, const float* lse,
+                     const AttnShape& sh, const int* pos, cudaStream_t s) {
+    launch_bwd_prep<D>(scratch, dout, out, lse, sh, pos, s);
+    launch_bwd_main<D>(dqkv, scratch, dout, qkv, sh, pos, s);
+    launch_bwd_dq<D>(dqkv, scratch, sh, s);
 }
 
 // tile configurations: D, consumer warpgroups (BM = 64 NWG query rows), BN, stages, ping-pong

@@ -225,6 +225,35 @@ int main(int argc, char** argv) {
 
 #ifdef ATTN_SM90
         if (!quick && !sm80) {  // the forward's tile variants at the anchor shapes
+            printf("backward kernels (B4 L4096 16q/4kv), TFLOP/s of the backward's 2.5x forward FLOPs:\n");
+            for (int Dh : {128, 64}) {
+                Bufs bu({4, 4096, 16, 4, Dh}, {}, 1234);
+                const double work = 2.5 * bu.fwd_flops();
+                bu.fwd(model);
+                using namespace attn::sm90;
+                const AttnShape& sh = bu.sh;
+                auto t = [&](auto f) { return time_ms(f, 3, 10); };
+                // main after prep (which clears the turn counters), less prep alone
+                float tp, tm, td;
+                if (Dh == 128) {
+                    tp = t([&]() { launch_bwd_prep<128>(bu.scratch, bu.dout, bu.out, bu.lse, sh, nullptr, 0); });
+                    tm = t([&]() {
+                        launch_bwd_prep<128>(bu.scratch, bu.dout, bu.out, bu.lse, sh, nullptr, 0);
+                        launch_bwd_main<128>(bu.dqkv, bu.scratch, bu.dout, bu.qkv, sh, nullptr, 0);
+                    }) - tp;
+                    td = t([&]() { launch_bwd_dq<128>(bu.dqkv, bu.scratch, sh, 0); });
+                } else {
+                    tp = t([&]() { launch_bwd_prep<64>(bu.scratch, bu.dout, bu.out, bu.lse, sh, nullptr, 0); });
+                    tm = t([&]() {
+                        launch_bwd_prep<64>(bu.scratch, bu.dout, bu.out, bu.lse, sh, nullptr, 0);
+                        launch_bwd_main<64>(bu.dqkv, bu.scratch, bu.dout, bu.qkv, sh, nullptr, 0);
+                    }) - tp;
+                    td = t([&]() { launch_bwd_dq<64>(bu.dqkv, bu.scratch, sh, 0); });
+                }
+                printf("  Dh%d: prep (Delta, turn counters) %.3f ms | main %.3f ms %6.1f TFLOP/s | dq %.3f ms | "
+                       "all %.3f ms %6.1f TFLOP/s\n", Dh, tp, tm, work / tm * 1e-9, td, tp + tm + td,
+                       work / (tp + tm + td) * 1e-9);
+            }
             printf("forward variants (B4 L4096 16q/4kv): D, consumer warpgroups, BN, stages, ping-pong\n");
             for (int Dh : {128, 64}) {
                 Bufs bu({4, 4096, 16, 4, Dh}, {}, 1234);
