@@ -73,6 +73,134 @@ static std::vector<Path> paths() {
     return p;
 }
 
+#ifdef ATTN_SM90
+// The Hopper building blocks the attention kernels stand on, one warpgroup, against double references:
+// TMA loads of 128-byte-swizzled tiles A (64 x 128) and B (128 x 128), then
+//   C1 = A B^T   (wgmma, A and B K-major from smem, two column blocks along k)
+//   C2 = A B     (A from registers in the fragment layout, B MN-major: N over two column blocks, LBO)
+//   C3 = B0^T A^T (A MN-major from smem: B's first 64 columns; B K-major: A)
+// and C1 as bf16 through a swizzled smem tile and a TMA store. A layout mistake shows here by name.
+__global__ void hopper_selftest_kernel(const __grid_constant__ CUtensorMap ma, const __grid_constant__ CUtensorMap mb,
+                                       const __grid_constant__ CUtensorMap mo, const bf16* A, float* c1, float* c2,
+                                       float* c3) {
+    using namespace hopper;
+    extern __shared__ unsigned char raw[];
+    unsigned char* sm = raw + ((1024 - (smem_u32(raw) & 1023)) & 1023);
+    unsigned char *sA = sm, *sB = sm + 16384, *sO = sm + 49152;
+    uint64_t* bar = reinterpret_cast<uint64_t*>(sm + 65536);
+    const int t = threadIdx.x, w = t / 32, g = (t % 32) / 4, q = t % 4;
+    if (t == 0) {
+        mbar_init(bar, 1);
+        fence_mbar_init();
+    }
+    __syncthreads();
+    if (t == 0) {
+        mbar_arrive_expect_tx(bar, 16384 + 32768);
+        for (int cb = 0; cb < 2; cb++) {
+            tma_load(sA + cb * 64 * 128, &ma, bar, cb * 64, 0, 0);
+            tma_load(sB + cb * 128 * 128, &mb, bar, cb * 64, 0, 0);
+        }
+    }
+    mbar_wait(bar, 0);
+    // the accumulator (64 x 2N) to global (row-major, 2N columns)
+    auto put = [&](float* dst, const float* d, int n) {
+        for (int j = 0; j < n / 8; j++)
+            for (int h = 0; h < 2; h++)
+                for (int e = 0; e < 2; e++) dst[(16 * w + g + 8 * h) * n + 8 * j + 2 * q + e] = d[4 * j + 2 * h + e];
+    };
+    float d[64];
+    wg_fence();
+    for (int kk = 0; kk < 8; kk++)
+        wgmma_ss<0, 0>(d, desc_sw128(smem_u32(sA) + (kk / 4) * 64 * 128 + (kk % 4) * 32, 16),
+                       desc_sw128(smem_u32(sB) + (kk / 4) * 128 * 128 + (kk % 4) * 32, 16), kk > 0);
+    wg_commit();
+    wg_wait<0>();
+    fence_regs(d);
+    put(c1, d, 128);
+    // C1 as bf16 into sO, TMA store
+    for (int j = 0; j < 16; j++)
+        for (int h = 0; h < 2; h++)
+            *reinterpret_cast<uint32_t*>(sO + (j / 8) * 64 * 128 + swz128(16 * w + g + 8 * h, (j % 8) * 8 + 2 * q)) =
+                tc::pack_bf16(d[4 * j + 2 * h], d[4 * j + 2 * h + 1]);
+    fence_async_smem();
+    __syncthreads();
+    if (t == 0) {
+        for (int cb = 0; cb < 2; cb++) tma_store(&mo, sO + cb * 64 * 128, cb * 64, 0, 0);
+        bulk_commit();
+        bulk_wait<0>();
+    }
+    uint32_t a[8][4];
+    for (int kk = 0; kk < 8; kk++)
+        for (int r = 0; r < 4; r++) {
+            const int row = 16 * w + g + 8 * (r & 1), col = 16 * kk + 2 * q + 8 * (r >> 1);
+            a[kk][r] = *reinterpret_cast<const uint32_t*>(A + row * 128 + col);
+        }
+    fence_regs(a);
+    wg_fence();
+    for (int kk = 0; kk < 8; kk++) wgmma_rs<1>(d, a[kk], desc_sw128(smem_u32(sB) + kk * 16 * 128, 128 * 128), kk > 0);
+    wg_commit();
+    wg_wait<0>();
+    fence_regs(d);
+    put(c2, d, 128);
+    float e[32];
+    wg_fence();
+    for (int kk = 0; kk < 8; kk++)
+        wgmma_ss<1, 0>(e, desc_sw128(smem_u32(sB) + kk * 16 * 128, 128 * 128),
+                       desc_sw128(smem_u32(sA) + (kk / 4) * 64 * 128 + (kk % 4) * 32, 16), kk > 0);
+    wg_commit();
+    wg_wait<0>();
+    fence_regs(e);
+    put(c3, e, 64);
+}
+
+TEST_CASE("hopper TMA, swizzle and wgmma descriptors (the attention kernels' building blocks)", "[gpu][attention]") {
+    std::mt19937_64 gen(5);
+    std::vector<bf16> hA(64 * 128), hB(128 * 128);
+    std::vector<double> A(hA.size()), B(hB.size());
+    for (size_t i = 0; i < hA.size(); i++) hA[i] = rand_bf16(gen, 1.0, &A[i]);
+    for (size_t i = 0; i < hB.size(); i++) hB[i] = rand_bf16(gen, 1.0, &B[i]);
+    std::vector<double> r1(64 * 128), r2(64 * 128), r3(64 * 64), r1b(64 * 128);
+    for (int i = 0; i < 64; i++)
+        for (int n = 0; n < 128; n++) {
+            double s1 = 0, s2 = 0;
+            for (int k = 0; k < 128; k++) {
+                s1 += A[i * 128 + k] * B[n * 128 + k];
+                s2 += A[i * 128 + k] * B[k * 128 + n];
+            }
+            r1[i * 128 + n] = s1;
+            r2[i * 128 + n] = s2;
+            r1b[i * 128 + n] = __bfloat162float(__float2bfloat16((float)s1));
+        }
+    for (int m = 0; m < 64; m++)
+        for (int n = 0; n < 64; n++) {
+            double s = 0;
+            for (int k = 0; k < 128; k++) s += B[k * 128 + m] * A[n * 128 + k];
+            r3[m * 64 + n] = s;
+        }
+    bf16* dA = to_device(hA);
+    bf16* dB = to_device(hB);
+    bf16* dO = cuda_malloc_n<bf16>(64 * 128, "O");
+    float* c = cuda_malloc_n<float>(3 * 64 * 128, "C");
+    poison(dO, 64 * 128);
+    poison(c, 3 * 64 * 128);
+    const CUtensorMap ma = hopper::tensor_map_rows(dA, 128, 64, 1, 64), mb = hopper::tensor_map_rows(dB, 128, 128, 1, 128),
+                      mo = hopper::tensor_map_rows(dO, 128, 64, 1, 64);
+    const int smem = 65536 + 64 + 1024;
+    cudaCheck(cudaFuncSetAttribute(hopper_selftest_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    hopper_selftest_kernel<<<1, 128, smem>>>(ma, mb, mo, dA, c, c + 64 * 128, c + 2 * 64 * 128);
+    cudaCheckLast();
+    cudaCheck(cudaDeviceSynchronize());
+    std::vector<float> hc = to_host(c, 3 * 64 * 128);
+    std::vector<bf16> ho = to_host(dO, 64 * 128);
+    check_close("C1 = A B^T (K-major A and B)", std::vector<double>(hc.begin(), hc.begin() + 8192), r1, 1e-4);
+    check_close("C2 = A B (A from registers, B MN-major)", std::vector<double>(hc.begin() + 8192, hc.begin() + 16384), r2,
+                1e-4);
+    check_close("C3 = B^T A^T (A MN-major)", std::vector<double>(hc.begin() + 16384, hc.begin() + 16384 + 4096), r3, 1e-4);
+    check_close("C1 through swizzled smem and a TMA store", columns(ho, 64, 128, 0, 128), r1b, 1e-2);
+    cuda_free_all({dA, dB, dO, c});
+}
+#endif
+
 static void check_attention(int B, int T, int Hq, int Hkv, int Dh, uint64_t seed, const std::vector<int>& pos = {}) {
     INFO("B=" << B << " T=" << T << " Hq=" << Hq << " Hkv=" << Hkv << " Dh=" << Dh
               << (pos.empty() ? "" : " with documents"));
