@@ -25,15 +25,15 @@
 // benchmark compares them).
 #pragma once
 #include <algorithm>
-#include <climits>
 #include <cstdint>
 #include "cuda_common.cuh"
 #include "tensor_core.cuh"
 
 struct AttnShape { int B, T, Hq, Hkv, Dh; };
 
-// the Hopper kernels when the build targets sm_90a (nvcc defines __CUDA_ARCH_LIST__ in the host pass too)
-#if defined(__CUDA_ARCH_LIST__) && __CUDA_ARCH_LIST__ >= 900
+// the Hopper kernels when the build targets sm_90a, i.e. Hopper alone (nvcc defines __CUDA_ARCH_LIST__ in the
+// host pass too; wgmma does not exist on later architectures, which take the mma.sync kernels)
+#if defined(__CUDA_ARCH_LIST__) && __CUDA_ARCH_LIST__ == 900
 #define ATTN_SM90 1
 #endif
 
