@@ -781,18 +781,3 @@ inline void rope_forward(bf16* qkv, const AttnShape& sh, float theta, const int*
 inline void rope_backward(bf16* dqkv, const AttnShape& sh, float theta, const int* pos, cudaStream_t s) {
     attn::launch_rope<true>(dqkv, sh, theta, pos, s);
 }
-
-// the model's calls without document positions (plain causal attention, RoPE by t)
-inline void attention_forward(bf16* out, float* lse, const bf16* qkv, const AttnShape& sh, cudaStream_t s) {
-    attention_forward(out, lse, qkv, sh, nullptr, s);
-}
-inline void attention_backward(bf16* dqkv, void* scratch, const bf16* dout, const bf16* qkv, const bf16* out,
-                               const float* lse, const AttnShape& sh, cudaStream_t s) {
-    attention_backward(dqkv, scratch, dout, qkv, out, lse, sh, nullptr, s);
-}
-inline void rope_forward(bf16* qkv, const AttnShape& sh, float theta, cudaStream_t s) {
-    rope_forward(qkv, sh, theta, nullptr, s);
-}
-inline void rope_backward(bf16* dqkv, const AttnShape& sh, float theta, cudaStream_t s) {
-    rope_backward(dqkv, sh, theta, nullptr, s);
-}

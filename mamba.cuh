@@ -337,16 +337,16 @@ struct AttentionBlock : BlockBase {
     void forward(const Ctx& c, const LayerActs& a, cudaStream_t s) const {
         c.phase("attention", s);
         const AttnShape sh = shape_for(c.B, c.T);
-        if (rope) rope_forward(a.in_out, sh, rope_theta, s);
-        attention_forward(a.y, a.stats, a.in_out, sh, s);
+        if (rope) rope_forward(a.in_out, sh, rope_theta, c.pos, s);
+        attention_forward(a.y, a.stats, a.in_out, sh, c.pos, s);
     }
     void recompute(const Ctx&, const LayerActs&, cudaStream_t) const {}
     const bf16* out_input(const Ctx&, const LayerActs& a) const { return a.y; }
     void backward(const Ctx& c, const LayerActs& a, cudaStream_t s) const {
         c.phase("attention bwd", s);
         const AttnShape sh = shape_for(c.B, c.T);
-        attention_backward(c.din, c.mixer_scratch, c.dout_in, a.in_out, a.y, a.stats, sh, s);
-        if (rope) rope_backward(c.din, sh, rope_theta, s);
+        attention_backward(c.din, c.mixer_scratch, c.dout_in, a.in_out, a.y, a.stats, sh, c.pos, s);
+        if (rope) rope_backward(c.din, sh, rope_theta, c.pos, s);
     }
 };
 
