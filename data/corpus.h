@@ -201,16 +201,20 @@ private:
         return true;
     }
 
-    // appends up to `n` bytes of the open text file to buf_
+    // appends up to `n` bytes of the open text file to buf_ (in chunks: a small file costs
+    // its size, not n)
     void fill(size_t n) {
-        const size_t old = buf_.size();
-        buf_.resize(old + n);
-        const size_t got = fread(&buf_[old], 1, n, f_);
-        buf_.resize(old + got);
-        bytes_done_ += got;
-        if (got < n) {
-            if (ferror(f_)) THROW("cannot read '%s': %s", current_path().c_str(), strerror(errno));
-            eof_ = true;
+        char chunk[1 << 16];
+        while (n > 0) {
+            const size_t got = fread(chunk, 1, std::min(n, sizeof(chunk)), f_);
+            buf_.append(chunk, got);
+            bytes_done_ += got;
+            n -= got;
+            if (got == 0) {
+                if (ferror(f_)) THROW("cannot read '%s': %s", current_path().c_str(), strerror(errno));
+                eof_ = true;
+                return;
+            }
         }
     }
 
@@ -225,9 +229,13 @@ private:
             fill(kSegment);
             cut = bpe::find_cut(buf_, from);
         }
-        if (cut == std::string::npos) cut = buf_.size();
-        s.text = buf_.substr(0, cut);
-        buf_.erase(0, cut);
+        if (cut == std::string::npos || cut == buf_.size()) {  // the rest of the file
+            s.text.swap(buf_);
+            buf_.clear();
+        } else {
+            s.text = buf_.substr(0, cut);
+            buf_.erase(0, cut);
+        }
         s.path = &current_path();
         if (first_) start_document(s);
         else s.val = val_;
