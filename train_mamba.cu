@@ -425,6 +425,7 @@ static int run(const Args& a, Comm& comm) {
     std::vector<float> weights;
     SpikeGuard spikes{a.spike_factor, (size_t)a.spike_window, {}};
     std::string last_ckpt;
+    bool injected = false;
     auto done = [&] { return p.unit_tokens ? st.tokens >= p.total_tokens : st.step >= a.steps; };
     while (!done()) {
         const int step = st.step;
@@ -460,7 +461,8 @@ static int run(const Args& a, Comm& comm) {
         if (!a.doc_reset)
             for (size_t i = 0; i < n; i++) pos[i] = (int)(i % a.T);
         if (a.pos_weight) positional_weights(weights, pos);
-        if (step + 1 == a.inject_spike_at) {  // a corrupt batch: random targets
+        if (step + 1 == a.inject_spike_at && !injected) {  // a corrupt batch (once: a rollback skips it)
+            injected = true;
             SplitMix64 r(a.seed + 17);
             for (int& t : targets) t = (int)(r.next() % p.cfg.vocab_size);
             printf("injected a corrupt batch at step %d\n", step + 1);
