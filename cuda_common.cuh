@@ -156,19 +156,20 @@ __global__ void colsum_partial_kernel(float* partial, Term term, int rows, int C
 
 // store(c, v, sum) receives each column's total
 template <int NV, typename Store>
-__global__ void colsum_finalize_kernel(const float* partial, Store store, int C) {
+__global__ void colsum_finalize_kernel(const float* partial, Store store, int C, int chunks) {
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= C) return;
     for (int v = 0; v < NV; v++) {
         float s = 0.0f;
-        for (int k = 0; k < COLSUM_CHUNKS; k++) s += partial[((size_t)k * C + c) * NV + v];
+        for (int k = 0; k < chunks; k++) s += partial[((size_t)k * C + c) * NV + v];
         store(c, v, s);
     }
 }
 
+// chunks: how many partial rows (COLSUM_CHUNKS, or the count of a kernel's own blocks)
 template <int NV, typename Store>
-inline void colsum_finalize(const float* partial, Store store, int C, cudaStream_t s) {
-    colsum_finalize_kernel<NV><<<(C + 255) / 256, 256, 0, s>>>(partial, store, C);
+inline void colsum_finalize(const float* partial, Store store, int C, cudaStream_t s, int chunks = COLSUM_CHUNKS) {
+    colsum_finalize_kernel<NV><<<(C + 255) / 256, 256, 0, s>>>(partial, store, C, chunks);
     cudaCheckLast();
 }
 

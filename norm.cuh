@@ -1,12 +1,62 @@
 // RMSNorm (pre-norm of every block, fp32 residual in, bf16 out) and Mamba-2's gated,
 // grouped RMSNorm: out = rmsnorm_group(y * silu(z)) * w (mamba_ssm's RMSNormGated with
-// norm_before_gate=False). One warp per row; weight gradients through deterministic
-// column sums (cuda_common.cuh).
+// norm_before_gate=False). One warp per row. The weight gradients are summed in a fixed
+// order: inside the backward pass when a row's channels fit a lane's registers (NormFused
+// below), else by a column-sum pass after it (cuda_common.cuh).
 #pragma once
 #include <algorithm>
 #include "cuda_common.cuh"
 
 constexpr int NORM_WARPS = 8;  // rows per block
+
+// The weight gradient inside the backward pass: every lane owns the same ITER x VEC channels
+// of every row (C = ITER x 32 x VEC), sums its rows' terms for them in registers, and the
+// block's warps add their sums in a fixed order into one partial row per block of rows;
+// colsum_finalize adds the NORM_FUSED_CHUNKS partials in order. ITER = 0: the plain pass,
+// one warp a row, the weight gradient left to a column sum.
+constexpr int NORM_FUSED_CHUNKS = 256, NORM_FUSED_MAX_ACC = 64;  // blocks; floats a lane holds
+
+// the ITER the fused pass runs at for C channels of VEC, or 0 when it does not apply
+inline int norm_fused_iter(int C, int vec) {
+    if (C % (32 * vec) != 0) return 0;
+    const int it = C / (32 * vec);
+    return (it == 1 || it == 2 || it == 4 || it == 8 || it == 16) && it * vec <= NORM_FUSED_MAX_ACC ? it : 0;
+}
+
+template <int ITER, int VEC>
+struct NormRows {
+    int r0, r1;  // the rows of this block, each warp taking every NORM_WARPS-th
+    __device__ NormRows(int rows) {
+        if (ITER > 0) {
+            const int per = (rows + NORM_FUSED_CHUNKS - 1) / NORM_FUSED_CHUNKS;
+            r0 = min(rows, (int)blockIdx.x * per);
+            r1 = min(rows, r0 + per);
+        } else {
+            r0 = blockIdx.x * NORM_WARPS;
+            r1 = min(rows, r0 + NORM_WARPS);
+        }
+    }
+    static int blocks(int rows) { return ITER > 0 ? NORM_FUSED_CHUNKS : (int)ceil_div(rows, NORM_WARPS); }
+};
+
+// the block's warps add their lanes' channel sums in warp order; one partial row per block
+template <int ITER, int VEC>
+__device__ void norm_store_partial(float* partial, const float (&acc)[ITER * VEC], int C) {
+    __shared__ float sum[NORM_FUSED_MAX_ACC * 32];
+    const int lane = threadIdx.x;
+    for (int w = 0; w < NORM_WARPS; w++) {
+        if (threadIdx.y == w)
+            #pragma unroll
+            for (int k = 0; k < ITER; k++)
+                #pragma unroll
+                for (int e = 0; e < VEC; e++) {
+                    const int c = (lane + k * 32) * VEC + e;
+                    sum[c] = w == 0 ? acc[k * VEC + e] : sum[c] + acc[k * VEC + e];
+                }
+        __syncthreads();
+    }
+    for (int c = threadIdx.y * 32 + lane; c < C; c += 32 * NORM_WARPS) partial[(size_t)blockIdx.x * C + c] = sum[c];
+}
 
 // ----------------------------------------------------------------------------
 // RMSNorm. Rows are read twice (the sum of squares, then the output); the second read
@@ -49,56 +99,89 @@ inline void rmsnorm_forward(bf16* out, float* rstd, const float* x, const bf16* 
     cudaCheckLast();
 }
 
-// dx += rstd * (g - xhat * mean(g * xhat)), g = dout * w, xhat = x * rstd; also writes bf16(dx)
-template <int VEC>
-__global__ void rmsnorm_backward_kernel(float* __restrict__ dx, bf16* __restrict__ dx_bf16, const bf16* __restrict__ dout,
-                                        const float* __restrict__ x, const bf16* __restrict__ w,
-                                        const float* __restrict__ rstd, int rows, int C) {
-    const int row = blockIdx.x * NORM_WARPS + threadIdx.y, lane = threadIdx.x;
-    if (row >= rows) return;
-    const size_t base = (size_t)row * C;
-    const float r = rstd[row];
-    float dot = 0.0f;
-    #pragma unroll 4
-    for (int c = lane * VEC; c < C; c += 32 * VEC) {
-        float g[VEC], wv[VEC], xv[VEC];
-        load_vec<VEC>(g, dout + base + c);
-        load_vec<VEC>(wv, w + c);
-        load_vec<VEC>(xv, x + base + c);
-        #pragma unroll
-        for (int e = 0; e < VEC; e++) dot += g[e] * wv[e] * xv[e] * r;
+// dx += rstd * (g - xhat * mean(g * xhat)), g = dout * w, xhat = x * rstd; also writes bf16(dx);
+// with ITER > 0 also the partial sums of dweight = sum over rows of dout * xhat
+template <int VEC, int ITER>
+__global__ void __launch_bounds__(32 * NORM_WARPS, 2) rmsnorm_backward_kernel(float* __restrict__ dx, bf16* __restrict__ dx_bf16, float* __restrict__ partial,
+                                        const bf16* __restrict__ dout, const float* __restrict__ x,
+                                        const bf16* __restrict__ w, const float* __restrict__ rstd, int rows, int C) {
+    const int lane = threadIdx.x;
+    const int kmax = ITER > 0 ? ITER : (C + 32 * VEC - 1) / (32 * VEC);
+    float acc[ITER > 0 ? ITER * VEC : 1] = {};
+    const NormRows<ITER, VEC> rr(rows);
+    for (int row = rr.r0 + threadIdx.y; row < rr.r1; row += NORM_WARPS) {
+        const size_t base = (size_t)row * C;
+        const float r = rstd[row];
+        float dot = 0.0f;
+        #pragma unroll 4
+        for (int k = 0; k < kmax; k++) {
+            const int c = (lane + k * 32) * VEC;
+            if (ITER == 0 && c >= C) break;
+            float g[VEC], wv[VEC], xv[VEC];
+            load_vec<VEC>(g, dout + base + c);
+            load_vec<VEC>(wv, w + c);
+            load_vec<VEC>(xv, x + base + c);
+            #pragma unroll
+            for (int e = 0; e < VEC; e++) dot += g[e] * wv[e] * xv[e] * r;
+        }
+        dot = warp_sum(dot) / C;
+        #pragma unroll (ITER > 0 ? ITER : 4)
+        for (int k = 0; k < kmax; k++) {
+            const int c = (lane + k * 32) * VEC;
+            if (ITER == 0 && c >= C) break;
+            float g[VEC], wv[VEC], xv[VEC], d[VEC];
+            load_vec<VEC>(g, dout + base + c);
+            load_vec<VEC>(wv, w + c);
+            load_vec<VEC>(xv, x + base + c);
+            load_vec<VEC>(d, dx + base + c);
+            #pragma unroll
+            for (int e = 0; e < VEC; e++) {
+                d[e] += r * (g[e] * wv[e] - xv[e] * r * dot);
+                if constexpr (ITER > 0) acc[k * VEC + e] += g[e] * xv[e] * r;
+            }
+            store_vec<VEC>(dx + base + c, d);
+            store_vec<VEC>(dx_bf16 + base + c, d);
+        }
     }
-    dot = warp_sum(dot) / C;
-    #pragma unroll 4
-    for (int c = lane * VEC; c < C; c += 32 * VEC) {
-        float g[VEC], wv[VEC], xv[VEC], d[VEC];
-        load_vec<VEC>(g, dout + base + c);
-        load_vec<VEC>(wv, w + c);
-        load_vec<VEC>(xv, x + base + c);
-        load_vec<VEC>(d, dx + base + c);
-        #pragma unroll
-        for (int e = 0; e < VEC; e++) d[e] += r * (g[e] * wv[e] - xv[e] * r * dot);
-        store_vec<VEC>(dx + base + c, d);
-        store_vec<VEC>(dx_bf16 + base + c, d);
+    if constexpr (ITER > 0) norm_store_partial<ITER, VEC>(partial, acc, C);
+}
+
+inline size_t norm_backward_scratch_floats(int C) {
+    return std::max(colsum_scratch_floats(C, 1), (size_t)NORM_FUSED_CHUNKS * C);
+}
+inline size_t rmsnorm_backward_scratch_floats(int rows, int C) { (void)rows; return norm_backward_scratch_floats(C); }
+
+template <int V, int ITER>
+inline void rmsnorm_backward_v(float* dx, bf16* dx_bf16, float* dweight, float* scratch, const bf16* dout, const float* x,
+                               const bf16* weight, const float* rstd, int rows, int C, cudaStream_t s) {
+    rmsnorm_backward_kernel<V, ITER><<<NormRows<ITER, V>::blocks(rows), dim3(32, NORM_WARPS), 0, s>>>(
+        dx, dx_bf16, scratch, dout, x, weight, rstd, rows, C);
+    cudaCheckLast();
+    auto store = [=] __device__(int c, int, float sum) { dweight[c] += sum; };
+    if constexpr (ITER > 0) {
+        colsum_finalize<1>(scratch, store, C, s, NORM_FUSED_CHUNKS);
+    } else {
+        column_sum<1, V>(scratch,
+            [=] __device__(int r, int c, float* v) {
+                float g[V], xv[V];
+                load_vec<V>(g, dout + (size_t)r * C + c);
+                load_vec<V>(xv, x + (size_t)r * C + c);
+                for (int e = 0; e < V; e++) v[e] = g[e] * xv[e] * rstd[r];
+            }, store, rows, C, s);
     }
 }
 
-inline size_t rmsnorm_backward_scratch_floats(int rows, int C) { (void)rows; return colsum_scratch_floats(C, 1); }
-
-template <int V>
-inline void rmsnorm_backward_v(float* dx, bf16* dx_bf16, float* dweight, float* scratch, const bf16* dout, const float* x,
-                               const bf16* weight, const float* rstd, int rows, int C, cudaStream_t s) {
-    rmsnorm_backward_kernel<V><<<ceil_div(rows, NORM_WARPS), dim3(32, NORM_WARPS), 0, s>>>(dx, dx_bf16, dout, x, weight,
-                                                                                           rstd, rows, C);
-    cudaCheckLast();
-    column_sum<1, V>(scratch,
-        [=] __device__(int r, int c, float* v) {
-            float g[V], xv[V];
-            load_vec<V>(g, dout + (size_t)r * C + c);
-            load_vec<V>(xv, x + (size_t)r * C + c);
-            for (int e = 0; e < V; e++) v[e] = g[e] * xv[e] * rstd[r];
-        },
-        [=] __device__(int c, int, float sum) { dweight[c] += sum; }, rows, C, s);
+// the fused pass for the ITER the width allows, else the plain pass and a column sum
+template <int V, typename F>
+inline void norm_iter_dispatch(int iter, F&& launch) {
+    switch (iter) {
+        case 1: return launch(std::integral_constant<int, 1>());
+        case 2: if constexpr (2 * V <= NORM_FUSED_MAX_ACC) return launch(std::integral_constant<int, 2>()); break;
+        case 4: if constexpr (4 * V <= NORM_FUSED_MAX_ACC) return launch(std::integral_constant<int, 4>()); break;
+        case 8: if constexpr (8 * V <= NORM_FUSED_MAX_ACC) return launch(std::integral_constant<int, 8>()); break;
+        case 16: if constexpr (16 * V <= NORM_FUSED_MAX_ACC) return launch(std::integral_constant<int, 16>()); break;
+    }
+    launch(std::integral_constant<int, 0>());
 }
 
 inline void rmsnorm_backward(float* dx, bf16* dx_bf16, float* dweight, float* scratch, const bf16* dout, const float* x,
@@ -106,7 +189,10 @@ inline void rmsnorm_backward(float* dx, bf16* dx_bf16, float* dweight, float* sc
     const int vec = std::min(vec_width(4, sizeof(bf16), {dx_bf16, dout, weight}, {C}),
                              vec_width(4, sizeof(float), {dx, x}, {C}));
     vec_dispatch<4>(vec, [&](auto V) {
-        rmsnorm_backward_v<decltype(V)::value>(dx, dx_bf16, dweight, scratch, dout, x, weight, rstd, rows, C, s);
+        constexpr int v = decltype(V)::value;
+        norm_iter_dispatch<v>(norm_fused_iter(C, v), [&](auto I) {
+            rmsnorm_backward_v<v, decltype(I)::value>(dx, dx_bf16, dweight, scratch, dout, x, weight, rstd, rows, C, s);
+        });
     });
 }
 
@@ -162,71 +248,86 @@ inline void gated_rmsnorm_forward(bf16* out, float* rstd, const bf16* y, const b
     cudaCheckLast();
 }
 
-// dv = rstd * (gw - n * mean_group(gw * n)), gw = dout * w; dy = dv * silu(z); dz = dv * y * silu'(z)
-template <int VEC>
-__global__ void gated_rmsnorm_backward_kernel(bf16* __restrict__ dy, bf16* __restrict__ dz, int dz_stride,
-                                              const bf16* __restrict__ dout, const bf16* __restrict__ y,
-                                              const bf16* __restrict__ z, int z_stride, const bf16* __restrict__ w,
-                                              const float* __restrict__ rstd, int rows, int C, int groups) {
-    const int row = blockIdx.x * NORM_WARPS + threadIdx.y, lane = threadIdx.x;
-    if (row >= rows) return;
-    const int gs = C / groups;
-    const size_t base = (size_t)row * C;
-    const bf16* zr = z + (size_t)row * z_stride;
-    for (int g = 0; g < groups; g++) {
-        const float r = rstd[(size_t)row * groups + g];
-        float dot = 0.0f;
-        #pragma unroll 4
-        for (int c = g * gs + lane * VEC; c < (g + 1) * gs; c += 32 * VEC) {
-            float yv[VEC], zv[VEC], gv[VEC], wv[VEC];
-            load_vec<VEC>(yv, y + base + c);
-            load_vec<VEC>(zv, zr + c);
-            load_vec<VEC>(gv, dout + base + c);
-            load_vec<VEC>(wv, w + c);
-            #pragma unroll
-            for (int e = 0; e < VEC; e++) dot += gv[e] * wv[e] * yv[e] * silu(zv[e]) * r;
-        }
-        dot = warp_sum(dot) / gs;
-        #pragma unroll 4
-        for (int c = g * gs + lane * VEC; c < (g + 1) * gs; c += 32 * VEC) {
-            float yv[VEC], zv[VEC], gv[VEC], wv[VEC], dyv[VEC], dzv[VEC];
-            load_vec<VEC>(yv, y + base + c);
-            load_vec<VEC>(zv, zr + c);
-            load_vec<VEC>(gv, dout + base + c);
-            load_vec<VEC>(wv, w + c);
-            #pragma unroll
-            for (int e = 0; e < VEC; e++) {
-                const float sz = silu(zv[e]), v = yv[e] * sz;
-                const float dv = r * (gv[e] * wv[e] - v * r * dot);
-                dyv[e] = dv * sz;
-                dzv[e] = dv * yv[e] * silu_grad(zv[e]);
+// dv = rstd * (gw - n * mean_group(gw * n)), gw = dout * w; dy = dv * silu(z); dz = dv * y * silu'(z);
+// with ITER > 0 (one group) also the partial sums of dweight = sum over rows of dout * n
+template <int VEC, int ITER>
+__global__ void __launch_bounds__(32 * NORM_WARPS, 2) gated_rmsnorm_backward_kernel(bf16* __restrict__ dy, bf16* __restrict__ dz, int dz_stride,
+                                              float* __restrict__ partial, const bf16* __restrict__ dout,
+                                              const bf16* __restrict__ y, const bf16* __restrict__ z, int z_stride,
+                                              const bf16* __restrict__ w, const float* __restrict__ rstd, int rows,
+                                              int C, int groups) {
+    const int lane = threadIdx.x, gs = C / groups;
+    const int kmax = ITER > 0 ? ITER : (gs + 32 * VEC - 1) / (32 * VEC);
+    float acc[ITER > 0 ? ITER * VEC : 1] = {};
+    const NormRows<ITER, VEC> rr(rows);
+    for (int row = rr.r0 + threadIdx.y; row < rr.r1; row += NORM_WARPS) {
+        const size_t base = (size_t)row * C;
+        const bf16* zr = z + (size_t)row * z_stride;
+        for (int g = 0; g < groups; g++) {
+            const float r = rstd[(size_t)row * groups + g];
+            float dot = 0.0f;
+            #pragma unroll 4
+            for (int k = 0; k < kmax; k++) {
+                const int c = g * gs + (lane + k * 32) * VEC;
+                if (ITER == 0 && c >= (g + 1) * gs) break;
+                float yv[VEC], zv[VEC], gv[VEC], wv[VEC];
+                load_vec<VEC>(yv, y + base + c);
+                load_vec<VEC>(zv, zr + c);
+                load_vec<VEC>(gv, dout + base + c);
+                load_vec<VEC>(wv, w + c);
+                #pragma unroll
+                for (int e = 0; e < VEC; e++) dot += gv[e] * wv[e] * yv[e] * silu(zv[e]) * r;
             }
-            store_vec<VEC>(dy + base + c, dyv);
-            store_vec<VEC>(dz + (size_t)row * dz_stride + c, dzv);
+            dot = warp_sum(dot) / gs;
+            #pragma unroll (ITER > 0 ? ITER : 4)
+            for (int k = 0; k < kmax; k++) {
+                const int c = g * gs + (lane + k * 32) * VEC;
+                if (ITER == 0 && c >= (g + 1) * gs) break;
+                float yv[VEC], zv[VEC], gv[VEC], wv[VEC], dyv[VEC], dzv[VEC];
+                load_vec<VEC>(yv, y + base + c);
+                load_vec<VEC>(zv, zr + c);
+                load_vec<VEC>(gv, dout + base + c);
+                load_vec<VEC>(wv, w + c);
+                #pragma unroll
+                for (int e = 0; e < VEC; e++) {
+                    const float sz = silu(zv[e]), v = yv[e] * sz;
+                    const float dv = r * (gv[e] * wv[e] - v * r * dot);
+                    dyv[e] = dv * sz;
+                    dzv[e] = dv * yv[e] * silu_grad(zv[e]);
+                    if constexpr (ITER > 0) acc[k * VEC + e] += gv[e] * v * r;
+                }
+                store_vec<VEC>(dy + base + c, dyv);
+                store_vec<VEC>(dz + (size_t)row * dz_stride + c, dzv);
+            }
         }
     }
+    if constexpr (ITER > 0) norm_store_partial<ITER, VEC>(partial, acc, C);
 }
 
-inline size_t gated_rmsnorm_backward_scratch_floats(int rows, int C) { (void)rows; return colsum_scratch_floats(C, 1); }
+inline size_t gated_rmsnorm_backward_scratch_floats(int rows, int C) { (void)rows; return norm_backward_scratch_floats(C); }
 
-template <int V>
+template <int V, int ITER>
 inline void gated_rmsnorm_backward_v(bf16* dy, bf16* dz, int dz_stride, float* dweight, float* scratch, const bf16* dout,
                                      const bf16* y, const bf16* z, int z_stride, const bf16* weight, const float* rstd,
                                      int rows, int C, int groups, cudaStream_t s) {
-    gated_rmsnorm_backward_kernel<V><<<ceil_div(rows, NORM_WARPS), dim3(32, NORM_WARPS), 0, s>>>(
-        dy, dz, dz_stride, dout, y, z, z_stride, weight, rstd, rows, C, groups);
+    gated_rmsnorm_backward_kernel<V, ITER><<<NormRows<ITER, V>::blocks(rows), dim3(32, NORM_WARPS), 0, s>>>(
+        dy, dz, dz_stride, scratch, dout, y, z, z_stride, weight, rstd, rows, C, groups);
     cudaCheckLast();
-    const int gs = C / groups;
-    column_sum<1, V>(scratch,
-        [=] __device__(int r, int c, float* v) {
-            float yv[V], zv[V], gv[V];
-            load_vec<V>(yv, y + (size_t)r * C + c);
-            load_vec<V>(zv, z + (size_t)r * z_stride + c);
-            load_vec<V>(gv, dout + (size_t)r * C + c);
-            const float rs = rstd[(size_t)r * groups + c / gs];  // the V channels share a group
-            for (int e = 0; e < V; e++) v[e] = gv[e] * yv[e] * silu(zv[e]) * rs;
-        },
-        [=] __device__(int c, int, float sum) { dweight[c] += sum; }, rows, C, s);
+    auto store = [=] __device__(int c, int, float sum) { dweight[c] += sum; };
+    if constexpr (ITER > 0) {
+        colsum_finalize<1>(scratch, store, C, s, NORM_FUSED_CHUNKS);
+    } else {
+        const int gs = C / groups;
+        column_sum<1, V>(scratch,
+            [=] __device__(int r, int c, float* v) {
+                float yv[V], zv[V], gv[V];
+                load_vec<V>(yv, y + (size_t)r * C + c);
+                load_vec<V>(zv, z + (size_t)r * z_stride + c);
+                load_vec<V>(gv, dout + (size_t)r * C + c);
+                const float rs = rstd[(size_t)r * groups + c / gs];  // the V channels share a group
+                for (int e = 0; e < V; e++) v[e] = gv[e] * yv[e] * silu(zv[e]) * rs;
+            }, store, rows, C, s);
+    }
 }
 
 inline void gated_rmsnorm_backward(bf16* dy, bf16* dz, int dz_stride, float* dweight, float* scratch, const bf16* dout,
@@ -234,7 +335,10 @@ inline void gated_rmsnorm_backward(bf16* dy, bf16* dz, int dz_stride, float* dwe
                                    int rows, int C, int groups, cudaStream_t s) {
     const int vec = vec_width(8, sizeof(bf16), {dy, dz, dout, y, z, weight}, {C, z_stride, C / groups, dz_stride});
     vec_dispatch<8>(vec, [&](auto V) {
-        gated_rmsnorm_backward_v<decltype(V)::value>(dy, dz, dz_stride, dweight, scratch, dout, y, z, z_stride, weight,
-                                                     rstd, rows, C, groups, s);
+        constexpr int v = decltype(V)::value;
+        norm_iter_dispatch<v>(groups == 1 ? norm_fused_iter(C, v) : 0, [&](auto I) {
+            gated_rmsnorm_backward_v<v, decltype(I)::value>(dy, dz, dz_stride, dweight, scratch, dout, y, z, z_stride,
+                                                            weight, rstd, rows, C, groups, s);
+        });
     });
 }

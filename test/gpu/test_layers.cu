@@ -184,8 +184,11 @@ TEST_CASE("embedding: forward, deterministic backward", "[layers]") {
 }
 
 TEST_CASE("rmsnorm: forward and backward (dx accumulates, bf16 copy, dweight)", "[layers]") {
-    // C 67 and 202 take the scalar and 2-wide paths, the others 4-wide
-    for (auto [rows, C] : {std::pair{1, 64}, std::pair{37, 200}, std::pair{1000, 1024}, std::pair{5, 67}, std::pair{9, 202}}) {
+    // C 67 and 202 take the scalar and 2-wide paths, the others 4-wide; 1024, 2048 and 128 sum the
+    // weight gradient inside the pass (16, 8 and 1 register groups a lane; 9 rows leave most of
+    // the 256 row blocks empty), the others in a column sum after it
+    for (auto [rows, C] : {std::pair{1, 64}, std::pair{37, 200}, std::pair{1000, 1024}, std::pair{5, 67}, std::pair{9, 202},
+                           std::pair{300, 2048}, std::pair{9, 128}}) {
         INFO("rows=" << rows << " C=" << C);
         Buf<float> x((size_t)rows * C), rstd(rows), dx((size_t)rows * C), dw(C), scratch(rmsnorm_backward_scratch_floats(rows, C));
         Buf<bf16> w(C), out((size_t)rows * C), dout((size_t)rows * C), dxb((size_t)rows * C);
@@ -209,10 +212,11 @@ TEST_CASE("rmsnorm: forward and backward (dx accumulates, bf16 copy, dweight)", 
 
 TEST_CASE("gated rmsnorm: grouped, strided z, forward and backward", "[layers]") {
     // z is a slice of a wider row; its stride and the group size pick the vector width (1 for
-    // the odd strides, then 8, 8, 4, 2)
+    // the odd strides, then 8, 8, 4, 2); one group of 256 (width 1) or 2048 channels (width 8, as
+    // mamba2-370m) sums the weight gradient inside the pass, the others in a column sum after it
     for (auto [rows, C, groups, zs] : {std::tuple{37, 256, 1, 273}, std::tuple{100, 384, 3, 401}, std::tuple{1, 64, 2, 81},
                                        std::tuple{45, 512, 2, 576}, std::tuple{33, 384, 3, 392}, std::tuple{19, 96, 4, 100},
-                                       std::tuple{7, 60, 5, 62}}) {
+                                       std::tuple{7, 60, 5, 62}, std::tuple{700, 2048, 1, 4384}}) {
         INFO("rows=" << rows << " C=" << C << " groups=" << groups << " z stride=" << zs);
         Buf<bf16> y((size_t)rows * C), z((size_t)rows * zs), w(C), out((size_t)rows * C), dout((size_t)rows * C),
             dy((size_t)rows * C), dz((size_t)rows * zs);
