@@ -3,6 +3,7 @@
 #pragma once
 #include <cuda_runtime.h>
 #include <cuda_bf16.h>
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <cstdint>
@@ -197,6 +198,9 @@ __device__ inline float block_sum(float v) {
     v = threadIdx.x < blockDim.x / 32 ? red[threadIdx.x] : 0.0f;
     return threadIdx.x < 32 ? warp_sum(v) : 0.0f;
 }
+
+// blocks of 256 threads for an elementwise pass over n items with a grid-stride loop
+inline int elementwise_blocks(size_t n) { return (int)std::min<size_t>((n + 255) / 256, 132 * 16); }
 
 // ----------------------------------------------------------------------------
 // device math shared by the kernels

@@ -36,7 +36,6 @@
 
 // What one layer keeps from its forward for its backward (null where its kind keeps nothing).
 struct LayerActs {
-    float* rstd = nullptr;       // (BT) its norm's 1/rms
     bf16* in_out = nullptr;      // (BT, in_width) in_proj's output
     bf16* y = nullptr;           // the mixer's output (Mamba-2: the SSD's; Mamba-1, attention: out_proj's input)
     bf16* x_proj_out = nullptr;  // Mamba-1: (BT, R + 2N) = [dt | B | C]
@@ -454,11 +453,12 @@ constexpr int LOGIT_CHUNK = 2048;
 
 // Activation memory for (B, T): per layer what its block keeps (with recompute, one set
 // of the largest kind's serves every layer: the backward reruns each layer's forward), the
-// residual stream at every layer boundary (fp32), and the buffers all layers share.
+// normalised residual stream at every norm (bf16 xhat and fp32 rstd: all a norm's backward
+// needs), the running residual stream (fp32), and the buffers all layers share.
 struct ActivationSizes {
     std::vector<KeptSizes> kept;  // per layer (one entry with recompute)
     SharedSizes shared;
-    size_t resid, logits, total_bytes;
+    size_t resid, logits, total_bytes;  // resid: elements of one (BT, d) row block
 };
 
 inline size_t kept_bytes(const KeptSizes& k) { return (k.in_out + k.y + k.x_proj_out) * 2 + k.stats * 4 + k.saved_bytes; }
@@ -480,9 +480,9 @@ inline ActivationSizes activation_sizes(const ModelConfig& c, int B, int T, bool
     s.resid = BT * d;
     s.logits = std::min(BT, (size_t)LOGIT_CHUNK) * c.padded_vocab();
     size_t kept = 0;
-    for (const KeptSizes& k : s.kept) kept += kept_bytes(k) + BT * 4;  // + the norm's rstd
+    for (const KeptSizes& k : s.kept) kept += kept_bytes(k);
     const SharedSizes& h = s.shared;
-    s.total_bytes = (nl + 1) * s.resid * 4 + BT * 4 /* final rstd */ + kept +
+    s.total_bytes = (nl + 1) * (s.resid * 2 + BT * 4) /* every norm's xhat and rstd */ + s.resid * 4 /* h */ + kept +
                     (BT * d /* xn */ + h.out_in + h.dout_in + h.din + 2 * h.conv_out + h.dy + 2 * h.delta + h.dxproj +
                      s.logits + BT * d /* dxn */ + s.resid /* dresid bf16 */) * 2 +
                     s.resid * 4 /* dresid */ + BT * 4 /* losses */ + h.mixer_scratch + h.norm_scratch * 4 +
@@ -524,10 +524,11 @@ struct Model {
     int B = 0, T = 0;
     bool recompute = false;  // set before allocate(): keep only the residual stream per layer
     ActivationSizes sz;
-    std::vector<float*> resid;      // n_layer + 1 boundaries of the residual stream
+    float* h = nullptr;             // the residual stream (fp32), updated layer by layer
+    std::vector<bf16*> xhat;        // per norm (n_layer + 1, the final one last): h * rstd as it
+    std::vector<float*> rstd;       // entered the norm, and the norm's 1/rms
     std::vector<LayerActs> acts;    // per layer (all the same set with recompute)
     Ctx ctx;                        // the weights, gradients and shared buffers the blocks use
-    float* final_rstd = nullptr;
     bf16 *xn = nullptr, *dxn = nullptr, *logits = nullptr, *dresid_bf16 = nullptr;
     float *dresid = nullptr, *losses = nullptr;
     double* loss_total = nullptr;   // the per-token losses summed over forwards, read by loss_sum()
@@ -589,10 +590,13 @@ struct Model {
         B = B_; T = T_;
         sz = activation_sizes(cfg, B, T, recompute);
         const size_t BT = (size_t)B * T;
-        for (int l = 0; l <= cfg.n_layer; l++) resid.push_back(alloc<float>(sz.resid, "residual stream"));
+        h = alloc<float>(sz.resid, "residual stream");
+        for (int l = 0; l <= cfg.n_layer; l++) {
+            xhat.push_back(alloc<bf16>(sz.resid, "normalised residual stream"));
+            rstd.push_back(alloc<float>(BT, "norm rstd"));
+        }
         for (const KeptSizes& k : sz.kept) {
             LayerActs a;
-            a.rstd = alloc<float>(BT, "norm rstd");
             a.in_out = alloc<bf16>(k.in_out, "in_proj output");
             a.y = alloc<bf16>(k.y, "mixer output");
             a.x_proj_out = alloc<bf16>(k.x_proj_out, "x_proj output");
@@ -616,7 +620,6 @@ struct Model {
         ctx.dxproj = alloc<bf16>(h.dxproj, "x_proj output gradient");
         ctx.mixer_scratch = alloc<char>(h.mixer_scratch, "scan/attention scratch");
         ctx.norm_scratch = alloc<float>(h.norm_scratch, "norm scratch");
-        final_rstd = alloc<float>(BT, "final norm rstd");
         xn = alloc<bf16>(BT * cfg.d_model, "norm output");
         dxn = alloc<bf16>(BT * cfg.d_model, "norm output gradient");
         logits = alloc<bf16>(sz.logits, "logits");
@@ -637,7 +640,8 @@ struct Model {
         free_stages();
         for (void* p : owned) cudaFree(p);
         owned.clear();
-        resid.clear();
+        xhat.clear();
+        rstd.clear();
         acts.clear();
     }
 
@@ -645,29 +649,31 @@ struct Model {
     void phase(const char* name, cudaStream_t s) { if (timer) timer->mark(name, s); }
     template <typename F> void visit(int l, F&& f) { std::visit(f, layout.blocks[l]); }
 
-    // rmsnorm(resid[l]) and in_proj into the layer's in_out, then the mixer
-    void layer_mixer_forward(int l, cudaStream_t s) {
+    // the norm (from h in the forward; in the backward again from what it kept), in_proj into
+    // the layer's in_out, then the mixer
+    void layer_mixer_forward(int l, bool backward, cudaStream_t s) {
         const BlockBase& b = layout.block(l);
         const LayerActs& a = acts[l];
         phase("rmsnorm", s);
-        rmsnorm_forward(xn, a.rstd, resid[l], w(b.norm), B * T, cfg.d_model, cfg.norm_eps, s);
+        if (backward) rmsnorm_apply(xn, xhat[l], w(b.norm), B * T, cfg.d_model, s);
+        else rmsnorm_forward(xn, xhat[l], rstd[l], h, w(b.norm), B * T, cfg.d_model, cfg.norm_eps, s);
         phase(b.in_name, s);
         matmul_forward(a.in_out, xn, w(b.in_proj), B * T, b.in_width, cfg.d_model, s);
         visit(l, [&](const auto& blk) { blk.forward(ctx, a, s); });
     }
 
-    // resid[l + 1] = resid[l] + out_proj(mixer(...))
+    // h += out_proj(mixer(norm(h)))
     void layer_forward(int l, cudaStream_t s) {
         const BlockBase& b = layout.block(l);
-        layer_mixer_forward(l, s);
+        layer_mixer_forward(l, false, s);
         const bf16* out_in = nullptr;
         visit(l, [&](const auto& blk) { out_in = blk.out_input(ctx, acts[l]); });
         phase("out_proj", s);
-        matmul_forward_residual(resid[l + 1], resid[l], out_in, w(b.out_proj), B * T, cfg.d_model, b.out_width, s);
+        matmul_forward_residual(h, h, out_in, w(b.out_proj), B * T, cfg.d_model, b.out_width, s);
     }
 
-    // dresid (fp32, accumulated) and dresid_bf16 hold the gradient of resid[l + 1]; on
-    // return they hold resid[l]'s
+    // dresid (fp32, accumulated) and dresid_bf16 hold the gradient of the residual stream
+    // after layer l; on return they hold it before layer l
     void layer_backward(int l, cudaStream_t s) {
         const BlockBase& b = layout.block(l);
         const LayerActs& a = acts[l];
@@ -677,10 +683,10 @@ struct Model {
         if (recompute) {
             PhaseTimer* t = timer;
             timer = ctx.timer = nullptr;  // the whole rerun is charged to "recompute"
-            layer_mixer_forward(l, s);
+            layer_mixer_forward(l, true, s);
             timer = ctx.timer = t;
         } else {
-            rmsnorm_forward(xn, a.rstd, resid[l], w(b.norm), BT, d, cfg.norm_eps, s);
+            rmsnorm_apply(xn, xhat[l], w(b.norm), BT, d, s);
             visit(l, [&](const auto& blk) { blk.recompute(ctx, a, s); });
         }
         const bf16* out_in = nullptr;
@@ -691,7 +697,7 @@ struct Model {
         phase("in_proj bwd", s);
         matmul_backward(dxn, grads + b.in_proj, ctx.din, xn, w(b.in_proj), BT, b.in_width, d, s);
         phase("rmsnorm bwd", s);
-        rmsnorm_backward(dresid, dresid_bf16, grads + b.norm, ctx.norm_scratch, dxn, resid[l], w(b.norm), a.rstd, BT, d, s);
+        rmsnorm_backward(dresid, dresid_bf16, grads + b.norm, ctx.norm_scratch, dxn, xhat[l], w(b.norm), rstd[l], BT, d, s);
     }
 
     // The host's batches reach the device through two pinned staging buffers in turn: the
@@ -749,10 +755,11 @@ struct Model {
         if (dloss > 0) buckets.build(d_inputs, BT, cfg.padded_vocab(), s);  // for the embedding backward
 
         phase("embedding", s);
-        embedding_forward(resid[0], d_inputs, w(layout.embedding), BT, d, s);
+        embedding_forward(h, d_inputs, w(layout.embedding), BT, d, s);
         for (int l = 0; l < cfg.n_layer; l++) layer_forward(l, s);
         phase("rmsnorm", s);
-        rmsnorm_forward(xn, final_rstd, resid[cfg.n_layer], w(layout.final_norm), BT, d, cfg.norm_eps, s);
+        const int L = cfg.n_layer;
+        rmsnorm_forward(xn, xhat[L], rstd[L], h, w(layout.final_norm), BT, d, cfg.norm_eps, s);
         if (!batch.targets) return;
         lm_head_and_loss(target_rank, batch.weights != nullptr, dloss, z_loss, s);
         loss_accumulate(loss_total, losses, BT, s);
@@ -793,8 +800,8 @@ struct Model {
         // the forward left the gradient of the final norm's output in dxn
         phase("rmsnorm bwd", s);
         cudaCheck(cudaMemsetAsync(dresid, 0, (size_t)BT * d * sizeof(float), s));
-        rmsnorm_backward(dresid, dresid_bf16, grads + layout.final_norm, ctx.norm_scratch, dxn, resid[L],
-                         w(layout.final_norm), final_rstd, BT, d, s);
+        rmsnorm_backward(dresid, dresid_bf16, grads + layout.final_norm, ctx.norm_scratch, dxn, xhat[L],
+                         w(layout.final_norm), rstd[L], BT, d, s);
         if (grads_done) grads_done(layout.final_norm, false, s);  // and an untied LM head, done in the forward
         for (int l = L - 1; l >= 0; l--) {
             layer_backward(l, s);

@@ -72,8 +72,6 @@ __global__ void mlp_act_backward_kernel(bf16* __restrict__ da, const bf16* __res
     }
 }
 
-static inline int elementwise_blocks(size_t n) { return (int)std::min<size_t>((n + 255) / 256, 132 * 16); }
-
 // act (rows, ff) from a (rows, ff * mlp_up_width(kind))
 inline void mlp_act_forward(bf16* act, const bf16* a, int rows, int ff, MlpAct kind, cudaStream_t s) {
     vec_dispatch<8>(vec_width(8, sizeof(bf16), {act, a}, {ff}), [&](auto V) {

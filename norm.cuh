@@ -59,12 +59,16 @@ __device__ void norm_store_partial(float* partial, const float (&acc)[ITER * VEC
 }
 
 // ----------------------------------------------------------------------------
-// RMSNorm. Rows are read twice (the sum of squares, then the output); the second read
-// comes from the cache. VEC values per access, 4 for the fp32 rows.
+// RMSNorm of the fp32 residual stream. The forward keeps xhat = x * rstd in bf16 (half the
+// bytes of x) and the backward works from it alone: out = bf16(xhat * w) is the same value
+// whether the forward writes it or rmsnorm_apply rebuilds it in the backward, and dx needs
+// only xhat and rstd. Rows are read twice (the sum of squares, then the output); the second
+// read comes from the cache. VEC values per access, 4 for the fp32 rows.
 
 template <int VEC>
-__global__ void rmsnorm_forward_kernel(bf16* __restrict__ out, float* __restrict__ rstd, const float* __restrict__ x,
-                                       const bf16* __restrict__ w, int rows, int C, float eps) {
+__global__ void rmsnorm_forward_kernel(bf16* __restrict__ out, bf16* __restrict__ xhat, float* __restrict__ rstd,
+                                       const float* __restrict__ x, const bf16* __restrict__ w, int rows, int C,
+                                       float eps) {
     const int row = blockIdx.x * NORM_WARPS + threadIdx.y, lane = threadIdx.x;
     if (row >= rows) return;
     const float* xr = x + (size_t)row * C;
@@ -83,28 +87,55 @@ __global__ void rmsnorm_forward_kernel(bf16* __restrict__ out, float* __restrict
         load_vec<VEC>(v, xr + c);
         load_vec<VEC>(wv, w + c);
         #pragma unroll
-        for (int e = 0; e < VEC; e++) v[e] = v[e] * r * wv[e];
+        for (int e = 0; e < VEC; e++) v[e] = __bfloat162float(__float2bfloat16(v[e] * r));  // xhat as kept
+        store_vec<VEC>(xhat + (size_t)row * C + c, v);
+        #pragma unroll
+        for (int e = 0; e < VEC; e++) v[e] *= wv[e];
         store_vec<VEC>(out + (size_t)row * C + c, v);
     }
     if (lane == 0) rstd[row] = r;
 }
 
-inline void rmsnorm_forward(bf16* out, float* rstd, const float* x, const bf16* weight, int rows, int C, float eps,
-                            cudaStream_t s) {
-    const int vec = std::min(vec_width(4, sizeof(bf16), {out, weight}, {C}), vec_width(4, sizeof(float), {x}, {C}));
+inline void rmsnorm_forward(bf16* out, bf16* xhat, float* rstd, const float* x, const bf16* weight, int rows, int C,
+                            float eps, cudaStream_t s) {
+    const int vec = std::min(vec_width(4, sizeof(bf16), {out, xhat, weight}, {C}), vec_width(4, sizeof(float), {x}, {C}));
     vec_dispatch<4>(vec, [&](auto V) {
         rmsnorm_forward_kernel<decltype(V)::value><<<ceil_div(rows, NORM_WARPS), dim3(32, NORM_WARPS), 0, s>>>(
-            out, rstd, x, weight, rows, C, eps);
+            out, xhat, rstd, x, weight, rows, C, eps);
     });
     cudaCheckLast();
 }
 
-// dx += rstd * (g - xhat * mean(g * xhat)), g = dout * w, xhat = x * rstd; also writes bf16(dx);
-// with ITER > 0 also the partial sums of dweight = sum over rows of dout * xhat
+// out = bf16(xhat * w): the forward's output again, from what it kept
+template <int VEC>
+__global__ void rmsnorm_apply_kernel(bf16* __restrict__ out, const bf16* __restrict__ xhat, const bf16* __restrict__ w,
+                                     size_t n, int C) {
+    for (size_t i = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) * VEC; i < n; i += (size_t)gridDim.x * blockDim.x * VEC) {
+        float v[VEC], wv[VEC];
+        load_vec<VEC>(v, xhat + i);
+        load_vec<VEC>(wv, w + i % C);
+        #pragma unroll
+        for (int e = 0; e < VEC; e++) v[e] *= wv[e];
+        store_vec<VEC>(out + i, v);
+    }
+}
+
+inline void rmsnorm_apply(bf16* out, const bf16* xhat, const bf16* weight, int rows, int C, cudaStream_t s) {
+    const size_t n = (size_t)rows * C;
+    vec_dispatch<8>(vec_width(8, sizeof(bf16), {out, xhat, weight}, {C}), [&](auto V) {
+        constexpr int v = decltype(V)::value;
+        rmsnorm_apply_kernel<v><<<elementwise_blocks(n / v), 256, 0, s>>>(out, xhat, weight, n, C);
+    });
+    cudaCheckLast();
+}
+
+// dx += rstd * (g - xhat * mean(g * xhat)), g = dout * w (xhat as the forward kept it); also
+// writes bf16(dx); with ITER > 0 also the partial sums of dweight = sum over rows of dout * xhat
 template <int VEC, int ITER>
-__global__ void __launch_bounds__(32 * NORM_WARPS, 2) rmsnorm_backward_kernel(float* __restrict__ dx, bf16* __restrict__ dx_bf16, float* __restrict__ partial,
-                                        const bf16* __restrict__ dout, const float* __restrict__ x,
-                                        const bf16* __restrict__ w, const float* __restrict__ rstd, int rows, int C) {
+__global__ void __launch_bounds__(32 * NORM_WARPS, 2)
+rmsnorm_backward_kernel(float* __restrict__ dx, bf16* __restrict__ dx_bf16, float* __restrict__ partial,
+                        const bf16* __restrict__ dout, const bf16* __restrict__ xhat, const bf16* __restrict__ w,
+                        const float* __restrict__ rstd, int rows, int C) {
     const int lane = threadIdx.x;
     const int kmax = ITER > 0 ? ITER : (C + 32 * VEC - 1) / (32 * VEC);
     float acc[ITER > 0 ? ITER * VEC : 1] = {};
@@ -120,9 +151,9 @@ __global__ void __launch_bounds__(32 * NORM_WARPS, 2) rmsnorm_backward_kernel(fl
             float g[VEC], wv[VEC], xv[VEC];
             load_vec<VEC>(g, dout + base + c);
             load_vec<VEC>(wv, w + c);
-            load_vec<VEC>(xv, x + base + c);
+            load_vec<VEC>(xv, xhat + base + c);
             #pragma unroll
-            for (int e = 0; e < VEC; e++) dot += g[e] * wv[e] * xv[e] * r;
+            for (int e = 0; e < VEC; e++) dot += g[e] * wv[e] * xv[e];
         }
         dot = warp_sum(dot) / C;
         #pragma unroll (ITER > 0 ? ITER : 4)
@@ -132,12 +163,12 @@ __global__ void __launch_bounds__(32 * NORM_WARPS, 2) rmsnorm_backward_kernel(fl
             float g[VEC], wv[VEC], xv[VEC], d[VEC];
             load_vec<VEC>(g, dout + base + c);
             load_vec<VEC>(wv, w + c);
-            load_vec<VEC>(xv, x + base + c);
+            load_vec<VEC>(xv, xhat + base + c);
             load_vec<VEC>(d, dx + base + c);
             #pragma unroll
             for (int e = 0; e < VEC; e++) {
-                d[e] += r * (g[e] * wv[e] - xv[e] * r * dot);
-                if constexpr (ITER > 0) acc[k * VEC + e] += g[e] * xv[e] * r;
+                d[e] += r * (g[e] * wv[e] - xv[e] * dot);
+                if constexpr (ITER > 0) acc[k * VEC + e] += g[e] * xv[e];
             }
             store_vec<VEC>(dx + base + c, d);
             store_vec<VEC>(dx_bf16 + base + c, d);
@@ -152,10 +183,10 @@ inline size_t norm_backward_scratch_floats(int C) {
 inline size_t rmsnorm_backward_scratch_floats(int rows, int C) { (void)rows; return norm_backward_scratch_floats(C); }
 
 template <int V, int ITER>
-inline void rmsnorm_backward_v(float* dx, bf16* dx_bf16, float* dweight, float* scratch, const bf16* dout, const float* x,
-                               const bf16* weight, const float* rstd, int rows, int C, cudaStream_t s) {
+inline void rmsnorm_backward_v(float* dx, bf16* dx_bf16, float* dweight, float* scratch, const bf16* dout,
+                               const bf16* xhat, const bf16* weight, const float* rstd, int rows, int C, cudaStream_t s) {
     rmsnorm_backward_kernel<V, ITER><<<NormRows<ITER, V>::blocks(rows), dim3(32, NORM_WARPS), 0, s>>>(
-        dx, dx_bf16, scratch, dout, x, weight, rstd, rows, C);
+        dx, dx_bf16, scratch, dout, xhat, weight, rstd, rows, C);
     cudaCheckLast();
     auto store = [=] __device__(int c, int, float sum) { dweight[c] += sum; };
     if constexpr (ITER > 0) {
@@ -165,8 +196,8 @@ inline void rmsnorm_backward_v(float* dx, bf16* dx_bf16, float* dweight, float* 
             [=] __device__(int r, int c, float* v) {
                 float g[V], xv[V];
                 load_vec<V>(g, dout + (size_t)r * C + c);
-                load_vec<V>(xv, x + (size_t)r * C + c);
-                for (int e = 0; e < V; e++) v[e] = g[e] * xv[e] * rstd[r];
+                load_vec<V>(xv, xhat + (size_t)r * C + c);
+                for (int e = 0; e < V; e++) v[e] = g[e] * xv[e];
             }, store, rows, C, s);
     }
 }
@@ -184,14 +215,16 @@ inline void norm_iter_dispatch(int iter, F&& launch) {
     launch(std::integral_constant<int, 0>());
 }
 
-inline void rmsnorm_backward(float* dx, bf16* dx_bf16, float* dweight, float* scratch, const bf16* dout, const float* x,
-                             const bf16* weight, const float* rstd, int rows, int C, cudaStream_t s) {
-    const int vec = std::min(vec_width(4, sizeof(bf16), {dx_bf16, dout, weight}, {C}),
-                             vec_width(4, sizeof(float), {dx, x}, {C}));
+// dx (fp32, the residual gradient) accumulates and is also written as bf16 to dx_bf16 (the next
+// matmul backward reads it); dweight accumulates
+inline void rmsnorm_backward(float* dx, bf16* dx_bf16, float* dweight, float* scratch, const bf16* dout,
+                             const bf16* xhat, const bf16* weight, const float* rstd, int rows, int C, cudaStream_t s) {
+    const int vec = std::min(vec_width(4, sizeof(bf16), {dx_bf16, dout, xhat, weight}, {C}),
+                             vec_width(4, sizeof(float), {dx}, {C}));
     vec_dispatch<4>(vec, [&](auto V) {
         constexpr int v = decltype(V)::value;
         norm_iter_dispatch<v>(norm_fused_iter(C, v), [&](auto I) {
-            rmsnorm_backward_v<v, decltype(I)::value>(dx, dx_bf16, dweight, scratch, dout, x, weight, rstd, rows, C, s);
+            rmsnorm_backward_v<v, decltype(I)::value>(dx, dx_bf16, dweight, scratch, dout, xhat, weight, rstd, rows, C, s);
         });
     });
 }

@@ -137,10 +137,11 @@ int main() {
     std::vector<double> h_nw;
     bf16* nw = rand_bf16(d, &h_nw, 0.2);
     bf16* xn = cuda_malloc_n<bf16>((size_t)BT * d, "xn");
+    bf16* xh = cuda_malloc_n<bf16>((size_t)BT * d, "xhat");
     bf16* dxb = cuda_malloc_n<bf16>((size_t)BT * d, "dx bf16");
     float* dnw = cuda_malloc_n<float>(d, "dnw");
     float* rscratch = cuda_malloc_n<float>(rmsnorm_backward_scratch_floats(BT, d), "scratch");
-    rmsnorm_forward(xn, rstd, x, nw, BT, d, 1e-5f, 0);
+    rmsnorm_forward(xn, xh, rstd, x, nw, BT, d, 1e-5f, 0);
     {
         const int rows = 64;
         std::vector<double> xd(h_x.begin(), h_x.begin() + (size_t)rows * d), ref((size_t)rows * d), rr(rows);
@@ -149,11 +150,13 @@ int main() {
         printf("check rmsnorm forward: rel L2 %.2e %s\n", e, e < 1e-2 ? "ok" : "FAILED");
         if (!(e < 1e-2)) return 1;
     }
-    report("rmsnorm forward", median_ms([&] { rmsnorm_forward(xn, rstd, x, nw, BT, d, 1e-5f, 0); }),
-           (double)BT * d * (4 + 2));
+    report("rmsnorm forward", median_ms([&] { rmsnorm_forward(xn, xh, rstd, x, nw, BT, d, 1e-5f, 0); }),
+           (double)BT * d * (4 + 2 + 2));  // read x; write the output and xhat
+    report("rmsnorm apply (backward's output)", median_ms([&] { rmsnorm_apply(xn, xh, nw, BT, d, 0); }),
+           (double)BT * d * (2 + 2));
     report("rmsnorm backward", median_ms([&] {
-        rmsnorm_backward(dx, dxb, dnw, rscratch, xn /* as dout */, x, nw, rstd, BT, d, 0); }),
-           (double)BT * d * (2 + 4 + 4 + 4 + 2));  // read dout, x, dx; write dx, dx bf16
+        rmsnorm_backward(dx, dxb, dnw, rscratch, xn /* as dout */, xh, nw, rstd, BT, d, 0); }),
+           (double)BT * d * (2 + 2 + 4 + 4 + 2));  // read dout, xhat, dx; write dx, dx bf16
 
     // --- MLP activation at hybrid-1.3b's shape (B*T = 8192 rows, GELU over ff = 8192)
     {

@@ -183,7 +183,8 @@ TEST_CASE("embedding: forward, deterministic backward", "[layers]") {
     CHECK(dwte.h == first);
 }
 
-TEST_CASE("rmsnorm: forward and backward (dx accumulates, bf16 copy, dweight)", "[layers]") {
+TEST_CASE("rmsnorm: forward (output and the kept xhat), apply, backward from xhat (dx accumulates, bf16 copy, dweight)",
+          "[layers]") {
     // C 67 and 202 take the scalar and 2-wide paths, the others 4-wide; 1024, 2048 and 128 sum the
     // weight gradient inside the pass (16, 8 and 1 register groups a lane; 9 rows leave most of
     // the 256 row blocks empty), the others in a column sum after it
@@ -191,19 +192,27 @@ TEST_CASE("rmsnorm: forward and backward (dx accumulates, bf16 copy, dweight)", 
                            std::pair{300, 2048}, std::pair{9, 128}}) {
         INFO("rows=" << rows << " C=" << C);
         Buf<float> x((size_t)rows * C), rstd(rows), dx((size_t)rows * C), dw(C), scratch(rmsnorm_backward_scratch_floats(rows, C));
-        Buf<bf16> w(C), out((size_t)rows * C), dout((size_t)rows * C), dxb((size_t)rows * C);
+        Buf<bf16> w(C), out((size_t)rows * C), xh((size_t)rows * C), again((size_t)rows * C), dout((size_t)rows * C),
+            dxb((size_t)rows * C);
         x.randn(0.5, 2.0); w.randn(1.0, 0.2); dout.randn(); dx.randn(); dw.randn();
         auto dx0 = dx.dbl(), dw0 = dw.dbl();
-        out.poison(); rstd.poison(); dxb.poison();
-        rmsnorm_forward(out.d, rstd.d, x.d, w.d, rows, C, 1e-5f, 0);
-        rmsnorm_backward(dx.d, dxb.d, dw.d, scratch.d, dout.d, x.d, w.d, rstd.d, rows, C, 0);
+        out.poison(); xh.poison(); again.poison(); rstd.poison(); dxb.poison();
+        rmsnorm_forward(out.d, xh.d, rstd.d, x.d, w.d, rows, C, 1e-5f, 0);
+        rmsnorm_apply(again.d, xh.d, w.d, rows, C, 0);
+        rmsnorm_backward(dx.d, dxb.d, dw.d, scratch.d, dout.d, xh.d, w.d, rstd.d, rows, C, 0);
         cudaCheck(cudaDeviceSynchronize());
-        out.down(); rstd.down(); dx.down(); dxb.down(); dw.down();
-        std::vector<double> ro((size_t)rows * C), rr(rows), rdx = dx0, rdw = dw0;
+        out.down(); xh.down(); again.down(); rstd.down(); dx.down(); dxb.down(); dw.down();
+        std::vector<double> ro((size_t)rows * C), rr(rows), rxh((size_t)rows * C);
         ref::rmsnorm_forward(ro.data(), rr.data(), x.dbl().data(), w.dbl().data(), rows, C, 1e-5);
-        ref::rmsnorm_backward(rdx.data(), rdw.data(), dout.dbl().data(), x.dbl().data(), w.dbl().data(), rr.data(), rows, C);
+        for (size_t i = 0; i < rxh.size(); i++) rxh[i] = x.dbl()[i] * rr[i / C];
         CHECK(rel_l2(out.dbl(), ro) < kTolBf16);
+        CHECK(rel_l2(xh.dbl(), rxh) < kTolBf16);
         CHECK(rel_l2(rstd.dbl(), rr) < kTolFp32);
+        CHECK(std::memcmp(again.h.data(), out.h.data(), out.h.size() * sizeof(bf16)) == 0);  // the same bits
+        // the backward sees the input the forward kept: x = xhat / rstd, with the kernel's rstd
+        std::vector<double> xk((size_t)rows * C), rk = rstd.dbl(), rdx = dx0, rdw = dw0;
+        for (size_t i = 0; i < xk.size(); i++) xk[i] = xh.dbl()[i] / rk[i / C];
+        ref::rmsnorm_backward(rdx.data(), rdw.data(), dout.dbl().data(), xk.data(), w.dbl().data(), rk.data(), rows, C);
         CHECK(rel_l2(dx.dbl(), rdx) < kTolFp32);
         CHECK(rel_l2(dxb.dbl(), rdx) < kTolBf16);
         CHECK(rel_l2(dw.dbl(), rdw) < kTolFp32);
