@@ -62,7 +62,7 @@ static Args parse_args(int argc, char** argv) {
     Args a;
     Flags f("usage: train_mamba [flags]");
     f.section("model:");
-    f.add({"--model"}, &a.model, "NAME", "preset (see --dry-run for the list)");
+    f.add({"--model"}, &a.model, "NAME", "preset (an unknown name lists them)");
     f.add({"--config"}, &a.config_json, "FILE.json", "model config file instead of a preset");
     f.add({"--vocab-size"}, &a.vocab_size, "N", "override the vocabulary size (default: the preset's)", Range::at_least(1));
     f.add({"--tie"}, &a.tie, "0|1", "tie the LM head to the embedding (default: the preset's)", Range::between(0, 1));
