@@ -43,6 +43,11 @@ finetune_mamba: finetune_mamba.cu $(HEADERS)
 convert_hf: convert_hf.cu $(HEADERS)
 	$(NVCC) $(filter-out -O3,$(NVCCFLAGS)) -O1 $< -o $@ $(LIBS) -licuuc
 
+# the engine's logits for test/hf_roundtrip.py (GPU)
+$(BUILD)/hf_logits: test/hf_logits.cu $(HEADERS)
+	@mkdir -p $(BUILD)
+	$(NVCC) $(NVCCFLAGS) $< -o $@ $(LIBS) -licuuc
+
 dev/bench_%: dev/bench_%.cu $(HEADERS)
 	$(NVCC) $(NVCCFLAGS) $< -o $@ $(LIBS)
 
