@@ -19,7 +19,7 @@ BUILD     := build
 HEADERS   := $(wildcard *.h *.cuh data/*.h test/ref/*.h test/*.h dev/*.h)
 CPU_TESTS := $(wildcard test/cpu/*.cu)
 GPU_TESTS := $(wildcard test/gpu/*.cu)
-DEV_BENCH := $(patsubst dev/%.cu,dev/%,$(wildcard dev/bench_*.cu))
+DEV_BENCH := $(patsubst dev/%.cu,dev/%,$(wildcard dev/bench_*.cu)) dev/bench_tokenizer
 
 .PHONY: all test test-gpu data train clean dumps npm-files sft-data setup setup-test
 JOBS      ?= $(shell nproc)
@@ -47,6 +47,9 @@ convert_hf: convert_hf.cu $(HEADERS)
 $(BUILD)/hf_logits: test/hf_logits.cu $(HEADERS)
 	@mkdir -p $(BUILD)
 	$(NVCC) $(NVCCFLAGS) $< -o $@ $(LIBS) -licuuc
+
+dev/bench_tokenizer: dev/bench_tokenizer.cpp $(HEADERS)
+	$(CXX) $(CXXFLAGS) $< -o $@ -licuuc -pthread
 
 dev/bench_%: dev/bench_%.cu $(HEADERS)
 	$(NVCC) $(NVCCFLAGS) $< -o $@ $(LIBS)

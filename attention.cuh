@@ -13,15 +13,29 @@
 //          tile at or after the diagonal, summing dK and dV in registers (no atomics);
 //   dQ:    one block per (query tile, query head, b) loops over the kv tiles up to the diagonal.
 // Every sum runs in a fixed order: results repeat bit for bit.
-// Matmuls run on tensor cores: mma.sync m16n8k16 (bf16 in, fp32 accumulate; sm_80 and later), operands
-// from shared memory through ldmatrix, tiles streamed with cp.async double buffering. Each warp owns
-// 16 (or 32) rows of the tile it computes; probabilities stay in registers as the next matmul's operand.
+// Documents: with positions pos[b*T + t] (t's position in its document, 0 at a document start), query i
+// sees key j only if ds(i) <= j <= i, ds(i) = i - pos[i]; kv tiles wholly before a query tile's first
+// document start are skipped, so packed short documents cost less than one causal sequence.
+//
+// Two implementations, one per build: on sm_90a (make GPU_ARCH=90) the kernels of attention_sm90.cuh
+// (wgmma, TMA, warp specialisation); otherwise the ones below, on mma.sync m16n8k16 (bf16 in, fp32
+// accumulate; sm_80 and later), operands from shared memory through ldmatrix, tiles streamed with cp.async
+// double buffering, each warp owning 16 (or 32) rows of the tile it computes, probabilities kept in
+// registers as the next matmul's operand. sm80_forward / sm80_backward stay callable on Hopper (the
+// benchmark compares them).
 #pragma once
+#include <algorithm>
 #include <cstdint>
 #include "cuda_common.cuh"
 #include "tensor_core.cuh"
 
 struct AttnShape { int B, T, Hq, Hkv, Dh; };
+
+// the Hopper kernels when the build targets sm_90a, i.e. Hopper alone (nvcc defines __CUDA_ARCH_LIST__ in the
+// host pass too; wgmma does not exist on later architectures, which take the mma.sync kernels)
+#if defined(__CUDA_ARCH_LIST__) && __CUDA_ARCH_LIST__ == 900
+#define ATTN_SM90 1
+#endif
 
 namespace attn {
 
@@ -42,6 +56,23 @@ __device__ inline float fast_exp2(float x) {
 __device__ inline float quad_max(float v) {
     v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
     return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+}
+
+// start of the document of row r of sequence b (0 without positions); rows past T take the last row's
+__device__ inline int doc_start(const int* pos, int b, int T, int r) {
+    if (!pos) return 0;
+    r = min(r, T - 1);
+    return r - __ldg(pos + (size_t)b * T + r);
+}
+// the first row in [lo, T) whose document starts after row `key` (T if none; doc starts never decrease)
+__device__ inline int first_row_after(const int* pos, int b, int T, int lo, int key) {
+    int hi = T;
+    while (lo < hi) {
+        const int mid = (lo + hi) / 2;
+        if (doc_start(pos, b, T, mid) > key) hi = mid;
+        else lo = mid + 1;
+    }
+    return lo;
 }
 
 // Lane offsets for ldmatrix x4 (within a 16 x 16 block):
@@ -157,11 +188,13 @@ inline void set_smem(K kernel, size_t bytes) {
 // ----------------------------------------------------------------------------------------------
 // forward: one block per (query tile of BM rows, query head, b); NW warps, each owning MT = BM / (16 NW)
 // consecutive 16-row slabs; kv tiles of BN rows double-buffered.
+// DOC: the kernel reads document positions (an instance without them keeps the plain causal code).
 
-template <int D, int BM, int BN, int NW>
+template <int D, int BM, int BN, int NW, bool DOC>
 __global__ void __launch_bounds__(NW * 32)
-fwd_kernel(bf16* __restrict__ out, float* __restrict__ lse, const bf16* __restrict__ qkv, int T, int Hq, int Hkv,
-           float scale_log2) {
+fwd_kernel(bf16* __restrict__ out, float* __restrict__ lse, const bf16* __restrict__ qkv, const int* __restrict__ pos_,
+           int T, int Hq, int Hkv, float scale_log2) {
+    const int* pos = DOC ? pos_ : nullptr;  // without documents every doc_start folds to 0
     constexpr int MT = BM / (16 * NW), LD = D + PAD, NT = BN / 8, DT = D / 8, KD = D / 16, NTH = NW * 32;
     static_assert(BM == 16 * NW * MT && BN % 16 == 0, "tile shape");
     constexpr bool QREG = MT == 1;  // one slab per warp: keep its q fragments in registers
@@ -178,15 +211,23 @@ fwd_kernel(bf16* __restrict__ out, float* __restrict__ lse, const bf16* __restri
     const bf16* gk = qkv + (size_t)b * T * stride + (size_t)(Hq + kvh) * D;
     const bf16* gv = gk + (size_t)Hkv * D;
     const int nkv = (min(T, q0 + BM) + BN - 1) / BN;
+    const int j0 = doc_start(pos, b, T, q0) / BN;  // the first kv tile any row of the tile sees
 
     load_tile<BM, D, NTH>(sQ, gq + (size_t)q0 * stride, stride, T - q0);
-    load_tile<BN, D, NTH>(sK, gk, stride, T);
-    load_tile<BN, D, NTH>(sV, gv, stride, T);
+    load_tile<BN, D, NTH>(sK + (j0 & 1) * BN * LD, gk + (size_t)j0 * BN * stride, stride, T - j0 * BN);
+    load_tile<BN, D, NTH>(sV + (j0 & 1) * BN * LD, gv + (size_t)j0 * BN * stride, stride, T - j0 * BN);
     cp_async_commit();
 
     const Lanes ln;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, qd = lane & 3;
     const int wr0 = warp * 16 * MT;  // the warp's first row in the tile
+    // document starts: of the thread's rows, and the earliest and latest of the warp's rows
+    int ds[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+        for (int hf = 0; hf < 2; hf++) ds[mt][hf] = doc_start(pos, b, T, q0 + wr0 + mt * 16 + g + 8 * hf);
+    const int wds_lo = doc_start(pos, b, T, q0 + wr0), wds_hi = doc_start(pos, b, T, q0 + wr0 + 16 * MT - 1);
 
     float o[MT][DT][4], mrow[MT][2], lsum[MT][2];
 #pragma unroll
@@ -197,11 +238,11 @@ fwd_kernel(bf16* __restrict__ out, float* __restrict__ lse, const bf16* __restri
     }
     uint32_t qf[QREG ? KD : 1][4];
 
-    for (int j = 0; j < nkv; j++) {
+    for (int j = j0; j < nkv; j++) {
         prefetch_next_kv<BN, D, NTH>(sK, sV, gk, gv, stride, T, j, nkv);
         __syncthreads();
         if constexpr (QREG) {
-            if (j == 0) {
+            if (j == j0) {
 #pragma unroll
                 for (int kk = 0; kk < KD; kk++) ldsm_x4(qf[kk], sQ + (wr0 + ln.arow) * LD + kk * 16 + ln.acol);
             }
@@ -209,7 +250,8 @@ fwd_kernel(bf16* __restrict__ out, float* __restrict__ lse, const bf16* __restri
         const bf16* cK = sK + (j & 1) * BN * LD;
         const bf16* cV = sV + (j & 1) * BN * LD;
         const int k0 = j * BN;
-        if (k0 <= q0 + wr0 + 16 * MT - 1) {  // else every entry of the warp's rows is masked
+        // else every entry of the warp's rows is masked (after the diagonal, or before the documents)
+        if (k0 <= q0 + wr0 + 16 * MT - 1 && k0 + BN - 1 >= wds_lo) {
             float s[MT][NT][4];
 #pragma unroll
             for (int mt = 0; mt < MT; mt++) zero(s[mt]);
@@ -239,7 +281,7 @@ fwd_kernel(bf16* __restrict__ out, float* __restrict__ lse, const bf16* __restri
                 }
             }
             // online softmax (log2 domain)
-            const bool need_mask = k0 + BN - 1 > q0 + wr0;
+            const bool need_mask = k0 + BN - 1 > q0 + wr0 || k0 < wds_hi;
 #pragma unroll
             for (int mt = 0; mt < MT; mt++) {
 #pragma unroll
@@ -251,20 +293,22 @@ fwd_kernel(bf16* __restrict__ out, float* __restrict__ lse, const bf16* __restri
 #pragma unroll
                         for (int e = 0; e < 2; e++) {
                             float v = s[mt][nt][2 * hf + e] * scale_log2;
-                            if (need_mask && k0 + nt * 8 + 2 * qd + e > row) v = -INFINITY;
+                            const int col = k0 + nt * 8 + 2 * qd + e;
+                            if (need_mask && (col > row || col < ds[mt][hf])) v = -INFINITY;
                             s[mt][nt][2 * hf + e] = v;
                             mx = fmaxf(mx, v);
                         }
                     mx = quad_max(mx);
-                    const float mnew = fmaxf(mrow[mt][hf], mx);  // finite: kv tile 0 holds column 0 <= row
-                    const float alpha = fast_exp2(mrow[mt][hf] - mnew);
+                    const float mnew = fmaxf(mrow[mt][hf], mx);
+                    const float muse = mnew == -INFINITY ? 0.f : mnew;  // a row that saw no key yet stays at 0
+                    const float alpha = fast_exp2(mrow[mt][hf] - muse);
                     mrow[mt][hf] = mnew;
                     float sum = 0.f;
 #pragma unroll
                     for (int nt = 0; nt < NT; nt++)
 #pragma unroll
                         for (int e = 0; e < 2; e++) {
-                            const float p = fast_exp2(s[mt][nt][2 * hf + e] - mnew);
+                            const float p = fast_exp2(s[mt][nt][2 * hf + e] - muse);
                             s[mt][nt][2 * hf + e] = p;
                             sum += p;
                         }
@@ -315,12 +359,12 @@ fwd_kernel(bf16* __restrict__ out, float* __restrict__ lse, const bf16* __restri
 }
 
 template <int D, int BM, int BN, int NW>
-inline void launch_fwd(bf16* out, float* lse, const bf16* qkv, const AttnShape& sh, cudaStream_t s) {
+inline void launch_fwd(bf16* out, float* lse, const bf16* qkv, const AttnShape& sh, const int* pos, cudaStream_t s) {
     const size_t smem = (size_t)(BM + 4 * BN) * (D + PAD) * sizeof(bf16);
-    auto kernel = fwd_kernel<D, BM, BN, NW>;
+    auto kernel = pos ? fwd_kernel<D, BM, BN, NW, true> : fwd_kernel<D, BM, BN, NW, false>;
     set_smem(kernel, smem);
     dim3 grid(sh.B * sh.Hq, (sh.T + BM - 1) / BM);
-    kernel<<<grid, NW * 32, smem, s>>>(out, lse, qkv, sh.T, sh.Hq, sh.Hkv, LOG2E / sqrtf((float)D));
+    kernel<<<grid, NW * 32, smem, s>>>(out, lse, qkv, pos, sh.T, sh.Hq, sh.Hkv, LOG2E / sqrtf((float)D));
     cudaCheckLast();
 }
 
@@ -355,11 +399,12 @@ __global__ void bwd_delta_kernel(float* __restrict__ delta, const bf16* __restri
 // fixed order, with transposed scores so P^T and dS^T stay in registers as A operands:
 //   S^T = K Q^T, P^T = exp2(S^T scale log2e - lse log2e), dV += P^T dO, dP^T = V dO^T,
 //   dS^T = P^T (dP^T - Delta), dK += dS^T Q.
-template <int D, int BMQ, int NW>
+template <int D, int BMQ, int NW, bool DOC>
 __global__ void __launch_bounds__(NW * 32)
 bwd_dkdv_kernel(bf16* __restrict__ dqkv, const bf16* __restrict__ qkv, const bf16* __restrict__ dout,
-                const float* __restrict__ lse, const float* __restrict__ delta, int T, int Hq, int Hkv,
-                float scale_log2, float scale) {
+                const float* __restrict__ lse, const float* __restrict__ delta, const int* __restrict__ pos_, int T,
+                int Hq, int Hkv, float scale_log2, float scale) {
+    const int* pos = DOC ? pos_ : nullptr;
     constexpr int BN = 16 * NW, LD = D + PAD, NQ = BMQ / 8, DT = D / 8, KD = D / 16, NTH = NW * 32;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     bf16* sK = reinterpret_cast<bf16*>(smem_raw);
@@ -368,6 +413,7 @@ bwd_dkdv_kernel(bf16* __restrict__ dqkv, const bf16* __restrict__ qkv, const bf1
     bf16* sdO = sQ + 2 * BMQ * LD;  // 2 stages
     float* sL = reinterpret_cast<float*>(sdO + 2 * BMQ * LD);  // 2 stages: lse
     float* sD = sL + 2 * BMQ;                                  // 2 stages: Delta
+    int* sP = reinterpret_cast<int*>(sD + 2 * BMQ);            // 2 stages: positions (documents only)
 
     const int kvh = blockIdx.x % Hkv, b = blockIdx.x / Hkv;
     const int kv0 = blockIdx.y * BN;  // low tiles see the most query tiles: launched first
@@ -375,10 +421,12 @@ bwd_dkdv_kernel(bf16* __restrict__ dqkv, const bf16* __restrict__ qkv, const bf1
     const size_t stride = (size_t)(Hq + 2 * Hkv) * D, dstride = (size_t)Hq * D;
     const bf16* gk = qkv + (size_t)b * T * stride + (size_t)(Hq + kvh) * D;
     const bf16* gv = gk + (size_t)Hkv * D;
-    const int qt0 = kv0 / BMQ, nqi = (T + BMQ - 1) / BMQ - qt0, total = G * nqi;
+    // the query tiles from the diagonal up to the last one with a row in the documents of the kv rows
+    const int qt0 = kv0 / BMQ, q_end = first_row_after(pos, b, T, kv0, kv0 + BN - 1);
+    const int nqi = (q_end - qt0 * BMQ + BMQ - 1) / BMQ, total = G * nqi;
 
-    // q tile, dO tile, lse and Delta of iteration `it` into stage st, all with cp.async. Padded query rows
-    // (q >= T) read zeros: q = dO = 0 there, so P = 1 but dP = Delta = 0 and they add nothing.
+    // q tile, dO tile, lse, Delta (and positions) of iteration `it` into stage st, all with cp.async. Padded
+    // query rows (q >= T) read zeros: q = dO = 0 there, so P = 1 but dP = Delta = 0 and they add nothing.
     auto issue = [&](int it, int st) {
         const int h = kvh * G + it / nqi, q0 = (qt0 + it % nqi) * BMQ;
         load_tile<BMQ, D, NTH>(sQ + st * BMQ * LD, qkv + ((size_t)b * T + q0) * stride + (size_t)h * D, stride, T - q0);
@@ -389,6 +437,9 @@ bwd_dkdv_kernel(bf16* __restrict__ dqkv, const bf16* __restrict__ qkv, const bf1
             const bool ok = q0 + i < T;
             cp_async4(sL + st * BMQ + i, lse + base + (ok ? q0 + i : 0), ok);
             cp_async4(sD + st * BMQ + i, delta + base + (ok ? q0 + i : 0), ok);
+            if (pos)
+                cp_async4(reinterpret_cast<float*>(sP + st * BMQ + i),
+                          reinterpret_cast<const float*>(pos + (size_t)b * T + (ok ? q0 + i : 0)), ok);
         }
     };
     load_tile<BN, D, NTH>(sK, gk + (size_t)kv0 * stride, stride, T - kv0);
@@ -421,11 +472,12 @@ bwd_dkdv_kernel(bf16* __restrict__ dqkv, const bf16* __restrict__ qkv, const bf1
         const bf16* cdO = sdO + st * BMQ * LD;
         const float* cL = sL + st * BMQ;
         const float* cD = sD + st * BMQ;
+        const int* cP = sP + st * BMQ;
         if (q0 + BMQ - 1 >= kr) {  // else every query of the tile precedes the warp's kv rows
             float s[NQ][4];
             zero(s);
             mma_abt<NQ, KD>(s, wK, LD, cQ, LD, ln);  // S^T (kv x q)
-            const bool need_mask = q0 < kr + 15;
+            const bool need_mask = q0 < kr + 15 || pos;
             uint32_t pa[NQ / 2][4];
 #pragma unroll
             for (int nt = 0; nt < NQ; nt++)
@@ -433,7 +485,8 @@ bwd_dkdv_kernel(bf16* __restrict__ dqkv, const bf16* __restrict__ qkv, const bf1
                 for (int e = 0; e < 4; e++) {
                     const int qi = nt * 8 + 2 * qd + (e & 1), kvrow = kr + g + 8 * (e >> 1);
                     float p = fast_exp2(s[nt][e] * scale_log2 - cL[qi] * LOG2E);
-                    if (need_mask && q0 + qi < kvrow) p = 0.f;
+                    // after the query, or before its document's start
+                    if (need_mask && (q0 + qi < kvrow || (pos && kvrow < q0 + qi - cP[qi]))) p = 0.f;
                     s[nt][e] = p;
                 }
             acc_to_a(pa, s);
@@ -467,11 +520,12 @@ bwd_dkdv_kernel(bf16* __restrict__ dqkv, const bf16* __restrict__ qkv, const bf1
 // Loops over the kv tiles (BN rows) up to the diagonal:
 //   S = Q K^T, P = exp2(S scale log2e - lse log2e), dP = dO V^T, dS = P (dP - Delta), dQ += dS K.
 // AREG: the warp's q and dO fragments stay in registers (else read from smem for every kv tile).
-template <int D, int BN, int NW, bool AREG>
+template <int D, int BN, int NW, bool AREG, bool DOC>
 __global__ void __launch_bounds__(NW * 32)
 bwd_dq_kernel(bf16* __restrict__ dqkv, const bf16* __restrict__ qkv, const bf16* __restrict__ dout,
-              const float* __restrict__ lse, const float* __restrict__ delta, int T, int Hq, int Hkv,
-              float scale_log2, float scale) {
+              const float* __restrict__ lse, const float* __restrict__ delta, const int* __restrict__ pos_, int T,
+              int Hq, int Hkv, float scale_log2, float scale) {
+    const int* pos = DOC ? pos_ : nullptr;
     constexpr int BMQ = 16 * NW, LD = D + PAD, NT = BN / 8, DT = D / 8, KD = D / 16, NTH = NW * 32;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     bf16* sQ = reinterpret_cast<bf16*>(smem_raw);
@@ -486,24 +540,28 @@ bwd_dq_kernel(bf16* __restrict__ dqkv, const bf16* __restrict__ qkv, const bf16*
     const bf16* gk = qkv + (size_t)b * T * stride + (size_t)(Hq + kvh) * D;
     const bf16* gv = gk + (size_t)Hkv * D;
     const int nkv = (min(T, q0 + BMQ) + BN - 1) / BN;
+    const int j0 = doc_start(pos, b, T, q0) / BN;  // the first kv tile any row of the tile sees
 
     load_tile<BMQ, D, NTH>(sQ, qkv + ((size_t)b * T + q0) * stride + (size_t)h * D, stride, T - q0);
     load_tile<BMQ, D, NTH>(sdO, dout + ((size_t)b * T + q0) * dstride + (size_t)h * D, dstride, T - q0);
-    load_tile<BN, D, NTH>(sK, gk, stride, T);
-    load_tile<BN, D, NTH>(sV, gv, stride, T);
+    load_tile<BN, D, NTH>(sK + (j0 & 1) * BN * LD, gk + (size_t)j0 * BN * stride, stride, T - j0 * BN);
+    load_tile<BN, D, NTH>(sV + (j0 & 1) * BN * LD, gv + (size_t)j0 * BN * stride, stride, T - j0 * BN);
     cp_async_commit();
 
     const Lanes ln;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, qd = lane & 3;
     const int qr = q0 + warp * 16;  // the warp's first query row
     float l2[2], dl[2];
+    int ds[2];  // document starts of the thread's rows
 #pragma unroll
     for (int hf = 0; hf < 2; hf++) {
         const int q = qr + g + 8 * hf;
         const size_t i = ((size_t)b * Hq + h) * T + q;
         l2[hf] = q < T ? lse[i] * LOG2E : INFINITY;
         dl[hf] = q < T ? delta[i] : 0.f;
+        ds[hf] = doc_start(pos, b, T, q);
     }
+    const int wds_lo = doc_start(pos, b, T, qr), wds_hi = doc_start(pos, b, T, qr + 15);
     const bf16* wQ = sQ + warp * 16 * LD;
     const bf16* wdO = sdO + warp * 16 * LD;
     uint32_t qf[AREG ? KD : 1][4], of[AREG ? KD : 1][4];
@@ -511,11 +569,11 @@ bwd_dq_kernel(bf16* __restrict__ dqkv, const bf16* __restrict__ qkv, const bf16*
     float dq[DT][4];
     zero(dq);
 
-    for (int j = 0; j < nkv; j++) {
+    for (int j = j0; j < nkv; j++) {
         prefetch_next_kv<BN, D, NTH>(sK, sV, gk, gv, stride, T, j, nkv);
         __syncthreads();
         if constexpr (AREG) {
-            if (j == 0) {
+            if (j == j0) {
 #pragma unroll
                 for (int kk = 0; kk < KD; kk++) {
                     ldsm_x4(qf[kk], wQ + ln.arow * LD + kk * 16 + ln.acol);
@@ -526,7 +584,7 @@ bwd_dq_kernel(bf16* __restrict__ dqkv, const bf16* __restrict__ qkv, const bf16*
         const bf16* cK = sK + (j & 1) * BN * LD;
         const bf16* cV = sV + (j & 1) * BN * LD;
         const int k0 = j * BN;
-        if (k0 <= qr + 15) {
+        if (k0 <= qr + 15 && k0 + BN - 1 >= wds_lo) {  // else all masked for the warp's rows
             float s[NT][4], dp[NT][4];
             zero(s);
             zero(dp);
@@ -537,14 +595,14 @@ bwd_dq_kernel(bf16* __restrict__ dqkv, const bf16* __restrict__ qkv, const bf16*
                 mma_abt<NT, KD>(s, wQ, LD, cK, LD, ln);
                 mma_abt<NT, KD>(dp, wdO, LD, cV, LD, ln);
             }
-            const bool need_mask = k0 + BN - 1 > qr;
+            const bool need_mask = k0 + BN - 1 > qr || k0 < wds_hi;
 #pragma unroll
             for (int nt = 0; nt < NT; nt++)
 #pragma unroll
                 for (int e = 0; e < 4; e++) {
                     const int hf = e >> 1, col = k0 + nt * 8 + 2 * qd + (e & 1), row = qr + g + 8 * hf;
                     float p = fast_exp2(s[nt][e] * scale_log2 - l2[hf]);
-                    if (need_mask && col > row) p = 0.f;
+                    if (need_mask && (col > row || col < ds[hf])) p = 0.f;
                     s[nt][e] = p * (dp[nt][e] - dl[hf]);
                 }
             uint32_t da[BN / 16][4];
@@ -561,27 +619,27 @@ bwd_dq_kernel(bf16* __restrict__ dqkv, const bf16* __restrict__ qkv, const bf16*
 
 template <int D, int BMQ, int NW>
 inline void launch_dkdv(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse, const float* delta,
-                        const AttnShape& sh, cudaStream_t s) {
+                        const AttnShape& sh, const int* pos, cudaStream_t s) {
     constexpr int BN = 16 * NW;
-    const size_t smem = (size_t)(2 * BN + 4 * BMQ) * (D + PAD) * sizeof(bf16) + 4 * BMQ * sizeof(float);
-    auto kernel = bwd_dkdv_kernel<D, BMQ, NW>;
+    const size_t smem = (size_t)(2 * BN + 4 * BMQ) * (D + PAD) * sizeof(bf16) + 6 * BMQ * sizeof(float);
+    auto kernel = pos ? bwd_dkdv_kernel<D, BMQ, NW, true> : bwd_dkdv_kernel<D, BMQ, NW, false>;
     set_smem(kernel, smem);
     dim3 grid(sh.B * sh.Hkv, (sh.T + BN - 1) / BN);
     const float scale = 1.f / sqrtf((float)D);
-    kernel<<<grid, NW * 32, smem, s>>>(dqkv, qkv, dout, lse, delta, sh.T, sh.Hq, sh.Hkv, scale * LOG2E, scale);
+    kernel<<<grid, NW * 32, smem, s>>>(dqkv, qkv, dout, lse, delta, pos, sh.T, sh.Hq, sh.Hkv, scale * LOG2E, scale);
     cudaCheckLast();
 }
 
 template <int D, int BN, int NW, bool AREG>
 inline void launch_dq(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse, const float* delta,
-                      const AttnShape& sh, cudaStream_t s) {
+                      const AttnShape& sh, const int* pos, cudaStream_t s) {
     constexpr int BMQ = 16 * NW;
     const size_t smem = (size_t)(2 * BMQ + 4 * BN) * (D + PAD) * sizeof(bf16);
-    auto kernel = bwd_dq_kernel<D, BN, NW, AREG>;
+    auto kernel = pos ? bwd_dq_kernel<D, BN, NW, AREG, true> : bwd_dq_kernel<D, BN, NW, AREG, false>;
     set_smem(kernel, smem);
     dim3 grid(sh.B * sh.Hq, (sh.T + BMQ - 1) / BMQ);
     const float scale = 1.f / sqrtf((float)D);
-    kernel<<<grid, NW * 32, smem, s>>>(dqkv, qkv, dout, lse, delta, sh.T, sh.Hq, sh.Hkv, scale * LOG2E, scale);
+    kernel<<<grid, NW * 32, smem, s>>>(dqkv, qkv, dout, lse, delta, pos, sh.T, sh.Hq, sh.Hkv, scale * LOG2E, scale);
     cudaCheckLast();
 }
 
@@ -612,25 +670,38 @@ template <> struct Cfg<128> {
 };
 
 template <int D>
-inline void forward(bf16* out, float* lse, const bf16* qkv, const AttnShape& sh, cudaStream_t s) {
+inline void sm80_forward(bf16* out, float* lse, const bf16* qkv, const AttnShape& sh, const int* pos, cudaStream_t s) {
     using C = Cfg<D>;
-    launch_fwd<D, C::FWD_BM, C::FWD_BN, C::FWD_NW>(out, lse, qkv, sh, s);
+    launch_fwd<D, C::FWD_BM, C::FWD_BN, C::FWD_NW>(out, lse, qkv, sh, pos, s);
 }
 template <int D>
-inline void backward(bf16* dqkv, float* delta, const bf16* dout, const bf16* qkv, const bf16* out, const float* lse,
-                     const AttnShape& sh, cudaStream_t s) {
+inline void sm80_backward(bf16* dqkv, float* delta, const bf16* dout, const bf16* qkv, const bf16* out,
+                          const float* lse, const AttnShape& sh, const int* pos, cudaStream_t s) {
     using C = Cfg<D>;
     launch_delta<D>(delta, dout, out, sh, s);
-    launch_dkdv<D, C::DKDV_BMQ, C::DKDV_NW>(dqkv, dout, qkv, lse, delta, sh, s);
-    launch_dq<D, C::DQ_BN, C::DQ_NW, C::DQ_AREG>(dqkv, dout, qkv, lse, delta, sh, s);
+    launch_dkdv<D, C::DKDV_BMQ, C::DKDV_NW>(dqkv, dout, qkv, lse, delta, sh, pos, s);
+    launch_dq<D, C::DQ_BN, C::DQ_NW, C::DQ_AREG>(dqkv, dout, qkv, lse, delta, sh, pos, s);
+}
+
+// the mma.sync path for any head dim (scratch as attention_backward's)
+inline void sm80_forward(bf16* out, float* lse, const bf16* qkv, const AttnShape& sh, const int* pos, cudaStream_t s) {
+    if (sh.Dh == 64) sm80_forward<64>(out, lse, qkv, sh, pos, s);
+    else sm80_forward<128>(out, lse, qkv, sh, pos, s);
+}
+inline void sm80_backward(bf16* dqkv, void* scratch, const bf16* dout, const bf16* qkv, const bf16* out,
+                          const float* lse, const AttnShape& sh, const int* pos, cudaStream_t s) {
+    float* delta = static_cast<float*>(scratch);
+    if (sh.Dh == 64) sm80_backward<64>(dqkv, delta, dout, qkv, out, lse, sh, pos, s);
+    else sm80_backward<128>(dqkv, delta, dout, qkv, out, lse, sh, pos, s);
 }
 
 // ----------------------------------------------------------------------------------------------
-// RoPE (rotate-half): pairs (i, i + Dh/2) of every q and k head rotated by pos * theta^(-2i/Dh);
-// INV rotates by the negative angle (the backward of a rotation is its transpose)
+// RoPE (rotate-half): pairs (i, i + Dh/2) of every q and k head rotated by p * theta^(-2i/Dh), p = pos[bt]
+// (t without positions); INV rotates by the negative angle (the backward of a rotation is its transpose)
 
 template <bool INV>
-__global__ void rope_kernel(bf16* x, int BT, int T, int H /* q + k heads */, int Dh, size_t stride, float log2_theta) {
+__global__ void rope_kernel(bf16* x, const int* __restrict__ positions, int BT, int T, int H /* q + k heads */, int Dh,
+                            size_t stride, float log2_theta) {
     const int half = Dh / 2;
     const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= (size_t)BT * H * half) return;
@@ -638,7 +709,7 @@ __global__ void rope_kernel(bf16* x, int BT, int T, int H /* q + k heads */, int
     const size_t rest = idx / half;
     const int hh = (int)(rest % H);
     const size_t bt = rest / H;
-    const int pos = (int)(bt % T);
+    const int pos = positions ? positions[bt] : (int)(bt % T);
     const float inv_freq = exp2f(-(2.f * i / Dh) * log2_theta);
     float sn, cs;
     sincosf((float)pos * inv_freq, &sn, &cs);
@@ -650,47 +721,63 @@ __global__ void rope_kernel(bf16* x, int BT, int T, int H /* q + k heads */, int
 }
 
 template <bool INV>
-inline void launch_rope(bf16* x, const AttnShape& sh, float theta, cudaStream_t s) {
+inline void launch_rope(bf16* x, const AttnShape& sh, float theta, const int* pos, cudaStream_t s) {
     check_shape(sh);
     const size_t n = (size_t)sh.B * sh.T * (sh.Hq + sh.Hkv) * (sh.Dh / 2);
     const size_t stride = (size_t)(sh.Hq + 2 * sh.Hkv) * sh.Dh;
-    rope_kernel<INV><<<(unsigned)((n + 255) / 256), 256, 0, s>>>(x, sh.B * sh.T, sh.T, sh.Hq + sh.Hkv, sh.Dh, stride,
-                                                                 log2f(theta));
+    rope_kernel<INV><<<(unsigned)((n + 255) / 256), 256, 0, s>>>(x, pos, sh.B * sh.T, sh.T, sh.Hq + sh.Hkv, sh.Dh,
+                                                                 stride, log2f(theta));
     cudaCheckLast();
 }
 
 }  // namespace attn
 
-// ----------------------------------------------------------------------------------------------
-// public interface
+#ifdef ATTN_SM90
+#include "attention_sm90.cuh"
+#endif
 
-// temporary for the backward (Delta, fp32 (B, Hq, T)), shared by layers
+// ----------------------------------------------------------------------------------------------
+// public interface. pos (B*T, or nullptr for plain causal attention): each token's position in its
+// document, 0 at a document start (see the header)
+
+// temporary for the backward, shared by layers (also enough for sm80_backward)
 inline size_t attention_scratch_bytes(const AttnShape& sh) {
-    return ((size_t)sh.B * sh.Hq * sh.T * sizeof(float) + 255) / 256 * 256;
+    const size_t delta = ((size_t)sh.B * sh.Hq * sh.T * sizeof(float) + 255) / 256 * 256;  // sm80: Delta (B, Hq, T)
+#ifdef ATTN_SM90
+    return std::max(delta, attn::sm90::scratch_bytes(sh));  // + the dQ accumulator (B, Hq, T, Dh) fp32
+#else
+    return delta;
+#endif
 }
 
 // out (B*T, Hq*Dh) bf16; lse (B, Hq, T) fp32 logsumexp of the scaled scores, kept for the backward
-inline void attention_forward(bf16* out, float* lse, const bf16* qkv, const AttnShape& sh, cudaStream_t s) {
+inline void attention_forward(bf16* out, float* lse, const bf16* qkv, const AttnShape& sh, const int* pos,
+                              cudaStream_t s) {
     attn::check_shape(sh);
-    if (sh.Dh == 64) attn::forward<64>(out, lse, qkv, sh, s);
-    else attn::forward<128>(out, lse, qkv, sh, s);
+#ifdef ATTN_SM90
+    attn::sm90::forward(out, lse, qkv, sh, pos, s);
+#else
+    attn::sm80_forward(out, lse, qkv, sh, pos, s);
+#endif
 }
 
 // dqkv (same layout as qkv) written; dout (B*T, Hq*Dh)
 inline void attention_backward(bf16* dqkv, void* scratch, const bf16* dout, const bf16* qkv, const bf16* out,
-                               const float* lse, const AttnShape& sh, cudaStream_t s) {
+                               const float* lse, const AttnShape& sh, const int* pos, cudaStream_t s) {
     attn::check_shape(sh);
-    float* delta = static_cast<float*>(scratch);
-    if (sh.Dh == 64) attn::backward<64>(dqkv, delta, dout, qkv, out, lse, sh, s);
-    else attn::backward<128>(dqkv, delta, dout, qkv, out, lse, sh, s);
+#ifdef ATTN_SM90
+    attn::sm90::backward(dqkv, scratch, dout, qkv, out, lse, sh, pos, s);
+#else
+    attn::sm80_backward(dqkv, scratch, dout, qkv, out, lse, sh, pos, s);
+#endif
 }
 
 // RoPE on the q and k parts of qkv, in place (rotate-half / GPT-NeoX: pairs (i, i + Dh/2),
-// angle pos * theta^(-2i/Dh), pos = t within the sequence)
-inline void rope_forward(bf16* qkv, const AttnShape& sh, float theta, cudaStream_t s) {
-    attn::launch_rope<false>(qkv, sh, theta, s);
+// angle p * theta^(-2i/Dh), p = pos[t], or t within the sequence without positions)
+inline void rope_forward(bf16* qkv, const AttnShape& sh, float theta, const int* pos, cudaStream_t s) {
+    attn::launch_rope<false>(qkv, sh, theta, pos, s);
 }
 // rotates dq, dk of dqkv back in place
-inline void rope_backward(bf16* dqkv, const AttnShape& sh, float theta, cudaStream_t s) {
-    attn::launch_rope<true>(dqkv, sh, theta, s);
+inline void rope_backward(bf16* dqkv, const AttnShape& sh, float theta, const int* pos, cudaStream_t s) {
+    attn::launch_rope<true>(dqkv, sh, theta, pos, s);
 }

@@ -12,6 +12,7 @@
 #include <cstring>
 #include <string>
 #include <sys/stat.h>
+#include <vector>
 
 inline std::string strformat(const char* fmt, ...) {
     va_list args;
@@ -24,44 +25,36 @@ inline std::string strformat(const char* fmt, ...) {
 
 #define THROW(...) throw std::runtime_error(strformat(__VA_ARGS__))
 
-// a command-line flag's value as a whole integer or a number; the error names the flag
-inline long flag_long(const std::string& flag, const std::string& v) {
-    char* end;
-    long x = strtol(v.c_str(), &end, 10);
-    if (*end || v.empty()) THROW("flag %s expects an integer, got '%s'", flag.c_str(), v.c_str());
-    return x;
-}
-inline double flag_double(const std::string& flag, const std::string& v) {
-    char* end;
-    double x = strtod(v.c_str(), &end);
-    if (*end || v.empty()) THROW("flag %s expects a number, got '%s'", flag.c_str(), v.c_str());
-    return x;
+inline const char* file_type_name(mode_t mode) {
+    if (S_ISDIR(mode)) return "a directory";
+    if (S_ISFIFO(mode)) return "a FIFO (named pipe)";
+    if (S_ISCHR(mode)) return "a character device";
+    if (S_ISBLK(mode)) return "a block device";
+    if (S_ISSOCK(mode)) return "a socket";
+    return "a special file";
 }
 
-// Readers refuse what is not a regular file by its type, before opening it: a FIFO would
-// block, a directory would fail later with a less clear message.
 inline void require_regular_file(const std::string& path, const char* what) {
     struct stat st;
-    if (stat(path.c_str(), &st) != 0) THROW("%s '%s': %s", what, path.c_str(), std::strerror(errno));
+    if (stat(path.c_str(), &st) != 0) THROW("cannot open %s '%s': %s", what, path.c_str(), strerror(errno));
     if (!S_ISREG(st.st_mode))
-        THROW("%s '%s' is not a regular file (%s)", what, path.c_str(),
-              S_ISDIR(st.st_mode) ? "a directory" : S_ISFIFO(st.st_mode) ? "a FIFO" : "a device or socket");
+        THROW("%s '%s' is %s, not a regular file", what, path.c_str(), file_type_name(st.st_mode));
 }
 
 inline FILE* fopen_or_throw(const std::string& path, const char* mode) {
     if (mode[0] == 'r') require_regular_file(path, "file");
     FILE* f = fopen(path.c_str(), mode);
-    if (!f) THROW("cannot open '%s' (mode %s): %s", path.c_str(), mode, std::strerror(errno));
+    if (!f) THROW("cannot open '%s' (mode %s): %s", path.c_str(), mode, strerror(errno));
     return f;
 }
 
 inline void fread_or_throw(void* dst, size_t size, size_t count, FILE* f, const std::string& path) {
     if (fread(dst, size, count, f) != count)
-        THROW("short read from '%s'%s", path.c_str(), ferror(f) ? (": " + std::string(std::strerror(errno))).c_str() : " (truncated)");
+        THROW("short read from '%s': %s", path.c_str(), ferror(f) ? strerror(errno) : "unexpected end of file");
 }
 
 inline void fwrite_or_throw(const void* src, size_t size, size_t count, FILE* f, const std::string& path) {
-    if (fwrite(src, size, count, f) != count) THROW("cannot write to '%s': %s", path.c_str(), std::strerror(errno));
+    if (fwrite(src, size, count, f) != count) THROW("short write to '%s': %s", path.c_str(), strerror(errno));
 }
 
 inline size_t ceil_div(size_t a, size_t b) { return (a + b - 1) / b; }
@@ -86,3 +79,53 @@ struct SplitMix64 {
     }
 };
 
+
+// ----------------------------------------------------------------------------
+// Input files must be regular files: a FIFO would block the reader forever and a
+// directory or device fails later with a puzzling message. `what` names the file's role
+// ("shard", "tokenizer file", ...) in the error.
+
+// the whole of a regular file
+inline std::string read_file_or_throw(const std::string& path, const char* what) {
+    require_regular_file(path, what);
+    FILE* f = fopen(path.c_str(), "rb");
+    if (!f) THROW("cannot open %s '%s': %s", what, path.c_str(), strerror(errno));
+    std::string s;
+    char buf[1 << 16];
+    size_t n;
+    while ((n = fread(buf, 1, sizeof(buf), f)) > 0) s.append(buf, n);
+    const bool failed = ferror(f);
+    fclose(f);
+    if (failed) THROW("cannot read %s '%s': %s", what, path.c_str(), strerror(errno));
+    return s;
+}
+
+// A set of output files that appears together or not at all: each file is written under
+// the temporary name stage(path) returns (path + ".tmp"); commit() renames them all into
+// place once every one was written. Until then nothing at the final names changes, and the
+// destructor removes the temporaries of a set that was not committed (an error, a full
+// disk), so a failed run leaves neither partial files nor changes behind.
+class StagedFiles {
+public:
+    StagedFiles() = default;
+    StagedFiles(const StagedFiles&) = delete;
+    StagedFiles& operator=(const StagedFiles&) = delete;
+    ~StagedFiles() {
+        for (auto& p : staged_) remove((p + ".tmp").c_str());
+    }
+    std::string stage(const std::string& path) {
+        staged_.push_back(path);
+        return path + ".tmp";
+    }
+    void commit() {
+        while (!staged_.empty()) {
+            const std::string p = staged_.back(), tmp = p + ".tmp";
+            if (rename(tmp.c_str(), p.c_str()) != 0)
+                THROW("cannot rename '%s' to '%s': %s", tmp.c_str(), p.c_str(), strerror(errno));
+            staged_.pop_back();
+        }
+    }
+
+private:
+    std::vector<std::string> staged_;
+};

@@ -42,37 +42,92 @@ constexpr size_t SHARD_HEADER_BYTES = SHARD_HEADER_INTS * sizeof(int32_t);
 // ----------------------------------------------------------------------------
 // writing
 
-static inline void write_header_and_data(const std::string& path, int32_t magic, int32_t version, int64_t count,
-                                         const void* data, size_t bytes) {
-    if (count > INT32_MAX) THROW("'%s': %lld tokens do not fit the int32 count of the header", path.c_str(), (long long)count);
-    int32_t header[SHARD_HEADER_INTS] = {};
-    header[0] = magic;
-    header[1] = version;
-    header[2] = (int32_t)count;
-    // write then rename, so an interrupted run never leaves a valid-looking partial file
-    std::string tmp = path + ".tmp";
-    FILE* f = fopen_or_throw(tmp, "wb");
-    fwrite_or_throw(header, sizeof(header), 1, f, tmp);
-    if (bytes) fwrite_or_throw(data, 1, bytes, f, tmp);
-    if (fclose(f) != 0) THROW("cannot close '%s'", tmp.c_str());
-    if (rename(tmp.c_str(), path.c_str()) != 0) THROW("cannot rename '%s' to '%s'", tmp.c_str(), path.c_str());
-}
-
-// Writes a shard with uint16 tokens if vocab_size <= 65536, else uint32.
-static inline void write_shard(const std::string& path, const std::vector<uint32_t>& tokens, int vocab_size) {
-    for (size_t i = 0; i < tokens.size(); i++)
-        if (tokens[i] >= (uint32_t)vocab_size)
-            THROW("'%s': token %u at index %zu is >= vocab size %d", path.c_str(), tokens[i], i, vocab_size);
-    if (vocab_size <= 65536) {
-        std::vector<uint16_t> t16(tokens.begin(), tokens.end());
-        write_header_and_data(path, SHARD_MAGIC, 1, (int64_t)tokens.size(), t16.data(), t16.size() * 2);
-    } else {
-        write_header_and_data(path, SHARD_MAGIC, 2, (int64_t)tokens.size(), tokens.data(), tokens.size() * 4);
+// Writes one shard or mask file front to back: the header (its count filled in by
+// finish()), then the elements as they come, so no file needs to fit in memory. The file
+// is written at the path given: callers write to a StagedFiles temporary, so a file cut
+// short by an error never carries a shard's name.
+class ShardWriter {
+public:
+    // a token shard of uint16 tokens if vocab_size <= 65536, else uint32
+    static ShardWriter tokens(const std::string& path, int vocab_size) {
+        return ShardWriter(path, SHARD_MAGIC, vocab_size <= 65536 ? 1 : 2, vocab_size);
     }
+    static ShardWriter mask(const std::string& path) { return ShardWriter(path, MASK_MAGIC, 1, 0); }
+
+    ShardWriter(ShardWriter&& o) noexcept
+        : path_(std::move(o.path_)), f_(o.f_), magic_(o.magic_), version_(o.version_), vocab_(o.vocab_), count_(o.count_) {
+        o.f_ = nullptr;
+    }
+    ShardWriter(const ShardWriter&) = delete;
+    ~ShardWriter() {
+        if (f_) fclose(f_);
+    }
+
+    void append_tokens(const uint32_t* t, size_t n) {
+        for (size_t i = 0; i < n; i++)
+            if (t[i] >= (uint32_t)vocab_)
+                THROW("'%s': token %u at index %zu is >= vocab size %d", path_.c_str(), t[i], count_ + i, vocab_);
+        if (version_ == 2) { write(t, 4 * n, n); return; }
+        uint16_t buf[4096];
+        for (size_t i = 0; i < n; i += 4096) {
+            const size_t m = std::min<size_t>(4096, n - i);
+            for (size_t k = 0; k < m; k++) buf[k] = (uint16_t)t[i + k];
+            write(buf, 2 * m, m);
+        }
+    }
+    void append_mask(const uint8_t* m, size_t n) { write(m, n, n); }
+    size_t count() const { return count_; }
+
+    // writes the count into the header and closes the file
+    void finish() {
+        int32_t header[SHARD_HEADER_INTS] = {};
+        header[0] = magic_;
+        header[1] = version_;
+        header[2] = (int32_t)count_;
+        if (fflush(f_) != 0 || fseek(f_, 0, SEEK_SET) != 0 || fwrite(header, sizeof(header), 1, f_) != 1) fail();
+        FILE* f = f_;
+        f_ = nullptr;
+        if (fclose(f) != 0) THROW("cannot write '%s': %s", path_.c_str(), strerror(errno));
+    }
+
+private:
+    std::string path_;
+    FILE* f_ = nullptr;
+    int32_t magic_, version_;
+    int vocab_;
+    size_t count_ = 0;
+
+    ShardWriter(const std::string& path, int32_t magic, int32_t version, int vocab)
+        : path_(path), magic_(magic), version_(version), vocab_(vocab) {
+        f_ = fopen_or_throw(path, "wb");
+        const int32_t zeros[SHARD_HEADER_INTS] = {};  // the header, once the count is known
+        if (fwrite(zeros, sizeof(zeros), 1, f_) != 1) fail();
+    }
+    void write(const void* data, size_t bytes, size_t n) {
+        if (count_ + n > (size_t)INT32_MAX)
+            THROW("'%s': %zu elements do not fit the int32 count of the header", path_.c_str(), count_ + n);
+        if (bytes && fwrite(data, 1, bytes, f_) != bytes) fail();
+        count_ += n;
+    }
+    [[noreturn]] void fail() const { THROW("cannot write '%s': %s", path_.c_str(), strerror(errno)); }
+};
+
+// Writes a shard with uint16 tokens if vocab_size <= 65536, else uint32: to a temporary,
+// renamed into place when complete (removed on an error).
+static inline void write_shard(const std::string& path, const std::vector<uint32_t>& tokens, int vocab_size) {
+    StagedFiles out;
+    ShardWriter w = ShardWriter::tokens(out.stage(path), vocab_size);
+    w.append_tokens(tokens.data(), tokens.size());
+    w.finish();
+    out.commit();
 }
 
 static inline void write_mask(const std::string& path, const std::vector<uint8_t>& mask) {
-    write_header_and_data(path, MASK_MAGIC, 1, (int64_t)mask.size(), mask.data(), mask.size());
+    StagedFiles out;
+    ShardWriter w = ShardWriter::mask(out.stage(path));
+    w.append_mask(mask.data(), mask.size());
+    w.finish();
+    out.commit();
 }
 
 // ----------------------------------------------------------------------------
@@ -83,18 +138,28 @@ class MappedFile {
 public:
     MappedFile() = default;
     MappedFile(const std::string& path, int32_t magic) : path_(path) {
-        int fd = open(path.c_str(), O_RDONLY);
-        if (fd < 0) THROW("cannot open '%s'", path.c_str());
+        // non-blocking, so a FIFO is refused by its type instead of waiting for a writer
+        int fd = open(path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+        if (fd < 0) THROW("cannot open '%s': %s", path.c_str(), strerror(errno));
         struct stat st;
-        if (fstat(fd, &st) != 0) { close(fd); THROW("cannot stat '%s'", path.c_str()); }
+        if (fstat(fd, &st) != 0) {
+            const int err = errno;
+            close(fd);
+            THROW("cannot stat '%s': %s", path.c_str(), strerror(err));
+        }
+        if (!S_ISREG(st.st_mode)) {
+            close(fd);
+            THROW("'%s' is %s, not a regular file", path.c_str(), file_type_name(st.st_mode));
+        }
         size_ = (size_t)st.st_size;
         if (size_ < SHARD_HEADER_BYTES) {
             close(fd);
             THROW("'%s' is truncated: %zu bytes, smaller than the %zu-byte header", path.c_str(), size_, SHARD_HEADER_BYTES);
         }
         void* p = mmap(nullptr, size_, PROT_READ, MAP_PRIVATE, fd, 0);
+        const int err = errno;
         close(fd);
-        if (p == MAP_FAILED) THROW("cannot mmap '%s' (%zu bytes)", path.c_str(), size_);
+        if (p == MAP_FAILED) THROW("cannot mmap '%s' (%zu bytes): %s", path.c_str(), size_, strerror(err));
         base_ = (const uint8_t*)p;
         const int32_t* h = header();
         if (h[0] != magic) THROW("'%s' has bad magic %d (expected %d)", path.c_str(), h[0], magic);
@@ -174,35 +239,6 @@ private:
     MappedFile file_;
     MappedFile mask_;
 };
-
-// Document boundaries inside packed rows: each row of a batch is cut where a document
-// starts (an EOT input token starts one, as pos_in_doc counts) and every piece gets a row of
-// its own, padded with EOT inputs and masked targets. A causal model run on these rows sees
-// nothing of the other documents: its state starts fresh at each document (the SSM state,
-// the conv window, attention) and positions count from the document's start.
-struct DocRows {
-    std::vector<int> inputs, targets;
-    int rows = 0;
-};
-
-inline DocRows split_documents(const int* inputs, const int* targets, int B, int T, int eot) {
-    DocRows d;
-    for (int b = 0; b < B; b++) {
-        const int* in = inputs + (size_t)b * T;
-        const int* tg = targets + (size_t)b * T;
-        for (int start = 0; start < T;) {
-            int end = start + 1;
-            while (end < T && in[end] != eot) end++;
-            d.inputs.insert(d.inputs.end(), in + start, in + end);
-            d.targets.insert(d.targets.end(), tg + start, tg + end);
-            d.inputs.insert(d.inputs.end(), T - (end - start), eot);
-            d.targets.insert(d.targets.end(), T - (end - start), -1);
-            d.rows++;
-            start = end;
-        }
-    }
-    return d;
-}
 
 static inline std::vector<std::string> glob_sorted(const std::string& pattern) {
     glob_t g;

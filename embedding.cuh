@@ -1,9 +1,9 @@
 // Token embedding: the residual stream starts as out[r] = wte[token[r]] (fp32).
 // The backward sums, for each distinct token, the gradient rows of its positions in a fixed
-// order (positions grouped by token on the host), so it needs no atomics.
+// order (positions grouped by token on the device), so it needs no atomics.
 #pragma once
 #include <algorithm>
-#include <vector>
+#include <cub/cub.cuh>
 #include "cuda_common.cuh"
 
 static __global__ void embedding_forward_kernel(float* out, const int* tokens, const bf16* wte, int BT, int C) {
@@ -18,58 +18,79 @@ inline void embedding_forward(float* out, const int* tokens, const bf16* wte, in
     cudaCheckLast();
 }
 
-// positions grouped by token id: token[i] occurs at positions[offsets[i] .. offsets[i+1])
-struct EmbeddingBuckets {
-    int num = 0, capacity = 0;
-    int *tokens = nullptr, *offsets = nullptr, *positions = nullptr;  // device
-    std::vector<int> h_tokens, h_offsets, h_positions;
+// Positions grouped by token id, built on the device with no host round trip: a stable radix
+// sort of (token, position) pairs puts each token's positions in ascending order, a run-length
+// encoding gives the distinct tokens and their counts, a scan their first places. Token
+// unique[i] occurs at sorted[offsets[i] .. offsets[i] + counts[i]); *num distinct tokens.
+static __global__ void iota_kernel(int* p, int n) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) p[i] = i;
+}
 
-    void build(const int* host_tokens, int BT, cudaStream_t s) {
-        if (BT > capacity) {
-            release();
-            capacity = BT;
-            tokens = cuda_malloc_n<int>(BT, "embedding buckets");
-            offsets = cuda_malloc_n<int>(BT + 1, "embedding buckets");
-            positions = cuda_malloc_n<int>(BT, "embedding buckets");
-        }
-        std::vector<int> order(BT);
-        for (int i = 0; i < BT; i++) order[i] = i;
-        std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return host_tokens[a] < host_tokens[b]; });
-        h_tokens.clear(); h_offsets.clear(); h_positions = order;
-        for (int i = 0; i < BT; i++)
-            if (i == 0 || host_tokens[order[i]] != host_tokens[order[i - 1]]) {
-                h_tokens.push_back(host_tokens[order[i]]);
-                h_offsets.push_back(i);
-            }
-        h_offsets.push_back(BT);
-        num = (int)h_tokens.size();
-        cudaCheck(cudaMemcpyAsync(tokens, h_tokens.data(), num * sizeof(int), cudaMemcpyHostToDevice, s));
-        cudaCheck(cudaMemcpyAsync(offsets, h_offsets.data(), (num + 1) * sizeof(int), cudaMemcpyHostToDevice, s));
-        cudaCheck(cudaMemcpyAsync(positions, h_positions.data(), BT * sizeof(int), cudaMemcpyHostToDevice, s));
-        cudaCheck(cudaStreamSynchronize(s));  // the host vectors are reused by the next build
+struct EmbeddingBuckets {
+    int capacity = 0, vocab = 0;
+    int *iota = nullptr, *keys = nullptr, *sorted = nullptr, *unique = nullptr, *counts = nullptr, *offsets = nullptr,
+        *num = nullptr;
+    void* temp = nullptr;
+    size_t temp_bytes = 0;
+
+    EmbeddingBuckets() = default;
+    EmbeddingBuckets(const EmbeddingBuckets&) = delete;
+    EmbeddingBuckets& operator=(const EmbeddingBuckets&) = delete;
+    ~EmbeddingBuckets() { release(); }
+
+    // d_tokens: BT ids in [0, V), on the device
+    void build(const int* d_tokens, int BT, int V, cudaStream_t s) {
+        if (BT > capacity || V != vocab) allocate(BT, V);
+        iota_kernel<<<ceil_div((size_t)BT, 256), 256, 0, s>>>(iota, BT);
+        cudaCheckLast();
+        size_t bytes = temp_bytes;
+        cudaCheck(cub::DeviceRadixSort::SortPairs(temp, bytes, d_tokens, keys, iota, sorted, BT, 0, bits(), s));
+        bytes = temp_bytes;
+        cudaCheck(cub::DeviceRunLengthEncode::Encode(temp, bytes, keys, unique, counts, num, BT, s));
+        bytes = temp_bytes;
+        cudaCheck(cub::DeviceScan::ExclusiveSum(temp, bytes, counts, offsets, BT, s));
+    }
+
+private:
+    int bits() const { int b = 1; while ((1 << b) < vocab) b++; return b; }  // the sort looks at these
+    void allocate(int BT, int V) {
+        release();
+        capacity = BT;
+        vocab = V;
+        for (int** p : {&iota, &keys, &sorted, &unique, &counts, &offsets}) *p = cuda_malloc_n<int>(BT, "embedding buckets");
+        num = cuda_malloc_n<int>(1, "embedding buckets");
+        size_t a = 0, b = 0, c = 0;  // the largest temporary storage of the three steps
+        cudaCheck(cub::DeviceRadixSort::SortPairs(nullptr, a, keys, keys, iota, sorted, BT, 0, bits()));
+        cudaCheck(cub::DeviceRunLengthEncode::Encode(nullptr, b, keys, unique, counts, num, BT));
+        cudaCheck(cub::DeviceScan::ExclusiveSum(nullptr, c, counts, offsets, BT));
+        temp_bytes = std::max({a, b, c});
+        temp = cuda_malloc(temp_bytes, "embedding buckets");
     }
     void release() {
-        cudaFree(tokens); cudaFree(offsets); cudaFree(positions);
-        tokens = offsets = positions = nullptr;
+        for (void* p : {(void*)iota, (void*)keys, (void*)sorted, (void*)unique, (void*)counts, (void*)offsets,
+                        (void*)num, temp})
+            cudaFree(p);
         capacity = 0;
     }
-    ~EmbeddingBuckets() { release(); }
 };
 
-// one block per distinct token; threads over channels
-static __global__ void embedding_backward_kernel(float* dwte, const float* dout, const int* tokens, const int* offsets,
-                                          const int* positions, int C) {
+// one block per distinct token (the grid covers every position: blocks past *num return);
+// threads over channels; each token's positions summed in ascending order
+static __global__ void embedding_backward_kernel(float* dwte, const float* dout, const int* unique, const int* counts,
+                                                 const int* offsets, const int* sorted, const int* num, int C) {
     const int b = blockIdx.x;
-    const int tok = tokens[b], p0 = offsets[b], p1 = offsets[b + 1];
+    if (b >= *num) return;
+    const int tok = unique[b], p0 = offsets[b], p1 = p0 + counts[b];
     for (int c = threadIdx.x; c < C; c += blockDim.x) {
         float acc = 0.0f;
-        for (int p = p0; p < p1; p++) acc += dout[(size_t)positions[p] * C + c];
+        for (int p = p0; p < p1; p++) acc += dout[(size_t)sorted[p] * C + c];
         dwte[(size_t)tok * C + c] += acc;
     }
 }
 
-inline void embedding_backward(float* dwte, const float* dout, const EmbeddingBuckets& bk, int C, cudaStream_t s) {
-    if (bk.num == 0) return;
-    embedding_backward_kernel<<<bk.num, 256, 0, s>>>(dwte, dout, bk.tokens, bk.offsets, bk.positions, C);
+// dwte += the sum of dout's rows per token (bk built from the same BT tokens)
+inline void embedding_backward(float* dwte, const float* dout, const EmbeddingBuckets& bk, int BT, int C, cudaStream_t s) {
+    embedding_backward_kernel<<<BT, 256, 0, s>>>(dwte, dout, bk.unique, bk.counts, bk.offsets, bk.sorted, bk.num, C);
     cudaCheckLast();
 }

@@ -4,7 +4,8 @@
 // flags; README.md ("Fine-tuning (SFT)") documents the workflow.
 //
 // The loss is the mean cross-entropy over the response tokens only (the mask's 1s; prompt
-// targets are -1): sum over valid targets / their count in the optimizer step. Each step goes
+// targets are -1): sum over valid targets / their count in the optimizer step. Examples are
+// packed back to back, each its own document: nothing flows from one into the next. Each step goes
 // through the Trainer of train_mamba (trainer.cuh): AdamW or Muon + AdamW, ZeRO-1 over the
 // ranks. If the checkpoint's vocabulary lacks the tokenizer's special tokens (<|im_start|>,
 // <|im_end|>), the model is rebuilt with the larger vocabulary: every tensor copied by name,
@@ -223,7 +224,7 @@ static int run(const Args& a, Comm& comm) {
     greedy.greedy = true;
     SplitMix64 rng(a.seed);
     auto eval_and_sample = [&](int step) {
-        const EvalResult e = combine_eval(evaluate(model, val, val_batches, a.val_batches > 0 ? 0 : val.samples_per_rank()),
+        const EvalResult e = combine_eval(evaluate(model, val, val_batches, a.val_batches > 0 ? 0 : val.samples_per_rank(), true),
                                           [&](double v) { return comm.sum(v); });
         printf("step %5d | val loss %.4f (masked: %ld response tokens) | top-1 %.2f%% | top-5 %.2f%%\n", step, e.loss,
                e.valid, 100 * e.top1, 100 * e.top5);
@@ -238,7 +239,7 @@ static int run(const Args& a, Comm& comm) {
     };
 
     const size_t local = (size_t)a.B * a.T;
-    std::vector<int> inputs((size_t)accum * local), targets(inputs.size());
+    std::vector<int> inputs((size_t)accum * local), targets(inputs.size()), pos(inputs.size());
     for (int step = 0; step < steps; step++) {
         const bool last = step == steps - 1;
         if (a.val_every > 0 && step % a.val_every == 0) eval_and_sample(step);
@@ -247,13 +248,14 @@ static int run(const Args& a, Comm& comm) {
             train.next_batch();
             std::copy(train.inputs(), train.inputs() + local, inputs.begin() + m * local);
             std::copy(train.targets(), train.targets() + local, targets.begin() + m * local);
+            std::copy(train.pos_in_doc(), train.pos_in_doc() + local, pos.begin() + m * local);
         }
         const long valid = trainer.count_valid(targets.data(), targets.size());
         const float lr = (float)sched.at(step + 1);
         if (valid == 0) {
             printf("step %5d | no response token in the batch: skipped\n", step + 1);
         } else {
-            const double loss = trainer.accumulate(inputs.data(), targets.data(), nullptr, accum, valid, 0.0f);
+            const double loss = trainer.accumulate({inputs.data(), targets.data(), nullptr, pos.data()}, accum, valid, 0.0f);
             const float norm = trainer.update(lr, step + 1);
             const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
             const double tps = tokens_per_step / dt, mfu = peak > 0 ? 100.0 * fpt * tps / peak : 0.0;

@@ -30,9 +30,9 @@ struct Range {
         return (lo_open ? x > lo : x >= lo) && (hi_open ? x < hi : x <= hi);
     }
     std::string describe() const {
-        if (std::isinf(hi)) return strformat("%s %g", lo_open ? ">" : ">=", lo);
-        if (std::isinf(lo)) return strformat("%s %g", hi_open ? "<" : "<=", hi);
-        return strformat("in %s%g, %g%s", lo_open ? "(" : "[", lo, hi, hi_open ? ")" : "]");
+        if (std::isinf(hi)) return strformat("%s %.15g", lo_open ? ">" : ">=", lo);
+        if (std::isinf(lo)) return strformat("%s %.15g", hi_open ? "<" : "<=", hi);
+        return strformat("in %s%.15g, %.15g%s", lo_open ? "(" : "[", lo, hi, hi_open ? ")" : "]");
     }
 };
 

@@ -337,16 +337,16 @@ struct AttentionBlock : BlockBase {
     void forward(const Ctx& c, const LayerActs& a, cudaStream_t s) const {
         c.phase("attention", s);
         const AttnShape sh = shape_for(c.B, c.T);
-        if (rope) rope_forward(a.in_out, sh, rope_theta, s);
-        attention_forward(a.y, a.stats, a.in_out, sh, s);
+        if (rope) rope_forward(a.in_out, sh, rope_theta, c.pos, s);
+        attention_forward(a.y, a.stats, a.in_out, sh, c.pos, s);
     }
     void recompute(const Ctx&, const LayerActs&, cudaStream_t) const {}
     const bf16* out_input(const Ctx&, const LayerActs& a) const { return a.y; }
     void backward(const Ctx& c, const LayerActs& a, cudaStream_t s) const {
         c.phase("attention bwd", s);
         const AttnShape sh = shape_for(c.B, c.T);
-        attention_backward(c.din, c.mixer_scratch, c.dout_in, a.in_out, a.y, a.stats, sh, s);
-        if (rope) rope_backward(c.din, sh, rope_theta, s);
+        attention_backward(c.din, c.mixer_scratch, c.dout_in, a.in_out, a.y, a.stats, sh, c.pos, s);
+        if (rope) rope_backward(c.din, sh, rope_theta, c.pos, s);
     }
 };
 
@@ -486,7 +486,7 @@ inline ActivationSizes activation_sizes(const ModelConfig& c, int B, int T, bool
                     (BT * d /* xn */ + h.out_in + h.dout_in + h.din + 2 * h.conv_out + h.dy + 2 * h.delta + h.dxproj +
                      s.logits + BT * d /* dxn */ + s.resid /* dresid bf16 */) * 2 +
                     s.resid * 4 /* dresid */ + BT * 4 /* losses */ + h.mixer_scratch + h.norm_scratch * 4 +
-                    BT * (3 * sizeof(int) + sizeof(float)) /* inputs, targets, ranks, weights */ +
+                    BT * (4 * sizeof(int) + sizeof(float)) /* inputs, targets, ranks, positions, weights */ +
                     sizeof(double) /* the loss total */;
     return s;
 }
@@ -503,6 +503,15 @@ inline double flops_per_token(const ModelConfig& c, int T) {
 
 // ----------------------------------------------------------------------------
 // 3. The model on the GPU
+
+// One micro-batch of B x T tokens on the host, each array row-major (B, T).
+struct Batch {
+    const int* inputs;
+    const int* targets = nullptr;   // the next tokens, -1 where no loss is taken; null: forward only
+    const float* weights = nullptr; // per-token loss weights; null: all 1
+    const int* pos = nullptr;       // position of each token in its document (0 at a document start:
+                                    // nothing crosses it); null: one document per row
+};
 
 struct Model {
     ModelConfig cfg;
@@ -522,7 +531,7 @@ struct Model {
     bf16 *xn = nullptr, *dxn = nullptr, *logits = nullptr, *dresid_bf16 = nullptr;
     float *dresid = nullptr, *losses = nullptr;
     double* loss_total = nullptr;   // the per-token losses summed over forwards, read by loss_sum()
-    int *d_inputs = nullptr, *d_targets = nullptr, *d_rank = nullptr;
+    int *d_inputs = nullptr, *d_targets = nullptr, *d_rank = nullptr, *d_pos = nullptr;
     float* d_weights = nullptr;
     EmbeddingBuckets buckets;
     std::vector<void*> owned;       // every activation allocation, freed together
@@ -618,11 +627,14 @@ struct Model {
         d_targets = alloc<int>(BT, "targets");
         d_rank = alloc<int>(BT, "target ranks");
         d_weights = alloc<float>(BT, "loss weights");
+        d_pos = alloc<int>(BT, "positions in the documents");
         loss_total = alloc<double>(1, "loss total");
         cudaCheck(cudaMemset(loss_total, 0, sizeof(double)));
+        allocate_stages();
     }
 
     void free_activations() {
+        free_stages();
         for (void* p : owned) cudaFree(p);
         owned.clear();
         resid.clear();
@@ -682,28 +694,67 @@ struct Model {
         rmsnorm_backward(dresid, dresid_bf16, grads + b.norm, ctx.norm_scratch, dxn, resid[l], w(b.norm), a.rstd, BT, d, s);
     }
 
+    // The host's batches reach the device through two pinned staging buffers in turn: the
+    // copy of one micro-batch runs while the host prepares the next, and no pageable copy
+    // holds the host back. A buffer is refilled once its last copy has finished.
+    struct Stage {
+        int *inputs = nullptr, *targets = nullptr, *pos = nullptr;
+        float* weights = nullptr;
+        cudaEvent_t copied = nullptr;
+    };
+    Stage stages[2];
+    int next_stage = 0;
+
+    void allocate_stages() {
+        const size_t BT = (size_t)B * T;
+        for (Stage& st : stages) {
+            cudaCheck(cudaMallocHost(&st.inputs, BT * sizeof(int)));
+            cudaCheck(cudaMallocHost(&st.targets, BT * sizeof(int)));
+            cudaCheck(cudaMallocHost(&st.pos, BT * sizeof(int)));
+            cudaCheck(cudaMallocHost(&st.weights, BT * sizeof(float)));
+            cudaCheck(cudaEventCreateWithFlags(&st.copied, cudaEventDisableTiming));
+        }
+    }
+    void free_stages() {
+        for (Stage& st : stages) {
+            for (void* p : {(void*)st.inputs, (void*)st.targets, (void*)st.pos, (void*)st.weights}) cudaFreeHost(p);
+            if (st.copied) cudaEventDestroy(st.copied);
+            st = Stage{};
+        }
+    }
+    // host array -> pinned stage -> device, on stream s
+    template <typename X>
+    static void upload(X* dev, X* pinned, const X* host, size_t n, cudaStream_t s) {
+        memcpy(pinned, host, n * sizeof(X));
+        cudaCheck(cudaMemcpyAsync(dev, pinned, n * sizeof(X), cudaMemcpyHostToDevice, s));
+    }
+
     // Forward to the per-token losses (`losses`, device), whose sum it adds to the device
-    // total that loss_sum() reads. targets may be null: the forward then stops at the final
-    // norm, and compute_logits() gives the logits of chosen rows. weights may be null (all
-    // 1). With dloss > 0 the gradient is carried back through the LM head, ready for
-    // backward(). With target_rank (device, BT ints) it also records each target's rank for
-    // top-k accuracy.
-    void forward(const int* inputs, const int* targets, const float* weights, float dloss, float z_loss,
-                 cudaStream_t s = 0, int* target_rank = nullptr) {
+    // total that loss_sum() reads. Without targets the forward stops at the final norm, and
+    // compute_logits() gives the logits of chosen rows. With dloss > 0 the gradient is carried
+    // back through the LM head, ready for backward(). With target_rank (device, BT ints) it
+    // also records each target's rank for top-k accuracy.
+    void forward(const Batch& batch, float dloss, float z_loss, cudaStream_t s = 0, int* target_rank = nullptr) {
         const int BT = B * T, d = cfg.d_model;
         ctx.timer = timer;
-        cudaCheck(cudaMemcpyAsync(d_inputs, inputs, BT * sizeof(int), cudaMemcpyHostToDevice, s));
-        if (targets) cudaCheck(cudaMemcpyAsync(d_targets, targets, BT * sizeof(int), cudaMemcpyHostToDevice, s));
-        if (weights) cudaCheck(cudaMemcpyAsync(d_weights, weights, BT * sizeof(float), cudaMemcpyHostToDevice, s));
-        if (dloss > 0) buckets.build(inputs, BT, s);  // for the embedding backward
+        Stage& st = stages[next_stage];
+        next_stage ^= 1;
+        cudaCheck(cudaEventSynchronize(st.copied));  // its previous copies are done
+        upload(d_inputs, st.inputs, batch.inputs, BT, s);
+        if (batch.targets) upload(d_targets, st.targets, batch.targets, BT, s);
+        if (batch.weights) upload(d_weights, st.weights, batch.weights, BT, s);
+        if (batch.pos) upload(d_pos, st.pos, batch.pos, BT, s);
+        cudaCheck(cudaEventRecord(st.copied, s));
+        ctx.pos = batch.pos ? d_pos : nullptr;
+        if (dloss > 0) buckets.build(d_inputs, BT, cfg.padded_vocab(), s);  // for the embedding backward
 
         phase("embedding", s);
         embedding_forward(resid[0], d_inputs, w(layout.embedding), BT, d, s);
         for (int l = 0; l < cfg.n_layer; l++) layer_forward(l, s);
         phase("rmsnorm", s);
         rmsnorm_forward(xn, final_rstd, resid[cfg.n_layer], w(layout.final_norm), BT, d, cfg.norm_eps, s);
-        if (!targets) return;
-        lm_head_and_loss(target_rank, weights != nullptr, dloss, z_loss, s);
+        if (!batch.targets) return;
+        lm_head_and_loss(target_rank, batch.weights != nullptr, dloss, z_loss, s);
         loss_accumulate(loss_total, losses, BT, s);
     }
 
@@ -750,7 +801,7 @@ struct Model {
             if (grads_done) grads_done(layout.block(l).norm, false, s);
         }
         phase("embedding bwd", s);
-        embedding_backward(grads + layout.embedding, dresid, buckets, d, s);
+        embedding_backward(grads + layout.embedding, dresid, buckets, BT, d, s);
         if (grads_done) grads_done(0, true, s);
     }
 

@@ -20,20 +20,21 @@ static double peak_flops(const cudaDeviceProp& p) {
     return 0;
 }
 
-// positional weights tanh(pos / 10) for every token of a batch (SPEC.md section 3)
-static void positional_weights(std::vector<float>& w, int B, int T) {
-    w.resize((size_t)B * T);
-    for (int b = 0; b < B; b++)
-        for (int t = 0; t < T; t++) w[(size_t)b * T + t] = std::tanh(t / 10.0f);
+// positional loss weights tanh(pos / 10) (SPEC.md section 3), pos each token's position in
+// its sequence or document
+static void positional_weights(std::vector<float>& w, const std::vector<int>& pos) {
+    w.resize(pos.size());
+    for (size_t i = 0; i < pos.size(); i++) w[i] = std::tanh(pos[i] / 10.0f);
 }
 
 // mean loss and top-1/top-5 accuracy over the valid (unmasked) targets of `batches` batches
 // from the start of `val`; `valid` counts those targets. samples > 0 (an unshuffled loader):
 // only its first `samples` samples count, so that a set that is not a whole number of
-// batches counts every sample once (the rows that wrap around are masked).
+// batches counts every sample once (the rows that wrap around are masked). documents: the
+// rows' documents run apart (--doc-reset, fine-tuning's examples).
 struct EvalResult { double loss, top1, top5; long valid; };
 
-static EvalResult evaluate(Model& model, DataLoader& val, int batches, size_t samples = 0) {
+static EvalResult evaluate(Model& model, DataLoader& val, int batches, size_t samples = 0, bool documents = false) {
     val.reset();
     double top1 = 0, top5 = 0;
     long n = 0;
@@ -48,7 +49,7 @@ static EvalResult evaluate(Model& model, DataLoader& val, int batches, size_t sa
                 if ((size_t)i * B + b >= samples) std::fill(targets.begin() + (size_t)b * T, targets.begin() + (size_t)(b + 1) * T, -1);
             tg = targets.data();
         }
-        model.forward(val.inputs(), tg, nullptr, 0.0f, 0.0f, 0, model.d_rank);
+        model.forward({val.inputs(), tg, nullptr, documents ? val.pos_in_doc() : nullptr}, 0.0f, 0.0f, 0, model.d_rank);
         cudaCheck(cudaMemcpy(rank.data(), model.d_rank, rank.size() * sizeof(int), cudaMemcpyDeviceToHost));
         for (int r : rank) {
             if (r < 0) continue;  // masked target
@@ -127,7 +128,7 @@ static std::vector<uint32_t> generate(Model& model, const std::vector<uint32_t>&
     std::vector<bf16> row(Vp);
     std::vector<uint32_t> out;
     for (int t = (int)prompt.size() - 1; t < T - 1 && (int)out.size() < max_new; t++) {
-        model.forward(inputs.data(), nullptr, nullptr, 0.0f, 0.0f);
+        model.forward({inputs.data()}, 0.0f, 0.0f);
         model.compute_logits(t, 1);
         cudaCheck(cudaMemcpy(row.data(), model.logits, Vp * sizeof(bf16), cudaMemcpyDeviceToHost));
         const int next = sample_token(row.data(), V, s, rng);

@@ -305,11 +305,12 @@ static void run_bench(const Args& a, const Plan& p, Model& model, Trainer& train
     const long tokens_per_step = p.ramp.target;
     const int accum = (int)(tokens_per_step / p.micro_tokens);
     const double fpt = flops_per_token(p.cfg, a.T);
-    std::vector<float> posw;
-    if (a.pos_weight) positional_weights(posw, a.B, a.T);
     model.init(a.seed);
     SplitMix64 rng(a.seed + trainer.comm.rank);
-    std::vector<int> inputs((size_t)accum * a.B * a.T), targets(inputs.size());
+    std::vector<int> inputs((size_t)accum * a.B * a.T), targets(inputs.size()), pos(inputs.size());
+    for (size_t i = 0; i < pos.size(); i++) pos[i] = (int)(i % a.T);
+    std::vector<float> weights;
+    if (a.pos_weight) positional_weights(weights, pos);
     std::vector<double> times;
     PhaseTimer timer;
     for (int step = 0; step < a.bench_steps + 3; step++) {
@@ -321,7 +322,7 @@ static void run_bench(const Args& a, const Plan& p, Model& model, Trainer& train
         cudaCheck(cudaDeviceSynchronize());
         auto t0 = std::chrono::steady_clock::now();
         const long valid = trainer.count_valid(targets.data(), targets.size());
-        trainer.accumulate(inputs.data(), targets.data(), a.pos_weight ? posw.data() : nullptr, accum, valid, a.z_loss);
+        trainer.accumulate({inputs.data(), targets.data(), a.pos_weight ? weights.data() : nullptr}, accum, valid, a.z_loss);
         trainer.update((float)p.sched.at(step + 1), step + 1);
         model.phase("end", 0);
         timer.collect();
@@ -385,8 +386,6 @@ static int run(const Args& a, Comm& comm) {
         printf("batch ramp-up: %ld -> %ld tokens per step over the first %ld tokens\n", p.ramp.at(0), p.ramp.target,
                a.ramp_tokens);
 
-    std::vector<float> posw;
-    if (a.pos_weight) positional_weights(posw, a.B, a.T);
     DataLoader& train = *p.train;
     if (p.mix)
         printf("decay-phase mixture: %.0f%% of micro-batches from %s (from %ld %s)\n", 100 * a.mix_weight,
@@ -407,7 +406,7 @@ static int run(const Args& a, Comm& comm) {
     }
     if (comm.root()) metrics.open(a.ckpt_dir, p.resume.empty() ? -1 : st.step);
     auto print_val = [&](int step) {
-        const EvalResult e = combine_eval(evaluate(model, *p.val, a.val_batches), [&](double v) { return comm.sum(v); });
+        const EvalResult e = combine_eval(evaluate(model, *p.val, a.val_batches, 0, a.doc_reset), [&](double v) { return comm.sum(v); });
         print_eval(e, step);
         metrics.write({{"step", step}, {"val_loss", e.loss}, {"top1", e.top1}, {"top5", e.top5}});
     };
@@ -422,7 +421,8 @@ static int run(const Args& a, Comm& comm) {
 
     printf("training: %ld tokens in steps of %ld (B=%d T=%d)\n", p.total_tokens, p.ramp.target, a.B, a.T);
     const long local_tokens = (long)a.B * a.T;
-    std::vector<int> inputs, targets;
+    std::vector<int> inputs, targets, pos;
+    std::vector<float> weights;
     SpikeGuard spikes{a.spike_factor, (size_t)a.spike_window, {}};
     std::string last_ckpt;
     auto done = [&] { return p.unit_tokens ? st.tokens >= p.total_tokens : st.step >= a.steps; };
@@ -442,34 +442,34 @@ static int run(const Args& a, Comm& comm) {
         const int accum = (int)(step_tokens / p.micro_tokens);
         const long units_before = p.unit_tokens ? st.tokens : step;
         // the whole step's batches first: the loss is normalised by its count of valid targets
-        inputs.resize((size_t)accum * local_tokens);
-        targets.resize(inputs.size());
+        const size_t n = (size_t)accum * local_tokens;
+        inputs.resize(n);
+        targets.resize(n);
+        pos.resize(n);
         for (int m = 0; m < accum; m++) {
             // in WSD's decay phase, a share of the micro-batches comes from the second mixture
             SplitMix64 pick(a.seed ^ ((uint64_t)step * 0x9E3779B97F4A7C15ULL + m));
             DataLoader& src = p.mix && units_before >= p.sched.decay_start && pick.uniform() < a.mix_weight ? *p.mix : train;
             src.next_batch();
-            std::copy(src.inputs(), src.inputs() + local_tokens, inputs.begin() + (size_t)m * local_tokens);
-            std::copy(src.targets(), src.targets() + local_tokens, targets.begin() + (size_t)m * local_tokens);
+            const size_t at = (size_t)m * local_tokens;
+            std::copy(src.inputs(), src.inputs() + local_tokens, inputs.begin() + at);
+            std::copy(src.targets(), src.targets() + local_tokens, targets.begin() + at);
+            std::copy(src.pos_in_doc(), src.pos_in_doc() + local_tokens, pos.begin() + at);
         }
+        // without --doc-reset a row is one sequence: positions count from its start
+        if (!a.doc_reset)
+            for (size_t i = 0; i < n; i++) pos[i] = (int)(i % a.T);
+        if (a.pos_weight) positional_weights(weights, pos);
         if (step + 1 == a.inject_spike_at) {  // a corrupt batch: random targets
             SplitMix64 r(a.seed + 17);
             for (int& t : targets) t = (int)(r.next() % p.cfg.vocab_size);
             printf("injected a corrupt batch at step %d\n", step + 1);
         }
-        int passes = accum;  // forward/backward passes of B rows
-        if (a.doc_reset) {
-            DocRows d = split_documents(inputs.data(), targets.data(), accum * a.B, a.T, p.eot);
-            passes = (d.rows + a.B - 1) / a.B;
-            d.inputs.resize((size_t)passes * local_tokens, p.eot);  // whole passes: masked padding rows
-            d.targets.resize((size_t)passes * local_tokens, -1);
-            inputs.swap(d.inputs);
-            targets.swap(d.targets);
-        }
         const long valid = trainer.count_valid(targets.data(), targets.size());
         if (valid == 0) THROW("step %d: every target of the batch is masked", step + 1);
-        const double loss = trainer.accumulate(inputs.data(), targets.data(), a.pos_weight ? posw.data() : nullptr,
-                                               passes, valid, a.z_loss);
+        const Batch batch{inputs.data(), targets.data(), a.pos_weight ? weights.data() : nullptr,
+                          a.doc_reset ? pos.data() : nullptr};
+        const double loss = trainer.accumulate(batch, accum, valid, a.z_loss);
         if (spikes.is_spike(loss)) {
             // skip the update; go back to the last checkpoint and leave the loader past this batch
             trainer.discard();

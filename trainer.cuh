@@ -80,10 +80,10 @@ struct Trainer {
     }
 
     // Forward and backward of `passes` micro-batches of the model's B x T, one after another
-    // in `inputs` and `targets` (each rank its own); `weights` (B x T, or null) weighs every
-    // pass alike. The gradients are zeroed first and accumulate; the last pass's backward
-    // reduces them onto their owners. Returns the step's loss (valid: count_valid's total).
-    double accumulate(const int* inputs, const int* targets, const float* weights, int passes, long valid, float z_loss) {
+    // in the arrays of `step` (each rank its own; weights and pos may be null). The gradients
+    // are zeroed first and accumulate; the last pass's backward reduces them onto their
+    // owners. Returns the step's loss (valid: count_valid's total).
+    double accumulate(const Batch& step, int passes, long valid, float z_loss) {
         const size_t local = (size_t)model.B * model.T;
         model.zero_grad();
         for (int p = 0; p < passes; p++) {
@@ -92,7 +92,8 @@ struct Trainer {
                 reducer.begin();
                 model.grads_done = [this](size_t lo, bool last, cudaStream_t s) { reducer.ready(model.grads, lo, last, s); };
             }
-            model.forward(inputs + p * local, targets + p * local, weights, 1.0f / valid, z_loss);
+            auto at = [&](auto* a) { return a ? a + p * local : nullptr; };
+            model.forward({at(step.inputs), at(step.targets), at(step.weights), at(step.pos)}, 1.0f / valid, z_loss);
             model.backward();
         }
         model.grads_done = nullptr;

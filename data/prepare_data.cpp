@@ -1,279 +1,254 @@
-// prepare_data: text and JSONL to token shards, shard inspection, BPE training, and the
-// Brown corpus converter used by data/prepare_default.sh. Shard format: dataloader.h.
+// prepare_data: text and JSONL to token shards, instruction data to shards with loss
+// masks, shard inspection, BPE training, and the Brown corpus converter used by
+// data/prepare_default.sh. Shard format: dataloader.h. Every command checks its flags and
+// inputs before any work, and writes its outputs as one staged set (StagedFiles): a failed
+// run leaves what was there untouched and no temporary file behind.
 #include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstring>
 #include <cstdio>
 #include <filesystem>
-#include <fstream>
-#include <functional>
-#include <map>
+#include <optional>
+#include <sched.h>
 #include <sstream>
 #include <string>
 #include <vector>
 #include <nlohmann/json.hpp>
 #include "common.h"
 #include "dataloader.h"
+#include "flags.h"
 #include "tokenizer.h"
 #include "data/bpe_trainer.h"
+#include "data/corpus.h"
 #include "data/sft.h"
 
 namespace fs = std::filesystem;
 
 static const char* USAGE =
-    "usage:\n"
-    "  prepare_data shards --tokenizer PATH --out DIR [--name NAME] [--shard-tokens N]\n"
-    "               [--val-fraction F | --val-docs N] [--jsonl-field FIELD] [--seed S] INPUT...\n"
-    "      INPUT: a text file (one document), a .jsonl file (one document per line, the string\n"
-    "      FIELD, default \"text\"), or a directory (its *.txt and *.jsonl files, recursively).\n"
-    "      Each document is preceded by the EOT token. Validation takes every (1/F)-th document\n"
-    "      (default F 0.05; --seed S, default 0, picks the offset) or the first N documents.\n"
-    "      Writes DIR/NAME_val_000000.bin, DIR/NAME_train_000000.bin, ... of at most N tokens\n"
-    "      (default name \"data\", default 100000000 tokens per shard).\n"
-    "  prepare_data inspect [--tokenizer PATH] [--n N] SHARD\n"
-    "      header, dtype, id range, document count and the first N tokens (default 64) decoded.\n"
-    "  prepare_data train-bpe --vocab-size N --out tokenizer.json [--special TOK ...] INPUT...\n"
-    "      byte-level BPE on INPUT (as for shards); default special token <|endoftext|>.\n"
-    "  prepare_data sft --tokenizer PATH --out DIR [--name NAME] [--template chatml|alpaca|FILE.json]\n"
-    "               [--system TEXT] [--format auto|alpaca|chat] [--seq-len T] [--max-len N]\n"
-    "               [--overflow truncate|drop] [--val-fraction F | --val-examples N] [--seed S] INPUT...\n"
-    "      instruction data for fine-tuning. INPUT: a .jsonl file (or a directory of them) of Alpaca\n"
-    "      records {instruction, input (optional), output} or chat records {messages: [{role,\n"
-    "      content}, ...]} (--format auto tells them apart by the 'messages' key). Each example is\n"
-    "      rendered with the template (default chatml: <|im_start|>ROLE\\nCONTENT<|im_end|>\\n per turn;\n"
-    "      --system TEXT adds a system turn to examples without one) and written as EOT ex EOT ex\n"
-    "      ... EOT into DIR/NAME_{train,val}_000000.bin (default name \"sft\") with a loss mask\n"
-    "      SHARD.mask: 1 on every response and the stop token that ends it, 0 elsewhere.\n"
-    "      --seq-len T (default 256; 0: plain concatenation) keeps each example inside one T-token\n"
-    "      training window (the gap padded with masked EOT tokens). Examples longer than --max-len\n"
-    "      tokens (default T; an example's tokens + 1 EOT) are truncated or dropped (--overflow,\n"
-    "      default truncate). Validation takes every (1/F)-th example (default F 0.1) or the first N.\n"
-    "      Also writes DIR/tokenizer.json (the tokenizer plus <|im_start|>, <|im_end|>) and\n"
-    "      DIR/template.json, which finetune_mamba reads.\n"
-    "  prepare_data brown SRC_DIR OUT_DIR\n"
-    "      the tagged Brown corpus (files ca01..cr09 in SRC_DIR) to plain text, one OUT_DIR/<id>.txt\n"
-    "      per text.\n";
-
-struct UsageError : std::runtime_error {
-    using std::runtime_error::runtime_error;
-};
-
-// Flags of one subcommand: `--name value` pairs (a flag in `multi` may repeat) and positionals.
-struct Args {
-    std::map<std::string, std::vector<std::string>> flags;
-    std::vector<std::string> positional;
-
-    Args(int argc, char** argv, const std::vector<std::string>& known) {
-        for (int i = 0; i < argc; i++) {
-            std::string a = argv[i];
-            if (a.rfind("--", 0) != 0) { positional.push_back(a); continue; }
-            if (std::find(known.begin(), known.end(), a) == known.end())
-                throw UsageError(strformat("unknown flag '%s'", a.c_str()));
-            if (i + 1 >= argc) throw UsageError(strformat("flag '%s' needs a value", a.c_str()));
-            flags[a].push_back(argv[++i]);
-        }
-    }
-    bool has(const std::string& f) const { return flags.count(f) > 0; }
-    std::string str(const std::string& f, const std::string& def = "") const {
-        auto it = flags.find(f);
-        if (it == flags.end()) return def;
-        if (it->second.size() > 1) throw UsageError(strformat("flag '%s' given more than once", f.c_str()));
-        return it->second[0];
-    }
-    std::string required(const std::string& f) const {
-        if (!has(f)) throw UsageError(strformat("missing required flag '%s'", f.c_str()));
-        return str(f);
-    }
-    long long integer(const std::string& f, long long def) const {
-        if (!has(f)) return def;
-        std::string v = str(f);
-        char* end;
-        long long x = strtoll(v.c_str(), &end, 10);
-        if (v.empty() || *end) throw UsageError(strformat("flag '%s' wants an integer, got '%s'", f.c_str(), v.c_str()));
-        return x;
-    }
-    double real(const std::string& f, double def) const {
-        if (!has(f)) return def;
-        std::string v = str(f);
-        char* end;
-        double x = strtod(v.c_str(), &end);
-        if (v.empty() || *end) throw UsageError(strformat("flag '%s' wants a number, got '%s'", f.c_str(), v.c_str()));
-        return x;
-    }
-};
-
-static std::string read_file(const std::string& path) {
-    std::ifstream f(path, std::ios::binary);
-    if (!f) THROW("cannot open '%s'", path.c_str());
-    std::stringstream ss;
-    ss << f.rdbuf();
-    return ss.str();
-}
-
-static bool ends_with(const std::string& s, const std::string& suffix) {
-    return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
-}
-
-// The input files: files as given, directories as their files (recursively, sorted) whose
-// names end in one of `exts`.
-static std::vector<std::string> input_files(const std::vector<std::string>& inputs, const std::vector<std::string>& exts) {
-    std::vector<std::string> files;
-    for (auto& in : inputs) {
-        if (fs::is_directory(in)) {
-            std::vector<std::string> found;
-            for (auto& e : fs::recursive_directory_iterator(in)) {
-                std::string p = e.path().string();
-                for (auto& x : exts)
-                    if (e.is_regular_file() && ends_with(p, x)) { found.push_back(p); break; }
-            }
-            std::string names;
-            for (auto& x : exts) names += (names.empty() ? "*" : " or *") + x;
-            if (found.empty()) THROW("directory '%s' holds no %s file", in.c_str(), names.c_str());
-            std::sort(found.begin(), found.end());
-            files.insert(files.end(), found.begin(), found.end());
-        } else if (fs::is_regular_file(in)) {
-            files.push_back(in);
-        } else {
-            THROW("input '%s' is neither a file nor a directory", in.c_str());
-        }
-    }
-    return files;
-}
-
-// Calls `doc` for every document of the inputs, in order (directories sorted).
-static void for_each_document(const std::vector<std::string>& inputs, const std::string& jsonl_field,
-                              const std::function<void(const std::string&)>& doc) {
-    const std::vector<std::string> files = input_files(inputs, {".txt", ".jsonl"});
-    for (auto& path : files) {
-        if (!ends_with(path, ".jsonl")) {
-            doc(read_file(path));
-            continue;
-        }
-        std::ifstream f(path, std::ios::binary);
-        if (!f) THROW("cannot open '%s'", path.c_str());
-        std::string line;
-        for (long lineno = 1; std::getline(f, line); lineno++) {
-            if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
-            nlohmann::json j;
-            try {
-                j = nlohmann::json::parse(line);
-            } catch (const std::exception& e) {
-                THROW("'%s' line %ld is not valid JSON: %s", path.c_str(), lineno, e.what());
-            }
-            if (!j.is_object() || !j.contains(jsonl_field) || !j[jsonl_field].is_string())
-                THROW("'%s' line %ld has no string field '%s'", path.c_str(), lineno, jsonl_field.c_str());
-            doc(j[jsonl_field].get<std::string>());
-        }
-    }
-}
+    "usage: prepare_data COMMAND [flags] ARGS...      (prepare_data COMMAND --help: its flags)\n"
+    "  shards     text and JSONL documents to token shards (a training corpus)\n"
+    "  sft        instruction records to token shards with loss masks (fine-tuning)\n"
+    "  inspect    a shard's header, id range, documents, mask and first tokens\n"
+    "  train-bpe  a byte-level BPE tokenizer trained on text\n"
+    "  brown      the tagged Brown corpus to plain text files\n";
 
 static double seconds_since(std::chrono::steady_clock::time_point t0) {
     return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 
+// the cores this process may run on
+static int available_cores() {
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+    return std::max(1u, std::thread::hardware_concurrency());
+}
+
+static void require_flag(const Flags& f, const char* cmd, const char* flag) {
+    if (!f.given(flag)) THROW("%s: missing required flag %s (see prepare_data %s --help)", cmd, flag, cmd);
+}
+
+// the output directory, created if missing; `created` tells whether this run made it
+static void make_out_dir(const std::string& dir, bool& created) {
+    std::error_code ec;
+    created = !fs::exists(dir, ec);
+    fs::create_directories(dir, ec);
+    if (ec) THROW("cannot create the output directory '%s': %s", dir.c_str(), ec.message().c_str());
+    if (!fs::is_directory(dir)) THROW("output '%s' exists and is not a directory", dir.c_str());
+}
+
+// Removes DIR/NAME_{train,val}_<digits>.bin and their .mask files that are not in `keep`:
+// a rerun replaces the whole set, so stale shards of an earlier, larger run do not mix in.
+static void remove_stale(const std::string& dir, const std::string& name, const std::vector<std::string>& keep) {
+    for (auto& e : fs::directory_iterator(dir)) {
+        const std::string f = e.path().filename().string();
+        std::string rest;
+        for (const char* split : {"_train_", "_val_"})
+            if (f.rfind(name + split, 0) == 0) rest = f.substr(name.size() + strlen(split));
+        const size_t digits = rest.find_first_not_of("0123456789");
+        if (digits == 0 || digits == std::string::npos) continue;
+        const std::string ext = rest.substr(digits);
+        if (ext != ".bin" && ext != ".bin.mask") continue;
+        const std::string p = dir + "/" + f;
+        if (std::find(keep.begin(), keep.end(), p) == keep.end()) fs::remove(p);
+    }
+}
+
+static void write_text_file(const std::string& path, const std::string& text) {
+    FILE* f = fopen_or_throw(path, "wb");
+    const bool ok = fwrite(text.data(), 1, text.size(), f) == text.size();
+    const int err = errno;
+    if (fclose(f) != 0 || !ok) THROW("cannot write '%s': %s", path.c_str(), strerror(ok ? errno : err));
+}
+
 // ----------------------------------------------------------------------------
 // shards
 
-// Collects one split's tokens and writes a shard each time `shard_tokens` are ready.
-struct ShardSink {
+static const char* SHARDS_USAGE =
+    "usage: prepare_data shards --tokenizer PATH --out DIR [flags] INPUT...\n"
+    "  INPUT: a text file (one document), a .jsonl file (one document per line, its string\n"
+    "  --jsonl-field), or a directory (its *.txt and *.jsonl files, recursively, sorted).\n"
+    "  Writes DIR/NAME_val_000000.bin, DIR/NAME_train_000000.bin, ... (each document preceded\n"
+    "  by the end-of-text token), replacing an earlier set of NAME only when all succeeded.\n"
+    "  Text is ordinary text: a literal <|endoftext|> in a document is not the end-of-text\n"
+    "  token (unless --allow-special). Output is identical for any --threads.\n"
+    "flags:";
+
+// One split's shards, PREFIX000000.bin, ... of at most shard_tokens tokens each, written as
+// they fill, under staged names until the run succeeds.
+struct SplitWriter {
     std::string prefix;  // DIR/NAME_split_
     size_t shard_tokens;
     int vocab_size;
-    std::vector<uint32_t> buf = {};
-    int shards = 0;
+    StagedFiles& staged;
+    std::optional<ShardWriter> shard = {};
+    std::vector<std::string> paths = {};
     size_t tokens = 0, docs = 0;
 
-    void add(const std::vector<uint32_t>& doc) {
-        buf.insert(buf.end(), doc.begin(), doc.end());
-        tokens += doc.size();
-        docs++;
-        while (buf.size() >= shard_tokens) {
-            std::vector<uint32_t> shard(buf.begin(), buf.begin() + shard_tokens);
-            buf.erase(buf.begin(), buf.begin() + shard_tokens);
-            write(shard);
+    void add(const uint32_t* t, size_t n) {
+        tokens += n;
+        while (n > 0) {
+            if (!shard) {
+                paths.push_back(strformat("%s%06zu.bin", prefix.c_str(), paths.size()));
+                shard.emplace(ShardWriter::tokens(staged.stage(paths.back()), vocab_size));
+            }
+            const size_t k = std::min(n, shard_tokens - shard->count());
+            shard->append_tokens(t, k);
+            t += k;
+            n -= k;
+            if (shard->count() == shard_tokens) finish();
         }
     }
     void finish() {
-        if (!buf.empty()) write(buf);
-        buf.clear();
-    }
-    void write(const std::vector<uint32_t>& shard) {
-        write_shard(strformat("%s%06d.bin", prefix.c_str(), shards++), shard, vocab_size);
+        if (shard) shard->finish();
+        shard.reset();
     }
 };
 
 static void cmd_shards(int argc, char** argv) {
-    Args a(argc, argv, {"--tokenizer", "--out", "--name", "--shard-tokens", "--val-fraction", "--val-docs",
-                        "--jsonl-field", "--seed"});
-    if (a.positional.empty()) throw UsageError("shards: no INPUT given");
-    if (a.has("--val-fraction") && a.has("--val-docs")) throw UsageError("give --val-fraction or --val-docs, not both");
-    const std::string out = a.required("--out"), name = a.str("--name", "data");
-    const long long shard_tokens = a.integer("--shard-tokens", 100000000);
-    const double val_fraction = a.has("--val-docs") ? 0.0 : a.real("--val-fraction", 0.05);
-    const long long val_docs = a.integer("--val-docs", 0);
-    const uint64_t seed = (uint64_t)a.integer("--seed", 0);
-    if (shard_tokens <= 0 || shard_tokens > INT32_MAX) throw UsageError("--shard-tokens must be in [1, 2^31)");
-    if (val_fraction < 0 || val_fraction > 1) throw UsageError("--val-fraction must be in [0, 1]");
-    if (val_docs < 0) throw UsageError("--val-docs must be >= 0");
+    std::string tokenizer, out, name = "data", field = "text";
+    long long shard_tokens = 100000000, val_docs = 0;
+    double val_fraction = 0.05;
+    uint64_t seed = 0;
+    int threads = available_cores();
+    bool allow_special = false;
+    Flags f(SHARDS_USAGE);
+    f.add({"--tokenizer"}, &tokenizer, "PATH", "encoder.json + vocab.bpe directory, or a tokenizer.json");
+    f.add({"--out"}, &out, "DIR", "output directory (created if missing)");
+    f.add({"--name"}, &name, "NAME", "shard name prefix");
+    f.add({"--shard-tokens"}, &shard_tokens, "N", "tokens per shard at most", Range::between(1, INT32_MAX));
+    f.add({"--val-fraction"}, &val_fraction, "F",
+          "validation takes every (1/F)-th document (a systematic\nsample; --seed picks the offset)", Range::between(0, 1));
+    f.add({"--val-docs"}, &val_docs, "N", "validation takes the first N documents instead", Range::at_least(0));
+    f.add({"--jsonl-field"}, &field, "FIELD", "the string field of a JSONL record that holds the text");
+    f.add({"--seed"}, &seed, "S", "offset of the validation sample");
+    f.add({"--threads"}, &threads, "N", "tokenizing threads (default: every core)", Range::between(1, 4096));
+    f.flag({"--allow-special"}, &allow_special,
+           "read special-token text in documents (<|endoftext|> ...) as those\ntokens instead of as text");
+    const std::vector<std::string> inputs = f.parse(argc, argv, 2);
+    require_flag(f, "shards", "--tokenizer");
+    require_flag(f, "shards", "--out");
+    if (inputs.empty()) THROW("shards: no INPUT given (see prepare_data shards --help)");
+    if (f.given("--val-fraction") && f.given("--val-docs")) THROW("shards: give --val-fraction or --val-docs, not both");
+    if (f.given("--val-docs")) val_fraction = 0;
+    if (name.empty() || name.find('/') != std::string::npos) THROW("shards: --name '%s' must be a plain file name prefix", name.c_str());
 
-    Tokenizer tok = Tokenizer::load(a.required("--tokenizer"));
+    Tokenizer tok = Tokenizer::load(tokenizer);
     const int eot = tok.eot_token();
-    if (eot < 0) THROW("tokenizer '%s' has no <|endoftext|> token to separate documents", a.str("--tokenizer").c_str());
-    fs::create_directories(out);
-    // a rerun replaces the whole set: stale shards of an earlier, larger run would mix in
-    for (auto& old : glob_sorted(out + "/" + name + "_train_*.bin")) fs::remove(old);
-    for (auto& old : glob_sorted(out + "/" + name + "_val_*.bin")) fs::remove(old);
-
-    ShardSink train{out + "/" + name + "_train_", (size_t)shard_tokens, tok.vocab_size()};
-    ShardSink val{out + "/" + name + "_val_", (size_t)shard_tokens, tok.vocab_size()};
-    auto t0 = std::chrono::steady_clock::now();
-    double last_print = 0;
-    size_t docs = 0, bytes = 0;
-    auto progress = [&](const char* tag) {
-        double dt = std::max(seconds_since(t0), 1e-9);
-        size_t toks = train.tokens + val.tokens;
-        printf("%s %zu docs (%zu val), %zu tokens (%zu val), %.1f MB text, %.0f tokens/s, %.2f MB/s, %.1f s\n", tag,
-               docs, val.docs, toks, val.tokens, bytes / 1e6, toks / dt, bytes / 1e6 / dt, dt);
-        fflush(stdout);
-    };
-    const double val_offset = (SplitMix64(seed).next() >> 11) * 0x1.0p-53;
-    std::vector<uint32_t> ids;
-    for_each_document(a.positional, a.str("--jsonl-field", "text"), [&](const std::string& text) {
+    if (eot < 0) THROW("tokenizer '%s' has no <|endoftext|> token to separate documents", tokenizer.c_str());
+    const std::vector<std::string> files = input_files(inputs, {".txt", ".jsonl"});
+    size_t total_bytes = 0;
+    for (auto& p : files) total_bytes += fs::file_size(p);
+    bool created = false;
+    make_out_dir(out, created);
+    try {
+        StagedFiles staged;
+        SplitWriter train{out + "/" + name + "_train_", (size_t)shard_tokens, tok.vocab_size(), staged};
+        SplitWriter val{out + "/" + name + "_val_", (size_t)shard_tokens, tok.vocab_size(), staged};
         // a systematic sample: document i is val when i*F + offset crosses an integer, so val
         // takes a fraction F spread evenly over the input order (Brown's genres alike)
-        bool is_val = val_fraction > 0 ? std::floor((docs + 1) * val_fraction + val_offset) >
-                                             std::floor(docs * val_fraction + val_offset)
-                                       : (long long)docs < val_docs;
-        ids.assign(1, (uint32_t)eot);
-        std::vector<uint32_t> enc = tok.encode(text);
-        ids.insert(ids.end(), enc.begin(), enc.end());
-        (is_val ? val : train).add(ids);
-        docs++;
-        bytes += text.size();
-        if (seconds_since(t0) - last_print >= 2.0) {
-            last_print = seconds_since(t0);
-            progress("...");
+        const double offset = (SplitMix64(seed).next() >> 11) * 0x1.0p-53;
+        DocumentReader reader(files, [&](size_t i) {
+            return val_fraction > 0 ? std::floor((i + 1) * val_fraction + offset) > std::floor(i * val_fraction + offset)
+                                    : (long long)i < val_docs;
+        });
+        std::vector<Tokenizer::PieceCache> caches(threads);
+        const size_t batch_bytes = std::max<size_t>(16 << 20, (size_t)threads << 21);
+        const uint32_t eot_id = (uint32_t)eot;
+        size_t text_bytes = 0;
+        const auto t0 = std::chrono::steady_clock::now();
+        double last_print = 0;
+        auto progress = [&](bool done) {
+            const double dt = std::max(seconds_since(t0), 1e-9), mb = reader.bytes_read() / 1e6;
+            const size_t toks = train.tokens + val.tokens;
+            if (done)
+                printf("done: %zu docs (%zu val), %zu tokens (%zu val), %.1f MB text, %.0f tokens/s, %.2f MB/s, %.1f s, "
+                       "%d threads\n", reader.documents(), val.docs, toks, val.tokens, mb, toks / dt, mb / dt, dt, threads);
+            else
+                printf("... %zu docs, %zu tokens, %.1f of %.1f MB (%.0f%%), %.1f MB/s, %.2fM tokens/s, ETA %.0f s\n",
+                       reader.documents(), toks, mb, total_bytes / 1e6, 100.0 * mb / std::max(total_bytes / 1e6, 1e-9),
+                       mb / dt, toks / dt / 1e6, (total_bytes / 1e6 - mb) / std::max(mb / dt, 1e-9));
+            fflush(stdout);
+        };
+        std::vector<Segment> batch = reader.next(batch_bytes);
+        while (!batch.empty()) {
+            std::vector<Segment> next;
+            {
+                TokenizeBatch run(batch, tok, field, allow_special, caches);
+                next = reader.next(batch_bytes);  // read on while the batch is tokenized
+            }
+            for (Segment& s : batch) {
+                if (!s.error.empty()) throw std::runtime_error(s.error);
+                SplitWriter& w = s.val ? val : train;
+                if (s.starts_doc) {
+                    w.docs++;
+                    w.add(&eot_id, 1);
+                }
+                w.add(s.tokens.data(), s.tokens.size());
+                text_bytes += s.text_bytes;
+            }
+            batch = std::move(next);
+            if (seconds_since(t0) - last_print >= 2.0) {
+                last_print = seconds_since(t0);
+                progress(false);
+            }
         }
-    });
-    train.finish();
-    val.finish();
-    progress("done:");
-    printf("wrote %d train shard(s) (%zu tokens) and %d val shard(s) (%zu tokens) to %s/%s_*.bin\n", train.shards,
-           train.tokens, val.shards, val.tokens, out.c_str(), name.c_str());
-    if (train.tokens == 0) THROW("no training documents: every document went to validation");
+        train.finish();
+        val.finish();
+        progress(true);
+        const size_t docs = reader.documents();
+        if (docs == 0) THROW("no documents: the input files are empty (or hold only blank lines)");
+        if (text_bytes == 0) THROW("no text: all %zu documents are empty", docs);
+        if (train.docs == 0) THROW("no training documents: all %zu documents went to validation", docs);
+        staged.commit();
+        std::vector<std::string> keep = train.paths;
+        keep.insert(keep.end(), val.paths.begin(), val.paths.end());
+        remove_stale(out, name, keep);
+        printf("wrote %zu train shard(s) (%zu tokens) and %zu val shard(s) (%zu tokens) to %s/%s_*.bin\n",
+               train.paths.size(), train.tokens, val.paths.size(), val.tokens, out.c_str(), name.c_str());
+    } catch (...) {
+        std::error_code ec;
+        if (created) fs::remove(out, ec);  // only if empty: this run made it and left nothing in it
+        throw;
+    }
 }
 
 // ----------------------------------------------------------------------------
 // inspect
 
 static void cmd_inspect(int argc, char** argv) {
-    Args a(argc, argv, {"--tokenizer", "--n"});
-    if (a.positional.size() != 1) throw UsageError("inspect: give exactly one SHARD");
-    const std::string path = a.positional[0];
-    const long long n = a.integer("--n", 64);
-    std::unique_ptr<Tokenizer> tok;
-    if (a.has("--tokenizer")) tok = std::make_unique<Tokenizer>(Tokenizer::load(a.str("--tokenizer")));
+    std::string tokenizer;
+    long long n = 64;
+    Flags f("usage: prepare_data inspect [--tokenizer PATH] [--n N] SHARD\n"
+            "  header, dtype, id range, document count, mask and the first N tokens (decoded with a tokenizer)\n"
+            "flags:");
+    f.add({"--tokenizer"}, &tokenizer, "PATH", "decode the tokens and count the documents");
+    f.add({"--n"}, &n, "N", "tokens to show", Range::at_least(0));
+    const std::vector<std::string> args = f.parse(argc, argv, 2);
+    if (args.size() != 1) THROW("inspect: give exactly one SHARD (see prepare_data inspect --help)");
+    const std::string path = args[0];
+    std::optional<Tokenizer> tok;
+    if (!tokenizer.empty()) tok = Tokenizer::load(tokenizer);
     Shard sh(path, tok ? tok->vocab_size() : 0);
     printf("file      %s (%ju bytes)\n", path.c_str(), (uintmax_t)fs::file_size(path));
     printf("header    magic %d, version %d (%s tokens), count %zu\n", SHARD_MAGIC, sh.version(),
@@ -303,54 +278,96 @@ static void cmd_inspect(int argc, char** argv) {
 // train-bpe
 
 static void cmd_train_bpe(int argc, char** argv) {
-    Args a(argc, argv, {"--vocab-size", "--out", "--special", "--jsonl-field"});
-    if (a.positional.empty()) throw UsageError("train-bpe: no INPUT given");
-    const long long vocab = a.integer("--vocab-size", 0);
-    if (vocab <= 256) throw UsageError("train-bpe: --vocab-size must be > 256 (the byte tokens)");
-    const std::string out = a.required("--out");
-    std::vector<std::string> specials = a.has("--special") ? a.flags.at("--special")
-                                                           : std::vector<std::string>{"<|endoftext|>"};
+    std::string out, field = "text";
+    int vocab = 0;
+    std::vector<std::string> specials;
+    Flags f("usage: prepare_data train-bpe --vocab-size N --out tokenizer.json [--special TOK ...] INPUT...\n"
+            "  byte-level BPE on INPUT (files and directories as for shards)\n"
+            "flags:");
+    f.add({"--vocab-size"}, &vocab, "N", "tokens in all: 256 bytes, the merges, the special tokens",
+          Range::between(257, 1 << 24));
+    f.add({"--out"}, &out, "FILE", "the tokenizer.json to write");
+    f.repeat({"--special"}, &specials, "TOK", "a special token (repeat for more; default <|endoftext|>)");
+    f.add({"--jsonl-field"}, &field, "FIELD", "the string field of a JSONL record that holds the text");
+    const std::vector<std::string> inputs = f.parse(argc, argv, 2);
+    require_flag(f, "train-bpe", "--vocab-size");
+    require_flag(f, "train-bpe", "--out");
+    if (inputs.empty()) THROW("train-bpe: no INPUT given (see prepare_data train-bpe --help)");
+    if (specials.empty()) specials = {"<|endoftext|>"};
+    // the parts of a long document pre-tokenize as the whole does: the trainer sees the same pieces
     std::vector<std::string> texts;
-    for_each_document(a.positional, a.str("--jsonl-field", "text"), [&](const std::string& t) { texts.push_back(t); });
+    DocumentReader reader(input_files(inputs, {".txt", ".jsonl"}), [](size_t) { return false; });
+    for (auto batch = reader.next(16 << 20); !batch.empty(); batch = reader.next(16 << 20))
+        for (Segment& s : batch) {
+            resolve_text(s, field);
+            texts.push_back(std::move(s.text));
+        }
     auto t0 = std::chrono::steady_clock::now();
-    Tokenizer tok = train_bpe(texts, (int)vocab, specials);
+    Tokenizer tok = train_bpe(texts, vocab, specials);
     tok.save_hf(out);
-    printf("trained a %d-token BPE on %zu documents in %.1f s, wrote %s\n", tok.vocab_size(), texts.size(),
+    printf("trained a %d-token BPE on %zu documents in %.1f s, wrote %s\n", tok.vocab_size(), reader.documents(),
            seconds_since(t0), out.c_str());
 }
 
 // ----------------------------------------------------------------------------
 // sft: instruction data to shards with a loss mask (data/sft.h has the format)
 
+static const char* SFT_USAGE =
+    "usage: prepare_data sft --tokenizer PATH --out DIR [flags] INPUT...\n"
+    "  instruction data for fine-tuning. INPUT: a .jsonl file (or a directory of them) of Alpaca\n"
+    "  records {instruction, input (optional), output} or chat records {messages: [{role,\n"
+    "  content}, ...]}. Each example is rendered with the template and written as EOT ex EOT ex\n"
+    "  ... EOT into DIR/NAME_{train,val}_000000.bin with a loss mask SHARD.mask: 1 on every\n"
+    "  response and the stop token that ends it, 0 elsewhere. Content is ordinary text: a\n"
+    "  literal <|im_end|> in a message is not the template's token (unless --allow-special).\n"
+    "  Also writes DIR/tokenizer.json (the tokenizer plus the template's special tokens) and\n"
+    "  DIR/template.json, which finetune_mamba reads; the set replaces an earlier one only\n"
+    "  when all succeeded.\n"
+    "flags:";
+
 static void cmd_sft(int argc, char** argv) {
-    Args a(argc, argv, {"--tokenizer", "--out", "--name", "--template", "--system", "--format", "--seq-len",
-                        "--max-len", "--overflow", "--val-fraction", "--val-examples", "--seed"});
-    if (a.positional.empty()) throw UsageError("sft: no INPUT given");
-    if (a.has("--val-fraction") && a.has("--val-examples"))
-        throw UsageError("give --val-fraction or --val-examples, not both");
-    const std::string out = a.required("--out"), name = a.str("--name", "sft");
-    const long long T = a.integer("--seq-len", 256);
-    const long long max_len = a.integer("--max-len", T);
-    const std::string overflow = a.str("--overflow", "truncate"), format = a.str("--format", "auto");
-    const double val_fraction = a.has("--val-examples") ? 0.0 : a.real("--val-fraction", 0.1);
-    const long long val_examples = a.integer("--val-examples", 0);
-    const uint64_t seed = (uint64_t)a.integer("--seed", 0);
-    if (T < 0 || T > (1 << 24)) throw UsageError("--seq-len must be in [0, 2^24]");
-    if (max_len < 0) throw UsageError("--max-len must be >= 0 (0: no limit)");
+    std::string tokenizer, out, name = "sft", template_name = "chatml", system, format = "auto", overflow = "truncate";
+    long long T = 256, max_len = 0, val_examples = 0;
+    double val_fraction = 0.1;
+    uint64_t seed = 0;
+    bool allow_special = false;
+    Flags f(SFT_USAGE);
+    f.add({"--tokenizer"}, &tokenizer, "PATH", "encoder.json + vocab.bpe directory, or a tokenizer.json");
+    f.add({"--out"}, &out, "DIR", "output directory (created if missing)");
+    f.add({"--name"}, &name, "NAME", "shard name prefix");
+    f.add({"--template"}, &template_name, "T", "chatml, alpaca, or a template FILE.json");
+    f.add({"--system"}, &system, "TEXT", "a system turn for examples without one");
+    f.choice({"--format"}, &format, {"auto", "alpaca", "chat"}, "record format (auto: chat when it has 'messages')");
+    f.add({"--seq-len"}, &T, "T",
+          "keep each example inside one T-token training window, the gap\npadded with masked EOT tokens (0: plain concatenation)",
+          Range::between(0, 1 << 24));
+    f.add({"--max-len"}, &max_len, "N", "longest example in tokens, its closing EOT included (default T;\n0: no limit)",
+          Range::at_least(0));
+    f.choice({"--overflow"}, &overflow, {"truncate", "drop"}, "what happens to an example longer than --max-len");
+    f.add({"--val-fraction"}, &val_fraction, "F", "validation takes every (1/F)-th example", Range::between(0, 1));
+    f.add({"--val-examples"}, &val_examples, "N", "validation takes the first N examples instead", Range::at_least(0));
+    f.add({"--seed"}, &seed, "S", "offset of the validation sample");
+    f.flag({"--allow-special"}, &allow_special,
+           "read special-token text in message content as those tokens\ninstead of as text");
+    const std::vector<std::string> inputs = f.parse(argc, argv, 2);
+    require_flag(f, "sft", "--tokenizer");
+    require_flag(f, "sft", "--out");
+    if (inputs.empty()) THROW("sft: no INPUT given (see prepare_data sft --help)");
+    if (f.given("--val-fraction") && f.given("--val-examples")) THROW("sft: give --val-fraction or --val-examples, not both");
+    if (f.given("--val-examples")) val_fraction = 0;
+    if (!f.given("--max-len")) max_len = T;
     if (T > 0 && (max_len == 0 || max_len > T))
-        throw UsageError(strformat("--max-len %lld must be in [1, --seq-len %lld]", max_len, T));
-    if (overflow != "truncate" && overflow != "drop") throw UsageError("--overflow must be truncate or drop");
-    if (format != "auto" && format != "alpaca" && format != "chat") throw UsageError("--format must be auto, alpaca or chat");
-    if (val_fraction < 0 || val_fraction > 1) throw UsageError("--val-fraction must be in [0, 1]");
-    if (val_examples < 0) throw UsageError("--val-examples must be >= 0");
+        THROW("sft: --max-len %lld must be in [1, --seq-len %lld]", max_len, T);
+    if (name.empty() || name.find('/') != std::string::npos) THROW("sft: --name '%s' must be a plain file name prefix", name.c_str());
     const sft::Format fmt = format == "alpaca" ? sft::Format::Alpaca : format == "chat" ? sft::Format::Chat
                                                                                         : sft::Format::Auto;
-    sft::Template tmpl = sft::load_template(a.str("--template", "chatml"));
-    if (a.has("--system")) tmpl.default_system = a.str("--system");
+    sft::Template tmpl = sft::load_template(template_name);
+    if (f.given("--system")) tmpl.default_system = system;
 
-    Tokenizer tok = Tokenizer::load(a.required("--tokenizer"));
+    Tokenizer tok = Tokenizer::load(tokenizer);
     sft::add_template_specials(tok, tmpl);
     const uint32_t eot = (uint32_t)tok.eot_token();
+    const std::vector<std::string> files = input_files(inputs, {".jsonl"});
     printf("special tokens:");
     std::vector<std::string> shown = {"<|endoftext|>", "<|im_start|>", "<|im_end|>"};
     for (auto& s : tmpl.specials) if (std::find(shown.begin(), shown.end(), s) == shown.end()) shown.push_back(s);
@@ -358,18 +375,14 @@ static void cmd_sft(int argc, char** argv) {
     printf(" (vocab %d); template %s, stop %s (id %d)\n", tok.vocab_size(), tmpl.name.c_str(), tmpl.stop.c_str(),
            tok.token_id(tmpl.stop));
 
-    const std::vector<std::string> files = input_files(a.positional, {".jsonl"});
-
     sft::SftStream train((int)T, eot), val((int)T, eot);
     size_t read = 0, n_chat = 0, truncated = 0, dropped_long = 0, dropped_cut = 0, no_response = 0;
     const double val_offset = (SplitMix64(seed).next() >> 11) * 0x1.0p-53;
     for (auto& path : files) {
-        std::ifstream f(path, std::ios::binary);
-        if (!f) THROW("cannot open '%s'", path.c_str());
-        std::string line;
-        for (long lineno = 1; std::getline(f, line); lineno++) {
-            if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
-            const std::string where = strformat("'%s' line %ld", path.c_str(), lineno);
+        LineReader lines(path);
+        for (std::string line; lines.next(line);) {
+            if (is_blank(line)) continue;
+            const std::string where = strformat("'%s' line %ld", path.c_str(), lines.line_number());
             nlohmann::json j;
             try {
                 j = nlohmann::json::parse(line);
@@ -384,7 +397,7 @@ static void cmd_sft(int argc, char** argv) {
                                                  : (long long)read < val_examples;
             read++;
             n_chat += chat;
-            sft::Rendered r = sft::render(turns, tmpl, tok);
+            sft::Rendered r = sft::render(turns, tmpl, tok, allow_special);
             if (r.trained() == 0) { no_response++; continue; }
             if (max_len > 0 && r.tokens.size() + 1 > (size_t)max_len) {
                 if (overflow == "drop") { dropped_long++; continue; }
@@ -401,24 +414,36 @@ static void cmd_sft(int argc, char** argv) {
     printf("longer than --max-len %lld (--overflow %s): %zu truncated, %zu dropped, %zu dropped as nothing of the "
            "response was left; %zu without an assistant turn dropped\n", max_len, overflow.c_str(), truncated,
            dropped_long, dropped_cut, no_response);
+    if (read == 0) THROW("no examples: the input files are empty (or hold only blank lines)");
     if (train.examples == 0) THROW("no training examples: every example was dropped or went to validation");
 
-    fs::create_directories(out);
-    for (auto& old : glob_sorted(out + "/" + name + "_*_*.bin*")) fs::remove(old);
-    auto write_split = [&](sft::SftStream& s, const char* split) {
-        std::string path = strformat("%s/%s_%s_000000.bin", out.c_str(), name.c_str(), split);
-        write_shard(path, s.tokens, tok.vocab_size());
-        write_mask(path + ".mask", s.mask);
-        printf("%s: %zu examples, %zu tokens (%zu trained, %zu padding) -> %s (+ .mask)\n", split, s.examples,
-               s.tokens.size(), s.trained(), s.pad_tokens, path.c_str());
-    };
-    write_split(train, "train");
-    if (val.examples > 0) write_split(val, "val");
-    tok.save_hf(out + "/tokenizer.json");
-    {
-        std::ofstream tf(out + "/template.json");
-        tf << sft::template_to_json(tmpl).dump(1) << "\n";
-        if (!tf) THROW("cannot write '%s/template.json'", out.c_str());
+    bool created = false;
+    make_out_dir(out, created);
+    try {
+        StagedFiles staged;
+        std::vector<std::string> written;
+        auto write_split = [&](sft::SftStream& s, const char* split) {
+            const std::string path = strformat("%s/%s_%s_000000.bin", out.c_str(), name.c_str(), split);
+            ShardWriter shard = ShardWriter::tokens(staged.stage(path), tok.vocab_size());
+            shard.append_tokens(s.tokens.data(), s.tokens.size());
+            shard.finish();
+            ShardWriter mask = ShardWriter::mask(staged.stage(path + ".mask"));
+            mask.append_mask(s.mask.data(), s.mask.size());
+            mask.finish();
+            written.insert(written.end(), {path, path + ".mask"});
+            printf("%s: %zu examples, %zu tokens (%zu trained, %zu padding) -> %s (+ .mask)\n", split, s.examples,
+                   s.tokens.size(), s.trained(), s.pad_tokens, path.c_str());
+        };
+        write_split(train, "train");
+        if (val.examples > 0) write_split(val, "val");
+        tok.save_hf(staged.stage(out + "/tokenizer.json"));
+        write_text_file(staged.stage(out + "/template.json"), sft::template_to_json(tmpl).dump(1) + "\n");
+        staged.commit();
+        remove_stale(out, name, written);
+    } catch (...) {
+        std::error_code ec;
+        if (created) fs::remove(out, ec);
+        throw;
     }
     printf("wrote %s/tokenizer.json and %s/template.json\n", out.c_str(), out.c_str());
 }
@@ -491,25 +516,30 @@ static std::string brown_to_text(const std::string& src, const std::string& path
 }
 
 static void cmd_brown(int argc, char** argv) {
-    Args a(argc, argv, {});
-    if (a.positional.size() != 2) throw UsageError("brown: give SRC_DIR and OUT_DIR");
-    const std::string src = a.positional[0], out = a.positional[1];
+    Flags f("usage: prepare_data brown SRC_DIR OUT_DIR\n"
+            "  the tagged Brown corpus (files ca01..cr09 in SRC_DIR) to plain text, one OUT_DIR/<id>.txt per text");
+    const std::vector<std::string> args = f.parse(argc, argv, 2);
+    if (args.size() != 2) THROW("brown: give SRC_DIR and OUT_DIR (see prepare_data brown --help)");
+    const std::string src = args[0], out = args[1];
     std::vector<std::string> ids;
-    for (auto& e : fs::directory_iterator(src)) {
-        std::string f = e.path().filename().string();
+    std::error_code ec;
+    for (fs::directory_iterator it(src, ec), end; !ec && it != end; it.increment(ec)) {
+        std::string f = it->path().filename().string();
         // text files are named c + genre letter a..r + two digits (ca01 ... cr09)
         if (f.size() == 4 && f[0] == 'c' && f[1] >= 'a' && f[1] <= 'r' && isdigit(f[2]) && isdigit(f[3])) ids.push_back(f);
     }
+    if (ec) THROW("cannot read directory '%s': %s", src.c_str(), ec.message().c_str());
     if (ids.empty()) THROW("'%s' holds no Brown corpus files (ca01 ... cr09)", src.c_str());
     std::sort(ids.begin(), ids.end());
-    fs::create_directories(out);
+    bool created = false;
+    make_out_dir(out, created);
     size_t bytes = 0;
     for (auto& id : ids) {
-        std::string text = brown_to_text(read_file(src + "/" + id), src + "/" + id);
-        std::string dst = out + "/" + id + ".txt";
-        FILE* f = fopen_or_throw(dst, "wb");
-        fwrite_or_throw(text.data(), 1, text.size(), f, dst);
-        fclose(f);
+        const std::string path = src + "/" + id;
+        std::string text = brown_to_text(read_file_or_throw(path, "Brown corpus file"), path);
+        StagedFiles staged;
+        write_text_file(staged.stage(out + "/" + id + ".txt"), text);
+        staged.commit();
         bytes += text.size();
     }
     printf("converted %zu Brown texts (%.2f MB of text) into %s\n", ids.size(), bytes / 1e6, out.c_str());
@@ -520,18 +550,15 @@ int main(int argc, char** argv) {
         fprintf(stderr, "%s", USAGE);
         return 1;
     }
-    std::string cmd = argv[1];
+    const std::string cmd = argv[1];
     try {
-        if (cmd == "shards") cmd_shards(argc - 2, argv + 2);
-        else if (cmd == "inspect") cmd_inspect(argc - 2, argv + 2);
-        else if (cmd == "train-bpe") cmd_train_bpe(argc - 2, argv + 2);
-        else if (cmd == "brown") cmd_brown(argc - 2, argv + 2);
-        else if (cmd == "sft") cmd_sft(argc - 2, argv + 2);
+        if (cmd == "shards") cmd_shards(argc, argv);
+        else if (cmd == "inspect") cmd_inspect(argc, argv);
+        else if (cmd == "train-bpe") cmd_train_bpe(argc, argv);
+        else if (cmd == "brown") cmd_brown(argc, argv);
+        else if (cmd == "sft") cmd_sft(argc, argv);
         else if (cmd == "-h" || cmd == "--help") { printf("%s", USAGE); return 0; }
-        else throw UsageError(strformat("unknown subcommand '%s'", cmd.c_str()));
-    } catch (const UsageError& e) {
-        fprintf(stderr, "error: %s\n%s", e.what(), USAGE);
-        return 1;
+        else THROW("unknown command '%s' (shards, sft, inspect, train-bpe, brown; see prepare_data --help)", cmd.c_str());
     } catch (const std::exception& e) {
         fprintf(stderr, "error: %s\n", e.what());
         return 1;

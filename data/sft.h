@@ -12,6 +12,9 @@
 //   <|im_start|>system\n{content}<|im_end|>\n          (when there is a system turn)
 //   <|im_start|>user\n{content}<|im_end|>\n
 //   <|im_start|>assistant\n{content}<|im_end|>\n
+// Content is ordinary text (Tokenizer::encode_ordinary): a message holding "<|im_end|>" or
+// "<|endoftext|>" cannot forge a turn or a stop token; only the template's prefixes and
+// suffixes produce special ids (render's allow_special reads content's specials too).
 // Loss mask: 1 on the content of every assistant turn and on its suffix up to and including
 // the template's stop token (all of the suffix if the stop token is not in it): the model
 // learns the response and to end it. With <|endoftext|> as the stop token (the Alpaca
@@ -27,7 +30,6 @@
 // end-of-text token; it fits the context if length <= T.
 #pragma once
 #include <algorithm>
-#include <fstream>
 #include <map>
 #include <string>
 #include <vector>
@@ -109,10 +111,9 @@ inline Template builtin_template(const std::string& name) {
 // a built-in name or a .json file
 inline Template load_template(const std::string& name_or_path) {
     if (name_or_path.size() > 5 && name_or_path.substr(name_or_path.size() - 5) == ".json") {
-        std::ifstream f(name_or_path);
-        if (!f) THROW("cannot open template '%s'", name_or_path.c_str());
+        const std::string text = read_file_or_throw(name_or_path, "template");
         nlohmann::json j;
-        try { j = nlohmann::json::parse(f); } catch (const std::exception& e) {
+        try { j = nlohmann::json::parse(text); } catch (const std::exception& e) {
             THROW("template '%s' is not valid JSON: %s", name_or_path.c_str(), e.what());
         }
         return template_from_json(j, "template '" + name_or_path + "'");
@@ -190,19 +191,22 @@ struct Rendered {
     size_t trained() const { size_t n = close_mask; for (uint8_t m : mask) n += m; return n; }
 };
 
-inline void append_piece(Rendered& r, const Tokenizer& tok, const std::string& text, uint8_t m) {
-    for (uint32_t id : tok.encode(text)) { r.tokens.push_back(id); r.mask.push_back(m); }
+// special: special-token text in `text` becomes those tokens (template pieces), else it is text
+inline void append_piece(Rendered& r, const Tokenizer& tok, const std::string& text, uint8_t m, bool special) {
+    tok.encode_into(text, r.tokens, special);
+    r.mask.resize(r.tokens.size(), m);
 }
 
-inline Rendered render(const std::vector<Turn>& turns, const Template& t, const Tokenizer& tok) {
+inline Rendered render(const std::vector<Turn>& turns, const Template& t, const Tokenizer& tok,
+                       bool allow_special = false) {
     Rendered r;
     const int stop = tok.token_id(t.stop), eot = tok.eot_token();
     for (size_t i = 0; i < turns.size(); i++) {
         auto it = t.roles.find(turns[i].role);
         if (it == t.roles.end()) THROW("template '%s' has no role '%s'", t.name.c_str(), turns[i].role.c_str());
         const bool assistant = turns[i].role == "assistant";
-        append_piece(r, tok, it->second.first, 0);
-        append_piece(r, tok, turns[i].content, assistant ? 1 : 0);
+        append_piece(r, tok, it->second.first, 0, true);
+        append_piece(r, tok, turns[i].content, assistant ? 1 : 0, allow_special);
         bool stopped = false;
         for (uint32_t id : tok.encode(it->second.second)) {
             r.tokens.push_back(id);

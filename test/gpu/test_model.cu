@@ -65,7 +65,7 @@ static void check_model_against_dump(const std::string& name) {
     const int BT = dc.B * dc.T, V = cfg.vocab_size, Vp = cfg.padded_vocab();
 
     // logits, chunk by chunk (the model never holds all of them)
-    model.forward(dc.inputs.data(), nullptr, nullptr, 0.0f, 0.0f);
+    model.forward({dc.inputs.data()}, 0.0f, 0.0f);
     std::vector<double> logits((size_t)BT * V);
     std::vector<bf16> lg((size_t)model.logit_rows() * Vp);
     for (int r0 = 0; r0 < BT; r0 += model.logit_rows()) {
@@ -83,7 +83,7 @@ static void check_model_against_dump(const std::string& name) {
     // loss and gradients
     cudaCheck(cudaMemset(model.grads, 0xFF, model.layout.total * sizeof(float)));
     model.zero_grad();
-    model.forward(dc.inputs.data(), dc.targets.data(), dc.weights.data(), 1.0f / dc.valid, dc.z_loss());
+    model.forward({dc.inputs.data(), dc.targets.data(), dc.weights.data()}, 1.0f / dc.valid, dc.z_loss());
     model.backward();
     double loss = model.loss_sum() / dc.valid, ref_loss = dc.tf.get("loss").data[0];
     INFO(name << ": loss " << loss << " vs " << ref_loss);
@@ -112,7 +112,7 @@ static void check_model_against_dump(const std::string& name) {
     double worst_step = 0;  // the margin, printed below
     for (int step = 0; step < (int)ref_losses.size(); step++) {
         model.zero_grad();
-        model.forward(dc.inputs.data(), dc.targets.data(), dc.weights.data(), 1.0f / dc.valid, dc.z_loss());
+        model.forward({dc.inputs.data(), dc.targets.data(), dc.weights.data()}, 1.0f / dc.valid, dc.z_loss());
         model.backward();
         double l = model.loss_sum() / dc.valid;
         INFO(name << ": step " << step << " loss " << l << " vs " << ref_losses[step]);
@@ -154,7 +154,7 @@ static std::vector<float> grads_of(DumpCase& dc, bool recompute, double* loss) {
     model.allocate(dc.B, dc.T);
     cudaCheck(cudaMemset(model.grads, 0xFF, model.layout.total * sizeof(float)));
     model.zero_grad();
-    model.forward(dc.inputs.data(), dc.targets.data(), dc.weights.data(), 1.0f / dc.valid, dc.z_loss());
+    model.forward({dc.inputs.data(), dc.targets.data(), dc.weights.data()}, 1.0f / dc.valid, dc.z_loss());
     model.backward();
     *loss = model.loss_sum();
     std::vector<float> g(model.layout.total);
@@ -195,7 +195,7 @@ TEST_CASE("model: loss_sum() totals the forwards since its last call on the devi
     Model model(dc.cfg);
     model.set_master(dc.master(model.layout));
     model.allocate(dc.B, dc.T);
-    auto forward = [&] { model.forward(dc.inputs.data(), dc.targets.data(), dc.weights.data(), 0.0f, dc.z_loss()); };
+    auto forward = [&] { model.forward({dc.inputs.data(), dc.targets.data(), dc.weights.data()}, 0.0f, dc.z_loss()); };
     forward();
     std::vector<float> h((size_t)dc.B * dc.T);
     cudaCheck(cudaMemcpy(h.data(), model.losses, h.size() * sizeof(float), cudaMemcpyDeviceToHost));
@@ -206,61 +206,72 @@ TEST_CASE("model: loss_sum() totals the forwards since its last call on the devi
     CHECK(std::fabs(one - host) < 1e-12 * host);  // fp64 sums of the same floats in another order
     CHECK(model.loss_sum() == 0.0);               // read once: the total is back to zero
     forward();
-    model.forward(dc.inputs.data(), nullptr, nullptr, 0.0f, 0.0f);  // no targets: nothing added
+    model.forward({dc.inputs.data()}, 0.0f, 0.0f);  // no targets: nothing added
     forward();
     CHECK(model.loss_sum() == 2 * one);  // the same bits each time (fixed-order sums)
 }
 
-// loss sum and gradients of rows run as one batch of B rows (B = rows, T)
-static double loss_and_grads(DumpCase& dc, const std::vector<int>& in, const std::vector<int>& tg, int B, int T,
-                             float dloss, std::vector<float>& g) {
+// loss sum and gradients of one batch of B rows of T tokens (pos: document positions or null)
+static double loss_and_grads(DumpCase& dc, const std::vector<int>& in, const std::vector<int>& tg, const int* pos,
+                             int B, int T, float dloss, std::vector<float>& g) {
     Model model(dc.cfg);
     model.set_master(dc.master(model.layout));
     model.allocate(B, T);
+    cudaCheck(cudaMemset(model.grads, 0xFF, model.layout.total * sizeof(float)));  // NaN poison
     model.zero_grad();
-    model.forward(in.data(), tg.data(), nullptr, dloss, 0.0f);
+    model.forward({in.data(), tg.data(), nullptr, pos}, dloss, 0.0f);
     model.backward();
     g.resize(model.layout.total);
     cudaCheck(cudaMemcpy(g.data(), model.grads, g.size() * sizeof(float), cudaMemcpyDeviceToHost));
     return model.loss_sum();
 }
 
-TEST_CASE("model: --doc-reset rows equal running each document separately", "[model]") {
-    // a hybrid (Mamba-2 state, conv window, attention): two packed rows of T tokens holding
-    // four documents; the split rows against each document alone in a batch of its own
+TEST_CASE("model: documents packed in a row (--doc-reset) equal each document run alone", "[model][docs]") {
+    // Two rows of T tokens holding several documents each (random lengths, one of a single token,
+    // one shorter than the conv width, one across an SSD chunk and an attention tile, a document
+    // starting at the last position); the packed rows with their positions against every document
+    // as a batch of its own: the loss and every gradient.
     matmul_init();
-    DumpCase dc("hybrid_tiny");
-    const int T = 70, E = 3;  // E plays the end-of-text token
-    SplitMix64 rng(5);
-    std::vector<int> in(2 * T), tg(2 * T);
-    for (int i = 0; i < 2 * T; i++) {
-        in[i] = 10 + (int)(rng.next() % 400);
-        tg[i] = 10 + (int)(rng.next() % 400);
+    for (const char* name : {"mamba2_tiny", "mamba1_tiny", "hybrid_tiny", "transformer_tiny"}) {
+        INFO(name);
+        DumpCase dc(name);
+        const int T = 150, E = 3;  // E plays the end-of-text token that starts a document
+        SplitMix64 rng(11);
+        std::vector<int> in(2 * T), tg(2 * T), pos(2 * T);
+        for (int i = 0; i < 2 * T; i++) {
+            in[i] = 10 + (int)(rng.next() % 200);
+            tg[i] = 10 + (int)(rng.next() % 200);
+        }
+        // document starts: row 0 at 0, 1, 3, 70; row 1 at 0, 40, 149 (the last position)
+        for (int start : {1, 3, 70, T + 40, 2 * T - 1}) in[start] = E;
+        tg[5] = -1;  // a masked target too
+        for (int i = 0; i < 2 * T; i++) pos[i] = (i % T == 0 || in[i] == E) ? 0 : pos[i - 1] + 1;
+        long valid = 0;
+        for (int t : tg) valid += t >= 0;
+        std::vector<float> g_packed, g_doc, g_sum;
+        const double packed = loss_and_grads(dc, in, tg, pos.data(), 2, T, 1.0f / valid, g_packed);
+        double separate = 0;
+        int docs = 0;
+        for (int i = 0; i < 2 * T;) {
+            int j = i + 1;
+            while (j < 2 * T && pos[j] != 0) j++;
+            std::vector<int> di(in.begin() + i, in.begin() + j), dt(tg.begin() + i, tg.begin() + j);
+            separate += loss_and_grads(dc, di, dt, nullptr, 1, j - i, 1.0f / valid, g_doc);
+            if (g_sum.empty()) g_sum.assign(g_doc.size(), 0.0f);
+            for (size_t k = 0; k < g_doc.size(); k++) g_sum[k] += g_doc[k];
+            docs++;
+            i = j;
+        }
+        REQUIRE(docs == 7);
+        // the same tokens batched differently: equal up to the matmuls' bf16 rounding
+        INFO("packed rows " << packed << ", documents one by one " << separate);
+        CHECK(std::fabs(packed - separate) < 2e-4 * std::fabs(separate));
+        std::vector<double> a(g_packed.begin(), g_packed.end()), b(g_sum.begin(), g_sum.end());
+        CHECK(rel_l2(a, b) < 2e-3);
+        // without the positions the later documents see the earlier ones
+        std::vector<float> g_plain;
+        CHECK(loss_and_grads(dc, in, tg, nullptr, 2, T, 1.0f / valid, g_plain) != packed);
     }
-    in[25] = in[51] = in[T + 40] = E;  // documents start at 25 and 51 in row 0, at 40 in row 1
-    DocRows d = split_documents(in.data(), tg.data(), 2, T, E);
-    REQUIRE(d.rows == 5);
-    long valid = 0;
-    for (int t : tg) valid += t >= 0;
-    std::vector<float> g_split, g_doc, g_sum, g_packed;
-    const double split = loss_and_grads(dc, d.inputs, d.targets, d.rows, T, 1.0f / valid, g_split);
-    double separate = 0;
-    for (int r = 0; r < d.rows; r++) {
-        std::vector<int> ri(d.inputs.begin() + r * T, d.inputs.begin() + (r + 1) * T);
-        std::vector<int> rt(d.targets.begin() + r * T, d.targets.begin() + (r + 1) * T);
-        separate += loss_and_grads(dc, ri, rt, 1, T, 1.0f / valid, g_doc);
-        if (g_sum.empty()) g_sum.assign(g_doc.size(), 0.0f);
-        for (size_t i = 0; i < g_doc.size(); i++) g_sum[i] += g_doc[i];
-    }
-    // the same rows, batched differently: equal up to the matmuls' bf16 rounding
-    INFO("split rows " << split << ", documents one by one " << separate);
-    CHECK(std::fabs(split - separate) < 2e-4 * std::fabs(separate));
-    std::vector<double> a(g_split.begin(), g_split.end()), b(g_sum.begin(), g_sum.end());
-    CHECK(rel_l2(a, b) < 2e-3);
-    // the packed rows (no reset) differ: the later documents see the earlier ones
-    const double packed = loss_and_grads(dc, in, tg, 2, T, 1.0f / valid, g_packed);
-    INFO("packed rows " << packed);
-    CHECK(packed != split);
 }
 
 static std::string slurp(const std::string& path) {

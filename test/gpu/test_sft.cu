@@ -68,13 +68,13 @@ static void check_masked_gradient(const std::string& json) {
     // (a) masked targets
     cudaCheck(cudaMemset(model.grads, 0xFF, model.layout.total * sizeof(float)));  // NaN poison
     model.zero_grad();
-    model.forward(inputs.data(), masked.data(), nullptr, 1.0f / valid, 0.0f);
+    model.forward({inputs.data(), masked.data()}, 1.0f / valid, 0.0f);
     model.backward();
     const double loss_masked = model.loss_sum() / valid;
     std::vector<float> g_masked = grads_of(model);
     // (b) every target, the prompt weighted 0
     model.zero_grad();
-    model.forward(inputs.data(), full.data(), weights.data(), 1.0f / valid, 0.0f);
+    model.forward({inputs.data(), full.data(), weights.data()}, 1.0f / valid, 0.0f);
     model.backward();
     const double loss_weighted = model.loss_sum() / valid;
     std::vector<float> g_weighted = grads_of(model);
@@ -82,7 +82,7 @@ static void check_masked_gradient(const std::string& json) {
     CHECK(std::memcmp(g_masked.data(), g_weighted.data(), g_masked.size() * sizeof(float)) == 0);
     // (c) the unmasked loss has a clearly different gradient (the mask matters)
     model.zero_grad();
-    model.forward(inputs.data(), full.data(), nullptr, 1.0f / BT, 0.0f);
+    model.forward({inputs.data(), full.data()}, 1.0f / BT, 0.0f);
     model.backward();
     std::vector<float> g_full = grads_of(model);
     std::vector<double> gm(g_masked.begin(), g_masked.end()), gf(g_full.begin(), g_full.end());
