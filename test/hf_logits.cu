@@ -49,7 +49,7 @@ int main(int argc, char** argv) {
         Model model(cfg);
         model.set_master(master);
         model.allocate(B, T);
-        model.forward(ids.data(), nullptr, nullptr, 0.0f, 0.0f);
+        model.forward({ids.data()}, 0.0f, 0.0f);
         std::vector<float> logits((size_t)B * T * V);
         std::vector<bf16> chunk;
         for (int r0 = 0; r0 < B * T; r0 += model.logit_rows()) {
