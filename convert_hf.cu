@@ -59,10 +59,9 @@ int main(int argc, char** argv) {
             HfKind k;
             const std::vector<float> master = hf_load<ParamLayout>(pos[1], cfg, &k);
             const std::string path = checkpoint_save(pos[2], TrainState{}, master, OptState{}, cfg, 0, 1, [] {});
-            const std::string tok = hf_tokenizer_path(pos[1]);
-            if (!tok.empty())
-                std::filesystem::copy_file(tok, pos[2] + "/" + std::filesystem::path(tok).filename().string(),
-                                           std::filesystem::copy_options::overwrite_existing);
+            const std::vector<std::string> tok = hf_tokenizer_files(pos[1]);
+            for (const std::string& t : tok)
+                std::filesystem::copy_file(pos[1] + "/" + t, pos[2] + "/" + t, std::filesystem::copy_options::overwrite_existing);
             printf("%s (%s) -> %s: model %s, %zu parameters%s\n", pos[1].c_str(), hf_class(k), path.c_str(),
                    cfg.name.c_str(), master.size(), tok.empty() ? ", no tokenizer" : ", tokenizer copied");
         } else if (cmd == "config") {

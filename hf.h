@@ -535,7 +535,7 @@ inline std::vector<HfTensor> hf_tensors(const ModelConfig& c, const ParamTable& 
         const size_t row = t.shape.size() == 2 ? (size_t)t.shape[1] : 1;
         HfTensor h;
         h.name = hf;
-        if (k == HfKind::NemotronH && hf.rfind("backbone.", 0) == 0) h.aliases.push_back("model." + hf.substr(9));
+        if (hf.rfind("backbone.", 0) == 0) h.aliases.push_back("model." + hf.substr(9));  // transformers 5's prefix
         h.shape = shape;
         h.offset = t.offset + (size_t)row0 * row;
         h.count = 1;
@@ -555,7 +555,6 @@ inline std::vector<HfTensor> hf_tensors(const ModelConfig& c, const ParamTable& 
                           "embedding", {V, d}, 0, -1, true);
         if (k == HfKind::MambaSsm) e->aliases.push_back("backbone.embeddings.weight");
         else if (k != HfKind::Llama) e->aliases.push_back("backbone.embedding.weight");
-        if (k == HfKind::NemotronH) e->aliases.push_back("model.embedding.weight");
     }
     const int L = k == HfKind::Llama ? c.n_layer / 2 : c.n_layer;
     for (int i = 0; i < L; i++) {
@@ -709,11 +708,14 @@ inline std::vector<float> hf_load(const std::string& dir, ModelConfig& cfg, HfKi
     return master;
 }
 
-// the tokenizer of an HF directory as the run's: its tokenizer.json (or tokenizer.model), or "" if none
-inline std::string hf_tokenizer_path(const std::string& dir) {
-    for (const char* f : {"tokenizer.json", "tokenizer.model"})
-        if (std::filesystem::exists(dir + "/" + f)) return dir + "/" + f;
-    return "";
+// the tokenizer files an HF directory holds (tokenizer.json, tokenizer.model: Tokenizer::load
+// of the directory picks one), none if it has neither
+inline std::vector<std::string> hf_tokenizer_files(const std::string& dir) {
+    std::vector<std::string> files;
+    for (const char* f : {"tokenizer.json", "tokenizer.model", "tokenizer_config.json"})
+        if (std::filesystem::exists(dir + "/" + f)) files.push_back(f);
+    if (files.empty() || files == std::vector<std::string>{"tokenizer_config.json"}) return {};
+    return files;
 }
 
 // ---- tokenizer files of an export
@@ -722,7 +724,7 @@ inline std::string hf_tokenizer_path(const std::string& dir) {
 // EOT, each turn as prefix + content + suffix, then the assistant prefix for generation.
 inline std::string hf_chat_template(const sft::Template& t, const std::string& eot) {
     auto lit = [](const std::string& s) { return nlohmann::json(s).dump(); };  // a quoted, escaped literal
-    std::string j = "{{- " + lit(eot) + " -}}";
+    std::string j = eot.empty() ? "" : "{{- " + lit(eot) + " -}}";
     if (!t.default_system.empty() && t.roles.count("system"))
         j += "{%- if messages[0]['role'] != 'system' -%}{{- " + lit(t.roles.at("system").first + t.default_system +
                                                                     t.roles.at("system").second) + " -}}{%- endif -%}";
@@ -738,27 +740,52 @@ inline std::string hf_chat_template(const sft::Template& t, const std::string& e
     return j;
 }
 
-// Writes tokenizer.json and tokenizer_config.json (special tokens; the chat template when
-// `template_path` names the SFT template.json) for `tokenizer_path` (anything
-// Tokenizer::load reads). Returns the ids config.json names.
+// Writes the tokenizer files of `tokenizer_path` (anything Tokenizer::load reads): a byte-level
+// BPE as tokenizer.json, a SentencePiece model as tokenizer.model (transformers converts it;
+// the special tokens added after its pieces in added_tokens_decoder); tokenizer_config.json
+// with the special tokens, and the chat template when `template_path` names the SFT
+// template.json. Returns the ids config.json names.
 inline HfSpecialIds hf_save_tokenizer(const std::string& dir, const std::string& tokenizer_path,
                                       const std::string& template_path, int model_vocab) {
     const Tokenizer tok = Tokenizer::load(tokenizer_path);
     if (tok.vocab_size() > model_vocab)
         THROW("tokenizer '%s' has %d tokens but the model's vocabulary is %d: ids past %d have no embedding",
               tokenizer_path.c_str(), tok.vocab_size(), model_vocab, model_vocab - 1);
-    tok.save_hf(dir + "/tokenizer.json");
+    nlohmann::ordered_json tc = {{"clean_up_tokenization_spaces", false}, {"model_max_length", 1000000000}};
     HfSpecialIds ids;
-    nlohmann::ordered_json tc = {{"tokenizer_class", "PreTrainedTokenizerFast"}, {"clean_up_tokenization_spaces", false},
-                                 {"model_max_length", 1000000000}};
     const int eot = tok.eot_token();
-    if (eot >= 0) {
-        ids.bos = ids.eos = ids.pad = eot;
-        tc["bos_token"] = tc["eos_token"] = tc["unk_token"] = tc["pad_token"] = "<|endoftext|>";
+    const std::string eot_text = eot >= 0 ? tok.decode_token(eot) : "";
+    if (tok.is_sentencepiece()) {
+        const std::string proto = tok.sentencepiece_proto(), path = dir + "/tokenizer.model";
+        FILE* f = fopen_or_throw(path, "wb");
+        fwrite_or_throw(proto.data(), 1, proto.size(), f, path);
+        if (fclose(f) != 0) THROW("cannot write '%s': %s", path.c_str(), std::strerror(errno));
+        std::error_code ec;
+        std::filesystem::remove(dir + "/tokenizer.json", ec);  // a stale one would be read first
+        tc["tokenizer_class"] = "LlamaTokenizer";
+        tc["add_bos_token"] = false;  // the engine's documents start with their end-of-text token, not <s>
+        tc["add_eos_token"] = false;
+        tc["legacy"] = true;          // every text piece encoded on its own, as here
+        nlohmann::ordered_json added = nlohmann::ordered_json::object();
+        for (auto& [content, id] : tok.special_tokens())
+            added[std::to_string(id)] = {{"content", content}, {"lstrip", false}, {"normalized", false},
+                                         {"rstrip", false}, {"single_word", false}, {"special", true}};
+        tc["added_tokens_decoder"] = added;
+        const int bos = tok.token_id("<s>"), unk = tok.token_id("<unk>");
+        if (bos >= 0) { ids.bos = bos; tc["bos_token"] = "<s>"; }
+        if (unk >= 0) tc["unk_token"] = "<unk>";
+        if (eot >= 0) { ids.eos = ids.pad = eot; tc["eos_token"] = tc["pad_token"] = eot_text; }
+    } else {
+        tok.save_hf(dir + "/tokenizer.json");
+        tc["tokenizer_class"] = "PreTrainedTokenizerFast";
+        if (eot >= 0) {
+            ids.bos = ids.eos = ids.pad = eot;
+            tc["bos_token"] = tc["eos_token"] = tc["unk_token"] = tc["pad_token"] = eot_text;
+        }
     }
     if (!template_path.empty()) {
         const sft::Template t = sft::load_template(template_path);
-        tc["chat_template"] = hf_chat_template(t, eot >= 0 ? "<|endoftext|>" : "");
+        tc["chat_template"] = hf_chat_template(t, eot_text);
         // generation ends at the template's stop token
         const int stop = tok.token_id(t.stop);
         if (stop >= 0) { ids.eos = stop; tc["eos_token"] = t.stop; }

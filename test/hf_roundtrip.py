@@ -187,7 +187,7 @@ def roundtrip(args):
             model = AutoModelForCausalLM.from_config(cfg).float().eval()
             perturb(model, 200 + i)
             src = os.path.join(work, "hf")
-            model.save_pretrained(src, safe_serialization=True)
+            model.save_pretrained(src)  # safetensors by default
             V = cfg.vocab_size
             g = torch.Generator().manual_seed(300 + i)
             ids = torch.randint(0, V, (2, T), generator=g)
@@ -207,7 +207,7 @@ def roundtrip(args):
             run([train, "--init-from", src, "--train-data", shard, "--val-data", shard, "--steps", "8", "-B", "4",
                  "-T", "64", "--lr", "1e-3", "--warmup", "2", "--val-every", "0", "--sample-every", "0",
                  "--ckpt-dir", os.path.join(work, "ckpt"), "--ckpt-every", "0", "--export", out])
-            model2 = AutoModelForCausalLM.from_pretrained(out, torch_dtype=torch.float32).to(dev).eval()
+            model2 = AutoModelForCausalLM.from_pretrained(out).float().to(dev).eval()  # the export is fp32
             assert type(model2).__name__ == type(model).__name__, f"reloaded as {type(model2).__name__}"
             with torch.no_grad():
                 ref2 = model2(ids.to(dev)).logits.float().cpu()
@@ -245,7 +245,7 @@ def val_loss(args):
     raw = np.fromfile(args.val_data, dtype="<i4", count=256)
     assert raw[0] == 20240520, f"{args.val_data}: not a token shard"
     toks = np.fromfile(args.val_data, dtype="<u2" if raw[1] == 1 else "<u4", offset=1024).astype(np.int64)
-    model = AutoModelForCausalLM.from_pretrained(args.val_loss, torch_dtype=torch.float32).to(dev).eval()
+    model = AutoModelForCausalLM.from_pretrained(args.val_loss).float().to(dev).eval()
     total, n = 0.0, 0
     W = args.T + 1
     windows = [toks[s * args.T: s * args.T + W] for s in range(args.B * args.batches) if s * args.T + W <= len(toks)]

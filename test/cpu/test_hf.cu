@@ -8,6 +8,7 @@
 #include "test/test_util.h"
 #include <filesystem>
 #include <fstream>
+#include <sentencepiece_trainer.h>
 #include "checkpoint.cuh"
 #include "hf.h"
 #include "test/ref/model.h"
@@ -475,6 +476,113 @@ TEST_CASE("hf: tokenizer.json, tokenizer_config.json and the chat template of an
     c.finalize();
     const ParamLayout L2(c);
     CHECK_THROWS_WITH(hf_save<ParamLayout>(d, c, random_master(c, L2, 3), o), Catch::Contains("has 50259 tokens but the model's vocabulary is 50257"));
+}
+
+// ---- SentencePiece
+
+// a small SentencePiece model trained here (byte fallback: any text encodes); its path
+static std::string sentencepiece_model() {
+    static const std::string model = [] {
+        const std::string d = kDir + "/spm";
+        fresh(d);
+        std::ofstream corpus(d + "/corpus.txt");
+        const char* words[] = {"the", "model", "state", "space", "selective", "scan", "tokens", "layer", "attention",
+                               "training", "of", "a", "and", "is", "in", "to", "Mamba", "Hugging", "Face", "weights"};
+        SplitMix64 rng(1);
+        for (int line = 0; line < 400; line++) {
+            for (int w = 0; w < 12; w++) corpus << (w ? " " : "") << words[rng.below(20)];
+            corpus << ".\n";
+        }
+        corpus.close();
+        const auto st = sentencepiece::SentencePieceTrainer::Train(
+            "--input=" + d + "/corpus.txt --model_prefix=" + d + "/sp --vocab_size=300 --model_type=bpe "
+            "--byte_fallback=true --character_coverage=1.0 --normalization_rule_name=identity "
+            "--remove_extra_whitespaces=false --unk_id=0 --bos_id=1 --eos_id=2 --pad_id=-1 --minloglevel=2");
+        REQUIRE(st.ok());
+        return d + "/sp.model";
+    }();
+    return model;
+}
+
+TEST_CASE("tokenizer: SentencePiece models behind the Tokenizer interface", "[hf][tokenizer]") {
+    const Tokenizer tok = Tokenizer::load(sentencepiece_model());
+    CHECK(tok.is_sentencepiece());
+    CHECK(tok.vocab_size() == 300);
+    CHECK(tok.eot_token() == 2);  // </s> ends a text
+    CHECK(tok.token_id("</s>") == 2);
+    CHECK(tok.token_id("<s>") == 1);
+    CHECK(tok.token_id("no such piece") == -1);
+    for (const std::string text : {"the selective scan of the model", "Mamba weights: ünïcödé, 日本, emoji 🙂!",
+                                   "  two leading spaces\tand a tab\n"}) {
+        INFO(text);
+        const std::vector<uint32_t> ids = tok.encode(text);
+        CHECK(!ids.empty());
+        for (uint32_t id : ids) CHECK((int)id < tok.vocab_size());
+        CHECK(tok.decode(ids) == text);
+    }
+    // control pieces are special tokens: cut out whole by encode, plain text for encode_ordinary
+    const std::vector<uint32_t> ids = tok.encode("</s>the model");
+    CHECK(ids.front() == 2);
+    CHECK(tok.decode(ids) == "</s>the model");
+    for (uint32_t id : tok.encode_ordinary("</s>")) CHECK(id != 2);
+    std::string pieces;  // token by token, U+2581 reads as a space (SentencePiece's prefix of a text)
+    for (uint32_t id : tok.encode("the scan")) pieces += tok.decode_token(id);
+    CHECK(pieces == " the scan");
+    // special tokens appended after the pieces (prepare_data sft), through tokenizer.json and back
+    Tokenizer sftok = tok;
+    sft::add_template_specials(sftok, sft::builtin_template("chatml"));
+    CHECK(sftok.token_id("<|im_start|>") == 300);
+    CHECK(sftok.token_id("<|im_end|>") == 301);
+    CHECK(sftok.vocab_size() == 302);
+    const std::string turn = "<|im_start|>user\nthe model<|im_end|>\n";
+    CHECK(sftok.encode(turn).front() == 300);
+    CHECK(sftok.decode(sftok.encode(turn)) == turn);
+    const std::string d = kDir + "/sp_json";
+    fresh(d);
+    sftok.save_hf(d + "/tokenizer.json");
+    const Tokenizer back = Tokenizer::load(d + "/tokenizer.json");
+    CHECK(back.is_sentencepiece());
+    CHECK(back.vocab_size() == 302);
+    CHECK(back.encode(turn) == sftok.encode(turn));
+    // a directory with a tokenizer.model reads it before a tokenizer.json (a conversion, for such models)
+    fs::copy_file(sentencepiece_model(), d + "/tokenizer.model");
+    CHECK(Tokenizer::load(d).vocab_size() == 300);
+}
+
+TEST_CASE("hf: a SentencePiece tokenizer is exported as tokenizer.model with its added tokens", "[hf][tokenizer]") {
+    Tokenizer tok = Tokenizer::load(sentencepiece_model());
+    sft::add_template_specials(tok, sft::builtin_template("chatml"));
+    const std::string t = kDir + "/sp_sft";
+    fresh(t);
+    tok.save_hf(t + "/tokenizer.json");
+    std::ofstream(t + "/template.json") << sft::template_to_json(sft::builtin_template("chatml")).dump();
+    ModelConfig c = make("MM", "mamba2", "swiglu", false, false);
+    c.vocab_size = 302;
+    c.finalize();
+    const ParamLayout L(c);
+    const std::string d = kDir + "/sp_export";
+    fresh(d);
+    HfSaveOptions o;
+    o.tokenizer = t + "/tokenizer.json";
+    hf_save<ParamLayout>(d, c, random_master(c, L, 5), o);
+    CHECK(fs::exists(d + "/tokenizer.model"));
+    CHECK(!fs::exists(d + "/tokenizer.json"));
+    CHECK(slurp(d + "/tokenizer.model") == tok.sentencepiece_proto());
+    const nlohmann::json tc = nlohmann::json::parse(slurp(d + "/tokenizer_config.json"));
+    CHECK(tc["tokenizer_class"] == "LlamaTokenizer");
+    CHECK(tc["added_tokens_decoder"]["300"]["content"] == "<|im_start|>");
+    CHECK(tc["eos_token"] == "<|im_end|>");
+    CHECK(tc["bos_token"] == "<s>");
+    CHECK(tc["chat_template"].get<std::string>().find("</s>") != std::string::npos);  // the end of text opens a prompt
+    const nlohmann::json cfg = nlohmann::json::parse(slurp(d + "/config.json"));
+    CHECK(cfg["eos_token_id"] == 301);
+    CHECK(cfg["bos_token_id"] == 1);
+    // the directory reads back as the same tokenizer (its added tokens from tokenizer_config.json)
+    const Tokenizer back = Tokenizer::load(d);
+    CHECK(back.vocab_size() == 302);
+    const std::string turn = "<|im_start|>assistant\nthe scan<|im_end|>";
+    CHECK(back.encode(turn) == tok.encode(turn));
+    CHECK(hf_tokenizer_files(d) == std::vector<std::string>{"tokenizer.model", "tokenizer_config.json"});
 }
 
 // ---- the command line
