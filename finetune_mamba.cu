@@ -28,9 +28,11 @@
 #include "comm.cuh"
 #include "session.cuh"
 #include "data/sft.h"
+#include "hf.h"
 
 struct Args {
     std::string init;  // empty: "checkpoints" (fine-tuning) or "checkpoints_sft" (--generate)
+    std::string init_from;  // a Hugging Face / mamba_ssm directory instead (hf.h)
     std::string train_data = "data/sft/sft_train_*.bin", val_data = "data/sft/sft_val_*.bin";
     std::string tokenizer = "data/sft/tokenizer.json";
     std::string tmpl;  // empty: template.json beside the tokenizer, else chatml
@@ -62,6 +64,7 @@ static Args parse_args(int argc, char** argv) {
     f.add({"--init"}, &a.init, "PATH",
           "train_mamba or finetune_mamba checkpoint, file or directory (its latest)\n(default checkpoints; with "
           "--generate checkpoints_sft)");
+    f.add({"--init-from"}, &a.init_from, "DIR", "a Hugging Face or mamba_ssm model directory instead of --init");
     f.add({"--train-data"}, &a.train_data, "GLOB", "shards with .mask files");
     f.add({"--val-data"}, &a.val_data, "GLOB", "validation shards");
     f.add({"--tokenizer"}, &a.tokenizer, "PATH", "the tokenizer prepare_data sft wrote");
@@ -96,6 +99,7 @@ static Args parse_args(int argc, char** argv) {
     f.add({"--max-new"}, &a.max_new, "N", "at most N new tokens; stops at the template's stop token", Range::at_least(1));
     std::vector<std::string> rest = f.parse(argc, argv);
     if (!rest.empty()) THROW("unexpected argument '%s' (see --help)", rest[0].c_str());
+    if (f.given("--init") && f.given("--init-from")) THROW("--init and --init-from both name the model: give one");
     if (f.given("--epochs") && f.given("--steps")) THROW("--epochs and --steps both set the length: give one");
     if (!f.given("--val-batches")) a.val_batches = 0;
     if ((long)a.B * a.T > (1L << 24)) THROW("B*T = %ld tokens per micro-batch is more than 2^24", (long)a.B * a.T);
@@ -103,11 +107,11 @@ static Args parse_args(int argc, char** argv) {
     return a;
 }
 
-// Loads --init; grows the vocabulary to the tokenizer's if it is smaller.
+// Loads --init (or --init-from); grows the vocabulary to the tokenizer's if it is smaller.
 static std::vector<float> load_model_weights(const Args& a, const Tokenizer& tok, ModelConfig& cfg) {
-    const std::string path = checkpoint_resolve(a.init);
+    const std::string path = a.init_from.empty() ? checkpoint_resolve(a.init) : a.init_from;
     int step = 0;
-    std::vector<float> master = checkpoint_weights(path, cfg, step);
+    std::vector<float> master = a.init_from.empty() ? checkpoint_weights(path, cfg, step) : hf_load<ParamLayout>(path, cfg);
     printf("loaded %s: %s, pattern %s, step %d, vocabulary %d\n", path.c_str(), cfg.name.c_str(), cfg.pattern.c_str(),
            step, cfg.vocab_size);
     if (cfg.vocab_size < tok.vocab_size()) {

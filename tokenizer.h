@@ -16,6 +16,15 @@
 // characters, so decode(encode(x)) == x for any byte string. A Tokenizer is immutable once
 // loaded (but for add_special_tokens): any number of threads may encode with it at once,
 // each with its own PieceCache.
+//
+// SentencePiece models (a tokenizer.model file, as NVIDIA's 256K vocabulary and many
+// published models ship) sit behind the same interface, run by Debian's libsentencepiece:
+// its control and user-defined pieces (<s>, </s>, ...) are the special tokens, </s> the
+// end of text (unless the model has <|endoftext|>), and added special tokens (ChatML's) take
+// the ids after its pieces. save_hf writes such a tokenizer as a tokenizer.json of this
+// engine's own kind ({"model": {"type": "SentencePiece", "proto": base64}, "added_tokens"}),
+// which load reads back (prepare_data sft -> finetune_mamba); Hugging Face exports carry the
+// tokenizer.model itself (hf.h).
 #pragma once
 #include <algorithm>
 #include <array>
@@ -27,7 +36,10 @@
 #include <string_view>
 #include <unordered_map>
 #include <vector>
+#include <map>
+#include <memory>
 #include <nlohmann/json.hpp>
+#include <sentencepiece_processor.h>
 #include <unicode/uchar.h>
 #include "common.h"
 
@@ -217,6 +229,34 @@ private:
     }
 };
 
+// base64 (RFC 4648) of a SentencePiece model proto inside a JSON file
+inline std::string base64_encode(const std::string& in) {
+    static const char* abc = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    std::string out;
+    for (size_t i = 0; i < in.size(); i += 3) {
+        const size_t n = std::min<size_t>(3, in.size() - i);  // n bytes: n + 1 characters, then '='
+        uint32_t v = 0;
+        for (size_t k = 0; k < 3; k++) v = v << 8 | (k < n ? (unsigned char)in[i + k] : 0u);
+        for (size_t k = 0; k < 4; k++) out += k <= n ? abc[(v >> (18 - 6 * k)) & 63] : '=';
+    }
+    return out;
+}
+inline std::string base64_decode(const std::string& in, const std::string& what) {
+    std::string out;
+    uint32_t v = 0;
+    int bits = 0;
+    for (char c : in) {
+        int d = c >= 'A' && c <= 'Z' ? c - 'A' : c >= 'a' && c <= 'z' ? c - 'a' + 26 : c >= '0' && c <= '9' ? c - '0' + 52
+              : c == '+' ? 62 : c == '/' ? 63 : c == '=' ? -2 : -1;
+        if (d == -2) break;
+        if (d < 0) THROW("%s: not base64 (character 0x%02x)", what.c_str(), (unsigned char)c);
+        v = v << 6 | (uint32_t)d;
+        bits += 6;
+        if (bits >= 8) { bits -= 8; out += (char)((v >> bits) & 0xff); }
+    }
+    return out;
+}
+
 }  // namespace bpe
 
 class Tokenizer {
@@ -268,6 +308,8 @@ public:
     // Hugging Face tokenizer.json of a byte-level BPE model (merges as "a b" or ["a", "b"])
     static Tokenizer load_hf(const std::string& path) {
         nlohmann::json j = read_json(path);
+        if (j.is_object() && j.contains("model") && j["model"].is_object() && j["model"].value("type", "") == "SentencePiece")
+            return load_sentencepiece_json(j, path);
         Tokenizer t;
         try {
             const auto& model = j.at("model");
@@ -292,19 +334,56 @@ public:
         return t;
     }
 
-    // a directory with encoder.json + vocab.bpe, or a tokenizer.json (file or in the directory)
+    // A directory with encoder.json + vocab.bpe, a tokenizer.model (SentencePiece; before a
+    // tokenizer.json beside it, which for such models is a conversion) or a tokenizer.json;
+    // or the file itself (a .model is SentencePiece)
     static Tokenizer load(const std::string& path) {
         namespace fs = std::filesystem;
         if (fs::is_directory(path)) {
             if (fs::exists(path + "/encoder.json") && fs::exists(path + "/vocab.bpe"))
                 return load_gpt2(path + "/encoder.json", path + "/vocab.bpe");
+            if (fs::exists(path + "/tokenizer.model")) return load_sentencepiece(path + "/tokenizer.model");
             if (fs::exists(path + "/tokenizer.json")) return load_hf(path + "/tokenizer.json");
-            THROW("tokenizer directory '%s' has neither encoder.json + vocab.bpe nor tokenizer.json", path.c_str());
+            THROW("tokenizer directory '%s' has neither encoder.json + vocab.bpe, tokenizer.model nor tokenizer.json",
+                  path.c_str());
         }
+        if (path.size() > 6 && path.compare(path.size() - 6, 6, ".model") == 0) return load_sentencepiece(path);
         return load_hf(path);
     }
 
+    // A SentencePiece model file, and the special tokens added after its pieces that a
+    // Hugging Face tokenizer_config.json beside it lists (added_tokens_decoder)
+    static Tokenizer load_sentencepiece(const std::string& path) {
+        Tokenizer t = from_sentencepiece(read_file_or_throw(path, "SentencePiece model"), path);
+        const std::string tc = (std::filesystem::path(path).parent_path() / "tokenizer_config.json").string();
+        if (std::filesystem::exists(tc)) {
+            const nlohmann::json j = read_json(tc);
+            std::map<int, std::string> added;
+            if (j.is_object() && j.contains("added_tokens_decoder") && j["added_tokens_decoder"].is_object())
+                for (auto& [id, v] : j["added_tokens_decoder"].items())
+                    if (v.is_object() && v.contains("content") && v["content"].is_string()) added[std::stoi(id)] = v["content"];
+            for (auto& [id, content] : added)
+                if (id >= t.sp_->GetPieceSize()) {
+                    if (id != t.vocab_size()) THROW("'%s': added token %d follows no token %d", tc.c_str(), id, t.vocab_size());
+                    t.add_special_tokens({content});
+                }
+        }
+        return t;
+    }
+    bool is_sentencepiece() const { return sp_ != nullptr; }
+    std::string sentencepiece_proto() const { return sp_ ? std::string(sp_->serialized_model_proto()) : ""; }
+    // special tokens (matched whole by encode) and their ids
+    const std::vector<std::pair<std::string, int>>& special_tokens() const { return specials_; }
+
     void save_hf(const std::string& path) const {
+        if (sp_) {  // this engine's own form (see the top): the model proto and the added tokens
+            nlohmann::json added = nlohmann::json::array();
+            for (auto& [s, id] : specials_)
+                if (id >= sp_->GetPieceSize()) added.push_back({{"id", id}, {"content", s}, {"special", true}});
+            write_json(path, {{"version", "1.0"}, {"added_tokens", added},
+                              {"model", {{"type", "SentencePiece"}, {"proto", bpe::base64_encode(sentencepiece_proto())}}}});
+            return;
+        }
         nlohmann::json vocab = nlohmann::json::object(), merges = nlohmann::json::array(), added = nlohmann::json::array();
         std::vector<bool> special(id_to_bytes_.size(), false);
         for (auto& [s, id] : specials_) {
@@ -327,6 +406,9 @@ public:
             {"model", {{"type", "BPE"}, {"dropout", nullptr}, {"unk_token", nullptr}, {"continuing_subword_prefix", nullptr},
                        {"end_of_word_suffix", nullptr}, {"fuse_unk", false}, {"byte_fallback", false},
                        {"vocab", vocab}, {"merges", merges}}}};
+        write_json(path, j);
+    }
+    static void write_json(const std::string& path, const nlohmann::json& j) {
         const std::string text = j.dump(1) + "\n";
         StagedFiles out;
         const std::string tmp = out.stage(path);
@@ -393,6 +475,18 @@ public:
 
     std::string decode(const std::vector<uint32_t>& ids) const {
         std::string out;
+        if (sp_) {  // runs of pieces through SentencePiece (spaces as it restores them), specials as their text
+            std::vector<int> run;
+            auto flush = [&] { out += sp_->DecodeIds(run); run.clear(); };
+            for (uint32_t id : ids) {
+                if (id >= id_to_bytes_.size()) THROW("token id %u is outside the vocabulary of %zu", id, id_to_bytes_.size());
+                if (id < (uint32_t)sp_->GetPieceSize() && !sp_->IsControl((int)id)) { run.push_back((int)id); continue; }
+                flush();
+                out += id_to_bytes_[id];
+            }
+            flush();
+            return out;
+        }
         for (uint32_t id : ids) out += decode_token(id);
         return out;
     }
@@ -402,9 +496,17 @@ public:
     }
 
     int vocab_size() const { return (int)id_to_bytes_.size(); }
-    int eot_token() const { return token_id("<|endoftext|>"); }
+    // <|endoftext|>; a SentencePiece model without it ends a text with its </s>
+    int eot_token() const {
+        const int e = token_id("<|endoftext|>");
+        return e < 0 && sp_ ? sp_->eos_id() : e;
+    }
     int token_id(const std::string& s) const {
         for (auto& [sp, id] : specials_) if (sp == s) return id;
+        if (sp_) {
+            const int id = sp_->PieceToId(s);
+            return id != sp_->unk_id() || s == sp_->IdToPiece(sp_->unk_id()) ? id : -1;
+        }
         auto it = printable_to_id_.find(bpe::bytes_to_printable(s));
         return it == printable_to_id_.end() ? -1 : it->second;
     }
@@ -423,6 +525,7 @@ public:
     }
 
 private:
+    std::shared_ptr<const sentencepiece::SentencePieceProcessor> sp_;  // a SentencePiece model, or null (BPE)
     std::vector<std::string> id_to_bytes_;                 // raw bytes of each token
     std::unordered_map<std::string, int> printable_to_id_;  // printable form -> id
     std::vector<std::pair<std::string, int>> specials_;     // matched whole, never split
@@ -467,8 +570,57 @@ private:
         }
     }
 
-    // ordinary text: piece by piece
+    // A SentencePiece model from its serialized proto. Each piece's text for decode_token:
+    // U+2581 as a space, a byte piece <0xAB> as its byte, control pieces (<s>, </s>, the
+    // special tokens) as written.
+    static Tokenizer from_sentencepiece(const std::string& proto, const std::string& origin) {
+        auto sp = std::make_shared<sentencepiece::SentencePieceProcessor>();
+        const auto st = sp->LoadFromSerializedProto(proto);
+        if (!st.ok()) THROW("'%s' is not a SentencePiece model: %s", origin.c_str(), st.ToString().c_str());
+        Tokenizer t;
+        const int n = sp->GetPieceSize();
+        t.id_to_bytes_.resize(n);
+        for (int id = 0; id < n; id++) {
+            const std::string& piece = sp->IdToPiece(id);
+            std::string& b = t.id_to_bytes_[id];
+            if (sp->IsByte(id)) b = std::string(1, (char)std::stoi(piece.substr(3, 2), nullptr, 16));
+            else if (sp->IsControl(id) || sp->IsUnknown(id)) b = piece;
+            else
+                for (size_t i = 0; i < piece.size(); i++) {
+                    if (piece.compare(i, 3, "\xe2\x96\x81") == 0) { b += ' '; i += 2; }
+                    else b += piece[i];
+                }
+            if (sp->IsControl(id)) t.specials_.push_back({piece, id});
+        }
+        t.sp_ = sp;
+        return t;
+    }
+    static Tokenizer load_sentencepiece_json(const nlohmann::json& j, const std::string& path) {
+        try {
+            Tokenizer t = from_sentencepiece(bpe::base64_decode(j["model"].at("proto").get<std::string>(), path), path);
+            std::vector<std::pair<int, std::string>> added;
+            for (const auto& a : j.value("added_tokens", nlohmann::json::array())) added.push_back({a.at("id"), a.at("content")});
+            std::sort(added.begin(), added.end());
+            for (auto& [id, content] : added) {
+                if (id != t.vocab_size()) THROW("'%s': added token %d follows no token %d", path.c_str(), id, t.vocab_size());
+                t.add_special_tokens({content});
+            }
+            return t;
+        } catch (const nlohmann::json::exception& e) {
+            THROW("'%s' is not a SentencePiece tokenizer.json: %s", path.c_str(), e.what());
+        }
+    }
+
+    // ordinary text: piece by piece (a SentencePiece model encodes it whole)
     void encode_text(std::string_view text, std::vector<uint32_t>& out, PieceCache* cache) const {
+        if (sp_) {
+            if (text.empty()) return;
+            std::vector<int> ids;
+            const auto st = sp_->Encode(text, &ids);
+            if (!st.ok()) THROW("SentencePiece cannot encode the text: %s", st.ToString().c_str());
+            out.insert(out.end(), ids.begin(), ids.end());
+            return;
+        }
         for (size_t i = 0; i < text.size();) {
             const size_t j = bpe::piece_end(text, i);
             encode_piece(text.substr(i, j - i), out, cache);

@@ -23,6 +23,7 @@
 #include "checkpoint.cuh"
 #include "comm.cuh"
 #include "session.cuh"
+#include "hf.h"
 
 struct Args {
     std::string model = "mamba2-tiny", config_json;
@@ -48,6 +49,7 @@ struct Args {
     std::string ckpt_dir = "checkpoints";
     int ckpt_every = 500;
     std::string resume;
+    std::string init_from, export_dir;     // Hugging Face / mamba_ssm directories (hf.h)
     bool bench = false, profile = false, dry_run = false, recompute = false;
     int bench_steps = 20;
     long ramp_start = 0, ramp_tokens = 0;  // batch ramp-up (tokens per step at the start, ramp length)
@@ -73,6 +75,9 @@ static Args parse_args(int argc, char** argv) {
           Range::between(0, 1));
     f.add({"--mlp-ratio"}, &a.mlp_ratio, "R", "... with this share of MLP layers (default: the preset's)", Range::between(0, 1));
     f.choice({"--ssm"}, &a.ssm, {"mamba2", "mamba1"}, "kind of the M layers (default: the preset's)");
+    f.add({"--init-from"}, &a.init_from, "DIR",
+          "a Hugging Face or mamba_ssm model directory: its config and weights\ninstead of a preset and random init "
+          "(and its tokenizer, unless --tokenizer);\nwith --resume, the config of the run to continue");
     f.section("data:");
     f.add({"--train-data"}, &a.train_data, "GLOB", "training shards");
     f.add({"--val-data"}, &a.val_data, "GLOB", "validation shards");
@@ -122,6 +127,8 @@ static Args parse_args(int argc, char** argv) {
     f.add({"--resume"}, &a.resume, "PATH",
           "checkpoint file, or a directory (its latest checkpoint); the schedule\ncomes from this run's flags "
           "(continue a WSD run with a new --steps or\n--wsd-decay-start)");
+    f.add({"--export"}, &a.export_dir, "DIR",
+          "at the end, the model as a Hugging Face directory (config.json,\nsafetensors, the run's tokenizer)");
     f.add({"--spike-factor"}, &a.spike_factor, "F",
           "roll back to the last checkpoint when a step's loss exceeds F (> 1) times\nthe mean of the last "
           "--spike-window steps, skipping its batches (0: off)", Range::at_least(0));
@@ -137,11 +144,16 @@ static Args parse_args(int argc, char** argv) {
 
     // one source for each choice
     if (f.given("--config") && f.given("--model")) THROW("--config and --model both name the model: give one");
+    for (const char* m : {"--model", "--config", "--vocab-size", "--tie", "--pattern", "--layers", "--attn-ratio", "--mlp-ratio",
+                          "--ssm"})
+        if (!a.init_from.empty() && f.given(m)) THROW("--init-from gives the model and its weights: drop %s", m);
+    if (!a.init_from.empty() && !f.given("--tokenizer") && !hf_tokenizer_files(a.init_from).empty())
+        a.tokenizer = a.init_from, a.tokenizer_given = true;
     if (f.given("--pattern") && (f.given("--layers") || f.given("--attn-ratio") || f.given("--mlp-ratio")))
         THROW("--pattern gives the layers itself: drop --layers, --attn-ratio and --mlp-ratio");
     if (f.given("--pattern") && a.pattern.empty()) THROW("--pattern is empty");
     a.data_given = f.given("--train-data") || f.given("--val-data");
-    a.tokenizer_given = f.given("--tokenizer");
+    a.tokenizer_given = a.tokenizer_given || f.given("--tokenizer");
     if (!f.given("--vocab-size")) a.vocab_size = 0;
     if (!f.given("--tie")) a.tie = -1;
     if (!f.given("--ssm")) a.ssm.clear();
@@ -158,10 +170,13 @@ static Args parse_args(int argc, char** argv) {
     if (f.given("--mix-weight") && a.mix_data.empty()) THROW("--mix-weight needs --mix-data");
     if (a.profile && !a.bench) THROW("--profile times the phases of --bench: add --bench");
     if (a.bench && a.dry_run) THROW("--bench and --dry-run exclude each other");
+    if (a.bench && !a.export_dir.empty()) THROW("--export writes the trained model: not with --bench");
     return a;
 }
 
 static ModelConfig model_config(const Args& a) {
+    HfKind kind;
+    if (!a.init_from.empty()) return hf_read_config(a.init_from, kind);
     ModelConfig c = a.config_json.empty() ? model_preset(a.model, false) : model_config_from_json(a.config_json);
     if (a.vocab_size > 0) c.vocab_size = a.vocab_size;
     if (a.tie >= 0) c.tie_embeddings = a.tie != 0;
@@ -401,6 +416,10 @@ static int run(const Args& a, Comm& comm) {
     if (!p.resume.empty()) {
         restore(p.resume);
         printf("resumed from %s at step %d (%ld tokens)\n", p.resume.c_str(), st.step, st.tokens);
+    } else if (!a.init_from.empty()) {
+        ModelConfig c;
+        model.set_master(hf_load<ParamLayout>(a.init_from, c));
+        printf("initialised from %s\n", a.init_from.c_str());
     } else {
         model.init(a.seed);
     }
@@ -511,6 +530,18 @@ static int run(const Args& a, Comm& comm) {
         if ((a.ckpt_every > 0 && st.step % a.ckpt_every == 0) || done()) last_ckpt = save();
     }
     if (a.val_every > 0) print_val(st.step);
+    if (!a.export_dir.empty() && comm.root()) {  // the final checkpoint, as a Hugging Face directory
+        ModelConfig c;
+        int step;
+        HfSaveOptions o;
+        // the run's tokenizer; the default GPT-2 files only when the model's vocabulary holds them
+        if (std::filesystem::exists(a.tokenizer) && (a.tokenizer_given || Tokenizer::load(a.tokenizer).vocab_size() <= p.cfg.vocab_size))
+            o.tokenizer = a.tokenizer;
+        const std::vector<float> master = checkpoint_weights(last_ckpt, c, step);
+        const HfKind k = hf_save<ParamLayout>(a.export_dir, c, master, o);
+        printf("exported %s (step %d) to %s: %s%s\n", last_ckpt.c_str(), step, a.export_dir.c_str(), hf_class(k),
+               o.tokenizer.empty() ? ", no tokenizer" : "");
+    }
     return 0;
 }
 

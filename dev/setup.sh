@@ -16,6 +16,7 @@ has_header() { echo "#include <$1>" | $CXX -E -x c++ - >/dev/null 2>&1; }
 has_header catch2/catch.hpp || missing+=(catch2)
 has_header nlohmann/json.hpp || missing+=(nlohmann-json3-dev)
 has_header unicode/uchar.h || missing+=(libicu-dev)
+has_header sentencepiece_processor.h || missing+=(libsentencepiece-dev)
 command -v mpicxx >/dev/null && [ -n "$(mpicxx --showme:incdirs 2>/dev/null)" ] || missing+=(libopenmpi-dev)
 command -v mpirun >/dev/null || missing+=(openmpi-bin)
 command -v node >/dev/null || missing+=(nodejs)
