@@ -94,7 +94,8 @@ inline int head_slices(const SSDShape& sh) {
     return hpg;
 }
 
-// backward scratch: S then Hin in place | dS then Gout in place (bf16) | 6 per-position arrays | pass dots |
+// backward scratch: S then Hin in place | dS then Gout in place (bf16) | per-position arrays (csum: one partial
+// per row tile) | pass dots |
 // per-chunk parameter partials | dB, dC slice partials (fp32) | W per slice and tile pair (bf16)
 struct BwdScratch {
     bf16 *hst, *gst, *w;
@@ -115,7 +116,7 @@ struct BwdScratch {
         gst = (bf16*)take(S / 2);
         w = (bf16*)take(wn / 2);
         ddt_dir = take(Tp);
-        csum = take(Tp);
+        csum = take(Tp * NTILE);
         sst = take(Tp);
         dd = take(Tp);
         rsum = take(Tp);
@@ -200,6 +201,29 @@ __device__ __forceinline__ void row_dots(float& da, float& db, const float (&acc
         da += va.x * acc[n][0] + va.y * acc[n][1];
         db += vb.x * acc[n][2] + vb.y * acc[n][3];
     }
+}
+
+// column sums over the 16 rows of a warp's 16 x 64 tile: cs[n][c] is this thread's two rows' sum for column
+// n*8 + 2q + c; returns the warp's sums of columns g*8 + 2q and g*8 + 2q + 1 (g = lane / 4). A butterfly over
+// the 8 lanes that share q: each step hands half of the columns to the partner (14 shuffles)
+__device__ inline float2 warp_col_sums(const float (&cs)[8][2]) {
+    const int lane = threadIdx.x & 31;
+    float a[4][2], b[2][2], r[2];
+    const bool u4 = lane & 16, u3 = lane & 8, u2 = lane & 4;
+#pragma unroll
+    for (int k = 0; k < 4; k++)
+#pragma unroll
+        for (int c = 0; c < 2; c++)  // keeps columns n = k + 4 (lane bit 4)
+            a[k][c] = (u4 ? cs[k + 4][c] : cs[k][c]) + __shfl_xor_sync(0xffffffffu, u4 ? cs[k][c] : cs[k + 4][c], 16);
+#pragma unroll
+    for (int k = 0; k < 2; k++)
+#pragma unroll
+        for (int c = 0; c < 2; c++)  // n = k + 2 (bit 3) + 4 (bit 4)
+            b[k][c] = (u3 ? a[k + 2][c] : a[k][c]) + __shfl_xor_sync(0xffffffffu, u3 ? a[k][c] : a[k + 2][c], 8);
+#pragma unroll
+    for (int c = 0; c < 2; c++)  // n = (bit 2) + 2 (bit 3) + 4 (bit 4) = g
+        r[c] = (u2 ? b[1][c] : b[0][c]) + __shfl_xor_sync(0xffffffffu, u2 ? b[0][c] : b[1][c], 4);
+    return make_float2(r[0], r[1]);
 }
 
 template <int NT>
@@ -718,7 +742,9 @@ __device__ __forceinline__ void store_slice_part(float* part, const float (&acc)
 //   state part, per head:  dC_i += e_i Hin^T dy_i,  off_i = e_i dy_i . (Hin C_i)   (e_i = exp(Acum_i), 0 if the
 //                          row's document started in the chunk)
 //   intra part, per column tile jt <= it: CB = C_it B_jt^T once; per head M = dy_it x_jt^T and
-//                          Lam_ij = L_ij dt_j M_ij (pairs that count), W += Lam, rsum_i += sum_j CB_ij Lam_ij;
+//                          Lam_ij = L_ij dt_j M_ij (pairs that count), W += Lam, and the row and column sums of
+//                          Z = CB Lam (rsum_i, and csum_j's partial from this row tile): the gradient of Acum is
+//                          their difference, which cancels, so both come from the same fp32 products;
 //                          then dC_i += W B_jt once and W (bf16) to memory for the column kernel
 // Dynamic smem row_smem_bytes.
 template <int P, int N, bool DOCS>
@@ -734,6 +760,7 @@ ssd_bwd_row_kernel(float* dc_part, BwdScratch sc, const float* dt_s, const float
     float* s_dt = reinterpret_cast<float*>(s_u + 2 * UB);  // 2 buffers: dt, Acum of the chunk
     float* s_ac = s_dt + 2 * CHUNK;
     __shared__ float s_rsum[MAX_HPS][TILE];
+    __shared__ float s_cs[2][THREADS / 32][TILE];  // per warp column sums of Z, double-buffered over the pairs
 
     const TileBlock tb(T, H, G, nsl);
     const int it = tb.tile, i0 = tb.r0, g = tb.g, valid = tb.valid;
@@ -807,6 +834,15 @@ ssd_bwd_row_kernel(float* dc_part, BwdScratch sc, const float* dt_s, const float
         cp_async_commit();
     };
     load_pair(0, 0);
+    // pair k's column sums (summed over the warps) into the csum partial of row tile it
+    auto flush_csum = [&](int k) {
+        if (threadIdx.x < TILE) {
+            const int jt = k / tb.hps, h = tb.h0 + k % tb.hps;
+            const float* c = s_cs[k & 1][0];
+            const float v = c[threadIdx.x] + c[TILE + threadIdx.x] + c[2 * TILE + threadIdx.x] + c[3 * TILE + threadIdx.x];
+            sc.csum[(((size_t)tb.b * H + h) * Tp + tb.t0 + jt * TILE + threadIdx.x) * NTILE + it] = v;
+        }
+    };
     float cbv[8][4], wacc[8][4];
     for (int k = 0; k < npairs; k++) {
         const int jt = k / tb.hps, hh = k % tb.hps, j0 = jt * TILE, buf = k & 1;
@@ -822,6 +858,7 @@ ssd_bwd_row_kernel(float* dc_part, BwdScratch sc, const float* dt_s, const float
             cp_async_wait_group<0>();
         }
         __syncthreads();
+        if (k > 0) flush_csum(k - 1);
         if (hh == 0) {
             zero(cbv);
             zero(wacc);
@@ -835,9 +872,10 @@ ssd_bwd_row_kernel(float* dc_part, BwdScratch sc, const float* dt_s, const float
         zero(m);
         warp_mma<8, false, false>(m, s_dy, P + PAD, m0, s_x, P + PAD, 0, P, 1.f, 1.f, 0, 2 * kend);  // dy_i . x_j
         const float aa = ac[ra], ab = ac[rb];
-        float rsa = 0.f, rsb = 0.f;
+        float rsa = 0.f, rsb = 0.f, cs[8][2];
 #pragma unroll
         for (int n = 0; n < 8; n++) {
+            cs[n][0] = cs[n][1] = 0.f;
             if (n >= 2 * kend) continue;
             const int j = j0 + n * 8 + 2 * q;
             const float2 acj = *reinterpret_cast<const float2*>(ac + j);
@@ -849,8 +887,10 @@ ssd_bwd_row_kernel(float* dc_part, BwdScratch sc, const float* dt_s, const float
                 bool ok = jj <= i;
                 if (DOCS) ok = ok && jj >= (e < 2 ? tha : thb);
                 const float lam = ok ? m[n][e] * decay_exp(ai - aj) * dj : 0.f;
+                const float z = cbv[n][e] * lam;
                 wacc[n][e] += lam;
-                if (e < 2) rsa += cbv[n][e] * lam; else rsb += cbv[n][e] * lam;
+                cs[n][e & 1] += z;
+                if (e < 2) rsa += z; else rsb += z;
             }
         }
         rsa = quad_sum(rsa);
@@ -859,6 +899,8 @@ ssd_bwd_row_kernel(float* dc_part, BwdScratch sc, const float* dt_s, const float
             s_rsum[hh][ra - i0] += rsa;
             s_rsum[hh][rb - i0] += rsb;
         }
+        const float2 csw = warp_col_sums(cs);
+        *reinterpret_cast<float2*>(&s_cs[k & 1][warp][(lane >> 2) * 8 + 2 * q]) = csw;
         if (hh == tb.hps - 1) {  // the tile's last head: dC += W B_jt, W to memory
             uint32_t wa[4][4];
             acc_to_a(wa, wacc);
@@ -873,6 +915,7 @@ ssd_bwd_row_kernel(float* dc_part, BwdScratch sc, const float* dt_s, const float
         }
         __syncthreads();
     }
+    flush_csum(npairs - 1);  // after the last pair's barrier
     for (int idx = threadIdx.x; idx < tb.hps * TILE; idx += blockDim.x) {
         const int hh = idx / TILE, r = idx % TILE;
         const size_t pos0 = ((size_t)tb.b * H + tb.h0 + hh) * Tp + tb.t0;
@@ -892,7 +935,7 @@ inline size_t row_smem_bytes(int P, int N) {
 //                    dB_j += sum_it W(it, jt)^T C_it
 //   per head:        u_j = w_j B_j Gout^T + sum_{i >= j} CB_ij L_ij dy_i  (w_j = exp(Aend - Acum_j) for rows that
 //                    reach the next chunk), dx_j = dt_j u_j + D dy_j, dB_j += dt_j w_j Gout^T x_j, and the per-position
-//                    ddt_dir = x.u, sst = dt_j x_j.(state part of u), csum = dt_j x_j.(intra part of u), dd = x.dy
+//                    ddt_dir = x.u, sst = dt_j x_j.(state part of u), dd = x.dy
 // Dynamic smem col_smem_bytes.
 template <int P, int N, bool DOCS>
 __global__ void __launch_bounds__(THREADS)
@@ -1062,7 +1105,6 @@ ssd_bwd_col_kernel(float* db_part, BwdScratch sc, const float* dt_s, const float
                 sc.ddt_dir[pos] = xu;
                 sc.dd[pos] = xdy;
                 sc.sst[pos] = sj;
-                sc.csum[pos] = dtj * xu - sj;
             }
         }
         __syncthreads();  // s_x, s_g, s_dt, s_ac are reloaded for the next head
@@ -1096,9 +1138,15 @@ ssd_bwd_dt_kernel(SSDGrads gr, BwdScratch sc, const float* dt_s, const float* ac
     float pass = 0.f;
     for (int k = 0; k < splits; k++) pass += sc.dots[(bh * nc + c) * splits + k];
     // dAcum stored reversed so that an inclusive scan gives the reverse cumsum
+    const int ntl = (valid + TILE - 1) / TILE;
     for (int i = threadIdx.x; i < CHUNK; i += blockDim.x) {
         const size_t p = pos0 + i;
-        float v = i < valid ? sc.rsum[p] - sc.csum[p] + sc.off[p] - sc.sst[p] : 0.f;
+        float v = 0.f;
+        if (i < valid) {
+            float cs = 0.f;  // the partials of the row tiles at and after row i's tile
+            for (int it = i / TILE; it < ntl; it++) cs += sc.csum[p * NTILE + it];
+            v = sc.rsum[p] - cs + sc.off[p] - sc.sst[p];
+        }
         if (i == CHUNK - 1) v += sst + pass;  // Aend = Acum[CHUNK-1]: state decay and chunk-to-chunk decay
         s_r[CHUNK - 1 - i] = v;
     }
