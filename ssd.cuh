@@ -186,6 +186,36 @@ __device__ inline void warp_mma_rega(float (&acc)[NT][4], const uint32_t (&a)[4]
         if (kk >= klo && kk < khi) mma_k16<NT, true>(acc, a[kk], sB, ldb, 0, kk * 16);
 }
 
+// acc (MT m16 tiles from row m0, 8NT columns from n0) += A (16MT x K) * B (K x 8NT), A and B k-major in smem
+// (rows k), the columns k of A scaled by wk[k] in registers; the B fragments serve all MT tiles
+template <int MT, int NT>
+__device__ inline void warp_mma_kscaled(float (&acc)[MT][NT][4], const bf16* sA, int lda, int m0, const bf16* sB,
+                                        int ldb, int n0, int K, const float* wk) {
+    static_assert(NT % 2 == 0, "pairs of n-tiles");
+    const int lane = threadIdx.x & 31, q = lane & 3, r = lane & 7, mi = lane >> 3;
+#pragma unroll 2
+    for (int k0 = 0; k0 < K; k0 += 16) {
+        const float2 w01 = *reinterpret_cast<const float2*>(wk + k0 + 2 * q);
+        const float2 w89 = *reinterpret_cast<const float2*>(wk + k0 + 2 * q + 8);
+        uint32_t a[MT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; mt++) {
+            load_a<true>(a[mt], sA, lda, m0 + 16 * mt, k0);
+            scale_a_cols(a[mt], w01, w89);
+        }
+#pragma unroll
+        for (int nt = 0; nt < NT; nt += 2) {
+            uint32_t b[4];
+            ldsm_x4_t(b, sB + (k0 + r + (mi & 1) * 8) * ldb + n0 + nt * 8 + (mi >> 1) * 8);
+#pragma unroll
+            for (int mt = 0; mt < MT; mt++) {
+                mma_bf16(acc[mt][nt], a[mt], b[0], b[1]);
+                mma_bf16(acc[mt][nt + 1], a[mt], b[2], b[3]);
+            }
+        }
+    }
+}
+
 // dots of rows g / g+8 of a 16 x 8NT accumulator with rows m0 + g / m0 + g + 8 of an smem tile (row
 // stride ld), this lane's part (quad_sum gives the row's)
 template <int NT>
@@ -259,23 +289,6 @@ __device__ inline void load_rows(bf16* s, const bf16* g, size_t stride, int rows
 // starts copying n floats (16-byte aligned, n a multiple of 4) into smem
 __device__ inline void load_floats(float* s, const float* g, int n) {
     for (int i = threadIdx.x; i < n / 4; i += blockDim.x) cp_async16(s + 4 * i, g + 4 * i, true);
-}
-
-// rows [0, rows) of an smem tile (COLS wide) times a per-row scale, in place
-template <int COLS>
-__device__ inline void scale_rows(bf16* s, int rows, const float* scale) {
-    constexpr int V = COLS / 8;
-    for (int idx = threadIdx.x; idx < rows * V; idx += blockDim.x) {
-        const int r = idx / V, v = idx - r * V;
-        uint4* p = reinterpret_cast<uint4*>(s + r * (COLS + PAD) + v * 8);
-        uint4 val = *p;
-        const float f = scale[r];
-        val.x = scale_bf16x2(val.x, f, f);
-        val.y = scale_bf16x2(val.y, f, f);
-        val.z = scale_bf16x2(val.z, f, f);
-        val.w = scale_bf16x2(val.w, f, f);
-        *p = val;
-    }
 }
 
 // inclusive prefix sum of s[0..n) in place (n <= CHUNK, blockDim >= 64, fixed order)
@@ -383,7 +396,7 @@ __device__ inline void prepare_step(StepArrays& st, float& base, float2 raw, int
 //   state phase, warp w: all P rows, columns [wN/4, (w+1)N/4) of the state (fp32 registers, kept across steps)
 template <int P, int N, bool DOCS>
 __global__ void __launch_bounds__(THREADS)
-ssd_fwd_kernel(bf16* y, float* dt_s, float* acum_s, SSDInputs in, int T, int H, int G, int Tp) {
+ssd_fwd_kernel(bf16* y, float* dt_s, float* acum_s, SSDInputs in, int T, int H, int G, int Tp, int nsm) {
     static_assert(P % 16 == 0 && N % 64 == 0, "state tiles");
     constexpr int XS = TILE * (P + PAD), BS = TILE * (N + PAD);
     constexpr int MT = P / 16;   // m16 tiles of the state (rows p)
@@ -400,6 +413,7 @@ ssd_fwd_kernel(bf16* y, float* dt_s, float* acum_s, SSDInputs in, int T, int H, 
     const int h = blockIdx.x, b = blockIdx.y, g = h / (H / G);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, q = lane & 3;
     const int nsteps = (T + TILE - 1) / TILE;
+    const bool flip = ((blockIdx.y * gridDim.x + blockIdx.x) / nsm) & 1;
     const float A = -expf(__bfloat162float(in.A_log[h])), bias = __bfloat162float(in.dt_bias[h]);
     const float dskip = __bfloat162float(in.D[h]);
     const size_t row0 = (size_t)b * T, pos0 = ((size_t)b * H + h) * Tp;
@@ -446,8 +460,11 @@ ssd_fwd_kernel(bf16* y, float* dt_s, float* acum_s, SSDInputs in, int T, int H, 
 #pragma unroll
     for (int mt = 0; mt < MT; mt++) zero(st_acc[mt]);
 
-    const int m0 = warp * 16, ra = m0 + (lane >> 2), rb = ra + 8;  // y phase: this thread's rows
-    const int kend = warp + 1;  // k16 steps of j that rows < m0 + 16 see
+    // y phase: this warp's 16 rows. Row tile r sees 16(r + 1) columns; warp w of both blocks on an SM shares a
+    // sub-partition, so every other wave of blocks takes the row tiles in reverse order
+    const int rt = flip ? 3 - warp : warp;
+    const int m0 = rt * 16, ra = m0 + (lane >> 2), rb = ra + 8;
+    const int kend = rt + 1;  // k16 steps of j that rows < m0 + 16 see
     for (int s = 0; s < nsteps; s++) {
         const int buf = s & 1, s0 = s * TILE, valid = min(TILE, T - s0);
         cp_async_wait_sync();  // step s's tiles, arrays and the state copy are in place; step s-1 is done
@@ -523,21 +540,23 @@ ssd_fwd_kernel(bf16* y, float* dt_s, float* acum_s, SSDInputs in, int T, int H, 
 #pragma unroll
             for (int kk = 0; kk < TILE / 16; kk++) {
                 uint32_t bfr[SNT][2];
+                // B rows j scaled by w_j (b0: k = 2q, 2q+1; b1: k = 2q+8, 2q+9), shared by the MT m-tiles
+                const float2 w01 = *reinterpret_cast<const float2*>(st.w + kk * 16 + 2 * q);
+                const float2 w89 = *reinterpret_cast<const float2*>(st.w + kk * 16 + 2 * q + 8);
 #pragma unroll
                 for (int nt = 0; nt < SNT; nt += 2) {
                     uint32_t t4[4];
                     ldsm_x4_t(t4, sb + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * (N + PAD) + n0 + nt * 8 +
                                       (lane >> 4) * 8);
-                    bfr[nt][0] = t4[0]; bfr[nt][1] = t4[1];
-                    bfr[nt + 1][0] = t4[2]; bfr[nt + 1][1] = t4[3];
+                    bfr[nt][0] = scale_bf16x2(t4[0], w01.x, w01.y);
+                    bfr[nt][1] = scale_bf16x2(t4[1], w89.x, w89.y);
+                    bfr[nt + 1][0] = scale_bf16x2(t4[2], w01.x, w01.y);
+                    bfr[nt + 1][1] = scale_bf16x2(t4[3], w89.x, w89.y);
                 }
-                const float2 w01 = *reinterpret_cast<const float2*>(st.w + kk * 16 + 2 * q);
-                const float2 w89 = *reinterpret_cast<const float2*>(st.w + kk * 16 + 2 * q + 8);
 #pragma unroll
                 for (int mt = 0; mt < MT; mt++) {
                     uint32_t a[4];
                     load_a<true>(a, sx, P + PAD, mt * 16, kk * 16);  // x^T: rows p, columns j
-                    scale_a_cols(a, w01, w89);
 #pragma unroll
                     for (int nt = 0; nt < SNT; nt++) mma_bf16(st_acc[mt][nt], a, bfr[nt][0], bfr[nt][1]);
                 }
@@ -570,15 +589,17 @@ inline size_t fwd_smem_bytes(int P, int N) {
 // ----------------------------------------------------------------------------------------------
 // Backward: chunk states. grid (nchunks, 2H, B); blocks y < H: out = S_c = sum_j w_j x_j B_j^T with
 // w_j = dt_j exp(Aend - Acum_j) (rows j >= lds), into hst; blocks y >= H: out = dS_c = sum_i wt_i dy_i C_i^T with
-// wt_i = exp(Acum_i) (rows whose document started before the chunk), into gst. Both P x N bf16.
-// Dynamic smem chunk_state_smem_bytes: two tile buffers, the next tile loads while the current one is multiplied.
+// wt_i = exp(Acum_i) (rows whose document started before the chunk), into gst. Both P x N bf16. Warps own
+// 32 x N/WN tiles of out; the row weights scale the A fragments in registers. Dynamic smem
+// chunk_state_smem_bytes: two tile buffers, the next tile loads while the current one is multiplied.
 template <int P, int N, bool DOCS>
 __global__ void __launch_bounds__(THREADS)
 ssd_bwd_states_kernel(bf16* hst, bf16* gst, const float* dt_s, const float* acum_s, const bf16* dy, SSDInputs in,
                       int T, int H, int G) {
-    constexpr int WM = P / 16, WN = 4 / WM, NT = N / WN / 8;
+    constexpr int WM = P / 32, WN = 4 / WM, NT = N / WN / 8;
+    static_assert(WM * WN == 4 && NT % 2 == 0, "warp layout");
     constexpr int VS = TILE * (P + PAD), WS = TILE * (N + PAD);
-    __shared__ float s_wt[CHUNK];
+    __shared__ __align__(16) float s_wt[CHUNK];
     extern __shared__ __align__(16) unsigned char smem[];
     bf16* s_v = reinterpret_cast<bf16*>(smem);  // 2 buffers each
     bf16* s_w = s_v + 2 * VS;
@@ -611,9 +632,10 @@ ssd_bwd_states_kernel(bf16* hst, bf16* gst, const float* dt_s, const float* acum
     }
 
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int m0 = (warp % WM) * 16, n0 = (warp / WM) * (N / WN);
-    float acc[NT][4];
-    zero(acc);
+    const int m0 = (warp % WM) * 32, n0 = (warp / WM) * (N / WN);
+    float acc[2][NT][4];
+    zero(acc[0]);
+    zero(acc[1]);
     for (int k = 0; k < ntiles; k++) {
         if (k + 1 < ntiles) {
             load_tile(k + 1);  // its buffer was freed by the barrier ending iteration k - 1
@@ -621,19 +643,21 @@ ssd_bwd_states_kernel(bf16* hst, bf16* gst, const float* dt_s, const float* acum
         } else {
             cp_async_wait_group<0>();
         }
-        __syncthreads();
-        bf16* sv = s_v + (k & 1) * VS;
-        scale_rows<P>(sv, TILE, s_wt + k * TILE);
-        __syncthreads();
-        warp_mma<NT, true, true>(acc, sv, P + PAD, m0, s_w + (k & 1) * WS, N + PAD, n0, TILE);
+        __syncthreads();  // (the first also publishes s_wt)
+        warp_mma_kscaled<2, NT>(acc, s_v + (k & 1) * VS, P + PAD, m0, s_w + (k & 1) * WS, N + PAD, n0, TILE,
+                                s_wt + k * TILE);
         __syncthreads();
     }
     bf16* o = (grad ? gst : hst) + (bh * nc + c) * P * N;
-    const int r = m0 + (lane >> 2), cl = n0 + 2 * (lane & 3);
+    const int cl = n0 + 2 * (lane & 3);
 #pragma unroll
-    for (int nt = 0; nt < NT; nt++) {
-        *reinterpret_cast<uint32_t*>(o + r * N + cl + nt * 8) = pack_bf16(acc[nt][0], acc[nt][1]);
-        *reinterpret_cast<uint32_t*>(o + (r + 8) * N + cl + nt * 8) = pack_bf16(acc[nt][2], acc[nt][3]);
+    for (int mt = 0; mt < 2; mt++) {
+        const int r = m0 + 16 * mt + (lane >> 2);
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++) {
+            *reinterpret_cast<uint32_t*>(o + r * N + cl + nt * 8) = pack_bf16(acc[mt][nt][0], acc[mt][nt][1]);
+            *reinterpret_cast<uint32_t*>(o + (r + 8) * N + cl + nt * 8) = pack_bf16(acc[mt][nt][2], acc[mt][nt][3]);
+        }
     }
 }
 
@@ -1237,6 +1261,16 @@ inline void check_inputs(const SSDInputs& in, const SSDShape& sh) {
     if (in.dt_stride < sh.H) THROW("ssd: dt row stride %d < H = %d", in.dt_stride, sh.H);
 }
 
+inline int sm_count() {
+    static int n = 0;
+    if (!n) {
+        int dev;
+        cudaCheck(cudaGetDevice(&dev));
+        cudaCheck(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
+    }
+    return n;
+}
+
 template <typename K>
 inline void set_smem(K kernel, size_t bytes) {
     cudaCheck(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
@@ -1249,7 +1283,7 @@ void forward_impl(bf16* y, void* saved, const SSDInputs& in, const SSDShape& sh,
     const size_t smem = fwd_smem_bytes(P, N);
     set_smem(ssd_fwd_kernel<P, N, DOCS>, smem);
     ssd_fwd_kernel<P, N, DOCS><<<dim3(sh.H, sh.B), THREADS, smem, s>>>(y, dt_s, acum_s, in, sh.T, sh.H, sh.G,
-                                                                       nchunks(sh) * CHUNK);
+                                                                       nchunks(sh) * CHUNK, sm_count());
     cudaCheckLast();
 }
 
