@@ -16,7 +16,7 @@
 // the registers of its 4 warps (warp w owns state columns [wN/4, (w+1)N/4)), and a bf16 copy in shared memory
 // that the next step's y reads. Per step: [C B^T | y_off] = C [B^T | Hin^T] (one pass over C), the decayed
 // and masked scores in registers, y += scores x, then Hout = decay Hin + (w x)^T B. Tiles of the next step
-// load (cp.async) while the current one is computed; warp 0 prepares the next step's dt, cumsum and weights.
+// load (cp.async) while the current one is computed; one warp prepares the next step's dt, cumsum and weights.
 // The short steps keep the quadratic part small (64 x 64 scores); x, B, C, dt are read once, y written once.
 // The kernel saves dt and the 256-row-chunk-local cumsum for the backward. No intermediate touches memory.
 //
@@ -72,7 +72,9 @@ constexpr int THREADS = 128;
 constexpr int PAD = 8;                // bf16 padding per smem row so ldmatrix rows hit distinct banks
 constexpr int PASS_THREADS = 256;
 constexpr int MAX_HPS = 16;           // heads per slice of the backward tile kernels (rsum rows in smem)
-static_assert(THREADS == 2 * TILE, "warp 0 prepares a step with two rows per lane");
+static_assert(TILE == 2 * 32, "one warp prepares a step, two rows per lane");
+static_assert(THREADS / 32 * 16 == TILE, "4 warps of 16 rows cover a tile");
+static_assert(CHUNK % TILE == 0, "whole tiles per chunk");
 
 // ----------------------------------------------------------------------------------------------
 // sizes and scratch layout
@@ -340,17 +342,21 @@ __device__ inline int doc_thr(const int* pos, size_t row0, int i, int valid) {
 // ----------------------------------------------------------------------------------------------
 // Forward
 
-// one step's per-row quantities, prepared a step ahead by warp 0 (two rows per lane)
+// one step's per-row quantities, prepared a step ahead by one warp (two rows per lane)
+// The decay between rows i >= j of a step, exp(acl_i - acl_j), factors through the first row m of i's 16-row tile
+// when j < m: exp(acl_i - acl_m) exp(acl_m - acl_j), both factors <= 1 (no overflow however steep the decay).
 struct __align__(16) StepArrays {
-    float dt[TILE];   // softplus(dt_raw + bias), 0 past the sequence
-    float acl[TILE];  // inclusive cumsum of dt A from the step's start
-    float w[TILE];    // weight of row j in the state leaving the step: dt_j exp(acl_63 - acl_j) (0 if cut)
-    float ey[TILE];   // weight of the entering state in row i: exp(acl_i) (0 if the row's document starts here)
-    int thr[TILE];    // local start of the row's document (negative: before the step)
-    float decay;      // of the entering state over the step: exp(acl_63), 0 if a document starts in the step
+    float dt[TILE];        // softplus(dt_raw + bias), 0 past the sequence
+    float acl[TILE];       // inclusive cumsum of dt A from the step's start
+    float w[TILE];         // weight of row j in the state leaving the step: dt_j exp(acl_63 - acl_j) (0 if cut)
+    float e0[TILE];        // exp(acl_i - acl_m), m the first row of i's 16-row tile
+    float fdt[3][TILE];    // fdt[r - 1][j] = exp(acl_16r - acl_j) dt_j for j < 16r (the columns left of row tile r)
+    int thr[TILE];         // local start of the row's document (negative: before the step)
+    float em[TILE / 16];   // exp(acl_16r): the decay of the entering state to row tile r's first row
+    float decay;           // of the entering state over the step: exp(acl_63), 0 if a document starts in the step
 };
 
-// warp 0: the step of rows [s0, s0 + valid) from raw dt (rows 2 lane, 2 lane + 1) and positions; writes dt
+// one warp: the step of rows [s0, s0 + valid) from raw dt (rows 2 lane, 2 lane + 1) and positions; writes dt
 // and the chunk-local cumsum (base + step cumsum) to saved (rows past the sequence: dt 0, cumsum flat) and
 // advances base to the step's end
 template <bool DOCS>
@@ -379,12 +385,20 @@ __device__ inline void prepare_step(StepArrays& st, float& base, float2 raw, int
     }
     const float w0 = r0 >= lds ? dt0 * decay_exp(cend - c0) : 0.f;
     const float w1 = r0 + 1 >= lds ? dt1 * decay_exp(cend - c1) : 0.f;
+    float am[TILE / 16];  // acl at the first row of each 16-row tile
+#pragma unroll
+    for (int r = 0; r < TILE / 16; r++) am[r] = __shfl_sync(0xffffffffu, c0, 8 * r);
+    const float amine = am[r0 / 16];
     *reinterpret_cast<float2*>(st.dt + r0) = make_float2(dt0, dt1);
     *reinterpret_cast<float2*>(st.acl + r0) = make_float2(c0, c1);
     *reinterpret_cast<float2*>(st.w + r0) = make_float2(w0, w1);
-    *reinterpret_cast<float2*>(st.ey + r0) =
-        make_float2(th0 < 0 ? decay_exp(c0) : 0.f, th1 < 0 ? decay_exp(c1) : 0.f);
+    *reinterpret_cast<float2*>(st.e0 + r0) = make_float2(decay_exp(c0 - amine), decay_exp(c1 - amine));
+#pragma unroll
+    for (int r = 1; r < TILE / 16; r++)
+        *reinterpret_cast<float2*>(st.fdt[r - 1] + r0) =
+            r0 < 16 * r ? make_float2(decay_exp(am[r] - c0) * dt0, decay_exp(am[r] - c1) * dt1) : make_float2(0.f, 0.f);
     *reinterpret_cast<int2*>(st.thr + r0) = make_int2(th0, th1);
+    if (lane < TILE / 16) st.em[lane] = decay_exp(am[lane]);
     if (lane == 0) st.decay = lds >= 0 ? 0.f : decay_exp(cend);
     *reinterpret_cast<float2*>(dt_out + r0) = make_float2(dt0, dt1);
     *reinterpret_cast<float2*>(acum_out + r0) = make_float2(base + c0, base + c1);
@@ -413,7 +427,10 @@ ssd_fwd_kernel(bf16* y, float* dt_s, float* acum_s, SSDInputs in, int T, int H, 
     const int h = blockIdx.x, b = blockIdx.y, g = h / (H / G);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, q = lane & 3;
     const int nsteps = (T + TILE - 1) / TILE;
+    // every other wave of blocks takes the row tiles of the y phase in reverse order (see rt below); the warp
+    // with the lightest row tile prepares the next step
     const bool flip = ((blockIdx.y * gridDim.x + blockIdx.x) / nsm) & 1;
+    const bool prep = warp == (flip ? 3 : 0);
     const float A = -expf(__bfloat162float(in.A_log[h])), bias = __bfloat162float(in.dt_bias[h]);
     const float dskip = __bfloat162float(in.D[h]);
     const size_t row0 = (size_t)b * T, pos0 = ((size_t)b * H + h) * Tp;
@@ -429,7 +446,7 @@ ssd_fwd_kernel(bf16* y, float* dt_s, float* acum_s, SSDInputs in, int T, int H, 
         load_rows<N>(s_c + buf * BS, cg + (size_t)s0 * in.bc_stride, in.bc_stride, TILE, valid);
         cp_async_commit();
     };
-    // warp 0: raw dt and positions of rows 2 lane, 2 lane + 1 of step s (loads issued a step before use)
+    // the preparing warp: raw dt and positions of rows 2 lane, 2 lane + 1 of step s (loads issued a step before use)
     auto load_raw = [&](int s, float2& raw, int2& p2) {
         const int s0 = s * TILE, valid = min(TILE, T - s0), r0 = 2 * lane;
         const bf16* d = in.dt + (row0 + s0) * in.dt_stride + h;
@@ -440,7 +457,7 @@ ssd_fwd_kernel(bf16* y, float* dt_s, float* acum_s, SSDInputs in, int T, int H, 
             p2.y = r0 + 1 < valid ? in.pos[row0 + s0 + r0 + 1] : 0;
         }
     };
-    float base = 0.f;  // warp 0: chunk-local cumsum at the end of the prepared steps
+    float base = 0.f;  // the preparing warp: chunk-local cumsum at the end of the prepared steps
     auto prepare = [&](int s, float2 raw, int2 p2) {
         const int s0 = s * TILE;
         prepare_step<DOCS>(s_st[s & 1], base, raw, p2, min(TILE, T - s0), bias, A, dt_s + pos0 + s0,
@@ -449,7 +466,7 @@ ssd_fwd_kernel(bf16* y, float* dt_s, float* acum_s, SSDInputs in, int T, int H, 
     };
 
     load_step(0);
-    if (warp == 0) {
+    if (prep) {
         float2 raw;
         int2 p2 = make_int2(0, 0);
         load_raw(0, raw, p2);
@@ -461,7 +478,7 @@ ssd_fwd_kernel(bf16* y, float* dt_s, float* acum_s, SSDInputs in, int T, int H, 
     for (int mt = 0; mt < MT; mt++) zero(st_acc[mt]);
 
     // y phase: this warp's 16 rows. Row tile r sees 16(r + 1) columns; warp w of both blocks on an SM shares a
-    // sub-partition, so every other wave of blocks takes the row tiles in reverse order
+    // sub-partition, hence the reversed order in every other wave
     const int rt = flip ? 3 - warp : warp;
     const int m0 = rt * 16, ra = m0 + (lane >> 2), rb = ra + 8;
     const int kend = rt + 1;  // k16 steps of j that rows < m0 + 16 see
@@ -472,7 +489,7 @@ ssd_fwd_kernel(bf16* y, float* dt_s, float* acum_s, SSDInputs in, int T, int H, 
         if (more) load_step(s + 1);  // into the buffer step s-1 used
         float2 raw_n = make_float2(0.f, 0.f);
         int2 pos_n = make_int2(0, 0);
-        if (warp == 0 && more) load_raw(s + 1, raw_n, pos_n);
+        if (prep && more) load_raw(s + 1, raw_n, pos_n);
         const StepArrays& st = s_st[buf];
         const bf16* sx = s_x + buf * XS;
         const bf16* sb = s_b + buf * BS;
@@ -490,28 +507,41 @@ ssd_fwd_kernel(bf16* y, float* dt_s, float* acum_s, SSDInputs in, int T, int H, 
                 mma_k16<8, false>(cb, a, sb, N + PAD, 0, k0, 0, 2 * kend);
                 if (s > 0) mma_k16<P / 8, false>(yo, a, s_h, N + PAD, 0, k0);
             }
-            scale_rows_acc(yo, st.ey[ra], st.ey[rb]);
-            // scores: CB_ij exp(acl_i - acl_j) dt_j where row i sees column j
+            const int ta = DOCS ? st.thr[ra] : -1, tb = DOCS ? st.thr[rb] : -1;
+            // y_off to row tile rt's first row (0 for rows whose document starts in the step)
+            scale_rows_acc(yo, ta < 0 ? st.em[rt] : 0.f, tb < 0 ? st.em[rt] : 0.f);
+            // scores CB_ij exp(acl_i - acl_j) dt_j where row i sees column j: left of the row tile without the row
+            // factor exp(acl_i - acl_m0), which is applied to the accumulator; the diagonal 16 x 16 block exactly
             const float aa = st.acl[ra], ab = st.acl[rb];
-            const int ta = DOCS ? st.thr[ra] : 0, tb = DOCS ? st.thr[rb] : 0;
 #pragma unroll
             for (int n = 0; n < 8; n++) {
                 if (n >= 2 * kend) continue;
                 const int j = n * 8 + 2 * q;
-                const float2 acj = *reinterpret_cast<const float2*>(st.acl + j);
-                const float2 dtj = *reinterpret_cast<const float2*>(st.dt + j);
+                if (n < 2 * rt) {
+                    const float2 f = *reinterpret_cast<const float2*>(st.fdt[rt - 1] + j);
 #pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    const int i = e < 2 ? ra : rb, jj = j + (e & 1);
-                    const float ai = e < 2 ? aa : ab, aj = (e & 1) ? acj.y : acj.x, dj = (e & 1) ? dtj.y : dtj.x;
-                    bool ok = jj <= i;
-                    if (DOCS) ok = ok && jj >= (e < 2 ? ta : tb);
-                    cb[n][e] = ok ? cb[n][e] * decay_exp(ai - aj) * dj : 0.f;
+                    for (int e = 0; e < 4; e++) {
+                        const bool ok = !DOCS || j + (e & 1) >= (e < 2 ? ta : tb);
+                        cb[n][e] = ok ? cb[n][e] * ((e & 1) ? f.y : f.x) : 0.f;
+                    }
+                } else {
+                    const float2 acj = *reinterpret_cast<const float2*>(st.acl + j);
+                    const float2 dtj = *reinterpret_cast<const float2*>(st.dt + j);
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        const int i = e < 2 ? ra : rb, jj = j + (e & 1);
+                        const float ai = e < 2 ? aa : ab, aj = (e & 1) ? acj.y : acj.x, dj = (e & 1) ? dtj.y : dtj.x;
+                        bool ok = jj <= i;
+                        if (DOCS) ok = ok && jj >= (e < 2 ? ta : tb);
+                        cb[n][e] = ok ? cb[n][e] * decay_exp(ai - aj) * dj : 0.f;
+                    }
                 }
             }
             uint32_t pa[4][4];
             acc_to_a(pa, cb);
-            warp_mma_rega<P / 8>(yo, pa, sx, P + PAD, 0, kend);
+            warp_mma_rega<P / 8>(yo, pa, sx, P + PAD, 0, rt);  // columns left of the row tile
+            scale_rows_acc(yo, st.e0[ra], st.e0[rb]);
+            warp_mma_rega<P / 8>(yo, pa, sx, P + PAD, rt, rt + 1);  // the diagonal block
             // y = yo + D x
 #pragma unroll
             for (int half = 0; half < 2; half++) {
@@ -527,7 +557,7 @@ ssd_fwd_kernel(bf16* y, float* dt_s, float* acum_s, SSDInputs in, int T, int H, 
                 }
             }
         }
-        if (warp == 0 && more) prepare(s + 1, raw_n, pos_n);
+        if (prep && more) prepare(s + 1, raw_n, pos_n);
         __syncthreads();  // every warp is done reading the state copy
         if (!more) break;  // the state leaving the last step is not needed
 
@@ -574,7 +604,7 @@ ssd_fwd_kernel(bf16* y, float* dt_s, float* acum_s, SSDInputs in, int T, int H, 
         }
     }
     // saved past the last step (the rest of the last chunk): dt 0, cumsum flat
-    if (warp == 0)
+    if (prep)
         for (int t = nsteps * TILE + lane; t < Tp; t += 32) {
             dt_s[pos0 + t] = 0.f;
             acum_s[pos0 + t] = base;
