@@ -385,10 +385,11 @@ __device__ inline void prepare_step(StepArrays& st, float& base, float2 raw, int
     }
     const float w0 = r0 >= lds ? dt0 * decay_exp(cend - c0) : 0.f;
     const float w1 = r0 + 1 >= lds ? dt1 * decay_exp(cend - c1) : 0.f;
-    float am[TILE / 16];  // acl at the first row of each 16-row tile
+    float am[TILE / 16];  // acl at the first row of each 16-row tile (lane 8r holds row 16r)
 #pragma unroll
     for (int r = 0; r < TILE / 16; r++) am[r] = __shfl_sync(0xffffffffu, c0, 8 * r);
-    const float amine = am[r0 / 16];
+    const float amine = __shfl_sync(0xffffffffu, c0, lane & ~7);  // of this lane's tile
+    const float amlane = __shfl_sync(0xffffffffu, c0, 8 * (lane & 3));
     *reinterpret_cast<float2*>(st.dt + r0) = make_float2(dt0, dt1);
     *reinterpret_cast<float2*>(st.acl + r0) = make_float2(c0, c1);
     *reinterpret_cast<float2*>(st.w + r0) = make_float2(w0, w1);
@@ -398,7 +399,7 @@ __device__ inline void prepare_step(StepArrays& st, float& base, float2 raw, int
         *reinterpret_cast<float2*>(st.fdt[r - 1] + r0) =
             r0 < 16 * r ? make_float2(decay_exp(am[r] - c0) * dt0, decay_exp(am[r] - c1) * dt1) : make_float2(0.f, 0.f);
     *reinterpret_cast<int2*>(st.thr + r0) = make_int2(th0, th1);
-    if (lane < TILE / 16) st.em[lane] = decay_exp(am[lane]);
+    if (lane < TILE / 16) st.em[lane] = decay_exp(amlane);
     if (lane == 0) st.decay = lds >= 0 ? 0.f : decay_exp(cend);
     *reinterpret_cast<float2*>(dt_out + r0) = make_float2(dt0, dt1);
     *reinterpret_cast<float2*>(acum_out + r0) = make_float2(base + c0, base + c1);
