@@ -14,24 +14,26 @@
 //
 // Forward (one kernel): a block per (b, h) walks the sequence in 64-row steps with the state on chip: fp32 in
 // the registers of its 4 warps (warp w owns state columns [wN/4, (w+1)N/4)), and a bf16 copy in shared memory
-// that the next step's y reads. Per step: [C B^T | y_off] = C [B^T | Hin^T] (one pass over C), the decayed
-// and masked scores in registers, y += scores x, then Hout = decay Hin + (w x)^T B. Tiles of the next step
-// load (cp.async) while the current one is computed; one warp prepares the next step's dt, cumsum and weights.
-// The short steps keep the quadratic part small (64 x 64 scores); x, B, C, dt are read once, y written once.
-// The kernel saves dt and the 256-row-chunk-local cumsum for the backward. No intermediate touches memory.
+// that the next step's y reads. Per step and warp (16 rows): [C B^T | y_off] = C [B^T | Hin^T] in one pass over
+// C, the decayed and masked scores in registers (left of the warp's rows the decay factors through the rows'
+// first row, so only the diagonal 16 x 16 block takes an exp per score), y += scores x; then every warp
+// Hout = decay Hin + (w x)^T B for its state columns. The next step's tiles load (cp.async) meanwhile and one
+// warp prepares its dt, cumsum and weights. Short steps keep the quadratic part small; x, B, C and dt are read
+// once, y written once, nothing else touches memory but dt and the 256-row-chunk-local cumsum, saved for the
+// backward (8 bytes per (b, t, h)).
 //
-// Backward (chunks of 256 rows, through memory; parallel over b, chunk, group and head slices):
+// Backward (chunks of 256 rows through memory; parallel over b, chunk, group and head slices):
 //   states:  per (b, h, chunk) its own state S_c and dS_c = sum_i exp(Acum_i) dy_i C_i^T (the gradient its
 //            outputs send to the state entering it), bf16
 //   pass:    per (b, h): Hin_c in place of S_c (forward), Gout_c = dL/dHin_{c+1} in place of dS_c (reverse),
 //            and decay_c <Gout_c, Hin_c> (the gradient of the chunk's decay)
 //   row:     per 64-row tile i of a chunk and a slice of the heads of a group: dC (the state part
-//            exp(Acum_i) Hin^T dy_i per head, the intra part W B with W_ij = sum_h L_ij dt_j (dy_i . x_j) summed
-//            over the slice's heads once: C B^T and W are head-independent), the gradients of Acum_i that need
-//            the row direction, and W (bf16) for the column kernel
+//            exp(Acum_i) Hin^T dy_i per head; the intra part W B once, W_ij = sum_h L_ij dt_j (dy_i . x_j) summed
+//            over the slice's heads: C B^T and W do not depend on the head), the row and column sums of
+//            Z = C B^T * W-terms per head (the two halves of the cumsum's gradient, which cancel: both from the
+//            same fp32 products), and W (bf16) for the column kernel
 //   column:  per 64-row tile j: dx (u_j = sum_{i >= j} CB_ij L_ij dy_i + exp(Aend - Acum_j) Gout B_j per head,
-//            C B^T computed once per block), dB (state part per head, intra part W^T C once per block), and the
-//            gradients of Acum_j that need the column direction
+//            C B^T once per block), dB (state part per head, intra part W^T C once per block)
 //   dt:      per (b, h, chunk): reverse cumsum of dAcum to ddt_raw and the parameter-gradient partials
 // Matmuls run on tensor cores (mma.sync m16n8k16: bf16 in, fp32 accumulate; sm_80 and sm_90), operands from
 // shared memory through ldmatrix. Cumsums, decays and the state recurrences are fp32; states and W go through
@@ -96,9 +98,9 @@ inline int head_slices(const SSDShape& sh) {
     return hpg;
 }
 
-// backward scratch: S then Hin in place | dS then Gout in place (bf16) | per-position arrays (csum: one partial
-// per row tile) | pass dots |
-// per-chunk parameter partials | dB, dC slice partials (fp32) | W per slice and tile pair (bf16)
+// backward scratch: S then Hin in place | dS then Gout in place | W per slice and tile pair (bf16) |
+// per-position arrays (csum: one partial per row tile) | pass dots | per-chunk parameter partials |
+// dB, dC slice partials (fp32)
 struct BwdScratch {
     bf16 *hst, *gst, *w;
     float *ddt_dir, *csum, *sst, *dd, *rsum, *off, *dots, *partials, *db_part, *dc_part;
@@ -258,6 +260,7 @@ __device__ inline float2 warp_col_sums(const float (&cs)[8][2]) {
     return make_float2(r[0], r[1]);
 }
 
+// rows g / g+8 of a 16 x 8NT accumulator times sa / sb
 template <int NT>
 __device__ __forceinline__ void scale_rows_acc(float (&acc)[NT][4], float sa, float sb) {
 #pragma unroll
@@ -342,9 +345,9 @@ __device__ inline int doc_thr(const int* pos, size_t row0, int i, int valid) {
 // ----------------------------------------------------------------------------------------------
 // Forward
 
-// one step's per-row quantities, prepared a step ahead by one warp (two rows per lane)
-// The decay between rows i >= j of a step, exp(acl_i - acl_j), factors through the first row m of i's 16-row tile
-// when j < m: exp(acl_i - acl_m) exp(acl_m - acl_j), both factors <= 1 (no overflow however steep the decay).
+// One step's per-row quantities, prepared a step ahead by one warp (two rows per lane). The decay between rows
+// i >= j of a step, exp(acl_i - acl_j), factors through the first row m of i's 16-row tile when j < m:
+// exp(acl_i - acl_m) exp(acl_m - acl_j), both factors <= 1 (no overflow however steep the decay).
 struct __align__(16) StepArrays {
     float dt[TILE];        // softplus(dt_raw + bias), 0 past the sequence
     float acl[TILE];       // inclusive cumsum of dt A from the step's start
@@ -380,8 +383,7 @@ __device__ inline void prepare_step(StepArrays& st, float& base, float2 raw, int
         th0 = r0 < valid ? r0 - pos.x : r0;
         th1 = r0 + 1 < valid ? r0 + 1 - pos.y : r0 + 1;
         const int last = valid - 1;
-        const int t = __shfl_sync(0xffffffffu, (last & 1) ? th1 : th0, last >> 1);
-        lds = t;
+        lds = __shfl_sync(0xffffffffu, (last & 1) ? th1 : th0, last >> 1);
     }
     const float w0 = r0 >= lds ? dt0 * decay_exp(cend - c0) : 0.f;
     const float w1 = r0 + 1 >= lds ? dt1 * decay_exp(cend - c1) : 0.f;
@@ -407,7 +409,7 @@ __device__ inline void prepare_step(StepArrays& st, float& base, float2 raw, int
 }
 
 // One block per (h, b), 4 warps; see the header for the pipeline. Dynamic smem: fwd_smem_bytes.
-//   y phase, warp w: rows [16w, 16w + 16) of the step, all P columns of y
+//   y phase, warp w: the 16 rows of row tile w (3 - w in every other wave of blocks), all P columns of y
 //   state phase, warp w: all P rows, columns [wN/4, (w+1)N/4) of the state (fp32 registers, kept across steps)
 template <int P, int N, bool DOCS>
 __global__ void __launch_bounds__(THREADS)
@@ -927,6 +929,9 @@ ssd_bwd_row_kernel(float* dc_part, BwdScratch sc, const float* dt_s, const float
         zero(m);
         warp_mma<8, false, false>(m, s_dy, P + PAD, m0, s_x, P + PAD, 0, P, 1.f, 1.f, 0, 2 * kend);  // dy_i . x_j
         const float aa = ac[ra], ab = ac[rb];
+        // left of the diagonal tile the decay factors through the row tile's first row i0 (both factors <= 1)
+        const bool off_diag = jt < it;
+        const float a0 = ac[i0], fa = decay_exp(aa - a0), fb = decay_exp(ab - a0);
         float rsa = 0.f, rsb = 0.f, cs[8][2];
 #pragma unroll
         for (int n = 0; n < 8; n++) {
@@ -935,13 +940,16 @@ ssd_bwd_row_kernel(float* dc_part, BwdScratch sc, const float* dt_s, const float
             const int j = j0 + n * 8 + 2 * q;
             const float2 acj = *reinterpret_cast<const float2*>(ac + j);
             const float2 dtj = *reinterpret_cast<const float2*>(dtv + j);
+            float2 fj = make_float2(0.f, 0.f);  // off the diagonal: exp(acl_i0 - acl_j) dt_j
+            if (off_diag) fj = make_float2(decay_exp(a0 - acj.x) * dtj.x, decay_exp(a0 - acj.y) * dtj.y);
 #pragma unroll
             for (int e = 0; e < 4; e++) {
                 const int i = e < 2 ? ra : rb, jj = j + (e & 1);
                 const float ai = e < 2 ? aa : ab, aj = (e & 1) ? acj.y : acj.x, dj = (e & 1) ? dtj.y : dtj.x;
                 bool ok = jj <= i;
                 if (DOCS) ok = ok && jj >= (e < 2 ? tha : thb);
-                const float lam = ok ? m[n][e] * decay_exp(ai - aj) * dj : 0.f;
+                const float l = off_diag ? (e < 2 ? fa : fb) * ((e & 1) ? fj.y : fj.x) : decay_exp(ai - aj) * dj;
+                const float lam = ok ? m[n][e] * l : 0.f;
                 const float z = cbv[n][e] * lam;
                 wacc[n][e] += lam;
                 cs[n][e & 1] += z;
@@ -1102,6 +1110,9 @@ ssd_bwd_col_kernel(float* db_part, BwdScratch sc, const float* dt_s, const float
             __syncthreads();
             const int klo = it == jt ? kbeg : 0;
             const uint32_t* cf = s_cbt + ((it * 4 + warp) * 16) * 32 + lane;
+            // below the diagonal tile the decay factors through the column tile's first row i0 (both <= 1)
+            const bool off_diag = it > jt;
+            const float a0 = s_ac[i0], ga = decay_exp(a0 - aa), gb = decay_exp(a0 - ab);
             float s[8][4];
 #pragma unroll
             for (int n = 0; n < 8; n++) {
@@ -1114,6 +1125,8 @@ ssd_bwd_col_kernel(float* db_part, BwdScratch sc, const float* dt_s, const float
                 const float2 aci = *reinterpret_cast<const float2*>(s_ac + i);
                 int2 thi = make_int2(0, 0);
                 if (DOCS) thi = *reinterpret_cast<const int2*>(s_thr + i);
+                float2 ei = make_float2(0.f, 0.f);  // off the diagonal: exp(acl_i - acl_i0)
+                if (off_diag) ei = make_float2(decay_exp(aci.x - a0), decay_exp(aci.y - a0));
 #pragma unroll
                 for (int e = 0; e < 4; e++) {
                     const int j = e < 2 ? ra : rb, ii = i + (e & 1);
@@ -1121,7 +1134,8 @@ ssd_bwd_col_kernel(float* db_part, BwdScratch sc, const float* dt_s, const float
                     const float cv = e == 0 ? c01.x : e == 1 ? c01.y : e == 2 ? c23.x : c23.y;
                     bool ok = ii >= j;
                     if (DOCS) ok = ok && j >= ((e & 1) ? thi.y : thi.x);
-                    s[n][e] = ok ? cv * decay_exp(ai - aj) : 0.f;
+                    const float l = off_diag ? (e < 2 ? ga : gb) * ((e & 1) ? ei.y : ei.x) : decay_exp(ai - aj);
+                    s[n][e] = ok ? cv * l : 0.f;
                 }
             }
             uint32_t pa[4][4];
