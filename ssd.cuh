@@ -817,7 +817,7 @@ ssd_bwd_row_kernel(float* dc_part, BwdScratch sc, const float* dt_s, const float
     float* s_dt = reinterpret_cast<float*>(s_u + 2 * UB);  // 2 buffers: dt, Acum of the chunk
     float* s_ac = s_dt + 2 * CHUNK;
     __shared__ float s_rsum[MAX_HPS][TILE];
-    __shared__ float s_cs[2][THREADS / 32][TILE];  // per warp column sums of Z, double-buffered over the pairs
+    __shared__ __align__(16) float s_cs[2][THREADS / 32][TILE];  // per warp column sums of Z (float2 stores), 2 buffers
 
     const TileBlock tb(T, H, G, nsl);
     const int it = tb.tile, i0 = tb.r0, g = tb.g, valid = tb.valid;
