@@ -244,6 +244,9 @@ TEST_CASE("ssd document boundaries vs each document alone", "[gpu][ssd][docs]") 
     check_ssd(1, 130, 4, 2, 64, 64, 64, 15, make_pos(1, 130, 1.0, {}, rng));
     // one document per row given explicitly: the same as no boundaries
     check_ssd(2, 700, 4, 2, 32, 128, 256, 16, make_pos(2, 700, 0.0, {}, rng));
+    // two head slices of 10 heads: the per-slice dB/dC and W partials with boundaries
+    REQUIRE(ssd::head_slices(SSDShape{1, 520, 20, 32, 1, 64, 128}) == 2);
+    check_ssd(1, 520, 20, 1, 32, 64, 128, 17, make_pos(1, 520, 0.01, {300}, rng));
 }
 
 TEST_CASE("ssd rejects unsupported shapes", "[gpu][ssd]") {
