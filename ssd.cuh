@@ -994,7 +994,7 @@ inline size_t row_smem_bytes(int P, int N) {
 }
 
 // Column direction: one 64-row tile of positions j (rows of warp w: j0 + 16w ..), a slice of the heads of a group.
-//   once per block:  CB^T(jt, it) = B_jt C_it^T for it >= jt (bf16, in smem, this warp's fragments);
+//   once per block:  CB^T(jt, it) = B_jt C_it^T for it >= jt (in smem, this warp's fragments);
 //                    dB_j += sum_it W(it, jt)^T C_it
 //   per head:        u_j = w_j B_j Gout^T + sum_{i >= j} CB_ij L_ij dy_i  (w_j = exp(Aend - Acum_j) for rows that
 //                    reach the next chunk), dx_j = dt_j u_j + D dy_j, dB_j += dt_j w_j Gout^T x_j, and the per-position
@@ -1007,10 +1007,14 @@ ssd_bwd_col_kernel(float* db_part, BwdScratch sc, const float* dt_s, const float
     constexpr int CS = TILE * (N + PAD), XS = TILE * (P + PAD), HS = P * (N + PAD), WS = TILE * (TILE + PAD);
     constexpr int U1 = CS + WS, U2 = XS + HS + 2 * XS;  // phase 1: 2 x (C_it, W); phase 2: x, Gout, 2 x dy_it
     constexpr int UN = 2 * U1 > U2 ? 2 * U1 : U2;
+    constexpr int CBD = 4 * 32 * 32, CBT = (NTILE - 1) * 4 * 16 * 32;
     extern __shared__ __align__(16) unsigned char smem[];
-    bf16* s_b = reinterpret_cast<bf16*>(smem);                // B_jt
-    uint32_t* s_cbt = reinterpret_cast<uint32_t*>(s_b + CS);  // [NTILE][4 warps][16][32] CB^T fragments, bf16 pairs
-    bf16* s_u = reinterpret_cast<bf16*>(s_cbt + NTILE * 4 * 16 * 32);
+    // CB^T in this warp's accumulator fragments: the diagonal tile fp32 (its decays are near 1 and it holds the
+    // terms i = j: rounded to bf16 it dominated the error of the parameter gradients), the tiles it > jt bf16
+    bf16* s_b = reinterpret_cast<bf16*>(smem);                 // B_jt
+    float* s_cbd = reinterpret_cast<float*>(s_b + CS);         // [4 warps][32][32 lanes]: the diagonal tile
+    uint32_t* s_cbt = reinterpret_cast<uint32_t*>(s_cbd + CBD);  // [it - jt - 1][4 warps][16][32 lanes], bf16 pairs
+    bf16* s_u = reinterpret_cast<bf16*>(s_cbt + CBT);
     float* s_dt = reinterpret_cast<float*>(s_u + UN);
     float* s_ac = s_dt + CHUNK;
     int* s_thr = reinterpret_cast<int*>(s_ac + CHUNK);
@@ -1055,11 +1059,19 @@ ssd_bwd_col_kernel(float* db_part, BwdScratch sc, const float* dt_s, const float
         float cbt[8][4];
         zero(cbt);
         warp_mma<8, false, false>(cbt, s_b, N + PAD, m0, s_ci, N + PAD, 0, N, 1.f, 1.f, 2 * klo);  // B_j . C_i
-        uint32_t* o = s_cbt + ((it * 4 + warp) * 16) * 32 + lane;
+        if (it == jt) {
+            float* o = s_cbd + warp * 32 * 32 + lane;
 #pragma unroll
-        for (int n = 0; n < 8; n++) {
-            o[(2 * n) * 32] = pack_bf16(cbt[n][0], cbt[n][1]);
-            o[(2 * n + 1) * 32] = pack_bf16(cbt[n][2], cbt[n][3]);
+            for (int n = 0; n < 8; n++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) o[(4 * n + e) * 32] = cbt[n][e];
+        } else {
+            uint32_t* o = s_cbt + ((it - jt - 1) * 4 + warp) * 16 * 32 + lane;
+#pragma unroll
+            for (int n = 0; n < 8; n++) {
+                o[(2 * n) * 32] = pack_bf16(cbt[n][0], cbt[n][1]);
+                o[(2 * n + 1) * 32] = pack_bf16(cbt[n][2], cbt[n][3]);
+            }
         }
         warp_mma<N / 8, true, true>(db, s_w, TILE + PAD, m0, s_ci, N + PAD, 0, TILE);  // W^T C_it
         __syncthreads();
@@ -1109,7 +1121,6 @@ ssd_bwd_col_kernel(float* db_part, BwdScratch sc, const float* dt_s, const float
             }
             __syncthreads();
             const int klo = it == jt ? kbeg : 0;
-            const uint32_t* cf = s_cbt + ((it * 4 + warp) * 16) * 32 + lane;
             // below the diagonal tile the decay factors through the column tile's first row i0 (both <= 1)
             const bool off_diag = it > jt;
             const float a0 = s_ac[i0], ga = decay_exp(a0 - aa), gb = decay_exp(a0 - ab);
@@ -1120,7 +1131,16 @@ ssd_bwd_col_kernel(float* db_part, BwdScratch sc, const float* dt_s, const float
                     s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
                     continue;
                 }
-                const float2 c01 = unpack_bf16(cf[(2 * n) * 32]), c23 = unpack_bf16(cf[(2 * n + 1) * 32]);
+                float2 c01, c23;  // CB^T of this thread's rows j and columns i, i + 1
+                if (off_diag) {
+                    const uint32_t* cf = s_cbt + ((it - jt - 1) * 4 + warp) * 16 * 32 + lane;
+                    c01 = unpack_bf16(cf[(2 * n) * 32]);
+                    c23 = unpack_bf16(cf[(2 * n + 1) * 32]);
+                } else {
+                    const float* cf = s_cbd + warp * 32 * 32 + lane;
+                    c01 = make_float2(cf[(4 * n) * 32], cf[(4 * n + 1) * 32]);
+                    c23 = make_float2(cf[(4 * n + 2) * 32], cf[(4 * n + 3) * 32]);
+                }
                 const int i = i0 + n * 8 + 2 * q;
                 const float2 aci = *reinterpret_cast<const float2*>(s_ac + i);
                 int2 thi = make_int2(0, 0);
@@ -1185,7 +1205,8 @@ ssd_bwd_col_kernel(float* db_part, BwdScratch sc, const float* dt_s, const float
 inline size_t col_smem_bytes(int P, int N) {
     const size_t cs = TILE * (N + PAD), xs = TILE * (P + PAD), hs = (size_t)P * (N + PAD), ws = TILE * (TILE + PAD);
     const size_t u1 = cs + ws, u2 = xs + hs + 2 * xs, un = 2 * u1 > u2 ? 2 * u1 : u2;
-    return (cs + un) * sizeof(bf16) + NTILE * 4 * 16 * 32 * sizeof(uint32_t) + 3 * CHUNK * sizeof(float);
+    return (cs + un) * sizeof(bf16) + (4 * 32 * 32 + (NTILE - 1) * 4 * 16 * 32) * sizeof(float) +
+           3 * CHUNK * sizeof(float);
 }
 
 // ----------------------------------------------------------------------------------------------
