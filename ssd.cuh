@@ -1,20 +1,47 @@
-// Mamba-2 chunked state-space-duality (SSD) scan, forward and backward.
+// Mamba-2 state-space-duality (SSD) scan, forward and backward, with optional document boundaries.
 //
-// Per batch b, head h (group g = h / (H/G)), A = -exp(A_log[h]), dt_t = softplus(dt_raw + dt_bias):
-//   h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T,   y_t = h_t C_t + D x_t
-// computed in chunks of Q steps (Acum = in-chunk inclusive cumsum of dt A):
-//   intra  Y[i]  = sum_{j<=i} (C_i.B_j) exp(Acum_i - Acum_j) dt_j x_j      (masked matmuls)
-//   states S_c   = sum_j exp(Aend - Acum_j) dt_j x_j B_j^T
-//   pass   Hin_{c+1} = exp(Aend_c) Hin_c + S_c                               (sequential over chunks)
-//   inter  Y[i] += exp(Acum_i) Hin_c C_i
-// Matmuls run on tensor cores (mma.sync m16n8k16, bf16 in, fp32 accumulate; valid on sm_80 and sm_90);
-// cumsums, decays and the state recurrence are fp32; the chunk states, the states entering each
-// chunk and their gradients are stored bf16, the precision the matmuls read them in. A chunk is processed in
-// 64-row tiles, one 16-row slab per warp.
-// The backward recomputes the chunk states (saved keeps only dt and Acum), runs the state pass in
-// reverse for the state gradients, then two tile kernels (column direction: dx, dB; row direction: dC),
-// each looping over a slice of the heads of one group so that dB/dC are summed over heads in registers.
-// All reductions (over heads, positions, chunks, batch) run in a fixed order: no atomics.
+// Per batch b, head h (group g = h / (H/G)), A = -exp(A_log[h]), dt_t = softplus(dt_raw_t + dt_bias):
+//   S_t = exp(dt_t A) S_{t-1} + dt_t x_t B_t^T,   y_t = S_t C_t + D x_t          (S: P x N, fp32)
+// With document positions (pos_t = t - start of t's document) the state restarts at every document start:
+// the pair (t, s <= t) counts only when s >= t - pos_t.
+//
+// Blocked form. Over a block of rows with Acum = the in-block inclusive cumsum of dt A, L_ij = exp(Acum_i -
+// Acum_j), CB_ij = C_i . B_j and Hin the state entering the block:
+//   y_i   = exp(Acum_i) Hin C_i + sum_{j <= i} CB_ij L_ij dt_j x_j + D x_i                  (intra: masked matmuls)
+//   Hout  = exp(Aend) Hin + sum_j exp(Aend - Acum_j) dt_j x_j B_j^T                         (Aend = Acum of the last row)
+// With boundaries: a row sees Hin only if its document started before the block; Hout keeps only the rows from
+// the last document start in the block on and drops Hin when a document starts inside the block.
+//
+// Forward (one kernel): a block per (b, h) walks the sequence in 64-row steps with the state on chip: fp32 in
+// the registers of its 4 warps (warp w owns state columns [wN/4, (w+1)N/4)), and a bf16 copy in shared memory
+// that the next step's y reads. Per step and warp (16 rows): [C B^T | y_off] = C [B^T | Hin^T] in one pass over
+// C, the decayed and masked scores in registers (left of the warp's rows the decay factors through the rows'
+// first row, so only the diagonal 16 x 16 block takes an exp per score), y += scores x; then every warp
+// Hout = decay Hin + (w x)^T B for its state columns. The next step's tiles load (cp.async) meanwhile and one
+// warp prepares its dt, cumsum and weights. Short steps keep the quadratic part small; x, B, C and dt are read
+// once, y written once, nothing else touches memory but dt and the 256-row-chunk-local cumsum, saved for the
+// backward (8 bytes per (b, t, h)).
+//
+// Backward (chunks of 256 rows through memory; parallel over b, chunk, group and head slices):
+//   states:  per (b, h, chunk) its own state S_c and dS_c = sum_i exp(Acum_i) dy_i C_i^T (the gradient its
+//            outputs send to the state entering it), bf16
+//   pass:    per (b, h): Hin_c in place of S_c (forward), Gout_c = dL/dHin_{c+1} in place of dS_c (reverse),
+//            and decay_c <Gout_c, Hin_c> (the gradient of the chunk's decay)
+//   row:     per 64-row tile i of a chunk and a slice of the heads of a group: dC (the state part
+//            exp(Acum_i) Hin^T dy_i per head; the intra part W B once, W_ij = sum_h L_ij dt_j (dy_i . x_j) summed
+//            over the slice's heads: C B^T and W do not depend on the head), the row and column sums of
+//            Z = C B^T * W-terms per head (the two halves of the cumsum's gradient, which cancel: both from the
+//            same fp32 products), and W (bf16) for the column kernel
+//   column:  per 64-row tile j: dx (u_j = sum_{i >= j} CB_ij L_ij dy_i + exp(Aend - Acum_j) Gout B_j per head,
+//            C B^T once per block), dB (state part per head, intra part W^T C once per block)
+//   dt:      per (b, h, chunk): reverse cumsum of dAcum to ddt_raw and the parameter-gradient partials
+// Matmuls run on tensor cores (mma.sync m16n8k16: bf16 in, fp32 accumulate; sm_80 and sm_90), operands from
+// shared memory through ldmatrix. Cumsums, decays and the state recurrences are fp32; states and W go through
+// memory as bf16 (the precision the matmuls read them in). Every sum (over heads, positions, chunks, batch)
+// runs in a fixed order, without atomics: results repeat bit for bit.
+//
+// The blocking (64-row steps, 256-row chunks) is the kernels' own: SSDShape::chunk, the model's chunk size, does
+// not change the result beyond rounding.
 #pragma once
 #include <cstdint>
 #include "cuda_common.cuh"
@@ -22,53 +49,78 @@
 
 struct SSDShape { int B, T, H, P, G, N, chunk; };
 
+struct SSDInputs {                    // rows are strided: x, B, C are column slices of the conv output
+    const bf16 *x, *Bm, *Cm;          // (BT, H*P), (BT, G*N), (BT, G*N)
+    const bf16* dt;                   // (BT, H) raw dt, before + dt_bias and softplus
+    int x_stride, bc_stride, dt_stride;
+    const bf16 *dt_bias, *A_log, *D;  // (H) each
+    const int* pos = nullptr;         // (BT) position of each token in its document, 0 at a document
+                                      // start; nullptr: every row is one document (pos = t)
+};
+struct SSDGrads {
+    bf16 *dx, *dB, *dC, *ddt;         // written, strided like the inputs
+    int dx_stride, dbc_stride, ddt_stride;
+    float *ddt_bias, *dA_log, *dD;    // accumulate (+=), fp32; the order of the parameter layout
+};
+
 namespace ssd {
 
 using namespace tc;
 
-constexpr int TILE = 64;      // rows of a chunk tile (4 warps x 16 rows)
-constexpr int THREADS = 128;  // tile kernels
-constexpr int PAD = 8;        // bf16 padding per smem row so ldmatrix rows hit distinct banks
-constexpr int MAX_CHUNK = 256;
+constexpr int TILE = 64;              // rows of a forward step and of a backward tile (4 warps x 16 rows)
+constexpr int CHUNK = 256;            // rows of a backward chunk
+constexpr int NTILE = CHUNK / TILE;
+constexpr int THREADS = 128;
+constexpr int PAD = 8;                // bf16 padding per smem row so ldmatrix rows hit distinct banks
 constexpr int PASS_THREADS = 256;
+constexpr int MAX_HPS = 16;           // heads per slice of the backward tile kernels (rsum rows in smem)
+static_assert(TILE == 2 * 32, "one warp prepares a step, two rows per lane");
+static_assert(THREADS / 32 * 16 == TILE, "4 warps of 16 rows cover a tile");
+static_assert(CHUNK % TILE == 0, "whole tiles per chunk");
 
 // ----------------------------------------------------------------------------------------------
 // sizes and scratch layout
 
-inline int nchunks(const SSDShape& sh) { return (sh.T + sh.chunk - 1) / sh.chunk; }
-inline size_t padded_positions(const SSDShape& sh) { return (size_t)sh.B * sh.H * nchunks(sh) * sh.chunk; }
-inline size_t state_floats(const SSDShape& sh) { return (size_t)sh.B * sh.H * nchunks(sh) * sh.P * sh.N; }
+inline int nchunks(const SSDShape& sh) { return (int)ceil_div(sh.T, CHUNK); }
+inline size_t padded_positions(const SSDShape& sh) { return (size_t)sh.B * sh.H * nchunks(sh) * CHUNK; }
+inline size_t state_elems(const SSDShape& sh) { return (size_t)sh.B * sh.H * nchunks(sh) * sh.P * sh.N; }
 inline int pass_splits(const SSDShape& sh) { return (int)ceil_div((size_t)sh.P * sh.N / 4, PASS_THREADS); }
 
-// heads of a group are split into slices (one block each) so the grid has enough blocks;
-// dB/dC partials per slice are reduced afterwards
+// heads of a group are split into slices (one block each) so the backward grid has enough blocks; a slice
+// has at most MAX_HPS heads. dB/dC partials per slice are reduced afterwards.
 inline int head_slices(const SSDShape& sh) {
     const int hpg = sh.H / sh.G;
-    const long tiles = (long)sh.B * sh.G * nchunks(sh) * (sh.chunk / TILE);
+    const long tiles = (long)sh.B * sh.G * nchunks(sh) * NTILE;
     for (int s = 1; s <= hpg; s++)
-        if (hpg % s == 0 && tiles * s >= 1024) return s;
+        if (hpg % s == 0 && hpg / s <= MAX_HPS && tiles * s >= 1024) return s;
+    for (int s = 1; s <= hpg; s++)
+        if (hpg % s == 0 && hpg / s <= MAX_HPS) return s;
     return hpg;
 }
 
-// forward scratch: chunk states S, overwritten in place by Hin (bf16)
-inline size_t fwd_scratch_bytes(const SSDShape& sh) { return state_floats(sh) * sizeof(bf16); }
-
-// backward scratch: S, then Hin in place | dS, then Gout in place (bf16) | 6 per-position arrays |
-// pass dots | per-chunk param partials | dB, dC slices (fp32)
+// backward scratch: S then Hin in place | dS then Gout in place | W per slice and tile pair (bf16) |
+// per-position arrays (csum: one partial per row tile) | pass dots | per-chunk parameter partials |
+// dB, dC slice partials (fp32)
 struct BwdScratch {
-    bf16 *hin, *gout;
+    bf16 *hst, *gst, *w;
     float *ddt_dir, *csum, *sst, *dd, *rsum, *off, *dots, *partials, *db_part, *dc_part;
     size_t total;  // floats
     BwdScratch(const SSDShape& sh, void* base) {
-        const size_t S = state_floats(sh), Tp = padded_positions(sh);
+        const size_t S = state_elems(sh), Tp = padded_positions(sh);
         const size_t nbc = (size_t)sh.B * sh.H * nchunks(sh);
         const size_t bc = (size_t)sh.B * sh.T * sh.G * head_slices(sh) * sh.N;
+        const size_t wn = (size_t)sh.B * nchunks(sh) * sh.G * head_slices(sh) * NTILE * NTILE * TILE * TILE;
         size_t off_f = 0;
-        auto take = [&](size_t n) { float* p = base ? (float*)base + off_f : nullptr; off_f += n; return p; };
-        hin = (bf16*)take(S / 2);  // S is a multiple of 4: the bf16 arrays keep 16-byte alignment
-        gout = (bf16*)take(S / 2);
+        auto take = [&](size_t n) {
+            float* p = base ? (float*)base + off_f : nullptr;
+            off_f += (n + 3) / 4 * 4;  // 16-byte aligned
+            return p;
+        };
+        hst = (bf16*)take(S / 2);  // S is a multiple of 8
+        gst = (bf16*)take(S / 2);
+        w = (bf16*)take(wn / 2);
         ddt_dir = take(Tp);
-        csum = take(Tp);
+        csum = take(Tp * NTILE);
         sst = take(Tp);
         dd = take(Tp);
         rsum = take(Tp);
@@ -83,12 +135,6 @@ struct BwdScratch {
 
 // ----------------------------------------------------------------------------------------------
 // tensor-core helpers (warp level; the PTX wrappers are in tensor_core.cuh)
-
-__device__ inline float2 unpack_bf16(uint32_t v) { return __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&v)); }
-__device__ inline uint32_t scale_bf16x2(uint32_t v, float s) {
-    const float2 f = unpack_bf16(v);
-    return pack_bf16(f.x * s, f.y * s);
-}
 
 // One k16 step: acc (16 x 8NT) += a (16 x 16 fragment) * B[k0..k0+16, 0..8NT) from smem.
 // B_KM: smem holds B k-major (sB[k][n]), else n-major (sB[n][k]). Only n-tiles [nlo, nhi) are
@@ -109,21 +155,26 @@ __device__ inline void mma_k16(float (&acc)[NT][4], const uint32_t (&a)[4], cons
     }
 }
 
+// the A fragment of rows m0..m0+16, k0..k0+16 of an smem matrix; A_KM: smem holds A k-major (sA[k][m])
+template <bool A_KM>
+__device__ inline void load_a(uint32_t (&a)[4], const bf16* sA, int lda, int m0, int k0) {
+    const int lane = threadIdx.x & 31, r = lane & 7, mi = lane >> 3;
+    if (A_KM) ldsm_x4_t(a, sA + (k0 + r + (mi >> 1) * 8) * lda + m0 + (mi & 1) * 8);
+    else      ldsm_x4(a, sA + (m0 + (lane & 15)) * lda + k0 + (lane >> 4) * 8);
+}
+
 // acc (rows m0..m0+16, 8NT columns) += A (16 x K) * B (K x 8NT), both from smem.
-// A_KM: smem holds A k-major (sA[k][m]), else m-major (sA[m][k]). Rows g / g+8 of A may be scaled
-// by sc0 / sc1 (a per-row weight folded into the operand).
+// Rows g / g+8 of A may be scaled by sc0 / sc1 (a per-row weight folded into the operand).
 template <int NT, bool A_KM, bool B_KM, bool SCALE = false>
 __device__ inline void warp_mma(float (&acc)[NT][4], const bf16* sA, int lda, int m0, const bf16* sB, int ldb,
                                 int n0, int K, float sc0 = 1.f, float sc1 = 1.f, int nlo = 0, int nhi = NT) {
-    const int lane = threadIdx.x & 31, r = lane & 7, mi = lane >> 3;
 #pragma unroll 4
     for (int k0 = 0; k0 < K; k0 += 16) {
         uint32_t a[4];
-        if (A_KM) ldsm_x4_t(a, sA + (k0 + r + (mi >> 1) * 8) * lda + m0 + (mi & 1) * 8);
-        else      ldsm_x4(a, sA + (m0 + (lane & 15)) * lda + k0 + (lane >> 4) * 8);
+        load_a<A_KM>(a, sA, lda, m0, k0);
         if (SCALE) {
-            a[0] = scale_bf16x2(a[0], sc0); a[1] = scale_bf16x2(a[1], sc1);
-            a[2] = scale_bf16x2(a[2], sc0); a[3] = scale_bf16x2(a[3], sc1);
+            a[0] = scale_bf16x2(a[0], sc0, sc0); a[1] = scale_bf16x2(a[1], sc1, sc1);
+            a[2] = scale_bf16x2(a[2], sc0, sc0); a[3] = scale_bf16x2(a[3], sc1, sc1);
         }
         mma_k16<NT, B_KM>(acc, a, sB, ldb, n0, k0, nlo, nhi);
     }
@@ -139,18 +190,97 @@ __device__ inline void warp_mma_rega(float (&acc)[NT][4], const uint32_t (&a)[4]
         if (kk >= klo && kk < khi) mma_k16<NT, true>(acc, a[kk], sB, ldb, 0, kk * 16);
 }
 
+// acc (MT m16 tiles from row m0, 8NT columns from n0) += A (16MT x K) * B (K x 8NT), A and B k-major in smem
+// (rows k), the columns k of A scaled by wk[k] in registers; the B fragments serve all MT tiles
+template <int MT, int NT>
+__device__ inline void warp_mma_kscaled(float (&acc)[MT][NT][4], const bf16* sA, int lda, int m0, const bf16* sB,
+                                        int ldb, int n0, int K, const float* wk) {
+    static_assert(NT % 2 == 0, "pairs of n-tiles");
+    const int lane = threadIdx.x & 31, q = lane & 3, r = lane & 7, mi = lane >> 3;
+#pragma unroll 2
+    for (int k0 = 0; k0 < K; k0 += 16) {
+        const float2 w01 = *reinterpret_cast<const float2*>(wk + k0 + 2 * q);
+        const float2 w89 = *reinterpret_cast<const float2*>(wk + k0 + 2 * q + 8);
+        uint32_t a[MT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; mt++) {
+            load_a<true>(a[mt], sA, lda, m0 + 16 * mt, k0);
+            scale_a_cols(a[mt], w01, w89);
+        }
+#pragma unroll
+        for (int nt = 0; nt < NT; nt += 2) {
+            uint32_t b[4];
+            ldsm_x4_t(b, sB + (k0 + r + (mi & 1) * 8) * ldb + n0 + nt * 8 + (mi >> 1) * 8);
+#pragma unroll
+            for (int mt = 0; mt < MT; mt++) {
+                mma_bf16(acc[mt][nt], a[mt], b[0], b[1]);
+                mma_bf16(acc[mt][nt + 1], a[mt], b[2], b[3]);
+            }
+        }
+    }
+}
+
+// dots of rows g / g+8 of a 16 x 8NT accumulator with rows m0 + g / m0 + g + 8 of an smem tile (row
+// stride ld), this lane's part (quad_sum gives the row's)
+template <int NT>
+__device__ __forceinline__ void row_dots(float& da, float& db, const float (&acc)[NT][4], const bf16* s, int ld,
+                                         int m0) {
+    const int lane = threadIdx.x & 31, q = lane & 3;
+    da = db = 0.f;
+#pragma unroll
+    for (int n = 0; n < NT; n++) {
+        const int p = n * 8 + 2 * q;
+        const float2 va = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(s + (m0 + (lane >> 2)) * ld + p));
+        const float2 vb = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(s + (m0 + (lane >> 2) + 8) * ld + p));
+        da += va.x * acc[n][0] + va.y * acc[n][1];
+        db += vb.x * acc[n][2] + vb.y * acc[n][3];
+    }
+}
+
+// column sums over the 16 rows of a warp's 16 x 64 tile: cs[n][c] is this thread's two rows' sum for column
+// n*8 + 2q + c; returns the warp's sums of columns g*8 + 2q and g*8 + 2q + 1 (g = lane / 4). A butterfly over
+// the 8 lanes that share q: each step hands half of the columns to the partner (14 shuffles)
+__device__ inline float2 warp_col_sums(const float (&cs)[8][2]) {
+    const int lane = threadIdx.x & 31;
+    float a[4][2], b[2][2], r[2];
+    const bool u4 = lane & 16, u3 = lane & 8, u2 = lane & 4;
+#pragma unroll
+    for (int k = 0; k < 4; k++)
+#pragma unroll
+        for (int c = 0; c < 2; c++)  // keeps columns n = k + 4 (lane bit 4)
+            a[k][c] = (u4 ? cs[k + 4][c] : cs[k][c]) + __shfl_xor_sync(0xffffffffu, u4 ? cs[k][c] : cs[k + 4][c], 16);
+#pragma unroll
+    for (int k = 0; k < 2; k++)
+#pragma unroll
+        for (int c = 0; c < 2; c++)  // n = k + 2 (bit 3) + 4 (bit 4)
+            b[k][c] = (u3 ? a[k + 2][c] : a[k][c]) + __shfl_xor_sync(0xffffffffu, u3 ? a[k][c] : a[k + 2][c], 8);
+#pragma unroll
+    for (int c = 0; c < 2; c++)  // n = (bit 2) + 2 (bit 3) + 4 (bit 4) = g
+        r[c] = (u2 ? b[1][c] : b[0][c]) + __shfl_xor_sync(0xffffffffu, u2 ? b[0][c] : b[1][c], 4);
+    return make_float2(r[0], r[1]);
+}
+
+// rows g / g+8 of a 16 x 8NT accumulator times sa / sb
+template <int NT>
+__device__ __forceinline__ void scale_rows_acc(float (&acc)[NT][4], float sa, float sb) {
+#pragma unroll
+    for (int n = 0; n < NT; n++) {
+        acc[n][0] *= sa; acc[n][1] *= sa;
+        acc[n][2] *= sb; acc[n][3] *= sb;
+    }
+}
+
 // ----------------------------------------------------------------------------------------------
 // block helpers
 
 // all of this thread's copies landed, then the block's
 __device__ inline void cp_async_wait_sync() {
-    asm volatile("cp.async.wait_all;\n" ::: "memory");
+    cp_async_wait_group<0>();
     __syncthreads();
 }
 
 // starts copying rows [0, rows) of a strided bf16 matrix (COLS wide) into smem (row stride COLS + PAD);
-// rows >= valid become zero (past the end of the sequence). All copies are in flight at once;
-// cp_async_wait_sync() before use.
+// rows >= valid become zero (past the end of the sequence)
 template <int COLS>
 __device__ inline void load_rows(bf16* s, const bf16* g, size_t stride, int rows, int valid) {
     constexpr int V = COLS / 8;
@@ -161,26 +291,14 @@ __device__ inline void load_rows(bf16* s, const bf16* g, size_t stride, int rows
     }
 }
 
-// rows [0, rows) of an smem tile (COLS wide) times a per-row scale, in place
-template <int COLS>
-__device__ inline void scale_rows(bf16* s, int rows, const float* scale) {
-    constexpr int V = COLS / 8;
-    for (int idx = threadIdx.x; idx < rows * V; idx += blockDim.x) {
-        const int r = idx / V, v = idx - r * V;
-        uint4* p = reinterpret_cast<uint4*>(s + r * (COLS + PAD) + v * 8);
-        uint4 val = *p;
-        const float f = scale[r];
-        val.x = scale_bf16x2(val.x, f);
-        val.y = scale_bf16x2(val.y, f);
-        val.z = scale_bf16x2(val.z, f);
-        val.w = scale_bf16x2(val.w, f);
-        *p = val;
-    }
+// starts copying n floats (16-byte aligned, n a multiple of 4) into smem
+__device__ inline void load_floats(float* s, const float* g, int n) {
+    for (int i = threadIdx.x; i < n / 4; i += blockDim.x) cp_async16(s + 4 * i, g + 4 * i, true);
 }
 
-// inclusive prefix sum of s[0..n) in place (n <= MAX_CHUNK, fixed order)
+// inclusive prefix sum of s[0..n) in place (n <= CHUNK, blockDim >= 64, fixed order)
 __device__ inline void block_scan(float* s, int n) {
-    constexpr int PER = MAX_CHUNK / 64;  // enough for blockDim >= 64
+    constexpr int PER = CHUNK / 64;
     for (int off = 1; off < n; off <<= 1) {
         float v[PER];
 #pragma unroll
@@ -216,78 +334,341 @@ __device__ inline float decay_exp(float x) { return __expf(x); }
 
 __device__ inline float softplus(float z) { return z > 20.f ? z : log1pf(expf(z)); }
 
-// dt and Acum (in-chunk inclusive cumsum of dt A) of one chunk and head into smem; positions
-// past T get dt = 0, so Acum stays flat and Acum[Q-1] is the decay of the whole chunk
-__device__ inline void chunk_dt_cumsum(float* s_dt, float* s_acum, const bf16* dt_raw, int dt_stride, float bias,
-                                       float A, int valid, int Q) {
-    for (int i = threadIdx.x; i < Q; i += blockDim.x) {
-        const float dt = i < valid ? softplus(__bfloat162float(dt_raw[(size_t)i * dt_stride]) + bias) : 0.f;
-        s_dt[i] = dt;
-        s_acum[i] = dt * A;
-    }
-    __syncthreads();
-    block_scan(s_acum, Q);
-}
-
-// starts copying a chunk's dt and Acum (Q floats each, 16-byte aligned) into smem
-__device__ inline void load_chunk_floats(float* s_dt, float* s_acum, const float* dt, const float* acum, int Q) {
-    for (int i = threadIdx.x; i < Q / 4; i += blockDim.x) {
-        cp_async16(s_dt + 4 * i, dt + 4 * i, true);
-        cp_async16(s_acum + 4 * i, acum + 4 * i, true);
-    }
+// Document boundaries of a block of rows [t0, t0 + valid) of sequence row b (local index i):
+// thr_i = i - pos = the local index where row i's document starts (< 0: before the block). Pairs (i, j <= i)
+// with j < thr_i are cut; row i sees the state entering the block iff thr_i < 0; the state leaving the block
+// keeps rows j >= lds = thr of the last row, and drops the entering state iff lds >= 0.
+__device__ inline int doc_thr(const int* pos, size_t row0, int i, int valid) {
+    return i < valid ? i - pos[row0 + i] : i;
 }
 
 // ----------------------------------------------------------------------------------------------
-// chunk states: out[b,h,c] (P x N, bf16) = sum_j wt_j v_j w_j^T over the chunk
-//   forward (GRAD = false): v = x, w = B, wt_j = dt_j exp(Aend - Acum_j); dt/Acum computed here from
-//     dt_raw and stored to dt_out/acum_out when those are non-null
-//   state gradient (GRAD = true): v = dy, w = C, wt_i = exp(Acum_i); Acum read from acum_in
-// grid (nchunks, H, B); dynamic smem chunk_state_smem_bytes: two tile buffers, the next tile loads
-// while the current one is multiplied
-template <int P, int N, bool GRAD>
+// Forward
+
+// One step's per-row quantities, prepared a step ahead by one warp (two rows per lane). The decay between rows
+// i >= j of a step, exp(acl_i - acl_j), factors through the first row m of i's 16-row tile when j < m:
+// exp(acl_i - acl_m) exp(acl_m - acl_j), both factors <= 1 (no overflow however steep the decay).
+struct __align__(16) StepArrays {
+    float dt[TILE];        // softplus(dt_raw + bias), 0 past the sequence
+    float acl[TILE];       // inclusive cumsum of dt A from the step's start
+    float w[TILE];         // weight of row j in the state leaving the step: dt_j exp(acl_63 - acl_j) (0 if cut)
+    float e0[TILE];        // exp(acl_i - acl_m), m the first row of i's 16-row tile
+    float fdt[3][TILE];    // fdt[r - 1][j] = exp(acl_16r - acl_j) dt_j for j < 16r (the columns left of row tile r)
+    int thr[TILE];         // local start of the row's document (negative: before the step)
+    float em[TILE / 16];   // exp(acl_16r): the decay of the entering state to row tile r's first row
+    float decay;           // of the entering state over the step: exp(acl_63), 0 if a document starts in the step
+};
+
+// one warp: the step of rows [s0, s0 + valid) from raw dt (rows 2 lane, 2 lane + 1) and positions; writes dt
+// and the chunk-local cumsum (base + step cumsum) to saved (rows past the sequence: dt 0, cumsum flat) and
+// advances base to the step's end
+template <bool DOCS>
+__device__ inline void prepare_step(StepArrays& st, float& base, float2 raw, int2 pos, int valid, float bias,
+                                    float A, float* dt_out, float* acum_out) {
+    const int lane = threadIdx.x & 31, r0 = 2 * lane;
+    const float dt0 = r0 < valid ? softplus(raw.x + bias) : 0.f;
+    const float dt1 = r0 + 1 < valid ? softplus(raw.y + bias) : 0.f;
+    const float a0 = dt0 * A, a1 = dt1 * A;
+    float incl = a0 + a1;  // inclusive scan of the pair sums
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        const float v = __shfl_up_sync(0xffffffffu, incl, o);
+        if (lane >= o) incl += v;
+    }
+    float excl = __shfl_up_sync(0xffffffffu, incl, 1);
+    if (lane == 0) excl = 0.f;
+    const float c0 = excl + a0, c1 = incl, cend = __shfl_sync(0xffffffffu, incl, 31);
+    int th0 = -1, th1 = -1, lds = -1;
+    if (DOCS) {
+        th0 = r0 < valid ? r0 - pos.x : r0;
+        th1 = r0 + 1 < valid ? r0 + 1 - pos.y : r0 + 1;
+        const int last = valid - 1;
+        lds = __shfl_sync(0xffffffffu, (last & 1) ? th1 : th0, last >> 1);
+    }
+    const float w0 = r0 >= lds ? dt0 * decay_exp(cend - c0) : 0.f;
+    const float w1 = r0 + 1 >= lds ? dt1 * decay_exp(cend - c1) : 0.f;
+    float am[TILE / 16];  // acl at the first row of each 16-row tile (lane 8r holds row 16r)
+#pragma unroll
+    for (int r = 0; r < TILE / 16; r++) am[r] = __shfl_sync(0xffffffffu, c0, 8 * r);
+    const float amine = __shfl_sync(0xffffffffu, c0, lane & ~7);  // of this lane's tile
+    const float amlane = __shfl_sync(0xffffffffu, c0, 8 * (lane & 3));
+    *reinterpret_cast<float2*>(st.dt + r0) = make_float2(dt0, dt1);
+    *reinterpret_cast<float2*>(st.acl + r0) = make_float2(c0, c1);
+    *reinterpret_cast<float2*>(st.w + r0) = make_float2(w0, w1);
+    *reinterpret_cast<float2*>(st.e0 + r0) = make_float2(decay_exp(c0 - amine), decay_exp(c1 - amine));
+#pragma unroll
+    for (int r = 1; r < TILE / 16; r++)
+        *reinterpret_cast<float2*>(st.fdt[r - 1] + r0) =
+            r0 < 16 * r ? make_float2(decay_exp(am[r] - c0) * dt0, decay_exp(am[r] - c1) * dt1) : make_float2(0.f, 0.f);
+    *reinterpret_cast<int2*>(st.thr + r0) = make_int2(th0, th1);
+    if (lane < TILE / 16) st.em[lane] = decay_exp(amlane);
+    if (lane == 0) st.decay = lds >= 0 ? 0.f : decay_exp(cend);
+    *reinterpret_cast<float2*>(dt_out + r0) = make_float2(dt0, dt1);
+    *reinterpret_cast<float2*>(acum_out + r0) = make_float2(base + c0, base + c1);
+    base += cend;
+}
+
+// One block per (h, b), 4 warps; see the header for the pipeline. Dynamic smem: fwd_smem_bytes.
+//   y phase, warp w: the 16 rows of row tile w (3 - w in every other wave of blocks), all P columns of y
+//   state phase, warp w: all P rows, columns [wN/4, (w+1)N/4) of the state (fp32 registers, kept across steps)
+template <int P, int N, bool DOCS>
 __global__ void __launch_bounds__(THREADS)
-ssd_chunk_state_kernel(bf16* out, float* dt_out, float* acum_out, const float* acum_in, const bf16* v,
-                       int v_stride, const bf16* w, int w_stride, const bf16* dt_raw, int dt_stride,
-                       const bf16* dt_bias, const bf16* A_log, int T, int H, int G, int Q) {
-    constexpr int WM = P / 16, WN = 4 / WM, NT = N / WN / 8;
+ssd_fwd_kernel(bf16* y, float* dt_s, float* acum_s, SSDInputs in, int T, int H, int G, int Tp, int nsm) {
+    static_assert(P % 16 == 0 && N % 64 == 0, "state tiles");
+    constexpr int XS = TILE * (P + PAD), BS = TILE * (N + PAD);
+    constexpr int MT = P / 16;   // m16 tiles of the state (rows p)
+    constexpr int SN = N / 4;    // state columns per warp
+    constexpr int SNT = SN / 8;  // their n8 tiles
+    static_assert(SNT % 2 == 0, "pairs of n-tiles");
+    extern __shared__ __align__(16) unsigned char smem[];
+    bf16* s_x = reinterpret_cast<bf16*>(smem);  // 2 buffers each: x, B, C of a step
+    bf16* s_b = s_x + 2 * XS;
+    bf16* s_c = s_b + 2 * BS;
+    bf16* s_h = s_c + 2 * BS;  // the state entering the step, bf16 [P][N + PAD]
+    StepArrays* s_st = reinterpret_cast<StepArrays*>(s_h + P * (N + PAD));  // 2 buffers
+
+    const int h = blockIdx.x, b = blockIdx.y, g = h / (H / G);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, q = lane & 3;
+    const int nsteps = (T + TILE - 1) / TILE;
+    // every other wave of blocks takes the row tiles of the y phase in reverse order (see rt below); the warp
+    // with the lightest row tile prepares the next step
+    const bool flip = ((blockIdx.y * gridDim.x + blockIdx.x) / nsm) & 1;
+    const bool prep = warp == (flip ? 3 : 0);
+    const float A = -expf(__bfloat162float(in.A_log[h])), bias = __bfloat162float(in.dt_bias[h]);
+    const float dskip = __bfloat162float(in.D[h]);
+    const size_t row0 = (size_t)b * T, pos0 = ((size_t)b * H + h) * Tp;
+    const bf16* xg = in.x + row0 * in.x_stride + h * P;
+    const bf16* bg = in.Bm + row0 * in.bc_stride + g * N;
+    const bf16* cg = in.Cm + row0 * in.bc_stride + g * N;
+    bf16* yg = y + row0 * (size_t)(H * P) + h * P;
+
+    auto load_step = [&](int s) {
+        const int s0 = s * TILE, valid = min(TILE, T - s0), buf = s & 1;
+        load_rows<P>(s_x + buf * XS, xg + (size_t)s0 * in.x_stride, in.x_stride, TILE, valid);
+        load_rows<N>(s_b + buf * BS, bg + (size_t)s0 * in.bc_stride, in.bc_stride, TILE, valid);
+        load_rows<N>(s_c + buf * BS, cg + (size_t)s0 * in.bc_stride, in.bc_stride, TILE, valid);
+        cp_async_commit();
+    };
+    // the preparing warp: raw dt and positions of rows 2 lane, 2 lane + 1 of step s (loads issued a step before use)
+    auto load_raw = [&](int s, float2& raw, int2& p2) {
+        const int s0 = s * TILE, valid = min(TILE, T - s0), r0 = 2 * lane;
+        const bf16* d = in.dt + (row0 + s0) * in.dt_stride + h;
+        raw.x = r0 < valid ? __bfloat162float(d[(size_t)r0 * in.dt_stride]) : 0.f;
+        raw.y = r0 + 1 < valid ? __bfloat162float(d[(size_t)(r0 + 1) * in.dt_stride]) : 0.f;
+        if (DOCS) {
+            p2.x = r0 < valid ? in.pos[row0 + s0 + r0] : 0;
+            p2.y = r0 + 1 < valid ? in.pos[row0 + s0 + r0 + 1] : 0;
+        }
+    };
+    float base = 0.f;  // the preparing warp: chunk-local cumsum at the end of the prepared steps
+    auto prepare = [&](int s, float2 raw, int2 p2) {
+        const int s0 = s * TILE;
+        prepare_step<DOCS>(s_st[s & 1], base, raw, p2, min(TILE, T - s0), bias, A, dt_s + pos0 + s0,
+                           acum_s + pos0 + s0);
+        if ((s0 + TILE) % CHUNK == 0) base = 0.f;
+    };
+
+    load_step(0);
+    if (prep) {
+        float2 raw;
+        int2 p2 = make_int2(0, 0);
+        load_raw(0, raw, p2);
+        prepare(0, raw, p2);
+    }
+
+    float st_acc[MT][SNT][4];  // this warp's columns of the state, fp32
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++) zero(st_acc[mt]);
+
+    // y phase: this warp's 16 rows. Row tile r sees 16(r + 1) columns; warp w of both blocks on an SM shares a
+    // sub-partition, hence the reversed order in every other wave
+    const int rt = flip ? 3 - warp : warp;
+    const int m0 = rt * 16, ra = m0 + (lane >> 2), rb = ra + 8;
+    const int kend = rt + 1;  // k16 steps of j that rows < m0 + 16 see
+    for (int s = 0; s < nsteps; s++) {
+        const int buf = s & 1, s0 = s * TILE, valid = min(TILE, T - s0);
+        cp_async_wait_sync();  // step s's tiles, arrays and the state copy are in place; step s-1 is done
+        const bool more = s + 1 < nsteps;
+        if (more) load_step(s + 1);  // into the buffer step s-1 used
+        float2 raw_n = make_float2(0.f, 0.f);
+        int2 pos_n = make_int2(0, 0);
+        if (prep && more) load_raw(s + 1, raw_n, pos_n);
+        const StepArrays& st = s_st[buf];
+        const bf16* sx = s_x + buf * XS;
+        const bf16* sb = s_b + buf * BS;
+        const bf16* sc = s_c + buf * BS;
+
+        // ---- y phase: [C B^T | y_off] in one pass over this warp's rows of C
+        {
+            float cb[8][4], yo[P / 8][4];
+            zero(cb);
+            zero(yo);
+#pragma unroll 2
+            for (int k0 = 0; k0 < N; k0 += 16) {
+                uint32_t a[4];
+                load_a<false>(a, sc, N + PAD, m0, k0);
+                mma_k16<8, false>(cb, a, sb, N + PAD, 0, k0, 0, 2 * kend);
+                if (s > 0) mma_k16<P / 8, false>(yo, a, s_h, N + PAD, 0, k0);
+            }
+            const int ta = DOCS ? st.thr[ra] : -1, tb = DOCS ? st.thr[rb] : -1;
+            // y_off to row tile rt's first row (0 for rows whose document starts in the step)
+            scale_rows_acc(yo, ta < 0 ? st.em[rt] : 0.f, tb < 0 ? st.em[rt] : 0.f);
+            // scores CB_ij exp(acl_i - acl_j) dt_j where row i sees column j: left of the row tile without the row
+            // factor exp(acl_i - acl_m0), which is applied to the accumulator; the diagonal 16 x 16 block exactly
+            const float aa = st.acl[ra], ab = st.acl[rb];
+#pragma unroll
+            for (int n = 0; n < 8; n++) {
+                if (n >= 2 * kend) continue;
+                const int j = n * 8 + 2 * q;
+                if (n < 2 * rt) {
+                    const float2 f = *reinterpret_cast<const float2*>(st.fdt[rt - 1] + j);
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        const bool ok = !DOCS || j + (e & 1) >= (e < 2 ? ta : tb);
+                        cb[n][e] = ok ? cb[n][e] * ((e & 1) ? f.y : f.x) : 0.f;
+                    }
+                } else {
+                    const float2 acj = *reinterpret_cast<const float2*>(st.acl + j);
+                    const float2 dtj = *reinterpret_cast<const float2*>(st.dt + j);
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        const int i = e < 2 ? ra : rb, jj = j + (e & 1);
+                        const float ai = e < 2 ? aa : ab, aj = (e & 1) ? acj.y : acj.x, dj = (e & 1) ? dtj.y : dtj.x;
+                        bool ok = jj <= i;
+                        if (DOCS) ok = ok && jj >= (e < 2 ? ta : tb);
+                        cb[n][e] = ok ? cb[n][e] * decay_exp(ai - aj) * dj : 0.f;
+                    }
+                }
+            }
+            uint32_t pa[4][4];
+            acc_to_a(pa, cb);
+            warp_mma_rega<P / 8>(yo, pa, sx, P + PAD, 0, rt);  // columns left of the row tile
+            scale_rows_acc(yo, st.e0[ra], st.e0[rb]);
+            warp_mma_rega<P / 8>(yo, pa, sx, P + PAD, rt, rt + 1);  // the diagonal block
+            // y = yo + D x
+#pragma unroll
+            for (int half = 0; half < 2; half++) {
+                const int i = half ? rb : ra;
+                if (i >= valid) continue;
+                bf16* yr = yg + (size_t)(s0 + i) * (H * P);
+#pragma unroll
+                for (int n = 0; n < P / 8; n++) {
+                    const int p = n * 8 + 2 * q;
+                    const float2 xv = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(sx + i * (P + PAD) + p));
+                    *reinterpret_cast<__nv_bfloat162*>(yr + p) =
+                        __floats2bfloat162_rn(yo[n][2 * half] + dskip * xv.x, yo[n][2 * half + 1] + dskip * xv.y);
+                }
+            }
+        }
+        if (prep && more) prepare(s + 1, raw_n, pos_n);
+        __syncthreads();  // every warp is done reading the state copy
+        if (!more) break;  // the state leaving the last step is not needed
+
+        // ---- state phase: Hout = decay Hin + (w x)^T B, this warp's columns
+        {
+            const float dec = st.decay;
+#pragma unroll
+            for (int mt = 0; mt < MT; mt++) scale_rows_acc(st_acc[mt], dec, dec);
+            const int n0 = warp * SN;
+#pragma unroll
+            for (int kk = 0; kk < TILE / 16; kk++) {
+                uint32_t bfr[SNT][2];
+                // B rows j scaled by w_j (b0: k = 2q, 2q+1; b1: k = 2q+8, 2q+9), shared by the MT m-tiles
+                const float2 w01 = *reinterpret_cast<const float2*>(st.w + kk * 16 + 2 * q);
+                const float2 w89 = *reinterpret_cast<const float2*>(st.w + kk * 16 + 2 * q + 8);
+#pragma unroll
+                for (int nt = 0; nt < SNT; nt += 2) {
+                    uint32_t t4[4];
+                    ldsm_x4_t(t4, sb + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * (N + PAD) + n0 + nt * 8 +
+                                      (lane >> 4) * 8);
+                    bfr[nt][0] = scale_bf16x2(t4[0], w01.x, w01.y);
+                    bfr[nt][1] = scale_bf16x2(t4[1], w89.x, w89.y);
+                    bfr[nt + 1][0] = scale_bf16x2(t4[2], w01.x, w01.y);
+                    bfr[nt + 1][1] = scale_bf16x2(t4[3], w89.x, w89.y);
+                }
+#pragma unroll
+                for (int mt = 0; mt < MT; mt++) {
+                    uint32_t a[4];
+                    load_a<true>(a, sx, P + PAD, mt * 16, kk * 16);  // x^T: rows p, columns j
+#pragma unroll
+                    for (int nt = 0; nt < SNT; nt++) mma_bf16(st_acc[mt][nt], a, bfr[nt][0], bfr[nt][1]);
+                }
+            }
+            // the bf16 copy that the next step's y_off reads
+#pragma unroll
+            for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+                for (int nt = 0; nt < SNT; nt++) {
+                    const int p = mt * 16 + (lane >> 2), n = n0 + nt * 8 + 2 * q;
+                    *reinterpret_cast<uint32_t*>(s_h + p * (N + PAD) + n) = pack_bf16(st_acc[mt][nt][0], st_acc[mt][nt][1]);
+                    *reinterpret_cast<uint32_t*>(s_h + (p + 8) * (N + PAD) + n) =
+                        pack_bf16(st_acc[mt][nt][2], st_acc[mt][nt][3]);
+                }
+        }
+    }
+    // saved past the last step (the rest of the last chunk): dt 0, cumsum flat
+    if (prep)
+        for (int t = nsteps * TILE + lane; t < Tp; t += 32) {
+            dt_s[pos0 + t] = 0.f;
+            acum_s[pos0 + t] = base;
+        }
+}
+
+inline size_t fwd_smem_bytes(int P, int N) {
+    return (size_t)(2 * TILE * (P + PAD) + 4 * TILE * (N + PAD) + P * (N + PAD)) * sizeof(bf16) +
+           2 * sizeof(StepArrays);
+}
+
+// ----------------------------------------------------------------------------------------------
+// Backward: chunk states. grid (nchunks, 2H, B); blocks y < H: out = S_c = sum_j w_j x_j B_j^T with
+// w_j = dt_j exp(Aend - Acum_j) (rows j >= lds), into hst; blocks y >= H: out = dS_c = sum_i wt_i dy_i C_i^T with
+// wt_i = exp(Acum_i) (rows whose document started before the chunk), into gst. Both P x N bf16. Warps own
+// 32 x N/WN tiles of out; the row weights scale the A fragments in registers. Dynamic smem
+// chunk_state_smem_bytes: two tile buffers, the next tile loads while the current one is multiplied.
+template <int P, int N, bool DOCS>
+__global__ void __launch_bounds__(THREADS)
+ssd_bwd_states_kernel(bf16* hst, bf16* gst, const float* dt_s, const float* acum_s, const bf16* dy, SSDInputs in,
+                      int T, int H, int G) {
+    constexpr int WM = P / 32, WN = 4 / WM, NT = N / WN / 8;
+    static_assert(WM * WN == 4 && NT % 2 == 0, "warp layout");
     constexpr int VS = TILE * (P + PAD), WS = TILE * (N + PAD);
-    __shared__ float s_dt[MAX_CHUNK], s_acum[MAX_CHUNK], s_wt[MAX_CHUNK];
+    __shared__ __align__(16) float s_wt[CHUNK];
     extern __shared__ __align__(16) unsigned char smem[];
     bf16* s_v = reinterpret_cast<bf16*>(smem);  // 2 buffers each
     bf16* s_w = s_v + 2 * VS;
-    const int c = blockIdx.x, h = blockIdx.y, b = blockIdx.z, nc = gridDim.x;
-    const int g = h / (H / G), t0 = c * Q, valid = min(Q, T - t0), ntiles = (valid + TILE - 1) / TILE;
-    const size_t bh = (size_t)b * H + h, pos0 = bh * nc * Q + (size_t)t0;
+    const int c = blockIdx.x, nc = gridDim.x, b = blockIdx.z;
+    const bool grad = blockIdx.y >= H;
+    const int h = grad ? blockIdx.y - H : blockIdx.y, g = h / (H / G);
+    const int t0 = c * CHUNK, valid = min(CHUNK, T - t0), ntiles = (valid + TILE - 1) / TILE;
+    const size_t bh = (size_t)b * H + h, pos0 = bh * nc * CHUNK + (size_t)t0, row0 = (size_t)b * T + t0;
+    const bf16* v = grad ? dy + row0 * (size_t)(H * P) + h * P : in.x + row0 * in.x_stride + h * P;
+    const size_t v_stride = grad ? (size_t)H * P : (size_t)in.x_stride;
+    const bf16* w = (grad ? in.Cm : in.Bm) + row0 * in.bc_stride + g * N;
     auto load_tile = [&](int k) {
         const int j0 = k * TILE;
-        const size_t row = (size_t)b * T + t0 + j0;
-        load_rows<P>(s_v + (k & 1) * VS, v + row * v_stride + h * P, v_stride, TILE, valid - j0);
-        load_rows<N>(s_w + (k & 1) * WS, w + row * w_stride + g * N, w_stride, TILE, valid - j0);
+        load_rows<P>(s_v + (k & 1) * VS, v + j0 * v_stride, v_stride, TILE, valid - j0);
+        load_rows<N>(s_w + (k & 1) * WS, w + (size_t)j0 * in.bc_stride, in.bc_stride, TILE, valid - j0);
         cp_async_commit();
     };
     load_tile(0);
 
-    if (!GRAD) {
-        const float A = -expf(__bfloat162float(A_log[h]));
-        chunk_dt_cumsum(s_dt, s_acum, dt_raw + ((size_t)b * T + t0) * dt_stride + h, dt_stride,
-                        __bfloat162float(dt_bias[h]), A, valid, Q);
-        if (dt_out)
-            for (int i = threadIdx.x; i < Q; i += blockDim.x) {
-                dt_out[pos0 + i] = s_dt[i];
-                acum_out[pos0 + i] = s_acum[i];
-            }
-    } else {
-        for (int i = threadIdx.x; i < Q; i += blockDim.x) s_acum[i] = acum_in[pos0 + i];
-        __syncthreads();
+    int lds = -1;
+    if (DOCS) lds = doc_thr(in.pos, row0, valid - 1, valid);
+    const float aend = acum_s[pos0 + CHUNK - 1];
+    for (int i = threadIdx.x; i < CHUNK; i += blockDim.x) {
+        float wt = 0.f;
+        if (i < valid) {
+            if (grad) wt = (!DOCS || doc_thr(in.pos, row0, i, valid) < 0) ? expf(acum_s[pos0 + i]) : 0.f;
+            else wt = i >= lds ? dt_s[pos0 + i] * expf(aend - acum_s[pos0 + i]) : 0.f;
+        }
+        s_wt[i] = wt;
     }
-    const float aend = s_acum[Q - 1];
-    for (int i = threadIdx.x; i < Q; i += blockDim.x)
-        s_wt[i] = GRAD ? expf(s_acum[i]) : s_dt[i] * expf(aend - s_acum[i]);
 
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int m0 = (warp % WM) * 16, n0 = (warp / WM) * (N / WN);
-    float acc[NT][4];
-    zero(acc);
+    const int m0 = (warp % WM) * 32, n0 = (warp / WM) * (N / WN);
+    float acc[2][NT][4];
+    zero(acc[0]);
+    zero(acc[1]);
     for (int k = 0; k < ntiles; k++) {
         if (k + 1 < ntiles) {
             load_tile(k + 1);  // its buffer was freed by the barrier ending iteration k - 1
@@ -295,56 +676,80 @@ ssd_chunk_state_kernel(bf16* out, float* dt_out, float* acum_out, const float* a
         } else {
             cp_async_wait_group<0>();
         }
-        __syncthreads();
-        bf16* sv = s_v + (k & 1) * VS;
-        scale_rows<P>(sv, TILE, s_wt + k * TILE);
-        __syncthreads();
-        warp_mma<NT, true, true>(acc, sv, P + PAD, m0, s_w + (k & 1) * WS, N + PAD, n0, TILE);
+        __syncthreads();  // (the first also publishes s_wt)
+        warp_mma_kscaled<2, NT>(acc, s_v + (k & 1) * VS, P + PAD, m0, s_w + (k & 1) * WS, N + PAD, n0, TILE,
+                                s_wt + k * TILE);
         __syncthreads();
     }
-    bf16* o = out + (bh * nc + c) * P * N;
-    const int r = m0 + (lane >> 2), cl = n0 + 2 * (lane & 3);
+    bf16* o = (grad ? gst : hst) + (bh * nc + c) * P * N;
+    const int cl = n0 + 2 * (lane & 3);
 #pragma unroll
-    for (int nt = 0; nt < NT; nt++) {
-        *reinterpret_cast<uint32_t*>(o + r * N + cl + nt * 8) = pack_bf16(acc[nt][0], acc[nt][1]);
-        *reinterpret_cast<uint32_t*>(o + (r + 8) * N + cl + nt * 8) = pack_bf16(acc[nt][2], acc[nt][3]);
+    for (int mt = 0; mt < 2; mt++) {
+        const int r = m0 + 16 * mt + (lane >> 2);
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++) {
+            *reinterpret_cast<uint32_t*>(o + r * N + cl + nt * 8) = pack_bf16(acc[mt][nt][0], acc[mt][nt][1]);
+            *reinterpret_cast<uint32_t*>(o + (r + 8) * N + cl + nt * 8) = pack_bf16(acc[mt][nt][2], acc[mt][nt][3]);
+        }
     }
 }
 
-// ----------------------------------------------------------------------------------------------
-// state passing over chunks, in place, 4 elements of a (b, h) state per thread; grid (splits, B*H)
-//   forward: st_c = S_c (chunk states) becomes Hin_c (entering chunk c): Hin_{c+1} = exp(Aend_c) Hin_c + S_c
-//   reverse: st_c = dS_c (gradient through chunk c's own outputs) becomes Gout_c = dL/dS_c = G_{c+1} with
-//            G_c = exp(Aend_c) G_{c+1} + dS_c; dots[b,h,c,split] = exp(Aend_c) <Gout_c, Hin_c> (the
-//            gradient of Aend_c through the pass)
-template <bool REVERSE>
+inline size_t chunk_state_smem_bytes(int P, int N) { return (size_t)2 * TILE * (P + N + 2 * PAD) * sizeof(bf16); }
+
+// decay of chunk c's entering state over the chunk (0 when a document starts in the chunk)
+template <bool DOCS>
+__device__ inline float chunk_decay(const float* acum_bh, const int* pos, size_t brow, int c, int T) {
+    if (DOCS) {
+        const int t0 = c * CHUNK, valid = min(CHUNK, T - t0);
+        if (doc_thr(pos, brow + t0, valid - 1, valid) >= 0) return 0.f;
+    }
+    return expf(acum_bh[(size_t)c * CHUNK + CHUNK - 1]);
+}
+
+// state passing over the chunks, in place, 4 elements of a (b, h) state per thread; grid (splits, B*H)
+//   forward: hst_c = S_c becomes Hin_c:  Hin_{c+1} = decay_c Hin_c + S_c
+//   reverse: gst_c = dS_c becomes Gout_c = G_{c+1} with G_c = decay_c G_{c+1} + dS_c (G_nc = 0);
+//            dots[b,h,c,split] = decay_c <Gout_c, Hin_c> (the gradient of Aend_c through the pass)
+template <bool DOCS>
 __global__ void __launch_bounds__(PASS_THREADS)
-ssd_state_pass_kernel(bf16* st, float* dots, const bf16* hin, const float* acum_s, int nc, int Q, int PN) {
+ssd_state_pass_kernel(bf16* hst, bf16* gst, float* dots, const float* acum_s, const int* pos, int T, int H, int nc,
+                      int PN) {
     __shared__ float s_tmp[32];
-    const size_t bh = blockIdx.y;
+    const size_t bh = blockIdx.y, brow = (bh / H) * (size_t)T;
     const int e = blockIdx.x * blockDim.x + threadIdx.x;
     const bool ok = e < PN / 4;
-    uint2* sp = reinterpret_cast<uint2*>(st + bh * nc * PN) + e;
-    const uint2* hp = reinterpret_cast<const uint2*>(hin + bh * nc * PN) + e;
-    const float* acum = acum_s + bh * nc * Q + Q - 1;
+    const float* acum = acum_s + bh * nc * CHUNK;
+    uint2* hp = reinterpret_cast<uint2*>(hst + bh * nc * PN) + e;
+    uint2* gp = reinterpret_cast<uint2*>(gst + bh * nc * PN) + e;
+    const size_t cs = PN / 4;  // uint2 per chunk state
     float hs[4] = {0.f, 0.f, 0.f, 0.f};
-    uint2 next = ok ? sp[(size_t)(REVERSE ? nc - 1 : 0) * PN / 4] : make_uint2(0, 0);
-    for (int k = 0; k < nc; k++) {
-        const int c = REVERSE ? nc - 1 - k : k;
+    uint2 next = ok ? hp[0] : make_uint2(0, 0);
+    for (int c = 0; c < nc; c++) {
         const uint2 cur = next;
-        if (ok && k + 1 < nc) next = sp[(size_t)(REVERSE ? c - 1 : c + 1) * PN / 4];  // prefetch the next chunk
-        const float decay = expf(acum[(size_t)c * Q]);
-        if (ok) sp[(size_t)c * PN / 4] = make_uint2(pack_bf16(hs[0], hs[1]), pack_bf16(hs[2], hs[3]));
-        if (REVERSE) {
-            float d = 0.f;
-            if (ok) {
-                const uint2 hv = hp[(size_t)c * PN / 4];
-                const float2 h0 = unpack_bf16(hv.x), h1 = unpack_bf16(hv.y);
-                d = hs[0] * h0.x + hs[1] * h0.y + hs[2] * h1.x + hs[3] * h1.y;
-            }
-            d = block_sum(d, s_tmp);
-            if (threadIdx.x == 0) dots[(bh * nc + c) * gridDim.x + blockIdx.x] = decay * d;
+        if (ok && c + 1 < nc) next = hp[(c + 1) * cs];  // prefetch the next chunk
+        const float decay = chunk_decay<DOCS>(acum, pos, brow, c, T);
+        if (ok) hp[c * cs] = make_uint2(pack_bf16(hs[0], hs[1]), pack_bf16(hs[2], hs[3]));
+        const float2 s0 = unpack_bf16(cur.x), s1 = unpack_bf16(cur.y);
+        hs[0] = decay * hs[0] + s0.x;
+        hs[1] = decay * hs[1] + s0.y;
+        hs[2] = decay * hs[2] + s1.x;
+        hs[3] = decay * hs[3] + s1.y;
+    }
+    hs[0] = hs[1] = hs[2] = hs[3] = 0.f;
+    next = ok ? gp[(nc - 1) * cs] : make_uint2(0, 0);
+    for (int c = nc - 1; c >= 0; c--) {
+        const uint2 cur = next;
+        if (ok && c > 0) next = gp[(c - 1) * cs];
+        const float decay = chunk_decay<DOCS>(acum, pos, brow, c, T);
+        float d = 0.f;
+        if (ok) {
+            gp[c * cs] = make_uint2(pack_bf16(hs[0], hs[1]), pack_bf16(hs[2], hs[3]));
+            const uint2 hv = hp[c * cs];  // Hin_c, written by this thread above
+            const float2 h0 = unpack_bf16(hv.x), h1 = unpack_bf16(hv.y);
+            d = hs[0] * h0.x + hs[1] * h0.y + hs[2] * h1.x + hs[3] * h1.y;
         }
+        d = block_sum(d, s_tmp);
+        if (threadIdx.x == 0) dots[(bh * nc + c) * gridDim.x + blockIdx.x] = decay * d;
         const float2 s0 = unpack_bf16(cur.x), s1 = unpack_bf16(cur.y);
         hs[0] = decay * hs[0] + s0.x;
         hs[1] = decay * hs[1] + s0.y;
@@ -354,113 +759,24 @@ ssd_state_pass_kernel(bf16* st, float* dots, const bf16* hin, const float* acum_
 }
 
 // ----------------------------------------------------------------------------------------------
-// forward output of one 64-row tile of a chunk and one head: grid (nchunks * Q/64, H, B)
-//   y_i = exp(Acum_i) Hin C_i + sum_{j<=i} (C_i.B_j) exp(Acum_i - Acum_j) dt_j x_j + D x_i
-template <int P, int N>
-__global__ void __launch_bounds__(THREADS)
-ssd_chunk_scan_kernel(bf16* y, const float* dt_s, const float* acum_s, const bf16* hin, const bf16* x, int x_stride,
-                      const bf16* Bm, const bf16* Cm, int bc_stride, const bf16* D, int T, int H, int G, int Q) {
-    constexpr int BUF_ROWS = P > TILE ? P : TILE;
-    __shared__ float s_dt[MAX_CHUNK], s_acum[MAX_CHUNK];
-    __shared__ alignas(16) bf16 s_c[TILE * (N + PAD)];
-    __shared__ alignas(16) bf16 s_buf[BUF_ROWS * (N + PAD)];  // Hin, then the B tiles
-    __shared__ alignas(16) bf16 s_x[TILE * (P + PAD)];
-    const int nt = Q / TILE, c = blockIdx.x / nt, it = blockIdx.x % nt, nc = gridDim.x / nt;
-    const int h = blockIdx.y, b = blockIdx.z, g = h / (H / G);
-    const int t0 = c * Q, valid = min(Q, T - t0), i0 = it * TILE;
-    if (i0 >= valid) return;
-    const size_t bh = (size_t)b * H + h, pos0 = bh * nc * Q + (size_t)t0;
-    const size_t row0 = (size_t)b * T + t0;
+// the two backward tile kernels: grid (nchunks * NTILE, G * slices, B)
 
-    load_chunk_floats(s_dt, s_acum, dt_s + pos0, acum_s + pos0, Q);
-    load_rows<N>(s_c, Cm + (row0 + i0) * bc_stride + g * N, bc_stride, TILE, valid - i0);
-    load_rows<N>(s_buf, hin + (bh * nc + c) * P * N, N, P, P);
-    load_rows<P>(s_x, x + row0 * x_stride + h * P, x_stride, TILE, valid);  // x of the first B tile
-    cp_async_wait_sync();
-
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, m0 = warp * 16;
-    const int ra = i0 + m0 + (lane >> 2), rb = ra + 8;  // chunk-local rows of this thread
-    float acc[P / 8][4];
-    zero(acc);
-    warp_mma<P / 8, false, false>(acc, s_c, N + PAD, m0, s_buf, N + PAD, 0, N);
-    const float ea = expf(s_acum[ra]), eb = expf(s_acum[rb]);
-#pragma unroll
-    for (int n = 0; n < P / 8; n++) {
-        acc[n][0] *= ea; acc[n][1] *= ea;
-        acc[n][2] *= eb; acc[n][3] *= eb;
-    }
-
-    for (int jt = 0; jt <= it; jt++) {
-        const int j0 = jt * TILE;
-        __syncthreads();
-        load_rows<N>(s_buf, Bm + (row0 + j0) * bc_stride + g * N, bc_stride, TILE, valid - j0);
-        if (jt > 0) load_rows<P>(s_x, x + (row0 + j0) * x_stride + h * P, x_stride, TILE, valid - j0);
-        cp_async_wait_sync();
-        // on the diagonal tile this warp's rows only see columns j < m0 + 16
-        const int kend = jt == it ? warp + 1 : 4;
-        float s[8][4];
-        zero(s);
-        warp_mma<8, false, false>(s, s_c, N + PAD, m0, s_buf, N + PAD, 0, N, 1.f, 1.f, 0, 2 * kend);
-#pragma unroll
-        for (int n = 0; n < 8; n++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int i = e < 2 ? ra : rb, j = j0 + n * 8 + 2 * (lane & 3) + (e & 1);
-                s[n][e] = j <= i ? s[n][e] * decay_exp(s_acum[i] - s_acum[j]) * s_dt[j] : 0.f;
-            }
-        uint32_t pa[4][4];
-        acc_to_a(pa, s);
-        warp_mma_rega<P / 8>(acc, pa, s_x, P + PAD, 0, kend);
-    }
-
-    // s_x now holds the diagonal tile: the x rows of this tile
-    const float d = __bfloat162float(D[h]);
-#pragma unroll
-    for (int half = 0; half < 2; half++) {
-        const int i = half ? rb : ra;
-        if (i >= valid) continue;
-        const size_t row = row0 + i;
-#pragma unroll
-        for (int n = 0; n < P / 8; n++) {
-            const int p = n * 8 + 2 * (lane & 3);
-            const float2 xv = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(s_x + (i - i0) * (P + PAD) + p));
-            *reinterpret_cast<__nv_bfloat162*>(y + row * (size_t)(H * P) + h * P + p) =
-                __floats2bfloat162_rn(acc[n][2 * half] + d * xv.x, acc[n][2 * half + 1] + d * xv.y);
-        }
-    }
-}
-
-// ----------------------------------------------------------------------------------------------
-// the two backward tile kernels: grid (nchunks * Q/64, G * slices, B)
-
-// what a block works on: 64-row tile `tile` (of ntl, chunk-local rows r0..) of chunk c (of nc) in batch b,
-// the heads h0 .. h0 + hps of group g (head slice sl); `valid` positions of the chunk are inside the sequence
+// what a block works on: 64-row tile `tile` (chunk-local rows r0..) of chunk c (of nc) in batch b, the heads
+// h0 .. h0 + hps of group g (head slice sl); `valid` positions of the chunk are inside the sequence
 struct TileBlock {
-    int ntl, c, tile, nc, g, sl, b, hps, h0, t0, valid, r0;
-    __device__ __forceinline__ TileBlock(int T, int H, int G, int Q, int nsl) {
-        ntl = Q / TILE, c = blockIdx.x / ntl, tile = blockIdx.x % ntl, nc = gridDim.x / ntl;
+    int c, tile, nc, g, sl, b, hps, h0, t0, valid, r0;
+    __device__ __forceinline__ TileBlock(int T, int H, int G, int nsl) {
+        c = blockIdx.x / NTILE, tile = blockIdx.x % NTILE, nc = gridDim.x / NTILE;
         g = blockIdx.y / nsl, sl = blockIdx.y % nsl, b = blockIdx.z;
         hps = H / G / nsl, h0 = g * (H / G) + sl * hps;
-        t0 = c * Q, valid = min(Q, T - t0), r0 = tile * TILE;
+        t0 = c * CHUNK, valid = min(CHUNK, T - t0), r0 = tile * TILE;
+    }
+    // W of tile pair (it, jt) of this block's chunk, group and slice: 64 x 64 bf16, [i][j]
+    __device__ __forceinline__ size_t w_offset(int nsl, int G, int it, int jt) const {
+        return ((((size_t)b * nc + c) * G + g) * nsl + sl) * (NTILE * NTILE * TILE * TILE) +
+               (size_t)(it * NTILE + jt) * TILE * TILE;
     }
 };
-
-// dots of rows g / g+8 of a 16 x 8NT accumulator with rows m0 + g / m0 + g + 8 of an smem tile (row
-// stride ld), this lane's part (quad_sum gives the row's)
-template <int NT>
-__device__ __forceinline__ void row_dots(float& da, float& db, const float (&acc)[NT][4], const bf16* s, int ld,
-                                         int m0) {
-    const int lane = threadIdx.x & 31, q = lane & 3;
-    da = db = 0.f;
-#pragma unroll
-    for (int n = 0; n < NT; n++) {
-        const int p = n * 8 + 2 * q;
-        const float2 va = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(s + (m0 + (lane >> 2)) * ld + p));
-        const float2 vb = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(s + (m0 + (lane >> 2) + 8) * ld + p));
-        da += va.x * acc[n][0] + va.y * acc[n][1];
-        db += vb.x * acc[n][2] + vb.y * acc[n][3];
-    }
-}
 
 // this block's dB or dC partial (chunk-local rows ra, rb of a 16 x N accumulator; rows past the sequence
 // skipped) into the head-slice partials, layout (B, T, G, slices, N)
@@ -479,121 +795,377 @@ __device__ __forceinline__ void store_slice_part(float* part, const float (&acc)
     }
 }
 
-// backward, column direction: one 64-row tile of positions j in a chunk, a slice of the heads of one
-// group; grid (nchunks * Q/64, G * slices, B). Per head, with u_j = sum_{i>=j} (C_i.B_j) L_ij dy_i
-// + exp(Aend - Acum_j) Gout B_j  (L_ij = exp(Acum_i - Acum_j)):
-//   dx_j = dt_j u_j + D dy_j,  ddt_dir_j = x_j.u_j,  dd_j = x_j.dy_j
-//   dB_j += sum_{i>=j} L_ij dt_j (x_j.dy_i) C_i + dt_j exp(Aend - Acum_j) Gout^T x_j   (summed over heads)
-//   csum_j = sum_i Z_ij with Z_ij = (C_i.B_j) L_ij dt_j (x_j.dy_i);  sst_j = dt_j x_j.(state part of u_j)
-template <int P, int N>
+// Row direction: one 64-row tile of positions i (rows of warp w: i0 + 16w ..), a slice of the heads of a group.
+//   state part, per head:  dC_i += e_i Hin^T dy_i,  off_i = e_i dy_i . (Hin C_i)   (e_i = exp(Acum_i), 0 if the
+//                          row's document started in the chunk)
+//   intra part, per column tile jt <= it: CB = C_it B_jt^T once; per head M = dy_it x_jt^T and
+//                          Lam_ij = L_ij dt_j M_ij (pairs that count), W += Lam, and the row and column sums of
+//                          Z = CB Lam (rsum_i, and csum_j's partial from this row tile): the gradient of Acum is
+//                          their difference, which cancels, so both come from the same fp32 products;
+//                          then dC_i += W B_jt once and W (bf16) to memory for the column kernel
+// Dynamic smem row_smem_bytes.
+template <int P, int N, bool DOCS>
 __global__ void __launch_bounds__(THREADS)
-ssd_bwd_dx_db_kernel(bf16* dx, int dx_stride, float* db_part, BwdScratch sc, const float* dt_s, const float* acum_s,
-                     const bf16* dy, const bf16* x, int x_stride, const bf16* Bm, const bf16* Cm, int bc_stride,
-                     const bf16* D, int T, int H, int G, int Q, int nsl) {
-    constexpr int CS = TILE * (N + PAD), DS = TILE * (P + PAD);
+ssd_bwd_row_kernel(float* dc_part, BwdScratch sc, const float* dt_s, const float* acum_s, const bf16* dy,
+                   SSDInputs in, int T, int H, int G, int nsl) {
+    constexpr int CS = TILE * (N + PAD), XS = TILE * (P + PAD), HS = P * (N + PAD);
+    constexpr int UB = (XS + HS > 2 * XS ? XS + HS : 2 * XS);  // one buffer: dy + Hin, or x + dy
     extern __shared__ __align__(16) unsigned char smem[];
-    bf16* s_bj = reinterpret_cast<bf16*>(smem);
-    bf16* s_cib = s_bj + TILE * (N + PAD);  // 2 buffers: the next C_i tile loads while one is used
-    bf16* s_g = s_cib + 2 * CS;
-    bf16* s_xj = s_g + P * (N + PAD);
-    bf16* s_dyib = s_xj + TILE * (P + PAD);  // 2 buffers
-    float* s_dt = reinterpret_cast<float*>(s_dyib + 2 * DS);
-    float* s_acum = s_dt + MAX_CHUNK;
+    bf16* s_c = reinterpret_cast<bf16*>(smem);  // C_it
+    bf16* s_b = s_c + CS;                       // B_jt
+    bf16* s_u = s_b + CS;                       // 2 buffers of UB
+    float* s_dt = reinterpret_cast<float*>(s_u + 2 * UB);  // 2 buffers: dt, Acum of the chunk
+    float* s_ac = s_dt + 2 * CHUNK;
+    __shared__ float s_rsum[MAX_HPS][TILE];
+    __shared__ __align__(16) float s_cs[2][THREADS / 32][TILE];  // per warp column sums of Z (float2 stores), 2 buffers
 
-    const TileBlock tb(T, H, G, Q, nsl);
-    const int jt = tb.tile, j0 = tb.r0, g = tb.g, valid = tb.valid;  // the tile's positions j
-    if (j0 >= valid) return;
-    const size_t row0 = (size_t)tb.b * T + tb.t0, Tp = (size_t)tb.nc * Q;
+    const TileBlock tb(T, H, G, nsl);
+    const int it = tb.tile, i0 = tb.r0, g = tb.g, valid = tb.valid;
+    if (i0 >= valid) return;
+    const size_t row0 = (size_t)tb.b * T + tb.t0, Tp = (size_t)tb.nc * CHUNK;
     const int dy_stride = H * P;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, m0 = warp * 16, q = lane & 3;
+    const int ra = i0 + m0 + (lane >> 2), rb = ra + 8;  // chunk-local rows (positions i)
+    const int tha = DOCS ? doc_thr(in.pos, row0, ra, valid) : -1, thb = DOCS ? doc_thr(in.pos, row0, rb, valid) : -1;
 
+    load_rows<N>(s_c, in.Cm + (row0 + i0) * in.bc_stride + g * N, in.bc_stride, TILE, valid - i0);
+    for (int i = threadIdx.x; i < MAX_HPS * TILE; i += blockDim.x) s_rsum[i / TILE][i % TILE] = 0.f;
+    auto arrays = [&](int h, int buf) {
+        const size_t pos0 = ((size_t)tb.b * H + h) * Tp + tb.t0;
+        load_floats(s_dt + buf * CHUNK, dt_s + pos0, CHUNK);
+        load_floats(s_ac + buf * CHUNK, acum_s + pos0, CHUNK);
+    };
+
+    float dc[N / 8][4];
+    zero(dc);
+    // ---- state part: per head, dy_it and Hin (double-buffered over the heads)
+    auto load_state = [&](int hh, int buf) {
+        const int h = tb.h0 + hh;
+        bf16* u = s_u + buf * UB;
+        load_rows<P>(u, dy + (row0 + i0) * dy_stride + h * P, dy_stride, TILE, valid - i0);
+        load_rows<N>(u + XS, sc.hst + (((size_t)tb.b * H + h) * tb.nc + tb.c) * P * N, N, P, P);
+        arrays(h, buf);
+        cp_async_commit();
+    };
+    load_state(0, 0);
+    for (int hh = 0; hh < tb.hps; hh++) {
+        const int buf = hh & 1, h = tb.h0 + hh;
+        if (hh + 1 < tb.hps) {
+            load_state(hh + 1, buf ^ 1);
+            cp_async_wait_group<1>();
+        } else {
+            cp_async_wait_group<0>();
+        }
+        __syncthreads();
+        const bf16* s_dy = s_u + buf * UB;
+        const bf16* s_h = s_dy + XS;
+        const float* ac = s_ac + buf * CHUNK;
+        const float ea = (tha < 0) ? expf(ac[ra]) : 0.f, eb = (thb < 0) ? expf(ac[rb]) : 0.f;
+        float oa, ob;
+        {
+            float yo[P / 8][4];  // Hin C_i
+            zero(yo);
+            warp_mma<P / 8, false, false>(yo, s_c, N + PAD, m0, s_h, N + PAD, 0, N);
+            row_dots(oa, ob, yo, s_dy, P + PAD, m0);
+        }
+        oa = ea * quad_sum(oa);
+        ob = eb * quad_sum(ob);
+        warp_mma<N / 8, false, true, true>(dc, s_dy, P + PAD, m0, s_h, N + PAD, 0, P, ea, eb);
+        if (q == 0) {
+            const size_t pos0 = ((size_t)tb.b * H + h) * Tp + tb.t0;
+            sc.off[pos0 + ra] = oa;
+            sc.off[pos0 + rb] = ob;
+        }
+        __syncthreads();
+    }
+
+    // ---- intra part: column tiles jt <= it; per tile the heads stream x_jt, dy_it (double-buffered over the
+    // sequence of (jt, head) pairs)
+    const int npairs = (it + 1) * tb.hps;
+    auto load_pair = [&](int k, int buf) {
+        const int jt = k / tb.hps, h = tb.h0 + k % tb.hps, j0 = jt * TILE;
+        bf16* u = s_u + buf * UB;
+        load_rows<P>(u, in.x + (row0 + j0) * in.x_stride + h * P, in.x_stride, TILE, valid - j0);
+        load_rows<P>(u + XS, dy + (row0 + i0) * dy_stride + h * P, dy_stride, TILE, valid - i0);
+        arrays(h, buf);
+        cp_async_commit();
+    };
+    load_pair(0, 0);
+    // pair k's column sums (summed over the warps) into the csum partial of row tile it
+    auto flush_csum = [&](int k) {
+        if (threadIdx.x < TILE) {
+            const int jt = k / tb.hps, h = tb.h0 + k % tb.hps;
+            const float* c = s_cs[k & 1][0];
+            const float v = c[threadIdx.x] + c[TILE + threadIdx.x] + c[2 * TILE + threadIdx.x] + c[3 * TILE + threadIdx.x];
+            sc.csum[(((size_t)tb.b * H + h) * Tp + tb.t0 + jt * TILE + threadIdx.x) * NTILE + it] = v;
+        }
+    };
+    float cbv[8][4], wacc[8][4];
+    for (int k = 0; k < npairs; k++) {
+        const int jt = k / tb.hps, hh = k % tb.hps, j0 = jt * TILE, buf = k & 1;
+        const int kend = jt == it ? warp + 1 : 4;  // k16 steps of j that rows < m0 + 16 see
+        if (hh == 0) {  // a new column tile: B_jt, C B^T, W = 0
+            load_rows<N>(s_b, in.Bm + (row0 + j0) * in.bc_stride + g * N, in.bc_stride, TILE, valid - j0);
+            cp_async_commit();
+        }
+        if (k + 1 < npairs) {
+            load_pair(k + 1, buf ^ 1);  // that buffer was freed by the barrier ending iteration k - 1
+            cp_async_wait_group<1>();
+        } else {
+            cp_async_wait_group<0>();
+        }
+        __syncthreads();
+        if (k > 0) flush_csum(k - 1);
+        if (hh == 0) {
+            zero(cbv);
+            zero(wacc);
+            warp_mma<8, false, false>(cbv, s_c, N + PAD, m0, s_b, N + PAD, 0, N, 1.f, 1.f, 0, 2 * kend);
+        }
+        const bf16* s_x = s_u + buf * UB;
+        const bf16* s_dy = s_x + XS;
+        const float* dtv = s_dt + buf * CHUNK;
+        const float* ac = s_ac + buf * CHUNK;
+        float m[8][4];
+        zero(m);
+        warp_mma<8, false, false>(m, s_dy, P + PAD, m0, s_x, P + PAD, 0, P, 1.f, 1.f, 0, 2 * kend);  // dy_i . x_j
+        const float aa = ac[ra], ab = ac[rb];
+        // left of the diagonal tile the decay factors through the row tile's first row i0 (both factors <= 1)
+        const bool off_diag = jt < it;
+        const float a0 = ac[i0], fa = decay_exp(aa - a0), fb = decay_exp(ab - a0);
+        float rsa = 0.f, rsb = 0.f, cs[8][2];
+#pragma unroll
+        for (int n = 0; n < 8; n++) {
+            cs[n][0] = cs[n][1] = 0.f;
+            if (n >= 2 * kend) continue;
+            const int j = j0 + n * 8 + 2 * q;
+            const float2 acj = *reinterpret_cast<const float2*>(ac + j);
+            const float2 dtj = *reinterpret_cast<const float2*>(dtv + j);
+            float2 fj = make_float2(0.f, 0.f);  // off the diagonal: exp(acl_i0 - acl_j) dt_j
+            if (off_diag) fj = make_float2(decay_exp(a0 - acj.x) * dtj.x, decay_exp(a0 - acj.y) * dtj.y);
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int i = e < 2 ? ra : rb, jj = j + (e & 1);
+                const float ai = e < 2 ? aa : ab, aj = (e & 1) ? acj.y : acj.x, dj = (e & 1) ? dtj.y : dtj.x;
+                bool ok = jj <= i;
+                if (DOCS) ok = ok && jj >= (e < 2 ? tha : thb);
+                const float l = off_diag ? (e < 2 ? fa : fb) * ((e & 1) ? fj.y : fj.x) : decay_exp(ai - aj) * dj;
+                const float lam = ok ? m[n][e] * l : 0.f;
+                const float z = cbv[n][e] * lam;
+                wacc[n][e] += lam;
+                cs[n][e & 1] += z;
+                if (e < 2) rsa += z; else rsb += z;
+            }
+        }
+        rsa = quad_sum(rsa);
+        rsb = quad_sum(rsb);
+        if (q == 0) {  // this thread owns these entries: no race
+            s_rsum[hh][ra - i0] += rsa;
+            s_rsum[hh][rb - i0] += rsb;
+        }
+        const float2 csw = warp_col_sums(cs);
+        *reinterpret_cast<float2*>(&s_cs[k & 1][warp][(lane >> 2) * 8 + 2 * q]) = csw;
+        if (hh == tb.hps - 1) {  // the tile's last head: dC += W B_jt, W to memory
+            uint32_t wa[4][4];
+            acc_to_a(wa, wacc);
+            warp_mma_rega<N / 8>(dc, wa, s_b, N + PAD, 0, kend);
+            bf16* wo = sc.w + tb.w_offset(nsl, G, it, jt);
+#pragma unroll
+            for (int n = 0; n < 8; n++) {
+                const int col = n * 8 + 2 * q;
+                *reinterpret_cast<uint32_t*>(wo + (ra - i0) * TILE + col) = pack_bf16(wacc[n][0], wacc[n][1]);
+                *reinterpret_cast<uint32_t*>(wo + (rb - i0) * TILE + col) = pack_bf16(wacc[n][2], wacc[n][3]);
+            }
+        }
+        __syncthreads();
+    }
+    flush_csum(npairs - 1);  // after the last pair's barrier
+    for (int idx = threadIdx.x; idx < tb.hps * TILE; idx += blockDim.x) {
+        const int hh = idx / TILE, r = idx % TILE;
+        const size_t pos0 = ((size_t)tb.b * H + tb.h0 + hh) * Tp + tb.t0;
+        sc.rsum[pos0 + i0 + r] = s_rsum[hh][r];
+    }
+    store_slice_part<N>(dc_part, dc, tb, row0, G, nsl, ra, rb);
+}
+
+inline size_t row_smem_bytes(int P, int N) {
+    const size_t xs = TILE * (P + PAD), hs = (size_t)P * (N + PAD);
+    const size_t ub = xs + hs > 2 * xs ? xs + hs : 2 * xs;
+    return (2 * TILE * (N + PAD) + 2 * ub) * sizeof(bf16) + 4 * CHUNK * sizeof(float);
+}
+
+// Column direction: one 64-row tile of positions j (rows of warp w: j0 + 16w ..), a slice of the heads of a group.
+//   once per block:  CB^T(jt, it) = B_jt C_it^T for it >= jt (in smem, this warp's fragments);
+//                    dB_j += sum_it W(it, jt)^T C_it
+//   per head:        u_j = w_j B_j Gout^T + sum_{i >= j} CB_ij L_ij dy_i  (w_j = exp(Aend - Acum_j) for rows that
+//                    reach the next chunk), dx_j = dt_j u_j + D dy_j, dB_j += dt_j w_j Gout^T x_j, and the per-position
+//                    ddt_dir = x.u, sst = dt_j x_j.(state part of u), dd = x.dy
+// Dynamic smem col_smem_bytes.
+template <int P, int N, bool DOCS>
+__global__ void __launch_bounds__(THREADS)
+ssd_bwd_col_kernel(float* db_part, BwdScratch sc, const float* dt_s, const float* acum_s, const bf16* dy,
+                   SSDInputs in, SSDGrads gr, int T, int H, int G, int nsl) {
+    constexpr int CS = TILE * (N + PAD), XS = TILE * (P + PAD), HS = P * (N + PAD), WS = TILE * (TILE + PAD);
+    constexpr int U1 = CS + WS, U2 = XS + HS + 2 * XS;  // phase 1: 2 x (C_it, W); phase 2: x, Gout, 2 x dy_it
+    constexpr int UN = 2 * U1 > U2 ? 2 * U1 : U2;
+    constexpr int CBD = 4 * 32 * 32, CBT = (NTILE - 1) * 4 * 16 * 32;
+    extern __shared__ __align__(16) unsigned char smem[];
+    // CB^T in this warp's accumulator fragments: the diagonal tile fp32 (its decays are near 1 and it holds the
+    // terms i = j: rounded to bf16 it dominated the error of the parameter gradients), the tiles it > jt bf16
+    bf16* s_b = reinterpret_cast<bf16*>(smem);                 // B_jt
+    float* s_cbd = reinterpret_cast<float*>(s_b + CS);         // [4 warps][32][32 lanes]: the diagonal tile
+    uint32_t* s_cbt = reinterpret_cast<uint32_t*>(s_cbd + CBD);  // [it - jt - 1][4 warps][16][32 lanes], bf16 pairs
+    bf16* s_u = reinterpret_cast<bf16*>(s_cbt + CBT);
+    float* s_dt = reinterpret_cast<float*>(s_u + UN);
+    float* s_ac = s_dt + CHUNK;
+    int* s_thr = reinterpret_cast<int*>(s_ac + CHUNK);
+
+    const TileBlock tb(T, H, G, nsl);
+    const int jt = tb.tile, j0 = tb.r0, g = tb.g, valid = tb.valid;
+    if (j0 >= valid) return;
+    const size_t row0 = (size_t)tb.b * T + tb.t0, Tp = (size_t)tb.nc * CHUNK;
+    const int dy_stride = H * P;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, m0 = warp * 16, q = lane & 3;
     const int ra = j0 + m0 + (lane >> 2), rb = ra + 8;  // chunk-local rows (positions j)
-    load_rows<N>(s_bj, Bm + (row0 + j0) * bc_stride + g * N, bc_stride, TILE, valid - j0);
+    const int it_end = (valid + TILE - 1) / TILE;
+    const int kbeg = warp;  // on the diagonal tile this warp's rows j only see columns i >= m0
+
+    load_rows<N>(s_b, in.Bm + (row0 + j0) * in.bc_stride + g * N, in.bc_stride, TILE, valid - j0);
+    if (DOCS)
+        for (int i = threadIdx.x; i < CHUNK; i += blockDim.x) s_thr[i] = doc_thr(in.pos, row0, i, valid);
+    const int lds = DOCS ? doc_thr(in.pos, row0, valid - 1, valid) : -1;
 
     float db[N / 8][4];
     zero(db);
+    // ---- phase 1: C B^T tiles and W^T C, over the row tiles it >= jt
+    auto load_c = [&](int it, int buf) {
+        bf16* u = s_u + buf * U1;
+        load_rows<N>(u, in.Cm + (row0 + it * TILE) * in.bc_stride + g * N, in.bc_stride, TILE, valid - it * TILE);
+        load_rows<TILE>(u + CS, sc.w + tb.w_offset(nsl, G, it, jt), TILE, TILE, TILE);
+        cp_async_commit();
+    };
+    load_c(jt, 0);
+    for (int it = jt; it < it_end; it++) {
+        const int buf = (it - jt) & 1;
+        if (it + 1 < it_end) {
+            load_c(it + 1, buf ^ 1);
+            cp_async_wait_group<1>();
+        } else {
+            cp_async_wait_group<0>();
+        }
+        __syncthreads();
+        const bf16* s_ci = s_u + buf * U1;
+        const bf16* s_w = s_ci + CS;
+        const int klo = it == jt ? kbeg : 0;
+        float cbt[8][4];
+        zero(cbt);
+        warp_mma<8, false, false>(cbt, s_b, N + PAD, m0, s_ci, N + PAD, 0, N, 1.f, 1.f, 2 * klo);  // B_j . C_i
+        if (it == jt) {
+            float* o = s_cbd + warp * 32 * 32 + lane;
+#pragma unroll
+            for (int n = 0; n < 8; n++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) o[(4 * n + e) * 32] = cbt[n][e];
+        } else {
+            uint32_t* o = s_cbt + ((it - jt - 1) * 4 + warp) * 16 * 32 + lane;
+#pragma unroll
+            for (int n = 0; n < 8; n++) {
+                o[(2 * n) * 32] = pack_bf16(cbt[n][0], cbt[n][1]);
+                o[(2 * n + 1) * 32] = pack_bf16(cbt[n][2], cbt[n][3]);
+            }
+        }
+        warp_mma<N / 8, true, true>(db, s_w, TILE + PAD, m0, s_ci, N + PAD, 0, TILE);  // W^T C_it
+        __syncthreads();
+    }
+
+    // ---- phase 2: per head
+    bf16* s_x = s_u;
+    bf16* s_g = s_x + XS;
+    bf16* s_dyb = s_g + HS;  // 2 buffers
     for (int hh = 0; hh < tb.hps; hh++) {
         const int h = tb.h0 + hh;
         const size_t bh = (size_t)tb.b * H + h, pos0 = bh * Tp + tb.t0;
-        auto load_i = [&](int it, int buf) {
-            const int i0 = it * TILE;
-            load_rows<N>(s_cib + buf * CS, Cm + (row0 + i0) * bc_stride + g * N, bc_stride, TILE, valid - i0);
-            load_rows<P>(s_dyib + buf * DS, dy + (row0 + i0) * dy_stride + h * P, dy_stride, TILE, valid - i0);
+        auto load_dy = [&](int it, int buf) {
+            load_rows<P>(s_dyb + buf * XS, dy + (row0 + it * TILE) * dy_stride + h * P, dy_stride, TILE,
+                         valid - it * TILE);
             cp_async_commit();
         };
-        __syncthreads();
-        load_rows<P>(s_xj, x + (row0 + j0) * x_stride + h * P, x_stride, TILE, valid - j0);
-        load_rows<N>(s_g, sc.gout + (bh * tb.nc + tb.c) * P * N, N, P, P);
-        load_chunk_floats(s_dt, s_acum, dt_s + pos0, acum_s + pos0, Q);
+        load_rows<P>(s_x, in.x + (row0 + j0) * in.x_stride + h * P, in.x_stride, TILE, valid - j0);
+        load_rows<N>(s_g, sc.gst + (bh * tb.nc + tb.c) * P * N, N, P, P);
+        load_floats(s_dt, dt_s + pos0, CHUNK);
+        load_floats(s_ac, acum_s + pos0, CHUNK);
         cp_async_commit();
-        load_i(jt, 0);
+        load_dy(jt, 0);
         cp_async_wait_group<1>();
         __syncthreads();
 
-        const float aend = s_acum[Q - 1];
-        const float dta = s_dt[ra], dtb = s_dt[rb];
-        const float wa = expf(aend - s_acum[ra]), wb = expf(aend - s_acum[rb]);
+        const float aend = s_ac[CHUNK - 1];
+        const float dta = s_dt[ra], dtb = s_dt[rb], aa = s_ac[ra], ab = s_ac[rb];
+        const float wa = ra >= lds ? expf(aend - aa) : 0.f, wb = rb >= lds ? expf(aend - ab) : 0.f;
         float u[P / 8][4];
         zero(u);
-        warp_mma<P / 8, false, false>(u, s_bj, N + PAD, m0, s_g, N + PAD, 0, N);
-#pragma unroll
-        for (int n = 0; n < P / 8; n++) {
-            u[n][0] *= wa; u[n][1] *= wa; u[n][2] *= wb; u[n][3] *= wb;
-        }
+        warp_mma<P / 8, false, false>(u, s_b, N + PAD, m0, s_g, N + PAD, 0, N);  // B_j Gout^T
+        scale_rows_acc(u, wa, wb);
         float sa, sb;
-        row_dots(sa, sb, u, s_xj, P + PAD, m0);
+        row_dots(sa, sb, u, s_x, P + PAD, m0);
         sa = dta * quad_sum(sa);
         sb = dtb * quad_sum(sb);
-        warp_mma<N / 8, false, true, true>(db, s_xj, P + PAD, m0, s_g, N + PAD, 0, P, dta * wa, dtb * wb);
+        warp_mma<N / 8, false, true, true>(db, s_x, P + PAD, m0, s_g, N + PAD, 0, P, dta * wa, dtb * wb);
 
-        float csa = 0.f, csb = 0.f;
-        const int it_end = min(tb.ntl, (valid + TILE - 1) / TILE);
         for (int it = jt; it < it_end; it++) {
-            const int i0 = it * TILE, buf = (it - jt) & 1;
+            const int buf = (it - jt) & 1, i0 = it * TILE;
             if (it + 1 < it_end) {
-                load_i(it + 1, buf ^ 1);  // that buffer was freed by the barrier ending the previous iteration
+                load_dy(it + 1, buf ^ 1);  // that buffer was freed by the barrier ending the previous iteration
                 cp_async_wait_group<1>();
             } else {
                 cp_async_wait_group<0>();
             }
             __syncthreads();
-            const bf16* s_ci = s_cib + buf * CS;
-            const bf16* s_dyi = s_dyib + buf * DS;
-            // on the diagonal tile this warp's rows only see columns i >= m0
-            const int kbeg = it == jt ? warp : 0;
-            float m[8][4], s[8][4];
-            zero(m);
-            zero(s);
-            warp_mma<8, false, false>(m, s_xj, P + PAD, m0, s_dyi, P + PAD, 0, P, 1.f, 1.f, 2 * kbeg);  // x_j . dy_i
-            warp_mma<8, false, false>(s, s_bj, N + PAD, m0, s_ci, N + PAD, 0, N, 1.f, 1.f, 2 * kbeg);   // B_j . C_i
+            const int klo = it == jt ? kbeg : 0;
+            // below the diagonal tile the decay factors through the column tile's first row i0 (both <= 1)
+            const bool off_diag = it > jt;
+            const float a0 = s_ac[i0], ga = decay_exp(a0 - aa), gb = decay_exp(a0 - ab);
+            float s[8][4];
 #pragma unroll
-            for (int n = 0; n < 8; n++)
+            for (int n = 0; n < 8; n++) {
+                if (n < 2 * klo) {
+                    s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+                    continue;
+                }
+                float2 c01, c23;  // CB^T of this thread's rows j and columns i, i + 1
+                if (off_diag) {
+                    const uint32_t* cf = s_cbt + ((it - jt - 1) * 4 + warp) * 16 * 32 + lane;
+                    c01 = unpack_bf16(cf[(2 * n) * 32]);
+                    c23 = unpack_bf16(cf[(2 * n + 1) * 32]);
+                } else {
+                    const float* cf = s_cbd + warp * 32 * 32 + lane;
+                    c01 = make_float2(cf[(4 * n) * 32], cf[(4 * n + 1) * 32]);
+                    c23 = make_float2(cf[(4 * n + 2) * 32], cf[(4 * n + 3) * 32]);
+                }
+                const int i = i0 + n * 8 + 2 * q;
+                const float2 aci = *reinterpret_cast<const float2*>(s_ac + i);
+                int2 thi = make_int2(0, 0);
+                if (DOCS) thi = *reinterpret_cast<const int2*>(s_thr + i);
+                float2 ei = make_float2(0.f, 0.f);  // off the diagonal: exp(acl_i - acl_i0)
+                if (off_diag) ei = make_float2(decay_exp(aci.x - a0), decay_exp(aci.y - a0));
 #pragma unroll
                 for (int e = 0; e < 4; e++) {
-                    const int j = e < 2 ? ra : rb, i = i0 + n * 8 + 2 * q + (e & 1);
-                    const float dtj = e < 2 ? dta : dtb;
-                    float pv = 0.f, mv = 0.f;
-                    if (i >= j) {
-                        const float l = decay_exp(s_acum[i] - s_acum[j]);
-                        pv = s[n][e] * l;
-                        mv = m[n][e] * l * dtj;
-                        if (e < 2) csa += s[n][e] * mv; else csb += s[n][e] * mv;  // Z_ij: one factor L_ij
-                    }
-                    s[n][e] = pv;
-                    m[n][e] = mv;
+                    const int j = e < 2 ? ra : rb, ii = i + (e & 1);
+                    const float aj = e < 2 ? aa : ab, ai = (e & 1) ? aci.y : aci.x;
+                    const float cv = e == 0 ? c01.x : e == 1 ? c01.y : e == 2 ? c23.x : c23.y;
+                    bool ok = ii >= j;
+                    if (DOCS) ok = ok && j >= ((e & 1) ? thi.y : thi.x);
+                    const float l = off_diag ? (e < 2 ? ga : gb) * ((e & 1) ? ei.y : ei.x) : decay_exp(ai - aj);
+                    s[n][e] = ok ? cv * l : 0.f;
                 }
-            uint32_t pa[4][4], ma[4][4];
+            }
+            uint32_t pa[4][4];
             acc_to_a(pa, s);
-            acc_to_a(ma, m);
-            warp_mma_rega<P / 8>(u, pa, s_dyi, P + PAD, kbeg);
-            warp_mma_rega<N / 8>(db, ma, s_ci, N + PAD, kbeg);
+            warp_mma_rega<P / 8>(u, pa, s_dyb + buf * XS, P + PAD, klo);
             __syncthreads();
         }
-        csa = quad_sum(csa);
-        csb = quad_sum(csb);
 
-        // per-head epilogue: dx, x.u, x.dy
-        const float d = __bfloat162float(D[h]);
+        // epilogue: dx, x.u, x.dy
+        const float d = __bfloat162float(in.D[h]);
 #pragma unroll
         for (int half = 0; half < 2; half++) {
             const int j = half ? rb : ra;
@@ -604,123 +1176,37 @@ ssd_bwd_dx_db_kernel(bf16* dx, int dx_stride, float* db_part, BwdScratch sc, con
 #pragma unroll
             for (int n = 0; n < P / 8; n++) {
                 const int p = n * 8 + 2 * q;
-                const float2 xv = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(s_xj + (j - j0) * (P + PAD) + p));
+                const float2 xv = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(s_x + (j - j0) * (P + PAD) + p));
                 float2 dyv = make_float2(0.f, 0.f);
                 if (ok) dyv = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(dy + row * dy_stride + h * P + p));
                 const float u0 = u[n][2 * half], u1 = u[n][2 * half + 1];
                 xu += xv.x * u0 + xv.y * u1;
                 xdy += xv.x * dyv.x + xv.y * dyv.y;
                 if (ok)
-                    *reinterpret_cast<__nv_bfloat162*>(dx + row * dx_stride + h * P + p) =
+                    *reinterpret_cast<__nv_bfloat162*>(gr.dx + row * gr.dx_stride + h * P + p) =
                         __floats2bfloat162_rn(dtj * u0 + d * dyv.x, dtj * u1 + d * dyv.y);
             }
             xu = quad_sum(xu);
             xdy = quad_sum(xdy);
             if (q == 0) {
                 const size_t pos = pos0 + j;
+                const float sj = half ? sb : sa;
                 sc.ddt_dir[pos] = xu;
                 sc.dd[pos] = xdy;
-                sc.csum[pos] = half ? csb : csa;
-                sc.sst[pos] = half ? sb : sa;
+                sc.sst[pos] = sj;
             }
         }
+        __syncthreads();  // s_x, s_g, s_dt, s_ac are reloaded for the next head
     }
 
     store_slice_part<N>(db_part, db, tb, row0, G, nsl, ra, rb);
 }
 
-// ----------------------------------------------------------------------------------------------
-// backward, row direction: one 64-row tile of positions i, a slice of the heads of one group; grid as above.
-//   dC_i += exp(Acum_i) Hin^T dy_i + sum_{j<=i} L_ij dt_j (dy_i.x_j) B_j   (summed over heads)
-//   rsum_i = sum_j Z_ij,  off_i = exp(Acum_i) dy_i.(Hin C_i)   (gradients of Acum_i)
-template <int P, int N>
-__global__ void __launch_bounds__(THREADS)
-ssd_bwd_dc_kernel(float* dc_part, BwdScratch sc, const float* dt_s, const float* acum_s, const bf16* dy,
-                  const bf16* x, int x_stride, const bf16* Bm, const bf16* Cm, int bc_stride, int T, int H, int G,
-                  int Q, int nsl) {
-    extern __shared__ __align__(16) unsigned char smem[];
-    bf16* s_ci = reinterpret_cast<bf16*>(smem);
-    bf16* s_bj = s_ci + TILE * (N + PAD);
-    bf16* s_h = s_bj + TILE * (N + PAD);
-    bf16* s_dyi = s_h + P * (N + PAD);
-    bf16* s_xj = s_dyi + TILE * (P + PAD);
-    float* s_dt = reinterpret_cast<float*>(s_xj + TILE * (P + PAD));
-    float* s_acum = s_dt + MAX_CHUNK;
-
-    const TileBlock tb(T, H, G, Q, nsl);
-    const int it = tb.tile, i0 = tb.r0, g = tb.g, valid = tb.valid;  // the tile's positions i
-    if (i0 >= valid) return;
-    const size_t row0 = (size_t)tb.b * T + tb.t0, Tp = (size_t)tb.nc * Q;
-    const int dy_stride = H * P;
-
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, m0 = warp * 16, q = lane & 3;
-    const int ra = i0 + m0 + (lane >> 2), rb = ra + 8;  // chunk-local rows (positions i)
-    load_rows<N>(s_ci, Cm + (row0 + i0) * bc_stride + g * N, bc_stride, TILE, valid - i0);
-
-    float dc[N / 8][4];
-    zero(dc);
-    for (int hh = 0; hh < tb.hps; hh++) {
-        const int h = tb.h0 + hh;
-        const size_t bh = (size_t)tb.b * H + h, pos0 = bh * Tp + tb.t0;
-        __syncthreads();
-        load_rows<P>(s_dyi, dy + (row0 + i0) * dy_stride + h * P, dy_stride, TILE, valid - i0);
-        load_rows<N>(s_h, sc.hin + (bh * tb.nc + tb.c) * P * N, N, P, P);
-        load_chunk_floats(s_dt, s_acum, dt_s + pos0, acum_s + pos0, Q);
-        cp_async_wait_sync();
-
-        const float ea = expf(s_acum[ra]), eb = expf(s_acum[rb]);
-        float oa, ob;
-        {
-            float yo[P / 8][4];  // Hin C_i
-            zero(yo);
-            warp_mma<P / 8, false, false>(yo, s_ci, N + PAD, m0, s_h, N + PAD, 0, N);
-            row_dots(oa, ob, yo, s_dyi, P + PAD, m0);
-        }
-        oa = ea * quad_sum(oa);
-        ob = eb * quad_sum(ob);
-        warp_mma<N / 8, false, true, true>(dc, s_dyi, P + PAD, m0, s_h, N + PAD, 0, P, ea, eb);
-
-        float rsa = 0.f, rsb = 0.f;
-        for (int jt = 0; jt <= it; jt++) {
-            const int j0 = jt * TILE;
-            __syncthreads();
-            load_rows<N>(s_bj, Bm + (row0 + j0) * bc_stride + g * N, bc_stride, TILE, valid - j0);
-            load_rows<P>(s_xj, x + (row0 + j0) * x_stride + h * P, x_stride, TILE, valid - j0);
-            cp_async_wait_sync();
-            // on the diagonal tile this warp's rows only see columns j < m0 + 16
-            const int kend = jt == it ? warp + 1 : 4;
-            float m[8][4], s[8][4];
-            zero(m);
-            zero(s);
-            warp_mma<8, false, false>(s, s_ci, N + PAD, m0, s_bj, N + PAD, 0, N, 1.f, 1.f, 0, 2 * kend);   // C_i . B_j
-            warp_mma<8, false, false>(m, s_dyi, P + PAD, m0, s_xj, P + PAD, 0, P, 1.f, 1.f, 0, 2 * kend);  // dy_i . x_j
-#pragma unroll
-            for (int n = 0; n < 8; n++)
-#pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    const int i = e < 2 ? ra : rb, j = j0 + n * 8 + 2 * q + (e & 1);
-                    float mv = 0.f;
-                    if (j <= i) {
-                        mv = m[n][e] * decay_exp(s_acum[i] - s_acum[j]) * s_dt[j];
-                        if (e < 2) rsa += s[n][e] * mv; else rsb += s[n][e] * mv;
-                    }
-                    m[n][e] = mv;
-                }
-            uint32_t ma[4][4];
-            acc_to_a(ma, m);
-            warp_mma_rega<N / 8>(dc, ma, s_bj, N + PAD, 0, kend);
-        }
-        rsa = quad_sum(rsa);
-        rsb = quad_sum(rsb);
-        if (q == 0) {
-            sc.rsum[pos0 + ra] = rsa;
-            sc.rsum[pos0 + rb] = rsb;
-            sc.off[pos0 + ra] = oa;
-            sc.off[pos0 + rb] = ob;
-        }
-    }
-
-    store_slice_part<N>(dc_part, dc, tb, row0, G, nsl, ra, rb);
+inline size_t col_smem_bytes(int P, int N) {
+    const size_t cs = TILE * (N + PAD), xs = TILE * (P + PAD), hs = (size_t)P * (N + PAD), ws = TILE * (TILE + PAD);
+    const size_t u1 = cs + ws, u2 = xs + hs + 2 * xs, un = 2 * u1 > u2 ? 2 * u1 : u2;
+    return (cs + un) * sizeof(bf16) + (4 * 32 * 32 + (NTILE - 1) * 4 * 16 * 32) * sizeof(float) +
+           3 * CHUNK * sizeof(float);
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -728,14 +1214,13 @@ ssd_bwd_dc_kernel(float* dc_part, BwdScratch sc, const float* dt_s, const float*
 //   ddt_t = ddt_dir_t + A da_t,  ddt_raw_t = ddt_t sigmoid(dt_raw_t + dt_bias)
 // and the chunk's partial sums of ddt_raw, dt da (-> dA), x.dy (-> dD). grid (nchunks, H, B)
 static __global__ void __launch_bounds__(THREADS)
-ssd_bwd_dt_kernel(bf16* ddt_raw, int ddt_stride, BwdScratch sc, const float* dt_s, const float* acum_s,
-                  const bf16* dt_raw, int dt_stride, const bf16* dt_bias, const bf16* A_log, int T, int H, int Q,
+ssd_bwd_dt_kernel(SSDGrads gr, BwdScratch sc, const float* dt_s, const float* acum_s, SSDInputs in, int T, int H,
                   int splits) {
-    __shared__ float s_r[MAX_CHUNK], s_tmp[32];
+    __shared__ float s_r[CHUNK], s_tmp[32];
     const int c = blockIdx.x, h = blockIdx.y, b = blockIdx.z, nc = gridDim.x;
-    const int t0 = c * Q, valid = min(Q, T - t0);
-    const size_t bh = (size_t)b * H + h, pos0 = bh * nc * Q + t0;
-    const float A = -expf(__bfloat162float(A_log[h])), bias = __bfloat162float(dt_bias[h]);
+    const int t0 = c * CHUNK, valid = min(CHUNK, T - t0);
+    const size_t bh = (size_t)b * H + h, pos0 = bh * nc * CHUNK + t0;
+    const float A = -expf(__bfloat162float(in.A_log[h])), bias = __bfloat162float(in.dt_bias[h]);
 
     float sst = 0.f;
     for (int i = threadIdx.x; i < valid; i += blockDim.x) sst += sc.sst[pos0 + i];
@@ -743,24 +1228,30 @@ ssd_bwd_dt_kernel(bf16* ddt_raw, int ddt_stride, BwdScratch sc, const float* dt_
     float pass = 0.f;
     for (int k = 0; k < splits; k++) pass += sc.dots[(bh * nc + c) * splits + k];
     // dAcum stored reversed so that an inclusive scan gives the reverse cumsum
-    for (int i = threadIdx.x; i < Q; i += blockDim.x) {
+    const int ntl = (valid + TILE - 1) / TILE;
+    for (int i = threadIdx.x; i < CHUNK; i += blockDim.x) {
         const size_t p = pos0 + i;
-        float v = i < valid ? sc.rsum[p] - sc.csum[p] + sc.off[p] - sc.sst[p] : 0.f;
-        if (i == Q - 1) v += sst + pass;  // Aend = Acum[Q-1]: state decay and chunk-to-chunk decay
-        s_r[Q - 1 - i] = v;
+        float v = 0.f;
+        if (i < valid) {
+            float cs = 0.f;  // the partials of the row tiles at and after row i's tile
+            for (int it = i / TILE; it < ntl; it++) cs += sc.csum[p * NTILE + it];
+            v = sc.rsum[p] - cs + sc.off[p] - sc.sst[p];
+        }
+        if (i == CHUNK - 1) v += sst + pass;  // Aend = Acum[CHUNK-1]: state decay and chunk-to-chunk decay
+        s_r[CHUNK - 1 - i] = v;
     }
     __syncthreads();
-    block_scan(s_r, Q);
+    block_scan(s_r, CHUNK);
 
     float gbias = 0.f, gA = 0.f, gD = 0.f;
     for (int i = threadIdx.x; i < valid; i += blockDim.x) {
         const size_t p = pos0 + i, row = (size_t)b * T + t0 + i;
-        const float da = s_r[Q - 1 - i];
+        const float da = s_r[CHUNK - 1 - i];
         const float ddt = sc.ddt_dir[p] + A * da;
-        const float z = __bfloat162float(dt_raw[row * dt_stride + h]) + bias;
-        const float gr = ddt / (1.f + expf(-z));
-        ddt_raw[row * ddt_stride + h] = __float2bfloat16(gr);
-        gbias += gr;
+        const float z = __bfloat162float(in.dt[row * in.dt_stride + h]) + bias;
+        const float g = ddt / (1.f + expf(-z));
+        gr.ddt[row * gr.ddt_stride + h] = __float2bfloat16(g);
+        gbias += g;
         gA += dt_s[p] * da;
         gD += sc.dd[p];
     }
@@ -776,8 +1267,8 @@ ssd_bwd_dt_kernel(bf16* ddt_raw, int ddt_stride, BwdScratch sc, const float* dt_
 }
 
 // parameter gradients: sum the per-chunk partials over b and c in order, accumulate
-static __global__ void ssd_param_grads_kernel(float* ddt_bias, float* dA_log, float* dD, const float* partials,
-                                       const bf16* A_log, int B, int H, int nc) {
+static __global__ void ssd_param_grads_kernel(SSDGrads gr, const float* partials, const bf16* A_log, int B, int H,
+                                              int nc) {
     const int h = blockIdx.x * blockDim.x + threadIdx.x;
     if (h >= H) return;
     float gb = 0.f, ga = 0.f, gd = 0.f;
@@ -788,14 +1279,14 @@ static __global__ void ssd_param_grads_kernel(float* ddt_bias, float* dA_log, fl
             ga += p[1];
             gd += p[2];
         }
-    ddt_bias[h] += gb;
-    dA_log[h] += ga * -expf(__bfloat162float(A_log[h]));  // dA/dA_log = A
-    dD[h] += gd;
+    gr.ddt_bias[h] += gb;
+    gr.dA_log[h] += ga * -expf(__bfloat162float(A_log[h]));  // dA/dA_log = A
+    gr.dD[h] += gd;
 }
 
 // dB, dC: sum the head-slice partials (B, T, G, slices, N) in order into the strided bf16 outputs
-static __global__ void ssd_reduce_bc_kernel(bf16* dB, bf16* dC, int dbc_stride, const float* db_part, const float* dc_part,
-                                     size_t rows /*B*T*/, int G, int N, int nsl) {
+static __global__ void ssd_reduce_bc_kernel(SSDGrads gr, const float* db_part, const float* dc_part,
+                                            size_t rows /*B*T*/, int G, int N, int nsl) {
     const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     const size_t GN = (size_t)G * N;
     if (idx >= rows * GN) return;
@@ -806,21 +1297,12 @@ static __global__ void ssd_reduce_bc_kernel(bf16* dB, bf16* dC, int dbc_stride, 
         sb += db_part[base + (size_t)s * N];
         scv += dc_part[base + (size_t)s * N];
     }
-    dB[row * dbc_stride + gn] = __float2bfloat16(sb);
-    dC[row * dbc_stride + gn] = __float2bfloat16(scv);
+    gr.dB[row * gr.dbc_stride + gn] = __float2bfloat16(sb);
+    gr.dC[row * gr.dbc_stride + gn] = __float2bfloat16(scv);
 }
 
 // ----------------------------------------------------------------------------------------------
 // launchers
-
-inline size_t chunk_state_smem_bytes(int P, int N) { return (size_t)2 * TILE * (P + N + 2 * PAD) * sizeof(bf16); }
-
-// dC kernel; the dx/dB kernel double-buffers its C_i and dy_i tiles
-inline size_t bwd_smem_bytes(int P, int N, bool dbuf) {
-    const int extra = dbuf ? TILE * (N + PAD) + TILE * (P + PAD) : 0;
-    return (size_t)(2 * TILE * (N + PAD) + P * (N + PAD) + 2 * TILE * (P + PAD) + extra) * sizeof(bf16) +
-           2 * MAX_CHUNK * sizeof(float);
-}
 
 inline void check_shape(const SSDShape& sh) {
     const bool pn_ok = (sh.P == 64 || sh.P == 32) && (sh.N == 64 || sh.N == 128);
@@ -837,135 +1319,126 @@ inline void check_rows(const char* what, const void* p, int stride, int min_stri
               what, min_stride, stride);
 }
 
-template <int P, int N>
-void forward_impl(bf16* y, void* saved, void* scratch, const bf16* x, int x_stride, const bf16* Bm, const bf16* Cm,
-                  int bc_stride, const bf16* dt_raw, int dt_stride, const bf16* dt_bias, const bf16* A_log,
-                  const bf16* D, const SSDShape& sh, cudaStream_t s) {
-    const int nc = nchunks(sh), Q = sh.chunk;
+inline void check_inputs(const SSDInputs& in, const SSDShape& sh) {
+    check_shape(sh);
+    check_rows("x", in.x, in.x_stride, sh.H * sh.P);
+    check_rows("B", in.Bm, in.bc_stride, sh.G * sh.N);
+    check_rows("C", in.Cm, in.bc_stride, sh.G * sh.N);
+    if (in.dt_stride < sh.H) THROW("ssd: dt row stride %d < H = %d", in.dt_stride, sh.H);
+}
+
+inline int sm_count() {
+    static int n = 0;
+    if (!n) {
+        int dev;
+        cudaCheck(cudaGetDevice(&dev));
+        cudaCheck(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
+    }
+    return n;
+}
+
+template <typename K>
+inline void set_smem(K kernel, size_t bytes) {
+    cudaCheck(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
+}
+
+template <int P, int N, bool DOCS>
+void forward_impl(bf16* y, void* saved, const SSDInputs& in, const SSDShape& sh, cudaStream_t s) {
     float* dt_s = (float*)saved;
     float* acum_s = dt_s + padded_positions(sh);
-    bf16* hin = (bf16*)scratch;  // chunk states, then in place the states entering each chunk
-    const size_t cs_smem = chunk_state_smem_bytes(P, N);
-    cudaCheck(cudaFuncSetAttribute(ssd_chunk_state_kernel<P, N, false>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                   (int)cs_smem));
-    ssd_chunk_state_kernel<P, N, false><<<dim3(nc, sh.H, sh.B), THREADS, cs_smem, s>>>(
-        hin, dt_s, acum_s, nullptr, x, x_stride, Bm, bc_stride, dt_raw, dt_stride, dt_bias, A_log, sh.T, sh.H, sh.G, Q);
-    cudaCheckLast();
-    ssd_state_pass_kernel<false><<<dim3(pass_splits(sh), sh.B * sh.H), PASS_THREADS, 0, s>>>(
-        hin, nullptr, nullptr, acum_s, nc, Q, P * N);
-    cudaCheckLast();
-    ssd_chunk_scan_kernel<P, N><<<dim3(nc * (Q / TILE), sh.H, sh.B), THREADS, 0, s>>>(
-        y, dt_s, acum_s, hin, x, x_stride, Bm, Cm, bc_stride, D, sh.T, sh.H, sh.G, Q);
+    const size_t smem = fwd_smem_bytes(P, N);
+    set_smem(ssd_fwd_kernel<P, N, DOCS>, smem);
+    ssd_fwd_kernel<P, N, DOCS><<<dim3(sh.H, sh.B), THREADS, smem, s>>>(y, dt_s, acum_s, in, sh.T, sh.H, sh.G,
+                                                                       nchunks(sh) * CHUNK, sm_count());
     cudaCheckLast();
 }
 
-template <int P, int N>
-void backward_impl(bf16* dx, int dx_stride, bf16* dB, bf16* dC, int dbc_stride, bf16* ddt_raw, int ddt_stride,
-                   float* ddt_bias, float* dA_log, float* dD, void* scratch, const bf16* dy, const bf16* x,
-                   int x_stride, const bf16* Bm, const bf16* Cm, int bc_stride, const bf16* dt_raw, int dt_stride,
-                   const bf16* dt_bias, const bf16* A_log, const bf16* D, const void* saved, const SSDShape& sh,
-                   cudaStream_t s) {
-    const int nc = nchunks(sh), Q = sh.chunk, nsl = head_slices(sh), splits = pass_splits(sh);
+template <int P, int N, bool DOCS>
+void backward_impl(const SSDGrads& gr, void* scratch, const bf16* dy, const SSDInputs& in, const void* saved,
+                   const SSDShape& sh, cudaStream_t s) {
+    const int nc = nchunks(sh), nsl = head_slices(sh), splits = pass_splits(sh);
     const float* dt_s = (const float*)saved;
     const float* acum_s = dt_s + padded_positions(sh);
     BwdScratch sc(sh, scratch);
-    const dim3 chunk_grid(nc, sh.H, sh.B), pass_grid(splits, sh.B * sh.H);
-    const dim3 tile_grid(nc * (Q / TILE), sh.G * nsl, sh.B);
+    const dim3 chunk_grid(nc, sh.H, sh.B), tile_grid(nc * NTILE, sh.G * nsl, sh.B);
 
-    // recompute the states entering each chunk
+    // the chunk states S_c and dS_c, then Hin_c and Gout_c
     const size_t cs_smem = chunk_state_smem_bytes(P, N);
-    cudaCheck(cudaFuncSetAttribute(ssd_chunk_state_kernel<P, N, false>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                   (int)cs_smem));
-    cudaCheck(cudaFuncSetAttribute(ssd_chunk_state_kernel<P, N, true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                   (int)cs_smem));
-    ssd_chunk_state_kernel<P, N, false><<<chunk_grid, THREADS, cs_smem, s>>>(
-        sc.hin, nullptr, nullptr, nullptr, x, x_stride, Bm, bc_stride, dt_raw, dt_stride, dt_bias, A_log, sh.T, sh.H, sh.G, Q);
+    set_smem(ssd_bwd_states_kernel<P, N, DOCS>, cs_smem);
+    ssd_bwd_states_kernel<P, N, DOCS><<<dim3(nc, 2 * sh.H, sh.B), THREADS, cs_smem, s>>>(
+        sc.hst, sc.gst, dt_s, acum_s, dy, in, sh.T, sh.H, sh.G);
     cudaCheckLast();
-    ssd_state_pass_kernel<false><<<pass_grid, PASS_THREADS, 0, s>>>(sc.hin, nullptr, nullptr, acum_s, nc, Q, P * N);
-    cudaCheckLast();
-    // state gradients: per-chunk dS from the outputs, then the reverse pass to Gout
-    ssd_chunk_state_kernel<P, N, true><<<chunk_grid, THREADS, cs_smem, s>>>(
-        sc.gout, nullptr, nullptr, acum_s, dy, sh.H * P, Cm, bc_stride, nullptr, 0, nullptr, nullptr,
-        sh.T, sh.H, sh.G, Q);
-    cudaCheckLast();
-    ssd_state_pass_kernel<true><<<pass_grid, PASS_THREADS, 0, s>>>(sc.gout, sc.dots, sc.hin, acum_s, nc, Q, P * N);
+    ssd_state_pass_kernel<DOCS><<<dim3(splits, sh.B * sh.H), PASS_THREADS, 0, s>>>(
+        sc.hst, sc.gst, sc.dots, acum_s, in.pos, sh.T, sh.H, nc, P * N);
     cudaCheckLast();
 
-    const size_t smem = bwd_smem_bytes(P, N, false), smem_db = bwd_smem_bytes(P, N, true);
-    cudaCheck(cudaFuncSetAttribute(ssd_bwd_dx_db_kernel<P, N>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                   (int)smem_db));
-    cudaCheck(cudaFuncSetAttribute(ssd_bwd_dc_kernel<P, N>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
-    ssd_bwd_dx_db_kernel<P, N><<<tile_grid, THREADS, smem_db, s>>>(dx, dx_stride, sc.db_part, sc, dt_s, acum_s, dy, x,
-                                                                x_stride, Bm, Cm, bc_stride, D, sh.T, sh.H, sh.G, Q,
-                                                                nsl);
+    // row direction (dC, W), then column direction (dx, dB, which reads W)
+    const size_t row_smem = row_smem_bytes(P, N), col_smem = col_smem_bytes(P, N);
+    set_smem(ssd_bwd_row_kernel<P, N, DOCS>, row_smem);
+    set_smem(ssd_bwd_col_kernel<P, N, DOCS>, col_smem);
+    ssd_bwd_row_kernel<P, N, DOCS><<<tile_grid, THREADS, row_smem, s>>>(sc.dc_part, sc, dt_s, acum_s, dy, in,
+                                                                         sh.T, sh.H, sh.G, nsl);
     cudaCheckLast();
-    ssd_bwd_dc_kernel<P, N><<<tile_grid, THREADS, smem, s>>>(sc.dc_part, sc, dt_s, acum_s, dy, x, x_stride, Bm, Cm,
-                                                             bc_stride, sh.T, sh.H, sh.G, Q, nsl);
+    ssd_bwd_col_kernel<P, N, DOCS><<<tile_grid, THREADS, col_smem, s>>>(sc.db_part, sc, dt_s, acum_s, dy, in, gr,
+                                                                         sh.T, sh.H, sh.G, nsl);
     cudaCheckLast();
-    ssd_bwd_dt_kernel<<<chunk_grid, THREADS, 0, s>>>(ddt_raw, ddt_stride, sc, dt_s, acum_s, dt_raw, dt_stride,
-                                                    dt_bias, A_log, sh.T, sh.H, Q, splits);
+
+    ssd_bwd_dt_kernel<<<chunk_grid, THREADS, 0, s>>>(gr, sc, dt_s, acum_s, in, sh.T, sh.H, splits);
     cudaCheckLast();
-    ssd_param_grads_kernel<<<(int)ceil_div(sh.H, 128), 128, 0, s>>>(ddt_bias, dA_log, dD, sc.partials, A_log, sh.B,
-                                                                     sh.H, nc);
+    ssd_param_grads_kernel<<<(int)ceil_div(sh.H, 128), 128, 0, s>>>(gr, sc.partials, in.A_log, sh.B, sh.H, nc);
     cudaCheckLast();
     const size_t rows = (size_t)sh.B * sh.T, n = rows * sh.G * sh.N;
-    ssd_reduce_bc_kernel<<<(unsigned)ceil_div(n, 256), 256, 0, s>>>(dB, dC, dbc_stride, sc.db_part, sc.dc_part, rows,
-                                                                    sh.G, sh.N, nsl);
+    ssd_reduce_bc_kernel<<<(unsigned)ceil_div(n, 256), 256, 0, s>>>(gr, sc.db_part, sc.dc_part, rows, sh.G, sh.N,
+                                                                    nsl);
     cudaCheckLast();
 }
 
-// run F<P, N>() for the runtime (P, N)
-template <template <int, int> class F, typename... Args>
-void dispatch(const SSDShape& sh, Args&&... args) {
-    check_shape(sh);
-    if (sh.P == 64 && sh.N == 128) F<64, 128>::run(args...);
-    else if (sh.P == 64 && sh.N == 64) F<64, 64>::run(args...);
-    else if (sh.P == 32 && sh.N == 128) F<32, 128>::run(args...);
-    else F<32, 64>::run(args...);
+// run F<P, N, DOCS>::run(args...) for the runtime (P, N) and whether there are document boundaries
+template <int P_, int N_> struct PN { static constexpr int P = P_, N = N_; };
+template <template <int, int, bool> class F, typename... Args>
+void dispatch(const SSDShape& sh, bool docs, Args&&... args) {
+    auto with_docs = [&](auto pn) {
+        constexpr int P = decltype(pn)::P, N = decltype(pn)::N;
+        if (docs) F<P, N, true>::run(args...);
+        else F<P, N, false>::run(args...);
+    };
+    if (sh.P == 64 && sh.N == 128) with_docs(PN<64, 128>{});
+    else if (sh.P == 64) with_docs(PN<64, 64>{});
+    else if (sh.N == 128) with_docs(PN<32, 128>{});
+    else with_docs(PN<32, 64>{});
 }
-template <int P, int N> struct Forward {
-    template <typename... A> static void run(A... a) { forward_impl<P, N>(a...); }
+template <int P, int N, bool DOCS> struct Forward {
+    template <typename... A> static void run(A&... a) { forward_impl<P, N, DOCS>(a...); }
 };
-template <int P, int N> struct Backward {
-    template <typename... A> static void run(A... a) { backward_impl<P, N>(a...); }
+template <int P, int N, bool DOCS> struct Backward {
+    template <typename... A> static void run(A&... a) { backward_impl<P, N, DOCS>(a...); }
 };
 
 }  // namespace ssd
 
-// dt and Acum per (b, h, padded position), fp32
+// dt and the 256-row-chunk-local cumsum of dt A per (b, h, padded position), fp32
 inline size_t ssd_saved_bytes(const SSDShape& sh) { return 2 * ssd::padded_positions(sh) * sizeof(float); }
 
-inline size_t ssd_scratch_bytes(const SSDShape& sh) {
-    const size_t fwd = ssd::fwd_scratch_bytes(sh), bwd = ssd::BwdScratch(sh, nullptr).total * sizeof(float);
-    return fwd > bwd ? fwd : bwd;
-}
+// the forward needs none; the backward's (shared by all layers)
+inline size_t ssd_scratch_bytes(const SSDShape& sh) { return ssd::BwdScratch(sh, nullptr).total * sizeof(float); }
 
-inline void ssd_forward(bf16* y, void* saved, void* scratch, const bf16* x, int x_stride, const bf16* Bm,
-                        const bf16* Cm, int bc_stride, const bf16* dt_raw, int dt_stride, const bf16* dt_bias,
-                        const bf16* A_log, const bf16* D, const SSDShape& sh, cudaStream_t s) {
-    ssd::check_shape(sh);
-    ssd::check_rows("x", x, x_stride, sh.H * sh.P);
-    ssd::check_rows("B", Bm, bc_stride, sh.G * sh.N);
-    ssd::check_rows("C", Cm, bc_stride, sh.G * sh.N);
+// y (BT, H*P) = SSD(x, softplus(dt + dt_bias), A = -exp(A_log), B, C) + D*x; saved keeps what the backward reads
+inline void ssd_forward(bf16* y, void* saved, void* scratch, const SSDInputs& in, const SSDShape& sh, cudaStream_t s) {
+    (void)scratch;
+    ssd::check_inputs(in, sh);
     ssd::check_rows("y", y, sh.H * sh.P, sh.H * sh.P);
-    ssd::dispatch<ssd::Forward>(sh, y, saved, scratch, x, x_stride, Bm, Cm, bc_stride, dt_raw, dt_stride, dt_bias,
-                                A_log, D, sh, s);
+    ssd::dispatch<ssd::Forward>(sh, in.pos != nullptr, y, saved, in, sh, s);
 }
 
-inline void ssd_backward(bf16* dx, int dx_stride, bf16* dB, bf16* dC, int dbc_stride, bf16* ddt_raw, int ddt_stride,
-                         float* ddt_bias, float* dA_log, float* dD, void* scratch, const bf16* dy, const bf16* x,
-                         int x_stride, const bf16* Bm, const bf16* Cm, int bc_stride, const bf16* dt_raw,
-                         int dt_stride, const bf16* dt_bias, const bf16* A_log, const bf16* D, const void* saved,
+// dx, dB, dC, ddt written (strided like the inputs); ddt_bias, dA_log, dD accumulate (fp32)
+inline void ssd_backward(const SSDGrads& g, void* scratch, const bf16* dy, const SSDInputs& in, const void* saved,
                          const SSDShape& sh, cudaStream_t s) {
-    ssd::check_shape(sh);
-    ssd::check_rows("x", x, x_stride, sh.H * sh.P);
-    ssd::check_rows("B", Bm, bc_stride, sh.G * sh.N);
-    ssd::check_rows("C", Cm, bc_stride, sh.G * sh.N);
+    ssd::check_inputs(in, sh);
     ssd::check_rows("dy", dy, sh.H * sh.P, sh.H * sh.P);
-    ssd::check_rows("dx", dx, dx_stride, sh.H * sh.P);
-    ssd::dispatch<ssd::Backward>(sh, dx, dx_stride, dB, dC, dbc_stride, ddt_raw, ddt_stride, ddt_bias, dA_log, dD,
-                                 scratch, dy, x, x_stride, Bm, Cm, bc_stride, dt_raw, dt_stride, dt_bias, A_log, D,
-                                 saved, sh, s);
+    ssd::check_rows("dx", g.dx, g.dx_stride, sh.H * sh.P);
+    if (g.dbc_stride < sh.G * sh.N || g.ddt_stride < sh.H)
+        THROW("ssd: gradient row strides too small (dB/dC %d, ddt %d)", g.dbc_stride, g.ddt_stride);
+    ssd::dispatch<ssd::Backward>(sh, in.pos != nullptr, g, scratch, dy, in, saved, sh, s);
 }
 
 // The launchers on argument structs (what the model calls)

@@ -1,6 +1,7 @@
 // Warp-level tensor-core and asynchronous-copy helpers (inline PTX, sm_80 and later) shared by the
 // tile kernels of ssd.cuh and attention.cuh: ldmatrix, mma.sync m16n8k16 (bf16 in, fp32 accumulate),
-// accumulator fragments (cleared, packed as the next matmul's A operand, summed over a quad), cp.async.
+// accumulator fragments (cleared, packed as the next matmul's A operand, summed over a quad), bf16 pairs
+// scaled in registers, cp.async.
 //
 // m16n8k16 fragments (g = lane / 4, q = lane % 4):
 //   A 16x16: a0 (row g, cols 2q, 2q+1), a1 (row g+8), a2 (row g, cols 2q+8, 2q+9), a3 (row g+8, cols 2q+8..)
@@ -34,6 +35,19 @@ __device__ inline void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t 
 __device__ inline uint32_t pack_bf16(float lo, float hi) {
     __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
     return *reinterpret_cast<uint32_t*>(&v);
+}
+__device__ inline float2 unpack_bf16(uint32_t v) { return __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&v)); }
+// a packed pair times (s0, s1), rounded once
+__device__ inline uint32_t scale_bf16x2(uint32_t v, float s0, float s1) {
+    const float2 f = unpack_bf16(v);
+    return pack_bf16(f.x * s0, f.y * s1);
+}
+// an A fragment (16 x 16) with its columns scaled: k = 2q, 2q+1 by w01 and k = 2q+8, 2q+9 by w89
+__device__ inline void scale_a_cols(uint32_t (&a)[4], float2 w01, float2 w89) {
+    a[0] = scale_bf16x2(a[0], w01.x, w01.y);
+    a[1] = scale_bf16x2(a[1], w01.x, w01.y);
+    a[2] = scale_bf16x2(a[2], w89.x, w89.y);
+    a[3] = scale_bf16x2(a[3], w89.x, w89.y);
 }
 
 template <int N>

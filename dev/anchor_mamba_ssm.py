@@ -8,7 +8,11 @@ in anchors/mamba (its CUDA extensions need NOT be built: mamba_ssm/__init__.py,
 which imports selective_scan_cuda, is never executed).
 
 Part A: mamba_chunk_scan_combined (SSD Triton kernels), forward and fwd+bwd,
-        timed with triton.testing.do_bench (median).
+        timed with triton.testing.do_bench (median), at the shapes of
+        dev/bench_ssd.cu, plain and with packed documents (seq_idx); one line
+        per shape, "anchor ssd B4 T4096 H64 P64 N128 G1: fwd 0.563 ms | fwd+bwd
+        4.367 ms" ("anchor ssd-docs ..." with documents), which the benchmark
+        reads through ANCHOR_LOG (dev/anchors.h).
 Part B: a Mamba-2 370M language model (48 x [h = h + Mamba2(RMSNorm(h))],
         d_model 1024, tied embeddings), fp32 weights, bf16 autocast, fused
         AdamW, batch 8 x 2048 random tokens: ms/step, tokens/s, peak memory.
@@ -102,6 +106,33 @@ def mamba_commit():
 # --------------------------------------------------------------------------
 # Part A: SSD kernel anchor
 # --------------------------------------------------------------------------
+# (name, batch, seqlen, nheads, headdim, dstate, ngroups): the shapes of dev/bench_ssd.cu
+SSD_SHAPES = [
+    ("bench", 4, 4096, 64, 64, 128, 1),  # ANCHORS.md
+    ("370m", 8, 2048, 32, 64, 128, 1),   # mamba2-370m layer
+    ("2.7b", 4, 2048, 80, 64, 128, 1),   # mamba2-2.7b layer
+    ("T1024", 4, 1024, 64, 64, 128, 1),
+    ("T512", 4, 512, 64, 64, 128, 1),
+]
+SSD_CHUNK = 256
+# packed documents: lengths cycled from index b in row b until the row is full (as dev/bench_ssd.cu)
+DOC_LENGTHS = [100, 37, 250, 8, 1200, 64, 19, 500, 3, 180, 2000, 45]
+
+
+def doc_seq_idx(batch, seqlen, dev):
+    """mamba_ssm's seq_idx (batch, seqlen) int32: the index of each token's document in its row."""
+    import torch
+    rows = []
+    for b in range(batch):
+        idx, t, k, d = [], 0, b, 0
+        while t < seqlen:
+            n = min(DOC_LENGTHS[k % len(DOC_LENGTHS)], seqlen - t)
+            idx += [d] * n
+            t, k, d = t + n, k + 1, d + 1
+        rows.append(idx)
+    return torch.tensor(rows, dtype=torch.int32, device=dev)
+
+
 def part_a(args):
     import torch
     import triton
@@ -112,78 +143,82 @@ def part_a(args):
     )
 
     dev = torch.device("cuda")
-    batch, seqlen, nheads, headdim, dstate, ngroups = 4, 4096, 64, 64, 128, 1
-    chunk = 256
-    log(f"[A] mamba_chunk_scan_combined: B={batch} L={seqlen} H={nheads} P={headdim} "
-        f"N={dstate} G={ngroups} chunk={chunk}; x/B/C bf16, dt/A/D/dt_bias fp32, dt_softplus")
+    names = args.ssd_shapes.split(",")
+    for name, batch, seqlen, nheads, headdim, dstate, ngroups in SSD_SHAPES:
+        if name not in names:
+            continue
+        label = f"B{batch} T{seqlen} H{nheads} P{headdim} N{dstate} G{ngroups}"
+        log(f"[A] mamba_chunk_scan_combined {name}: {label} chunk={SSD_CHUNK}; x/B/C bf16, "
+            f"dt/A/D/dt_bias fp32, dt_softplus")
 
-    g = torch.Generator(device=dev)
-    g.manual_seed(1234)
-    x = torch.randn(batch, seqlen, nheads, headdim, device=dev, dtype=torch.bfloat16, generator=g)
-    Bm = torch.randn(batch, seqlen, ngroups, dstate, device=dev, dtype=torch.bfloat16, generator=g)
-    Cm = torch.randn(batch, seqlen, ngroups, dstate, device=dev, dtype=torch.bfloat16, generator=g)
-    # raw dt: small noise around dt_bias; softplus(dt + dt_bias) lands in ~[1e-3, 1e-1]
-    dt = 0.5 * torch.randn(batch, seqlen, nheads, device=dev, dtype=torch.float32, generator=g)
-    dt0 = torch.exp(torch.rand(nheads, device=dev, generator=g) * (math.log(0.1) - math.log(1e-3))
-                    + math.log(1e-3))
-    dt_bias = (dt0 + torch.log(-torch.expm1(-dt0))).float()  # inverse softplus
-    A = -(1.0 + 15.0 * torch.rand(nheads, device=dev, dtype=torch.float32, generator=g))  # in [-16, -1]
-    D = torch.randn(nheads, device=dev, dtype=torch.float32, generator=g)
+        g = torch.Generator(device=dev)
+        g.manual_seed(1234)
+        x = torch.randn(batch, seqlen, nheads, headdim, device=dev, dtype=torch.bfloat16, generator=g)
+        Bm = torch.randn(batch, seqlen, ngroups, dstate, device=dev, dtype=torch.bfloat16, generator=g)
+        Cm = torch.randn(batch, seqlen, ngroups, dstate, device=dev, dtype=torch.bfloat16, generator=g)
+        # raw dt: small noise around dt_bias; softplus(dt + dt_bias) lands in ~[1e-3, 1e-1]
+        dt = 0.5 * torch.randn(batch, seqlen, nheads, device=dev, dtype=torch.float32, generator=g)
+        dt0 = torch.exp(torch.rand(nheads, device=dev, generator=g) * (math.log(0.1) - math.log(1e-3))
+                        + math.log(1e-3))
+        dt_bias = (dt0 + torch.log(-torch.expm1(-dt0))).float()  # inverse softplus
+        A = -(1.0 + 15.0 * torch.rand(nheads, device=dev, dtype=torch.float32, generator=g))  # in [-16, -1]
+        D = torch.randn(nheads, device=dev, dtype=torch.float32, generator=g)
+        dout = torch.randn(batch, seqlen, nheads, headdim, device=dev, dtype=torch.bfloat16, generator=g)
+        leaves = [x, dt, A, Bm, Cm, D, dt_bias]
 
-    def fwd():
-        return mamba_chunk_scan_combined(x, dt, A, Bm, Cm, chunk_size=chunk, D=D,
-                                         dt_bias=dt_bias, dt_softplus=True)
+        def fwd(seq_idx=None):
+            return mamba_chunk_scan_combined(x, dt, A, Bm, Cm, chunk_size=SSD_CHUNK, D=D,
+                                             dt_bias=dt_bias, dt_softplus=True, seq_idx=seq_idx)
 
-    # First call compiles + autotunes the Triton kernels (not timed by do_bench's median).
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        y = fwd()
-    torch.cuda.synchronize()
-    log(f"[A] first forward (compile + autotune): {time.perf_counter() - t0:.1f} s; "
-        f"out {tuple(y.shape)} {y.dtype}, finite={bool(torch.isfinite(y).all())}")
+        def fwd_bwd(seq_idx=None):
+            fwd(seq_idx).backward(dout)  # gradient of <out, dout> w.r.t. the inputs
 
-    # Sanity: compare with mamba_ssm's pure-torch reference on a slice, in fp32.
-    if not args.no_check:
-        try:
-            sl = (slice(0, 1), slice(0, 1024))
-            xs, dts, Bs, Cs = x[sl].float(), dt[sl], Bm[sl].float(), Cm[sl].float()
+        times = {}
+        for docs in ([False, True] if not args.no_docs else [False]):
+            seq_idx = doc_seq_idx(batch, seqlen, dev) if docs else None
+            for t in leaves:
+                t.requires_grad_(False)
+            # the first call compiles + autotunes the Triton kernels (not timed by do_bench's median)
+            t0 = time.perf_counter()
             with torch.no_grad():
-                ref = ssd_chunk_scan_combined_ref(xs, dts, A, Bs, Cs, chunk, D=D, dt_bias=dt_bias,
-                                                  dt_softplus=True)
-                got = y[sl].float()
-            err = (got - ref).abs().max().item()
-            scale = ref.abs().max().item()
-            log(f"[A] check vs ssd_chunk_scan_combined_ref (fp32, batch 0, first 1024 steps): "
-                f"max abs err {err:.3e} (max |ref| {scale:.3e})")
-        except Exception:
-            log("[A] reference check failed (timing continues):")
-            traceback.print_exc(file=sys.stdout)
-            sys.stdout.flush()
-    del y
-
-    with torch.no_grad():
-        ms_fwd = triton.testing.do_bench(fwd, warmup=args.warmup_ms, rep=args.rep_ms,
-                                         return_mode="median")
-    log(f"anchor ssd fwd: {ms_fwd:.3f} ms")
-
-    leaves = [x, dt, A, Bm, Cm, D, dt_bias]
-    for t in leaves:
-        t.requires_grad_(True)
-    dout = torch.randn(batch, seqlen, nheads, headdim, device=dev, dtype=torch.bfloat16, generator=g)
-
-    def fwd_bwd():
-        out = fwd()
-        # gradient of the dot product <out, dout> w.r.t. the inputs
-        out.backward(dout)
-
-    t0 = time.perf_counter()
-    fwd_bwd()
-    torch.cuda.synchronize()
-    log(f"[A] first fwd+bwd (compile + autotune of backward kernels): {time.perf_counter() - t0:.1f} s; "
-        f"finite grads={all(bool(torch.isfinite(t.grad).all()) for t in leaves)}")
-    ms_fb = triton.testing.do_bench(fwd_bwd, warmup=args.warmup_ms, rep=args.rep_ms,
-                                    grad_to_none=leaves, return_mode="median")
-    log(f"anchor ssd fwd+bwd: {ms_fb:.3f} ms")
+                y = fwd(seq_idx)
+            torch.cuda.synchronize()
+            log(f"[A] first forward{' (documents)' if docs else ''}: {time.perf_counter() - t0:.1f} s; "
+                f"finite={bool(torch.isfinite(y).all())}")
+            if not args.no_check and not docs and name == names[0]:
+                try:  # mamba_ssm's pure-torch reference on a slice, in fp32
+                    sl = (slice(0, 1), slice(0, 1024))
+                    with torch.no_grad():
+                        ref = ssd_chunk_scan_combined_ref(x[sl].float(), dt[sl], A, Bm[sl].float(), Cm[sl].float(),
+                                                          SSD_CHUNK, D=D, dt_bias=dt_bias, dt_softplus=True)
+                    err = (y[sl].float() - ref).abs().max().item()
+                    log(f"[A] check vs ssd_chunk_scan_combined_ref (fp32, batch 0, first 1024 steps): "
+                        f"max abs err {err:.3e} (max |ref| {ref.abs().max().item():.3e})")
+                except Exception:
+                    log("[A] reference check failed (timing continues):")
+                    traceback.print_exc(file=sys.stdout)
+                    sys.stdout.flush()
+            del y
+            with torch.no_grad():
+                ms_fwd = triton.testing.do_bench(lambda: fwd(seq_idx), warmup=args.warmup_ms, rep=args.rep_ms,
+                                                 return_mode="median")
+            for t in leaves:
+                t.requires_grad_(True)
+            t0 = time.perf_counter()
+            fwd_bwd(seq_idx)
+            torch.cuda.synchronize()
+            log(f"[A] first fwd+bwd{' (documents)' if docs else ''}: {time.perf_counter() - t0:.1f} s; "
+                f"finite grads={all(bool(torch.isfinite(t.grad).all()) for t in leaves)}")
+            ms_fb = triton.testing.do_bench(lambda: fwd_bwd(seq_idx), warmup=args.warmup_ms, rep=args.rep_ms,
+                                            grad_to_none=leaves, return_mode="median")
+            times[docs] = (ms_fwd, ms_fb)
+        # the lines dev/bench_ssd.cu looks up (dev/anchors.h)
+        log(f"anchor ssd {label}: fwd {times[False][0]:.3f} ms | fwd+bwd {times[False][1]:.3f} ms")
+        if True in times:
+            log(f"anchor ssd-docs {label}: fwd {times[True][0]:.3f} ms | fwd+bwd {times[True][1]:.3f} ms")
+        del x, Bm, Cm, dt, dout, leaves
+        gc.collect()
+        torch.cuda.empty_cache()
 
 
 # --------------------------------------------------------------------------
@@ -336,6 +371,9 @@ def main():
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--layers", type=int, default=48)
     ap.add_argument("--no-check", action="store_true", help="skip the Part A reference check")
+    ap.add_argument("--ssd-shapes", default=",".join(sh[0] for sh in SSD_SHAPES),
+                    help="Part A shapes, comma-separated (default: all of dev/bench_ssd.cu)")
+    ap.add_argument("--no-docs", action="store_true", help="Part A without the packed-documents timings")
     args = ap.parse_args()
 
     t_start = time.perf_counter()

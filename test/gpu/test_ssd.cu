@@ -1,11 +1,13 @@
-// ssd.cuh (chunked SSD scan, forward and backward) against the sequential double-precision
-// recurrence of test/ref/ssd.h: y and every gradient, on shapes with partial last chunks,
-// several (H, G), P/N/chunk variants and strided inputs embedded in a wider row with NaN in
-// the gaps (as the model's fused xBC and in_proj outputs are). Then the whole forward and
-// backward run again and must repeat bit for bit.
+// ssd.cuh (SSD scan, forward and backward) against the sequential double-precision recurrence of
+// test/ref/ssd.h: y and every gradient, on shapes with partial last steps and chunks, several (H, G),
+// P/N/chunk variants and strided inputs embedded in a wider row with NaN in the gaps (as the model's fused
+// xBC and in_proj outputs are). With document boundaries (pos) the reference runs each document as a
+// sequence of its own, the outputs are stitched and the parameter gradients summed over the documents.
+// Then the whole forward and backward run again and must repeat bit for bit.
 #include <catch2/catch.hpp>
 #include "test/gpu_util.h"
 #include <cmath>
+#include <initializer_list>
 #include <random>
 #include <vector>
 #include "ssd.cuh"
@@ -21,8 +23,74 @@ struct Outputs {
     std::vector<float> pg;               // accumulated parameter gradients: ddt_bias (H) | dA_log (H) | dD (H)
 };
 
-static void check_ssd(int B, int T, int H, int G, int P, int N, int chunk, uint64_t seed) {
-    INFO("B=" << B << " T=" << T << " H=" << H << " G=" << G << " P=" << P << " N=" << N << " chunk=" << chunk);
+// positions in documents for B rows of T tokens: a document starts at t = 0, at every t in `starts` (< T)
+// and elsewhere with probability p
+static std::vector<int> make_pos(int B, int T, double p, std::initializer_list<int> starts, Rng& rng) {
+    std::vector<int> pos((size_t)B * T);
+    for (int b = 0; b < B; b++) {
+        int run = 0;
+        for (int t = 0; t < T; t++) {
+            bool start = t == 0 || rng.uniform(0.0, 1.0) < p;
+            for (int s : starts) start = start || s == t;
+            if (start) run = 0;
+            pos[(size_t)b * T + t] = run++;
+        }
+    }
+    return pos;
+}
+
+struct RefResult {
+    std::vector<double> y, dx, dB, dC, ddt, dbias, dalog, dD;
+};
+
+// the sequential reference over each document of each row (pos empty: one document per row)
+static RefResult reference(const std::vector<double>& x, const std::vector<double>& Bm, const std::vector<double>& Cm,
+                           const std::vector<double>& dt, const std::vector<double>& dy, const std::vector<double>& bias,
+                           const std::vector<double>& alog, const std::vector<double>& D, const std::vector<int>& pos,
+                           int B, int T, int H, int P, int G, int N) {
+    const int HP = H * P, GN = G * N;
+    RefResult r;
+    r.y.resize(x.size());
+    r.dx.resize(x.size());
+    r.dB.resize(Bm.size());
+    r.dC.resize(Cm.size());
+    r.ddt.resize(dt.size());
+    r.dbias.assign(H, 0.0);
+    r.dalog.assign(H, 0.0);
+    r.dD.assign(H, 0.0);
+    for (int b = 0; b < B; b++) {
+        for (int t0 = 0; t0 < T;) {
+            int t1 = t0 + 1;
+            while (t1 < T && !(pos.size() && pos[(size_t)b * T + t1] == 0)) t1++;
+            const size_t r0 = (size_t)b * T + t0;
+            const int L = t1 - t0;
+            auto slice = [&](const std::vector<double>& v, int w) {
+                return std::vector<double>(v.begin() + r0 * w, v.begin() + (r0 + L) * w);
+            };
+            std::vector<double> xs = slice(x, HP), bs = slice(Bm, GN), cs = slice(Cm, GN), ds = slice(dt, H),
+                                dys = slice(dy, HP);
+            std::vector<double> ys(xs.size()), dxs(xs.size()), dbs(bs.size()), dcs(cs.size()), ddts(ds.size());
+            ref::ssd_forward(ys.data(), xs.data(), bs.data(), cs.data(), ds.data(), bias.data(), alog.data(), D.data(),
+                             1, L, H, P, G, N);
+            ref::ssd_backward(dxs.data(), dbs.data(), dcs.data(), ddts.data(), r.dbias.data(), r.dalog.data(),
+                              r.dD.data(), dys.data(), xs.data(), bs.data(), cs.data(), ds.data(), bias.data(),
+                              alog.data(), D.data(), 1, L, H, P, G, N);
+            std::copy(ys.begin(), ys.end(), r.y.begin() + r0 * HP);
+            std::copy(dxs.begin(), dxs.end(), r.dx.begin() + r0 * HP);
+            std::copy(dbs.begin(), dbs.end(), r.dB.begin() + r0 * GN);
+            std::copy(dcs.begin(), dcs.end(), r.dC.begin() + r0 * GN);
+            std::copy(ddts.begin(), ddts.end(), r.ddt.begin() + r0 * H);
+            t0 = t1;
+        }
+    }
+    return r;
+}
+
+// pos empty: no document boundaries (the kernels get pos = nullptr)
+static void check_ssd(int B, int T, int H, int G, int P, int N, int chunk, uint64_t seed,
+                      const std::vector<int>& pos = {}) {
+    INFO("B=" << B << " T=" << T << " H=" << H << " G=" << G << " P=" << P << " N=" << N << " chunk=" << chunk
+              << (pos.empty() ? "" : " with documents"));
     Rng rng(seed);
     const int HP = H * P, GN = G * N;
     // the model's layout: one row [x | B | C] (+ a gap), dt in a row of its own (+ a gap)
@@ -50,14 +118,7 @@ static void check_ssd(int B, int T, int H, int G, int P, int N, int chunk, uint6
     std::vector<float> g0(3 * H);
     for (auto& v : g0) v = (float)rng.normal();
 
-    // reference
-    std::vector<double> ry(BT * HP), rdx(BT * HP), rdB(BT * GN), rdC(BT * GN), rddt(BT * H);
-    std::vector<double> rdbias(H, 0.0), rdalog(H, 0.0), rdD(H, 0.0);
-    ref::ssd_forward(ry.data(), x.data(), Bm.data(), Cm.data(), dt.data(), dt_bias.data(), A_log.data(), D.data(), B,
-                     T, H, P, G, N);
-    ref::ssd_backward(rdx.data(), rdB.data(), rdC.data(), rddt.data(), rdbias.data(), rdalog.data(), rdD.data(),
-                      dy.data(), x.data(), Bm.data(), Cm.data(), dt.data(), dt_bias.data(), A_log.data(), D.data(),
-                      B, T, H, P, G, N);
+    const RefResult ref = reference(x, Bm, Cm, dt, dy, dt_bias, A_log, D, pos, B, T, H, P, G, N);
 
     // device
     const SSDShape sh{B, T, H, P, G, N, chunk};
@@ -67,12 +128,36 @@ static void check_ssd(int B, int T, int H, int G, int P, int N, int chunk, uint6
     bf16* d_bias = to_device(h_bias);
     bf16* d_alog = to_device(h_alog);
     bf16* d_D = to_device(h_D);
+    int* d_pos = pos.empty() ? nullptr : to_device(pos);
     bf16* d_y = cuda_malloc_n<bf16>(BT * HP, "y");
     bf16* d_grad = cuda_malloc_n<bf16>(BT * row, "dxbc");
     bf16* d_ddt = cuda_malloc_n<bf16>(BT * dt_stride, "ddt");
     float* d_pg = cuda_malloc_n<float>(3 * H, "param grads");
     void* saved = cuda_malloc(ssd_saved_bytes(sh), "saved");
-    void* scratch = cuda_malloc(ssd_scratch_bytes(sh), "scratch");
+    const size_t scratch_bytes = ssd_scratch_bytes(sh);
+    void* scratch = cuda_malloc(scratch_bytes, "scratch");
+
+    SSDInputs in;
+    in.x = d_xbc;
+    in.Bm = d_xbc + HP;
+    in.Cm = d_xbc + HP + GN;
+    in.dt = d_dt;
+    in.x_stride = in.bc_stride = row;
+    in.dt_stride = dt_stride;
+    in.dt_bias = d_bias;
+    in.A_log = d_alog;
+    in.D = d_D;
+    in.pos = d_pos;
+    SSDGrads gr;
+    gr.dx = d_grad;
+    gr.dB = d_grad + HP;
+    gr.dC = d_grad + HP + GN;
+    gr.ddt = d_ddt;
+    gr.dx_stride = gr.dbc_stride = row;
+    gr.ddt_stride = dt_stride;
+    gr.ddt_bias = d_pg;
+    gr.dA_log = d_pg + H;
+    gr.dD = d_pg + 2 * H;
 
     auto run = [&]() {
         Outputs o;
@@ -80,14 +165,11 @@ static void check_ssd(int B, int T, int H, int G, int P, int N, int chunk, uint6
         poison(d_grad, BT * row);
         poison(d_ddt, BT * dt_stride);
         cudaCheck(cudaMemcpy(d_pg, g0.data(), 3 * H * sizeof(float), cudaMemcpyHostToDevice));
-        poison_bytes(scratch, ssd_scratch_bytes(sh));
+        poison_bytes(scratch, scratch_bytes);
         poison_bytes(saved, ssd_saved_bytes(sh));
-        ssd_forward(d_y, saved, scratch, d_xbc, row, d_xbc + HP, d_xbc + HP + GN, row, d_dt, dt_stride, d_bias,
-                    d_alog, d_D, sh, 0);
-        poison_bytes(scratch, ssd_scratch_bytes(sh));  // backward must not rely on forward scratch
-        ssd_backward(d_grad, row, d_grad + HP, d_grad + HP + GN, row, d_ddt, dt_stride, d_pg, d_pg + H, d_pg + 2 * H,
-                     scratch, d_dy, d_xbc, row, d_xbc + HP, d_xbc + HP + GN, row, d_dt, dt_stride, d_bias, d_alog,
-                     d_D, saved, sh, 0);
+        ssd_forward(d_y, saved, scratch, in, sh, 0);
+        poison_bytes(scratch, scratch_bytes);  // the backward must not rely on the forward's scratch
+        ssd_backward(gr, scratch, d_dy, in, saved, sh, 0);
         cudaCheck(cudaDeviceSynchronize());
         o.y = to_host(d_y, BT * HP);
         o.xbc_grad = to_host(d_grad, BT * row);
@@ -100,14 +182,14 @@ static void check_ssd(int B, int T, int H, int G, int P, int N, int chunk, uint6
     // the gaps of the strided outputs are not written
     REQUIRE(nan_outside(o1.xbc_grad, BT, row, 0, HP + 2 * GN));
     REQUIRE(nan_outside(o1.ddt, BT, dt_stride, 0, H));
-    check_close("y", columns(o1.y, BT, HP, 0, HP), ry, kTol);
-    check_close("dx", columns(o1.xbc_grad, BT, row, 0, HP), rdx, kTol);
-    check_close("dB", columns(o1.xbc_grad, BT, row, HP, GN), rdB, kTol);
-    check_close("dC", columns(o1.xbc_grad, BT, row, HP + GN, GN), rdC, kTol);
-    check_close("ddt_raw", columns(o1.ddt, BT, dt_stride, 0, H), rddt, kTol);
-    check_close("ddt_bias", added(o1.pg, g0, 0, H), rdbias, kTol);
-    check_close("dA_log", added(o1.pg, g0, H, H), rdalog, kTol);
-    check_close("dD", added(o1.pg, g0, 2 * H, H), rdD, kTol);
+    check_close("y", columns(o1.y, BT, HP, 0, HP), ref.y, kTol);
+    check_close("dx", columns(o1.xbc_grad, BT, row, 0, HP), ref.dx, kTol);
+    check_close("dB", columns(o1.xbc_grad, BT, row, HP, GN), ref.dB, kTol);
+    check_close("dC", columns(o1.xbc_grad, BT, row, HP + GN, GN), ref.dC, kTol);
+    check_close("ddt_raw", columns(o1.ddt, BT, dt_stride, 0, H), ref.ddt, kTol);
+    check_close("ddt_bias", added(o1.pg, g0, 0, H), ref.dbias, kTol);
+    check_close("dA_log", added(o1.pg, g0, H, H), ref.dalog, kTol);
+    check_close("dD", added(o1.pg, g0, 2 * H, H), ref.dD, kTol);
 
     // determinism: the same inputs give the same bits
     Outputs o2 = run();
@@ -117,6 +199,7 @@ static void check_ssd(int B, int T, int H, int G, int P, int N, int chunk, uint6
     CHECK(same_bits(o1.pg, o2.pg));
 
     cuda_free_all({d_xbc, d_dt, d_dy, d_bias, d_alog, d_D, d_y, d_grad, d_ddt, d_pg, saved, scratch});
+    if (d_pos) cudaCheck(cudaFree(d_pos));
 }
 
 TEST_CASE("ssd forward/backward vs sequential reference, partial chunks", "[gpu][ssd]") {
@@ -141,13 +224,33 @@ TEST_CASE("ssd many heads per group (head slices of several heads)", "[gpu][ssd]
     const SSDShape sh{2, 4000, 16, 64, 1, 64, 256};
     REQUIRE(ssd::head_slices(sh) == 8);
     check_ssd(2, 4000, 16, 1, 64, 64, 256, 9);
+    // 32 heads on few tiles: 16 heads per slice (the most a slice takes), 2 slices
+    REQUIRE(ssd::head_slices(SSDShape{1, 100, 32, 32, 1, 64, 64}) == 2);
+    check_ssd(1, 100, 32, 1, 32, 64, 64, 10);
+}
+
+TEST_CASE("ssd document boundaries vs each document alone", "[gpu][ssd][docs]") {
+    Rng rng(77);
+    // random boundaries with documents shorter than a 64-row step and than a 256-row chunk; forced starts at
+    // the first and last row of a step, of a chunk, and at the last position of the sequence
+    check_ssd(2, 600, 4, 2, 64, 128, 256, 11, make_pos(2, 600, 1.0 / 40, {63, 64, 255, 256, 599}, rng));
+    // many short documents (a few tokens each), one group of several heads
+    check_ssd(2, 300, 4, 1, 32, 64, 64, 12, make_pos(2, 300, 1.0 / 5, {1, 299}, rng));
+    // a few long documents spanning chunks, head slices of several heads
+    check_ssd(1, 1500, 16, 1, 64, 64, 256, 13, make_pos(1, 1500, 0.0, {300, 301, 1100}, rng));
+    // a boundary at the very start of the only chunk and at the last position
+    check_ssd(3, 37, 4, 1, 64, 128, 128, 14, make_pos(3, 37, 0.1, {36}, rng));
+    // every token its own document: no state ever passes
+    check_ssd(1, 130, 4, 2, 64, 64, 64, 15, make_pos(1, 130, 1.0, {}, rng));
+    // one document per row given explicitly: the same as no boundaries
+    check_ssd(2, 700, 4, 2, 32, 128, 256, 16, make_pos(2, 700, 0.0, {}, rng));
+    // two head slices of 10 heads: the per-slice dB/dC and W partials with boundaries
+    REQUIRE(ssd::head_slices(SSDShape{1, 520, 20, 32, 1, 64, 128}) == 2);
+    check_ssd(1, 520, 20, 1, 32, 64, 128, 17, make_pos(1, 520, 0.01, {300}, rng));
 }
 
 TEST_CASE("ssd rejects unsupported shapes", "[gpu][ssd]") {
-    auto fwd = [](SSDShape sh) {
-        ssd_forward(nullptr, nullptr, nullptr, nullptr, 0, nullptr, nullptr, 0, nullptr, 0, nullptr, nullptr, nullptr,
-                    sh, 0);
-    };
+    auto fwd = [](SSDShape sh) { ssd_forward(nullptr, nullptr, nullptr, SSDInputs{}, sh, 0); };
     REQUIRE_THROWS(fwd(SSDShape{1, 64, 4, 48, 1, 64, 256}));   // P
     REQUIRE_THROWS(fwd(SSDShape{1, 64, 4, 64, 1, 96, 256}));   // N
     REQUIRE_THROWS(fwd(SSDShape{1, 64, 4, 64, 1, 64, 100}));   // chunk
