@@ -1441,28 +1441,3 @@ inline void ssd_backward(const SSDGrads& g, void* scratch, const bf16* dy, const
     ssd::dispatch<ssd::Backward>(sh, in.pos != nullptr, g, scratch, dy, in, saved, sh, s);
 }
 
-// The launchers on argument structs (what the model calls)
-struct SSDInputs {
-    const bf16 *x, *Bm, *Cm;
-    const bf16* dt;
-    int x_stride, bc_stride, dt_stride;
-    const bf16 *dt_bias, *A_log, *D;
-    const int* pos = nullptr;
-};
-struct SSDGrads {
-    bf16 *dx, *dB, *dC, *ddt;
-    int dx_stride, dbc_stride, ddt_stride;
-    float *ddt_bias, *dA_log, *dD;
-};
-inline void ssd_forward(bf16* y, void* saved, void* scratch, const SSDInputs& in, const SSDShape& sh, cudaStream_t s) {
-    if (in.pos) THROW("ssd_forward: document boundaries are not supported yet");
-    ssd_forward(y, saved, scratch, in.x, in.x_stride, in.Bm, in.Cm, in.bc_stride, in.dt, in.dt_stride, in.dt_bias,
-                in.A_log, in.D, sh, s);
-}
-inline void ssd_backward(const SSDGrads& g, void* scratch, const bf16* dy, const SSDInputs& in, const void* saved,
-                         const SSDShape& sh, cudaStream_t s) {
-    if (in.pos) THROW("ssd_backward: document boundaries are not supported yet");
-    ssd_backward(g.dx, g.dx_stride, g.dB, g.dC, g.dbc_stride, g.ddt, g.ddt_stride, g.ddt_bias, g.dA_log, g.dD, scratch,
-                 dy, in.x, in.x_stride, in.Bm, in.Cm, in.bc_stride, in.dt, in.dt_stride, in.dt_bias, in.A_log, in.D,
-                 saved, sh, s);
-}

@@ -12,16 +12,18 @@
 # anchors (the anchor scripts; their log is ANCHOR_LOG for the benchmarks), models, sft, default.
 set -uo pipefail
 if [ "${1:-}" = prepare ]; then  # on the development machine
-  make -j2 build/test_gpu train_mamba finetune_mamba prepare_data $(ls dev/bench_*.cu | sed 's/\.cu$//') || exit 1
+  make -j2 build/test_gpu build/hf_logits train_mamba finetune_mamba prepare_data convert_hf \
+    $(ls dev/bench_*.cu | sed 's/\.cu$//') || exit 1
   rm -rf devbin && mkdir -p devbin/bundle
-  cp build/test_gpu train_mamba finetune_mamba prepare_data dev/bench_* devbin/bundle/ && rm devbin/bundle/*.cu
+  cp build/test_gpu build/hf_logits train_mamba finetune_mamba prepare_data convert_hf dev/bench_* devbin/bundle/ &&
+    rm devbin/bundle/*.cu devbin/bundle/*.cpp devbin/bundle/*.sh
   if [ -n "${2:-}" ]; then
     rm -rf /tmp/mamba_base && git worktree add -f /tmp/mamba_base "$2" >/dev/null && (cd /tmp/mamba_base && make -j2 train_mamba) &&
       cp /tmp/mamba_base/train_mamba devbin/bundle/train_mamba_before
     git worktree remove --force /tmp/mamba_base
   fi
   strip devbin/bundle/*
-  for l in libicuuc.so.72 libicudata.so.72; do cp -L /usr/lib/x86_64-linux-gnu/$l devbin/bundle/; done
+  for l in libicuuc.so.72 libicudata.so.72 libsentencepiece.so.0; do cp -L /usr/lib/x86_64-linux-gnu/$l devbin/bundle/; done
   (cd devbin && tar cf - bundle | xz -T2 -6 > bundle.tar.xz && rm -rf bundle)
   ls -la devbin
   exit 0
@@ -36,8 +38,8 @@ while [ $# -gt 0 ]; do
   s=$1; shift
   case $s in
     unpack) nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
-            (cd devbin && tar xJf bundle.tar.xz) && cp $B/train_mamba* $B/finetune_mamba $B/prepare_data . &&
-              mkdir -p build && cp $B/test_gpu build/ && for b in $B/bench_*; do cp $b dev/; done ;;
+            (cd devbin && tar xJf bundle.tar.xz) && cp $B/train_mamba* $B/finetune_mamba $B/prepare_data $B/convert_hf . &&
+              mkdir -p build && cp $B/test_gpu $B/hf_logits build/ && for b in $B/bench_*; do cp $b dev/; done ;;
     anchor-build) (cd anchors && for a in anchor_strong scan_anchor; do
                      setsid nohup python3 $a.py --build-only > "$OUT/build_$a.log" 2>&1 < /dev/null &
                    done) ;;
