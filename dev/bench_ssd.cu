@@ -12,6 +12,7 @@
 #include <random>
 #include <string>
 #include <vector>
+#include "flags.h"
 #include "ssd.cuh"
 #include "test/ref/ssd.h"
 #include "dev/anchors.h"
@@ -230,12 +231,10 @@ int main(int argc, char** argv) {
     try {
         std::string only;
         int iters = 30;
-        for (int i = 1; i < argc; i++) {
-            const std::string a = argv[i];
-            if (a == "--shape" && i + 1 < argc) only = argv[++i];
-            else if (a == "--iters" && i + 1 < argc) iters = (int)flag_long(a, argv[++i]);
-            else THROW("usage: bench_ssd [--shape bench|370m|2.7b|T1024|T512] [--iters N]");
-        }
+        Flags f("usage: bench_ssd [flags]");
+        f.add({"--shape"}, &only, "NAME", "one shape only: bench, 370m, 2.7b, T1024 or T512");
+        f.add({"--iters"}, &iters, "N", "timed repetitions", Range::at_least(1));
+        if (!f.parse(argc, argv).empty()) THROW("bench_ssd takes no positional arguments (see --help)");
         std::vector<std::pair<Shape, Result>> done;
         for (const Shape& s : kShapes)
             if (only.empty() || only == s.name) done.push_back({s, run_shape(s, iters)});
