@@ -202,16 +202,17 @@ TEST_CASE("rmsnorm: forward (output and the kept xhat), apply, backward from xha
         rmsnorm_backward(dx.d, dxb.d, dw.d, scratch.d, dout.d, xh.d, w.d, rstd.d, rows, C, 0);
         cudaCheck(cudaDeviceSynchronize());
         out.down(); xh.down(); again.down(); rstd.down(); dx.down(); dxb.down(); dw.down();
+        const std::vector<double> xd = x.dbl(), xhd = xh.dbl();
         std::vector<double> ro((size_t)rows * C), rr(rows), rxh((size_t)rows * C);
-        ref::rmsnorm_forward(ro.data(), rr.data(), x.dbl().data(), w.dbl().data(), rows, C, 1e-5);
-        for (size_t i = 0; i < rxh.size(); i++) rxh[i] = x.dbl()[i] * rr[i / C];
+        ref::rmsnorm_forward(ro.data(), rr.data(), xd.data(), w.dbl().data(), rows, C, 1e-5);
+        for (size_t i = 0; i < rxh.size(); i++) rxh[i] = xd[i] * rr[i / C];
         CHECK(rel_l2(out.dbl(), ro) < kTolBf16);
-        CHECK(rel_l2(xh.dbl(), rxh) < kTolBf16);
+        CHECK(rel_l2(xhd, rxh) < kTolBf16);
         CHECK(rel_l2(rstd.dbl(), rr) < kTolFp32);
         CHECK(std::memcmp(again.h.data(), out.h.data(), out.h.size() * sizeof(bf16)) == 0);  // the same bits
         // the backward sees the input the forward kept: x = xhat / rstd, with the kernel's rstd
         std::vector<double> xk((size_t)rows * C), rk = rstd.dbl(), rdx = dx0, rdw = dw0;
-        for (size_t i = 0; i < xk.size(); i++) xk[i] = xh.dbl()[i] / rk[i / C];
+        for (size_t i = 0; i < xk.size(); i++) xk[i] = xhd[i] / rk[i / C];
         ref::rmsnorm_backward(rdx.data(), rdw.data(), dout.dbl().data(), xk.data(), w.dbl().data(), rk.data(), rows, C);
         CHECK(rel_l2(dx.dbl(), rdx) < kTolFp32);
         CHECK(rel_l2(dxb.dbl(), rdx) < kTolBf16);
