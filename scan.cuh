@@ -57,6 +57,7 @@ constexpr int TT_F = 8;       // forward time tile
 constexpr int TT_B = 4;       // backward time tile (its decays and states are cached in registers)
 constexpr float LOG2E = 1.4426950408889634f, LN2 = 0.6931471805599453f;
 constexpr unsigned FULL = 0xffffffffu;
+constexpr int SMEM_MAX = 227 * 1024;  // dynamic shared memory a block may take (sm_90)
 
 // bytes of dB/dC block partials per backward slab (tests shrink it with ScopedPartialBudget)
 inline size_t partial_budget = (size_t)192 << 20;
@@ -350,12 +351,16 @@ fwd_kernel(bf16* out, float* saved, const ScanInputs in, int T, int D, int N) {
 }
 
 template <class L, int TT>
-constexpr size_t fwd_smem() { return (2 * L::DT + 2 * FwdStage<L, TT>::FLOATS) * sizeof(float); }
+constexpr size_t fwd_smem() {
+    constexpr size_t bytes = (2 * L::DT + 2 * FwdStage<L, TT>::FLOATS) * sizeof(float);
+    static_assert(bytes <= SMEM_MAX, "forward tile too large");
+    return bytes;
+}
 
-template <class L>
+template <class L, int TT = TT_F>
 inline void launch_fwd(bf16* out, void* saved, const ScanInputs& in, const ScanShape& sh, cudaStream_t s) {
-    constexpr size_t smem = fwd_smem<L, TT_F>();
-    auto k = fwd_kernel<L, TT_F>;
+    constexpr size_t smem = fwd_smem<L, TT>();
+    auto k = fwd_kernel<L, TT>;
     cudaCheck(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
     dim3 grid((sh.D + L::DT - 1) / L::DT, sh.B);
     k<<<grid, L::THREADS, smem, s>>>(out, (float*)saved, in, sh.T, sh.D, sh.N);
@@ -412,6 +417,7 @@ struct BwdSmem {  // offsets in floats
     static constexpr int bias = 0, Dk = L::DT, hb = 2 * L::DT, stage = hb + HB, red = stage + 2 * BwdStage<L, TT>::FLOATS;
     static constexpr int total = red + 2 * RED;
     static_assert(HB >= 2 * L::THREADS * L::DPT, "the epilogue's per-lane partials fit where pass 1's states were");
+    static_assert(total * sizeof(float) <= SMEM_MAX, "backward shared memory too large");
 };
 
 template <class L, int TT>
@@ -780,11 +786,12 @@ inline BwdScratch bwd_scratch(const ScanShape& sh, void* base) {
     return BwdScratch(sh, nblk, slab_chunks(sh, nblk) * CK, base);
 }
 
-template <class L>
+// (dev/bench_scan times other layouts and tiles through L and TT)
+template <class L, int TT = TT_B>
 inline void launch_bwd(const ScanGrads& g, void* scratch, const bf16* dout, const ScanInputs& in, const void* saved,
                        const ScanShape& sh, cudaStream_t s) {
-    constexpr size_t smem = BwdSmem<L, TT_B>::total * sizeof(float);
-    auto k = bwd_kernel<L, TT_B>;
+    constexpr size_t smem = BwdSmem<L, TT>::total * sizeof(float);
+    auto k = bwd_kernel<L, TT>;
     cudaCheck(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
     const int nck = nchunks(sh), nblk = (sh.D + L::DT - 1) / L::DT, cps = slab_chunks(sh, nblk);
     BwdArgs a{g, in, dout, (const float*)saved, bwd_scratch<L>(sh, scratch), sh.B, sh.T, sh.D, sh.N, 0, 0, cps * CK, 0};
@@ -811,11 +818,12 @@ inline void launch_bwd(const ScanGrads& g, void* scratch, const bf16* dout, cons
 // configurations
 
 // NPT states and DPT channels a thread, G lanes a channel group (the smallest power of two >= 2 covering N);
-// the backward takes 8 warps where a warp holds few channels (fewer dB/dC block partials)
+// the backward takes 8 warps where a warp holds few channels (fewer dB/dC block partials) if its shared
+// memory allows (N <= 128)
 template <int NPT, int DPT, int G>
 struct Config {
     using Fwd = Layout<NPT, DPT, G, 4>;
-    using Bwd = Layout<NPT, DPT, G, (G >= 16 ? 8 : 4)>;
+    using Bwd = Layout<NPT, DPT, G, (G >= 16 && NPT == 4 ? 8 : 4)>;
 };
 
 inline void check_shape(const ScanShape& sh) {
@@ -826,7 +834,7 @@ inline void check_shape(const ScanShape& sh) {
 // calls f(Config<...>{}) for N
 template <typename F>
 inline void dispatch(int N, F&& f) {
-    if (N <= 8) f(Config<4, 2, 2>{});  // N < 8 padded: one lane a channel group would hold 256 channels a block
+    if (N <= 8) f(Config<4, 2, 2>{});  // N < 8 padded (one lane a group would make 256-channel blocks)
     else if (N <= 16) f(Config<4, 2, 4>{});
     else if (N <= 32) f(Config<4, 2, 8>{});
     else if (N <= 64) f(Config<4, 2, 16>{});
