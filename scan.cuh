@@ -21,9 +21,10 @@
 //   outputs itself; sums over channels (dB, dC) run in-thread over DPT, across the warp's channel groups
 //   by the same butterfly, across warps in shared memory, across blocks in scratch (a fixed-order pass).
 // The forward saves the state at the start of every CK-step chunk (fp32, `saved`). The backward walks
-// chunks in reverse: pass 1 recomputes the states at the chunk's TT-step tile starts (into shared memory),
-// pass 2 takes the tiles in reverse, recomputes each tile's decays and decayed states into registers and
-// runs the reverse recurrence for dh. Long sequences are processed in slabs of whole chunks (last first)
+// chunks in reverse: pass 1 recomputes the states at the chunk's TT-step tile starts (into shared memory;
+// it needs only dt, u, B, so its tiles are 2 TT steps long in the same prefetch registers, enough work to
+// hide the loads), pass 2 takes the tiles in reverse, recomputes each tile's decays and decayed states
+// into registers and runs the reverse recurrence for dh. Long sequences are processed in slabs of whole chunks (last first)
 // so the dB/dC block partials stay bounded; the dh carry and the parameter partials pass between slabs
 // through scratch. No atomics: every rerun gives the same bits. All state and accumulation is fp32.
 #pragma once
@@ -193,39 +194,66 @@ __device__ void load_A2(float (&A2)[L::DPT][L::NPT], const bf16* A_log, int d0, 
 // ----------------------------------------------------------------------------------------------
 // tile loads
 
-// The inputs of time tile [t0, t0 + TT) for a block's channels [d0, d0 + DT), into registers: every load is
-// issued before any value is used, so they are in flight while the previous tile computes. Item i = tid +
-// e THREADS is step i / DT, channel i % DT of the (TT, DT) tile and step i / NP, state i % NP of the
-// (TT, NP) tile; zero outside the sequence, the channels and the states. `full` = false loads only what the
-// state recurrence needs (dt, u, pos, B); BWD adds dy.
-template <int TT, int DT, int NP, int THREADS, bool BWD>
+// Inputs of time tiles for a block's channels [d0, d0 + DT), loaded into registers: every load is issued
+// before any value is used, so they are in flight while the previous tile computes. A (TT, DT) slot holds
+// one tensor's (step, channel) items i = tid + e THREADS (step i / DT, channel i % DT); a (TT, NP) slot
+// one of B or C (step i / NP, state i % NP); zero outside the sequence, the channels and the states. The
+// forward fills dt, u, z and B, C; the backward's full tiles dt, u, z, dy and B, C; its light tiles (the
+// state recurrence only: dt, u, B) take two TT-step blocks in the same registers.
+template <int TT, int DT, int NP, int THREADS>
 struct TileLoad {
     static constexpr int EI = (TT * DT + THREADS - 1) / THREADS, EB = (TT * NP + THREADS - 1) / THREADS;
-    bf16 dt[EI], u[EI], z[EI], dy[BWD ? EI : 1], B[EB], C[EB];
-    bool start[EI];
+    bf16 v[4][EI], w[2][EB];
+    bool start[2][EI];  // the row starts a document
 
-    __device__ void load(const ScanInputs& in, const bf16* dout, int b, int t0, int d0, int T, int D, int N,
-                         bool full) {
-        const int tid = threadIdx.x;
-        const bf16 zero = __float2bfloat16(0.f);
+    __device__ static bool item(int e, int t0, int d0, int T, int D, int* t, int* d) {
+        const int i = threadIdx.x + e * THREADS;
+        *t = t0 + i / DT;
+        *d = d0 + i % DT;
+        return i < TT * DT && *t < T && *d < D;
+    }
+    __device__ void td(int slot, const bf16* x, int stride, int b, int t0, int d0, int T, int D) {
 #pragma unroll
         for (int e = 0; e < EI; e++) {
-            const int i = tid + e * THREADS, t = t0 + i / DT, d = d0 + i % DT;
-            const bool ok = i < TT * DT && t < T && d < D;
-            const size_t r = (size_t)b * T + t;
-            dt[e] = ok ? in.dt[r * in.dt_stride + d] : zero;
-            u[e] = ok ? in.u[r * in.u_stride + d] : zero;
-            z[e] = ok && full ? in.z[r * in.z_stride + d] : zero;
-            if constexpr (BWD) dy[e] = ok && full ? dout[r * D + d] : zero;
-            start[e] = ok && in.pos != nullptr && in.pos[r] == 0;
+            int t, d;
+            const bool ok = item(e, t0, d0, T, D, &t, &d);
+            v[slot][e] = ok ? x[((size_t)b * T + t) * stride + d] : __float2bfloat16(0.f);
         }
+    }
+    __device__ void starts(int blk, const int* pos, int b, int t0, int d0, int T, int D) {
+#pragma unroll
+        for (int e = 0; e < EI; e++) {
+            int t, d;
+            const bool ok = item(e, t0, d0, T, D, &t, &d);
+            start[blk][e] = ok && pos != nullptr && pos[(size_t)b * T + t] == 0;
+        }
+    }
+    __device__ void tn(int slot, const bf16* x, int stride, int b, int t0, int T, int N) {
 #pragma unroll
         for (int e = 0; e < EB; e++) {
-            const int i = tid + e * THREADS, t = t0 + i / NP, n = i % NP;
+            const int i = threadIdx.x + e * THREADS, t = t0 + i / NP, n = i % NP;
             const bool ok = i < TT * NP && t < T && n < N;
-            const size_t r = ((size_t)b * T + t) * in.bc_stride + n;
-            B[e] = ok ? in.Bm[r] : zero;
-            C[e] = ok && full ? in.Cm[r] : zero;
+            w[slot][e] = ok ? x[((size_t)b * T + t) * stride + n] : __float2bfloat16(0.f);
+        }
+    }
+    // the forward's and the backward's full tiles (dout: the backward's dy, or nullptr)
+    __device__ void full(const ScanInputs& in, const bf16* dout, int b, int t0, int d0, int T, int D, int N) {
+        td(0, in.dt, in.dt_stride, b, t0, d0, T, D);
+        td(1, in.u, in.u_stride, b, t0, d0, T, D);
+        td(2, in.z, in.z_stride, b, t0, d0, T, D);
+        if (dout) td(3, dout, D, b, t0, d0, T, D);
+        starts(0, in.pos, b, t0, d0, T, D);
+        tn(0, in.Bm, in.bc_stride, b, t0, T, N);
+        tn(1, in.Cm, in.bc_stride, b, t0, T, N);
+    }
+    // the backward's light tiles: [t0, t0 + 2 TT)
+    __device__ void light(const ScanInputs& in, int b, int t0, int d0, int T, int D, int N) {
+#pragma unroll
+        for (int blk = 0; blk < 2; blk++) {
+            td(2 * blk, in.dt, in.dt_stride, b, t0 + blk * TT, d0, T, D);
+            td(2 * blk + 1, in.u, in.u_stride, b, t0 + blk * TT, d0, T, D);
+            starts(blk, in.pos, b, t0 + blk * TT, d0, T, D);
+            tn(blk, in.Bm, in.bc_stride, b, t0 + blk * TT, T, N);
         }
     }
 };
@@ -270,7 +298,7 @@ fwd_kernel(bf16* out, float* saved, const ScanInputs in, int T, int D, int N) {
 #pragma unroll
         for (int j = 0; j < NPT; j++) h[c][j] = 0.f;
 
-    TileLoad<TT, DT, NP, THREADS, false> ld;
+    TileLoad<TT, DT, NP, THREADS> ld;
     // converts the loaded tile starting at t0 into stage buffer `buf`
     auto stage = [&](int buf, int t0) {
         const FwdStage<L, TT> st(stage_base + buf * FwdStage<L, TT>::FLOATS);
@@ -279,9 +307,9 @@ fwd_kernel(bf16* out, float* saved, const ScanInputs in, int T, int D, int N) {
             const int i = p.tid + e * THREADS, cl = i % DT;
             if (i < TT * DT) {
                 const bool ok = t0 + i / DT < T && d0 + cl < D;
-                const float x = bf(ld.dt[e]) + s_bias[cl], u = bf(ld.u[e]), z = bf(ld.z[e]);
+                const float x = bf(ld.v[0][e]) + s_bias[cl], u = bf(ld.v[1][e]), z = bf(ld.v[2][e]);
                 const float de = ok ? softplus_e(x, exp_neg_abs(x)) : 0.f;
-                st.dec[i] = ld.start[e] ? INFINITY : de;
+                st.dec[i] = ld.start[0][e] ? INFINITY : de;
                 st.du[i] = de * u;
                 st.u[i] = u;
                 st.gate[i] = z * sigmoid_e(z, exp_neg_abs(z));
@@ -291,19 +319,19 @@ fwd_kernel(bf16* out, float* saved, const ScanInputs in, int T, int D, int N) {
         for (int e = 0; e < ld.EB; e++) {
             const int i = p.tid + e * THREADS;
             if (i < TT * NP) {
-                st.B[i] = bf(ld.B[e]);
-                st.C[i] = bf(ld.C[e]);
+                st.B[i] = bf(ld.w[0][e]);
+                st.C[i] = bf(ld.w[1][e]);
             }
         }
     };
-    ld.load(in, nullptr, b, 0, d0, T, D, N, true);
+    ld.full(in, nullptr, b, 0, d0, T, D, N);
     __syncthreads();  // s_bias
     stage(0, 0);
     __syncthreads();
 
     for (int t0 = 0, buf = 0; t0 < T; t0 += TT, buf ^= 1) {
         const bool more = t0 + TT < T;
-        if (more) ld.load(in, nullptr, b, t0 + TT, d0, T, D, N, true);
+        if (more) ld.full(in, nullptr, b, t0 + TT, d0, T, D, N);
         if (t0 % CK == 0) {
 #pragma unroll
             for (int c = 0; c < DPT; c++) {
@@ -398,8 +426,10 @@ struct BwdArgs {
     int c_lo, c_hi, slab_steps, first;  // this slab's chunks [c_lo, c_hi); first: the last slab in time
 };
 
-// a backward tile in shared memory: (TT, DT) delta, the decay's delta (+inf at a document start; the same
-// array without documents), delta u, dy silu(z), u, dy silu'(z), sigmoid(dt + dt_bias); (TT, NP) B, C
+// A backward tile in shared memory. Full (pass 2, TT steps): (TT, DT) delta, the decay's delta (+inf at a
+// document start; the same array without documents), delta u, dy silu(z), u, dy silu'(z), sigmoid(dt +
+// dt_bias); (TT, NP) B, C. Light (pass 1, 2 TT steps, in the same space): (2 TT, DT) the decay's delta and
+// delta u; (2 TT, NP) B.
 template <class L, int TT>
 struct BwdStage {
     static constexpr int FLOATS = 7 * TT * L::DT + 2 * TT * L::NP;
@@ -407,6 +437,11 @@ struct BwdStage {
     __device__ BwdStage(float* base, bool docs)
         : de(base), dec(docs ? de + TT * L::DT : de), du(de + 2 * TT * L::DT), dyp(du + TT * L::DT),
           u(dyp + TT * L::DT), gz(u + TT * L::DT), sig(gz + TT * L::DT), B(sig + TT * L::DT), C(B + TT * L::NP) {}
+};
+template <class L, int TT>
+struct LightStage {
+    float *dec, *du, *B;
+    __device__ explicit LightStage(float* base) : dec(base), du(base + 2 * TT * L::DT), B(base + 7 * TT * L::DT) {}
 };
 
 template <class L, int TT>
@@ -478,34 +513,54 @@ bwd_kernel(const BwdArgs a) {
         }
     };
 
-    TileLoad<TT, DT, NP, THREADS, true> ld;
-    auto stage = [&](int buf, int t0, bool full) {
+    TileLoad<TT, DT, NP, THREADS> ld;
+    auto stage_full = [&](int buf, int t0) {
         const BwdStage<L, TT> st(sm + SM::stage + buf * BwdStage<L, TT>::FLOATS, docs);
 #pragma unroll
         for (int e = 0; e < ld.EI; e++) {
             const int i = p.tid + e * THREADS, cl = i % DT;
             if (i < TT * DT) {
                 const bool ok = t0 + i / DT < T && d0 + cl < D;
-                const float x = bf(ld.dt[e]) + s_bias[cl], u = bf(ld.u[e]), ex = exp_neg_abs(x);
+                const float x = bf(ld.v[0][e]) + s_bias[cl], u = bf(ld.v[1][e]), ex = exp_neg_abs(x);
+                const float z = bf(ld.v[2][e]), dy = bf(ld.v[3][e]), sz = sigmoid_e(z, exp_neg_abs(z));
                 const float de = ok ? softplus_e(x, ex) : 0.f;
                 st.de[i] = de;
-                if (docs) st.dec[i] = ld.start[e] ? INFINITY : de;
+                if (docs) st.dec[i] = ld.start[0][e] ? INFINITY : de;
                 st.du[i] = de * u;
-                if (full) {
-                    const float z = bf(ld.z[e]), dy = bf(ld.dy[e]), sz = sigmoid_e(z, exp_neg_abs(z));
-                    st.dyp[i] = dy * z * sz;
-                    st.u[i] = u;
-                    st.gz[i] = dy * sz * (1.f + z * (1.f - sz));
-                    st.sig[i] = sigmoid_e(x, ex);
-                }
+                st.dyp[i] = dy * z * sz;
+                st.u[i] = u;
+                st.gz[i] = dy * sz * (1.f + z * (1.f - sz));
+                st.sig[i] = sigmoid_e(x, ex);
             }
         }
 #pragma unroll
         for (int e = 0; e < ld.EB; e++) {
             const int i = p.tid + e * THREADS;
             if (i < TT * NP) {
-                st.B[i] = bf(ld.B[e]);
-                if (full) st.C[i] = bf(ld.C[e]);
+                st.B[i] = bf(ld.w[0][e]);
+                st.C[i] = bf(ld.w[1][e]);
+            }
+        }
+    };
+    auto stage_light = [&](int buf, int t0) {
+        const LightStage<L, TT> st(sm + SM::stage + buf * BwdStage<L, TT>::FLOATS);
+#pragma unroll
+        for (int blk = 0; blk < 2; blk++) {
+#pragma unroll
+            for (int e = 0; e < ld.EI; e++) {
+                const int i = p.tid + e * THREADS, cl = i % DT;
+                if (i < TT * DT) {
+                    const bool ok = t0 + blk * TT + i / DT < T && d0 + cl < D;
+                    const float x = bf(ld.v[2 * blk][e]) + s_bias[cl];
+                    const float de = ok ? softplus_e(x, exp_neg_abs(x)) : 0.f;
+                    st.dec[blk * TT * DT + i] = ld.start[blk][e] ? INFINITY : de;
+                    st.du[blk * TT * DT + i] = de * bf(ld.v[2 * blk + 1][e]);
+                }
+            }
+#pragma unroll
+            for (int e = 0; e < ld.EB; e++) {
+                const int i = p.tid + e * THREADS;
+                if (i < TT * NP) st.B[blk * TT * NP + i] = bf(ld.w[blk][e]);
             }
         }
     };
@@ -551,51 +606,68 @@ bwd_kernel(const BwdArgs a) {
         }
     };
 
-    // the tiles in order: chunks from last to first; in chunk c with nt tiles, position s < nt - 1 is pass 1
-    // over tile s, the rest pass 2 over tiles nt - 1 down to 0
+    // The tiles in order: chunks from last to first; chunk c has nt TT-step tiles. Pass 1 takes its first
+    // nt - 1 tiles in light tiles of two (positions s < nt / 2), pass 2 all of them from the last (the rest).
     auto ntile = [&](int c) { return (min(T, c * CK + CK) - c * CK + TT - 1) / TT; };
-    auto tile_t0 = [&](int c, int s, int nt) { return c * CK + (s < nt - 1 ? s : 2 * nt - 2 - s) * TT; };
+    auto is_pass2 = [&](int s, int nt) { return s >= nt / 2; };
+    auto tile_t0 = [&](int c, int s, int nt) { return c * CK + (is_pass2(s, nt) ? nt - 1 - (s - nt / 2) : 2 * s) * TT; };
+    auto load = [&](int c, int s, int nt) {
+        if (is_pass2(s, nt)) ld.full(in, a.dout, b, tile_t0(c, s, nt), d0, T, D, N);
+        else ld.light(in, b, tile_t0(c, s, nt), d0, T, D, N);
+    };
+    auto stage = [&](int buf, int c, int s, int nt) {
+        if (is_pass2(s, nt)) stage_full(buf, tile_t0(c, s, nt));
+        else stage_light(buf, tile_t0(c, s, nt));
+    };
 
     int c = a.c_hi - 1, s = 0, nt = ntile(c), buf = 0, pend_t0 = -1;
-    ld.load(in, a.dout, b, tile_t0(c, 0, nt), d0, T, D, N, nt == 1);
+    load(c, 0, nt);
     __syncthreads();  // s_bias
-    stage(0, tile_t0(c, 0, nt), nt == 1);
+    stage(0, c, 0, nt);
     load_state(c);
     __syncthreads();
     for (;;) {
-        const bool pass2 = s >= nt - 1;
-        const int k = pass2 ? 2 * nt - 2 - s : s, t0 = c * CK + k * TT;
+        const bool pass2 = is_pass2(s, nt);
+        const int t0 = tile_t0(c, s, nt), k = (t0 - c * CK) / TT;
         int cn = c, sn = s + 1, ntn = nt;
-        if (sn == 2 * nt - 1) {
+        if (sn == nt / 2 + nt) {
             cn = c - 1;
             sn = 0;
             ntn = cn >= a.c_lo ? ntile(cn) : 0;
         }
         const bool more = cn >= a.c_lo;
-        if (more) ld.load(in, a.dout, b, tile_t0(cn, sn, ntn), d0, T, D, N, sn >= ntn - 1);
+        if (more) load(cn, sn, ntn);
         if (pend_t0 >= 0) flush(buf ^ 1, pend_t0);
         pend_t0 = -1;
-        const BwdStage<L, TT> st(sm + SM::stage + buf * BwdStage<L, TT>::FLOATS, docs);
         if (!pass2) {
-            // pass 1: keep the tile's start state, run the recurrence through it
+            // pass 1 over tiles k and k + 1 (the latter unless it is the chunk's last): keep each tile's start
+            // state, run the recurrence through it
+            const LightStage<L, TT> st(sm + SM::stage + buf * BwdStage<L, TT>::FLOATS);
 #pragma unroll
-            for (int c2 = 0; c2 < DPT; c2++)
+            for (int blk = 0; blk < 2; blk++) {
+                if (k + blk < nt - 1) {
 #pragma unroll
-                for (int j = 0; j < NPT; j++) s_hb[(k * E + c2 * NPT + j) * THREADS + p.tid] = h[c2][j];
+                    for (int c2 = 0; c2 < DPT; c2++)
 #pragma unroll
-            for (int tl = 0; tl < TT; tl++) {
-                float dec[DPT], du[DPT], Bv[NPT];
-                lds<DPT>(dec, st.dec + tl * DT + p.cl0);
-                lds<DPT>(du, st.du + tl * DT + p.cl0);
-                lds<NPT>(Bv, st.B + tl * NP + p.g * NPT);
+                        for (int j = 0; j < NPT; j++) s_hb[((k + blk) * E + c2 * NPT + j) * THREADS + p.tid] = h[c2][j];
 #pragma unroll
-                for (int c2 = 0; c2 < DPT; c2++)
+                    for (int tl = blk * TT; tl < blk * TT + TT; tl++) {
+                        float dec[DPT], du[DPT], Bv[NPT];
+                        lds<DPT>(dec, st.dec + tl * DT + p.cl0);
+                        lds<DPT>(du, st.du + tl * DT + p.cl0);
+                        lds<NPT>(Bv, st.B + tl * NP + p.g * NPT);
 #pragma unroll
-                    for (int j = 0; j < NPT; j++) h[c2][j] = fmaf(ex2(dec[c2] * A2[c2][j]), h[c2][j], du[c2] * Bv[j]);
+                        for (int c2 = 0; c2 < DPT; c2++)
+#pragma unroll
+                            for (int j = 0; j < NPT; j++)
+                                h[c2][j] = fmaf(ex2(dec[c2] * A2[c2][j]), h[c2][j], du[c2] * Bv[j]);
+                    }
+                }
             }
         } else {
             // pass 2: forward through the tile caching decays a and decayed states q = a h_{t-1}, with
             // the C h sums (for dz) and the dC terms; then the reverse recurrence for dh
+            const BwdStage<L, TT> st(sm + SM::stage + buf * BwdStage<L, TT>::FLOATS, docs);
             if (k < nt - 1) {
 #pragma unroll
                 for (int c2 = 0; c2 < DPT; c2++)
@@ -674,7 +746,7 @@ bwd_kernel(const BwdArgs a) {
             }
             pend_t0 = t0;
         }
-        if (more) stage(buf ^ 1, tile_t0(cn, sn, ntn), sn >= ntn - 1);
+        if (more) stage(buf ^ 1, cn, sn, ntn);
         __syncthreads();
         if (!more) break;
         if (cn != c) load_state(cn);
