@@ -24,9 +24,10 @@
 // chunks in reverse: pass 1 recomputes the states at the chunk's TT-step tile starts (into shared memory;
 // it needs only dt, u, B, so its tiles are 2 TT steps long in the same prefetch registers, enough work to
 // hide the loads), pass 2 takes the tiles in reverse, recomputes each tile's decays and decayed states
-// into registers and runs the reverse recurrence for dh. Long sequences are processed in slabs of whole chunks (last first)
-// so the dB/dC block partials stay bounded; the dh carry and the parameter partials pass between slabs
-// through scratch. No atomics: every rerun gives the same bits. All state and accumulation is fp32.
+// into registers and runs the reverse recurrence for dh. Long sequences are processed in slabs of whole
+// chunks (last first) so the dB/dC block partials stay bounded; the dh carry and the parameter partials
+// pass between slabs through scratch. No atomics: every rerun gives the same bits. All state and
+// accumulation is fp32.
 #pragma once
 #include <algorithm>
 #include <cmath>
