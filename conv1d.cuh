@@ -2,6 +2,10 @@
 // may be slices of a wider buffer (the xBC part of Mamba-2's in_proj output):
 //   pre[b,t,c] = bias[c] + sum_k w[c,k] in[b, t-(K-1)+k, c]   (zero before t = 0)
 //   out = silu(pre)
+// With document boundaries (pos: per row its position in the document, 0 at a document start;
+// nullptr: one document a row) an input counts only from its own document: tap k (input t-k)
+// only when k <= pos[t]. Positions count up by one inside a document, so the kernels clear the
+// window where a document starts.
 // Both passes walk time: each lane holds VEC consecutive channels, each warp a run of rows,
 // and the last K inputs (and in the backward the last K pre-activation gradients) stay in
 // registers, so every tensor is read once from memory, with K-1 rows of halo per run.
@@ -34,9 +38,9 @@ struct ConvLane {
             #pragma unroll
             for (int e = 0; e < VEC; e++) x[k][e] = 0.0f;
     }
-    // row t's input enters the window; a new sequence (t_in_seq == 0) forgets the old one
-    __device__ void push(const Pack<bf16, VEC>& in, int t_in_seq) {
-        if (t_in_seq == 0) clear();
+    // row t's input enters the window; a new sequence or document forgets the old one
+    __device__ void push(const Pack<bf16, VEC>& in, bool restart) {
+        if (restart) clear();
         #pragma unroll
         for (int k = 0; k < K - 1; k++)
             #pragma unroll
@@ -56,6 +60,22 @@ struct ConvLane {
 // end of an earlier sequence and are never loaded)
 __device__ inline int conv_t_in_seq(int r, int T) { return ((r % T) + T) % T; }
 
+// bit u set: row r + u starts a document (CONV_STEP rows; rows outside [r_lo, r_hi) start none)
+template <bool DOCS>
+__device__ inline unsigned conv_doc_starts(const int* pos, int r, int r_lo, int r_hi) {
+    unsigned m = 0;
+    if constexpr (DOCS) {
+        #pragma unroll
+        for (int u = 0; u < CONV_STEP; u++)
+            if (r + u >= r_lo && r + u < r_hi && pos[r + u] == 0) m |= 1u << u;
+    }
+    return m;
+}
+
+// DOCS: with document boundaries, whose state costs the backward's VEC = 4 its second block an SM
+// unless the registers are capped
+constexpr int conv_min_blocks(bool docs, bool backward) { return docs ? (backward ? 2 : 3) : 1; }
+
 template <int VEC>
 __device__ inline Pack<bf16, VEC> conv_load(const bf16* p, bool valid) {
     Pack<bf16, VEC> pk;
@@ -66,30 +86,33 @@ __device__ inline Pack<bf16, VEC> conv_load(const bf16* p, bool valid) {
     return pk;
 }
 
-template <int K, int VEC>
-__global__ void __launch_bounds__(32 * CONV_WARPS)
+template <int K, int VEC, bool DOCS>
+__global__ void __launch_bounds__(32 * CONV_WARPS, conv_min_blocks(DOCS, false))
 conv1d_silu_forward_kernel(bf16* __restrict__ out, const bf16* __restrict__ in, int in_stride,
-                           const bf16* __restrict__ w, const bf16* __restrict__ bias, int rows, int T, int C) {
+                           const bf16* __restrict__ w, const bf16* __restrict__ bias, const int* __restrict__ pos,
+                           int rows, int T, int C) {
     const int c0 = (blockIdx.x * 32 + threadIdx.x) * VEC;
     const int r0 = (blockIdx.y * CONV_WARPS + threadIdx.y) * CONV_FWD_ROWS, r1 = min(rows, r0 + CONV_FWD_ROWS);
     if (c0 >= C || r0 >= rows) return;
     ConvLane<K, VEC> lane;
     lane.load_taps(w, bias, c0);
     Pack<bf16, VEC> xs[CONV_STEP], xn[CONV_STEP];
-    auto load = [&](Pack<bf16, VEC>* buf, int t) {
+    unsigned ds, dn;  // document starts among the rows of xs, xn
+    auto load = [&](Pack<bf16, VEC>* buf, unsigned& starts, int t) {
         #pragma unroll
         for (int u = 0; u < CONV_STEP; u++)
             buf[u] = conv_load<VEC>(in + (size_t)(t + u) * in_stride + c0, t + u >= 0 && t + u < r1);
+        starts = conv_doc_starts<DOCS>(pos, t, 0, r1);
     };
     int tt = conv_t_in_seq(r0 - (K - 1), T);
-    load(xs, r0 - (K - 1));
+    load(xs, ds, r0 - (K - 1));
     for (int t = r0 - (K - 1); t < r1; t += CONV_STEP) {
-        load(xn, t + CONV_STEP);  // in flight while this step's rows are used
+        load(xn, dn, t + CONV_STEP);  // in flight while this step's rows are used
         #pragma unroll
         for (int u = 0; u < CONV_STEP; u++) {
             const int r = t + u;
             if (r >= r1) break;
-            lane.push(xs[u], tt);
+            lane.push(xs[u], tt == 0 || (ds >> u & 1));
             if (r >= r0) {
                 float o[VEC];
                 #pragma unroll
@@ -100,18 +123,21 @@ conv1d_silu_forward_kernel(bf16* __restrict__ out, const bf16* __restrict__ in, 
         }
         #pragma unroll
         for (int u = 0; u < CONV_STEP; u++) xs[u] = xn[u];
+        ds = dn;
     }
 }
 
-// Backward: dpre = dout * silu'(pre); din[s] = sum_k w[k] dpre[s+(K-1)-k] (within s's
-// sequence); dw[k] += dpre[t] in[t-(K-1)+k], dbias += dpre[t]. Block y is column-sum chunk
-// y (cuda_common.cuh); its warps split the chunk's rows into runs, and their weight
+// Backward: dpre = dout * silu'(pre); din[s] = sum_k w[k] dpre[s+(K-1)-k] over the rows of s's
+// sequence and document (no sequence or document start in rows s+1 .. s+(K-1)-k);
+// dw[k] += dpre[t] in[t-(K-1)+k] (the window cleared as in the forward), dbias += dpre[t]. Block y is column-sum
+// chunk y (cuda_common.cuh); its warps split the chunk's rows into runs, and their weight
 // gradients are summed in warp order into the chunk's partial.
-template <int K, int VEC>
-__global__ void __launch_bounds__(32 * CONV_WARPS)
+template <int K, int VEC, bool DOCS>
+__global__ void __launch_bounds__(32 * CONV_WARPS, conv_min_blocks(DOCS, true))
 conv1d_silu_backward_kernel(bf16* __restrict__ din, int din_stride, float* __restrict__ partial,
                             const bf16* __restrict__ dout, const bf16* __restrict__ in, int in_stride,
-                            const bf16* __restrict__ w, const bf16* __restrict__ bias, int rows, int T, int C) {
+                            const bf16* __restrict__ w, const bf16* __restrict__ bias, const int* __restrict__ pos,
+                            int rows, int T, int C) {
     __shared__ float red[CONV_WARPS][K + 1][32 * VEC];
     const int c0 = (blockIdx.x * 32 + threadIdx.x) * VEC;
     int p0, p1;
@@ -123,6 +149,7 @@ conv1d_silu_backward_kernel(bf16* __restrict__ din, int din_stride, float* __res
         ConvLane<K, VEC> lane;
         lane.load_taps(w, bias, c0);
         float dq[K][VEC] = {};  // dq[j] = dpre[t - (K-1) + j]
+        unsigned restarts = 0;  // DOCS: bit j set when row t - (K-1) + j starts a sequence or document
         const int t_end = r1 + K - 1;  // din of the run's last row needs dpre K-1 rows further on
         int tt = conv_t_in_seq(r0 - (K - 1), T);
         for (int t = r0 - (K - 1); t < t_end; t += CONV_STEP) {
@@ -135,11 +162,14 @@ conv1d_silu_backward_kernel(bf16* __restrict__ din, int din_stride, float* __res
                 xs[u] = conv_load<VEC>(in + (size_t)r * in_stride + c0, valid);
                 gs[u] = conv_load<VEC>(dout + (size_t)r * C + c0, valid && r >= r0);
             }
+            const unsigned ds = conv_doc_starts<DOCS>(pos, t, 0, min(rows, t_end));
             #pragma unroll
             for (int u = 0; u < CONV_STEP; u++) {
                 const int r = t + u;
                 if (r >= t_end) break;
-                lane.push(xs[u], tt);
+                const bool restart = tt == 0 || (ds >> u & 1);
+                lane.push(xs[u], restart);
+                if constexpr (DOCS) restarts = restarts >> 1 | (unsigned)restart << (K - 1);
                 #pragma unroll
                 for (int j = 0; j < K - 1; j++)
                     #pragma unroll
@@ -157,13 +187,15 @@ conv1d_silu_backward_kernel(bf16* __restrict__ din, int din_stride, float* __res
                 const int s = r - (K - 1);
                 if (s >= r0) {
                     const int ts = s % T;
+                    // row s+j is in s's sequence, and with DOCS no restart lies in rows s+1 .. s+j (bits 1 .. j)
+                    auto same_doc = [&](int j) { return DOCS ? (restarts & ((2u << j) - 2)) == 0 : ts + j < T; };
                     float d[VEC];
                     #pragma unroll
                     for (int e = 0; e < VEC; e++) {
                         d[e] = 0.0f;
                         #pragma unroll
                         for (int j = 0; j < K; j++)
-                            if (ts + j < T) d[e] += lane.w[K - 1 - j][e] * dq[j][e];
+                            if (same_doc(j)) d[e] += lane.w[K - 1 - j][e] * dq[j][e];
                     }
                     store_vec<VEC>(din + (size_t)s * din_stride + c0, d);
                 }
@@ -192,13 +224,14 @@ conv1d_silu_backward_kernel(bf16* __restrict__ din, int din_stride, float* __res
 constexpr int CONV_MAX_VEC = 4;
 
 template <int K, int MAX_VEC = CONV_MAX_VEC>
-inline void conv1d_silu_forward_k(bf16* out, const bf16* in, int in_stride, const bf16* w, const bf16* bias, int B,
-                                  int T, int C, cudaStream_t s) {
+inline void conv1d_silu_forward_k(bf16* out, const bf16* in, int in_stride, const bf16* w, const bf16* bias,
+                                  const int* pos, int B, int T, int C, cudaStream_t s) {
     const int rows = B * T;
     vec_dispatch<MAX_VEC>(vec_width(MAX_VEC, sizeof(bf16), {out, in}, {C, in_stride}), [&](auto V) {
         constexpr int v = decltype(V)::value;
         dim3 grid(ceil_div(C, 32 * v), ceil_div(rows, CONV_WARPS * CONV_FWD_ROWS));
-        conv1d_silu_forward_kernel<K, v><<<grid, dim3(32, CONV_WARPS), 0, s>>>(out, in, in_stride, w, bias, rows, T, C);
+        auto k = pos ? conv1d_silu_forward_kernel<K, v, true> : conv1d_silu_forward_kernel<K, v, false>;
+        k<<<grid, dim3(32, CONV_WARPS), 0, s>>>(out, in, in_stride, w, bias, pos, rows, T, C);
     });
     cudaCheckLast();
 }
@@ -206,14 +239,14 @@ inline void conv1d_silu_forward_k(bf16* out, const bf16* in, int in_stride, cons
 template <int K, int MAX_VEC = CONV_MAX_VEC>
 inline void conv1d_silu_backward_k(bf16* din, int din_stride, float* dweight, float* dbias, float* scratch,
                                    const bf16* dout, const bf16* in, int in_stride, const bf16* w, const bf16* bias,
-                                   int B, int T, int C, cudaStream_t s) {
+                                   const int* pos, int B, int T, int C, cudaStream_t s) {
     const int rows = B * T;
     const int vec = vec_width(MAX_VEC, sizeof(bf16), {din, dout, in}, {C, in_stride, din_stride});
     vec_dispatch<MAX_VEC>(vec, [&](auto V) {
         constexpr int v = decltype(V)::value;
         dim3 grid(ceil_div(C, 32 * v), COLSUM_CHUNKS);
-        conv1d_silu_backward_kernel<K, v><<<grid, dim3(32, CONV_WARPS), 0, s>>>(din, din_stride, scratch, dout, in,
-                                                                              in_stride, w, bias, rows, T, C);
+        auto k = pos ? conv1d_silu_backward_kernel<K, v, true> : conv1d_silu_backward_kernel<K, v, false>;
+        k<<<grid, dim3(32, CONV_WARPS), 0, s>>>(din, din_stride, scratch, dout, in, in_stride, w, bias, pos, rows, T, C);
     });
     cudaCheckLast();
     colsum_finalize<K + 1>(scratch,
@@ -236,17 +269,17 @@ inline size_t conv1d_backward_scratch_floats(int B, int T, int C, int K) {
         default: THROW("conv1d: width %d is not supported (2, 3 or 4)", K);        \
     }
 
-inline void conv1d_silu_forward(bf16* out, const bf16* in, int in_stride, const bf16* weight, const bf16* bias, int B,
-                                int T, int C, int K, cudaStream_t s) {
-#define CALL(KK) conv1d_silu_forward_k<KK>(out, in, in_stride, weight, bias, B, T, C, s)
+inline void conv1d_silu_forward(bf16* out, const bf16* in, int in_stride, const bf16* weight, const bf16* bias,
+                                const int* pos, int B, int T, int C, int K, cudaStream_t s) {
+#define CALL(KK) conv1d_silu_forward_k<KK>(out, in, in_stride, weight, bias, pos, B, T, C, s)
     CONV1D_DISPATCH(K, CALL)
 #undef CALL
 }
 
 inline void conv1d_silu_backward(bf16* din, int din_stride, float* dweight, float* dbias, float* scratch,
                                  const bf16* dout, const bf16* in, int in_stride, const bf16* weight, const bf16* bias,
-                                 int B, int T, int C, int K, cudaStream_t s) {
-#define CALL(KK) conv1d_silu_backward_k<KK>(din, din_stride, dweight, dbias, scratch, dout, in, in_stride, weight, bias, B, T, C, s)
+                                 const int* pos, int B, int T, int C, int K, cudaStream_t s) {
+#define CALL(KK) conv1d_silu_backward_k<KK>(din, din_stride, dweight, dbias, scratch, dout, in, in_stride, weight, bias, pos, B, T, C, s)
     CONV1D_DISPATCH(K, CALL)
 #undef CALL
 }

@@ -187,7 +187,7 @@ struct Mamba2Block : BlockBase {
                 c.w(dt_bias), c.w(A_log), c.w(D), c.pos};
     }
     void conv(const Ctx& c, const LayerActs& a, cudaStream_t s) const {
-        conv1d_silu_forward(c.conv_out, xBC(a.in_out), dip, c.w(conv_w), c.w(conv_b), c.B, c.T, cd, K, s);
+        conv1d_silu_forward(c.conv_out, xBC(a.in_out), dip, c.w(conv_w), c.w(conv_b), c.pos, c.B, c.T, cd, K, s);
     }
     void gate(const Ctx& c, const LayerActs& a, cudaStream_t s) const {
         gated_rmsnorm_forward(c.out_in, a.stats, a.y, z(a.in_out), dip, c.w(gate_norm), c.BT(), di, G, eps, s);
@@ -213,7 +213,7 @@ struct Mamba2Block : BlockBase {
         ssd_backward(g, c.mixer_scratch, c.dy, ssd_inputs(c, a), a.saved, shape_for(c.B, c.T), s);
         c.phase("conv1d bwd", s);
         conv1d_silu_backward(xBC(c.din), dip, c.grad(conv_w), c.grad(conv_b), c.norm_scratch, c.dconv_out,
-                             xBC(a.in_out), dip, c.w(conv_w), c.w(conv_b), c.B, c.T, cd, K, s);
+                             xBC(a.in_out), dip, c.w(conv_w), c.w(conv_b), c.pos, c.B, c.T, cd, K, s);
     }
 };
 
@@ -271,7 +271,7 @@ struct Mamba1Block : BlockBase {
                 c.w(dt_bias), c.w(A_log), c.w(D), c.pos};
     }
     void conv(const Ctx& c, const LayerActs& a, cudaStream_t s) const {
-        conv1d_silu_forward(c.conv_out, x(a.in_out), 2 * di, c.w(conv_w), c.w(conv_b), c.B, c.T, di, K, s);
+        conv1d_silu_forward(c.conv_out, x(a.in_out), 2 * di, c.w(conv_w), c.w(conv_b), c.pos, c.B, c.T, di, K, s);
     }
     void delta(const Ctx& c, const LayerActs& a, cudaStream_t s) const {
         matmul_forward(c.delta, dt(a.x_proj_out), c.w(dt_proj), c.BT(), di, R, MatmulStrides{xpd, di}, s);
@@ -300,7 +300,7 @@ struct Mamba1Block : BlockBase {
                         MatmulStrides{di, xpd, true}, s);
         c.phase("conv1d bwd", s);
         conv1d_silu_backward(x(c.din), 2 * di, c.grad(conv_w), c.grad(conv_b), c.norm_scratch, c.dconv_out,
-                             x(a.in_out), 2 * di, c.w(conv_w), c.w(conv_b), c.B, c.T, di, K, s);
+                             x(a.in_out), 2 * di, c.w(conv_w), c.w(conv_b), c.pos, c.B, c.T, di, K, s);
     }
 };
 

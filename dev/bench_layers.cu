@@ -1,5 +1,6 @@
 // Microbenchmarks of the memory-bound layers at Mamba-2 370M's shapes (B*T = 16384,
-// d_model 1024, d_inner 2048, conv_dim 2304, vocab 50304): causal conv1d + SiLU, the gated
+// d_model 1024, d_inner 2048, conv_dim 2304, vocab 50304): causal conv1d + SiLU (also with
+// document boundaries: many short documents, a few long ones), the gated
 // grouped RMSNorm, RMSNorm and the fused classifier, forward and backward. Each is first
 // checked against the double reference on a slice of rows, then timed (cudaEvents, median of
 // 50 after warmup) and reported in GB/s against the device-to-device copy ceiling measured
@@ -7,6 +8,7 @@
 #include <algorithm>
 #include <functional>
 #include <random>
+#include <string>
 #include <vector>
 #include "conv1d.cuh"
 #include "norm.cuh"
@@ -74,7 +76,22 @@ int main() {
     float* dw = cuda_malloc_n<float>((size_t)cd * K, "dw");
     float* db = cuda_malloc_n<float>(cd, "db");
     float* scratch = cuda_malloc_n<float>(conv1d_backward_scratch_floats(B, T, cd, K), "scratch");
-    conv1d_silu_forward(out, in, dip, w, bias, B, T, cd, K, 0);
+    // document positions: lengths uniform in [1, 2 mean - 1]
+    auto doc_positions = [&](int mean) {
+        std::vector<int> h((size_t)BT);
+        for (int b = 0; b < B; b++)
+            for (int t = 0, p = 0, left = 0; t < T; t++, p++, left--) {
+                if (left == 0) left = 1 + (int)(rng() % (2 * mean - 1)), p = 0;
+                h[(size_t)b * T + t] = p;
+            }
+        return h;
+    };
+    const std::vector<int> h_short = doc_positions(64), h_long = doc_positions(1024);
+    int* pos_short = cuda_malloc_n<int>(BT, "positions");
+    int* pos_long = cuda_malloc_n<int>(BT, "positions");
+    cudaCheck(cudaMemcpy(pos_short, h_short.data(), BT * sizeof(int), cudaMemcpyHostToDevice));
+    cudaCheck(cudaMemcpy(pos_long, h_long.data(), BT * sizeof(int), cudaMemcpyHostToDevice));
+    conv1d_silu_forward(out, in, dip, w, bias, nullptr, B, T, cd, K, 0);
     {   // check batch 0's first 64 steps: the causal conv sees nothing beyond them
         const int Tc = 64;
         std::vector<double> inc((size_t)Tc * cd), ref((size_t)Tc * cd);
@@ -84,19 +101,34 @@ int main() {
         double e = rel_err(out, ref, ref.size());
         printf("check conv1d forward: rel L2 %.2e %s\n", e, e < 1e-2 ? "ok" : "FAILED");
         if (!(e < 1e-2)) return 1;
+        // with short documents: the reference on each document of those steps as its own sequence
+        conv1d_silu_forward(out, in, dip, w, bias, pos_short, B, T, cd, K, 0);
+        for (int s0 = 0, e1 = 1; s0 < Tc; s0 = e1, e1 = s0 + 1) {
+            while (e1 < Tc && h_short[e1] != 0) e1++;
+            ref::conv1d_silu_forward(ref.data() + (size_t)s0 * cd, inc.data() + (size_t)s0 * cd, h_w.data(), h_b.data(),
+                                     1, e1 - s0, cd, K);
+        }
+        e = rel_err(out, ref, ref.size());
+        printf("check conv1d forward with documents: rel L2 %.2e %s\n", e, e < 1e-2 ? "ok" : "FAILED");
+        if (!(e < 1e-2)) return 1;
     }
     double bytes_fwd = (double)BT * cd * 2 * 2;       // read x, write out
     double bytes_bwd = (double)BT * cd * 2 * 3;       // read x and dout, write dx
-    report("conv1d+silu forward", median_ms([&] { conv1d_silu_forward(out, in, dip, w, bias, B, T, cd, K, 0); }), bytes_fwd);
-    report("conv1d+silu backward", median_ms([&] {
-        conv1d_silu_backward(din, dip, dw, db, scratch, dout, in, dip, w, bias, B, T, cd, K, 0); }), bytes_bwd);
+    const std::pair<const char*, const int*> docs[] = {{"", nullptr}, {", docs ~64", pos_short}, {", docs ~1024", pos_long}};
+    for (const auto& doc : docs) {
+        const int* pos = doc.second;
+        report((std::string("conv1d+silu forward") + doc.first).c_str(),
+               median_ms([&] { conv1d_silu_forward(out, in, dip, w, bias, pos, B, T, cd, K, 0); }), bytes_fwd);
+        report((std::string("conv1d+silu backward") + doc.first).c_str(), median_ms([&] {
+            conv1d_silu_backward(din, dip, dw, db, scratch, dout, in, dip, w, bias, pos, B, T, cd, K, 0); }), bytes_bwd);
+    }
     // the other channel-vector widths (the launchers default to CONV_MAX_VEC)
     report("  forward, 8 channels a lane", median_ms([&] {
-        conv1d_silu_forward_k<K, 8>(out, in, dip, w, bias, B, T, cd, 0); }), bytes_fwd);
+        conv1d_silu_forward_k<K, 8>(out, in, dip, w, bias, nullptr, B, T, cd, 0); }), bytes_fwd);
     report("  forward, 2 channels a lane", median_ms([&] {
-        conv1d_silu_forward_k<K, 2>(out, in, dip, w, bias, B, T, cd, 0); }), bytes_fwd);
+        conv1d_silu_forward_k<K, 2>(out, in, dip, w, bias, nullptr, B, T, cd, 0); }), bytes_fwd);
     report("  backward, 2 channels a lane", median_ms([&] {
-        conv1d_silu_backward_k<K, 2>(din, dip, dw, db, scratch, dout, in, dip, w, bias, B, T, cd, 0); }), bytes_bwd);
+        conv1d_silu_backward_k<K, 2>(din, dip, dw, db, scratch, dout, in, dip, w, bias, nullptr, B, T, cd, 0); }), bytes_bwd);
 
     // --- gated norm: y (BT, d_inner), z the first d_inner columns of the in_proj output
     std::vector<double> h_y, h_gw;

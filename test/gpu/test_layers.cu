@@ -254,10 +254,10 @@ TEST_CASE("gated rmsnorm: grouped, strided z, forward and backward", "[layers]")
     }
 }
 
-TEST_CASE("conv1d + SiLU: causal, strided, forward and backward, deterministic", "[layers]") {
-    // input stride and channels pick the vector width (forward up to 8, backward up to 4; 1 and 2
-    // for the odd ones); T = 1 and 3 put sequence starts inside one warp's run of rows, 2 x 1000
-    // makes runs of 4 rows (the chunks are 32 rows, 8 warps each)
+TEST_CASE("conv1d + SiLU: causal, strided, forward and backward, deterministic", "[layers][conv1d]") {
+    // input stride and channels pick the vector width (up to 4; 1 and 2 for the odd ones); T = 1
+    // and 3 put sequence starts inside one warp's run of rows, 2 x 1000 makes runs of 4 rows (the
+    // chunks are 32 rows, 8 warps each)
     for (auto [B, T, C, is, K] : {std::tuple{2, 37, 100, 140, 4}, std::tuple{1, 1, 24, 64, 4}, std::tuple{3, 300, 64, 104, 4},
                                   std::tuple{2, 45, 37, 77, 4}, std::tuple{2, 50, 70, 110, 4}, std::tuple{5, 3, 48, 48, 4},
                                   std::tuple{2, 1000, 64, 96, 4}, std::tuple{3, 41, 40, 48, 3}, std::tuple{2, 33, 16, 24, 2}}) {
@@ -269,8 +269,8 @@ TEST_CASE("conv1d + SiLU: causal, strided, forward and backward, deterministic",
         in.randn(); w.randn(0, 0.5); bias.randn(0, 0.5); dout.randn(); dw.randn(); db.randn();
         auto dw0 = dw.dbl(), db0 = db.dbl();
         out.poison(); din.poison();
-        conv1d_silu_forward(out.d, in.d, is, w.d, bias.d, B, T, C, K, 0);
-        conv1d_silu_backward(din.d, is, dw.d, db.d, scratch.d, dout.d, in.d, is, w.d, bias.d, B, T, C, K, 0);
+        conv1d_silu_forward(out.d, in.d, is, w.d, bias.d, nullptr, B, T, C, K, 0);
+        conv1d_silu_backward(din.d, is, dw.d, db.d, scratch.d, dout.d, in.d, is, w.d, bias.d, nullptr, B, T, C, K, 0);
         cudaCheck(cudaDeviceSynchronize());
         out.down(); din.down(); dw.down(); db.down();
         auto ic = in.cols(BT, is, C);
@@ -286,7 +286,77 @@ TEST_CASE("conv1d + SiLU: causal, strided, forward and backward, deterministic",
             for (int c = C; c < is; c++) REQUIRE(std::isnan(__bfloat162float(din.h[(size_t)r * is + c])));
         std::vector<float> first = dw.h;
         dw.h.assign(dw0.begin(), dw0.end()); dw.up();
-        conv1d_silu_backward(din.d, is, dw.d, db.d, scratch.d, dout.d, in.d, is, w.d, bias.d, B, T, C, K, 0);
+        conv1d_silu_backward(din.d, is, dw.d, db.d, scratch.d, dout.d, in.d, is, w.d, bias.d, nullptr, B, T, C, K, 0);
+        dw.down();
+        CHECK(dw.h == first);
+    }
+}
+
+// Positions in the document (0 at a start) of B rows of T: documents shorter than the conv width, a
+// warp's run of rows and longer; a start at the last position of row 0; row 1 begins inside a document.
+static std::vector<int> conv_doc_positions(int B, int T) {
+    std::vector<int> pos((size_t)B * T);
+    for (int b = 0; b < B; b++) {
+        int p = b == 1 ? 5 : 0, left = 0;
+        for (int t = 0; t < T; t++) {
+            if (t > 0 && (left == 0 || (b == 0 && t == T - 1))) p = 0;
+            if (p == 0 || (b == 1 && t == 0)) {
+                const int kind = (int)(rng() % 10);
+                left = kind < 5 ? 1 + (int)(rng() % 3) : kind < 8 ? 4 + (int)(rng() % 30) : 40 + (int)(rng() % 120);
+            }
+            pos[(size_t)b * T + t] = p++;
+            left--;
+        }
+    }
+    return pos;
+}
+
+TEST_CASE("conv1d + SiLU with document boundaries vs each document alone", "[layers][conv1d]") {
+    // vector widths 4, 2, 1 (and the 8-wide forward dev/bench_layers times), widths 4, 3, 2, runs of 4
+    // rows (2 x 1000) and one-row sequences
+    for (auto [B, T, C, is, K] : {std::tuple{3, 150, 64, 96, 4}, std::tuple{2, 77, 70, 110, 4}, std::tuple{2, 45, 37, 77, 4},
+                                  std::tuple{3, 41, 40, 48, 3}, std::tuple{2, 33, 16, 24, 2}, std::tuple{2, 1000, 64, 96, 4},
+                                  std::tuple{3, 1, 24, 64, 4}, std::tuple{2, 130, 128, 128, 4}}) {
+        INFO("B=" << B << " T=" << T << " C=" << C << " stride=" << is << " K=" << K);
+        const int BT = B * T;
+        const std::vector<int> pos = conv_doc_positions(B, T);
+        Buf<int> dpos(BT);
+        dpos.h = pos; dpos.up();
+        Buf<bf16> in((size_t)BT * is), w((size_t)C * K), bias(C), out((size_t)BT * C), dout((size_t)BT * C),
+            din((size_t)BT * is), out8((size_t)BT * C);
+        Buf<float> dw((size_t)C * K), db(C), scratch(conv1d_backward_scratch_floats(B, T, C, K));
+        in.randn(); w.randn(0, 0.5); bias.randn(0, 0.5); dout.randn(); dw.randn(); db.randn();
+        auto dw0 = dw.dbl(), db0 = db.dbl();
+        out.poison(); din.poison(); out8.poison();
+        conv1d_silu_forward(out.d, in.d, is, w.d, bias.d, dpos.d, B, T, C, K, 0);
+        conv1d_silu_backward(din.d, is, dw.d, db.d, scratch.d, dout.d, in.d, is, w.d, bias.d, dpos.d, B, T, C, K, 0);
+        if (K == 4) conv1d_silu_forward_k<4, 8>(out8.d, in.d, is, w.d, bias.d, dpos.d, B, T, C, 0);
+        cudaCheck(cudaDeviceSynchronize());
+        out.down(); din.down(); dw.down(); db.down(); out8.down();
+        // the reference on each document [s, e) of each row (s = 0 or pos[s] == 0) as its own sequence
+        const auto ic = in.cols(BT, is, C), dy = dout.dbl(), wd = w.dbl(), bd = bias.dbl();
+        std::vector<double> ro((size_t)BT * C), rdin((size_t)BT * C), rdw = dw0, rdb = db0;
+        for (int b = 0; b < B; b++)
+            for (int s0 = 0, e = 1; s0 < T; s0 = e, e = s0 + 1) {
+                while (e < T && pos[(size_t)b * T + e] != 0) e++;
+                const size_t o = ((size_t)b * T + s0) * C, n = (size_t)(e - s0) * C;
+                std::vector<double> x(ic.begin() + o, ic.begin() + o + n), g(dy.begin() + o, dy.begin() + o + n), y(n), dx(n);
+                ref::conv1d_silu_forward(y.data(), x.data(), wd.data(), bd.data(), 1, e - s0, C, K);
+                ref::conv1d_silu_backward(dx.data(), rdw.data(), rdb.data(), g.data(), x.data(), wd.data(), bd.data(), 1,
+                                          e - s0, C, K);
+                std::copy(y.begin(), y.end(), ro.begin() + o);
+                std::copy(dx.begin(), dx.end(), rdin.begin() + o);
+            }
+        CHECK(rel_l2(out.dbl(), ro) < kTolBf16);
+        CHECK(rel_l2(din.cols(BT, is, C), rdin) < kTolBf16);
+        CHECK(rel_l2(dw.dbl(), rdw) < kTolFp32);
+        CHECK(rel_l2(db.dbl(), rdb) < kTolFp32);
+        if (K == 4) CHECK(rel_l2(out8.dbl(), ro) < kTolBf16);
+        for (int r = 0; r < BT; r++)  // the gap beside the din slice is untouched
+            for (int c = C; c < is; c++) REQUIRE(std::isnan(__bfloat162float(din.h[(size_t)r * is + c])));
+        std::vector<float> first = dw.h;
+        dw.h.assign(dw0.begin(), dw0.end()); dw.up();
+        conv1d_silu_backward(din.d, is, dw.d, db.d, scratch.d, dout.d, in.d, is, w.d, bias.d, dpos.d, B, T, C, K, 0);
         dw.down();
         CHECK(dw.h == first);
     }
