@@ -369,11 +369,13 @@ static void run_bench(const Args& a, const Plan& p, Model& model, Trainer& train
     cudaCheck(cudaMemGetInfo(&free_b, &total_b));
     double tps = tokens_per_step / med;
     const int world = trainer.comm.world;
+    const RankMemory plan = rank_memory(model.layout, model.shard, a.opt.optimizer == "muon", model.sz.total_bytes);
     printf("bench: %s B=%d T=%d accum=%d%s%s on %d GPU(s): median step %.2f ms, %.0f tokens/s (%.0f per GPU), "
-           "MFU %.1f%%, device memory in use %.2f GiB, allocated %.2f GiB (rank 0; optimizer state %.2f GiB)\n",
+           "MFU %.1f%%, device memory in use %.2f GiB, allocated %.2f GiB (rank 0; its plan %.2f GiB; optimizer "
+           "state %.2f GiB)\n",
            p.cfg.name.c_str(), a.B, a.T, accum, a.recompute ? " recompute" : "", a.opt.optimizer == "muon" ? " muon" : "",
            world, med * 1e3, tps, tps / world, peak > 0 ? 100.0 * fpt * tps / peak : 0.0,
-           (total_b - free_b) / double(1 << 30), cuda_allocated_bytes() / double(1 << 30),
+           (total_b - free_b) / double(1 << 30), cuda_allocated_bytes() / double(1 << 30), plan.total() / double(1 << 30),
            trainer.state_bytes() / double(1 << 30));
     if (a.profile) {  // the events themselves add a little time: shares, not a second clock
         double sum = 0;
