@@ -38,6 +38,17 @@ inline std::vector<size_t> partition_ranges(const std::vector<std::pair<size_t, 
     return bounds;
 }
 
+// the same, cut at the given tensor ends only (every tensor whole)
+inline std::vector<size_t> partition_ranges(const std::vector<size_t>& tensor_ends, size_t total, int world) {
+    std::vector<std::pair<size_t, size_t>> whole;
+    size_t start = 0;
+    for (size_t e : tensor_ends) {
+        whole.push_back({start, e});
+        start = e;
+    }
+    return partition_ranges(whole, total, world);
+}
+
 // The ranks' ranges of a parameter buffer: every block matrix (Muon orthogonalises each whole)
 // is owned whole by one rank; the other tensors (AdamW's, element by element) may be cut, so
 // that the embedding and the LM head spread over several ranks when there are many
