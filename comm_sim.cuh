@@ -11,6 +11,7 @@
 // repeats bit for bit. The ranks' compute shares the default stream (cuBLAS repeats its results
 // bit for bit only with one stream active), their reductions overlap it on their own streams.
 #pragma once
+#include <chrono>
 #include <condition_variable>
 #include <exception>
 #include <functional>
@@ -19,6 +20,9 @@
 #include <thread>
 #include <vector>
 #include "comm.cuh"
+
+// thrown in the ranks that stop because another failed
+struct SimStopped {};
 
 struct SimWorld {
     enum Kind { SUM_DOUBLE, SUM_LONG, BARRIER, ALLREDUCE, ALL_GATHER, REDUCE_SCATTER };
@@ -64,6 +68,18 @@ struct SimWorld {
         for (cudaEvent_t e : arrived) cudaEventDestroy(e);
         cudaEventDestroy(done_ev);
         cudaStreamDestroy(work);
+    }
+
+    // rank r waits (lk held) for its turn; a failure elsewhere stops it, and so does a wait of
+    // a minute (the ranks' calls do not match: a deadlock), with a message for all
+    void await(std::unique_lock<std::mutex>& lk, int r) {
+        if (!cv.wait_for(lk, std::chrono::seconds(60), [&] { return turn == r || error; }) && !error) {
+            error = std::make_exception_ptr(std::runtime_error(strformat(
+                "simulated ranks: rank %d waited a minute for its turn (rank %d's); the ranks' collectives do not match",
+                r, turn)));
+            cv.notify_all();
+        }
+        if (error) throw SimStopped{};
     }
 
     // every rank's call is in: does the collective for all (the last rank's thread)
@@ -119,9 +135,6 @@ struct SimWorld {
     }
 };
 
-// thrown in the ranks that stop because another failed
-struct SimStopped {};
-
 struct SimComm : Comm {
     SimWorld& w;
     long seq = 0;
@@ -146,8 +159,7 @@ struct SimComm : Comm {
             w.turn = rank + 1;
         }
         w.cv.notify_all();
-        w.cv.wait(lk, [&] { return w.turn == rank || w.error; });
-        if (w.error) throw SimStopped{};
+        w.await(lk, rank);
     }
 
     double sum(double v) override {
@@ -212,8 +224,7 @@ inline void run_sim_ranks(int world, const std::function<void(Comm&)>& body) {
             try {
                 {
                     std::unique_lock<std::mutex> lk(w.mu);
-                    w.cv.wait(lk, [&] { return w.turn == r || w.error; });
-                    if (w.error) return;
+                    w.await(lk, r);
                 }
                 body(comm);
                 std::lock_guard<std::mutex> lk(w.mu);
