@@ -10,9 +10,12 @@
 //     that wrote it, and a checksum of the payload
 //   the payload: the loader state (raw bytes of DataLoader::State), float master[n], then
 //     each optimizer state array in the listed order
-// A run of W > 1 ranks (ZeRO-1) writes each rank's optimizer arrays to NAME.rankR-of-W
-// (the same layout: magic, JSON header, arrays) and lists none in the main file, whose
-// header records W; the main file is written last, after every rank's file.
+// A run of W > 1 ranks (ZeRO) writes each rank's part to NAME.rankR-of-W (the same layout:
+// magic, JSON header with "master": [begin, end), its range of the parameter buffer, then the
+// fp32 master weights of that range and the rank's optimizer arrays); the main file records W
+// and the ranks' ranges ("master_shards": [bounds...]) and holds the loader state only. It is
+// written last, after every rank's file. (Files from before the master weights were sharded
+// hold them whole in the main file; they still load.)
 // Files are written to NAME.tmp and renamed (a crash never leaves a torn checkpoint; a
 // failed write removes the .tmp). A reader checks the header's fields and types, the file's
 // size against them, and the checksum, and names the file in every error.
@@ -108,29 +111,38 @@ inline void write_atomic(const std::string& path, nlohmann::json h, const Parts&
     }
 }
 
-// Writes this rank's part of a checkpoint and returns the main file's path. With several
-// ranks, `barrier` runs between the ranks' optimizer files and rank 0's main file, and
-// `master` (the fp32 weights, needed on rank 0 only) must be complete there.
+// the ranks' ranges of a model's parameter buffer (zero.h)
+inline std::vector<size_t> checkpoint_bounds(const ModelConfig& cfg, int world) { return param_ranges(ParamLayout(cfg), world); }
+
+// Writes this rank's part of a checkpoint and returns the main file's path: `master` holds
+// the fp32 master weights of the rank's range (one rank: all of them). With several ranks,
+// `barrier` runs between the ranks' files and rank 0's main file.
 template <typename Barrier>
 inline std::string checkpoint_save(const std::string& dir, const TrainState& st, const std::vector<float>& master,
                                    const OptState& opt, const ModelConfig& cfg, int rank, int world, Barrier&& barrier) {
+    const std::vector<size_t> bounds = checkpoint_bounds(cfg, world);
+    if (master.size() != bounds[rank + 1] - bounds[rank])
+        THROW("checkpoint: rank %d of %d saves %zu master weights, its range holds %zu", rank, world, master.size(),
+              bounds[rank + 1] - bounds[rank]);
     std::filesystem::create_directories(dir);
     const std::string path = checkpoint_name(dir, st.step);
-    Parts arrays;
-    for (auto& [n, v] : opt) arrays.push_back({v.data(), v.size() * sizeof(float)});
+    Parts parts = {{master.data(), master.size() * sizeof(float)}};
+    for (auto& [n, v] : opt) parts.push_back({v.data(), v.size() * sizeof(float)});
     if (world > 1) {
         write_atomic(checkpoint_shard_name(path, rank, world),
-                     {{"rank", rank}, {"world", world}, {"step", st.step}, {"optimizer", opt_arrays(opt)}}, arrays);
+                     {{"rank", rank}, {"world", world}, {"step", st.step}, {"master", {bounds[rank], bounds[rank + 1]}},
+                      {"optimizer", opt_arrays(opt)}}, parts);
         barrier();
-        arrays.clear();
+        parts.clear();
     }
     if (rank == 0) {
         nlohmann::json h = {{"config", model_config_to_json(cfg)}, {"step", st.step}, {"tokens", st.tokens},
-                            {"num_params", master.size()}, {"loader_state_bytes", sizeof(st.loader)},
+                            {"num_params", bounds.back()}, {"loader_state_bytes", sizeof(st.loader)},
                             {"world", world}, {"optimizer", world > 1 ? nlohmann::json::array() : opt_arrays(opt)}};
+        if (world > 1) h["master_shards"] = bounds;
         if (st.has_mix) h["mix_loader"] = {st.mix_loader.epoch, st.mix_loader.position};
-        arrays.insert(arrays.begin(), {{&st.loader, sizeof(st.loader)}, {master.data(), master.size() * sizeof(float)}});
-        write_atomic(path, h, arrays);
+        parts.insert(parts.begin(), {&st.loader, sizeof(st.loader)});
+        write_atomic(path, h, parts);
     }
     barrier();  // no rank reads the checkpoint before it exists
     return path;
@@ -163,6 +175,8 @@ struct CheckpointFile {
     std::string path;
     nlohmann::json h;
     std::vector<std::pair<std::string, size_t>> arrays;  // optimizer arrays: name, floats
+    std::vector<size_t> shards;        // main file of several ranks: their ranges (empty: the master weights are here)
+    size_t master_begin = 0, master_end = 0;  // a rank's file: the range of its master weights (none: empty)
     FILE* f = nullptr;
     Checksum sum;
 
@@ -221,9 +235,31 @@ struct CheckpointFile {
         if (h.contains("mix_loader") && !(h["mix_loader"].is_array() && h["mix_loader"].size() == 2 &&
                                            h["mix_loader"][0].is_number_unsigned() && h["mix_loader"][1].is_number_unsigned()))
             bad("'mix_loader' must be [epoch, position]");
+        auto offsets = [&](const char* k) {
+            std::vector<size_t> v;
+            if (!h[k].is_array()) bad(strformat("'%s' must be a list of offsets", k));
+            for (auto& x : h[k]) {
+                if (!x.is_number_unsigned() || (!v.empty() && x.get<size_t>() < v.back()))
+                    bad(strformat("'%s' must be ascending offsets", k));
+                v.push_back(x.get<size_t>());
+            }
+            return v;
+        };
+        if (main && h.contains("master_shards")) {
+            shards = offsets("master_shards");
+            if (shards.size() != h["world"].get<size_t>() + 1 || shards.size() < 3 || shards.front() != 0 ||
+                shards.back() != h["num_params"].get<size_t>())
+                bad("'master_shards' must cut [0, num_params) into 'world' ranges");
+        }
+        if (!main && h.contains("master")) {
+            const std::vector<size_t> m = offsets("master");
+            if (m.size() != 2) bad("'master' must be [begin, end]");
+            master_begin = m[0];
+            master_end = m[1];
+        }
         // the file holds exactly what the header lists
-        size_t payload = 0;
-        if (main) payload += sizeof(DataLoader::State) + h["num_params"].get<size_t>() * sizeof(float);
+        size_t payload = (master_end - master_begin) * sizeof(float);
+        if (main) payload += sizeof(DataLoader::State) + (shards.empty() ? h["num_params"].get<size_t>() * sizeof(float) : 0);
         for (auto& a : arrays) payload += a.second * sizeof(float);
         const size_t expect = 16 + header_bytes + payload;
         const size_t have = std::filesystem::file_size(path);
@@ -252,9 +288,22 @@ inline ModelConfig checkpoint_config(const CheckpointFile& ck) {
     return c;
 }
 
+// A rank's file belongs to its main file: the same step and ranks, the rank's range
+inline void checkpoint_check_shard(const CheckpointFile& main, const CheckpointFile& shard, int rank) {
+    const size_t b = main.shards.empty() ? 0 : main.shards[rank], e = main.shards.empty() ? 0 : main.shards[rank + 1];
+    if (shard.h["step"] != main.h["step"] || shard.h["world"] != main.h["world"] || !shard.h.contains("rank") ||
+        shard.h["rank"] != rank || shard.master_begin != b || shard.master_end != e)
+        THROW("checkpoint '%s' does not belong to '%s' (its step %s, rank %s of %s, master weights [%zu, %zu); the main "
+              "file gives step %s, rank %d of %s, [%zu, %zu))", shard.path.c_str(), main.path.c_str(),
+              shard.h["step"].dump().c_str(), shard.h.value("rank", nlohmann::json()).dump().c_str(),
+              shard.h["world"].dump().c_str(), shard.master_begin, shard.master_end, main.h["step"].dump().c_str(), rank,
+              main.h["world"].dump().c_str(), b, e);
+}
+
 // The model config and fp32 master weights of a checkpoint file, and its step (fine-tuning
-// and generation start from these; the optimizer state is not read, the checksum is not
-// checked: it covers the arrays that are skipped).
+// and generation start from these; the master weights of several ranks are gathered from their
+// files; the optimizer state is not read, the checksums are not checked: they cover the arrays
+// that are skipped).
 inline std::vector<float> checkpoint_weights(const std::string& path, ModelConfig& cfg, int& step) {
     CheckpointFile ck(path, true);
     cfg = checkpoint_config(ck);
@@ -265,25 +314,40 @@ inline std::vector<float> checkpoint_weights(const std::string& path, ModelConfi
     DataLoader::State loader;
     ck.read(&loader, sizeof(loader));
     std::vector<float> master(n);
-    ck.read(master.data(), n * sizeof(float));
+    if (ck.shards.empty()) {
+        ck.read(master.data(), n * sizeof(float));
+        return master;
+    }
+    const int world = ck.h["world"].get<int>();
+    for (int r = 0; r < world; r++) {
+        CheckpointFile shard(checkpoint_shard_name(path, r, world), false);
+        checkpoint_check_shard(ck, shard, r);
+        shard.read(master.data() + ck.shards[r], (ck.shards[r + 1] - ck.shards[r]) * sizeof(float));
+    }
     return master;
 }
-
 // Checks that a checkpoint can resume this run (same model, ranks and optimizer set-up)
 // without loading it: train_mamba does this before it sets up the GPU.
 inline void checkpoint_check(const std::string& path, const ModelConfig& cfg, const ArraySizes& opt, int rank, int world) {
     CheckpointFile ck(path, true);
     const int saved_world = ck.h["world"].get<int>();
     if (saved_world != world)
-        THROW("checkpoint '%s' was written by %d rank(s), with the optimizer state sharded among them; resume it "
-              "with mpirun -np %d (this run has %d)", path.c_str(), saved_world, saved_world, world);
+        THROW("checkpoint '%s' was written by %d rank(s), with the master weights and optimizer state sharded among "
+              "them; resume it with mpirun -np %d (this run has %d)", path.c_str(), saved_world, saved_world, world);
     if (ck.h["config"] != model_config_to_json(cfg))
         THROW("checkpoint '%s' holds model %s, but this run builds %s", path.c_str(), ck.h["config"].dump().c_str(),
               model_config_to_json(cfg).dump().c_str());
     const size_t n = ck.h["num_params"].get<size_t>(), total = ParamLayout(cfg).total;
     if (n != total) THROW("checkpoint '%s' does not match this build (params %zu vs %zu)", path.c_str(), n, total);
     std::vector<std::pair<std::string, size_t>> have = ck.arrays;
-    if (world > 1) have = CheckpointFile(checkpoint_shard_name(path, rank, world), false).arrays;
+    if (world > 1) {
+        if (!ck.shards.empty() && ck.shards != checkpoint_bounds(cfg, world))
+            THROW("checkpoint '%s': its ranks' ranges %s are not this build's for %d ranks", path.c_str(),
+                  ck.h["master_shards"].dump().c_str(), world);
+        CheckpointFile shard(checkpoint_shard_name(path, rank, world), false);
+        checkpoint_check_shard(ck, shard, rank);
+        have = shard.arrays;
+    }
     std::string h, w;
     for (auto& [name, count] : have) h += name + "(" + std::to_string(count) + ") ";
     for (auto& [name, count] : opt) w += name + "(" + std::to_string(count) + ") ";
@@ -293,13 +357,15 @@ inline void checkpoint_check(const std::string& path, const ModelConfig& cfg, co
               h.c_str(), w.c_str());
 }
 
-// Loads a checkpoint to resume: the master weights (returned), the optimizer arrays into
-// `opt` (which has the names and sizes this run needs) and the training state.
+// Loads a checkpoint to resume rank `rank` of `world`: the master weights of its range
+// (returned; one rank: all), its optimizer arrays into `opt` (which has the names and sizes
+// this run needs) and the training state.
 inline std::vector<float> checkpoint_load(const std::string& path, TrainState& st, OptState& opt,
                                           const ModelConfig& cfg, int rank = 0, int world = 1) {
     ArraySizes sizes;
     for (auto& [name, v] : opt) sizes.push_back({name, v.size()});
     checkpoint_check(path, cfg, sizes, rank, world);
+    const std::vector<size_t> bounds = checkpoint_bounds(cfg, world);
     CheckpointFile ck(path, true);
     st = TrainState{};
     st.step = ck.h["step"].get<int>();
@@ -309,16 +375,23 @@ inline std::vector<float> checkpoint_load(const std::string& path, TrainState& s
         st.mix_loader = {ck.h["mix_loader"][0].get<uint64_t>(), ck.h["mix_loader"][1].get<uint64_t>()};
     }
     ck.read(&st.loader, sizeof(st.loader));
-    std::vector<float> master(ck.h["num_params"].get<size_t>());
-    ck.read(master.data(), master.size() * sizeof(float));
-    if (world > 1) {
-        ck.verify();
-        CheckpointFile shard(checkpoint_shard_name(path, rank, world), false);
-        for (auto& [name, v] : opt) shard.read(v.data(), v.size() * sizeof(float));
-        shard.verify();
-    } else {
+    std::vector<float> master(bounds[rank + 1] - bounds[rank]);
+    if (world == 1) {
+        ck.read(master.data(), master.size() * sizeof(float));
         for (auto& [name, v] : opt) ck.read(v.data(), v.size() * sizeof(float));
         ck.verify();
+        return master;
     }
+    CheckpointFile shard(checkpoint_shard_name(path, rank, world), false);
+    if (ck.shards.empty()) {  // written before the master weights were sharded: all of them here
+        std::vector<float> all(bounds.back());
+        ck.read(all.data(), all.size() * sizeof(float));
+        std::copy(all.begin() + bounds[rank], all.begin() + bounds[rank + 1], master.begin());
+    } else {
+        shard.read(master.data(), master.size() * sizeof(float));
+    }
+    ck.verify();
+    for (auto& [name, v] : opt) shard.read(v.data(), v.size() * sizeof(float));
+    shard.verify();
     return master;
 }

@@ -6,7 +6,7 @@
 // The loss is the mean cross-entropy over the response tokens only (the mask's 1s; prompt
 // targets are -1): sum over valid targets / their count in the optimizer step. Examples are
 // packed back to back, each its own document: nothing flows from one into the next. Each step goes
-// through the Trainer of train_mamba (trainer.cuh): AdamW or Muon + AdamW, ZeRO-1 over the
+// through the Trainer of train_mamba (trainer.cuh): AdamW or Muon + AdamW, ZeRO-2 over the
 // ranks. If the checkpoint's vocabulary lacks the tokenizer's special tokens (<|im_start|>,
 // <|im_end|>), the model is rebuilt with the larger vocabulary: every tensor copied by name,
 // the new embedding and LM-head rows set to the mean of the existing rows (session.cuh).
@@ -25,7 +25,7 @@
 #include "dataloader.h"
 #include "tokenizer.h"
 #include "checkpoint.cuh"
-#include "comm.cuh"
+#include "comm_nccl.cuh"
 #include "session.cuh"
 #include "data/sft.h"
 #include "hf.h"
@@ -217,7 +217,7 @@ static int run(const Args& a, Comm& comm) {
     printf("device: %s, %d SMs, %.1f GiB%s\n", prop.name, prop.multiProcessorCount,
            prop.totalGlobalMem / double(1 << 30), comm.multi() ? strformat("; %d ranks", comm.world).c_str() : "");
     matmul_init();
-    Model model(cfg);
+    Model model(cfg, comm.world, comm.rank, a.opt.bucket_elems());
     model.set_master(master);
     model.allocate(a.B, a.T);
     Trainer trainer(model, comm, a.opt, a.lr);
@@ -291,7 +291,7 @@ int main(int argc, char** argv) {
         fprintf(stderr, "error: %s\n", e.what());
         return 1;
     }
-    Comm comm;
+    NcclComm comm;
     comm.init(&argc, &argv);
     if (!comm.root() && !freopen("/dev/null", "w", stdout)) comm_abort("cannot silence stdout");  // rank 0 logs
     int rc = 0;

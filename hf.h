@@ -66,7 +66,16 @@ inline HfKind hf_kind_from_name(const std::string& s) {
 }
 
 // ---- JSON as Python writes it: bare NaN, Infinity and -Infinity (time_step_limit's
-// [0.0, Infinity]) are not JSON; they are read as the strings "NaN", "Infinity", "-Infinity".
+// [0.0, Infinity]) are not JSON; they are read as the strings "NaN", "Infinity", "-Infinity",
+// and so is transformers 5's encoding of them, {"__float__": "Infinity"}.
+inline void unwrap_py_floats(nlohmann::json& j) {
+    if (j.is_object() && j.size() == 1 && j.contains("__float__") && j["__float__"].is_string()) {
+        j = nlohmann::json(j["__float__"].get<std::string>());
+        return;
+    }
+    if (j.is_structured())
+        for (auto& v : j) unwrap_py_floats(v);
+}
 inline nlohmann::json parse_py_json(const std::string& text, const std::string& origin) {
     std::string s;
     s.reserve(text.size());
@@ -88,8 +97,10 @@ inline nlohmann::json parse_py_json(const std::string& text, const std::string& 
         if (!replaced) s += c;
     }
     try {
-        return nlohmann::json::parse(s);
-    } catch (const std::exception& e) {
+        nlohmann::json j = nlohmann::json::parse(s);
+        unwrap_py_floats(j);
+        return j;
+    } catch (const nlohmann::json::exception& e) {
         THROW("'%s' is not valid JSON: %s", origin.c_str(), e.what());
     }
 }

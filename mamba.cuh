@@ -20,6 +20,7 @@
 #include <vector>
 #include "model_config.h"  // ModelConfig, presets, JSON
 #include "params.h"        // ParamTable, TensorInfo: the flat parameter buffer
+#include "zero.h"          // Sharding, GradWalk, BucketPlan: ranks' ranges and gradient buckets
 #include "cuda_common.cuh" // bf16, cudaCheck, cuda_malloc
 #include "matmul.cuh"      // matmul_forward/backward (cuBLASLt)
 #include "embedding.cuh"   // embedding_forward/backward
@@ -92,7 +93,8 @@ struct PhaseTimer {
 // What a block's GPU methods work on: the weights, the gradients, the shared buffers.
 struct Ctx {
     const bf16* params = nullptr;  // bf16 compute copy
-    float* grads = nullptr;        // fp32 gradients (accumulated)
+    float* grads = nullptr;        // fp32 gradients (accumulated): the whole buffer, or the bucket arena
+    const BucketPlan* grad_buckets = nullptr;  // several ranks: where each tensor's gradient lives in the arena
     int B = 0, T = 0;
     const int* pos = nullptr;      // (BT) position in the document, or null: one document per row
     bf16 *out_in = nullptr, *dout_in = nullptr, *din = nullptr, *conv_out = nullptr, *dconv_out = nullptr,
@@ -103,7 +105,7 @@ struct Ctx {
 
     int BT() const { return B * T; }
     const bf16* w(size_t offset) const { return params + offset; }
-    float* grad(size_t offset) const { return grads + offset; }
+    float* grad(size_t offset) const { return grads + (grad_buckets ? grad_buckets->place(offset) : offset); }
     void phase(const char* name, cudaStream_t s) const { if (timer) timer->mark(name, s); }
 };
 
@@ -504,6 +506,18 @@ inline double flops_per_token(const ModelConfig& c, int T) {
 // ----------------------------------------------------------------------------
 // 3. The model on the GPU
 
+// The order in which Model::backward finishes the gradients (zero.h's GradWalk; its
+// grads_done marks must follow it): the final norm and an untied LM head, each block from the
+// last, the embedding; the forward writes the LM head's gradient (the embedding's when tied).
+inline GradWalk grad_walk(const ParamLayout& L) {
+    GradWalk w;
+    w.marks.push_back(L.final_norm);
+    for (int l = (int)L.blocks.size() - 1; l >= 0; l--) w.marks.push_back(L.block(l).norm);
+    w.marks.push_back(0);
+    w.forward = L.lm_head;
+    return w;
+}
+
 // One micro-batch of B x T tokens on the host, each array row-major (B, T).
 struct Batch {
     const int* inputs;
@@ -516,9 +530,13 @@ struct Batch {
 struct Model {
     ModelConfig cfg;
     ParamLayout layout;
-    float* master = nullptr;  // fp32 master weights
-    bf16* params = nullptr;   // bf16 compute copy, same offsets
-    float* grads = nullptr;   // fp32 gradients, same offsets
+    Sharding shard;             // this rank's range [shard.begin, shard.end) and gradient buckets
+    bf16* params = nullptr;     // bf16 compute copy of every parameter (offsets of the layout)
+    float* master = nullptr;    // fp32 master weights of the rank's range (master[0]: element shard.begin)
+    // where the backward accumulates the fp32 gradients: one rank, the whole buffer (the layout's
+    // offsets); several, the bucket arena (ctx.grad maps each offset to its bucket's place)
+    float* grads = nullptr;
+    float* grad_shard = nullptr;  // the rank's reduced gradients, as master (one rank: grads itself)
 
     // activations for the (B, T) given to allocate()
     int B = 0, T = 0;
@@ -537,36 +555,54 @@ struct Model {
     EmbeddingBuckets buckets;
     std::vector<void*> owned;       // every activation allocation, freed together
     PhaseTimer* timer = nullptr;    // set to time each phase
-    // Called by backward() as the gradients become final from the end of the buffer down:
-    // grads[lo, total) are done (queued on the stream); `last` at the end. Multi-GPU runs
-    // start reducing them while the backward goes on.
+    // Called by backward() as the gradients become final from the end of the buffer down, at
+    // grad_walk's marks: the gradients of [lo, total) are done (queued on the stream); `last` at
+    // the end. Several ranks reduce them while the backward goes on.
     std::function<void(size_t lo, bool last, cudaStream_t s)> grads_done;
 
-    explicit Model(const ModelConfig& c) : cfg(c), layout(c) {
-        master = cuda_malloc_n<float>(layout.total, "fp32 master weights");
+    // rank `rank` of `world` (ZeRO, zero.h); bucket_elems: the gradient buckets' least size
+    explicit Model(const ModelConfig& c, int world = 1, int rank = 0, size_t bucket_elems = 0)
+        : cfg(c), layout(c), shard(make_sharding(layout, grad_walk(layout), world, rank, bucket_elems)) {
         params = cuda_malloc_n<bf16>(layout.total, "bf16 weights");
-        grads = cuda_malloc_n<float>(layout.total, "fp32 gradients");
-        cudaCheck(cudaMemset(grads, 0, layout.total * sizeof(float)));
+        master = cuda_malloc_n<float>(shard.count(), "fp32 master weights");
+        const size_t grad_floats = shard.sharded() ? shard.buckets.arena : layout.total;
+        grads = cuda_malloc_n<float>(grad_floats, shard.sharded() ? "gradient buckets" : "fp32 gradients");
+        cudaCheck(cudaMemset(grads, 0, grad_floats * sizeof(float)));
+        grad_shard = shard.sharded() ? cuda_malloc_n<float>(shard.count(), "fp32 gradient shard") : grads;
     }
     Model(const Model&) = delete;
     Model& operator=(const Model&) = delete;
 
     ~Model() {
         for (void* p : {(void*)master, (void*)params, (void*)grads}) cudaFree(p);
+        if (grad_shard != grads) cudaFree(grad_shard);
         free_activations();
     }
 
-    // upload fp32 master weights from the host and refresh the bf16 copy
+    // upload fp32 master weights of every parameter from the host (the rank keeps its range)
+    // and refresh the whole bf16 copy
     void set_master(const std::vector<float>& host) {
         if (host.size() != layout.total) THROW("parameter count %zu != model's %zu", host.size(), layout.total);
+        cudaCheck(cudaMemcpy(master, host.data() + shard.begin, shard.count() * sizeof(float), cudaMemcpyHostToDevice));
+        upload_bf16(host.data(), 0, host.size());
+    }
+    // upload the master weights of the rank's range and refresh their bf16 copy (the other
+    // ranks' ranges come from their owners: Comm::all_gather)
+    void set_master_shard(const std::vector<float>& host) {
+        if (host.size() != shard.count())
+            THROW("master shard of %zu values, rank %d holds %zu", host.size(), shard.rank, shard.count());
         cudaCheck(cudaMemcpy(master, host.data(), host.size() * sizeof(float), cudaMemcpyHostToDevice));
-        std::vector<bf16> h16(host.size());
-        for (size_t i = 0; i < host.size(); i++) h16[i] = __float2bfloat16(host[i]);
-        cudaCheck(cudaMemcpy(params, h16.data(), h16.size() * sizeof(bf16), cudaMemcpyHostToDevice));
+        upload_bf16(host.data(), shard.begin, host.size());
+    }
+    void upload_bf16(const float* host, size_t offset, size_t n) {
+        std::vector<bf16> h16(n);
+        for (size_t i = 0; i < n; i++) h16[i] = __float2bfloat16(host[i]);
+        cudaCheck(cudaMemcpy(params + offset, h16.data(), n * sizeof(bf16), cudaMemcpyHostToDevice));
     }
 
+    // the fp32 master weights of the rank's range (one rank: all)
     std::vector<float> get_master() const {
-        std::vector<float> host(layout.total);
+        std::vector<float> host(shard.count());
         cudaCheck(cudaMemcpy(host.data(), master, host.size() * sizeof(float), cudaMemcpyDeviceToHost));
         return host;
     }
@@ -609,6 +645,7 @@ struct Model {
         ctx.B = B; ctx.T = T;
         ctx.params = params;
         ctx.grads = grads;
+        ctx.grad_buckets = shard.sharded() ? &shard.buckets : nullptr;
         ctx.out_in = alloc<bf16>(h.out_in, "out_proj input (recomputed)");
         ctx.dout_in = alloc<bf16>(h.dout_in, "out_proj input gradient");
         ctx.din = alloc<bf16>(h.din, "in_proj output gradient");
@@ -692,12 +729,12 @@ struct Model {
         const bf16* out_in = nullptr;
         visit(l, [&](const auto& blk) { out_in = blk.out_input(ctx, a); });
         phase("out_proj bwd", s);
-        matmul_backward(ctx.dout_in, grads + b.out_proj, dresid_bf16, out_in, w(b.out_proj), BT, d, b.out_width, s);
+        matmul_backward(ctx.dout_in, ctx.grad(b.out_proj), dresid_bf16, out_in, w(b.out_proj), BT, d, b.out_width, s);
         visit(l, [&](const auto& blk) { blk.backward(ctx, a, s); });
         phase("in_proj bwd", s);
-        matmul_backward(dxn, grads + b.in_proj, ctx.din, xn, w(b.in_proj), BT, b.in_width, d, s);
+        matmul_backward(dxn, ctx.grad(b.in_proj), ctx.din, xn, w(b.in_proj), BT, b.in_width, d, s);
         phase("rmsnorm bwd", s);
-        rmsnorm_backward(dresid, dresid_bf16, grads + b.norm, ctx.norm_scratch, dxn, xhat[l], w(b.norm), rstd[l], BT, d, s);
+        rmsnorm_backward(dresid, dresid_bf16, ctx.grad(b.norm), ctx.norm_scratch, dxn, xhat[l], w(b.norm), rstd[l], BT, d, s);
     }
 
     // The host's batches reach the device through two pinned staging buffers in turn: the
@@ -787,7 +824,7 @@ struct Model {
                              weighted ? d_weights + r0 : nullptr, dloss, z_loss, rows, cfg.vocab_size, Vp, dloss > 0, s);
             if (dloss > 0) {
                 phase("lm_head bwd", s);
-                matmul_backward(dxn + (size_t)r0 * d, grads + layout.lm_head, logits, xn + (size_t)r0 * d,
+                matmul_backward(dxn + (size_t)r0 * d, ctx.grad(layout.lm_head), logits, xn + (size_t)r0 * d,
                                 w(layout.lm_head), rows, Vp, d, s);
             }
         }
@@ -800,7 +837,7 @@ struct Model {
         // the forward left the gradient of the final norm's output in dxn
         phase("rmsnorm bwd", s);
         cudaCheck(cudaMemsetAsync(dresid, 0, (size_t)BT * d * sizeof(float), s));
-        rmsnorm_backward(dresid, dresid_bf16, grads + layout.final_norm, ctx.norm_scratch, dxn, xhat[L],
+        rmsnorm_backward(dresid, dresid_bf16, ctx.grad(layout.final_norm), ctx.norm_scratch, dxn, xhat[L],
                          w(layout.final_norm), rstd[L], BT, d, s);
         if (grads_done) grads_done(layout.final_norm, false, s);  // and an untied LM head, done in the forward
         for (int l = L - 1; l >= 0; l--) {
@@ -808,11 +845,15 @@ struct Model {
             if (grads_done) grads_done(layout.block(l).norm, false, s);
         }
         phase("embedding bwd", s);
-        embedding_backward(grads + layout.embedding, dresid, buckets, BT, d, s);
+        embedding_backward(ctx.grad(layout.embedding), dresid, buckets, BT, d, s);
         if (grads_done) grads_done(0, true, s);
     }
 
-    void zero_grad(cudaStream_t s = 0) { cudaCheck(cudaMemsetAsync(grads, 0, layout.total * sizeof(float), s)); }
+    // (several ranks zero each bucket as the backward reaches it: GradReducer)
+    void zero_grad(cudaStream_t s = 0) {
+        const size_t n = shard.sharded() ? shard.buckets.arena : layout.total;
+        cudaCheck(cudaMemsetAsync(grads, 0, n * sizeof(float), s));
+    }
 
     // The sum of the per-token losses of every forward (with targets) since the last call,
     // and the total back to zero: one host sync, once per optimizer step or evaluation.

@@ -21,7 +21,7 @@
 #include "dataloader.h"
 #include "tokenizer.h"
 #include "checkpoint.cuh"
-#include "comm.cuh"
+#include "comm_nccl.cuh"
 #include "session.cuh"
 #include "hf.h"
 
@@ -51,6 +51,8 @@ struct Args {
     std::string resume;
     std::string init_from, export_dir;     // Hugging Face / mamba_ssm directories (hf.h)
     bool bench = false, profile = false, dry_run = false, recompute = false;
+    int ranks = 0;         // --dry-run: plan memory for this many ranks (default: the run's)
+    double gpu_mem = 0;    // --dry-run: the device memory (GiB) the plan must fit in (0: not judged)
     int bench_steps = 20;
     long ramp_start = 0, ramp_tokens = 0;  // batch ramp-up (tokens per step at the start, ramp length)
     double spike_factor = 0;               // loss-spike recovery when > 0
@@ -139,6 +141,10 @@ static Args parse_args(int argc, char** argv) {
     f.flag({"--bench"}, &a.bench, "time --bench-steps steps on random tokens (no data, no checkpoints)");
     f.flag({"--profile"}, &a.profile, "with --bench: time of each phase (kernel family) per step");
     f.flag({"--dry-run"}, &a.dry_run, "check everything, print the model, parameter counts and memory; no GPU");
+    f.add({"--ranks"}, &a.ranks, "N", "with --dry-run: check and plan memory for N ranks (default: the run's)",
+          Range::at_least(1));
+    f.add({"--gpu-mem"}, &a.gpu_mem, "GiB", "with --dry-run: whether one rank's memory fits a GPU of this size\n(default: "
+          "not judged)", Range::above(0));
     std::vector<std::string> rest = f.parse(argc, argv);
     if (!rest.empty()) THROW("unexpected argument '%s' (see --help)", rest[0].c_str());
 
@@ -171,6 +177,9 @@ static Args parse_args(int argc, char** argv) {
     if (a.profile && !a.bench) THROW("--profile times the phases of --bench: add --bench");
     if (a.bench && a.dry_run) THROW("--bench and --dry-run exclude each other");
     if (a.bench && !a.export_dir.empty()) THROW("--export writes the trained model: not with --bench");
+    if ((f.given("--ranks") || f.given("--gpu-mem")) && !a.dry_run)
+        THROW("--ranks and --gpu-mem plan memory for --dry-run: add --dry-run (a run's ranks come from mpirun -np)");
+    if (!f.given("--ranks")) a.ranks = 0;
     return a;
 }
 
@@ -199,7 +208,36 @@ static ModelConfig model_config(const Args& a) {
     return c;
 }
 
-static void print_dry_run(const ModelConfig& c, const ParamLayout& layout, int B, int T, bool recompute, bool muon) {
+// What one rank allocates (zero.h's plan; with several ranks the rank that needs the most), and
+// whether it fits a GPU of gpu_gib GiB (0: not judged)
+static void print_memory(const ModelConfig& c, const ParamLayout& layout, int B, int T, bool recompute, bool muon,
+                         int world, size_t bucket_elems, double gpu_gib) {
+    const size_t act = activation_sizes(c, B, T, recompute).total_bytes;
+    const GradWalk walk = grad_walk(layout);
+    RankMemory m;
+    int worst = 0;
+    for (int r = 0; r < world; r++) {
+        const RankMemory x = rank_memory(layout, make_sharding(layout, walk, world, r, bucket_elems), muon, act);
+        if (r == 0 || x.total() > m.total()) { m = x; worst = r; }
+    }
+    const double G = 1 << 30;
+    printf("memory estimate for B=%d T=%d%s%s: parameters+grads %.2f GiB, optimizer state (%s) %.2f GiB, "
+           "activations %.2f GiB, total %.2f GiB\n", B, T, recompute ? " (recompute)" : "",
+           world > 1 ? strformat(" per rank of %d", world).c_str() : "", m.model() / G,
+           muon ? "AdamW m and v, Muon momentum" : "AdamW m and v", m.optimizer / G, m.activations / G, m.total() / G);
+    printf("  rank %d of %d: bf16 weights %.2f, gradient buckets %.2f, gradient shard %.2f, master weights %.2f, "
+           "optimizer state %.2f, optimizer workspace %.2f, activations %.2f: %.2f GiB, and about %.1f GiB of CUDA "
+           "context\n", worst, world, m.weights / G, m.grad_buckets / G, m.grad_shard / G, m.master / G, m.optimizer / G,
+           m.workspace / G, m.activations / G, m.total() / G, CUDA_CONTEXT_GIB);
+    if (gpu_gib > 0) {
+        const double need = m.total() / G + CUDA_CONTEXT_GIB;
+        printf("fits %g GiB: %s (%.2f GiB %s)\n", gpu_gib, need <= gpu_gib ? "yes" : "no", std::fabs(gpu_gib - need),
+               need <= gpu_gib ? "to spare" : "short");
+    }
+}
+
+static void print_dry_run(const ModelConfig& c, const ParamLayout& layout, int B, int T, bool recompute, bool muon,
+                          int world, size_t bucket_elems, double gpu_gib = 0) {
     printf("model: %s\n", c.name.c_str());
     printf("pattern: %s\n", c.pattern.c_str());
     int n[3] = {0, 0, 0};
@@ -221,13 +259,7 @@ static void print_dry_run(const ModelConfig& c, const ParamLayout& layout, int B
     for (auto& t : layout.tensors) per_kind[t.kind] += t.count;
     printf("params: %zu\n", layout.total);
     for (auto& kv : per_kind) printf("  %-10s %zu\n", kv.first.c_str(), kv.second);
-    const ActivationSizes s = activation_sizes(c, B, T, recompute);
-    const double pbytes = layout.total * (4.0 + 2 + 4);  // master, bf16 copy, grads
-    const double obytes = optimizer_state_bytes(layout, muon);
-    printf("memory estimate for B=%d T=%d%s: parameters+grads %.2f GiB, optimizer state (%s) %.2f GiB, "
-           "activations %.2f GiB, total %.2f GiB\n", B, T, recompute ? " (recompute)" : "", pbytes / (1 << 30),
-           muon ? "AdamW m and v, Muon momentum" : "AdamW m and v", obytes / (1 << 30), s.total_bytes / double(1 << 30),
-           (pbytes + obytes + s.total_bytes) / (1 << 30));
+    print_memory(c, layout, B, T, recompute, muon, world, bucket_elems, gpu_gib);
     printf("flops per token (fwd+bwd): %.3g\n", flops_per_token(c, T));
     fflush(stdout);
 }
@@ -264,15 +296,16 @@ struct Plan {
     std::string resume;  // the checkpoint file
 };
 
-static Plan make_plan(const Args& a, const Comm& comm) {
+// (rank `rank` of `world`: the data it reads, its part of the checkpoint to resume)
+static Plan make_plan(const Args& a, int rank, int world) {
     Plan p;
     p.cfg = model_config(a);
     const ParamLayout layout(p.cfg);
     // the batch sizes are global: every rank runs micro-batches of B x T
-    p.micro_tokens = (long)a.B * a.T * comm.world;
+    p.micro_tokens = (long)a.B * a.T * world;
     const long total_batch = a.total_batch > 0 ? a.total_batch : p.micro_tokens;
     if (total_batch % p.micro_tokens != 0)
-        THROW("--total-batch %ld is not a multiple of B*T*ranks = %d*%d*%d = %ld", total_batch, a.B, a.T, comm.world,
+        THROW("--total-batch %ld is not a multiple of B*T*ranks = %d*%d*%d = %ld", total_batch, a.B, a.T, world,
               p.micro_tokens);
     if (a.ramp_start > total_batch) THROW("--batch-ramp-start %ld exceeds --total-batch %ld", a.ramp_start, total_batch);
     p.unit_tokens = a.schedule_unit == "tokens";
@@ -301,17 +334,17 @@ static Plan make_plan(const Args& a, const Comm& comm) {
     }
     if (!skip("data", a.train_data, a.data_given, glob_sorted(a.train_data).empty())) {
         const int V = p.cfg.vocab_size;
-        p.train = std::make_unique<DataLoader>(a.train_data, a.B, a.T, comm.rank, comm.world, a.seed, true, V, p.eot);
+        p.train = std::make_unique<DataLoader>(a.train_data, a.B, a.T, rank, world, a.seed, true, V, p.eot);
         if (a.val_every > 0)
-            p.val = std::make_unique<DataLoader>(a.val_data, a.B, a.T, comm.rank, comm.world, a.seed, false, V, p.eot);
+            p.val = std::make_unique<DataLoader>(a.val_data, a.B, a.T, rank, world, a.seed, false, V, p.eot);
         if (!a.mix_data.empty())
-            p.mix = std::make_unique<DataLoader>(a.mix_data, a.B, a.T, comm.rank, comm.world, a.seed + 1, true, V, p.eot);
+            p.mix = std::make_unique<DataLoader>(a.mix_data, a.B, a.T, rank, world, a.seed + 1, true, V, p.eot);
     }
     if (!a.resume.empty()) {
         p.resume = checkpoint_resolve(a.resume);
-        const std::vector<size_t> bounds = param_ranges(layout, comm.world);
-        checkpoint_check(p.resume, p.cfg, optimizer_arrays(layout, a.opt.optimizer == "muon", bounds[comm.rank],
-                                                           bounds[comm.rank + 1]), comm.rank, comm.world);
+        const Sharding sh = make_sharding(layout, grad_walk(layout), world, rank, a.opt.bucket_elems());
+        checkpoint_check(p.resume, p.cfg, optimizer_arrays(layout, a.opt.optimizer == "muon", sh.begin, sh.end), rank,
+                         world);
     }
     return p;
 }
@@ -351,11 +384,13 @@ static void run_bench(const Args& a, const Plan& p, Model& model, Trainer& train
     cudaCheck(cudaMemGetInfo(&free_b, &total_b));
     double tps = tokens_per_step / med;
     const int world = trainer.comm.world;
+    const RankMemory plan = rank_memory(model.layout, model.shard, a.opt.optimizer == "muon", model.sz.total_bytes);
     printf("bench: %s B=%d T=%d accum=%d%s%s on %d GPU(s): median step %.2f ms, %.0f tokens/s (%.0f per GPU), "
-           "MFU %.1f%%, device memory in use %.2f GiB, allocated %.2f GiB (rank 0; optimizer state %.2f GiB)\n",
+           "MFU %.1f%%, device memory in use %.2f GiB, allocated %.2f GiB (rank 0; its plan %.2f GiB; optimizer "
+           "state %.2f GiB)\n",
            p.cfg.name.c_str(), a.B, a.T, accum, a.recompute ? " recompute" : "", a.opt.optimizer == "muon" ? " muon" : "",
            world, med * 1e3, tps, tps / world, peak > 0 ? 100.0 * fpt * tps / peak : 0.0,
-           (total_b - free_b) / double(1 << 30), cuda_allocated_bytes() / double(1 << 30),
+           (total_b - free_b) / double(1 << 30), cuda_allocated_bytes() / double(1 << 30), plan.total() / double(1 << 30),
            trainer.state_bytes() / double(1 << 30));
     if (a.profile) {  // the events themselves add a little time: shares, not a second clock
         double sum = 0;
@@ -369,10 +404,12 @@ static void run_bench(const Args& a, const Plan& p, Model& model, Trainer& train
 }
 
 static int run(const Args& a, Comm& comm) {
-    Plan p = make_plan(a, comm);
+    const int world = a.ranks > 0 ? a.ranks : comm.world;
+    Plan p = make_plan(a, a.ranks > 0 ? 0 : comm.rank, world);
     const ParamLayout layout(p.cfg);
     if (a.dry_run) {
-        print_dry_run(p.cfg, layout, a.B, a.T, a.recompute, a.opt.optimizer == "muon");
+        print_dry_run(p.cfg, layout, a.B, a.T, a.recompute, a.opt.optimizer == "muon", world, a.opt.bucket_elems(),
+                      a.gpu_mem);
         printf("schedule: %s (unit: %s)\n", p.sched.describe().c_str(), a.schedule_unit.c_str());
         if (p.train) printf("data: %zu training tokens in %zu shard(s)\n", p.train->num_tokens(), p.train->num_shards());
         if (!p.resume.empty()) printf("resume: %s\n", p.resume.c_str());
@@ -386,10 +423,13 @@ static int run(const Args& a, Comm& comm) {
     cudaDeviceProp prop;
     cudaCheck(cudaGetDeviceProperties(&prop, comm.local_rank));
     printf("device: %s, %d SMs, %.1f GiB\n", prop.name, prop.multiProcessorCount, prop.totalGlobalMem / double(1 << 30));
-    print_dry_run(p.cfg, layout, a.B, a.T, a.recompute, a.opt.optimizer == "muon");
+    print_dry_run(p.cfg, layout, a.B, a.T, a.recompute, a.opt.optimizer == "muon", comm.world, a.opt.bucket_elems(),
+                  prop.totalGlobalMem / double(1 << 30));
     matmul_init();
-    if (comm.multi()) printf("ranks: %d (ZeRO-1: optimizer state sharded by tensor ranges)\n", comm.world);
-    Model model(p.cfg);
+    if (comm.multi())
+        printf("ranks: %d (ZeRO-2: master weights, optimizer state and gradients sharded by ranges; gradient buckets "
+               "of at least %g MiB)\n", comm.world, a.opt.bucket_mb);
+    Model model(p.cfg, comm.world, comm.rank, a.opt.bucket_elems());
     model.recompute = a.recompute;
     model.allocate(a.B, a.T);
     Trainer trainer(model, comm, a.opt, a.lr);
@@ -553,7 +593,7 @@ int main(int argc, char** argv) {
         fprintf(stderr, "error: %s\n", e.what());
         return 1;
     }
-    Comm comm;
+    NcclComm comm;
     comm.init(&argc, &argv);
     if (!comm.root() && !freopen("/dev/null", "w", stdout)) comm_abort("cannot silence stdout");  // rank 0 logs
     int rc = 0;

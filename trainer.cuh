@@ -1,11 +1,16 @@
 // One training step for every binary: train_mamba (its runs and --bench) and finetune_mamba
-// go through the same Trainer, so fine-tuning has Muon and several GPUs (ZeRO-1) too.
+// go through the same Trainer, so fine-tuning has Muon and several GPUs (ZeRO) too.
 //
-// A step: the forward and backward of its micro-batches (gradient accumulation; the last
-// one's gradients are reduced onto their owners while its backward runs), the loss as the
-// mean over the step's valid targets on every rank, then the update: the global gradient
+// A step: the forward and backward of its micro-batches (gradient accumulation), the loss as
+// the mean over the step's valid targets on every rank, then the update: the global gradient
 // norm, AdamW (and Muon for the blocks' matrices) over this rank's range of the parameter
 // buffer, and the new bf16 weights shared with every rank.
+//
+// One rank: the micro-batches accumulate into the whole fp32 gradient buffer, which is the
+// rank's shard. Several ranks (ZeRO-2, zero.h): each micro-batch's gradients are reduced onto
+// their owners bucket by bucket while its backward runs (GradReducer), and the owners add them
+// up in their fp32 shards; a rank holds the fp32 master weights, optimizer state and gradients
+// of its own range only.
 #pragma once
 #include <memory>
 #include <string>
@@ -22,6 +27,7 @@ struct OptimArgs {
     float weight_decay = 0.1f, beta1 = 0.9f, beta2 = 0.95f, eps = 1e-8f, grad_clip = 1.0f;
     float muon_lr = 0, muon_momentum = 0.95f;  // muon_lr 0: the AdamW peak lr
     double bucket_mb = 32;                     // gradient reduction buckets (several GPUs)
+    size_t bucket_elems() const { return (size_t)(bucket_mb * (1 << 20) / sizeof(float)); }
 };
 
 inline void add_optimizer_flags(Flags& f, OptimArgs& o) {
@@ -36,16 +42,32 @@ inline void add_optimizer_flags(Flags& f, OptimArgs& o) {
           Range::at_least(0));
     f.add({"--muon-momentum"}, &o.muon_momentum, "F", "Muon's Nesterov momentum", Range{0, 1, false, true});
     f.add({"--bucket-mb"}, &o.bucket_mb, "F",
-          "several GPUs: gradients reduced during the backward in buckets of F MiB\n(0: all at once after the backward)",
+          "several GPUs: gradients reduced during the backward in buckets of at least\nF MiB of whole blocks "
+          "(0: one bucket, all at once after the backward)",
           Range::at_least(0));
+}
+
+// zero.h's memory plan counts the optimizers' small buffers as optim.cuh allocates them
+static_assert(PLAN_NORM_PARTIALS == NORM_BLOCKS && PLAN_MUON_PARTIALS == MUON_NORM_BLOCKS, "zero.h mirrors optim.cuh");
+
+// AdamW's tensors as the rank's shards see them: cut to [begin, end), offsets from begin
+inline std::vector<ParamTensor> shard_view(const std::vector<ParamTensor>& tensors, size_t begin, size_t end) {
+    std::vector<ParamTensor> v;
+    for (const ParamTensor& t : tensors) {
+        const size_t a = std::max(t.offset, begin), b = std::min(t.offset + t.count, end);
+        if (a < b) v.push_back({a - begin, b - a, t.decay});
+    }
+    return v;
 }
 
 struct Trainer {
     Model& model;
     Comm& comm;
-    std::vector<size_t> bounds;  // rank r owns [bounds[r], bounds[r + 1]) of the parameter buffer
+    const std::vector<size_t>& bounds;  // rank r owns [bounds[r], bounds[r + 1]) of the parameter buffer
     size_t begin, end;
     GradReducer reducer;
+    // the optimizers work on the rank's shards: offsets from `begin` into the master weights and
+    // gradients, and into the bf16 weights from params + begin
     AdamW adamw;
     std::unique_ptr<Muon> muon;
     double muon_scale = 1.0;  // Muon's lr / AdamW's lr (the schedule's shape is shared)
@@ -57,15 +79,19 @@ struct Trainer {
         return c;
     }
 
-    // lr: AdamW's peak (Muon's is muon_lr, or the same)
+    // lr: AdamW's peak (Muon's is muon_lr, or the same); the model is sharded for this rank
+    // (Model(cfg, comm.world, comm.rank, ...))
     Trainer(Model& m, Comm& c, const OptimArgs& a, float lr)
-        : model(m), comm(c), bounds(param_ranges(m.layout, c.world)), begin(bounds[c.rank]), end(bounds[c.rank + 1]),
-          reducer(c, bounds, (size_t)(a.bucket_mb * (1 << 20) / sizeof(float))),
-          adamw(adamw_tensors(m.layout, a.optimizer == "muon"), begin, end, adamw_config(a)) {
+        : model(m), comm(c), bounds(m.shard.bounds), begin(m.shard.begin), end(m.shard.end),
+          reducer(c, m.shard, m.grads, m.grad_shard),
+          adamw(shard_view(adamw_tensors(m.layout, a.optimizer == "muon"), begin, end), 0, end - begin, adamw_config(a)) {
+        if (m.shard.world != c.world || m.shard.rank != c.rank)
+            THROW("the model is sharded for rank %d of %d, this is rank %d of %d", m.shard.rank, m.shard.world, c.rank,
+                  c.world);
         if (a.optimizer != "muon") return;
         std::vector<MuonMatrix> mats;
         for (auto& t : m.layout.tensors)
-            if (t.block_matrix && t.offset >= begin && t.offset < end) mats.push_back({t.offset, t.shape[0], t.shape[1]});
+            if (t.block_matrix && t.offset >= begin && t.offset < end) mats.push_back({t.offset - begin, t.shape[0], t.shape[1]});
         MuonConfig mc;
         mc.momentum = a.muon_momentum; mc.weight_decay = a.weight_decay; mc.grad_clip = a.grad_clip;
         if (!mats.empty()) muon = std::make_unique<Muon>(mats, mc);
@@ -80,18 +106,17 @@ struct Trainer {
     }
 
     // Forward and backward of `passes` micro-batches of the model's B x T, one after another
-    // in the arrays of `step` (each rank its own; weights and pos may be null). The gradients
-    // are zeroed first and accumulate; the last pass's backward reduces them onto their
-    // owners. Returns the step's loss (valid: count_valid's total).
+    // in the arrays of `step` (each rank its own; weights and pos may be null). One rank: the
+    // gradients are zeroed first and accumulate. Several: each pass's are reduced onto their
+    // owners during its backward, the first pass's written into the shards, the others added.
+    // Returns the step's loss (valid: count_valid's total).
     double accumulate(const Batch& step, int passes, long valid, float z_loss) {
         const size_t local = (size_t)model.B * model.T;
-        model.zero_grad();
+        const bool sharded = model.shard.sharded();
+        if (sharded) model.grads_done = [this](size_t lo, bool last, cudaStream_t s) { reducer.ready(lo, last, s); };
+        else model.zero_grad();
         for (int p = 0; p < passes; p++) {
-            model.grads_done = nullptr;
-            if (comm.multi() && p == passes - 1) {
-                reducer.begin();
-                model.grads_done = [this](size_t lo, bool last, cudaStream_t s) { reducer.ready(model.grads, lo, last, s); };
-            }
+            if (sharded) reducer.begin(p == 0, 0);
             auto at = [&](auto* a) { return a ? a + p * local : nullptr; };
             model.forward({at(step.inputs), at(step.targets), at(step.weights), at(step.pos)}, 1.0f / valid, z_loss);
             model.backward();
@@ -101,17 +126,19 @@ struct Trainer {
     }
 
     // the step is dropped (a loss spike): wait for the reductions already launched, apply nothing
+    // (the next step's first micro-batch overwrites the shards)
     void discard() { reducer.finish(0); }
 
-    // The update at learning rate lr for step t (from 1); returns the global gradient norm.
+    // The update at learning rate lr for step t (from 1); returns the global gradient norm,
+    // summed from the owners' shards.
     float update(float lr, int t, cudaStream_t s = 0) {
         reducer.finish(s);
         model.phase("optimizer", s);
-        norm2 = adamw.grad_norm_squared(model.grads + begin, end - begin, s);
+        norm2 = adamw.grad_norm_squared(model.grad_shard, end - begin, s);
         comm.allreduce_sum(norm2, 1, s);
-        adamw.step(model.master, model.params, model.grads, norm2, lr, t, s);
-        if (muon) muon->step(model.master, model.params, model.grads, norm2, (float)(lr * muon_scale), s);
-        comm.broadcast_ranges(model.params, bounds, s);
+        adamw.step(model.master, model.params + begin, model.grad_shard, norm2, lr, t, s);
+        if (muon) muon->step(model.master, model.params + begin, model.grad_shard, norm2, (float)(lr * muon_scale), s);
+        comm.all_gather(model.params, bounds, s);
         comm.wait(s);
         float h;
         cudaCheck(cudaMemcpyAsync(&h, norm2, sizeof(float), cudaMemcpyDeviceToHost, s));
@@ -136,19 +163,19 @@ struct Trainer {
         if (muon) muon->set_state(st[2].second);
     }
 
-    // every rank writes its part; rank 0 the weights (gathered from their owners first)
+    // every rank writes its master shard and optimizer state; rank 0 the main file
     std::string save(const std::string& dir, const TrainState& st) {
-        if (comm.multi()) {
-            comm.broadcast_ranges(model.master, bounds, 0);
-            comm.wait(0);
-        }
-        const std::vector<float> master = comm.root() ? model.get_master() : std::vector<float>();
-        return checkpoint_save(dir, st, master, state(), model.cfg, comm.rank, comm.world, [&] { comm.barrier(); });
+        return checkpoint_save(dir, st, model.get_master(), state(), model.cfg, comm.rank, comm.world,
+                               [&] { comm.barrier(); });
     }
+    // every rank reads its master shard and optimizer state; the bf16 weights of the other
+    // ranks' ranges come from their owners
     TrainState load(const std::string& path) {
         TrainState st;
         OptState os = state();  // the arrays this run holds, filled from the file
-        model.set_master(checkpoint_load(path, st, os, model.cfg, comm.rank, comm.world));
+        model.set_master_shard(checkpoint_load(path, st, os, model.cfg, comm.rank, comm.world));
+        comm.all_gather(model.params, bounds, 0);
+        comm.wait(0);
         set_state(os);
         return st;
     }

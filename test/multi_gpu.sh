@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Multi-GPU tests (run on a machine with N >= 2 GPUs): N ranks with global batch G give the
-# losses of 1 rank with G over 10 steps (AdamW and Muon, to bf16 tolerance); the optimizer
-# state per GPU falls as 1/N; a resumed N-rank run equals a straight one bit for bit; a
-# checkpoint is refused by a run with another rank count. Last line: "N passed, N failed".
+# losses of 1 rank with G over 10 steps (AdamW and Muon, with gradient accumulation and
+# --recompute, to bf16 tolerance); the optimizer state per GPU falls as 1/N and each GPU
+# allocates what zero.h's plan says (master weights and gradients sharded: ZeRO-2); a resumed
+# N-rank run equals a straight one bit for bit; a checkpoint is refused by a run with another
+# rank count. Last line: "N passed, N failed". (test/gpu/test_zero.cu runs the same sharding
+# with simulated ranks on one GPU.)
 # usage: bash test/multi_gpu.sh N
 set -uo pipefail
 N=${1:-2}
@@ -41,6 +44,13 @@ for opt in adamw muon; do
        END { exit !(n == 10 && bad == 0) }' \
     $dir/cmp_$opt.txt
   check "$opt: $N ranks with global batch G match 1 rank with G for 10 steps" $?
+  # two micro-batches per rank (each reduced onto the owners and added up there), recomputed
+  $MPI ./train_mamba $common --optimizer $opt --total-batch $((512 * N)) --recompute --ckpt-dir $dir/acc_$opt > $dir/acc_$opt.log 2>&1
+  ./train_mamba $common --optimizer $opt --total-batch $((512 * N)) --ckpt-dir $dir/acc1_$opt > $dir/acc1_$opt.log 2>&1
+  paste <(losses $dir/acc1_$opt.log) <(losses $dir/acc_$opt.log) |
+    awk 'NF == 2 && $1 + 0 > 0 { n++; d = ($1 - $2) / $1; if (d < 0) d = -d; if (d > 0.01) bad++ }
+         END { exit !(n == 10 && bad == 0) }'
+  check "$opt: $N ranks with 2 micro-batches each and --recompute match 1 rank for 10 steps" $?
 done
 # the reduction overlapped in small buckets, or all at once after the backward: the same sums
 for b in 0 0.05; do
@@ -58,6 +68,11 @@ s1=$(state $dir/bench1.log); sN=$(state $dir/benchN.log)
 echo "optimizer state per GPU: 1 rank $s1 GiB, $N ranks $sN GiB"
 awk -v a="$s1" -v b="$sN" -v n=$N 'BEGIN { r = b * n / a; exit !(r > 0.75 && r < 1.25) }'
 check "optimizer state per GPU falls as 1/$N" $?
+# what rank 0 allocates is zero.h's plan for it (within the cub buffers the embedding's backward adds)
+grep -oE 'allocated [0-9.]+ GiB \(rank 0; its plan [0-9.]+ GiB' $dir/benchN.log | awk '{print $2, $7}' > $dir/plan.txt
+echo "rank 0 of $N allocated, plan (GiB): $(cat $dir/plan.txt)"
+awk '{ d = $1 - $2; exit !(NF == 2 && d >= 0 && d < 0.015) }' $dir/plan.txt
+check "$N ranks: rank 0 allocates its memory plan" $?
 # resume: 6 steps straight == 3 steps, resume, 3 steps (main file and every rank's shard)
 r="--config test/dumps/mamba2_tiny.json --train-data $dir/data_*.bin --val-data $dir/data_*.bin -B 2 -T 64
    --total-batch $((256 * N)) --steps 6 --val-every 3 --val-batches 2 --sample-every 0 --lr 1e-3 --warmup 2

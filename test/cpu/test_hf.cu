@@ -216,6 +216,10 @@ TEST_CASE("hf: config mapping both ways for every class", "[hf]") {
     // Python's bare Infinity in a config.json
     CHECK(parse_py_json(R"({"a": [0.0, Infinity], "b": "NaN Infinity", "c": -Infinity})", "p")["a"][1] == "Infinity");
     CHECK(parse_py_json(R"({"b": "x Infinity"})", "p")["b"] == "x Infinity");
+    // transformers 5 writes the infinity as an object
+    const auto t5 = parse_py_json(R"({"time_step_limit": [0.0, {"__float__": "Infinity"}], "m": {"n": {"__float__": "NaN"}}})", "p");
+    CHECK(t5["time_step_limit"][1] == "Infinity");
+    CHECK(t5["m"]["n"] == "NaN");
 }
 
 TEST_CASE("hf: what a class cannot express is refused with the reason", "[hf]") {
