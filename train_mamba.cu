@@ -115,8 +115,8 @@ static Args parse_args(int argc, char** argv) {
     f.add({"--z-loss"}, &a.z_loss, "F", "z-loss coefficient (e.g. 1e-4)", Range::at_least(0));
     f.flag({"--pos-weight"}, &a.pos_weight, "weight each token's loss by tanh(position / 10)");
     f.flag({"--doc-reset"}, &a.doc_reset,
-           "reset the state at each end-of-text token inside a packed row: every\ndocument runs as a row of its own "
-           "(positions count from its start)");
+           "documents packed in a row do not see each other: every layer resets\nat an end-of-text token inside its "
+           "kernels (positions count from it)");
     f.section("run:");
     f.add({"--seed"}, &a.seed, "N", "initialisation and data order");
     f.add({"--val-every"}, &a.val_every, "N", "validation every N steps (0: none)", Range::at_least(0));

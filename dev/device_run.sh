@@ -9,7 +9,8 @@
 #   on the GPU: bash dev/device_run.sh STEP...
 # Steps: unpack (always first), anchor-build (starts the anchors' CUDA extensions building in the
 # background), dumps (the PyTorch reference dumps, in the background), test [FILTER], bench,
-# anchors (the anchor scripts; their log is ANCHOR_LOG for the benchmarks), models, sft, default.
+# anchors (the anchor scripts; their log is ANCHOR_LOG for the benchmarks), models, sft, default,
+# hf, export-val, scan-anchor, bench-one NAME "FLAGS" ("-": none), docreset, sft-bench.
 set -uo pipefail
 if [ "${1:-}" = prepare ]; then  # on the development machine
   make -j2 build/test_gpu build/hf_logits train_mamba finetune_mamba prepare_data convert_hf \
@@ -66,6 +67,25 @@ while [ $# -gt 0 ]; do
             ./finetune_mamba --init ckpt_pre --ckpt-dir ckpt_sft 2>&1 | tee "$OUT/sft_finetune.log" | grep -E "val|error" | tail -4
             ./finetune_mamba --init ckpt_sft --greedy --generate "What is the capital of France?" \
               --generate "What is the opposite of hot?" --generate "What is 6 times 7?" 2>&1 | tee "$OUT/sft_generate.log" ;;
+    hf)     python3 test/hf_roundtrip.py 2>&1 | tee "$OUT/hf.log" | tail -12 ;;
+    export-val) # a trained default model exported to HF: its val loss in transformers against ours
+            ./train_mamba $brown --steps 200 --val-every 200 --sample-every 0 --ckpt-dir ckpt_exp --export hf_exp \
+              > "$OUT/export_train.log" 2>&1; grep -E "val loss" "$OUT/export_train.log" | tail -1
+            python3 test/hf_roundtrip.py --val-loss hf_exp --val-data 'data/brown/brown_val_*.bin' 2>&1 | tee "$OUT/export_val.log" | tail -3 ;;
+    scan-anchor) while pgrep -f "scan_anchor.py --build-only" >/dev/null; do sleep 2; done
+            (cd anchors && python3 scan_anchor.py) 2>&1 | tee -a "$ANCHOR_LOG" | grep anchor ;;
+    bench-one) b=$1; fl=$2; shift 2; [ "$fl" = - ] && fl=  # bench-one NAME "FLAGS" ("-": none)
+            timeout 240 ./dev/$b $fl 2>&1 | tee "$OUT/$b.log" | tail -20 ;;
+    docreset) # the default corpus with and without document boundaries: median tokens/s of steps 10..80
+            for f in "" --doc-reset; do
+              ./train_mamba $brown --steps 80 --val-every 0 --sample-every 0 --ckpt-every 0 --ckpt-dir ckpt_dr$f $f \
+                > "$OUT/docreset$f.log" 2>&1
+              python3 -c "import json,statistics,sys; r=[json.loads(l) for l in open(sys.argv[1]) if '\"ms\"' in l][10:]; print('default run ${f:-(no --doc-reset)}: median', round(statistics.median(x['tokens_per_s'] for x in r)), 'tokens/s')" ckpt_dr$f/metrics.jsonl
+            done 2>&1 | tee "$OUT/docreset.log" ;;
+    sft-bench) [ -d ckpt_pre ] || ./train_mamba $brown --steps 50 --ckpt-dir ckpt_pre --sample-every 0 --val-every 0 > /dev/null
+            python3 dev/sft_synthetic.py data/brown/text 20000 /tmp/sft_long.jsonl
+            { echo "== sample set"; bash dev/bench_sft.sh data/sft_sample.jsonl ckpt_pre 256 8
+              echo "== synthetic set (20k Brown continuations)"; bash dev/bench_sft.sh /tmp/sft_long.jsonl ckpt_pre 1024 8; } 2>&1 | tee "$OUT/sft_bench.log" ;;
     *) echo "unknown step '$s'"; exit 1 ;;
   esac
 done
