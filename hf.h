@@ -673,7 +673,13 @@ inline std::vector<float> hf_read_weights(const SafetensorsModel& st, const Mode
 inline std::vector<StSource> hf_sources(const ModelConfig& c, const ParamTable& P, HfKind k, const std::vector<float>& master) {
     if (master.size() != P.total) THROW("hf export: %zu weights for a model of %zu", master.size(), P.total);
     std::vector<StSource> src;
-    for (const HfTensor& t : hf_tensors(c, P, k)) src.push_back({t.name, t.shape, master.data() + t.offset});
+    for (const HfTensor& t : hf_tensors(c, P, k)) {
+        src.push_back({t.name, t.shape, master.data() + t.offset});
+        // transformers' NemotronH reads its own lm_head.weight even when tie_word_embeddings is
+        // set: a tied model writes the embedding there too
+        if (k == HfKind::NemotronH && c.tie_embeddings && t.offset == P.find("embedding").offset && t.vocab)
+            src.push_back({"lm_head.weight", t.shape, master.data() + t.offset});
+    }
     return src;
 }
 
@@ -714,9 +720,24 @@ inline std::vector<float> hf_load(const std::string& dir, ModelConfig& cfg, HfKi
     cfg = hf_read_config(dir, kind);
     const Layout L(cfg);
     const SafetensorsModel st(dir);
-    std::vector<float> master = hf_read_weights(st, cfg, L, kind);
     if (kind_out) *kind_out = kind;
-    return master;
+    // a head that differs from the embedding although the config says tied (transformers'
+    // NemotronH keeps and saves its own lm_head whatever tie_word_embeddings says) is what the
+    // model computes with: import it untied
+    if (cfg.tie_embeddings && st.find("lm_head.weight")) {
+        ModelConfig untied = cfg;
+        untied.tie_embeddings = false;
+        const Layout U(untied);
+        std::vector<float> master = hf_read_weights(st, untied, U, kind);
+        const TensorInfo &e = U.find("embedding"), &h = U.find("lm_head");
+        if (!std::equal(master.begin() + e.offset, master.begin() + e.offset + e.count, master.begin() + h.offset)) {
+            printf("%s: lm_head.weight differs from the embedding although the config ties them: imported untied\n",
+                   dir.c_str());
+            cfg = untied;
+            return master;
+        }
+    }
+    return hf_read_weights(st, cfg, L, kind);
 }
 
 // the tokenizer files an HF directory holds (tokenizer.json, tokenizer.model: Tokenizer::load

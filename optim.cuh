@@ -23,6 +23,31 @@ struct AdamWConfig {
 constexpr int NORM_BLOCKS = 1024;
 
 // clip_scale = min(1, clip / (norm + 1e-6)) as torch.nn.utils.clip_grad_norm_
+// VEC consecutive elements of one item (the same arithmetic for any VEC)
+template <int VEC>
+__device__ inline void adamw_elems(float* master, bf16* params, float* m, float* v, const float* grads, float clip,
+                                   float lr, float beta1, float beta2, float eps, float decay, float bc1, float bc2) {
+    float g[VEC], mi[VEC], vi[VEC], p[VEC];
+    load_vec<VEC>(g, grads);
+    load_vec<VEC>(mi, m);
+    load_vec<VEC>(vi, v);
+    load_vec<VEC>(p, master);
+    #pragma unroll
+    for (int e = 0; e < VEC; e++) {
+        const float ge = g[e] * clip;
+        mi[e] = beta1 * mi[e] + (1.0f - beta1) * ge;
+        vi[e] = beta2 * vi[e] + (1.0f - beta2) * ge * ge;
+        p[e] -= lr * decay * p[e];
+        p[e] -= lr * (mi[e] / bc1) / (sqrtf(vi[e] / bc2) + eps);
+    }
+    store_vec<VEC>(m, mi);
+    store_vec<VEC>(v, vi);
+    store_vec<VEC>(master, p);
+    store_vec<VEC>(params, p);
+}
+
+// one block per item; 4 elements a thread (16-byte accesses) when the item's pointers and
+// length allow, else one
 static __global__ void adamw_kernel(float* master, bf16* params, float* m, float* v, const float* grads,
                              const AdamWItem* items, const float* norm2, float grad_clip, float lr,
                              float beta1, float beta2, float eps, float wd, float bc1, float bc2) {
@@ -30,18 +55,16 @@ static __global__ void adamw_kernel(float* master, bf16* params, float* m, float
     const float norm = sqrtf(*norm2);
     const float clip = grad_clip > 0.0f ? fminf(1.0f, grad_clip / (norm + 1e-6f)) : 1.0f;
     const float decay = it.decay ? wd : 0.0f;
-    for (uint32_t k = threadIdx.x; k < it.count; k += blockDim.x) {
-        const size_t i = it.start + k, j = it.state + k;  // j: index into the compact m and v
-        const float g = grads[i] * clip;
-        const float mi = beta1 * m[j] + (1.0f - beta1) * g;
-        const float vi = beta2 * v[j] + (1.0f - beta2) * g * g;
-        m[j] = mi;
-        v[j] = vi;
-        float p = master[i];
-        p -= lr * decay * p;
-        p -= lr * (mi / bc1) / (sqrtf(vi / bc2) + eps);
-        master[i] = p;
-        params[i] = __float2bfloat16(p);
+    master += it.start; params += it.start; grads += it.start;
+    m += it.state; v += it.state;
+    const bool wide = it.count % 4 == 0 && ((uintptr_t)master | (uintptr_t)grads | (uintptr_t)m | (uintptr_t)v) % 16 == 0 &&
+                      (uintptr_t)params % 8 == 0;
+    if (wide) {
+        for (uint32_t k = 4 * threadIdx.x; k < it.count; k += 4 * blockDim.x)
+            adamw_elems<4>(master + k, params + k, m + k, v + k, grads + k, clip, lr, beta1, beta2, eps, decay, bc1, bc2);
+    } else {
+        for (uint32_t k = threadIdx.x; k < it.count; k += blockDim.x)
+            adamw_elems<1>(master + k, params + k, m + k, v + k, grads + k, clip, lr, beta1, beta2, eps, decay, bc1, bc2);
     }
 }
 

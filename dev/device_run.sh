@@ -23,7 +23,7 @@ if [ "${1:-}" = prepare ]; then  # on the development machine
       cp /tmp/mamba_base/train_mamba devbin/bundle/train_mamba_before
     git worktree remove --force /tmp/mamba_base
   fi
-  strip devbin/bundle/*
+  strip $(ls devbin/bundle/* | grep -v test_gpu)  # test_gpu keeps its symbols for a debugger's backtrace
   for l in libicuuc.so.72 libicudata.so.72 libsentencepiece.so.0; do cp -L /usr/lib/x86_64-linux-gnu/$l devbin/bundle/; done
   (cd devbin && tar cf - bundle | xz -T2 -6 > bundle.tar.xz && rm -rf bundle)
   ls -la devbin

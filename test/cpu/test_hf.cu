@@ -342,7 +342,8 @@ TEST_CASE("hf: weights through a directory and back for every class, tied and un
             CHECK(k == hf_export_kind(c));
             CHECK(fs::exists(d + "/model.safetensors.index.json") == (dt == Dtype::F16));
             const SafetensorsModel st(d);
-            if (c.tie_embeddings) CHECK(st.find("lm_head.weight") == nullptr);  // as transformers saves a tied head
+            // as transformers saves a tied head; its NemotronH reads lm_head.weight whatever the config says
+            if (c.tie_embeddings && k != HfKind::NemotronH) CHECK(st.find("lm_head.weight") == nullptr);
             else CHECK(st.get("lm_head.weight").shape[0] == c.vocab_size);
             ModelConfig back;
             std::vector<float> got = hf_load<ParamLayout>(d, back, nullptr);
@@ -356,6 +357,39 @@ TEST_CASE("hf: weights through a directory and back for every class, tied and un
             }
             CHECK(bad == 0);
         }
+}
+
+TEST_CASE("hf: a head that differs from the embedding of a tied config is imported untied", "[hf]") {
+    const ModelConfig c = make("M+M*", "mamba2", "relu2", false, true);  // tied, exported as NemotronH
+    const ParamLayout L(c);
+    const std::vector<float> master = random_master(c, L, 5);
+    const std::string d = kDir + "/tied_head";
+    fresh(d);
+    REQUIRE(hf_save<ParamLayout>(d, c, master, HfSaveOptions()) == HfKind::NemotronH);
+    ModelConfig back;
+    std::vector<float> got = hf_load<ParamLayout>(d, back, nullptr);
+    CHECK(back.tie_embeddings);  // the written head is the embedding: still tied
+    CHECK(got == master);
+    // transformers' NemotronH with tie_word_embeddings saves its own (different) head
+    std::vector<std::pair<std::string, std::vector<float>>> ts;
+    std::vector<StSource> out;
+    {
+        const SafetensorsModel m(d);
+        for (const std::string& n : m.names()) {
+            std::vector<float> v(m.get(n).numel());
+            st_to_f32(m.get(n), 0, v.size(), v.data());
+            if (n == "lm_head.weight") v[7] += 1.0f;
+            ts.push_back({n, v});
+        }
+        for (auto& [n, v] : ts) out.push_back({n, m.get(n).shape, v.data()});
+        safetensors_write(d + "/model.safetensors", out, Dtype::F32, {{"format", "pt"}});
+    }
+    got = hf_load<ParamLayout>(d, back, nullptr);
+    CHECK_FALSE(back.tie_embeddings);
+    const ParamLayout U(back);
+    REQUIRE(got.size() == U.total);
+    CHECK(got[U.find("lm_head").offset + 7] == master[L.find("embedding").offset + 7] + 1.0f);
+    CHECK(got[U.find("embedding").offset + 7] == master[L.find("embedding").offset + 7]);
 }
 
 // a copy of a fixture whose safetensors holds `tensors` instead
