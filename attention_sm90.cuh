@@ -220,14 +220,15 @@ __global__ void __launch_bounds__(128 * (NWG + 1), 1) fwd_kernel(const __grid_co
 
         // masks the scores of kv tile j where the diagonal or a document start crosses the warpgroup's rows,
         // then the online softmax: s becomes exp2 of the scaled scores minus the running max; alpha rescales
-        // the earlier sums
+        // the earlier sums. The row's max and sum run in 4 independent chains (with 2-3 consumer warps per
+        // scheduler, a single chain of BN / 4 dependent adds would be latency, not throughput).
         auto softmax = [&](int j, float (&alpha)[2]) {
             const int k0 = j * BN;
             const bool mask = k0 + BN - 1 > w0 || k0 < wg_ds;
 #pragma unroll
             for (int hf = 0; hf < 2; hf++) {
                 const int row = r0 + 8 * hf;
-                float mx = -INFINITY;
+                float mx[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
 #pragma unroll
                 for (int jn = 0; jn < BN / 8; jn++)
 #pragma unroll
@@ -237,23 +238,23 @@ __global__ void __launch_bounds__(128 * (NWG + 1), 1) fwd_kernel(const __grid_co
                             const int col = k0 + 8 * jn + 2 * qd + e;
                             if (col > row || col < ds[hf]) v = -INFINITY;
                         }
-                        mx = fmaxf(mx, v);
+                        mx[(2 * jn + e) % 4] = fmaxf(mx[(2 * jn + e) % 4], v);
                     }
-                mx = quad_max(mx);
-                const float mnew = fmaxf(m[hf], mx);
+                const float mt = quad_max(fmaxf(fmaxf(mx[0], mx[1]), fmaxf(mx[2], mx[3])));
+                const float mnew = fmaxf(m[hf], mt);
                 const float muse = mnew == -INFINITY ? 0.f : mnew * sl2;  // a row with nothing seen yet stays 0
                 alpha[hf] = fast_exp2(m[hf] * sl2 - muse);
                 m[hf] = mnew;
-                float sum = 0.f;
+                float sum[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
                 for (int jn = 0; jn < BN / 8; jn++)
 #pragma unroll
                     for (int e = 0; e < 2; e++) {
                         float& v = s[4 * jn + 2 * hf + e];
                         v = fast_exp2(fmaf(v, sl2, -muse));
-                        sum += v;
+                        sum[(2 * jn + e) % 4] += v;
                     }
-                l[hf] = l[hf] * alpha[hf] + sum;
+                l[hf] = l[hf] * alpha[hf] + ((sum[0] + sum[1]) + (sum[2] + sum[3]));
             }
         };
         auto to_pa = [&]() {  // columns 16kk .. 16kk + 15 are the A fragment of k-step kk
