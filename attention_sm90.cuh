@@ -50,6 +50,19 @@ constexpr int reg_consumer(int nwg) {
 }
 static_assert(reg_consumer(2) == 240 && reg_consumer(3) == 160, "register split");
 
+// 2^x (x <= 0) on the FMA pipe, to take some of the softmax's exponentials off the MUFU (16/clk/SM, at D = 64
+// as busy as the tensor cores): x = n + f with n = round(x) (the 1.5 2^23 trick: n lands in j's low mantissa
+// bits), |f| <= 1/2, 2^f by a cubic through the 4 Chebyshev nodes (relative error 1.0e-4, under P's bf16
+// rounding of 2e-3), n added to the exponent bits. x is clamped at -125, so a masked score (-inf) gives
+// 2^-125 instead of 0: 1e-38 of a weight, wiped by the next alpha = 0 if the row saw nothing else yet.
+__device__ inline float fma_exp2(float x) {
+    x = fmaxf(x, -125.f);
+    const float j = x + 12582912.f;
+    const float f = x - (j - 12582912.f);
+    const float p = fmaf(fmaf(fmaf(0.0558382832f, f, 0.242639482f), f, 0.693136752f), f, 0.999924541f);
+    return __int_as_float(__float_as_int(p) + (__float_as_int(j) << 23));
+}
+
 // the forward's k-th work tile of this block: the list dealt to the blocks in a snake order
 __device__ inline int snake_tile(int k) {
     const int G = gridDim.x;
@@ -87,7 +100,7 @@ struct FwdCfg {
 // named barriers: 1 + w the turn of consumer warpgroup w (PINGPONG), 1 + NWG + w its epilogue
 constexpr int BAR_TURN = 1;
 
-template <int D, int NWG, int BN, int STAGES, bool PINGPONG, int QBUF>
+template <int D, int NWG, int BN, int STAGES, bool PINGPONG, int QBUF, int EMU>
 __global__ void __launch_bounds__(128 * (NWG + 1), 1) fwd_kernel(const __grid_constant__ FwdParams p) {
     using C = FwdCfg<D, NWG, BN, STAGES, QBUF>;
     constexpr int BM = C::BM;
@@ -251,7 +264,9 @@ __global__ void __launch_bounds__(128 * (NWG + 1), 1) fwd_kernel(const __grid_co
 #pragma unroll
                     for (int e = 0; e < 2; e++) {
                         float& v = s[4 * jn + 2 * hf + e];
-                        v = fast_exp2(fmaf(v, sl2, -muse));
+                        v = fmaf(v, sl2, -muse);
+                        if constexpr (EMU > 0) v = jn % EMU == EMU - 1 ? fma_exp2(v) : fast_exp2(v);
+                        else v = fast_exp2(v);
                         sum[(2 * jn + e) % 4] += v;
                     }
                 l[hf] = l[hf] * alpha[hf] + ((sum[0] + sum[1]) + (sum[2] + sum[3]));
@@ -365,7 +380,7 @@ __global__ void __launch_bounds__(128 * (NWG + 1), 1) fwd_kernel(const __grid_co
     if (wt == 0) bulk_wait<0>();
 }
 
-template <int D, int NWG, int BN, int STAGES, bool PINGPONG, int QBUF>
+template <int D, int NWG, int BN, int STAGES, bool PINGPONG, int QBUF, int EMU>
 inline void launch_fwd(bf16* out, float* lse, const bf16* qkv, const AttnShape& sh, const int* pos, cudaStream_t s) {
     using C = FwdCfg<D, NWG, BN, STAGES, QBUF>;
     FwdParams p;
@@ -380,7 +395,7 @@ inline void launch_fwd(bf16* out, float* lse, const bf16* qkv, const AttnShape& 
     p.Hq = sh.Hq;
     p.Hkv = sh.Hkv;
     p.scale_log2 = LOG2E / sqrtf((float)D);
-    auto kernel = fwd_kernel<D, NWG, BN, STAGES, PINGPONG, QBUF>;
+    auto kernel = fwd_kernel<D, NWG, BN, STAGES, PINGPONG, QBUF, EMU>;
     cudaCheck(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM));
     const int ntiles = (sh.T + C::BM - 1) / C::BM * sh.B * sh.Hq;
     kernel<<<std::min(ntiles, sm_count()), C::THREADS, C::SMEM, s>>>(p);
@@ -858,14 +873,15 @@ inline void backward(bf16* dqkv, void* scratch, const bf16* dout, const bf16* qk
     launch_bwd_dq<D>(dqkv, scratch, sh, s);
 }
 
-// tile configurations: D, consumer warpgroups (BM = 64 NWG query rows), BN, stages, ping-pong, Q buffers.
+// tile configurations: D, consumer warpgroups (BM = 64 NWG query rows), BN, stages, ping-pong, Q buffers,
+// EMU (every EMU-th 8-column block of the scores takes fma_exp2, 0: none).
 // D = 64 has half the matmul work of D = 128 per tile but the same softmax (exp2 on the 16/clk/SM MUFU), so
 // its softmax takes about as long as its matmuls: three consumer warpgroups take turns at the tensor cores
 // while the other two run their softmax (FlashAttention-3's 192 x 128 tile).
 template <int D>
 inline void forward(bf16* out, float* lse, const bf16* qkv, const AttnShape& sh, const int* pos, cudaStream_t s) {
-    if constexpr (D == 128) launch_fwd<128, 2, 128, 2, true, 2>(out, lse, qkv, sh, pos, s);
-    else launch_fwd<64, 3, 128, 2, true, 2>(out, lse, qkv, sh, pos, s);
+    if constexpr (D == 128) launch_fwd<128, 2, 128, 2, true, 2, 0>(out, lse, qkv, sh, pos, s);
+    else launch_fwd<64, 3, 128, 2, true, 2, 0>(out, lse, qkv, sh, pos, s);
 }
 inline void forward(bf16* out, float* lse, const bf16* qkv, const AttnShape& sh, const int* pos, cudaStream_t s) {
     if (sh.Dh == 64) forward<64>(out, lse, qkv, sh, pos, s);
