@@ -11,7 +11,8 @@
 //     refilled only after every consumer warp arrived on its "empty" barrier. With two Q buffers the next
 //     tile's Q and first K/V tiles load while the consumers finish the current tile (with one, the ring
 //     drains at every tile boundary: the producer waits for the tile's last QK^T before loading its Q).
-//   consumers (240 registers with 2 warpgroups): warpgroup w owns query rows [64w, 64w + 64) of the tile.
+//   consumers (240 registers with 2 warpgroups, 160 with 3): warpgroup w owns query rows [64w, 64w + 64) of
+//     the tile.
 //     Per kv tile: S = Q K^T (wgmma, both from smem), online softmax in registers (fp32, exp2), O += P V
 //     (wgmma, P from registers). The matmuls of kv tile j + 1 overlap the softmax of tile j: the loop issues
 //     S_{j+1} = Q K_{j+1}^T and O += P_j V_j, waits for S_{j+1} only, runs its softmax while the PV matmul
