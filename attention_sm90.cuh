@@ -80,6 +80,7 @@ struct FwdParams {
     float* lse;
     const int* pos;
     int B, T, Hq, Hkv;
+    int q_first;  // the first row of query tile 0: 0 or (END_ALIGNED) T - BM ceil(T / BM)
     float scale_log2;
 };
 
@@ -135,12 +136,16 @@ __global__ void __launch_bounds__(128 * (NWG + 1), 1) fwd_kernel(const __grid_co
 
     const int T = p.T, Hq = p.Hq, G = Hq / p.Hkv;
     const int nqt = (T + BM - 1) / BM, ntiles = nqt * p.B * Hq;
-    // tile idx: query tile (last first), batch, query head (the heads of a kv head adjacent)
+    // tile idx: query tile (last first), batch, query head (the heads of a kv head adjacent). Query tile t
+    // starts at row q_first + t BM: q_first = 0, or with END_ALIGNED (launch_fwd) T - nqt BM <= 0, so that
+    // where BM does not divide T the partial tile is the first, starting before row 0 (TMA fills those rows
+    // with zeros, the mask hides every key from them, nothing of theirs is stored): its rows then see one or
+    // two kv tiles, where a partial last tile computes all of its empty rows against every key.
     auto decode = [&](int idx, int& b, int& h, int& q0, int& j_lo, int& j_hi) {
         const int bh = idx % (p.B * Hq);
         b = bh / Hq;
         h = bh % Hq;
-        q0 = (nqt - 1 - idx / (p.B * Hq)) * BM;
+        q0 = p.q_first + (nqt - 1 - idx / (p.B * Hq)) * BM;
         j_hi = (min(q0 + BM, T) - 1) / BN;
         j_lo = doc_start(p.pos, b, T, q0) / BN;
     };
@@ -355,7 +360,7 @@ __global__ void __launch_bounds__(128 * (NWG + 1), 1) fwd_kernel(const __grid_co
             const float lt = tc::quad_sum(l[hf]);
             inv[hf] = lt > 0.f ? 1.f / lt : 0.f;
             const int row = r0 + 8 * hf;
-            if (qd == 0 && row < T) p.lse[((size_t)b * Hq + h) * T + row] = (m[hf] * sl2 + log2f(lt)) * LN2;
+            if (qd == 0 && row >= 0 && row < T) p.lse[((size_t)b * Hq + h) * T + row] = (m[hf] * sl2 + log2f(lt)) * LN2;
         }
         if (wt == 0) bulk_wait_read<0>();  // the previous tile's store has read sO
         named_sync(BAR_EPI + wg, 128);
@@ -369,7 +374,7 @@ __global__ void __launch_bounds__(128 * (NWG + 1), 1) fwd_kernel(const __grid_co
             }
         fence_async_smem();
         named_sync(BAR_EPI + wg, 128);
-        if (wt == 0 && w0 < T) {
+        if (wt == 0 && w0 < T && w0 + 64 > 0) {
 #pragma unroll
             for (int cb = 0; cb < C::NCB; cb++) tma_store(&p.o, sO + cb * 64 * 128, h * D + cb * 64, w0, b);
             bulk_commit();
@@ -381,7 +386,7 @@ __global__ void __launch_bounds__(128 * (NWG + 1), 1) fwd_kernel(const __grid_co
     if (wt == 0) bulk_wait<0>();
 }
 
-template <int D, int NWG, int BN, int STAGES, bool PINGPONG, int QBUF, int EMU>
+template <int D, int NWG, int BN, int STAGES, bool PINGPONG, int QBUF, int EMU, bool END_ALIGNED = false>
 inline void launch_fwd(bf16* out, float* lse, const bf16* qkv, const AttnShape& sh, const int* pos, cudaStream_t s) {
     using C = FwdCfg<D, NWG, BN, STAGES, QBUF>;
     FwdParams p;
@@ -395,6 +400,7 @@ inline void launch_fwd(bf16* out, float* lse, const bf16* qkv, const AttnShape& 
     p.T = sh.T;
     p.Hq = sh.Hq;
     p.Hkv = sh.Hkv;
+    p.q_first = END_ALIGNED ? sh.T - (sh.T + C::BM - 1) / C::BM * C::BM : 0;
     p.scale_log2 = LOG2E / sqrtf((float)D);
     auto kernel = fwd_kernel<D, NWG, BN, STAGES, PINGPONG, QBUF, EMU>;
     cudaCheck(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM));

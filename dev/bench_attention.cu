@@ -177,7 +177,7 @@ static void print_rows(const std::vector<Row>& rows) {
 
 #ifdef ATTN_SM90
 // The forward's tile variants (D, consumer warpgroups, BN, stages, ping-pong, Q buffers, eN: every N-th
-// 8-column block of scores exponentiated on the FMA pipe), each checked before
+// 8-column block of scores exponentiated on the FMA pipe, end: query tiles aligned to T), each checked before
 // it is timed: at small shapes against the reference (with the model's backward on the variant's lse), and at
 // the anchor shape against the mma.sync kernel's output. A variant that fails prints FAIL, not a time.
 static void sweep_forward_variants(const Path& model, const Path& mma_sync) {
@@ -204,6 +204,9 @@ static void sweep_forward_variants(const Path& model, const Path& mma_sync) {
         {"64 3wg bn128 s2 pp q2 e2", 64, launch_fwd<64, 3, 128, 2, true, 2, 2>},
         {"64 2wg bn128 s3 pp q2 e4", 64, launch_fwd<64, 2, 128, 3, true, 2, 4>},
         {"128 2wg bn128 s2 pp q2 e4", 128, launch_fwd<128, 2, 128, 2, true, 2, 4>},
+        // last: query tiles aligned to T (the first tile starts before row 0, TMA boxes at negative rows)
+        {"64 3wg bn128 s2 pp q2 end", 64, launch_fwd<64, 3, 128, 2, true, 2, 0, true>},
+        {"64 3wg bn128 s2 pp q2 e4 end", 64, launch_fwd<64, 3, 128, 2, true, 2, 4, true>},
     };
     printf("forward variants (B4 L4096 16q/4kv): D, consumer warpgroups, BN, stages, ping-pong, Q buffers, FMA exp2; "
            "check = rel L2 vs mma.sync at this shape\n");
@@ -234,12 +237,12 @@ static void sweep_forward_variants(const Path& model, const Path& mma_sync) {
                 why = e.what();
             }
             if (!why.empty()) {
-                printf("  fwd D%-26s FAIL (%s, rel L2 %.2e)\n", v.name, why.c_str(), err);
+                printf("  fwd D%-30s FAIL (%s, rel L2 %.2e)\n", v.name, why.c_str(), err);
                 fflush(stdout);
                 continue;
             }
             const float t = time_ms([&]() { bu.fwd(path); }, 3, 10);
-            printf("  fwd D%-26s %.3f ms %6.1f TFLOP/s  check %.1e\n", v.name, t, work / t * 1e-9, err);
+            printf("  fwd D%-30s %.3f ms %6.1f TFLOP/s  check %.1e\n", v.name, t, work / t * 1e-9, err);
             fflush(stdout);
         }
     }
