@@ -51,19 +51,6 @@ constexpr int reg_consumer(int nwg) {
 }
 static_assert(reg_consumer(2) == 240 && reg_consumer(3) == 160, "register split");
 
-// 2^x (x <= 0) on the FMA pipe, to take some of the softmax's exponentials off the MUFU (16/clk/SM, at D = 64
-// as busy as the tensor cores): x = n + f with n = round(x) (the 1.5 2^23 trick: n lands in j's low mantissa
-// bits), |f| <= 1/2, 2^f by a cubic through the 4 Chebyshev nodes (relative error 1.0e-4, under P's bf16
-// rounding of 2e-3), n added to the exponent bits. x is clamped at -125, so a masked score (-inf) gives
-// 2^-125 instead of 0: 1e-38 of a weight, wiped by the next alpha = 0 if the row saw nothing else yet.
-__device__ inline float fma_exp2(float x) {
-    x = fmaxf(x, -125.f);
-    const float j = x + 12582912.f;
-    const float f = x - (j - 12582912.f);
-    const float p = fmaf(fmaf(fmaf(0.0558382832f, f, 0.242639482f), f, 0.693136752f), f, 0.999924541f);
-    return __int_as_float(__float_as_int(p) + (__float_as_int(j) << 23));
-}
-
 // the forward's k-th work tile of this block: the list dealt to the blocks in a snake order
 __device__ inline int snake_tile(int k) {
     const int G = gridDim.x;
@@ -80,7 +67,6 @@ struct FwdParams {
     float* lse;
     const int* pos;
     int B, T, Hq, Hkv;
-    int q_first;  // the first row of query tile 0: 0 or (END_ALIGNED) T - BM ceil(T / BM)
     float scale_log2;
 };
 
@@ -102,7 +88,7 @@ struct FwdCfg {
 // named barriers: 1 + w the turn of consumer warpgroup w (PINGPONG), 1 + NWG + w its epilogue
 constexpr int BAR_TURN = 1;
 
-template <int D, int NWG, int BN, int STAGES, bool PINGPONG, int QBUF, int EMU>
+template <int D, int NWG, int BN, int STAGES, bool PINGPONG, int QBUF>
 __global__ void __launch_bounds__(128 * (NWG + 1), 1) fwd_kernel(const __grid_constant__ FwdParams p) {
     using C = FwdCfg<D, NWG, BN, STAGES, QBUF>;
     constexpr int BM = C::BM;
@@ -136,16 +122,12 @@ __global__ void __launch_bounds__(128 * (NWG + 1), 1) fwd_kernel(const __grid_co
 
     const int T = p.T, Hq = p.Hq, G = Hq / p.Hkv;
     const int nqt = (T + BM - 1) / BM, ntiles = nqt * p.B * Hq;
-    // tile idx: query tile (last first), batch, query head (the heads of a kv head adjacent). Query tile t
-    // starts at row q_first + t BM: q_first = 0, or with END_ALIGNED (launch_fwd) T - nqt BM <= 0, so that
-    // where BM does not divide T the partial tile is the first, starting before row 0 (TMA fills those rows
-    // with zeros, the mask hides every key from them, nothing of theirs is stored): its rows then see one or
-    // two kv tiles, where a partial last tile computes all of its empty rows against every key.
+    // tile idx: query tile (last first), batch, query head (the heads of a kv head adjacent)
     auto decode = [&](int idx, int& b, int& h, int& q0, int& j_lo, int& j_hi) {
         const int bh = idx % (p.B * Hq);
         b = bh / Hq;
         h = bh % Hq;
-        q0 = p.q_first + (nqt - 1 - idx / (p.B * Hq)) * BM;
+        q0 = (nqt - 1 - idx / (p.B * Hq)) * BM;
         j_hi = (min(q0 + BM, T) - 1) / BN;
         j_lo = doc_start(p.pos, b, T, q0) / BN;
     };
@@ -271,8 +253,7 @@ __global__ void __launch_bounds__(128 * (NWG + 1), 1) fwd_kernel(const __grid_co
                     for (int e = 0; e < 2; e++) {
                         float& v = s[4 * jn + 2 * hf + e];
                         v = fmaf(v, sl2, -muse);
-                        if constexpr (EMU > 0) v = jn % EMU == EMU - 1 ? fma_exp2(v) : fast_exp2(v);
-                        else v = fast_exp2(v);
+                        v = fast_exp2(v);
                         sum[(2 * jn + e) % 4] += v;
                     }
                 l[hf] = l[hf] * alpha[hf] + ((sum[0] + sum[1]) + (sum[2] + sum[3]));
@@ -386,7 +367,7 @@ __global__ void __launch_bounds__(128 * (NWG + 1), 1) fwd_kernel(const __grid_co
     if (wt == 0) bulk_wait<0>();
 }
 
-template <int D, int NWG, int BN, int STAGES, bool PINGPONG, int QBUF, int EMU, bool END_ALIGNED = false>
+template <int D, int NWG, int BN, int STAGES, bool PINGPONG, int QBUF>
 inline void launch_fwd(bf16* out, float* lse, const bf16* qkv, const AttnShape& sh, const int* pos, cudaStream_t s) {
     using C = FwdCfg<D, NWG, BN, STAGES, QBUF>;
     FwdParams p;
@@ -400,9 +381,8 @@ inline void launch_fwd(bf16* out, float* lse, const bf16* qkv, const AttnShape& 
     p.T = sh.T;
     p.Hq = sh.Hq;
     p.Hkv = sh.Hkv;
-    p.q_first = END_ALIGNED ? sh.T - (sh.T + C::BM - 1) / C::BM * C::BM : 0;
     p.scale_log2 = LOG2E / sqrtf((float)D);
-    auto kernel = fwd_kernel<D, NWG, BN, STAGES, PINGPONG, QBUF, EMU>;
+    auto kernel = fwd_kernel<D, NWG, BN, STAGES, PINGPONG, QBUF>;
     cudaCheck(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM));
     const int ntiles = (sh.T + C::BM - 1) / C::BM * sh.B * sh.Hq;
     kernel<<<std::min(ntiles, sm_count()), C::THREADS, C::SMEM, s>>>(p);
@@ -880,15 +860,14 @@ inline void backward(bf16* dqkv, void* scratch, const bf16* dout, const bf16* qk
     launch_bwd_dq<D>(dqkv, scratch, sh, s);
 }
 
-// tile configurations: D, consumer warpgroups (BM = 64 NWG query rows), BN, stages, ping-pong, Q buffers,
-// EMU (every EMU-th 8-column block of the scores takes fma_exp2, 0: none).
-// D = 64 has half the matmul work of D = 128 per tile but the same softmax (exp2 on the 16/clk/SM MUFU), so
-// its softmax takes about as long as its matmuls: three consumer warpgroups take turns at the tensor cores
-// while the other two run their softmax (FlashAttention-3's 192 x 128 tile).
+// tile configurations: D, consumer warpgroups (BM = 64 NWG query rows), BN, stages, ping-pong, Q buffers;
+// the fastest of dev/bench_attention --sweep on an H200 (2026-12-02, B4 T4096 16q/4kv): D = 128 at 527
+// TFLOP/s (ping-pong within 1%), D = 64 at 346 with three stages and no ping-pong (three warpgroups 327,
+// the former ping-pong default 279).
 template <int D>
 inline void forward(bf16* out, float* lse, const bf16* qkv, const AttnShape& sh, const int* pos, cudaStream_t s) {
-    if constexpr (D == 128) launch_fwd<128, 2, 128, 2, true, 2, 0>(out, lse, qkv, sh, pos, s);
-    else launch_fwd<64, 3, 128, 2, true, 2, 0>(out, lse, qkv, sh, pos, s);
+    if constexpr (D == 128) launch_fwd<128, 2, 128, 2, false, 2>(out, lse, qkv, sh, pos, s);
+    else launch_fwd<64, 2, 128, 3, false, 2>(out, lse, qkv, sh, pos, s);
 }
 inline void forward(bf16* out, float* lse, const bf16* qkv, const AttnShape& sh, const int* pos, cudaStream_t s) {
     if (sh.Dh == 64) forward<64>(out, lse, qkv, sh, pos, s);
