@@ -58,10 +58,11 @@ __device__ inline float quad_max(float v) {
     return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
 }
 
-// start of the document of row r of sequence b (0 without positions); rows past T take the last row's
+// start of the document of row r of sequence b (0 without positions); rows outside [0, T) (a tile's padding)
+// take the nearest row's
 __device__ inline int doc_start(const int* pos, int b, int T, int r) {
     if (!pos) return 0;
-    r = min(r, T - 1);
+    r = max(0, min(r, T - 1));
     return r - __ldg(pos + (size_t)b * T + r);
 }
 // the first row in [lo, T) whose document starts after row `key` (T if none; doc starts never decrease)

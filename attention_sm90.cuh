@@ -5,11 +5,14 @@
 // tiles, longest (last query tiles) first, dealt to the blocks in a snake order so that their sums even out;
 // the query heads of one kv head are neighbours in the list, so their K/V tiles are read from L2 while the
 // other heads' blocks still need them. A block is one producer warpgroup and NWG consumer warpgroups:
-//   producer (one thread, 24 registers): per tile the Q tile (BM = 64 NWG rows) into sQ, then the K and V
-//     tiles (BN rows) from the diagonal down to the first tile of the document, into a ring of STAGES
-//     buffers; every load is a TMA box that completes on an mbarrier ("full"), and a buffer is refilled
-//     only after every consumer warp arrived on its "empty" barrier.
-//   consumers (240 registers with 2 warpgroups): warpgroup w owns query rows [64w, 64w + 64) of the tile.
+//   producer (one thread, 24 registers): per tile the Q tile (BM = 64 NWG rows) into one of QBUF buffers,
+//     then the K and V tiles (BN rows) from the diagonal down to the first tile of the document, into a ring
+//     of STAGES buffers; every load is a TMA box that completes on an mbarrier ("full"), and a buffer is
+//     refilled only after every consumer warp arrived on its "empty" barrier. With two Q buffers the next
+//     tile's Q and first K/V tiles load while the consumers finish the current tile (with one, the ring
+//     drains at every tile boundary: the producer waits for the tile's last QK^T before loading its Q).
+//   consumers (240 registers with 2 warpgroups, 160 with 3): warpgroup w owns query rows [64w, 64w + 64) of
+//     the tile.
 //     Per kv tile: S = Q K^T (wgmma, both from smem), online softmax in registers (fp32, exp2), O += P V
 //     (wgmma, P from registers). The matmuls of kv tile j + 1 overlap the softmax of tile j: the loop issues
 //     S_{j+1} = Q K_{j+1}^T and O += P_j V_j, waits for S_{j+1} only, runs its softmax while the PV matmul
@@ -67,16 +70,17 @@ struct FwdParams {
     float scale_log2;
 };
 
-template <int D, int NWG, int BN, int STAGES>
+template <int D, int NWG, int BN, int STAGES, int QBUF>
 struct FwdCfg {
     static constexpr int BM = 64 * NWG, THREADS = 128 * (NWG + 1);
     static constexpr int NCB = D / 64;  // 128-byte column blocks of a head row
     static constexpr int Q_BYTES = BM * D * 2, KV_BYTES = BN * D * 2, O_BYTES = 64 * D * 2;
-    static constexpr int OFF_K = Q_BYTES, OFF_V = OFF_K + STAGES * KV_BYTES, OFF_O = OFF_V + STAGES * KV_BYTES;
+    static constexpr int OFF_K = QBUF * Q_BYTES, OFF_V = OFF_K + STAGES * KV_BYTES, OFF_O = OFF_V + STAGES * KV_BYTES;
     static constexpr int OFF_BAR = OFF_O + NWG * O_BYTES;
-    static constexpr int NBAR = 2 + 4 * STAGES;
+    static constexpr int NBAR = 2 * QBUF + 4 * STAGES;
     static constexpr int SMEM = OFF_BAR + NBAR * 8 + 1024;  // + room to align the base to 1024
     static_assert(D % 64 == 0 && BN % 64 == 0 && (BN == 64 || BN == 128) && (D == 64 || D == 128), "tile shape");
+    static_assert(QBUF == 1 || QBUF == 2, "Q buffers");
     static_assert(Q_BYTES % 1024 == 0 && KV_BYTES % 1024 == 0 && O_BYTES % 1024 == 0, "1024-aligned tiles");
     static_assert(SMEM <= 227 * 1024, "shared memory");
 };
@@ -84,26 +88,28 @@ struct FwdCfg {
 // named barriers: 1 + w the turn of consumer warpgroup w (PINGPONG), 1 + NWG + w its epilogue
 constexpr int BAR_TURN = 1;
 
-template <int D, int NWG, int BN, int STAGES, bool PINGPONG>
+template <int D, int NWG, int BN, int STAGES, bool PINGPONG, int QBUF>
 __global__ void __launch_bounds__(128 * (NWG + 1), 1) fwd_kernel(const __grid_constant__ FwdParams p) {
-    using C = FwdCfg<D, NWG, BN, STAGES>;
+    using C = FwdCfg<D, NWG, BN, STAGES, QBUF>;
     constexpr int BM = C::BM;
     constexpr int BAR_EPI = BAR_TURN + NWG;
     extern __shared__ unsigned char smem_raw[];
     unsigned char* smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
     const uint32_t sQ = smem_u32(smem), sK = sQ + C::OFF_K, sV = sQ + C::OFF_V;
     uint64_t* bars = reinterpret_cast<uint64_t*>(smem + C::OFF_BAR);
-    uint64_t* q_full = bars;
-    uint64_t* q_empty = bars + 1;
-    uint64_t* k_full = bars + 2;
+    uint64_t* q_full = bars;  // per Q buffer
+    uint64_t* q_empty = bars + QBUF;
+    uint64_t* k_full = bars + 2 * QBUF;
     uint64_t* k_empty = k_full + STAGES;
     uint64_t* v_full = k_empty + STAGES;
     uint64_t* v_empty = v_full + STAGES;
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     if (threadIdx.x == 0) {
-        mbar_init(q_full, 1);
-        mbar_init(q_empty, 4 * NWG);  // one arrival per consumer warp
+        for (int qb = 0; qb < QBUF; qb++) {
+            mbar_init(&q_full[qb], 1);
+            mbar_init(&q_empty[qb], 4 * NWG);  // one arrival per consumer warp
+        }
         for (int s = 0; s < STAGES; s++) {
             mbar_init(&k_full[s], 1);
             mbar_init(&k_empty[s], 4 * NWG);
@@ -135,12 +141,12 @@ __global__ void __launch_bounds__(128 * (NWG + 1), 1) fwd_kernel(const __grid_co
                 if (idx >= ntiles) break;
                 int b, h, q0, j_lo, j_hi;
                 decode(idx, b, h, q0, j_lo, j_hi);
-                const int kvh = h / G;
-                mbar_wait(q_empty, (k & 1) ^ 1);
-                mbar_arrive_expect_tx(q_full, C::Q_BYTES);
+                const int kvh = h / G, qb = k % QBUF;
+                mbar_wait(&q_empty[qb], ((k / QBUF) & 1) ^ 1);
+                mbar_arrive_expect_tx(&q_full[qb], C::Q_BYTES);
 #pragma unroll
                 for (int cb = 0; cb < C::NCB; cb++)
-                    tma_load(smem + cb * BM * 128, &p.q, q_full, h * D + cb * 64, q0, b);
+                    tma_load(smem + qb * C::Q_BYTES + cb * BM * 128, &p.q, &q_full[qb], h * D + cb * 64, q0, b);
                 for (int j = j_hi; j >= j_lo; j--, it++) {
                     const int s = it % STAGES;
                     const uint32_t ph = (it / STAGES) & 1;
@@ -167,8 +173,8 @@ __global__ void __launch_bounds__(128 * (NWG + 1), 1) fwd_kernel(const __grid_co
     const int wg = warp / 4 - 1, wt = threadIdx.x % 128, ww = wt / 32, g = lane / 4, qd = lane % 4;
     const float sl2 = p.scale_log2;
     unsigned char* sO = smem + C::OFF_O + wg * C::O_BYTES;
-    // descriptors: Q rows of this warpgroup and K are K-major; V is MN-major (column blocks BN * 128 apart)
-    const uint64_t dQ = desc_sw128(sQ + wg * 64 * 128, 16);
+    // descriptors: Q rows of this warpgroup (per tile, in its Q buffer) and K are K-major; V is MN-major (column
+    // blocks BN * 128 apart)
     const uint64_t dK = desc_sw128(sK, 16), dV = desc_sw128(sV, BN * 128);
 
     auto turn_begin = [&]() {
@@ -185,8 +191,8 @@ __global__ void __launch_bounds__(128 * (NWG + 1), 1) fwd_kernel(const __grid_co
     float s[BN / 2];  // scores, then probabilities, of the current kv tile
     float o[D / 2];
     uint32_t pa[BN / 16][4];  // probabilities as the A operand of P V
-    // S = Q K^T from K stage st
-    auto qk = [&](int st) {
+    // S = Q K^T from the Q tile of descriptor dQ and K stage st
+    auto qk = [&](uint64_t dQ, int st) {
 #pragma unroll
         for (int kk = 0; kk < D / 16; kk++)  // column block kk / 4, 32 bytes a k-step inside it
             wgmma_ss<0, 0>(s, desc_add(dQ, (kk / 4) * BM * 128 + (kk % 4) * 32),
@@ -215,14 +221,15 @@ __global__ void __launch_bounds__(128 * (NWG + 1), 1) fwd_kernel(const __grid_co
 
         // masks the scores of kv tile j where the diagonal or a document start crosses the warpgroup's rows,
         // then the online softmax: s becomes exp2 of the scaled scores minus the running max; alpha rescales
-        // the earlier sums
+        // the earlier sums. The row's max and sum run in 4 independent chains (with 2-3 consumer warps per
+        // scheduler, a single chain of BN / 4 dependent adds would be latency, not throughput).
         auto softmax = [&](int j, float (&alpha)[2]) {
             const int k0 = j * BN;
             const bool mask = k0 + BN - 1 > w0 || k0 < wg_ds;
 #pragma unroll
             for (int hf = 0; hf < 2; hf++) {
                 const int row = r0 + 8 * hf;
-                float mx = -INFINITY;
+                float mx[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
 #pragma unroll
                 for (int jn = 0; jn < BN / 8; jn++)
 #pragma unroll
@@ -232,23 +239,24 @@ __global__ void __launch_bounds__(128 * (NWG + 1), 1) fwd_kernel(const __grid_co
                             const int col = k0 + 8 * jn + 2 * qd + e;
                             if (col > row || col < ds[hf]) v = -INFINITY;
                         }
-                        mx = fmaxf(mx, v);
+                        mx[(2 * jn + e) % 4] = fmaxf(mx[(2 * jn + e) % 4], v);
                     }
-                mx = quad_max(mx);
-                const float mnew = fmaxf(m[hf], mx);
+                const float mt = quad_max(fmaxf(fmaxf(mx[0], mx[1]), fmaxf(mx[2], mx[3])));
+                const float mnew = fmaxf(m[hf], mt);
                 const float muse = mnew == -INFINITY ? 0.f : mnew * sl2;  // a row with nothing seen yet stays 0
                 alpha[hf] = fast_exp2(m[hf] * sl2 - muse);
                 m[hf] = mnew;
-                float sum = 0.f;
+                float sum[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
                 for (int jn = 0; jn < BN / 8; jn++)
 #pragma unroll
                     for (int e = 0; e < 2; e++) {
                         float& v = s[4 * jn + 2 * hf + e];
-                        v = fast_exp2(fmaf(v, sl2, -muse));
-                        sum += v;
+                        v = fmaf(v, sl2, -muse);
+                        v = fast_exp2(v);
+                        sum[(2 * jn + e) % 4] += v;
                     }
-                l[hf] = l[hf] * alpha[hf] + sum;
+                l[hf] = l[hf] * alpha[hf] + ((sum[0] + sum[1]) + (sum[2] + sum[3]));
             }
         };
         auto to_pa = [&]() {  // columns 16kk .. 16kk + 15 are the A fragment of k-step kk
@@ -258,21 +266,22 @@ __global__ void __launch_bounds__(128 * (NWG + 1), 1) fwd_kernel(const __grid_co
                 for (int r = 0; r < 4; r++) pa[kk][r] = tc::pack_bf16(s[8 * kk + 2 * r], s[8 * kk + 2 * r + 1]);
         };
 
-        const int n = j_hi - j_lo + 1;
-        mbar_wait(q_full, k & 1);
+        const int n = j_hi - j_lo + 1, qb = k % QBUF;
+        const uint64_t dQ = desc_sw128(sQ + qb * C::Q_BYTES + wg * 64 * 128, 16);
+        mbar_wait(&q_full[qb], (k / QBUF) & 1);
         // the diagonal tile
         {
             const int st = it % STAGES;
             turn_begin();
             mbar_wait(&k_full[st], (it / STAGES) & 1);
             wg_fence();
-            qk(st);
+            qk(dQ, st);
             wg_commit();
             turn_end();
             wg_wait<0>();
             fence_regs(s);
             mbar_arrive_warp(&k_empty[st]);
-            if (n == 1) mbar_arrive_warp(q_empty);
+            if (n == 1) mbar_arrive_warp(&q_empty[qb]);
             float alpha[2];
             softmax(j_hi, alpha);
             to_pa();
@@ -285,7 +294,7 @@ __global__ void __launch_bounds__(128 * (NWG + 1), 1) fwd_kernel(const __grid_co
             fence_regs(o);  // the matmuls; the rescaled O and the new P are computed before it, not sunk past it
             fence_regs(pa);
             wg_fence();
-            qk(st);
+            qk(dQ, st);
             wg_commit();
             pv(sp);
             wg_commit();
@@ -293,7 +302,7 @@ __global__ void __launch_bounds__(128 * (NWG + 1), 1) fwd_kernel(const __grid_co
             wg_wait<1>();  // S of this tile; P V of the previous one may still run
             fence_regs(s);
             mbar_arrive_warp(&k_empty[st]);
-            if (i == n - 1) mbar_arrive_warp(q_empty);  // the tile's last use of Q
+            if (i == n - 1) mbar_arrive_warp(&q_empty[qb]);  // the tile's last use of Q
             float alpha[2];
             softmax(j_hi - i, alpha);
             wg_wait<0>();
@@ -332,7 +341,7 @@ __global__ void __launch_bounds__(128 * (NWG + 1), 1) fwd_kernel(const __grid_co
             const float lt = tc::quad_sum(l[hf]);
             inv[hf] = lt > 0.f ? 1.f / lt : 0.f;
             const int row = r0 + 8 * hf;
-            if (qd == 0 && row < T) p.lse[((size_t)b * Hq + h) * T + row] = (m[hf] * sl2 + log2f(lt)) * LN2;
+            if (qd == 0 && row >= 0 && row < T) p.lse[((size_t)b * Hq + h) * T + row] = (m[hf] * sl2 + log2f(lt)) * LN2;
         }
         if (wt == 0) bulk_wait_read<0>();  // the previous tile's store has read sO
         named_sync(BAR_EPI + wg, 128);
@@ -346,7 +355,7 @@ __global__ void __launch_bounds__(128 * (NWG + 1), 1) fwd_kernel(const __grid_co
             }
         fence_async_smem();
         named_sync(BAR_EPI + wg, 128);
-        if (wt == 0 && w0 < T) {
+        if (wt == 0 && w0 < T && w0 + 64 > 0) {
 #pragma unroll
             for (int cb = 0; cb < C::NCB; cb++) tma_store(&p.o, sO + cb * 64 * 128, h * D + cb * 64, w0, b);
             bulk_commit();
@@ -358,9 +367,9 @@ __global__ void __launch_bounds__(128 * (NWG + 1), 1) fwd_kernel(const __grid_co
     if (wt == 0) bulk_wait<0>();
 }
 
-template <int D, int NWG, int BN, int STAGES, bool PINGPONG>
+template <int D, int NWG, int BN, int STAGES, bool PINGPONG, int QBUF>
 inline void launch_fwd(bf16* out, float* lse, const bf16* qkv, const AttnShape& sh, const int* pos, cudaStream_t s) {
-    using C = FwdCfg<D, NWG, BN, STAGES>;
+    using C = FwdCfg<D, NWG, BN, STAGES, QBUF>;
     FwdParams p;
     const int W = (sh.Hq + 2 * sh.Hkv) * D;
     p.q = tensor_map_rows(qkv, W, sh.T, sh.B, C::BM);
@@ -373,7 +382,7 @@ inline void launch_fwd(bf16* out, float* lse, const bf16* qkv, const AttnShape& 
     p.Hq = sh.Hq;
     p.Hkv = sh.Hkv;
     p.scale_log2 = LOG2E / sqrtf((float)D);
-    auto kernel = fwd_kernel<D, NWG, BN, STAGES, PINGPONG>;
+    auto kernel = fwd_kernel<D, NWG, BN, STAGES, PINGPONG, QBUF>;
     cudaCheck(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM));
     const int ntiles = (sh.T + C::BM - 1) / C::BM * sh.B * sh.Hq;
     kernel<<<std::min(ntiles, sm_count()), C::THREADS, C::SMEM, s>>>(p);
@@ -851,11 +860,14 @@ inline void backward(bf16* dqkv, void* scratch, const bf16* dout, const bf16* qk
     launch_bwd_dq<D>(dqkv, scratch, sh, s);
 }
 
-// tile configurations: D, consumer warpgroups (BM = 64 NWG query rows), BN, stages, ping-pong
+// tile configurations: D, consumer warpgroups (BM = 64 NWG query rows), BN, stages, ping-pong, Q buffers;
+// the fastest of dev/bench_attention --sweep on an H200 (2026-12-02, B4 T4096 16q/4kv): D = 128 at 527
+// TFLOP/s (ping-pong within 1%), D = 64 at 346 with three stages and no ping-pong (three warpgroups 327,
+// the former ping-pong default 279).
 template <int D>
 inline void forward(bf16* out, float* lse, const bf16* qkv, const AttnShape& sh, const int* pos, cudaStream_t s) {
-    if constexpr (D == 128) launch_fwd<128, 2, 128, 2, true>(out, lse, qkv, sh, pos, s);
-    else launch_fwd<64, 2, 128, 3, true>(out, lse, qkv, sh, pos, s);
+    if constexpr (D == 128) launch_fwd<128, 2, 128, 2, false, 2>(out, lse, qkv, sh, pos, s);
+    else launch_fwd<64, 2, 128, 3, false, 2>(out, lse, qkv, sh, pos, s);
 }
 inline void forward(bf16* out, float* lse, const bf16* qkv, const AttnShape& sh, const int* pos, cudaStream_t s) {
     if (sh.Dh == 64) forward<64>(out, lse, qkv, sh, pos, s);

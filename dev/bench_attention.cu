@@ -1,13 +1,14 @@
 // Benchmark of causal grouped-query flash attention (attention.cuh). Checks forward and backward against
 // the double reference at small shapes first (with and without packed documents, every path of the
-// build), then times forward and forward+backward (median of cudaEvent timings) over sequence lengths
+// build; a path that fails prints FAIL, is not timed, and the exit status is 1), then times forward and forward+backward (median of cudaEvent timings) over sequence lengths
 // 1k-64k (B adjusted to keep the work near B4 L4096), GQA ratios 1, 4, 8 and packed documents, in TFLOP/s
 // of the causal FLOPs as the anchors count them: forward 4 B Hq T^2 Dh / 2, forward+backward 3.5x that
 // (with documents, the FLOPs of the documents' own causal blocks). The anchor (torch SDPA, cuDNN) comes from
 // the same device run through ANCHOR_LOG (dev/anchors.h). On Hopper builds the mma.sync kernels are timed
-// beside the wgmma ones at the anchor shapes; --sm80 times them everywhere instead. Then the forward's
-// tile variants at the anchor shape.
-// usage: bench_attention [--sm80] [--quick]  (--quick: the anchor shapes only)
+// beside the wgmma ones at the anchor shapes; --sm80 times them everywhere instead. Then the Hopper backward's
+// kernels one by one and, with --sweep, the forward's tile variants at the anchor shape.
+// usage: bench_attention [--sm80] [--quick | --sweep]  (--quick: the anchor shapes only; --sweep: also the
+// forward's tile variants, each checked)
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -100,7 +101,7 @@ static double rel_err(const std::vector<bf16>& got, int row, int c0, const std::
 }
 
 // the path's results against the reference (run per document), rel L2 < 2e-2 or an error
-static void check_small(const Path& path, const AttnShape& sh, int doc_lo, int doc_hi) {
+static void check_small(const Path& path, const AttnShape& sh, int doc_lo, int doc_hi, bool print = true) {
     Bufs bu(sh, make_positions(sh.B, sh.T, doc_lo, doc_hi, 5), 7);
     cudaCheck(cudaMemset(bu.out, 0xff, bu.BT * bu.nq * sizeof(bf16)));
     cudaCheck(cudaMemset(bu.dqkv, 0xff, bu.BT * bu.row * sizeof(bf16)));
@@ -142,7 +143,8 @@ static void check_small(const Path& path, const AttnShape& sh, int doc_lo, int d
         }
     const double e[4] = {rel_err(out, bu.nq, 0, ro, bu.nq), rel_err(dqkv, bu.row, 0, rdq, bu.nq),
                          rel_err(dqkv, bu.row, bu.nq, rdk, bu.nkv), rel_err(dqkv, bu.row, bu.nq + bu.nkv, rdv, bu.nkv)};
-    printf("check %-16s B=%d T=%d Hq=%d Hkv=%d Dh=%d%s: rel L2 out %.2e dq %.2e dk %.2e dv %.2e\n", path.name, sh.B,
+    if (print)
+        printf("check %-16s B=%d T=%d Hq=%d Hkv=%d Dh=%d%s: rel L2 out %.2e dq %.2e dk %.2e dv %.2e\n", path.name, sh.B,
            sh.T, sh.Hq, sh.Hkv, sh.Dh, doc_hi ? " docs" : "", e[0], e[1], e[2], e[3]);
     for (double x : e)
         if (!(x < 2e-2)) THROW("attention (%s) mismatch at the check shape: rel L2 %.3e", path.name, x);
@@ -173,13 +175,75 @@ static void print_rows(const std::vector<Row>& rows) {
                r.sh.Hq, r.sh.Hkv, r.docs.c_str(), r.fwd_ms, r.fwd_tf, r.all_ms, r.all_tf);
 }
 
+#ifdef ATTN_SM90
+// The forward's tile variants (D, consumer warpgroups, BN, stages, ping-pong, Q buffers), each checked before
+// it is timed: at small shapes against the reference (with the model's backward on the variant's lse), and at
+// the anchor shape against the mma.sync kernel's output. A variant that fails prints FAIL, not a time.
+static void sweep_forward_variants(const Path& model, const Path& mma_sync) {
+    using namespace attn::sm90;
+    struct Variant { const char* name; int D; FwdFn fwd; };
+    const Variant variants[] = {
+        {"128 2wg bn128 s2 -- q2", 128, launch_fwd<128, 2, 128, 2, false, 2>},
+        {"128 2wg bn128 s2 pp q2", 128, launch_fwd<128, 2, 128, 2, true, 2>},
+        {"128 2wg bn128 s2 pp q1", 128, launch_fwd<128, 2, 128, 2, true, 1>},
+        {"128 2wg bn64  s4 pp q2", 128, launch_fwd<128, 2, 64, 4, true, 2>},
+        {"128 3wg bn64  s3 pp q1", 128, launch_fwd<128, 3, 64, 3, true, 1>},
+        {"64 2wg bn128 s3 -- q2", 64, launch_fwd<64, 2, 128, 3, false, 2>},
+        {"64 2wg bn128 s3 -- q1", 64, launch_fwd<64, 2, 128, 3, false, 1>},
+        {"64 2wg bn128 s4 -- q2", 64, launch_fwd<64, 2, 128, 4, false, 2>},
+        {"64 2wg bn128 s3 pp q2", 64, launch_fwd<64, 2, 128, 3, true, 2>},
+        {"64 3wg bn128 s3 pp q2", 64, launch_fwd<64, 3, 128, 3, true, 2>},
+        {"64 3wg bn128 s2 -- q2", 64, launch_fwd<64, 3, 128, 2, false, 2>},
+    };
+    printf("forward variants (B4 L4096 16q/4kv): D, consumer warpgroups, BN, stages, ping-pong, Q buffers; "
+           "check = rel L2 vs mma.sync at this shape\n");
+    for (int Dh : {128, 64}) {
+        Bufs bu({4, 4096, 16, 4, Dh}, {}, 1234);
+        const double work = bu.fwd_flops();
+        const size_t n = bu.BT * bu.nq;
+        std::vector<bf16> want(n), got(n);
+        bu.fwd(mma_sync);
+        cudaCheck(cudaMemcpy(want.data(), bu.out, n * sizeof(bf16), cudaMemcpyDeviceToHost));
+        std::vector<double> ref(n);
+        for (size_t i = 0; i < n; i++) ref[i] = __bfloat162float(want[i]);
+        for (const Variant& v : variants) {
+            if (v.D != Dh) continue;
+            const Path path{v.name, v.fwd, model.bwd};
+            double err = INFINITY;
+            std::string why;
+            try {
+                check_small(path, {2, 333, 4, 2, Dh}, 1, 150, false);
+                check_small(path, {1, 300, 8, 1, Dh}, 0, 0, false);
+                check_small(path, {3, 200, 4, 4, Dh}, 1, 40, false);
+                cudaCheck(cudaMemset(bu.out, 0xff, n * sizeof(bf16)));
+                bu.fwd(path);
+                cudaCheck(cudaMemcpy(got.data(), bu.out, n * sizeof(bf16), cudaMemcpyDeviceToHost));
+                err = rel_err(got, bu.nq, 0, ref, bu.nq);
+                if (!(err < 2e-2)) why = "differs from mma.sync at this shape";
+            } catch (const std::exception& e) {
+                why = e.what();
+            }
+            if (!why.empty()) {
+                printf("  fwd D%-30s FAIL (%s, rel L2 %.2e)\n", v.name, why.c_str(), err);
+                fflush(stdout);
+                continue;
+            }
+            const float t = time_ms([&]() { bu.fwd(path); }, 3, 10);
+            printf("  fwd D%-30s %.3f ms %6.1f TFLOP/s  check %.1e\n", v.name, t, work / t * 1e-9, err);
+            fflush(stdout);
+        }
+    }
+}
+#endif
+
 int main(int argc, char** argv) {
-    bool sm80 = false, quick = false;
+    bool sm80 = false, quick = false, sweep = false;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--sm80")) sm80 = true;
         else if (!strcmp(argv[i], "--quick")) quick = true;
+        else if (!strcmp(argv[i], "--sweep")) sweep = true;
         else {
-            fprintf(stderr, "usage: bench_attention [--sm80] [--quick]\n");
+            fprintf(stderr, "usage: bench_attention [--sm80] [--quick | --sweep]\n");
             return 1;
         }
     }
@@ -193,18 +257,27 @@ int main(int argc, char** argv) {
         std::vector<Path> paths = {model};
 #endif
         const Path& main_path = sm80 ? mma_sync : model;
+        // a path that fails its checks prints FAIL and is not timed (the rest of the run goes on)
+        std::vector<std::string> failed;
         for (const Path& p : paths) {
-            check_small(p, {1, 300, 4, 1, 128}, 0, 0);
-            check_small(p, {2, 150, 4, 2, 64}, 0, 0);
-            check_small(p, {2, 333, 4, 2, 128}, 1, 150);
-            check_small(p, {1, 200, 8, 1, 64}, 1, 40);
+            try {
+                check_small(p, {1, 300, 4, 1, 128}, 0, 0);
+                check_small(p, {2, 150, 4, 2, 64}, 0, 0);
+                check_small(p, {2, 333, 4, 2, 128}, 1, 150);
+                check_small(p, {1, 200, 8, 1, 64}, 1, 40);
+            } catch (const std::exception& e) {
+                printf("check %-16s FAIL: %s\n", p.name, e.what());
+                failed.push_back(p.name);
+            }
         }
+        auto ok = [&](const Path& p) { return std::find(failed.begin(), failed.end(), p.name) == failed.end(); };
 
         std::vector<Row> rows;
         for (int Dh : {128, 64}) {
+            if (!ok(main_path)) break;
             const AttnShape anchor{4, 4096, 16, 4, Dh};
             for (const Path& p : paths)
-                if (!sm80 || !strcmp(p.name, mma_sync.name)) rows.push_back(time_case(p, anchor, 0, 0));
+                if (ok(p) && (!sm80 || !strcmp(p.name, mma_sync.name))) rows.push_back(time_case(p, anchor, 0, 0));
             const char* prefix = Dh == 128 ? "attn-anchor cudnn D=128:" : "attn-anchor cudnn D=64:";
             const Row& ours = *std::find_if(rows.rbegin(), rows.rend(), [&](const Row& r) { return r.path == main_path.name; });
             char what[96];
@@ -224,7 +297,7 @@ int main(int argc, char** argv) {
         }
 
 #ifdef ATTN_SM90
-        if (!quick && !sm80) {  // the forward's tile variants at the anchor shapes
+        if (!quick && !sm80 && ok(model)) {  // the backward's kernels one by one
             printf("backward kernels (B4 L4096 16q/4kv), TFLOP/s of the backward's 2.5x forward FLOPs:\n");
             for (int Dh : {128, 64}) {
                 Bufs bu({4, 4096, 16, 4, Dh}, {}, 1234);
@@ -254,32 +327,19 @@ int main(int argc, char** argv) {
                        "all %.3f ms %6.1f TFLOP/s\n", Dh, tp, tm, work / tm * 1e-9, td, tp + tm + td,
                        work / (tp + tm + td) * 1e-9);
             }
-            printf("forward variants (B4 L4096 16q/4kv): D, consumer warpgroups, BN, stages, ping-pong\n");
-            for (int Dh : {128, 64}) {
-                Bufs bu({4, 4096, 16, 4, Dh}, {}, 1234);
-                const double work = bu.fwd_flops();
-                auto run = [&](const char* name, auto launch) {
-                    const float t = time_ms([&]() { launch(bu.out, bu.lse, bu.qkv, bu.sh, nullptr, (cudaStream_t)0); }, 3, 10);
-                    printf("  fwd %-22s %.3f ms %6.1f TFLOP/s\n", name, t, work / t * 1e-9);
-                };
-                using namespace attn::sm90;
-                if (Dh == 128) {
-                    run("D128 2 BN128 s2 pp", launch_fwd<128, 2, 128, 2, true>);
-                    run("D128 2 BN128 s2", launch_fwd<128, 2, 128, 2, false>);
-                    run("D128 2 BN64 s3 pp", launch_fwd<128, 2, 64, 3, true>);
-                    run("D128 3 BN64 s2 pp", launch_fwd<128, 3, 64, 2, true>);
-                } else {
-                    run("D64 2 BN128 s3 pp", launch_fwd<64, 2, 128, 3, true>);
-                    run("D64 2 BN128 s3", launch_fwd<64, 2, 128, 3, false>);
-                    run("D64 3 BN128 s2 pp", launch_fwd<64, 3, 128, 2, true>);
-                    run("D64 2 BN64 s4 pp", launch_fwd<64, 2, 64, 4, true>);
-                }
-            }
         }
 #endif
         printf("\nattention, TFLOP/s of the causal FLOPs (forward 4 B Hq T^2 Dh / 2; fwd+bwd 3.5x; documents: their "
                "own blocks)\n");
         print_rows(rows);
+        if (sweep && !sm80) {  // last: a variant that faults ends the run
+#ifdef ATTN_SM90
+            if (ok(mma_sync)) sweep_forward_variants(model, mma_sync);
+#else
+            printf("--sweep: the forward's variants are the Hopper kernels' (make GPU_ARCH=90)\n");
+#endif
+        }
+        if (!failed.empty()) return 1;
     } catch (const std::exception& e) {
         fprintf(stderr, "error: %s\n", e.what());
         return 1;
