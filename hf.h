@@ -702,6 +702,25 @@ inline std::string hf_config_name(const ModelConfig& c, const std::string& dir) 
 inline ModelConfig hf_read_config(const std::string& dir, HfKind& kind) {
     const std::string path = dir + "/config.json";
     ModelConfig c = hf_config_from_json(read_py_json(path), path, kind);
+    // transformers' NemotronH keeps (and saves) its own lm_head whatever tie_word_embeddings
+    // says: a head in the weights that differs from the embedding is what the model computes
+    // with, so the model is untied
+    namespace fs = std::filesystem;
+    if (c.tie_embeddings && (fs::exists(dir + "/model.safetensors") || fs::exists(dir + "/model.safetensors.index.json"))) {
+        const SafetensorsModel st(dir);
+        const StTensor* head = st.find("lm_head.weight");
+        for (const char* name : {"backbone.embeddings.weight", "model.embeddings.weight", "backbone.embedding.weight",
+                                 "model.embedding.weight", "model.embed_tokens.weight"}) {
+            const StTensor* e = st.find(name);
+            if (!head || !e) continue;
+            if (e->dtype != head->dtype || e->bytes != head->bytes || std::memcmp(e->data, head->data, e->bytes) != 0) {
+                printf("%s: lm_head.weight differs from %s although the config ties them: imported untied\n",
+                       dir.c_str(), name);
+                c.tie_embeddings = false;
+            }
+            break;
+        }
+    }
     c.name = hf_config_name(c, dir);
     return c;
 }
@@ -721,22 +740,6 @@ inline std::vector<float> hf_load(const std::string& dir, ModelConfig& cfg, HfKi
     const Layout L(cfg);
     const SafetensorsModel st(dir);
     if (kind_out) *kind_out = kind;
-    // a head that differs from the embedding although the config says tied (transformers'
-    // NemotronH keeps and saves its own lm_head whatever tie_word_embeddings says) is what the
-    // model computes with: import it untied
-    if (cfg.tie_embeddings && st.find("lm_head.weight")) {
-        ModelConfig untied = cfg;
-        untied.tie_embeddings = false;
-        const Layout U(untied);
-        std::vector<float> master = hf_read_weights(st, untied, U, kind);
-        const TensorInfo &e = U.find("embedding"), &h = U.find("lm_head");
-        if (!std::equal(master.begin() + e.offset, master.begin() + e.offset + e.count, master.begin() + h.offset)) {
-            printf("%s: lm_head.weight differs from the embedding although the config ties them: imported untied\n",
-                   dir.c_str());
-            cfg = untied;
-            return master;
-        }
-    }
     return hf_read_weights(st, cfg, L, kind);
 }
 

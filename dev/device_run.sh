@@ -45,7 +45,7 @@ while [ $# -gt 0 ]; do
                      setsid nohup python3 $a.py --build-only > "$OUT/build_$a.log" 2>&1 < /dev/null &
                    done) ;;
     dumps)  setsid nohup make dumps PYTHON=python3 > "$OUT/dumps.log" 2>&1 < /dev/null & ;;
-    wait-dumps) while pgrep -f pytorch_ref.py >/dev/null || pgrep -f muon_ref.py >/dev/null; do sleep 2; done ;;
+    wait-dumps) while pgrep -f "make dumps" >/dev/null; do sleep 2; done ;;
     test)   f=${1:-}; [ $# -gt 0 ] && shift
             timeout 540 ./build/test_gpu $f 2>&1 | tee "$OUT/test_gpu.log" | tail -25 ;;
     anchors) (cd anchors && python3 attn_anchor.py; python3 ../dev/anchor_mamba_ssm.py --part a) 2>&1 | tee -a "$ANCHOR_LOG" | grep -E "anchor" ;;
