@@ -49,9 +49,10 @@ while [ $# -gt 0 ]; do
     test)   f=${1:-}; [ $# -gt 0 ] && shift
             timeout 540 ./build/test_gpu $f 2>&1 | tee "$OUT/test_gpu.log" | tail -25 ;;
     anchors) (cd anchors && python3 attn_anchor.py; python3 ../dev/anchor_mamba_ssm.py --part a) 2>&1 | tee -a "$ANCHOR_LOG" | grep -E "anchor" ;;
-    anchors-strong) (cd anchors && python3 scan_anchor.py
-                     python3 anchor_strong.py --layers 48 --d 1024 -B 8 -T 2048
-                     python3 anchor_strong.py --pattern "$(../train_mamba --model hybrid-1.3b --dry-run | sed -n 's/^pattern: //p')" --d 2048 -B 4 -T 2048
+    anchors-strong) (cd anchors && python3 anchor_strong.py --layers 48 --d 1024 -B 8 -T 2048
+                     hp=$(../train_mamba --model hybrid-1.3b --dry-run | sed -n 's/^pattern: //p')
+                     python3 anchor_strong.py --pattern "$hp" --d 2048 -B 4 -T 2048
+                     python3 anchor_strong.py --pattern "$hp" --d 2048 -B 1 -T 16384
                     ) 2>&1 | tee -a "$ANCHOR_LOG" | grep -E "anchor" ;;
     bench)  for b in dev/bench_*; do [ -x "$b" ] && { echo "== $b"; timeout 200 "$b"; }; done 2>&1 | tee "$OUT/bench.log" | grep -E "x$|ours|==" ;;
     models) for m in "mamba2-370m -B 8" "mamba2-370m -B 8 --recompute" "hybrid-1.3b -B 4" "hybrid-1.3b -B 4 --recompute"; do
