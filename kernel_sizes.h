@@ -109,7 +109,7 @@ struct ScopedPartialBudget {
 inline int n4(int N) { return (N + 3) / 4 * 4; }
 inline int nchunks(const ScanShape& sh) { return (sh.T + CK - 1) / CK; }
 
-// thread layout
+// thread layouts and the configuration per N (the backward's scratch depends on a block's channels)
 
 // A thread owns DPT adjacent channels and NPT adjacent states of each; G lanes (a channel group) cover
 // NP = G NPT states; a warp holds R = 32 / G channel groups, a block WARPS warps, DT channels.
@@ -121,9 +121,6 @@ struct Layout {
     static_assert(NPT % 4 == 0, "states move as float4");
     static_assert(DT % 4 == 0, "shared rows stay 16-byte aligned");
 };
-
-// ----------------------------------------------------------------------------------------------
-// configurations
 
 // NPT states and DPT channels a thread, G lanes a channel group (the smallest power of two >= 2 covering N);
 // the backward takes 8 warps where a warp holds few channels (fewer dB/dC block partials) if its shared

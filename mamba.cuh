@@ -6,7 +6,8 @@
 //   1. Blocks: one type per layer kind (Mamba2Block, Mamba1Block, AttentionBlock, MlpBlock).
 //      Each declares its tensors (shapes in the comments), what it keeps from the forward for
 //      the backward, which shared buffers it borrows, its FLOPs, and its views of the buffers
-//      (one definition of each column layout); on the GPU, its forward, recompute and backward.
+//      (one definition of each column layout); on the GPU, its forward, recompute and backward
+//      (the GPU half, here and below, is inside #ifdef __CUDACC__: g++ builds the rest).
 //   2. The model's parameter layout (embedding, the pattern's blocks, final norm, LM head),
 //      initialisation, activation memory and FLOPs.
 //   3. Model: the GPU model. It walks the blocks forward to the loss and back to every gradient.
