@@ -11,7 +11,10 @@ else
   ARCH_FLAGS := -gencode=arch=compute_$(GPU_ARCH),code=sm_$(GPU_ARCH)
 endif
 PYTHON    ?= /usr/bin/python3
-CXXFLAGS  := -O3 -std=c++17 -Wall -Wextra -I.
+# host-only builds (g++) size attention's backward scratch for the build's target, as nvcc's
+# host pass does (kernel_sizes.h)
+HOST_ARCH := $(if $(filter 90,$(GPU_ARCH)),-DATTN_SM90)
+CXXFLAGS  := -O3 -std=c++17 -Wall -Wextra -I. $(HOST_ARCH)
 NVCCFLAGS := -O3 -std=c++17 $(ARCH_FLAGS) -I. -Xcompiler -Wall --expt-relaxed-constexpr --extended-lambda -lineinfo
 LIBS      := -lcublas -lcublasLt
 # what tokenizer.h links: ICU (Unicode categories) and SentencePiece
@@ -19,7 +22,7 @@ TOKLIBS   := -licuuc -lsentencepiece
 BUILD     := build
 
 HEADERS   := $(wildcard *.h *.cuh data/*.h test/ref/*.h test/*.h dev/*.h)
-CPU_TESTS := $(wildcard test/cpu/*.cu)
+CPU_TESTS := $(wildcard test/cpu/*.cpp)
 GPU_TESTS := $(wildcard test/gpu/*.cu)
 DEV_BENCH := $(patsubst dev/%.cu,dev/%,$(wildcard dev/bench_*.cu)) dev/bench_tokenizer
 
@@ -41,9 +44,9 @@ train_mamba: train_mamba.cu $(HEADERS)
 finetune_mamba: finetune_mamba.cu $(HEADERS)
 	$(NVCC) $(NVCCFLAGS) $(MPI_INC) $< -o $@ $(LIBS) $(MPI_LIB) -lnccl $(TOKLIBS)
 
-# host code only (Hugging Face directories in and out); nvcc because the parameter layout is in mamba.cuh
-convert_hf: convert_hf.cu $(HEADERS)
-	$(NVCC) $(filter-out -O3,$(NVCCFLAGS)) -O1 $< -o $@ $(LIBS) $(TOKLIBS)
+# host code only (Hugging Face directories in and out)
+convert_hf: convert_hf.cpp $(HEADERS)
+	$(CXX) $(filter-out -O3,$(CXXFLAGS)) -O1 $< -o $@ $(TOKLIBS)
 
 # the engine's logits for test/hf_roundtrip.py (GPU)
 $(BUILD)/hf_logits: test/hf_logits.cu $(HEADERS)
@@ -56,22 +59,22 @@ dev/bench_tokenizer: dev/bench_tokenizer.cpp $(HEADERS)
 dev/bench_%: dev/bench_%.cu $(HEADERS)
 	$(NVCC) $(NVCCFLAGS) $< -o $@ $(LIBS)
 
-# Tests: every file is compiled by nvcc (CPU tests may include .cuh headers for their
-# host-side parts), against one Catch2 main.
+# Tests, against one Catch2 main: the CPU tests are host code (g++, no CUDA runtime; they
+# include mamba.cuh's host half), the GPU tests nvcc's.
 $(BUILD)/catch_main.o: test/catch_main.cpp
 	@mkdir -p $(BUILD)
 	$(CXX) -O1 -std=c++17 -c $< -o $@
 
-$(BUILD)/cpu_%.o: test/cpu/%.cu $(HEADERS)
+$(BUILD)/cpu_%.o: test/cpu/%.cpp $(HEADERS)
 	@mkdir -p $(BUILD)
-	$(NVCC) $(filter-out -O3,$(NVCCFLAGS)) -O1 -c $< -o $@
+	$(CXX) $(filter-out -O3,$(CXXFLAGS)) -O1 -c $< -o $@
 
 $(BUILD)/gpu_%.o: test/gpu/%.cu $(HEADERS)
 	@mkdir -p $(BUILD)
 	$(NVCC) $(NVCCFLAGS) -c $< -o $@
 
-$(BUILD)/test_cpu: $(BUILD)/catch_main.o $(patsubst test/cpu/%.cu,$(BUILD)/cpu_%.o,$(CPU_TESTS))
-	$(NVCC) $(NVCCFLAGS) $^ -o $@ $(LIBS) $(TOKLIBS) -lsentencepiece_train
+$(BUILD)/test_cpu: $(BUILD)/catch_main.o $(patsubst test/cpu/%.cpp,$(BUILD)/cpu_%.o,$(CPU_TESTS))
+	$(CXX) $^ -o $@ $(TOKLIBS) -lsentencepiece_train
 
 $(BUILD)/test_gpu: $(BUILD)/catch_main.o $(patsubst test/gpu/%.cu,$(BUILD)/gpu_%.o,$(GPU_TESTS))
 	$(NVCC) $(NVCCFLAGS) $^ -o $@ $(LIBS) $(TOKLIBS)

@@ -27,15 +27,8 @@
 #include <algorithm>
 #include <cstdint>
 #include "cuda_common.cuh"
+#include "kernel_sizes.h"  // AttnShape, ATTN_SM90, the backward's scratch layout, attention_scratch_bytes
 #include "tensor_core.cuh"
-
-struct AttnShape { int B, T, Hq, Hkv, Dh; };
-
-// the Hopper kernels when the build targets sm_90a, i.e. Hopper alone (nvcc defines __CUDA_ARCH_LIST__ in the
-// host pass too; wgmma does not exist on later architectures, which take the mma.sync kernels)
-#if defined(__CUDA_ARCH_LIST__) && __CUDA_ARCH_LIST__ == 900
-#define ATTN_SM90 1
-#endif
 
 namespace attn {
 
@@ -48,11 +41,6 @@ constexpr float LN2 = 0.6931471805599453f;
 // ----------------------------------------------------------------------------------------------
 // warp-level tensor-core helpers (the PTX wrappers and fragment layouts are in tensor_core.cuh)
 
-__device__ inline float fast_exp2(float x) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-    return y;
-}
 __device__ inline float quad_max(float v) {
     v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
     return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
@@ -741,15 +729,6 @@ inline void launch_rope(bf16* x, const AttnShape& sh, float theta, const int* po
 // public interface. pos (B*T, or nullptr for plain causal attention): each token's position in its
 // document, 0 at a document start (see the header)
 
-// temporary for the backward, shared by layers (also enough for sm80_backward)
-inline size_t attention_scratch_bytes(const AttnShape& sh) {
-    const size_t delta = ((size_t)sh.B * sh.Hq * sh.T * sizeof(float) + 255) / 256 * 256;  // sm80: Delta (B, Hq, T)
-#ifdef ATTN_SM90
-    return std::max(delta, attn::sm90::scratch_bytes(sh));  // + the dQ accumulator (B, Hq, T, Dh) fp32
-#else
-    return delta;
-#endif
-}
 
 // out (B*T, Hq*Dh) bf16; lse (B, Hq, T) fp32 logsumexp of the scaled scores, kept for the backward
 inline void attention_forward(bf16* out, float* lse, const bf16* qkv, const AttnShape& sh, const int* pos,

@@ -430,31 +430,6 @@ struct BwdParams {
     float scale_log2, scale;
 };
 
-// the scratch of the backward, carved from one allocation (base == nullptr: only the size)
-struct BwdScratch {
-    static constexpr int BM = 64;
-    float *l2, *dl, *dqacc;
-    int *dsp, *sem;
-    int Tp;
-    size_t bytes;
-    BwdScratch(void* base, const AttnShape& sh) {
-        Tp = (sh.T + BM - 1) / BM * BM;
-        const size_t rows = (size_t)sh.B * sh.Hq * Tp;
-        size_t off = 0;
-        auto take = [&](size_t n) {  // 256-byte aligned pieces
-            char* at = base ? static_cast<char*>(base) + off : nullptr;
-            off += (n + 255) / 256 * 256;
-            return at;
-        };
-        l2 = reinterpret_cast<float*>(take(rows * 4));
-        dl = reinterpret_cast<float*>(take(rows * 4));
-        dsp = reinterpret_cast<int*>(take((size_t)sh.B * Tp * 4));
-        sem = reinterpret_cast<int*>(take(rows / BM * 4));
-        dqacc = reinterpret_cast<float*>(take(rows * sh.Dh * 4));
-        bytes = off;
-    }
-};
-
 template <int D>
 __global__ void bwd_prep_kernel(float* __restrict__ l2, float* __restrict__ dl, int* __restrict__ dsp,
                                 const bf16* __restrict__ dout, const bf16* __restrict__ out,
@@ -800,8 +775,6 @@ __global__ void bwd_dq_kernel(bf16* __restrict__ dqkv, const float* __restrict__
                 tc::pack_bf16(v.z * scale, v.w * scale);
     }
 }
-
-inline size_t scratch_bytes(const AttnShape& sh) { return BwdScratch(nullptr, sh).bytes; }
 
 // the backward's three launches (the benchmark times them one by one)
 template <int D>

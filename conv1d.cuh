@@ -256,11 +256,6 @@ inline void conv1d_silu_backward_k(bf16* din, int din_stride, float* dweight, fl
         }, C, s);
 }
 
-inline size_t conv1d_backward_scratch_floats(int B, int T, int C, int K) {
-    (void)B; (void)T;
-    return colsum_scratch_floats(C, K + 1);
-}
-
 #define CONV1D_DISPATCH(K, CALL)                                                   \
     switch (K) {                                                                   \
         case 2: CALL(2); break;                                                    \

@@ -10,8 +10,7 @@
 #include <initializer_list>
 #include <type_traits>
 #include "common.h"
-
-typedef __nv_bfloat16 bf16;
+#include "kernel_sizes.h"  // bf16 (cuda_bf16.h's), COLSUM_CHUNKS, colsum_scratch_floats
 
 inline void cuda_check(cudaError_t err, const char* file, int line) {
     if (err != cudaSuccess) {
@@ -116,10 +115,6 @@ inline void vec_dispatch(int vec, F&& launch) {
 // (conv1d's backward) write the same layout, partial[(chunk * C + c) * NV + v], and finish
 // with colsum_finalize.
 
-constexpr int COLSUM_CHUNKS = 64;
-
-inline size_t colsum_scratch_floats(int C, int NV) { return (size_t)COLSUM_CHUNKS * C * NV; }
-
 // rows [r0, r1) of chunk `chunk` of COLSUM_CHUNKS
 __device__ inline void colsum_chunk_rows(int chunk, int rows, int* r0, int* r1) {
     const int per = (rows + COLSUM_CHUNKS - 1) / COLSUM_CHUNKS;
@@ -204,6 +199,14 @@ inline int elementwise_blocks(size_t n) { return (int)std::min<size_t>((n + 255)
 
 // ----------------------------------------------------------------------------
 // device math shared by the kernels
+
+// 2^x by the hardware approximation (ex2.approx, flush to zero): the exponentials of the scans'
+// decays and of attention's softmax
+__device__ __forceinline__ float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
 
 __device__ inline float silu(float x) { return x / (1.0f + __expf(-x)); }
 __device__ inline float silu_grad(float x) {  // d silu / dx

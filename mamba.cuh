@@ -6,7 +6,8 @@
 //   1. Blocks: one type per layer kind (Mamba2Block, Mamba1Block, AttentionBlock, MlpBlock).
 //      Each declares its tensors (shapes in the comments), what it keeps from the forward for
 //      the backward, which shared buffers it borrows, its FLOPs, and its views of the buffers
-//      (one definition of each column layout); on the GPU, its forward, recompute and backward.
+//      (one definition of each column layout); on the GPU, its forward, recompute and backward
+//      (the GPU half, here and below, is inside #ifdef __CUDACC__: g++ builds the rest).
 //   2. The model's parameter layout (embedding, the pattern's blocks, final norm, LM head),
 //      initialisation, activation memory and FLOPs.
 //   3. Model: the GPU model. It walks the blocks forward to the loss and back to every gradient.
@@ -21,7 +22,9 @@
 #include "model_config.h"  // ModelConfig, presets, JSON
 #include "params.h"        // ParamTable, TensorInfo: the flat parameter buffer
 #include "zero.h"          // Sharding, GradWalk, BucketPlan: ranks' ranges and gradient buckets
-#include "cuda_common.cuh" // bf16, cudaCheck, cuda_malloc
+#include "kernel_sizes.h"  // bf16, the kernels' shapes, saved and scratch bytes (no CUDA)
+#ifdef __CUDACC__          // the GPU half: g++ sees the blocks' tensors, sizes and FLOPs, the layout, the estimates
+#include "cuda_common.cuh" // cudaCheck, cuda_malloc
 #include "matmul.cuh"      // matmul_forward/backward (cuBLASLt)
 #include "embedding.cuh"   // embedding_forward/backward
 #include "norm.cuh"        // rmsnorm, gated_rmsnorm
@@ -31,6 +34,7 @@
 #include "attention.cuh"   // attention_forward/backward, rope
 #include "mlp.cuh"         // mlp_act_forward/backward
 #include "loss.cuh"        // fused_classifier, loss_accumulate
+#endif
 
 // ----------------------------------------------------------------------------
 // 1. Blocks
@@ -65,6 +69,7 @@ struct SharedSizes {
     }
 };
 
+#ifdef __CUDACC__
 // Optional per-phase timing (train_mamba --bench --profile): an event at each named mark;
 // the time up to the next mark is charged to the mark's name.
 struct PhaseTimer {
@@ -108,6 +113,7 @@ struct Ctx {
     float* grad(size_t offset) const { return grads + (grad_buckets ? grad_buckets->place(offset) : offset); }
     void phase(const char* name, cudaStream_t s) const { if (timer) timer->mark(name, s); }
 };
+#endif
 
 // What every block has: its norm and its in/out matrices.
 struct BlockBase {
@@ -184,6 +190,7 @@ struct Mamba2Block : BlockBase {
         return matmul_flops(c) + 3.0 * (2 * Q * N * G + 2 * Q * P * H + 4 * N * P * H);
     }
 
+#ifdef __CUDACC__
     SSDInputs ssd_inputs(const Ctx& c, const LayerActs& a) const {
         return {x(c.conv_out), Bm(c.conv_out), Cm(c.conv_out), dt(a.in_out), cd, cd, dip,
                 c.w(dt_bias), c.w(A_log), c.w(D), c.pos};
@@ -217,6 +224,7 @@ struct Mamba2Block : BlockBase {
         conv1d_silu_backward(xBC(c.din), dip, c.grad(conv_w), c.grad(conv_b), c.norm_scratch, c.dconv_out,
                              xBC(a.in_out), dip, c.w(conv_w), c.w(conv_b), c.pos, c.B, c.T, cd, K, s);
     }
+#endif
 };
 
 // ---- Mamba-1 ('M' with ssm mamba1): [x | z] = in_proj(xn); u = silu(conv1d(x));
@@ -268,6 +276,7 @@ struct Mamba1Block : BlockBase {
         return matmul_flops(c) + 6.0 * ((double)xpd * di + (double)di * R);
     }
 
+#ifdef __CUDACC__
     ScanInputs scan_inputs(const Ctx& c, const LayerActs& a) const {
         return {c.conv_out, di, c.delta, di, z(a.in_out), 2 * di, Bm(a.x_proj_out), Cm(a.x_proj_out), xpd,
                 c.w(dt_bias), c.w(A_log), c.w(D), c.pos};
@@ -304,6 +313,7 @@ struct Mamba1Block : BlockBase {
         conv1d_silu_backward(x(c.din), 2 * di, c.grad(conv_w), c.grad(conv_b), c.norm_scratch, c.dconv_out,
                              x(a.in_out), 2 * di, c.w(conv_w), c.w(conv_b), c.pos, c.B, c.T, di, K, s);
     }
+#endif
 };
 
 // ---- attention ('*'): [q | k | v] = qkv_proj(xn) (RoPE on q and k, optional);
@@ -335,6 +345,7 @@ struct AttentionBlock : BlockBase {
     // QK^T and PV over T/2 keys on average (causal): 4 T Hq Dh / 2 forward, 3x with the backward
     double flops(const ModelConfig& c, int T) const { return matmul_flops(c) + 3.0 * 2.0 * T * shape.Hq * shape.Dh; }
 
+#ifdef __CUDACC__
     void forward(const Ctx& c, const LayerActs& a, cudaStream_t s) const {
         c.phase("attention", s);
         const AttnShape sh = shape_for(c.B, c.T);
@@ -349,6 +360,7 @@ struct AttentionBlock : BlockBase {
         attention_backward(c.din, c.mixer_scratch, c.dout_in, a.in_out, a.y, a.stats, sh, c.pos, s);
         if (rope) rope_backward(c.din, sh, rope_theta, c.pos, s);
     }
+#endif
 };
 
 // ---- MLP ('+'): a = up_proj(xn) ([gate; up] rows for SwiGLU); down_proj(act(a)) (mlp.cuh)
@@ -371,6 +383,7 @@ struct MlpBlock : BlockBase {
     }
     double flops(const ModelConfig& c, int T) const { (void)T; return matmul_flops(c); }
 
+#ifdef __CUDACC__
     void forward(const Ctx& c, const LayerActs& a, cudaStream_t s) const {
         c.phase("mlp act", s);
         mlp_act_forward(c.out_in, a.in_out, c.BT(), ff, act, s);
@@ -381,6 +394,7 @@ struct MlpBlock : BlockBase {
         c.phase("mlp act bwd", s);
         mlp_act_backward(c.din, c.dout_in, a.in_out, c.BT(), ff, act, s);
     }
+#endif
 };
 
 using Block = std::variant<Mamba2Block, Mamba1Block, AttentionBlock, MlpBlock>;
@@ -518,6 +532,7 @@ inline GradWalk grad_walk(const ParamLayout& L) {
     return w;
 }
 
+#ifdef __CUDACC__
 // One micro-batch of B x T tokens on the host, each array row-major (B, T).
 struct Batch {
     const int* inputs;
@@ -864,3 +879,4 @@ struct Model {
         return sum;
     }
 };
+#endif

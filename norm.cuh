@@ -14,7 +14,7 @@ constexpr int NORM_WARPS = 8;  // rows per block
 // block's warps add their sums in a fixed order into one partial row per block of rows;
 // colsum_finalize adds the NORM_FUSED_CHUNKS partials in order. ITER = 0: the plain pass,
 // one warp a row, the weight gradient left to a column sum.
-constexpr int NORM_FUSED_CHUNKS = 256, NORM_FUSED_MAX_ACC = 64;  // blocks; floats a lane holds
+constexpr int NORM_FUSED_MAX_ACC = 64;  // floats a lane holds
 
 // the ITER the fused pass runs at for C channels of VEC, or 0 when it does not apply
 inline int norm_fused_iter(int C, int vec) {
@@ -177,11 +177,6 @@ rmsnorm_backward_kernel(float* __restrict__ dx, bf16* __restrict__ dx_bf16, floa
     if constexpr (ITER > 0) norm_store_partial<ITER, VEC>(partial, acc, C);
 }
 
-inline size_t norm_backward_scratch_floats(int C) {
-    return std::max(colsum_scratch_floats(C, 1), (size_t)NORM_FUSED_CHUNKS * C);
-}
-inline size_t rmsnorm_backward_scratch_floats(int rows, int C) { (void)rows; return norm_backward_scratch_floats(C); }
-
 template <int V, int ITER>
 inline void rmsnorm_backward_v(float* dx, bf16* dx_bf16, float* dweight, float* scratch, const bf16* dout,
                                const bf16* xhat, const bf16* weight, const float* rstd, int rows, int C, cudaStream_t s) {
@@ -336,8 +331,6 @@ __global__ void __launch_bounds__(32 * NORM_WARPS, 2) gated_rmsnorm_backward_ker
     }
     if constexpr (ITER > 0) norm_store_partial<ITER, VEC>(partial, acc, C);
 }
-
-inline size_t gated_rmsnorm_backward_scratch_floats(int rows, int C) { (void)rows; return norm_backward_scratch_floats(C); }
 
 template <int V, int ITER>
 inline void gated_rmsnorm_backward_v(bf16* dy, bf16* dz, int dz_stride, float* dweight, float* scratch, const bf16* dout,

@@ -33,8 +33,7 @@
 #include <cmath>
 #include <cstdint>
 #include "cuda_common.cuh"
-
-struct ScanShape { int B, T, D, N; };
+#include "kernel_sizes.h"  // ScanShape, CK, Layout, Config, dispatch, the backward's scratch, scan_saved/scratch_bytes
 
 // strided rows, read in place from the model's buffers
 struct ScanInputs {
@@ -54,33 +53,15 @@ struct ScanGrads {
 
 namespace scan {
 
-constexpr int CK = 64;        // steps per saved chunk state
 constexpr int TT_F = 8;       // forward time tile
 constexpr int TT_B = 4;       // backward time tile (its decays and states are cached in registers)
 constexpr float LOG2E = 1.4426950408889634f, LN2 = 0.6931471805599453f;
 constexpr unsigned FULL = 0xffffffffu;
 constexpr int SMEM_MAX = 227 * 1024;  // dynamic shared memory a block may take (sm_90)
 
-// bytes of dB/dC block partials per backward slab (tests shrink it with ScopedPartialBudget)
-inline size_t partial_budget = (size_t)192 << 20;
-struct ScopedPartialBudget {
-    size_t saved;
-    explicit ScopedPartialBudget(size_t bytes) : saved(partial_budget) { partial_budget = bytes; }
-    ~ScopedPartialBudget() { partial_budget = saved; }
-};
-
-// states are stored (saved chunk states, scratch) in rows of N rounded up to 4, moved as float4
-inline int n4(int N) { return (N + 3) / 4 * 4; }
-inline int nchunks(const ScanShape& sh) { return (sh.T + CK - 1) / CK; }
-
 // ----------------------------------------------------------------------------------------------
 // device math
 
-__device__ __forceinline__ float ex2(float x) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-    return y;
-}
 __device__ __forceinline__ float lg2(float x) {
     float y;
     asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
@@ -94,7 +75,7 @@ __device__ __forceinline__ float rcp(float x) {
 __device__ __forceinline__ float bf(bf16 v) { return __bfloat162float(v); }
 
 // e = exp(-|x|) in (0, 1], the one exponential that softplus and sigmoid of x share
-__device__ __forceinline__ float exp_neg_abs(float x) { return ex2(-fabsf(x) * LOG2E); }
+__device__ __forceinline__ float exp_neg_abs(float x) { return fast_exp2(-fabsf(x) * LOG2E); }
 // softplus(x) = max(x, 0) + log1p(e); log1p by its series where 1 + e would lose e's digits
 __device__ __forceinline__ float softplus_e(float x, float e) {
     const float series = e * (1.f - e * (0.5f - e * (1.f / 3 - e * (0.25f - e * 0.2f))));
@@ -158,17 +139,6 @@ __device__ __forceinline__ float4 f4(const float* v) { return make_float4(v[0], 
 
 // ----------------------------------------------------------------------------------------------
 // thread layout
-
-// A thread owns DPT adjacent channels and NPT adjacent states of each; G lanes (a channel group) cover
-// NP = G NPT states; a warp holds R = 32 / G channel groups, a block WARPS warps, DT channels.
-template <int NPT_, int DPT_, int G_, int WARPS_>
-struct Layout {
-    static constexpr int NPT = NPT_, DPT = DPT_, G = G_, WARPS = WARPS_;
-    static constexpr int THREADS = 32 * WARPS, R = 32 / G, NP = NPT * G, E = DPT * NPT, DT = WARPS * R * DPT;
-    static_assert(G >= 1 && G <= 32 && 32 % G == 0, "a channel group lies within a warp");
-    static_assert(NPT % 4 == 0, "states move as float4");
-    static_assert(DT % 4 == 0, "shared rows stay 16-byte aligned");
-};
 
 // this thread's place in the layout: lane g of channel group r of its warp; local channels cl0 .. cl0+DPT-1
 template <class L>
@@ -357,7 +327,7 @@ fwd_kernel(bf16* out, float* saved, const ScanInputs in, int T, int D, int N) {
                 float acc = 0.f;
 #pragma unroll
                 for (int j = 0; j < NPT; j++) {
-                    h[c][j] = fmaf(ex2(dec[c] * A2[c][j]), h[c][j], du[c] * Bv[j]);
+                    h[c][j] = fmaf(fast_exp2(dec[c] * A2[c][j]), h[c][j], du[c] * Bv[j]);
                     acc = fmaf(Cv[j], h[c][j], acc);
                 }
                 y[c * TT + tl] = acc;
@@ -398,24 +368,6 @@ inline void launch_fwd(bf16* out, void* saved, const ScanInputs& in, const ScanS
 
 // ----------------------------------------------------------------------------------------------
 // backward
-
-// scratch (floats): dB/dC block partials of one slab; per (b, d, n) the dh carry and dA_log partial; per
-// (b, d) the dD and ddt_bias partials
-struct BwdScratch {
-    float *part, *carry, *acc_da, *acc_dd, *acc_db;
-    size_t total;
-    BwdScratch(const ScanShape& sh, int dblocks, int slab_steps, void* base) {
-        const size_t S = (size_t)sh.B * sh.D * n4(sh.N);
-        size_t off = 0;
-        auto take = [&](size_t n) { float* p = base ? (float*)base + off : nullptr; off += (n + 3) / 4 * 4; return p; };
-        part = take((size_t)dblocks * sh.B * slab_steps * 2 * sh.N);
-        carry = take(S);
-        acc_da = take(S);
-        acc_dd = take((size_t)sh.B * sh.D);
-        acc_db = take((size_t)sh.B * sh.D);
-        total = off;
-    }
-};
 
 struct BwdArgs {
     ScanGrads g;
@@ -661,7 +613,7 @@ bwd_kernel(const BwdArgs a) {
                         for (int c2 = 0; c2 < DPT; c2++)
 #pragma unroll
                             for (int j = 0; j < NPT; j++)
-                                h[c2][j] = fmaf(ex2(dec[c2] * A2[c2][j]), h[c2][j], du[c2] * Bv[j]);
+                                h[c2][j] = fmaf(fast_exp2(dec[c2] * A2[c2][j]), h[c2][j], du[c2] * Bv[j]);
                     }
                 }
             }
@@ -689,7 +641,7 @@ bwd_kernel(const BwdArgs a) {
                     float ys = 0.f;
 #pragma unroll
                     for (int j = 0; j < NPT; j++) {
-                        ac[tl][c2][j] = ex2(dec[c2] * A2[c2][j]);
+                        ac[tl][c2][j] = fast_exp2(dec[c2] * A2[c2][j]);
                         qc[tl][c2][j] = ac[tl][c2][j] * h[c2][j];
                         h[c2][j] = fmaf(du[c2], Bv[j], qc[tl][c2][j]);
                         ys = fmaf(Cv[j], h[c2][j], ys);
@@ -847,18 +799,6 @@ static __global__ void param_finalize_kernel(ScanGrads g, const bf16* A_log, con
     }
 }
 
-inline int slab_chunks(const ScanShape& sh, int dblocks) {
-    const size_t per_chunk = (size_t)dblocks * sh.B * CK * 2 * sh.N * sizeof(float);
-    const size_t c = std::max<size_t>(1, partial_budget / per_chunk);
-    return (int)std::min<size_t>(c, nchunks(sh));
-}
-
-template <class L>
-inline BwdScratch bwd_scratch(const ScanShape& sh, void* base) {
-    const int nblk = (sh.D + L::DT - 1) / L::DT;
-    return BwdScratch(sh, nblk, slab_chunks(sh, nblk) * CK, base);
-}
-
 // (dev/bench_scan times other layouts and tiles through L and TT)
 template <class L, int TT = TT_B>
 inline void launch_bwd(const ScanGrads& g, void* scratch, const bf16* dout, const ScanInputs& in, const void* saved,
@@ -887,46 +827,12 @@ inline void launch_bwd(const ScanGrads& g, void* scratch, const bf16* dout, cons
     cudaCheckLast();
 }
 
-// ----------------------------------------------------------------------------------------------
-// configurations
-
-// NPT states and DPT channels a thread, G lanes a channel group (the smallest power of two >= 2 covering N);
-// the backward takes 8 warps where a warp holds few channels (fewer dB/dC block partials) if its shared
-// memory allows (N <= 128)
-template <int NPT, int DPT, int G>
-struct Config {
-    using Fwd = Layout<NPT, DPT, G, 4>;
-    using Bwd = Layout<NPT, DPT, G, (G >= 16 && NPT == 4 ? 8 : 4)>;
-};
-
 inline void check_shape(const ScanShape& sh) {
     if (sh.B < 1 || sh.T < 1 || sh.D < 1) THROW("selective scan: bad shape B=%d T=%d D=%d", sh.B, sh.T, sh.D);
     if (sh.N < 1 || sh.N > 256) THROW("selective scan: N=%d not in [1, 256]", sh.N);
 }
 
-// calls f(Config<...>{}) for N
-template <typename F>
-inline void dispatch(int N, F&& f) {
-    if (N <= 8) f(Config<4, 2, 2>{});  // N < 8 padded (one lane a group would make 256-channel blocks)
-    else if (N <= 16) f(Config<4, 2, 4>{});
-    else if (N <= 32) f(Config<4, 2, 8>{});
-    else if (N <= 64) f(Config<4, 2, 16>{});
-    else if (N <= 128) f(Config<4, 2, 32>{});
-    else f(Config<8, 1, 32>{});
-}
-
 } // namespace scan
-
-// kept per layer from forward to backward: the state at the start of every CK-step chunk (fp32)
-inline size_t scan_saved_bytes(const ScanShape& sh) {
-    return (size_t)sh.B * scan::nchunks(sh) * sh.D * scan::n4(sh.N) * sizeof(float);
-}
-// temporary, shared by all layers: dB/dC block partials of one slab, the dh carry, parameter partials
-inline size_t scan_scratch_bytes(const ScanShape& sh) {
-    size_t floats = 0;
-    scan::dispatch(sh.N, [&](auto cfg) { floats = scan::bwd_scratch<typename decltype(cfg)::Bwd>(sh, nullptr).total; });
-    return floats * sizeof(float);
-}
 
 inline void selective_scan_forward(bf16* out, void* saved, const ScanInputs& in, const ScanShape& sh, cudaStream_t s) {
     scan::check_shape(sh);

@@ -45,9 +45,8 @@
 #pragma once
 #include <cstdint>
 #include "cuda_common.cuh"
+#include "kernel_sizes.h"  // SSDShape, the blocking, the backward's scratch layout, ssd_saved/scratch_bytes
 #include "tensor_core.cuh"
-
-struct SSDShape { int B, T, H, P, G, N, chunk; };
 
 struct SSDInputs {                    // rows are strided: x, B, C are column slices of the conv output
     const bf16 *x, *Bm, *Cm;          // (BT, H*P), (BT, G*N), (BT, G*N)
@@ -67,71 +66,11 @@ namespace ssd {
 
 using namespace tc;
 
-constexpr int TILE = 64;              // rows of a forward step and of a backward tile (4 warps x 16 rows)
-constexpr int CHUNK = 256;            // rows of a backward chunk
-constexpr int NTILE = CHUNK / TILE;
 constexpr int THREADS = 128;
 constexpr int PAD = 8;                // bf16 padding per smem row so ldmatrix rows hit distinct banks
-constexpr int PASS_THREADS = 256;
-constexpr int MAX_HPS = 16;           // heads per slice of the backward tile kernels (rsum rows in smem)
 static_assert(TILE == 2 * 32, "one warp prepares a step, two rows per lane");
 static_assert(THREADS / 32 * 16 == TILE, "4 warps of 16 rows cover a tile");
 static_assert(CHUNK % TILE == 0, "whole tiles per chunk");
-
-// ----------------------------------------------------------------------------------------------
-// sizes and scratch layout
-
-inline int nchunks(const SSDShape& sh) { return (int)ceil_div(sh.T, CHUNK); }
-inline size_t padded_positions(const SSDShape& sh) { return (size_t)sh.B * sh.H * nchunks(sh) * CHUNK; }
-inline size_t state_elems(const SSDShape& sh) { return (size_t)sh.B * sh.H * nchunks(sh) * sh.P * sh.N; }
-inline int pass_splits(const SSDShape& sh) { return (int)ceil_div((size_t)sh.P * sh.N / 4, PASS_THREADS); }
-
-// heads of a group are split into slices (one block each) so the backward grid has enough blocks; a slice
-// has at most MAX_HPS heads. dB/dC partials per slice are reduced afterwards.
-inline int head_slices(const SSDShape& sh) {
-    const int hpg = sh.H / sh.G;
-    const long tiles = (long)sh.B * sh.G * nchunks(sh) * NTILE;
-    for (int s = 1; s <= hpg; s++)
-        if (hpg % s == 0 && hpg / s <= MAX_HPS && tiles * s >= 1024) return s;
-    for (int s = 1; s <= hpg; s++)
-        if (hpg % s == 0 && hpg / s <= MAX_HPS) return s;
-    return hpg;
-}
-
-// backward scratch: S then Hin in place | dS then Gout in place | W per slice and tile pair (bf16) |
-// per-position arrays (csum: one partial per row tile) | pass dots | per-chunk parameter partials |
-// dB, dC slice partials (fp32)
-struct BwdScratch {
-    bf16 *hst, *gst, *w;
-    float *ddt_dir, *csum, *sst, *dd, *rsum, *off, *dots, *partials, *db_part, *dc_part;
-    size_t total;  // floats
-    BwdScratch(const SSDShape& sh, void* base) {
-        const size_t S = state_elems(sh), Tp = padded_positions(sh);
-        const size_t nbc = (size_t)sh.B * sh.H * nchunks(sh);
-        const size_t bc = (size_t)sh.B * sh.T * sh.G * head_slices(sh) * sh.N;
-        const size_t wn = (size_t)sh.B * nchunks(sh) * sh.G * head_slices(sh) * NTILE * NTILE * TILE * TILE;
-        size_t off_f = 0;
-        auto take = [&](size_t n) {
-            float* p = base ? (float*)base + off_f : nullptr;
-            off_f += (n + 3) / 4 * 4;  // 16-byte aligned
-            return p;
-        };
-        hst = (bf16*)take(S / 2);  // S is a multiple of 8
-        gst = (bf16*)take(S / 2);
-        w = (bf16*)take(wn / 2);
-        ddt_dir = take(Tp);
-        csum = take(Tp * NTILE);
-        sst = take(Tp);
-        dd = take(Tp);
-        rsum = take(Tp);
-        off = take(Tp);
-        dots = take(nbc * pass_splits(sh));
-        partials = take(nbc * 3);
-        db_part = take(bc);
-        dc_part = take(bc);
-        total = off_f;
-    }
-};
 
 // ----------------------------------------------------------------------------------------------
 // tensor-core helpers (warp level; the PTX wrappers are in tensor_core.cuh)
@@ -1415,12 +1354,6 @@ template <int P, int N, bool DOCS> struct Backward {
 };
 
 }  // namespace ssd
-
-// dt and the 256-row-chunk-local cumsum of dt A per (b, h, padded position), fp32
-inline size_t ssd_saved_bytes(const SSDShape& sh) { return 2 * ssd::padded_positions(sh) * sizeof(float); }
-
-// the forward needs none; the backward's (shared by all layers)
-inline size_t ssd_scratch_bytes(const SSDShape& sh) { return ssd::BwdScratch(sh, nullptr).total * sizeof(float); }
 
 // y (BT, H*P) = SSD(x, softplus(dt + dt_bias), A = -exp(A_log), B, C) + D*x; saved keeps what the backward reads
 inline void ssd_forward(bf16* y, void* saved, void* scratch, const SSDInputs& in, const SSDShape& sh, cudaStream_t s) {

@@ -4,7 +4,6 @@
 #include <catch2/catch.hpp>
 #include <algorithm>
 #include "mamba.cuh"
-#include "optim.cuh"
 #include "schedule.h"
 #include "zero.h"
 

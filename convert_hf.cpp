@@ -1,6 +1,6 @@
 // convert_hf: models between this engine's checkpoints and Hugging Face / state-spaces/mamba
-// directories (hf.h has the mappings). Host code only; built with nvcc because the parameter
-// layout lives in mamba.cuh.
+// directories (hf.h has the mappings). Host code only (g++): the parameter layout is mamba.cuh's
+// host half.
 //
 //   convert_hf export CKPT OUT_DIR [flags]   a checkpoint (file, or a directory's latest) to a
 //                                            directory transformers loads (config.json,

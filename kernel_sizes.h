@@ -1,0 +1,260 @@
+// The memory the kernels keep and borrow, without CUDA: each kernel's shape, the bytes its forward
+// saves for its backward, and the scratch its backward borrows (the scratch layouts that the
+// launchers carve, so a size and its use are one definition). The kernel headers include it; the
+// model's activation and memory estimates (mamba.cuh, zero.h) read it on the host, g++ builds too.
+#pragma once
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include "common.h"  // ceil_div, THROW
+
+// the bf16 of cuda_bf16.h (pointers only here)
+struct __nv_bfloat16;
+typedef __nv_bfloat16 bf16;
+
+// ----------------------------------------------------------------------------------------------
+// Mamba-2 SSD (ssd.cuh)
+
+struct SSDShape { int B, T, H, P, G, N, chunk; };
+
+namespace ssd {
+
+constexpr int TILE = 64;              // rows of a forward step and of a backward tile (4 warps x 16 rows)
+constexpr int CHUNK = 256;            // rows of a backward chunk
+constexpr int NTILE = CHUNK / TILE;
+constexpr int PASS_THREADS = 256;
+constexpr int MAX_HPS = 16;           // heads per slice of the backward tile kernels (rsum rows in smem)
+
+// ----------------------------------------------------------------------------------------------
+// sizes and scratch layout
+
+inline int nchunks(const SSDShape& sh) { return (int)ceil_div(sh.T, CHUNK); }
+inline size_t padded_positions(const SSDShape& sh) { return (size_t)sh.B * sh.H * nchunks(sh) * CHUNK; }
+inline size_t state_elems(const SSDShape& sh) { return (size_t)sh.B * sh.H * nchunks(sh) * sh.P * sh.N; }
+inline int pass_splits(const SSDShape& sh) { return (int)ceil_div((size_t)sh.P * sh.N / 4, PASS_THREADS); }
+
+// heads of a group are split into slices (one block each) so the backward grid has enough blocks; a slice
+// has at most MAX_HPS heads. dB/dC partials per slice are reduced afterwards.
+inline int head_slices(const SSDShape& sh) {
+    const int hpg = sh.H / sh.G;
+    const long tiles = (long)sh.B * sh.G * nchunks(sh) * NTILE;
+    for (int s = 1; s <= hpg; s++)
+        if (hpg % s == 0 && hpg / s <= MAX_HPS && tiles * s >= 1024) return s;
+    for (int s = 1; s <= hpg; s++)
+        if (hpg % s == 0 && hpg / s <= MAX_HPS) return s;
+    return hpg;
+}
+
+// backward scratch: S then Hin in place | dS then Gout in place | W per slice and tile pair (bf16) |
+// per-position arrays (csum: one partial per row tile) | pass dots | per-chunk parameter partials |
+// dB, dC slice partials (fp32)
+struct BwdScratch {
+    bf16 *hst, *gst, *w;
+    float *ddt_dir, *csum, *sst, *dd, *rsum, *off, *dots, *partials, *db_part, *dc_part;
+    size_t total;  // floats
+    BwdScratch(const SSDShape& sh, void* base) {
+        const size_t S = state_elems(sh), Tp = padded_positions(sh);
+        const size_t nbc = (size_t)sh.B * sh.H * nchunks(sh);
+        const size_t bc = (size_t)sh.B * sh.T * sh.G * head_slices(sh) * sh.N;
+        const size_t wn = (size_t)sh.B * nchunks(sh) * sh.G * head_slices(sh) * NTILE * NTILE * TILE * TILE;
+        size_t off_f = 0;
+        auto take = [&](size_t n) {
+            float* p = base ? (float*)base + off_f : nullptr;
+            off_f += (n + 3) / 4 * 4;  // 16-byte aligned
+            return p;
+        };
+        hst = (bf16*)take(S / 2);  // S is a multiple of 8
+        gst = (bf16*)take(S / 2);
+        w = (bf16*)take(wn / 2);
+        ddt_dir = take(Tp);
+        csum = take(Tp * NTILE);
+        sst = take(Tp);
+        dd = take(Tp);
+        rsum = take(Tp);
+        off = take(Tp);
+        dots = take(nbc * pass_splits(sh));
+        partials = take(nbc * 3);
+        db_part = take(bc);
+        dc_part = take(bc);
+        total = off_f;
+    }
+};
+
+}  // namespace ssd
+
+// dt and the 256-row-chunk-local cumsum of dt A per (b, h, padded position), fp32
+inline size_t ssd_saved_bytes(const SSDShape& sh) { return 2 * ssd::padded_positions(sh) * sizeof(float); }
+
+// the forward needs none; the backward's (shared by all layers)
+inline size_t ssd_scratch_bytes(const SSDShape& sh) { return ssd::BwdScratch(sh, nullptr).total * sizeof(float); }
+
+// ----------------------------------------------------------------------------------------------
+// Mamba-1 selective scan (scan.cuh)
+
+struct ScanShape { int B, T, D, N; };
+
+namespace scan {
+
+constexpr int CK = 64;        // steps per saved chunk state
+
+// bytes of dB/dC block partials per backward slab (tests shrink it with ScopedPartialBudget)
+inline size_t partial_budget = (size_t)192 << 20;
+struct ScopedPartialBudget {
+    size_t saved;
+    explicit ScopedPartialBudget(size_t bytes) : saved(partial_budget) { partial_budget = bytes; }
+    ~ScopedPartialBudget() { partial_budget = saved; }
+};
+
+// states are stored (saved chunk states, scratch) in rows of N rounded up to 4, moved as float4
+inline int n4(int N) { return (N + 3) / 4 * 4; }
+inline int nchunks(const ScanShape& sh) { return (sh.T + CK - 1) / CK; }
+
+// thread layouts and the configuration per N (the backward's scratch depends on a block's channels)
+
+// A thread owns DPT adjacent channels and NPT adjacent states of each; G lanes (a channel group) cover
+// NP = G NPT states; a warp holds R = 32 / G channel groups, a block WARPS warps, DT channels.
+template <int NPT_, int DPT_, int G_, int WARPS_>
+struct Layout {
+    static constexpr int NPT = NPT_, DPT = DPT_, G = G_, WARPS = WARPS_;
+    static constexpr int THREADS = 32 * WARPS, R = 32 / G, NP = NPT * G, E = DPT * NPT, DT = WARPS * R * DPT;
+    static_assert(G >= 1 && G <= 32 && 32 % G == 0, "a channel group lies within a warp");
+    static_assert(NPT % 4 == 0, "states move as float4");
+    static_assert(DT % 4 == 0, "shared rows stay 16-byte aligned");
+};
+
+// NPT states and DPT channels a thread, G lanes a channel group (the smallest power of two >= 2 covering N);
+// the backward takes 8 warps where a warp holds few channels (fewer dB/dC block partials) if its shared
+// memory allows (N <= 128)
+template <int NPT, int DPT, int G>
+struct Config {
+    using Fwd = Layout<NPT, DPT, G, 4>;
+    using Bwd = Layout<NPT, DPT, G, (G >= 16 && NPT == 4 ? 8 : 4)>;
+};
+
+// calls f(Config<...>{}) for N
+template <typename F>
+inline void dispatch(int N, F&& f) {
+    if (N <= 8) f(Config<4, 2, 2>{});  // N < 8 padded (one lane a group would make 256-channel blocks)
+    else if (N <= 16) f(Config<4, 2, 4>{});
+    else if (N <= 32) f(Config<4, 2, 8>{});
+    else if (N <= 64) f(Config<4, 2, 16>{});
+    else if (N <= 128) f(Config<4, 2, 32>{});
+    else f(Config<8, 1, 32>{});
+}
+
+// backward scratch (floats): dB/dC block partials of one slab; per (b, d, n) the dh carry and dA_log partial; per
+// (b, d) the dD and ddt_bias partials
+struct BwdScratch {
+    float *part, *carry, *acc_da, *acc_dd, *acc_db;
+    size_t total;
+    BwdScratch(const ScanShape& sh, int dblocks, int slab_steps, void* base) {
+        const size_t S = (size_t)sh.B * sh.D * n4(sh.N);
+        size_t off = 0;
+        auto take = [&](size_t n) { float* p = base ? (float*)base + off : nullptr; off += (n + 3) / 4 * 4; return p; };
+        part = take((size_t)dblocks * sh.B * slab_steps * 2 * sh.N);
+        carry = take(S);
+        acc_da = take(S);
+        acc_dd = take((size_t)sh.B * sh.D);
+        acc_db = take((size_t)sh.B * sh.D);
+        total = off;
+    }
+};
+
+inline int slab_chunks(const ScanShape& sh, int dblocks) {
+    const size_t per_chunk = (size_t)dblocks * sh.B * CK * 2 * sh.N * sizeof(float);
+    const size_t c = std::max<size_t>(1, partial_budget / per_chunk);
+    return (int)std::min<size_t>(c, nchunks(sh));
+}
+
+template <class L>
+inline BwdScratch bwd_scratch(const ScanShape& sh, void* base) {
+    const int nblk = (sh.D + L::DT - 1) / L::DT;
+    return BwdScratch(sh, nblk, slab_chunks(sh, nblk) * CK, base);
+}
+
+}  // namespace scan
+
+// kept per layer from forward to backward: the state at the start of every CK-step chunk (fp32)
+inline size_t scan_saved_bytes(const ScanShape& sh) {
+    return (size_t)sh.B * scan::nchunks(sh) * sh.D * scan::n4(sh.N) * sizeof(float);
+}
+// temporary, shared by all layers: dB/dC block partials of one slab, the dh carry, parameter partials
+inline size_t scan_scratch_bytes(const ScanShape& sh) {
+    size_t floats = 0;
+    scan::dispatch(sh.N, [&](auto cfg) { floats = scan::bwd_scratch<typename decltype(cfg)::Bwd>(sh, nullptr).total; });
+    return floats * sizeof(float);
+}
+
+// ----------------------------------------------------------------------------------------------
+// attention (attention.cuh, attention_sm90.cuh)
+
+struct AttnShape { int B, T, Hq, Hkv, Dh; };
+
+// the Hopper kernels when the build targets sm_90a, i.e. Hopper alone (nvcc defines __CUDA_ARCH_LIST__ in the
+// host pass too; wgmma does not exist on later architectures, which take the mma.sync kernels). Host-only
+// builds (g++) get ATTN_SM90 from the Makefile, so their estimates are the GPU build's.
+#if defined(__CUDA_ARCH_LIST__) && __CUDA_ARCH_LIST__ == 900
+#define ATTN_SM90 1
+#endif
+
+namespace attn::sm90 {
+
+// the scratch of the backward, carved from one allocation (base == nullptr: only the size)
+struct BwdScratch {
+    static constexpr int BM = 64;
+    float *l2, *dl, *dqacc;
+    int *dsp, *sem;
+    int Tp;
+    size_t bytes;
+    BwdScratch(void* base, const AttnShape& sh) {
+        Tp = (sh.T + BM - 1) / BM * BM;
+        const size_t rows = (size_t)sh.B * sh.Hq * Tp;
+        size_t off = 0;
+        auto take = [&](size_t n) {  // 256-byte aligned pieces
+            char* at = base ? static_cast<char*>(base) + off : nullptr;
+            off += (n + 255) / 256 * 256;
+            return at;
+        };
+        l2 = reinterpret_cast<float*>(take(rows * 4));
+        dl = reinterpret_cast<float*>(take(rows * 4));
+        dsp = reinterpret_cast<int*>(take((size_t)sh.B * Tp * 4));
+        sem = reinterpret_cast<int*>(take(rows / BM * 4));
+        dqacc = reinterpret_cast<float*>(take(rows * sh.Dh * 4));
+        bytes = off;
+    }
+};
+
+inline size_t scratch_bytes(const AttnShape& sh) { return BwdScratch(nullptr, sh).bytes; }
+
+}  // namespace attn::sm90
+
+// temporary for the backward, shared by layers (also enough for sm80_backward)
+inline size_t attention_scratch_bytes(const AttnShape& sh) {
+    const size_t delta = ((size_t)sh.B * sh.Hq * sh.T * sizeof(float) + 255) / 256 * 256;  // sm80: Delta (B, Hq, T)
+#ifdef ATTN_SM90
+    return std::max(delta, attn::sm90::scratch_bytes(sh));  // + the dQ accumulator (B, Hq, T, Dh) fp32
+#else
+    return delta;
+#endif
+}
+
+// ----------------------------------------------------------------------------------------------
+// column sums (cuda_common.cuh), norms (norm.cuh), conv1d (conv1d.cuh)
+
+constexpr int COLSUM_CHUNKS = 64;
+
+inline size_t colsum_scratch_floats(int C, int NV) { return (size_t)COLSUM_CHUNKS * C * NV; }
+
+constexpr int NORM_FUSED_CHUNKS = 256;  // blocks of the fused norm backward (norm.cuh)
+
+inline size_t norm_backward_scratch_floats(int C) {
+    return std::max(colsum_scratch_floats(C, 1), (size_t)NORM_FUSED_CHUNKS * C);
+}
+inline size_t rmsnorm_backward_scratch_floats(int rows, int C) { (void)rows; return norm_backward_scratch_floats(C); }
+
+inline size_t gated_rmsnorm_backward_scratch_floats(int rows, int C) { (void)rows; return norm_backward_scratch_floats(C); }
+
+inline size_t conv1d_backward_scratch_floats(int B, int T, int C, int K) {
+    (void)B; (void)T;
+    return colsum_scratch_floats(C, K + 1);
+}
