@@ -79,7 +79,7 @@ while [ $# -gt 0 ]; do
             timeout 240 ./dev/$b $fl 2>&1 | tee "$OUT/$b.log" | tail -20 ;;
     docreset) # the default corpus with and without document boundaries: median tokens/s of steps 10..80
             for f in "" --doc-reset; do
-              ./train_mamba $brown --steps 80 --val-every 0 --sample-every 0 --ckpt-every 0 --ckpt-dir ckpt_dr$f $f \
+              ./train_mamba $brown --steps 80 --warmup 10 --val-every 0 --sample-every 0 --ckpt-every 0 --ckpt-dir ckpt_dr$f $f \
                 > "$OUT/docreset$f.log" 2>&1
               python3 -c "import json,statistics,sys; r=[json.loads(l) for l in open(sys.argv[1]) if '\"ms\"' in l][10:]; print('default run ${f:-(no --doc-reset)}: median', round(statistics.median(x['tokens_per_s'] for x in r)), 'tokens/s')" ckpt_dr$f/metrics.jsonl
             done 2>&1 | tee "$OUT/docreset.log" ;;

@@ -11,6 +11,8 @@
 #include "checkpoint.cuh"
 #include "metrics.h"
 
+namespace {  // file-local: all test files link into one binary (same-named helper types would clash)
+
 static const std::string kDir = "/tmp/mamba_ckpt_test";
 
 static ModelConfig tiny_config() {
@@ -209,3 +211,5 @@ TEST_CASE("metrics log: lines per step and evaluation; a resume keeps what its c
     }
     CHECK(lines().empty());
 }
+
+}  // namespace

@@ -7,6 +7,8 @@
 #include <fstream>
 #include "mamba.cuh"
 
+namespace {  // file-local: all test files link into one binary (same-named helper types would clash)
+
 static std::string write_tmp(const std::string& name, const std::string& text) {
     std::string path = "/tmp/mamba_test_" + name;
     std::ofstream(path) << text;
@@ -295,3 +297,5 @@ TEST_CASE("train_mamba and finetune_mamba refuse bad flags before any work, nami
     REQUIRE(run_cmd("./finetune_mamba --help", out) == 0);
     CHECK_THAT(out, Catch::Contains("--optimizer adamw|muon") && Catch::Contains("--dry-run"));
 }
+
+}  // namespace

@@ -17,6 +17,8 @@
 #include "tokenizer.h"
 #include "data/corpus.h"
 
+namespace {  // file-local: all test files link into one binary (same-named helper types would clash)
+
 static const std::string TMP = "/tmp/mamba_test_data";
 
 static void fresh_dir(const std::string& dir) { REQUIRE(system(("rm -rf " + dir + " && mkdir -p " + dir).c_str()) == 0); }
@@ -683,3 +685,5 @@ TEST_CASE("prepare_data sft: a failed run keeps the old set and leaves nothing b
     REQUIRE(run_cmd(base + "--val-fraction 0 " + dir + "/in.jsonl", out) == 0);
     CHECK(names_of(snapshot(dir + "/out")) == "sft_train_000000.bin sft_train_000000.bin.mask template.json tokenizer.json ");
 }
+
+}  // namespace

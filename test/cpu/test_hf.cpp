@@ -14,6 +14,8 @@
 #include "test/ref/model.h"
 #include "test/tensor_file.h"
 
+namespace {  // file-local: all test files link into one binary (same-named helper types would clash)
+
 namespace fs = std::filesystem;
 static const std::string kDir = "/tmp/mamba_hf_test";
 
@@ -658,3 +660,5 @@ TEST_CASE("convert_hf: export, import and config through the command line", "[hf
     CHECK(run_cmd("./convert_hf frobnicate", out) == 1);
     CHECK_THAT(out, Catch::Contains("unknown command 'frobnicate'"));
 }
+
+}  // namespace

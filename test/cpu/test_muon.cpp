@@ -9,6 +9,8 @@
 #include "test/tensor_file.h"
 #include "test/test_util.h"
 
+namespace {  // file-local: all test files link into one binary (same-named helper types would clash)
+
 // eigenvalues of a symmetric n x n matrix (cyclic Jacobi rotations)
 static std::vector<double> sym_eigenvalues(std::vector<double> a, int n) {
     for (int sweep = 0; sweep < 100; sweep++) {
@@ -157,3 +159,5 @@ TEST_CASE("muon: two steps with clipping match PyTorch's parameters and momentum
     }
     for (int i = 0; i < count; i++) CHECK(rel_l2(buf[i], tf.get("mats." + std::to_string(i) + ".momentum.2").data) < 1e-12);
 }
+
+}  // namespace

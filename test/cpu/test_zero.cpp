@@ -9,6 +9,8 @@
 #include <regex>
 #include "checkpoint.cuh"
 
+namespace {  // file-local: all test files link into one binary (same-named helper types would clash)
+
 static const char* kBig[] = {"nvidia-mamba2-8b", "nvidia-hybrid-8b", "mamba-7b", "nvidia-mamba-8b"};
 static const double kGiB = 1 << 30;
 
@@ -266,3 +268,5 @@ TEST_CASE("zero: a checkpoint of 3 ranks keeps each rank's master weights in its
     REQUIRE(system(("rm " + path + ".rank1-of-3").c_str()) == 0);
     CHECK_THROWS_WITH(checkpoint_weights(path, c2, step), Catch::Contains("rank1-of-3"));
 }
+
+}  // namespace

@@ -14,6 +14,8 @@
 #include "attention.cuh"
 #include "test/ref/attention.h"
 
+namespace {  // file-local: all test files link into one binary (same-named helper types would clash)
+
 // a normal sample rounded to bf16, and the rounded value as double for the reference
 static bf16 rand_bf16(std::mt19937_64& gen, double sd, double* out) {
     return round_bf16(std::normal_distribution<double>(0.0, sd)(gen), out);
@@ -364,3 +366,5 @@ TEST_CASE("rope forward/backward vs double reference", "[gpu][attention]") {
                    return std::uniform_int_distribution<int>(1, 120)(g);
                }));
 }
+
+}  // namespace

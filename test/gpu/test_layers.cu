@@ -20,6 +20,8 @@
 #include "test/ref/loss.h"
 #include "test/ref/mlp.h"
 
+namespace {  // file-local: all test files link into one binary (same-named helper types would clash)
+
 // bf16 outputs carry 2^-9 relative rounding per value: their relative L2 error sits near
 // 2e-3. fp32 outputs computed from the same (bf16-exact) inputs agree to ~1e-6.
 static const double kTolBf16 = 1e-2, kTolFp32 = 1e-4;
@@ -402,3 +404,5 @@ TEST_CASE("fused classifier: losses, dlogits over the padded vocab, weights, mas
         CHECK(rel_l2(got, rd) < kTolBf16);
     }
 }
+
+}  // namespace

@@ -14,6 +14,8 @@
 #include "dataloader.h"
 #include "test/tensor_file.h"
 
+namespace {  // file-local: all test files link into one binary (same-named helper types would clash)
+
 // Tolerances: the CUDA model runs in bf16 (8 bits of mantissa: 4e-3 relative rounding per
 // value) with fp32 accumulation; through a few layers the relative L2 error of the outputs
 // stays near 1e-2. A wrong index or a missing term gives errors of order 1.
@@ -310,3 +312,5 @@ TEST_CASE("train_mamba: 2N steps straight equal N steps, resume, N steps (bit fo
     std::string mid = slurp(dir + "/straight/step_00000003.ckpt");
     CHECK(mid != a);  // training moved the weights
 }
+
+}  // namespace

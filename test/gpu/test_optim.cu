@@ -8,6 +8,8 @@
 #include "test/gpu_util.h"
 #include "test/ref/adamw.h"
 
+namespace {  // file-local: all test files link into one binary (same-named helper types would clash)
+
 TEST_CASE("AdamW: 5 steps over several tensors match the reference, clipping on and off", "[optim]") {
     std::mt19937 rng(5);
     std::normal_distribution<double> nd(0.0, 1.0);
@@ -175,3 +177,5 @@ TEST_CASE("AdamW: tensors with gaps (Muon's matrices) get a compact state; resum
     CHECK(to_host(dp, total) == after2);
     cudaFree(dp); cudaFree(dg); cudaFree(db);
 }
+
+}  // namespace

@@ -10,6 +10,8 @@
 #include "schedule.h"
 #include "dataloader.h"
 
+namespace {  // file-local: all test files link into one binary (same-named helper types would clash)
+
 static const std::string kDir = "/tmp/mamba_recipe_test";
 
 // two shards: a learnable main set (counting modulo 50 from random starts, so a corrupt
@@ -138,3 +140,5 @@ TEST_CASE("recipe: Muon + AdamW trains, resumes bit for bit, and refuses an Adam
     CHECK_THAT(log, Catch::Contains("holds optimizer state adamw.m"));
     CHECK_THAT(log, Catch::Contains("muon.momentum"));
 }
+
+}  // namespace

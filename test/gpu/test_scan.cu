@@ -14,6 +14,8 @@
 #include "scan.cuh"
 #include "test/ref/scan.h"
 
+namespace {  // file-local: all test files link into one binary (same-named helper types would clash)
+
 // bf16 inputs (the reference gets the same rounded values); bf16 outputs round to 2^-9 relative
 static const double kTolBf16 = 2e-2;
 static const double kTolFp32 = 5e-3;
@@ -234,3 +236,5 @@ TEST_CASE("selective scan rejects unsupported shapes", "[gpu][scan]") {
     REQUIRE_THROWS(fwd(ScanShape{1, 64, 16, 257}));
     REQUIRE_THROWS(fwd(ScanShape{1, 0, 16, 16}));
 }
+
+}  // namespace

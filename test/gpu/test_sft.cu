@@ -18,6 +18,8 @@
 #include "session.cuh"
 #include "test/ref/model.h"
 
+namespace {  // file-local: all test files link into one binary (same-named helper types would clash)
+
 static const std::string SFT_GPU_TMP = "/tmp/mamba_test_sft_gpu";
 
 static void sft_gpu_fresh_dir(const std::string& dir) {
@@ -239,3 +241,5 @@ TEST_CASE("finetune_mamba: a short fine-tune lowers the masked val loss; train_m
     CHECK(rc == 0);
     CHECK(out.find("resumed from") != std::string::npos);
 }
+
+}  // namespace

@@ -13,6 +13,8 @@
 #include "ssd.cuh"
 #include "test/ref/ssd.h"
 
+namespace {  // file-local: all test files link into one binary (same-named helper types would clash)
+
 // Inputs are bf16 (the reference gets the same rounded values in double); the kernels round
 // matmul operands (decayed scores, scaled x, states) to bf16 with fp32 accumulation, so the
 // relative L2 error sits near 2^-9 = 2e-3. A wrong index or a missing term gives errors of order 1.
@@ -256,3 +258,5 @@ TEST_CASE("ssd rejects unsupported shapes", "[gpu][ssd]") {
     REQUIRE_THROWS(fwd(SSDShape{1, 64, 4, 64, 1, 64, 100}));   // chunk
     REQUIRE_THROWS(fwd(SSDShape{1, 64, 6, 64, 4, 64, 256}));   // H % G
 }
+
+}  // namespace

@@ -12,6 +12,8 @@
 #include "trainer.cuh"
 #include "comm_sim.cuh"
 
+namespace {  // file-local: all test files link into one binary (same-named helper types would clash)
+
 static const std::string kDir = "/tmp/mamba_zero_test";
 static const int kB = 2, kT = 64;
 
@@ -241,3 +243,5 @@ TEST_CASE("zero: each simulated rank allocates exactly zero.h's plan for it", "[
         }
     }
 }
+
+}  // namespace
