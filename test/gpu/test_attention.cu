@@ -14,7 +14,7 @@
 #include "attention.cuh"
 #include "test/ref/attention.h"
 
-namespace {  // file-local: all test files link into one binary (same-named helper types would clash)
+namespace gpu_test_attention {  // this file's helpers: all test files link into one binary (same-named types would clash)
 
 // a normal sample rounded to bf16, and the rounded value as double for the reference
 static bf16 rand_bf16(std::mt19937_64& gen, double sd, double* out) {
@@ -367,4 +367,4 @@ TEST_CASE("rope forward/backward vs double reference", "[gpu][attention]") {
                }));
 }
 
-}  // namespace
+}  // namespace gpu_test_attention

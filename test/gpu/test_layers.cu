@@ -20,7 +20,7 @@
 #include "test/ref/loss.h"
 #include "test/ref/mlp.h"
 
-namespace {  // file-local: all test files link into one binary (same-named helper types would clash)
+namespace gpu_test_layers {  // this file's helpers: all test files link into one binary (same-named types would clash)
 
 // bf16 outputs carry 2^-9 relative rounding per value: their relative L2 error sits near
 // 2e-3. fp32 outputs computed from the same (bf16-exact) inputs agree to ~1e-6.
@@ -405,4 +405,4 @@ TEST_CASE("fused classifier: losses, dlogits over the padded vocab, weights, mas
     }
 }
 
-}  // namespace
+}  // namespace gpu_test_layers

@@ -14,7 +14,7 @@
 #include "dataloader.h"
 #include "test/tensor_file.h"
 
-namespace {  // file-local: all test files link into one binary (same-named helper types would clash)
+namespace gpu_test_model {  // this file's helpers: all test files link into one binary (same-named types would clash)
 
 // Tolerances: the CUDA model runs in bf16 (8 bits of mantissa: 4e-3 relative rounding per
 // value) with fp32 accumulation; through a few layers the relative L2 error of the outputs
@@ -313,4 +313,4 @@ TEST_CASE("train_mamba: 2N steps straight equal N steps, resume, N steps (bit fo
     CHECK(mid != a);  // training moved the weights
 }
 
-}  // namespace
+}  // namespace gpu_test_model

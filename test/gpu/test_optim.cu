@@ -8,7 +8,7 @@
 #include "test/gpu_util.h"
 #include "test/ref/adamw.h"
 
-namespace {  // file-local: all test files link into one binary (same-named helper types would clash)
+namespace gpu_test_optim {  // this file's helpers: all test files link into one binary (same-named types would clash)
 
 TEST_CASE("AdamW: 5 steps over several tensors match the reference, clipping on and off", "[optim]") {
     std::mt19937 rng(5);
@@ -178,4 +178,4 @@ TEST_CASE("AdamW: tensors with gaps (Muon's matrices) get a compact state; resum
     cudaFree(dp); cudaFree(dg); cudaFree(db);
 }
 
-}  // namespace
+}  // namespace gpu_test_optim

@@ -10,7 +10,7 @@
 #include "schedule.h"
 #include "dataloader.h"
 
-namespace {  // file-local: all test files link into one binary (same-named helper types would clash)
+namespace gpu_test_recipe {  // this file's helpers: all test files link into one binary (same-named types would clash)
 
 static const std::string kDir = "/tmp/mamba_recipe_test";
 
@@ -141,4 +141,4 @@ TEST_CASE("recipe: Muon + AdamW trains, resumes bit for bit, and refuses an Adam
     CHECK_THAT(log, Catch::Contains("muon.momentum"));
 }
 
-}  // namespace
+}  // namespace gpu_test_recipe

@@ -14,7 +14,7 @@
 #include "scan.cuh"
 #include "test/ref/scan.h"
 
-namespace {  // file-local: all test files link into one binary (same-named helper types would clash)
+namespace gpu_test_scan {  // this file's helpers: all test files link into one binary (same-named types would clash)
 
 // bf16 inputs (the reference gets the same rounded values); bf16 outputs round to 2^-9 relative
 static const double kTolBf16 = 2e-2;
@@ -237,4 +237,4 @@ TEST_CASE("selective scan rejects unsupported shapes", "[gpu][scan]") {
     REQUIRE_THROWS(fwd(ScanShape{1, 0, 16, 16}));
 }
 
-}  // namespace
+}  // namespace gpu_test_scan

@@ -18,7 +18,7 @@
 #include "session.cuh"
 #include "test/ref/model.h"
 
-namespace {  // file-local: all test files link into one binary (same-named helper types would clash)
+namespace gpu_test_sft {  // this file's helpers: all test files link into one binary (same-named types would clash)
 
 static const std::string SFT_GPU_TMP = "/tmp/mamba_test_sft_gpu";
 
@@ -242,4 +242,4 @@ TEST_CASE("finetune_mamba: a short fine-tune lowers the masked val loss; train_m
     CHECK(out.find("resumed from") != std::string::npos);
 }
 
-}  // namespace
+}  // namespace gpu_test_sft

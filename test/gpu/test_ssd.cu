@@ -13,7 +13,7 @@
 #include "ssd.cuh"
 #include "test/ref/ssd.h"
 
-namespace {  // file-local: all test files link into one binary (same-named helper types would clash)
+namespace gpu_test_ssd {  // this file's helpers: all test files link into one binary (same-named types would clash)
 
 // Inputs are bf16 (the reference gets the same rounded values in double); the kernels round
 // matmul operands (decayed scores, scaled x, states) to bf16 with fp32 accumulation, so the
@@ -259,4 +259,4 @@ TEST_CASE("ssd rejects unsupported shapes", "[gpu][ssd]") {
     REQUIRE_THROWS(fwd(SSDShape{1, 64, 6, 64, 4, 64, 256}));   // H % G
 }
 
-}  // namespace
+}  // namespace gpu_test_ssd

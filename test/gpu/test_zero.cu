@@ -12,7 +12,7 @@
 #include "trainer.cuh"
 #include "comm_sim.cuh"
 
-namespace {  // file-local: all test files link into one binary (same-named helper types would clash)
+namespace gpu_test_zero {  // this file's helpers: all test files link into one binary (same-named types would clash)
 
 static const std::string kDir = "/tmp/mamba_zero_test";
 static const int kB = 2, kT = 64;
@@ -244,4 +244,4 @@ TEST_CASE("zero: each simulated rank allocates exactly zero.h's plan for it", "[
     }
 }
 
-}  // namespace
+}  // namespace gpu_test_zero
