@@ -10,7 +10,7 @@
 # Steps: unpack (always first), anchor-build (starts the anchors' CUDA extensions building in the
 # background), dumps (the PyTorch reference dumps, in the background), test [FILTER], bench,
 # anchors (the anchor scripts; their log is ANCHOR_LOG for the benchmarks), models, sft, default,
-# hf, export-val, scan-anchor, bench-one NAME "FLAGS" ("-": none), docreset, sft-bench.
+# hf, export-val, scan-anchor, bench-one NAME "FLAGS" ("-": none), docreset, sft-bench, bench-prepare.
 set -uo pipefail
 if [ "${1:-}" = prepare ]; then  # on the development machine
   make -j2 build/test_gpu build/hf_logits train_mamba finetune_mamba prepare_data convert_hf \
@@ -49,15 +49,18 @@ while [ $# -gt 0 ]; do
     test)   f=${1:-}; [ $# -gt 0 ] && shift
             timeout 540 ./build/test_gpu $f 2>&1 | tee "$OUT/test_gpu.log" | tail -25 ;;
     anchors) (cd anchors && python3 attn_anchor.py; python3 ../dev/anchor_mamba_ssm.py --part a) 2>&1 | tee -a "$ANCHOR_LOG" | grep -E "anchor" ;;
-    anchors-strong) (cd anchors && python3 anchor_strong.py --layers 48 --d 1024 -B 8 -T 2048
+    anchors-strong) (cd anchors && timeout 150 python3 anchor_strong.py --layers 48 --d 1024 -B 8 -T 2048
+                     timeout 150 python3 anchor_strong.py --layers 64 --d 2560 -B 4 -T 2048
                      hp=$(../train_mamba --model hybrid-1.3b --dry-run | sed -n 's/^pattern: //p')
-                     python3 anchor_strong.py --pattern "$hp" --d 2048 -B 4 -T 2048
-                     python3 anchor_strong.py --pattern "$hp" --d 2048 -B 1 -T 16384
+                     timeout 150 python3 anchor_strong.py --pattern "$hp" --d 2048 -B 4 -T 2048
+                     timeout 150 python3 anchor_strong.py --pattern "$hp" --d 2048 -B 1 -T 16384
                     ) 2>&1 | tee -a "$ANCHOR_LOG" | grep -E "anchor" ;;
     bench)  for b in dev/bench_*; do [ -x "$b" ] && { echo "== $b"; timeout 200 "$b"; }; done 2>&1 | tee "$OUT/bench.log" | grep -E "x$|ours|==" ;;
-    models) for m in "mamba2-370m -B 8" "mamba2-370m -B 8 --recompute" "hybrid-1.3b -B 4" "hybrid-1.3b -B 4 --recompute"; do
+    models) # the shapes of ANCHORS.md's whole-model table (anchors-strong times the anchor's side)
+            for m in "mamba2-370m -B 8 -T 2048" "mamba2-370m -B 8 -T 2048 --recompute" "mamba2-2.7b -B 4 -T 2048" \
+                     "hybrid-1.3b -B 4 -T 2048" "hybrid-1.3b -B 1 -T 16384"; do
               for bin in ./train_mamba_before ./train_mamba; do
-                [ -x $bin ] && $bin --model $m -T 2048 --bench --bench-steps 10 2>&1 | grep bench: | sed "s|^|$bin |"
+                [ -x $bin ] && timeout 120 $bin --model $m --bench --bench-steps 10 2>&1 | grep bench: | sed "s|^|$bin $m: |"
               done
             done 2>&1 | tee "$OUT/models.log" ;;
     profile) ./train_mamba --model ${1:-mamba2-370m} -B 8 -T 2048 --bench --profile --bench-steps 5 2>&1 | tee "$OUT/profile.log" | tail -30; shift ;;
@@ -87,6 +90,7 @@ while [ $# -gt 0 ]; do
             python3 dev/sft_synthetic.py data/brown/text 20000 /tmp/sft_long.jsonl
             { echo "== sample set"; bash dev/bench_sft.sh data/sft_sample.jsonl ckpt_pre 256 8
               echo "== synthetic set (20k Brown continuations)"; bash dev/bench_sft.sh /tmp/sft_long.jsonl ckpt_pre 1024 8; } 2>&1 | tee "$OUT/sft_bench.log" ;;
+    bench-prepare) bash dev/bench_prepare.sh 2>&1 | tee "$OUT/bench_prepare.log" | tail -8 ;;
     *) echo "unknown step '$s'"; exit 1 ;;
   esac
 done
