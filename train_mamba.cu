@@ -301,6 +301,7 @@ static Plan make_plan(const Args& a, int rank, int world) {
     Plan p;
     p.cfg = model_config(a);
     const ParamLayout layout(p.cfg);
+    make_sharding(layout, grad_walk(layout), world, rank, a.opt.bucket_elems());  // every rank owns parameters
     // the batch sizes are global: every rank runs micro-batches of B x T
     p.micro_tokens = (long)a.B * a.T * world;
     const long total_batch = a.total_batch > 0 ? a.total_batch : p.micro_tokens;
