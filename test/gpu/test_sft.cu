@@ -2,9 +2,9 @@
 // gradient of the mean loss over the response tokens only: bit for bit the same as with
 // 0/1 loss weights, and equal to the double reference (test/ref/model.h, which the PyTorch
 // dumps validate) run with the same masked targets; (2) vocabulary growth keeps every
-// weight and starts new rows at the mean row; (3) a short run of finetune_mamba on the
-// sample instruction set (data/sft_sample.jsonl) clearly lowers the masked validation
-// loss, and its checkpoint loads in train_mamba and in finetune_mamba --generate.
+// weight and starts new rows at the mean row; (3) short runs of finetune_mamba (AdamW, Muon) on the
+// sample instruction set (data/sft_sample.jsonl) clearly lower the masked validation
+// loss, and the AdamW run's checkpoint loads in train_mamba and in finetune_mamba --generate.
 #include <catch2/catch.hpp>
 #include "test/test_util.h"
 #include <cmath>
@@ -212,30 +212,36 @@ TEST_CASE("finetune_mamba: a short fine-tune lowers the masked val loss; train_m
 
     const std::string data = " --train-data '" + dir + "/data/sft_train_*.bin' --val-data '" + dir +
                              "/data/sft_val_*.bin' --tokenizer " + dir + "/data/tokenizer.json";
-    rc = run_cmd("./finetune_mamba --init " + dir + "/base" + data + " -B 8 -T 128 --steps 150 --lr 2e-3 --min-lr 2e-4 "
-                 "--warmup 10 --val-every 50 --ckpt-dir " + dir + "/sft --sample-prompt 'What is 3 plus 4?'", out);
-    INFO(out);
-    REQUIRE(rc == 0);
-    CHECK(out.find("vocabulary grown 50257 -> 50259") != std::string::npos);
-    CHECK(out.find("<|im_start|> 50257 <|im_end|> 50258") != std::string::npos);
-    CHECK(out.find("(masked: " + val_trained + " response tokens)") != std::string::npos);  // each once
-    std::vector<double> v = val_losses(out);
-    REQUIRE(v.size() == 4);  // steps 0, 50, 100 and the end
-    CHECK(v.back() < 0.6 * v.front());
-    CHECK(v.back() < v[1]);
+    // AdamW, then Muon on the blocks' matrices (the one training step gives fine-tuning every optimizer)
+    for (const std::string opt : {"adamw", "muon"}) {
+        INFO("--optimizer " << opt);
+        rc = run_cmd("./finetune_mamba --init " + dir + "/base" + data + " -B 8 -T 128 --steps 150 --lr 2e-3 "
+                     "--min-lr 2e-4 --warmup 10 --val-every 50 --optimizer " + opt + " --ckpt-dir " + dir + "/sft_" +
+                     opt + " --sample-prompt 'What is 3 plus 4?'", out);
+        INFO(out);
+        REQUIRE(rc == 0);
+        CHECK(out.find(opt == "muon" ? ", Muon + AdamW\n" : ", AdamW\n") != std::string::npos);
+        CHECK(out.find("vocabulary grown 50257 -> 50259") != std::string::npos);
+        CHECK(out.find("<|im_start|> 50257 <|im_end|> 50258") != std::string::npos);
+        CHECK(out.find("(masked: " + val_trained + " response tokens)") != std::string::npos);  // each once
+        const std::vector<double> v = val_losses(out);
+        REQUIRE(v.size() == 4);  // steps 0, 50, 100 and the end
+        CHECK(v.back() < 0.6 * v.front());
+        CHECK(v.back() < v[1]);
+    }
 
     // the checkpoint answers through the template, and train_mamba resumes from it
     rc = run_cmd("./finetune_mamba --generate 'What is 3 plus 4?' --generate 'What is the opposite of hot?' --init " +
-                 dir + "/sft --tokenizer " + dir + "/data/tokenizer.json --greedy --max-new 24", out);
+                 dir + "/sft_adamw --tokenizer " + dir + "/data/tokenizer.json --greedy --max-new 24", out);
     INFO(out);
     REQUIRE(rc == 0);
     CHECK(out.find("user: What is 3 plus 4?\nassistant: ") != std::string::npos);
     CHECK(out.find("user: What is the opposite of hot?\nassistant: ") != std::string::npos);
-    rc = run_cmd("./finetune_mamba --generate 'What is 3 plus 4?' --init " + dir + "/sft --tokenizer " + dir +
+    rc = run_cmd("./finetune_mamba --generate 'What is 3 plus 4?' --init " + dir + "/sft_adamw --tokenizer " + dir +
                  "/data/tokenizer.json --temperature 0.8 --top-p 0.9 --max-new 24 --seed 5", out);
     INFO(out);
     CHECK(rc == 0);
-    rc = run_cmd("./train_mamba --config " + cfg + " --vocab-size 50259 --resume " + dir + "/sft" + data +
+    rc = run_cmd("./train_mamba --config " + cfg + " --vocab-size 50259 --resume " + dir + "/sft_adamw" + data +
                  " -B 8 -T 128 --steps 152 --val-every 0 --sample-every 0 --ckpt-dir " + dir + "/cont", out);
     INFO(out);
     CHECK(rc == 0);
