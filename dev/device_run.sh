@@ -8,7 +8,8 @@
 #               with ../shared/anchors/*.py, anchors/mamba and anchors/causal-conv1d checkouts)
 #   on the GPU: bash dev/device_run.sh STEP...
 # Steps: unpack (always first), anchor-build (starts the anchors' CUDA extensions building in the
-# background), dumps (the PyTorch reference dumps, in the background), test [FILTER], bench,
+# background; wait-anchor-build waits for them), dumps (the PyTorch reference dumps, in the
+# background), test [FILTER], bench,
 # anchors (the anchor scripts; their log is ANCHOR_LOG for the benchmarks), models, sft, default,
 # hf, export-val, scan-anchor, bench-one NAME "FLAGS" ("-": none), docreset, sft-bench, bench-prepare.
 set -uo pipefail
@@ -76,7 +77,8 @@ while [ $# -gt 0 ]; do
             ./train_mamba $brown --steps 200 --val-every 200 --sample-every 0 --ckpt-dir ckpt_exp --export hf_exp \
               > "$OUT/export_train.log" 2>&1; grep -E "val loss" "$OUT/export_train.log" | tail -1
             python3 test/hf_roundtrip.py --val-loss hf_exp --val-data 'data/brown/brown_val_*.bin' 2>&1 | tee "$OUT/export_val.log" | tail -3 ;;
-    scan-anchor) while pgrep -f "scan_anchor.py --build-only" >/dev/null; do sleep 2; done
+    wait-anchor-build) while pgrep -f "[.]py --build-only" >/dev/null; do sleep 2; done ;;  # [.]: not this line itself
+    scan-anchor) while pgrep -f "[s]can_anchor.py --build-only" >/dev/null; do sleep 2; done
             (cd anchors && python3 scan_anchor.py) 2>&1 | tee -a "$ANCHOR_LOG" | grep anchor ;;
     bench-one) b=$1; fl=$2; shift 2; [ "$fl" = - ] && fl=  # bench-one NAME "FLAGS" ("-": none)
             timeout 240 ./dev/$b $fl 2>&1 | tee "$OUT/$b.log" | tail -20 ;;
