@@ -66,7 +66,9 @@ while [ $# -gt 0 ]; do
             done 2>&1 | tee "$OUT/models.log" ;;
     profile) ./train_mamba --model ${1:-mamba2-370m} -B 8 -T 2048 --bench --profile --bench-steps 5 2>&1 | tee "$OUT/profile.log" | tail -30; shift ;;
     default) timeout 300 ./train_mamba $brown --ckpt-dir ckpt_default > "$OUT/default.log" 2>&1
-             cp ckpt_default/metrics.jsonl "$OUT/default_metrics.jsonl"
+             cp ckpt_default/metrics.jsonl "$OUT/default_metrics.jsonl"  # for the README's picture:
+             python3 dev/plot_loss.py ckpt_default -o "$OUT/default_loss.png" ||  # or plot it at home
+               echo "plot here: /usr/bin/python3 dev/plot_loss.py default_metrics.jsonl -o docs/default_loss.png"
              grep -E "val loss" "$OUT/default.log" | tail -2; grep -E "^step +600 " "$OUT/default.log" ;;
     sft)    ./train_mamba $brown --steps 600 --ckpt-dir ckpt_pre --sample-every 0 > "$OUT/sft_pretrain.log" 2>&1
             ./finetune_mamba --init ckpt_pre --ckpt-dir ckpt_sft 2>&1 | tee "$OUT/sft_finetune.log" | grep -E "val|error" | tail -4
