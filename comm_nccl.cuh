@@ -3,7 +3,9 @@
 #pragma once
 #include <algorithm>
 #include <chrono>
+#include <cstdio>
 #include <cstdlib>
+#include <stdexcept>
 #include <string>
 #include <thread>
 #include <vector>
@@ -135,3 +137,30 @@ struct NcclComm : Comm {
         ncclCheck(ncclGroupEnd());
     }
 };
+
+// The main() of a program that runs on every rank (train_mamba, finetune_mamba): flags are
+// parsed before MPI starts, so a bad flag ends every rank with one message and exit code 1;
+// only rank 0 prints; an error on any rank of a multi-rank run ends the whole job.
+template <class Args>
+int main_on_ranks(int argc, char** argv, Args (*parse_args)(int, char**), int (*run)(const Args&, Comm&)) {
+    Args a;
+    try {
+        a = parse_args(argc, argv);
+    } catch (const std::exception& e) {
+        fprintf(stderr, "error: %s\n", e.what());
+        return 1;
+    }
+    NcclComm comm;
+    comm.init(&argc, &argv);
+    if (!comm.root() && !freopen("/dev/null", "w", stdout)) comm_abort("cannot silence stdout");
+    int rc = 0;
+    try {
+        rc = run(a, comm);
+    } catch (const std::exception& e) {
+        if (comm.multi()) comm_abort(("error: " + std::string(e.what())).c_str());
+        fprintf(stderr, "error: %s\n", e.what());
+        rc = 1;
+    }
+    comm.finalize();
+    return rc;
+}

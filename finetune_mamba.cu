@@ -283,25 +283,4 @@ static int run(const Args& a, Comm& comm) {
     return 0;
 }
 
-int main(int argc, char** argv) {
-    Args a;
-    try {
-        a = parse_args(argc, argv);
-    } catch (const std::exception& e) {
-        fprintf(stderr, "error: %s\n", e.what());
-        return 1;
-    }
-    NcclComm comm;
-    comm.init(&argc, &argv);
-    if (!comm.root() && !freopen("/dev/null", "w", stdout)) comm_abort("cannot silence stdout");  // rank 0 logs
-    int rc = 0;
-    try {
-        rc = run(a, comm);
-    } catch (const std::exception& e) {
-        if (comm.multi()) comm_abort(("error: " + std::string(e.what())).c_str());
-        fprintf(stderr, "error: %s\n", e.what());
-        rc = 1;
-    }
-    comm.finalize();
-    return rc;
-}
+int main(int argc, char** argv) { return main_on_ranks(argc, argv, parse_args, run); }
