@@ -84,31 +84,19 @@ inline nlohmann::json opt_arrays(const OptState& opt) {
     return arrays;
 }
 
-// magic, header (with the payload's checksum), then the payload parts, to path.tmp, flushed,
-// renamed to path; on any error the .tmp is removed
+// magic, header (with the payload's checksum), then the payload parts, written atomically
 inline void write_atomic(const std::string& path, nlohmann::json h, const Parts& parts) {
     Checksum sum;
     for (auto& [p, n] : parts) sum.add(p, n);
     h["checksum"] = sum.hex();
-    const std::string tmp = path + ".tmp", header = h.dump();
+    const std::string header = h.dump();
     const uint64_t header_bytes = header.size();
-    FILE* f = fopen_or_throw(tmp, "wb");
-    try {
+    write_file_atomically(path, [&](FILE* f, const std::string& tmp) {
         fwrite_or_throw(kCheckpointMagic, 1, 8, f, tmp);
         fwrite_or_throw(&header_bytes, sizeof(header_bytes), 1, f, tmp);
         fwrite_or_throw(header.data(), 1, header.size(), f, tmp);
         for (auto& [p, n] : parts) fwrite_or_throw(p, 1, n, f, tmp);
-        if (fflush(f) != 0 || fsync(fileno(f)) != 0)
-            THROW("cannot write checkpoint '%s': %s", tmp.c_str(), std::strerror(errno));
-        if (fclose(f) != 0) { f = nullptr; THROW("cannot write checkpoint '%s': %s", tmp.c_str(), std::strerror(errno)); }
-        f = nullptr;
-        std::filesystem::rename(tmp, path);
-    } catch (...) {
-        if (f) fclose(f);
-        std::error_code ec;
-        std::filesystem::remove(tmp, ec);
-        throw;
-    }
+    });
 }
 
 // the ranks' ranges of a model's parameter buffer (zero.h)

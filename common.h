@@ -10,8 +10,10 @@
 #include <cstdlib>
 #include <stdexcept>
 #include <cstring>
+#include <filesystem>
 #include <string>
 #include <sys/stat.h>
+#include <unistd.h>
 #include <vector>
 
 inline std::string strformat(const char* fmt, ...) {
@@ -98,6 +100,28 @@ inline std::string read_file_or_throw(const std::string& path, const char* what)
     fclose(f);
     if (failed) THROW("cannot read %s '%s': %s", what, path.c_str(), strerror(errno));
     return s;
+}
+
+// Writes `path` whole or not at all: write(f, tmp) fills the temporary path + ".tmp", which
+// is flushed to the disk and renamed over path; on any error the temporary is removed and the
+// error passed on, so a crash or a full disk leaves the old file (or none) and no .tmp behind.
+template <class Write>
+void write_file_atomically(const std::string& path, Write&& write) {
+    const std::string tmp = path + ".tmp";
+    FILE* f = fopen_or_throw(tmp, "wb");
+    try {
+        write(f, tmp);
+        if (fflush(f) != 0 || fsync(fileno(f)) != 0) THROW("cannot write '%s': %s", tmp.c_str(), strerror(errno));
+        const int rc = fclose(f);
+        f = nullptr;
+        if (rc != 0) THROW("cannot write '%s': %s", tmp.c_str(), strerror(errno));
+        std::filesystem::rename(tmp, path);
+    } catch (...) {
+        if (f) fclose(f);
+        std::error_code ec;
+        std::filesystem::remove(tmp, ec);
+        throw;
+    }
 }
 
 // A set of output files that appears together or not at all: each file is written under

@@ -37,11 +37,11 @@ struct MetricsLog {
             }
         }
         // rewritten through a temporary file: a crash here loses no line that was kept
-        const std::string tmp = path + ".tmp";
-        FILE* t = fopen_or_throw(tmp, "w");
-        for (auto& l : kept) fprintf(t, "%s\n", l.c_str());
-        if (fclose(t) != 0) THROW("cannot write '%s': %s", tmp.c_str(), std::strerror(errno));
-        std::filesystem::rename(tmp, path);
+        std::string text;
+        for (auto& l : kept) text += l + "\n";
+        write_file_atomically(path, [&](FILE* t, const std::string& tmp) {
+            fwrite_or_throw(text.data(), 1, text.size(), t, tmp);
+        });
         f = fopen_or_throw(path, "a");
     }
 

@@ -339,9 +339,7 @@ inline void safetensors_write(const std::string& path, const std::vector<StSourc
     std::string header = h.dump();
     header.append((8 - header.size() % 8) % 8, ' ');  // the data starts 8-byte aligned
     const uint64_t n = header.size();
-    const std::string tmp = path + ".tmp";
-    FILE* f = fopen_or_throw(tmp, "wb");
-    try {
+    write_file_atomically(path, [&](FILE* f, const std::string& tmp) {
         fwrite_or_throw(&n, 8, 1, f, tmp);
         fwrite_or_throw(header.data(), 1, header.size(), f, tmp);
         std::vector<uint16_t> half;
@@ -357,15 +355,7 @@ inline void safetensors_write(const std::string& path, const std::vector<StSourc
                 fwrite_or_throw(half.data(), 2, m, f, tmp);
             }
         }
-        if (fclose(f) != 0) { f = nullptr; THROW("cannot write '%s': %s", tmp.c_str(), std::strerror(errno)); }
-        f = nullptr;
-        std::filesystem::rename(tmp, path);
-    } catch (...) {
-        if (f) fclose(f);
-        std::error_code ec;
-        std::filesystem::remove(tmp, ec);
-        throw;
-    }
+    });
 }
 
 // A model's weights into `dir`: model.safetensors when they fit in max_shard_bytes, else
