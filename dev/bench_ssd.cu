@@ -102,26 +102,9 @@ static Result run_shape(const Shape& s, int iters) {
     void* saved = cuda_malloc(ssd_saved_bytes(sh), "ssd saved");
     void* scratch = cuda_malloc(ssd_scratch_bytes(sh), "ssd scratch");
 
-    SSDInputs in;
-    in.x = d_xbc;
-    in.Bm = d_xbc + HP;
-    in.Cm = d_xbc + HP + GN;
-    in.dt = d_dt;
-    in.x_stride = in.bc_stride = row;
-    in.dt_stride = dt_stride;
-    in.dt_bias = d_bias;
-    in.A_log = d_alog;
-    in.D = d_D;
-    SSDGrads gr;
-    gr.dx = d_dxbc;
-    gr.dB = d_dxbc + HP;
-    gr.dC = d_dxbc + HP + GN;
-    gr.ddt = d_ddt;
-    gr.dx_stride = gr.dbc_stride = row;
-    gr.ddt_stride = dt_stride;
-    gr.ddt_bias = d_pg;
-    gr.dA_log = d_pg + H;
-    gr.dD = d_pg + 2 * H;
+    // x, B, C: column slices of one xBC row, as in the model
+    SSDInputs in{d_xbc, d_xbc + HP, d_xbc + HP + GN, d_dt, row, row, dt_stride, d_bias, d_alog, d_D};
+    SSDGrads gr{d_dxbc, d_dxbc + HP, d_dxbc + HP + GN, d_ddt, row, row, dt_stride, d_pg, d_pg + H, d_pg + 2 * H};
 
     const std::string label = shape_label(s);
     printf("ssd %s %s chunk %d: saved %.1f MiB, scratch %.1f MiB, %d documents with boundaries (mean length %.0f)\n",

@@ -139,27 +139,9 @@ static void check_ssd(int B, int T, int H, int G, int P, int N, int chunk, uint6
     const size_t scratch_bytes = ssd_scratch_bytes(sh);
     void* scratch = cuda_malloc(scratch_bytes, "scratch");
 
-    SSDInputs in;
-    in.x = d_xbc;
-    in.Bm = d_xbc + HP;
-    in.Cm = d_xbc + HP + GN;
-    in.dt = d_dt;
-    in.x_stride = in.bc_stride = row;
-    in.dt_stride = dt_stride;
-    in.dt_bias = d_bias;
-    in.A_log = d_alog;
-    in.D = d_D;
-    in.pos = d_pos;
-    SSDGrads gr;
-    gr.dx = d_grad;
-    gr.dB = d_grad + HP;
-    gr.dC = d_grad + HP + GN;
-    gr.ddt = d_ddt;
-    gr.dx_stride = gr.dbc_stride = row;
-    gr.ddt_stride = dt_stride;
-    gr.ddt_bias = d_pg;
-    gr.dA_log = d_pg + H;
-    gr.dD = d_pg + 2 * H;
+    // x, B, C: column slices of one xBC row, as in the model
+    const SSDInputs in{d_xbc, d_xbc + HP, d_xbc + HP + GN, d_dt, row, row, dt_stride, d_bias, d_alog, d_D, d_pos};
+    const SSDGrads gr{d_grad, d_grad + HP, d_grad + HP + GN, d_ddt, row, row, dt_stride, d_pg, d_pg + H, d_pg + 2 * H};
 
     auto run = [&]() {
         Outputs o;
