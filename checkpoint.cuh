@@ -24,7 +24,6 @@
 #include <cstring>
 #include <filesystem>
 #include <string>
-#include <unistd.h>
 #include <vector>
 #include <nlohmann/json.hpp>
 #include "common.h"
