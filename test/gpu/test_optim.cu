@@ -13,7 +13,9 @@ namespace gpu_test_optim {  // this file's helpers: all test files link into one
 TEST_CASE("AdamW: 5 steps over several tensors match the reference, clipping on and off", "[optim]") {
     std::mt19937 rng(5);
     std::normal_distribution<double> nd(0.0, 1.0);
-    const std::vector<size_t> sizes = {1, 7, 1000, 4099, 10000};
+    // the last tensor starts 16-byte aligned and takes three items: two whole ones on the
+    // 4-wide path, then 6 elements on the scalar one
+    const std::vector<size_t> sizes = {1, 7, 1000, 4099, 10000, 1, 2 * ADAMW_ITEM + 6};
     std::vector<ParamTensor> tensors;
     size_t total = 0;
     for (size_t i = 0; i < sizes.size(); i++) { tensors.push_back({total, sizes[i], i % 2 == 0}); total += sizes[i]; }
