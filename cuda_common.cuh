@@ -208,32 +208,6 @@ __device__ __forceinline__ float fast_exp2(float x) {
     return y;
 }
 
-constexpr float LOG2E = 1.4426950408889634f, LN2 = 0.6931471805599453f;
-
-__device__ __forceinline__ float lg2(float x) {  // log2 by the hardware approximation
-    float y;
-    asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-    return y;
-}
-__device__ __forceinline__ float rcp(float x) {  // 1 / x by the hardware approximation
-    float y;
-    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-    return y;
-}
-// e = exp(-|x|) in (0, 1], the one exponential that softplus and sigmoid of x share
-__device__ __forceinline__ float exp_neg_abs(float x) { return fast_exp2(-fabsf(x) * LOG2E); }
-// softplus(x) = max(x, 0) + log1p(e); log1p by its series where 1 + e would lose e's digits
-__device__ __forceinline__ float softplus_e(float x, float e) {
-    const float series = e * (1.f - e * (0.5f - e * (1.f / 3 - e * (0.25f - e * 0.2f))));
-    return fmaxf(x, 0.f) + (e < 0.0625f ? series : lg2(1.f + e) * LN2);
-}
-__device__ __forceinline__ float sigmoid_e(float x, float e) {
-    const float r = rcp(1.f + e);
-    return x >= 0.f ? r : e * r;
-}
-__device__ __forceinline__ float softplus(float x) { return softplus_e(x, exp_neg_abs(x)); }
-__device__ __forceinline__ float sigmoid(float x) { return sigmoid_e(x, exp_neg_abs(x)); }
-
 __device__ inline float silu(float x) { return x / (1.0f + __expf(-x)); }
 __device__ inline float silu_grad(float x) {  // d silu / dx
     float s = 1.0f / (1.0f + __expf(-x));

@@ -271,6 +271,8 @@ __device__ inline float block_sum(float v, float* s_tmp /* >= 32 floats */) {
 // exp of a decay exponent (<= 0): the fast intrinsic, its error is far below bf16 rounding
 __device__ inline float decay_exp(float x) { return __expf(x); }
 
+__device__ inline float softplus(float z) { return z > 20.f ? z : log1pf(expf(z)); }
+
 // Document boundaries of a block of rows [t0, t0 + valid) of sequence row b (local index i):
 // thr_i = i - pos = the local index where row i's document starts (< 0: before the block). Pairs (i, j <= i)
 // with j < thr_i are cut; row i sees the state entering the block iff thr_i < 0; the state leaving the block
@@ -1186,7 +1188,7 @@ ssd_bwd_dt_kernel(SSDGrads gr, BwdScratch sc, const float* dt_s, const float* ac
         const float da = s_r[CHUNK - 1 - i];
         const float ddt = sc.ddt_dir[p] + A * da;
         const float z = __bfloat162float(in.dt[row * in.dt_stride + h]) + bias;
-        const float g = ddt * sigmoid(z);
+        const float g = ddt / (1.f + expf(-z));
         gr.ddt[row * gr.ddt_stride + h] = __float2bfloat16(g);
         gbias += g;
         gA += dt_s[p] * da;
