@@ -184,14 +184,17 @@ __device__ inline float warp_sum(float v) {
     return v;
 }
 
-// block-wide sum (blockDim.x a multiple of 32, at most 1024); the result is valid in thread 0
+// block-wide sum (blockDim.x a multiple of 32, at most 1024) in a fixed order; every thread gets
+// it. It synchronises before reusing its slots, so calls may follow each other
 __device__ inline float block_sum(float v) {
     __shared__ float red[32];
     v = warp_sum(v);
+    __syncthreads();
     if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = v;
     __syncthreads();
-    v = threadIdx.x < blockDim.x / 32 ? red[threadIdx.x] : 0.0f;
-    return threadIdx.x < 32 ? warp_sum(v) : 0.0f;
+    float t = 0.0f;
+    for (int w = 0; w < (int)blockDim.x / 32; w++) t += red[w];
+    return t;
 }
 
 // blocks of 256 threads for an elementwise pass over n items with a grid-stride loop
@@ -207,6 +210,18 @@ __device__ __forceinline__ float fast_exp2(float x) {
     asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
     return y;
 }
+
+// softplus and sigmoid of x through e = exp(-|x|), the one exponential they share, in full precision:
+// dt = softplus(dt_raw + dt_bias) enters every decay, and the hardware lg2/rcp/ex2 approximations moved
+// Mamba-2's A_log gradient past its test tolerance (H200, 2026-12-03)
+__device__ __forceinline__ float exp_neg_abs(float x) { return expf(-fabsf(x)); }
+__device__ __forceinline__ float softplus_e(float x, float e) { return fmaxf(x, 0.f) + log1pf(e); }
+__device__ __forceinline__ float sigmoid_e(float x, float e) {
+    const float r = 1.f / (1.f + e);
+    return x >= 0.f ? r : e * r;
+}
+__device__ __forceinline__ float softplus(float x) { return softplus_e(x, exp_neg_abs(x)); }
+__device__ __forceinline__ float sigmoid(float x) { return sigmoid_e(x, exp_neg_abs(x)); }
 
 __device__ inline float silu(float x) { return x / (1.0f + __expf(-x)); }
 __device__ inline float silu_grad(float x) {  // d silu / dx

@@ -62,29 +62,7 @@ constexpr int SMEM_MAX = 227 * 1024;  // dynamic shared memory a block may take 
 // ----------------------------------------------------------------------------------------------
 // device math
 
-__device__ __forceinline__ float lg2(float x) {
-    float y;
-    asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-    return y;
-}
-__device__ __forceinline__ float rcp(float x) {
-    float y;
-    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-    return y;
-}
 __device__ __forceinline__ float bf(bf16 v) { return __bfloat162float(v); }
-
-// e = exp(-|x|) in (0, 1], the one exponential that softplus and sigmoid of x share
-__device__ __forceinline__ float exp_neg_abs(float x) { return fast_exp2(-fabsf(x) * LOG2E); }
-// softplus(x) = max(x, 0) + log1p(e); log1p by its series where 1 + e would lose e's digits
-__device__ __forceinline__ float softplus_e(float x, float e) {
-    const float series = e * (1.f - e * (0.5f - e * (1.f / 3 - e * (0.25f - e * 0.2f))));
-    return fmaxf(x, 0.f) + (e < 0.0625f ? series : lg2(1.f + e) * LN2);
-}
-__device__ __forceinline__ float sigmoid_e(float x, float e) {
-    const float r = rcp(1.f + e);
-    return x >= 0.f ? r : e * r;
-}
 
 // Sums v over R lanes whose lane ids differ by multiples of STRIDE (rank = the lane's index among them,
 // 0..R-1), CNT values at once: each level keeps half of the values and adds the partner's copy of them, so

@@ -255,23 +255,8 @@ __device__ inline void block_scan(float* s, int n) {
     }
 }
 
-// sum over the block (fixed tree); every thread gets the result
-__device__ inline float block_sum(float v, float* s_tmp /* >= 32 floats */) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    __syncthreads();
-    if (lane == 0) s_tmp[warp] = v;
-    __syncthreads();
-    float t = 0.f;
-    for (int w = 0; w < nw; w++) t += s_tmp[w];
-    return t;
-}
-
 // exp of a decay exponent (<= 0): the fast intrinsic, its error is far below bf16 rounding
 __device__ inline float decay_exp(float x) { return __expf(x); }
-
-__device__ inline float softplus(float z) { return z > 20.f ? z : log1pf(expf(z)); }
 
 // Document boundaries of a block of rows [t0, t0 + valid) of sequence row b (local index i):
 // thr_i = i - pos = the local index where row i's document starts (< 0: before the block). Pairs (i, j <= i)
@@ -653,7 +638,6 @@ template <bool DOCS>
 __global__ void __launch_bounds__(PASS_THREADS)
 ssd_state_pass_kernel(bf16* hst, bf16* gst, float* dots, const float* acum_s, const int* pos, int T, int H, int nc,
                       int PN) {
-    __shared__ float s_tmp[32];
     const size_t bh = blockIdx.y, brow = (bh / H) * (size_t)T;
     const int e = blockIdx.x * blockDim.x + threadIdx.x;
     const bool ok = e < PN / 4;
@@ -687,7 +671,7 @@ ssd_state_pass_kernel(bf16* hst, bf16* gst, float* dots, const float* acum_s, co
             const float2 h0 = unpack_bf16(hv.x), h1 = unpack_bf16(hv.y);
             d = hs[0] * h0.x + hs[1] * h0.y + hs[2] * h1.x + hs[3] * h1.y;
         }
-        d = block_sum(d, s_tmp);
+        d = block_sum(d);
         if (threadIdx.x == 0) dots[(bh * nc + c) * gridDim.x + blockIdx.x] = decay * d;
         const float2 s0 = unpack_bf16(cur.x), s1 = unpack_bf16(cur.y);
         hs[0] = decay * hs[0] + s0.x;
@@ -1155,7 +1139,7 @@ inline size_t col_smem_bytes(int P, int N) {
 static __global__ void __launch_bounds__(THREADS)
 ssd_bwd_dt_kernel(SSDGrads gr, BwdScratch sc, const float* dt_s, const float* acum_s, SSDInputs in, int T, int H,
                   int splits) {
-    __shared__ float s_r[CHUNK], s_tmp[32];
+    __shared__ float s_r[CHUNK];
     const int c = blockIdx.x, h = blockIdx.y, b = blockIdx.z, nc = gridDim.x;
     const int t0 = c * CHUNK, valid = min(CHUNK, T - t0);
     const size_t bh = (size_t)b * H + h, pos0 = bh * nc * CHUNK + t0;
@@ -1163,7 +1147,7 @@ ssd_bwd_dt_kernel(SSDGrads gr, BwdScratch sc, const float* dt_s, const float* ac
 
     float sst = 0.f;
     for (int i = threadIdx.x; i < valid; i += blockDim.x) sst += sc.sst[pos0 + i];
-    sst = block_sum(sst, s_tmp);
+    sst = block_sum(sst);
     float pass = 0.f;
     for (int k = 0; k < splits; k++) pass += sc.dots[(bh * nc + c) * splits + k];
     // dAcum stored reversed so that an inclusive scan gives the reverse cumsum
@@ -1188,15 +1172,15 @@ ssd_bwd_dt_kernel(SSDGrads gr, BwdScratch sc, const float* dt_s, const float* ac
         const float da = s_r[CHUNK - 1 - i];
         const float ddt = sc.ddt_dir[p] + A * da;
         const float z = __bfloat162float(in.dt[row * in.dt_stride + h]) + bias;
-        const float g = ddt / (1.f + expf(-z));
+        const float g = ddt * sigmoid(z);
         gr.ddt[row * gr.ddt_stride + h] = __float2bfloat16(g);
         gbias += g;
         gA += dt_s[p] * da;
         gD += sc.dd[p];
     }
-    gbias = block_sum(gbias, s_tmp);
-    gA = block_sum(gA, s_tmp);
-    gD = block_sum(gD, s_tmp);
+    gbias = block_sum(gbias);
+    gA = block_sum(gA);
+    gD = block_sum(gD);
     if (threadIdx.x == 0) {
         float* o = sc.partials + (bh * nc + c) * 3;
         o[0] = gbias;
