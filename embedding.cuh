@@ -41,7 +41,7 @@ struct EmbeddingBuckets {
 
     // d_tokens: BT ids in [0, V), on the device
     void build(const int* d_tokens, int BT, int V, cudaStream_t s) {
-        if (BT > capacity || V != vocab) allocate(BT, V);
+        reserve(BT, V);
         iota_kernel<<<ceil_div((size_t)BT, 256), 256, 0, s>>>(iota, BT);
         cudaCheckLast();
         size_t bytes = temp_bytes;
@@ -52,9 +52,9 @@ struct EmbeddingBuckets {
         cudaCheck(cub::DeviceScan::ExclusiveSum(temp, bytes, counts, offsets, BT, s));
     }
 
-private:
-    int bits() const { int b = 1; while ((1 << b) < vocab) b++; return b; }  // the sort looks at these
-    void allocate(int BT, int V) {
+    // room for BT tokens of a vocabulary of V
+    void reserve(int BT, int V) {
+        if (BT <= capacity && V == vocab) return;
         release();
         capacity = BT;
         vocab = V;
@@ -67,6 +67,9 @@ private:
         temp_bytes = std::max({a, b, c});
         temp = cuda_malloc(temp_bytes, "embedding buckets");
     }
+
+private:
+    int bits() const { int b = 1; while ((1 << b) < vocab) b++; return b; }  // the sort looks at these
     void release() {
         for (void* p : {(void*)iota, (void*)keys, (void*)sorted, (void*)unique, (void*)counts, (void*)offsets,
                         (void*)num, temp})

@@ -4,6 +4,8 @@
 //   lse = logsumexp(logits[i, :V]); ce = lse - logits[i, t_i]
 //   losses[i] = w_i (ce + z_loss lse^2)
 //   dlogits[i, j] = dloss w_i (softmax_j (1 + 2 z_loss lse) - [j == t_i]); 0 for padded j >= V
+// (dloss, the step's 1 / valid targets, is read from the device: a captured step replays with
+// the value its batch uploaded)
 //   target_rank[i] = #{j < V : logits[i, j] > logits[i, t_i]} (for top-k accuracy)
 // loss_accumulate adds the sum of the per-token losses to a device total (no host sync).
 #pragma once
@@ -14,7 +16,7 @@ constexpr int LOSS_THREADS = 512;
 
 static __global__ void __launch_bounds__(LOSS_THREADS)
 fused_classifier_kernel(bf16* logits, float* losses, int* target_rank, const int* targets, const float* weights,
-                        float dloss, float z_loss, int V, int Vp, bool write_dlogits) {
+                        const float* dloss, float z_loss, int V, int Vp, bool write_dlogits) {
     __shared__ float s_max[LOSS_THREADS / 32], s_sum[LOSS_THREADS / 32];
     __shared__ int s_cnt[LOSS_THREADS / 32];
     const int row = blockIdx.x, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -61,7 +63,7 @@ fused_classifier_kernel(bf16* logits, float* losses, int* target_rank, const int
         if (target_rank) target_rank[row] = t < 0 ? -1 : cnt;
     }
     if (!write_dlogits) return;
-    const float scale = dloss * w, pscale = 1.0f + 2.0f * z_loss * lse;
+    const float scale = *dloss * w, pscale = 1.0f + 2.0f * z_loss * lse;
     for (int j0 = threadIdx.x * 8; j0 < Vp; j0 += LOSS_THREADS * 8) {
         uint4 raw = *reinterpret_cast<const uint4*>(x + j0);
         bf16* v = reinterpret_cast<bf16*>(&raw);
@@ -77,7 +79,7 @@ fused_classifier_kernel(bf16* logits, float* losses, int* target_rank, const int
 }
 
 inline void fused_classifier(bf16* logits, float* losses, int* target_rank, const int* targets, const float* weights,
-                             float dloss, float z_loss, int BT, int V, int Vp, bool write_dlogits, cudaStream_t s) {
+                             const float* dloss, float z_loss, int BT, int V, int Vp, bool write_dlogits, cudaStream_t s) {
     if (Vp % 8 != 0 || V > Vp) THROW("fused_classifier: padded vocab %d must be a multiple of 8 and >= V %d", Vp, V);
     fused_classifier_kernel<<<BT, LOSS_THREADS, 0, s>>>(logits, losses, target_rank, targets, weights, dloss, z_loss, V,
                                                         Vp, write_dlogits);

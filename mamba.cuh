@@ -503,7 +503,7 @@ inline ActivationSizes activation_sizes(const ModelConfig& c, int B, int T, bool
                      s.logits + BT * d /* dxn */ + s.resid /* dresid bf16 */) * 2 +
                     s.resid * 4 /* dresid */ + BT * 4 /* losses */ + h.mixer_scratch + h.norm_scratch * 4 +
                     BT * (4 * sizeof(int) + sizeof(float)) /* inputs, targets, ranks, positions, weights */ +
-                    sizeof(double) /* the loss total */;
+                    sizeof(double) /* the loss total */ + sizeof(float) /* dloss */;
     return s;
 }
 
@@ -542,6 +542,45 @@ struct Batch {
                                     // nothing crosses it); null: one document per row
 };
 
+// One micro-batch's forward and backward captured as a CUDA graph (Model::train_micro_batch),
+// and what it was captured for: the kernels' scalar arguments are part of the graph
+struct StepGraph {
+    struct Key {
+        bool weighted = false, positions = false;
+        float z_loss = 0.0f;
+        bool operator==(const Key& o) const {
+            return weighted == o.weighted && positions == o.positions && z_loss == o.z_loss;
+        }
+    } key;
+    cudaGraphExec_t exec = nullptr;
+
+    // records what `work(stream)` queues; relaxed mode, because launchers make host-side calls
+    // (kernel attributes, tensor maps) that are not stream work; the stream is a blocking one,
+    // so a stray use of the legacy default stream inside fails the capture instead of escaping it
+    template <typename F>
+    void capture(const Key& k, F&& work) {
+        release();
+        cudaStream_t cs;
+        cudaGraph_t g;
+        cudaCheck(cudaStreamCreate(&cs));
+        cudaCheck(cudaStreamBeginCapture(cs, cudaStreamCaptureModeRelaxed));
+        work(cs);
+        cudaCheck(cudaStreamEndCapture(cs, &g));
+        cudaCheck(cudaGraphInstantiate(&exec, g, 0));
+        cudaCheck(cudaGraphDestroy(g));
+        cudaCheck(cudaStreamDestroy(cs));
+        key = k;
+    }
+    void release() {
+        if (exec) cudaCheck(cudaGraphExecDestroy(exec));
+        exec = nullptr;
+    }
+    StepGraph() = default;
+    StepGraph(const StepGraph&) = delete;
+    StepGraph& operator=(const StepGraph&) = delete;
+    ~StepGraph() { release(); }
+};
+
 struct Model {
     ModelConfig cfg;
     ParamLayout layout;
@@ -566,8 +605,9 @@ struct Model {
     float *dresid = nullptr, *losses = nullptr;
     double* loss_total = nullptr;   // the per-token losses summed over forwards, read by loss_sum()
     int *d_inputs = nullptr, *d_targets = nullptr, *d_rank = nullptr, *d_pos = nullptr;
-    float* d_weights = nullptr;
+    float *d_weights = nullptr, *d_dloss = nullptr;
     EmbeddingBuckets buckets;
+    StepGraph graph;                // the captured micro-batch (train_micro_batch)
     std::vector<void*> owned;       // every activation allocation, freed together
     PhaseTimer* timer = nullptr;    // set to time each phase
     // Called by backward() as the gradients become final from the end of the buffer down, at
@@ -683,12 +723,14 @@ struct Model {
         d_rank = alloc<int>(BT, "target ranks");
         d_weights = alloc<float>(BT, "loss weights");
         d_pos = alloc<int>(BT, "positions in the documents");
+        d_dloss = alloc<float>(1, "loss gradient scale");
         loss_total = alloc<double>(1, "loss total");
         cudaCheck(cudaMemset(loss_total, 0, sizeof(double)));
         allocate_stages();
     }
 
     void free_activations() {
+        graph.release();  // it holds the addresses of what is freed here
         free_stages();
         for (void* p : owned) cudaFree(p);
         owned.clear();
@@ -757,7 +799,7 @@ struct Model {
     // holds the host back. A buffer is refilled once its last copy has finished.
     struct Stage {
         int *inputs = nullptr, *targets = nullptr, *pos = nullptr;
-        float* weights = nullptr;
+        float *weights = nullptr, *dloss = nullptr;
         cudaEvent_t copied = nullptr;
     };
     Stage stages[2];
@@ -770,12 +812,14 @@ struct Model {
             cudaCheck(cudaMallocHost(&st.targets, BT * sizeof(int)));
             cudaCheck(cudaMallocHost(&st.pos, BT * sizeof(int)));
             cudaCheck(cudaMallocHost(&st.weights, BT * sizeof(float)));
+            cudaCheck(cudaMallocHost(&st.dloss, sizeof(float)));
             cudaCheck(cudaEventCreateWithFlags(&st.copied, cudaEventDisableTiming));
         }
     }
     void free_stages() {
         for (Stage& st : stages) {
-            for (void* p : {(void*)st.inputs, (void*)st.targets, (void*)st.pos, (void*)st.weights}) cudaFreeHost(p);
+            for (void* p : {(void*)st.inputs, (void*)st.targets, (void*)st.pos, (void*)st.weights, (void*)st.dloss})
+                cudaFreeHost(p);
             if (st.copied) cudaEventDestroy(st.copied);
             st = Stage{};
         }
@@ -793,8 +837,38 @@ struct Model {
     // back through the LM head, ready for backward(). With target_rank (device, BT ints) it
     // also records each target's rank for top-k accuracy.
     void forward(const Batch& batch, float dloss, float z_loss, cudaStream_t s = 0, int* target_rank = nullptr) {
-        const int BT = B * T, d = cfg.d_model;
-        ctx.timer = timer;
+        upload_batch(batch, dloss, s);
+        forward_uploaded(batch.targets != nullptr, batch.weights != nullptr, dloss > 0, z_loss, target_rank, s);
+    }
+
+    // One training micro-batch: forward(batch, dloss, z_loss) and backward(). With use_graph
+    // (one rank, no phase timer) the two run as a CUDA graph, captured at the first call and
+    // replayed after: a small model's step is a few hundred short kernels, and launching them
+    // one by one, not the GPU, sets its pace. The replay computes the same bits: it reads the
+    // batch (dloss included) from the device buffers that upload_batch() fills before it.
+    bool use_graph = true;
+    void train_micro_batch(const Batch& batch, float dloss, float z_loss, cudaStream_t s = 0) {
+        if (!use_graph || timer || grads_done) {
+            forward(batch, dloss, z_loss, s);
+            backward(s);
+            return;
+        }
+        upload_batch(batch, dloss, s);
+        const StepGraph::Key key{batch.weights != nullptr, batch.pos != nullptr, z_loss};
+        if (!graph.exec || !(graph.key == key)) {
+            buckets.reserve(B * T, cfg.padded_vocab());  // what the step allocates on first use exists before
+            matmul_init();
+            graph.capture(key, [&](cudaStream_t cs) {
+                forward_uploaded(true, key.weighted, true, z_loss, nullptr, cs);
+                backward(cs);
+            });
+        }
+        cudaCheck(cudaGraphLaunch(graph.exec, s));
+    }
+
+    // the batch's arrays (and dloss, the loss gradient's scale) into the device buffers the forward reads
+    void upload_batch(const Batch& batch, float dloss, cudaStream_t s) {
+        const int BT = B * T;
         Stage& st = stages[next_stage];
         next_stage ^= 1;
         cudaCheck(cudaEventSynchronize(st.copied));  // its previous copies are done
@@ -802,18 +876,24 @@ struct Model {
         if (batch.targets) upload(d_targets, st.targets, batch.targets, BT, s);
         if (batch.weights) upload(d_weights, st.weights, batch.weights, BT, s);
         if (batch.pos) upload(d_pos, st.pos, batch.pos, BT, s);
+        if (dloss > 0) upload(d_dloss, st.dloss, &dloss, 1, s);
         cudaCheck(cudaEventRecord(st.copied, s));
         ctx.pos = batch.pos ? d_pos : nullptr;
-        if (dloss > 0) buckets.build(d_inputs, BT, cfg.padded_vocab(), s);  // for the embedding backward
+    }
 
+    // forward() from the uploaded batch; grad: with the gradient through the LM head (dloss > 0)
+    void forward_uploaded(bool targets, bool weighted, bool grad, float z_loss, int* target_rank, cudaStream_t s) {
+        const int BT = B * T, d = cfg.d_model;
+        ctx.timer = timer;
+        if (grad) buckets.build(d_inputs, BT, cfg.padded_vocab(), s);  // for the embedding backward
         phase("embedding", s);
         embedding_forward(h, d_inputs, w(layout.embedding), BT, d, s);
         for (int l = 0; l < cfg.n_layer; l++) layer_forward(l, s);
         phase("rmsnorm", s);
         const int L = cfg.n_layer;
         rmsnorm_forward(xn, xhat[L], rstd[L], h, w(layout.final_norm), BT, d, cfg.norm_eps, s);
-        if (!batch.targets) return;
-        lm_head_and_loss(target_rank, batch.weights != nullptr, dloss, z_loss, s);
+        if (!targets) return;
+        lm_head_and_loss(target_rank, weighted, grad, z_loss, s);
         loss_accumulate(loss_total, losses, BT, s);
     }
 
@@ -828,7 +908,7 @@ struct Model {
     // The LM head and the loss run over chunks of rows, so the logits of the whole batch
     // never exist at once; with dloss > 0 each chunk's gradient goes straight through the
     // LM head (into dxn and the head's weight gradient), ready for backward().
-    void lm_head_and_loss(int* target_rank, bool weighted, float dloss, float z_loss, cudaStream_t s) {
+    void lm_head_and_loss(int* target_rank, bool weighted, bool grad, float z_loss, cudaStream_t s) {
         const int BT = B * T, d = cfg.d_model, Vp = cfg.padded_vocab();
         for (int r0 = 0; r0 < BT; r0 += logit_rows()) {
             const int rows = std::min(logit_rows(), BT - r0);
@@ -836,8 +916,8 @@ struct Model {
             compute_logits(r0, rows, s);
             phase("loss", s);
             fused_classifier(logits, losses + r0, target_rank ? target_rank + r0 : nullptr, d_targets + r0,
-                             weighted ? d_weights + r0 : nullptr, dloss, z_loss, rows, cfg.vocab_size, Vp, dloss > 0, s);
-            if (dloss > 0) {
+                             weighted ? d_weights + r0 : nullptr, d_dloss, z_loss, rows, cfg.vocab_size, Vp, grad, s);
+            if (grad) {
                 phase("lm_head bwd", s);
                 matmul_backward(dxn + (size_t)r0 * d, ctx.grad(layout.lm_head), logits, xn + (size_t)r0 * d,
                                 w(layout.lm_head), rows, Vp, d, s);

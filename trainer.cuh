@@ -21,12 +21,13 @@
 #include "checkpoint.cuh"
 #include "flags.h"
 
-// the optimizer flags both binaries take
+// the optimizer and step flags both binaries take
 struct OptimArgs {
     std::string optimizer = "adamw";  // adamw | muon (Muon for the blocks' matrices, AdamW for the rest)
     float weight_decay = 0.1f, beta1 = 0.9f, beta2 = 0.95f, eps = 1e-8f, grad_clip = 1.0f;
     float muon_lr = 0, muon_momentum = 0.95f;  // muon_lr 0: the AdamW peak lr
     double bucket_mb = 32;                     // gradient reduction buckets (several GPUs)
+    bool eager = false;                        // no CUDA graph for the micro-batches (Model::train_micro_batch)
     size_t bucket_elems() const { return (size_t)(bucket_mb * (1 << 20) / sizeof(float)); }
 };
 
@@ -45,6 +46,9 @@ inline void add_optimizer_flags(Flags& f, OptimArgs& o) {
           "several GPUs: gradients reduced during the backward in buckets of at least\nF MiB of whole blocks "
           "(0: one bucket, all at once after the backward)",
           Range::at_least(0));
+    f.flag({"--eager"}, &o.eager,
+           "launch each micro-batch's kernels one by one instead of replaying the\nCUDA graph captured at the first "
+           "(one GPU; --profile is always eager)");
 }
 
 // zero.h's memory plan counts the optimizers' small buffers as optim.cuh allocates them
@@ -85,6 +89,7 @@ struct Trainer {
         : model(m), comm(c), bounds(m.shard.bounds), begin(m.shard.begin), end(m.shard.end),
           reducer(c, m.shard, m.grads, m.grad_shard),
           adamw(shard_view(adamw_tensors(m.layout, a.optimizer == "muon"), begin, end), 0, end - begin, adamw_config(a)) {
+        m.use_graph = !a.eager;
         if (m.shard.world != c.world || m.shard.rank != c.rank)
             THROW("the model is sharded for rank %d of %d, this is rank %d of %d", m.shard.rank, m.shard.world, c.rank,
                   c.world);
@@ -118,8 +123,8 @@ struct Trainer {
         for (int p = 0; p < passes; p++) {
             if (sharded) reducer.begin(p == 0, 0);
             auto at = [&](auto* a) { return a ? a + p * local : nullptr; };
-            model.forward({at(step.inputs), at(step.targets), at(step.weights), at(step.pos)}, 1.0f / valid, z_loss);
-            model.backward();
+            model.train_micro_batch({at(step.inputs), at(step.targets), at(step.weights), at(step.pos)}, 1.0f / valid,
+                                    z_loss);
         }
         model.grads_done = nullptr;
         return comm.sum(model.loss_sum()) / valid;  // the step's one read of the loss

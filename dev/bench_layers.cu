@@ -216,8 +216,11 @@ int main() {
     int* dt = cuda_malloc_n<int>(BT, "targets");
     cudaCheck(cudaMemcpy(dt, tgt.data(), BT * sizeof(int), cudaMemcpyHostToDevice));
     float* losses = cuda_malloc_n<float>(BT, "losses");
+    float* dloss = cuda_malloc_n<float>(1, "dloss");
+    const float inv_bt = 1.0f / BT;
+    cudaCheck(cudaMemcpy(dloss, &inv_bt, sizeof(float), cudaMemcpyHostToDevice));
     report("fused classifier (loss+dlogits)", median_ms([&] {
-        fused_classifier(logits, losses, nullptr, dt, nullptr, 1.0f / BT, 1e-4f, BT, V, Vp, true, 0); }),
+        fused_classifier(logits, losses, nullptr, dt, nullptr, dloss, 1e-4f, BT, V, Vp, true, 0); }),
            (double)BT * Vp * 2 * 3);
     return 0;
 }

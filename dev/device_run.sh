@@ -12,7 +12,8 @@
 # background), test [FILTER], bench,
 # anchors (the anchor scripts; their log is ANCHOR_LOG for the benchmarks), anchors-strong [quick]
 # (the whole-model anchors at models' shapes; quick: without the B1 T16384 hybrid), models, sft, default,
-# hf, export-val, export-sft, scan-anchor, bench-one NAME "FLAGS" ("-": none), docreset, sft-bench, bench-prepare.
+# hf, export-val, export-sft, scan-anchor, bench-one NAME "FLAGS" ("-": none), docreset, sft-bench, bench-prepare,
+# graph (the captured step against --eager).
 set -uo pipefail
 if [ "${1:-}" = prepare ]; then  # on the development machine
   make -j2 build/test_gpu build/hf_logits train_mamba finetune_mamba prepare_data convert_hf \
@@ -67,6 +68,12 @@ while [ $# -gt 0 ]; do
                 [ -x $bin ] && timeout 120 $bin --model $m --bench --bench-steps 10 2>&1 | grep bench: | sed "s|^|$bin $m: |"
               done
             done 2>&1 | tee "$OUT/models.log" ;;
+    graph)  # the captured step against --eager (kernels launched one by one), small models to large
+            for m in mamba2-tiny mamba-tiny hybrid-tiny "mamba2-370m -B 8 -T 2048" "hybrid-1.3b -B 4 -T 2048"; do
+              for e in "" --eager; do
+                timeout 120 ./train_mamba --model $m --bench --bench-steps 20 $e 2>&1 | grep -E "bench:|error" | sed "s|^|$m ${e:-(graph)}: |"
+              done
+            done 2>&1 | tee "$OUT/graph.log" ;;
     profile) # profile "MODEL [-B N -T N]" (the shape defaults to B8 T2048)
             m=$1; shift; case "$m" in *-B*) ;; *) m="$m -B 8 -T 2048" ;; esac
             ./train_mamba --model $m --bench --profile --bench-steps 5 2>&1 | tee -a "$OUT/profile.log" | tail -30 ;;

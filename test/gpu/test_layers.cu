@@ -385,7 +385,10 @@ TEST_CASE("fused classifier: losses, dlogits over the padded vocab, weights, mas
             for (int j = 0; j < V; j++) lg[(size_t)i * V + j] = __bfloat162float(logits.h[(size_t)i * Vp + j]);
         losses.poison(); rank.poison();
         const float dloss = 1.0f / BT;
-        fused_classifier(logits.d, losses.d, rank.d, targets.d, weights.d, dloss, z, BT, V, Vp, true, 0);
+        Buf<float> dloss_dev(1);  // the kernel reads dloss from the device
+        dloss_dev.h[0] = dloss;
+        dloss_dev.up();
+        fused_classifier(logits.d, losses.d, rank.d, targets.d, weights.d, dloss_dev.d, z, BT, V, Vp, true, 0);
         cudaCheck(cudaDeviceSynchronize());
         logits.down(); losses.down(); rank.down();
         std::vector<double> rl(BT), rd((size_t)BT * V), wd = weights.dbl();

@@ -5,7 +5,8 @@
 // embeddings) within multi_gpu.sh's 1%, and its first step's loss and gradient norm to
 // rounding; bucket sizes and reruns give the same bits; a dropped step (the spike guard's
 // discard) leaves no trace; N ranks resume bit for bit from their files, whose weights
-// checkpoint_weights gathers; each rank allocates exactly what zero.h's plan says.
+// checkpoint_weights gathers; each rank allocates exactly what zero.h's plan says. One rank's
+// micro-batches replayed as a captured CUDA graph give the bits of the eager launches.
 #include <catch2/catch.hpp>
 #include <cmath>
 #include "test/test_util.h"
@@ -38,6 +39,8 @@ struct Setup {
     int save_every = 0;
     std::string resume;
     int discard_at = 0;         // this step first runs a corrupt batch that is dropped (Trainer::discard)
+    bool eager = false;         // --eager: no CUDA graph (one rank)
+    bool documents = false;     // loss weights and document positions with the batches
 };
 
 struct RunResult {
@@ -74,6 +77,7 @@ static RunResult train(const Setup& s, int world) {
         OptimArgs o;
         o.optimizer = s.optimizer;
         o.bucket_mb = s.bucket_mb;
+        o.eager = s.eager;
         size_t before = cuda_allocated_bytes();
         Model model(s.cfg, world, r, o.bucket_elems());
         out.model_bytes[r] = cuda_allocated_bytes() - before;
@@ -88,12 +92,20 @@ static RunResult train(const Setup& s, int world) {
         if (!s.resume.empty()) st = trainer.load(s.resume);
         else model.init(42);
         const size_t local = (size_t)kB * kT;
-        std::vector<int> inputs(passes * local), targets(passes * local);
+        std::vector<int> inputs(passes * local), targets(passes * local), pos(passes * local);
+        std::vector<float> weights(passes * local);
+        for (size_t i = 0; i < pos.size(); i++) {  // documents of 37 tokens, weights 0.5 .. 1.5
+            pos[i] = (int)(i % kT) % 37;
+            weights[i] = 0.5f + (float)(i % 5) * 0.25f;
+        }
         auto step_batch = [&](bool corrupt) {  // this rank's micro-batches of the step: r * passes ...
             for (int p = 0; p < passes; p++)
                 micro_batch(st.step, r * passes + p, corrupt, s.cfg.vocab_size, inputs.data() + p * local,
                             targets.data() + p * local);
             const long valid = trainer.count_valid(targets.data(), targets.size());
+            if (s.documents)
+                return trainer.accumulate({inputs.data(), targets.data(), weights.data(), pos.data()}, passes, valid,
+                                          1e-4f);
             return trainer.accumulate({inputs.data(), targets.data()}, passes, valid, 0.0f);
         };
         while (st.step < s.steps) {
@@ -175,6 +187,25 @@ TEST_CASE("zero: simulated ranks repeat bit for bit, whatever the bucket size", 
         INFO("buckets of " << mb << " MiB");
         s.bucket_mb = mb;
         CHECK(same_run(base, train(s, 3)));
+    }
+}
+
+TEST_CASE("one rank: the micro-batches replayed as a CUDA graph give the eager launches' bits", "[zero][graph]") {
+    matmul_init();
+    for (int variant = 0; variant < 4; variant++) {
+        Setup s;
+        s.steps = 4;
+        s.optimizer = variant == 1 ? "muon" : "adamw";
+        s.recompute = variant == 2;
+        s.documents = variant == 3;  // another graph: weights, positions and a z-loss
+        s.cfg = hybrid(variant == 1);
+        INFO("variant " << variant << ": " << s.optimizer << (s.recompute ? ", recompute" : "")
+                        << (s.documents ? ", weights and documents" : ""));
+        const RunResult graph = train(s, 1);
+        s.eager = true;
+        const RunResult eager = train(s, 1);
+        CHECK(eager.losses.back() < eager.losses.front());  // it trains
+        CHECK(same_run(graph, eager));
     }
 }
 
