@@ -11,6 +11,7 @@
 #include <type_traits>
 #include "common.h"
 #include "kernel_sizes.h"  // bf16 (cuda_bf16.h's), COLSUM_CHUNKS, colsum_scratch_floats
+#include "params.h"        // master_high, master_low, master_join
 
 inline void cuda_check(cudaError_t err, const char* file, int line) {
     if (err != cudaSuccess) {
@@ -80,6 +81,35 @@ __device__ inline void store_vec(float* p, const float* v) {
     #pragma unroll
     for (int e = 0; e < VEC; e++) pk.v[e] = v[e];
     *reinterpret_cast<Pack<float, VEC>*>(p) = pk;
+}
+
+// The fp32 master weights of a range of the parameter buffer: hi, the bf16 compute copy of the
+// range (the weights' high halves), and lo, their low halves (params.h: master_join)
+struct MasterWeights {
+    bf16* hi;
+    int16_t* lo;
+    HOST_DEVICE MasterWeights operator+(size_t k) const { return {hi + k, lo + k}; }
+};
+
+template <int VEC>
+__device__ inline void load_master(float* w, MasterWeights m) {
+    const Pack<bf16, VEC> hi = *reinterpret_cast<const Pack<bf16, VEC>*>(m.hi);
+    const Pack<int16_t, VEC> lo = *reinterpret_cast<const Pack<int16_t, VEC>*>(m.lo);
+    #pragma unroll
+    for (int e = 0; e < VEC; e++) w[e] = __uint_as_float(master_join(__bfloat16_as_ushort(hi.v[e]), lo.v[e]));
+}
+template <int VEC>
+__device__ inline void store_master(MasterWeights m, const float* w) {
+    Pack<bf16, VEC> hi;
+    Pack<int16_t, VEC> lo;
+    #pragma unroll
+    for (int e = 0; e < VEC; e++) {
+        const uint32_t bits = __float_as_uint(w[e]);
+        hi.v[e] = __ushort_as_bfloat16(master_high(bits));
+        lo.v[e] = master_low(bits);
+    }
+    *reinterpret_cast<Pack<bf16, VEC>*>(m.hi) = hi;
+    *reinterpret_cast<Pack<int16_t, VEC>*>(m.lo) = lo;
 }
 
 // the widest of max_vec, max_vec/2, ..., 1 that every pointer is aligned to (in elements of

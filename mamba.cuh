@@ -586,7 +586,8 @@ struct Model {
     ParamLayout layout;
     Sharding shard;             // this rank's range [shard.begin, shard.end) and gradient buckets
     bf16* params = nullptr;     // bf16 compute copy of every parameter (offsets of the layout)
-    float* master = nullptr;    // fp32 master weights of the rank's range (master[0]: element shard.begin)
+    int16_t* master_lo = nullptr;  // the low halves of the fp32 master weights of the rank's range
+                                   // (master_lo[0]: element shard.begin; the high halves are params)
     // where the backward accumulates the fp32 gradients: one rank, the whole buffer (the layout's
     // offsets); several, the bucket arena (ctx.grad maps each offset to its bucket's place)
     float* grads = nullptr;
@@ -619,7 +620,7 @@ struct Model {
     explicit Model(const ModelConfig& c, int world = 1, int rank = 0, size_t bucket_elems = 0)
         : cfg(c), layout(c), shard(make_sharding(layout, grad_walk(layout), world, rank, bucket_elems)) {
         params = cuda_malloc_n<bf16>(layout.total, "bf16 weights");
-        master = cuda_malloc_n<float>(shard.count(), "fp32 master weights");
+        master_lo = cuda_malloc_n<int16_t>(shard.count(), "master weights' low halves");
         const size_t grad_floats = shard.sharded() ? shard.buckets.arena : layout.total;
         grads = cuda_malloc_n<float>(grad_floats, shard.sharded() ? "gradient buckets" : "fp32 gradients");
         cudaCheck(cudaMemset(grads, 0, grad_floats * sizeof(float)));
@@ -629,38 +630,47 @@ struct Model {
     Model& operator=(const Model&) = delete;
 
     ~Model() {
-        for (void* p : {(void*)master, (void*)params, (void*)grads}) cudaFree(p);
+        for (void* p : {(void*)master_lo, (void*)params, (void*)grads}) cudaFree(p);
         if (grad_shard != grads) cudaFree(grad_shard);
         free_activations();
     }
 
-    // upload fp32 master weights of every parameter from the host (the rank keeps its range)
-    // and refresh the whole bf16 copy
+    // upload fp32 master weights of every parameter from the host: the whole bf16 copy (their
+    // high halves) and the low halves of the rank's range
     void set_master(const std::vector<float>& host) {
         if (host.size() != layout.total) THROW("parameter count %zu != model's %zu", host.size(), layout.total);
-        cudaCheck(cudaMemcpy(master, host.data() + shard.begin, shard.count() * sizeof(float), cudaMemcpyHostToDevice));
-        upload_bf16(host.data(), 0, host.size());
+        upload_halves(host.data(), 0, host.size());
     }
-    // upload the master weights of the rank's range and refresh their bf16 copy (the other
-    // ranks' ranges come from their owners: Comm::all_gather)
+    // upload the master weights of the rank's range (the other ranks' bf16 weights come from
+    // their owners: Comm::all_gather)
     void set_master_shard(const std::vector<float>& host) {
         if (host.size() != shard.count())
             THROW("master shard of %zu values, rank %d holds %zu", host.size(), shard.rank, shard.count());
-        cudaCheck(cudaMemcpy(master, host.data(), host.size() * sizeof(float), cudaMemcpyHostToDevice));
-        upload_bf16(host.data(), shard.begin, host.size());
+        upload_halves(host.data(), shard.begin, host.size());
     }
-    void upload_bf16(const float* host, size_t offset, size_t n) {
-        std::vector<bf16> h16(n);
-        for (size_t i = 0; i < n; i++) h16[i] = __float2bfloat16(host[i]);
-        cudaCheck(cudaMemcpy(params + offset, h16.data(), n * sizeof(bf16), cudaMemcpyHostToDevice));
+    // host[0, n) are the weights from element `offset` on (the rank's range inside them): the
+    // bf16 copy of all, the low halves of the range
+    void upload_halves(const float* host, size_t offset, size_t n) {
+        std::vector<uint16_t> hi(n);
+        std::vector<int16_t> lo(n);
+        master_split(host, n, hi.data(), lo.data());
+        cudaCheck(cudaMemcpy(params + offset, hi.data(), n * sizeof(bf16), cudaMemcpyHostToDevice));
+        cudaCheck(cudaMemcpy(master_lo, lo.data() + (shard.begin - offset), shard.count() * sizeof(int16_t),
+                             cudaMemcpyHostToDevice));
     }
 
     // the fp32 master weights of the rank's range (one rank: all)
     std::vector<float> get_master() const {
+        std::vector<uint16_t> hi(shard.count());
+        std::vector<int16_t> lo(shard.count());
+        cudaCheck(cudaMemcpy(hi.data(), params + shard.begin, hi.size() * sizeof(bf16), cudaMemcpyDeviceToHost));
+        cudaCheck(cudaMemcpy(lo.data(), master_lo, lo.size() * sizeof(int16_t), cudaMemcpyDeviceToHost));
         std::vector<float> host(shard.count());
-        cudaCheck(cudaMemcpy(host.data(), master, host.size() * sizeof(float), cudaMemcpyDeviceToHost));
+        master_unsplit(hi.data(), lo.data(), host.size(), host.data());
         return host;
     }
+    // the rank's range of the master weights, for the optimizers
+    MasterWeights master() const { return {params + shard.begin, master_lo}; }
 
     void init(uint64_t seed) {
         std::vector<float> host(layout.total);

@@ -1,4 +1,4 @@
-// Optimizer: AdamW on the fp32 master weights (writing the bf16 compute copy), the global
+// Optimizer: AdamW on the fp32 master weights (kept as the bf16 compute copy and a low half), the global
 // gradient norm with clipping, and Muon for the blocks' matrices (schedule.h has the
 // learning-rate schedules).
 //
@@ -25,13 +25,13 @@ constexpr int NORM_BLOCKS = 1024;
 // clip_scale = min(1, clip / (norm + 1e-6)) as torch.nn.utils.clip_grad_norm_
 // VEC consecutive elements of one item (the same arithmetic for any VEC)
 template <int VEC>
-__device__ inline void adamw_elems(float* master, bf16* params, float* m, float* v, const float* grads, float clip,
+__device__ inline void adamw_elems(MasterWeights master, float* m, float* v, const float* grads, float clip,
                                    float lr, float beta1, float beta2, float eps, float decay, float bc1, float bc2) {
     float g[VEC], mi[VEC], vi[VEC], p[VEC];
     load_vec<VEC>(g, grads);
     load_vec<VEC>(mi, m);
     load_vec<VEC>(vi, v);
-    load_vec<VEC>(p, master);
+    load_master<VEC>(p, master);
     #pragma unroll
     for (int e = 0; e < VEC; e++) {
         const float ge = g[e] * clip;
@@ -42,29 +42,28 @@ __device__ inline void adamw_elems(float* master, bf16* params, float* m, float*
     }
     store_vec<VEC>(m, mi);
     store_vec<VEC>(v, vi);
-    store_vec<VEC>(master, p);
-    store_vec<VEC>(params, p);
+    store_master<VEC>(master, p);
 }
 
 // one block per item; 4 elements a thread (16-byte accesses) when the item's pointers and
 // length allow, else one
-static __global__ void adamw_kernel(float* master, bf16* params, float* m, float* v, const float* grads,
+static __global__ void adamw_kernel(MasterWeights master, float* m, float* v, const float* grads,
                              const AdamWItem* items, const float* norm2, float grad_clip, float lr,
                              float beta1, float beta2, float eps, float wd, float bc1, float bc2) {
     const AdamWItem it = items[blockIdx.x];
     const float norm = sqrtf(*norm2);
     const float clip = grad_clip > 0.0f ? fminf(1.0f, grad_clip / (norm + 1e-6f)) : 1.0f;
     const float decay = it.decay ? wd : 0.0f;
-    master += it.start; params += it.start; grads += it.start;
+    master = master + it.start; grads += it.start;
     m += it.state; v += it.state;
-    const bool wide = it.count % 4 == 0 && ((uintptr_t)master | (uintptr_t)grads | (uintptr_t)m | (uintptr_t)v) % 16 == 0 &&
-                      (uintptr_t)params % 8 == 0;
+    const bool wide = it.count % 4 == 0 && ((uintptr_t)grads | (uintptr_t)m | (uintptr_t)v) % 16 == 0 &&
+                      ((uintptr_t)master.hi | (uintptr_t)master.lo) % 8 == 0;
     if (wide) {
         for (uint32_t k = 4 * threadIdx.x; k < it.count; k += 4 * blockDim.x)
-            adamw_elems<4>(master + k, params + k, m + k, v + k, grads + k, clip, lr, beta1, beta2, eps, decay, bc1, bc2);
+            adamw_elems<4>(master + k, m + k, v + k, grads + k, clip, lr, beta1, beta2, eps, decay, bc1, bc2);
     } else {
         for (uint32_t k = threadIdx.x; k < it.count; k += blockDim.x)
-            adamw_elems<1>(master + k, params + k, m + k, v + k, grads + k, clip, lr, beta1, beta2, eps, decay, bc1, bc2);
+            adamw_elems<1>(master + k, m + k, v + k, grads + k, clip, lr, beta1, beta2, eps, decay, bc1, bc2);
     }
 }
 
@@ -124,10 +123,11 @@ struct AdamW {
         return norm2;
     }
 
-    void step(float* master, bf16* params, const float* grads, const float* grad_norm2, float lr, int t, cudaStream_t s) {
+    // master: the weights of [begin, end)
+    void step(MasterWeights master, const float* grads, const float* grad_norm2, float lr, int t, cudaStream_t s) {
         if (num_items == 0) return;
         const float bc1 = 1.0f - std::pow(cfg.beta1, (float)t), bc2 = 1.0f - std::pow(cfg.beta2, (float)t);
-        adamw_kernel<<<num_items, 256, 0, s>>>(master, params, m, v, grads, items, grad_norm2, cfg.grad_clip, lr,
+        adamw_kernel<<<num_items, 256, 0, s>>>(master, m, v, grads, items, grad_norm2, cfg.grad_clip, lr,
                                                cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay, bc1, bc2);
         cudaCheckLast();
     }
@@ -207,15 +207,15 @@ static __global__ void muon_normalize_kernel(bf16* X, const float* buf, const fl
     }
 }
 
-// master = master * (1 - lr wd) - lr * scale * O; params = bf16(master)
-static __global__ void muon_apply_kernel(float* master, bf16* params, const bf16* O, float scale, float lr, float wd,
+// master = master * (1 - lr wd) - lr * scale * O
+static __global__ void muon_apply_kernel(MasterWeights master, const bf16* O, float scale, float lr, float wd,
                                          size_t n) {
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
-        float p = master[i];
+        float p;
+        load_master<1>(&p, master + i);
         p -= lr * wd * p;
         p -= lr * scale * __bfloat162float(O[i]);
-        master[i] = p;
-        params[i] = __float2bfloat16(p);
+        store_master<1>(master + i, &p);
     }
 }
 
@@ -296,7 +296,8 @@ struct Muon {
 
     // grad_norm2: the squared global gradient norm (AdamW::grad_norm_squared), on the device;
     // null (or grad_clip <= 0) for no clipping
-    void step(float* master, bf16* params, const float* grads, const float* grad_norm2, float lr, cudaStream_t s) {
+    // master: the weights of the range the matrices' offsets count from
+    void step(MasterWeights master, const float* grads, const float* grad_norm2, float lr, cudaStream_t s) {
         for (size_t k = 0; k < mats.size(); k++) {
             const MuonMatrix& mt = mats[k];
             const size_t n = (size_t)mt.rows * mt.cols;
@@ -314,7 +315,7 @@ struct Muon {
                                                           cfg.nesterov, n);
             cudaCheckLast();
             newton_schulz5(X, X2, A, Bm, mt.rows, mt.cols, cfg.ns_steps, s);
-            muon_apply_kernel<<<eblocks, 256, 0, s>>>(master + mt.offset, params + mt.offset, X,
+            muon_apply_kernel<<<eblocks, 256, 0, s>>>(master + mt.offset, X,
                                                       muon_update_scale(mt.rows, mt.cols), lr, cfg.weight_decay, n);
             cudaCheckLast();
         }

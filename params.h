@@ -1,14 +1,49 @@
 // The flat parameter buffer (no CUDA): every tensor's name, shape, place and optimizer group.
 //
-// Parameters live in one contiguous buffer in three copies with identical element offsets
-// (fp32 master, bf16 compute copy, fp32 gradients). The blocks (mamba.cuh) declare their
-// tensors into a ParamTable in buffer order; the optimizers and checkpoints see only this.
+// Parameters live in one contiguous buffer with identical element offsets for the bf16
+// compute copy, the fp32 gradients and the fp32 master weights. The master weights are kept
+// as two 16-bit halves (master_split): the compute copy is their high half, so a rank adds
+// only the 16-bit low half (2 bytes a parameter instead of 4). The blocks (mamba.cuh) declare
+// their tensors into a ParamTable in buffer order; the optimizers and checkpoints see only this.
 #pragma once
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <string>
 #include <vector>
 #include "common.h"
+
+#ifdef __CUDACC__
+#define HOST_DEVICE __host__ __device__
+#else
+#define HOST_DEVICE
+#endif
+
+// An fp32 master weight's bit pattern w as its bf16 compute copy hi = w rounded to the nearest
+// bf16 (ties away from zero, a tie being 2^-16 of the patterns; bf16 conversion rounds them
+// to even) and the signed remainder lo = w - (hi << 16) in [-2^15, 2^15): hi << 16 + lo
+// gives w back exactly, for every one of the 2^32 patterns.
+HOST_DEVICE inline uint16_t master_high(uint32_t w) { return (uint16_t)((w + 0x8000u) >> 16); }
+HOST_DEVICE inline int16_t master_low(uint32_t w) {
+    return (int16_t)(uint16_t)(w - ((uint32_t)master_high(w) << 16));
+}
+HOST_DEVICE inline uint32_t master_join(uint16_t hi, int16_t lo) { return ((uint32_t)hi << 16) + (uint32_t)(int32_t)lo; }
+
+// n fp32 master weights as their halves, and back
+inline void master_split(const float* w, size_t n, uint16_t* hi, int16_t* lo) {
+    for (size_t i = 0; i < n; i++) {
+        uint32_t bits;
+        std::memcpy(&bits, w + i, 4);
+        hi[i] = master_high(bits);
+        lo[i] = master_low(bits);
+    }
+}
+inline void master_unsplit(const uint16_t* hi, const int16_t* lo, size_t n, float* w) {
+    for (size_t i = 0; i < n; i++) {
+        const uint32_t bits = master_join(hi[i], lo[i]);
+        std::memcpy(w + i, &bits, 4);
+    }
+}
 
 // how a tensor is initialised (mamba.cuh's init_parameters)
 enum class Init { Normal002, LinearUniform, ConvUniform, OutProjUniform, Ones, ALogUniform, ALogS4D, DtBias };

@@ -225,7 +225,7 @@ static void print_memory(const ModelConfig& c, const ParamLayout& layout, int B,
            "activations %.2f GiB, total %.2f GiB\n", B, T, recompute ? " (recompute)" : "",
            world > 1 ? strformat(" per rank of %d", world).c_str() : "", m.model() / G,
            muon ? "AdamW m and v, Muon momentum" : "AdamW m and v", m.optimizer / G, m.activations / G, m.total() / G);
-    printf("  rank %d of %d: bf16 weights %.2f, gradient buckets %.2f, gradient shard %.2f, master weights %.2f, "
+    printf("  rank %d of %d: bf16 weights %.2f, gradient buckets %.2f, gradient shard %.2f, master weights' low halves %.2f, "
            "optimizer state %.2f, optimizer workspace %.2f, activations %.2f: %.2f GiB, and about %.1f GiB of CUDA "
            "context\n", worst, world, m.weights / G, m.grad_buckets / G, m.grad_shard / G, m.master / G, m.optimizer / G,
            m.workspace / G, m.activations / G, m.total() / G, CUDA_CONTEXT_GIB);

@@ -70,8 +70,8 @@ struct Trainer {
     const std::vector<size_t>& bounds;  // rank r owns [bounds[r], bounds[r + 1]) of the parameter buffer
     size_t begin, end;
     GradReducer reducer;
-    // the optimizers work on the rank's shards: offsets from `begin` into the master weights and
-    // gradients, and into the bf16 weights from params + begin
+    // the optimizers work on the rank's shards: offsets from `begin` into the master weights
+    // (Model::master) and the gradients
     AdamW adamw;
     std::unique_ptr<Muon> muon;
     double muon_scale = 1.0;  // Muon's lr / AdamW's lr (the schedule's shape is shared)
@@ -141,8 +141,8 @@ struct Trainer {
         model.phase("optimizer", s);
         norm2 = adamw.grad_norm_squared(model.grad_shard, end - begin, s);
         comm.allreduce_sum(norm2, 1, s);
-        adamw.step(model.master, model.params + begin, model.grad_shard, norm2, lr, t, s);
-        if (muon) muon->step(model.master, model.params + begin, model.grad_shard, norm2, (float)(lr * muon_scale), s);
+        adamw.step(model.master(), model.grad_shard, norm2, lr, t, s);
+        if (muon) muon->step(model.master(), model.grad_shard, norm2, (float)(lr * muon_scale), s);
         comm.all_gather(model.params, bounds, s);
         comm.wait(s);
         float h;

@@ -189,7 +189,7 @@ struct RankMemory {
     size_t weights = 0;       // the bf16 compute copy of every parameter
     size_t grad_buckets = 0;  // where the backward accumulates: the bucket arena (one rank: all gradients)
     size_t grad_shard = 0;    // the rank's reduced fp32 gradients (several ranks)
-    size_t master = 0;        // fp32 master weights of the rank's range
+    size_t master = 0;        // the low halves of the fp32 master weights of the rank's range (params.h)
     size_t optimizer = 0;     // AdamW's m and v, Muon's momentum, over the rank's range
     size_t workspace = 0;     // AdamW's work items, Muon's Newton-Schulz buffers, norm partials
     size_t activations = 0;   // activation_sizes(...).total_bytes
@@ -203,7 +203,7 @@ inline RankMemory rank_memory(const ParamTable& P, const Sharding& s, bool muon,
     m.weights = P.total * 2;
     m.grad_buckets = (s.sharded() ? s.buckets.arena : P.total) * 4;
     m.grad_shard = s.sharded() ? s.count() * 4 : 0;
-    m.master = s.count() * 4;
+    m.master = s.count() * 2;
     for (auto& a : optimizer_arrays(P, muon, s.begin, s.end)) m.optimizer += a.second * 4;
     m.workspace = adamw_items(adamw_tensors(P, muon), s.begin, s.end).size() * sizeof(AdamWItem) +
                   (PLAN_NORM_PARTIALS + 1) * 4;

@@ -88,3 +88,41 @@ static void check_close(const char* name, const std::vector<double>& got, const 
     if (rn == 0) CHECK(std::sqrt(gn) < zero_tol);
     else CHECK(rel_l2(got, ref) < tol);
 }
+
+// fp32 master weights on the device as the optimizers keep them (cuda_common.cuh's
+// MasterWeights: the bf16 compute copy and the low halves)
+struct DeviceMaster {
+    size_t n;
+    MasterWeights w;
+    explicit DeviceMaster(size_t n_)
+        : n(n_), w{cuda_malloc_n<bf16>(n_, "master high halves"), cuda_malloc_n<int16_t>(n_, "master low halves")} {}
+    DeviceMaster(const DeviceMaster&) = delete;
+    DeviceMaster& operator=(const DeviceMaster&) = delete;
+    ~DeviceMaster() { cuda_free_all({w.hi, w.lo}); }
+    void set(const std::vector<float>& host) {
+        REQUIRE(host.size() == n);
+        std::vector<uint16_t> hi(n);
+        std::vector<int16_t> lo(n);
+        master_split(host.data(), n, hi.data(), lo.data());
+        cudaCheck(cudaMemcpy(w.hi, hi.data(), n * 2, cudaMemcpyHostToDevice));
+        cudaCheck(cudaMemcpy(w.lo, lo.data(), n * 2, cudaMemcpyHostToDevice));
+    }
+    std::vector<float> get() const {
+        const std::vector<bf16> hi = to_host(w.hi, n);
+        const std::vector<int16_t> lo = to_host(w.lo, n);
+        std::vector<float> out(n);
+        master_unsplit(reinterpret_cast<const uint16_t*>(hi.data()), lo.data(), n, out.data());
+        return out;
+    }
+    std::vector<bf16> compute_copy() const { return to_host(w.hi, n); }
+};
+
+// the bf16 compute copy of an fp32 master weight (params.h's rounding), as a float
+inline float master_bf16(float x) {
+    uint32_t bits;
+    std::memcpy(&bits, &x, 4);
+    const uint32_t hb = (uint32_t)master_high(bits) << 16;
+    float h;
+    std::memcpy(&h, &hb, 4);
+    return h;
+}

@@ -171,4 +171,48 @@ TEST_CASE("AdamW: compact state of a Muon + AdamW split over ZeRO-1 ranges; the 
     CHECK(optimizer_state_bytes(L, true) == 8 * (L.total - muon_total) + 4 * muon_total);
 }
 
+
+// bf16 round to nearest even of an fp32 bit pattern (what __float2bfloat16 does to finite values)
+static uint16_t bf16_rne(uint32_t w) { return (uint16_t)((w + 0x7FFFu + ((w >> 16) & 1u)) >> 16); }
+
+TEST_CASE("master weights: the two 16-bit halves give every fp32 pattern back; the high half is the bf16 rounding",
+          "[optim]") {
+    // every high half with low halves at and around the ties, and a strided sweep of all 2^32
+    std::vector<uint32_t> lows = {0x0000, 0x0001, 0x7FFE, 0x7FFF, 0x8000, 0x8001, 0xFFFE, 0xFFFF};
+    for (uint32_t k = 0; k < 64; k++) lows.push_back((k * 0x9E37u + 0x1234u) & 0xFFFFu);
+    size_t checked = 0, ties = 0, mismatched = 0, differ_from_rne = 0;
+    auto check = [&](uint32_t w) {
+        const uint16_t hi = master_high(w);
+        const int16_t lo = master_low(w);
+        mismatched += master_join(hi, lo) != w;
+        const bool finite = (w & 0x7F800000u) != 0x7F800000u;
+        if (finite && (w & 0xFFFFu) == 0x8000u) ties++;
+        else if (finite) differ_from_rne += hi != bf16_rne(w);
+        checked++;
+    };
+    for (uint32_t h = 0; h <= 0xFFFF; h++)
+        for (uint32_t l : lows) check((h << 16) | l);
+    for (uint64_t w = 0; w <= 0xFFFFFFFFull; w += 65521) check((uint32_t)w);
+    CHECK(checked > 4'700'000);
+    CHECK(ties > 60'000);
+    CHECK(mismatched == 0);
+    CHECK(differ_from_rne == 0);  // the rounding differs from round-to-even at ties only
+    // a tie goes away from zero; the host round trip of floats
+    CHECK(master_high(0x3F808000u) == 0x3F81);
+    CHECK(master_high(0xBF808000u) == 0xBF81);
+    const std::vector<float> w = {0.0f, -0.0f, 1.0f, -3.14159f, 1e-30f, -7.5e20f, 0.1234567f, 3.0e38f, 2e-38f};
+    std::vector<uint16_t> hi(w.size());
+    std::vector<int16_t> lo(w.size());
+    std::vector<float> back(w.size(), -1.0f);
+    master_split(w.data(), w.size(), hi.data(), lo.data());
+    master_unsplit(hi.data(), lo.data(), w.size(), back.data());
+    for (size_t i = 0; i < w.size(); i++) {
+        CHECK(std::memcmp(&w[i], &back[i], 4) == 0);
+        const uint32_t hbits = (uint32_t)hi[i] << 16;
+        float h;
+        std::memcpy(&h, &hbits, 4);
+        CHECK(std::fabs(w[i] - h) <= std::fabs(w[i]) * (1.0f / 256));
+    }
+}
+
 }  // namespace

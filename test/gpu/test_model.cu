@@ -121,8 +121,7 @@ static void check_model_against_dump(const std::string& name) {
         CHECK(loss_close(l, ref_losses[step]));
         // the margin: the error as a share of the step's tolerance
         worst_step = std::max(worst_step, std::fabs(l - ref_losses[step]) / (kLossAbs + kLossRel * std::fabs(ref_losses[step])));
-        opt.step(model.master, model.params, model.grads, opt.grad_norm_squared(model.grads, model.layout.total, 0),
-                 lr, step + 1, 0);
+        opt.step(model.master(), model.grads, opt.grad_norm_squared(model.grads, model.layout.total, 0), lr, step + 1, 0);
     }
     REQUIRE(ref_losses.back() < ref_losses.front());  // the reference itself learns
     printf("%s: logits rel L2 %.2e, loss rel %.2e, AdamW steps: loss %.4f -> %.4f, worst step at %.0f%% of its "

@@ -1,11 +1,12 @@
 // Muon on the GPU (optim.cuh) against the double reference (test/ref/muon.h): odd shapes
-// with rows > cols and rows < cols, NaN-poisoned workspace and bf16 copy, the global-norm
+// with rows > cols and rows < cols, NaN-poisoned workspace, the global-norm
 // clip from AdamW::grad_norm_squared, bit-identical reruns, and the momentum state roundtrip.
 #include <catch2/catch.hpp>
 #include <cmath>
 #include <cstring>
 #include <random>
 #include "optim.cuh"
+#include "test/gpu_util.h"
 #include "test/ref/muon.h"
 #include "test/test_util.h"
 
@@ -36,20 +37,12 @@ struct Layout {
 };
 
 struct Bufs {
-    float *master, *grads;
-    bf16* params;
+    DeviceMaster master;
+    float* grads;
     size_t n;
-    explicit Bufs(size_t n_) : n(n_) {
-        master = cuda_malloc_n<float>(n, "master");
-        grads = cuda_malloc_n<float>(n, "grads");
-        params = cuda_malloc_n<bf16>(n, "params");
-    }
-    ~Bufs() { cudaFree(master); cudaFree(grads); cudaFree(params); }
-    std::vector<float> get_master() const {
-        std::vector<float> h(n);
-        cudaCheck(cudaMemcpy(h.data(), master, n * 4, cudaMemcpyDeviceToHost));
-        return h;
-    }
+    explicit Bufs(size_t n_) : master(n_), n(n_) { grads = cuda_malloc_n<float>(n, "grads"); }
+    ~Bufs() { cudaFree(grads); }
+    std::vector<float> get_master() const { return master.get(); }
 };
 
 void poison_workspace(Muon& opt, const Layout& L) {
@@ -111,8 +104,7 @@ TEST_CASE("Muon: two steps match the double reference (bf16 Newton-Schulz), with
         REQUIRE(opt.state_floats() == N - 37 * (L.mats.size() + 1));  // 6 gaps around 5 matrices
         poison_workspace(opt, L);
         std::vector<float> master = random_vec(N, 1.0, rng);
-        cudaCheck(cudaMemcpy(d.master, master.data(), N * 4, cudaMemcpyHostToDevice));
-        cudaCheck(cudaMemset(d.params, 0xFF, N * sizeof(bf16)));
+        d.master.set(master);
         std::vector<double> rp(master.begin(), master.end()), rp_noclip(rp);
         std::vector<std::vector<double>> rbuf, rbuf_noclip, rupd, rupd_noclip;
         for (auto& m : L.mats) rbuf.emplace_back((size_t)m.rows * m.cols, 0.0);
@@ -124,20 +116,15 @@ TEST_CASE("Muon: two steps match the double reference (bf16 Newton-Schulz), with
             std::vector<float> g = random_vec(N, scales[step - 1], rng);
             cudaCheck(cudaMemcpy(d.grads, g.data(), N * 4, cudaMemcpyHostToDevice));
             std::vector<float> before = d.get_master();
-            opt.step(d.master, d.params, d.grads, norm_helper.grad_norm_squared(d.grads, N, 0), cs.lr, 0);
+            opt.step(d.master.w, d.grads, norm_helper.grad_norm_squared(d.grads, N, 0), cs.lr, 0);
             cudaCheck(cudaDeviceSynchronize());
             std::vector<float> after = d.get_master();
             ref_step(rp, rbuf, rupd, g, L, cfg, cs.lr, true);
             ref_step(rp_noclip, rbuf_noclip, rupd_noclip, g, L, cfg, cs.lr, false);
-            std::vector<bf16> pb(N);
-            cudaCheck(cudaMemcpy(pb.data(), d.params, N * 2, cudaMemcpyDeviceToHost));
+            const std::vector<bf16> pb = d.master.compute_copy();
             for (size_t i = 0; i < N; i++) {
-                if (L.in_muon(i)) {
-                    REQUIRE(__bfloat162float(pb[i]) == __bfloat162float(__float2bfloat16(after[i])));
-                } else {
-                    REQUIRE(after[i] == master[i]);
-                    REQUIRE(std::isnan(__bfloat162float(pb[i])));
-                }
+                if (L.in_muon(i)) REQUIRE(__bfloat162float(pb[i]) == master_bf16(after[i]));
+                else REQUIRE(after[i] == master[i]);  // the gaps: both halves untouched
             }
             for (size_t k = 0; k < L.mats.size(); k++) {
                 const MuonMatrix& m = L.mats[k];
@@ -189,14 +176,13 @@ TEST_CASE("Muon: reruns bit for bit and resumes from get_state/set_state", "[muo
     for (int run = 0; run < 2; run++) {
         Muon opt(L.mats, cfg);
         poison_workspace(opt, L);
-        cudaCheck(cudaMemcpy(d.master, master.data(), N * 4, cudaMemcpyHostToDevice));
-        cudaCheck(cudaMemset(d.params, 0xFF, N * sizeof(bf16)));
+        d.master.set(master);
         cudaCheck(cudaMemcpy(d.grads, g1.data(), N * 4, cudaMemcpyHostToDevice));
-        opt.step(d.master, d.params, d.grads, norm_helper.grad_norm_squared(d.grads, N, 0), lr, 0);
+        opt.step(d.master.w, d.grads, norm_helper.grad_norm_squared(d.grads, N, 0), lr, 0);
         m1[run] = d.get_master();
         opt.get_state(s1[run]);
         cudaCheck(cudaMemcpy(d.grads, g2.data(), N * 4, cudaMemcpyHostToDevice));
-        opt.step(d.master, d.params, d.grads, norm_helper.grad_norm_squared(d.grads, N, 0), lr, 0);
+        opt.step(d.master.w, d.grads, norm_helper.grad_norm_squared(d.grads, N, 0), lr, 0);
         m2[run] = d.get_master();
         opt.get_state(s2[run]);
     }
@@ -212,9 +198,9 @@ TEST_CASE("Muon: reruns bit for bit and resumes from get_state/set_state", "[muo
     std::vector<float> back;
     opt.get_state(back);
     CHECK(back == s1[0]);
-    cudaCheck(cudaMemcpy(d.master, m1[0].data(), N * 4, cudaMemcpyHostToDevice));
+    d.master.set(m1[0]);
     cudaCheck(cudaMemcpy(d.grads, g2.data(), N * 4, cudaMemcpyHostToDevice));
-    opt.step(d.master, d.params, d.grads, norm_helper.grad_norm_squared(d.grads, N, 0), lr, 0);
+    opt.step(d.master.w, d.grads, norm_helper.grad_norm_squared(d.grads, N, 0), lr, 0);
     std::vector<float> resumed = d.get_master();
     CHECK(memcmp(resumed.data(), m2[0].data(), N * 4) == 0);
     opt.get_state(back);
@@ -243,7 +229,7 @@ TEST_CASE("Muon: time one step over mamba2-130m's and mamba2-1.3b's block matric
                 flops += 5 * (4 * m * m * n + 2 * m * m * m);
             }
         Bufs d(off);
-        cudaCheck(cudaMemset(d.master, 0x3C, off * 4));
+        d.master.set(std::vector<float>(off, 0.01f));
         cudaCheck(cudaMemset(d.grads, 0x3B, off * 4));
         float* norm2 = cuda_malloc_n<float>(1, "norm2");
         const float big = 1e4f;
@@ -251,10 +237,10 @@ TEST_CASE("Muon: time one step over mamba2-130m's and mamba2-1.3b's block matric
         Muon opt(mats, MuonConfig{});
         cudaEvent_t e0, e1;
         cudaCheck(cudaEventCreate(&e0)); cudaCheck(cudaEventCreate(&e1));
-        opt.step(d.master, d.params, d.grads, norm2, 1e-3f, 0);  // warm-up
+        opt.step(d.master.w, d.grads, norm2, 1e-3f, 0);  // warm-up
         const int reps = 5;
         cudaCheck(cudaEventRecord(e0));
-        for (int r = 0; r < reps; r++) opt.step(d.master, d.params, d.grads, norm2, 1e-3f, 0);
+        for (int r = 0; r < reps; r++) opt.step(d.master.w, d.grads, norm2, 1e-3f, 0);
         cudaCheck(cudaEventRecord(e1));
         cudaCheck(cudaEventSynchronize(e1));
         float ms = 0;
@@ -262,9 +248,7 @@ TEST_CASE("Muon: time one step over mamba2-130m's and mamba2-1.3b's block matric
         ms /= reps;
         printf("muon step %s: %zu matrices, %.1f M params, %.2f ms/step, Newton-Schulz %.1f TFLOP/s\n", mdl.name,
                mats.size(), off / 1e6, ms, flops / (ms * 1e-3) / 1e12);
-        std::vector<float> h(16);
-        cudaCheck(cudaMemcpy(h.data(), d.master, 64, cudaMemcpyDeviceToHost));
-        for (float x : h) REQUIRE(std::isfinite(x));
+        for (float x : d.get_master()) REQUIRE(std::isfinite(x));
         cudaFree(norm2);
         cudaEventDestroy(e0); cudaEventDestroy(e1);
     }
