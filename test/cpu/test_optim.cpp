@@ -171,7 +171,6 @@ TEST_CASE("AdamW: compact state of a Muon + AdamW split over ZeRO-1 ranges; the 
     CHECK(optimizer_state_bytes(L, true) == 8 * (L.total - muon_total) + 4 * muon_total);
 }
 
-
 // bf16 round to nearest even of an fp32 bit pattern (what __float2bfloat16 does to finite values)
 static uint16_t bf16_rne(uint32_t w) { return (uint16_t)((w + 0x7FFFu + ((w >> 16) & 1u)) >> 16); }
 
