@@ -180,14 +180,24 @@ __global__ void colsum_partial_kernel(float* partial, Term term, int rows, int C
     }
 }
 
-// store(c, v, sum) receives each column's total
+// store(c, v, sum) receives each column's total. A block sums 32 columns: warp w the chunks
+// k = w, w + 8, ... in order, then the 8 warp sums in warp order (a fixed order: the same bits
+// every run, with 8 x more blocks in flight than one thread a column)
 template <int NV, typename Store>
 __global__ void colsum_finalize_kernel(const float* partial, Store store, int C, int chunks) {
-    const int c = blockIdx.x * blockDim.x + threadIdx.x;
-    if (c >= C) return;
+    __shared__ float red[NV][8][32];
+    const int c = blockIdx.x * 32 + threadIdx.x;
     for (int v = 0; v < NV; v++) {
         float s = 0.0f;
-        for (int k = 0; k < chunks; k++) s += partial[((size_t)k * C + c) * NV + v];
+        if (c < C)
+            for (int k = threadIdx.y; k < chunks; k += 8) s += partial[((size_t)k * C + c) * NV + v];
+        red[v][threadIdx.y][threadIdx.x] = s;
+    }
+    __syncthreads();
+    if (c >= C) return;
+    for (int v = threadIdx.y; v < NV; v += 8) {
+        float s = red[v][0][threadIdx.x];
+        for (int w = 1; w < 8; w++) s += red[v][w][threadIdx.x];
         store(c, v, s);
     }
 }
@@ -195,7 +205,7 @@ __global__ void colsum_finalize_kernel(const float* partial, Store store, int C,
 // chunks: how many partial rows (COLSUM_CHUNKS, or the count of a kernel's own blocks)
 template <int NV, typename Store>
 inline void colsum_finalize(const float* partial, Store store, int C, cudaStream_t s, int chunks = COLSUM_CHUNKS) {
-    colsum_finalize_kernel<NV><<<(C + 255) / 256, 256, 0, s>>>(partial, store, C, chunks);
+    colsum_finalize_kernel<NV><<<ceil_div(C, 32), dim3(32, 8), 0, s>>>(partial, store, C, chunks);
     cudaCheckLast();
 }
 

@@ -209,13 +209,13 @@ struct Mamba2Block : BlockBase {
         c.phase("gated_norm", s);
         gate(c, a, s);
     }
-    void recompute(const Ctx& c, const LayerActs& a, cudaStream_t s) const { conv(c, a, s); gate(c, a, s); }
+    void recompute(const Ctx& c, const LayerActs& a, cudaStream_t s) const { conv(c, a, s); }
     const bf16* out_input(const Ctx& c, const LayerActs&) const { return c.out_in; }
-    // c.dout_in -> c.din
+    // c.dout_in -> c.din; the gated norm's backward also rebuilds out_proj's input in c.out_in
     void backward(const Ctx& c, const LayerActs& a, cudaStream_t s) const {
         c.phase("gated_norm bwd", s);
-        gated_rmsnorm_backward(c.dy, z(c.din), dip, c.grad(gate_norm), c.norm_scratch, c.dout_in, a.y, z(a.in_out),
-                               dip, c.w(gate_norm), a.stats, c.BT(), di, G, s);
+        gated_rmsnorm_backward(c.dy, z(c.din), dip, c.out_in, c.grad(gate_norm), c.norm_scratch, c.dout_in, a.y,
+                               z(a.in_out), dip, c.w(gate_norm), a.stats, c.BT(), di, G, s);
         c.phase("ssd bwd", s);
         const SSDGrads g{x(c.dconv_out), Bm(c.dconv_out), Cm(c.dconv_out), dt(c.din), cd, cd, dip,
                          c.grad(dt_bias), c.grad(A_log), c.grad(D)};
@@ -388,11 +388,12 @@ struct MlpBlock : BlockBase {
         c.phase("mlp act", s);
         mlp_act_forward(c.out_in, a.in_out, c.BT(), ff, act, s);
     }
-    void recompute(const Ctx& c, const LayerActs& a, cudaStream_t s) const { forward(c, a, s); }
+    void recompute(const Ctx&, const LayerActs&, cudaStream_t) const {}
     const bf16* out_input(const Ctx& c, const LayerActs&) const { return c.out_in; }
+    // the activation's backward also rebuilds down_proj's input in c.out_in
     void backward(const Ctx& c, const LayerActs& a, cudaStream_t s) const {
         c.phase("mlp act bwd", s);
-        mlp_act_backward(c.din, c.dout_in, a.in_out, c.BT(), ff, act, s);
+        mlp_act_backward(c.din, c.out_in, c.dout_in, a.in_out, c.BT(), ff, act, s);
     }
 #endif
 };
@@ -793,11 +794,16 @@ struct Model {
             rmsnorm_apply(xn, xhat[l], w(b.norm), BT, d, s);
             visit(l, [&](const auto& blk) { blk.recompute(ctx, a, s); });
         }
+        // out_proj's input gradient, the mixer's backward (the Mamba-2 and MLP blocks rebuild out_proj's
+        // input on the way, in place of a recompute pass), then out_proj's weight gradient
+        phase("out_proj bwd", s);
+        const MatmulStrides out_ld{b.out_width, d};
+        matmul_backward_input(ctx.dout_in, dresid_bf16, w(b.out_proj), BT, d, b.out_width, out_ld, s);
+        visit(l, [&](const auto& blk) { blk.backward(ctx, a, s); });
         const bf16* out_in = nullptr;
         visit(l, [&](const auto& blk) { out_in = blk.out_input(ctx, a); });
         phase("out_proj bwd", s);
-        matmul_backward(ctx.dout_in, ctx.grad(b.out_proj), dresid_bf16, out_in, w(b.out_proj), BT, d, b.out_width, s);
-        visit(l, [&](const auto& blk) { blk.backward(ctx, a, s); });
+        matmul_backward_weight(ctx.grad(b.out_proj), dresid_bf16, out_in, BT, d, b.out_width, out_ld, s);
         phase("in_proj bwd", s);
         matmul_backward(dxn, ctx.grad(b.in_proj), ctx.din, xn, w(b.in_proj), BT, b.in_width, d, s);
         phase("rmsnorm bwd", s);

@@ -51,14 +51,25 @@ inline void matmul_forward(bf16* out, const bf16* inp, const bf16* weight, int M
     gemm(CUBLAS_OP_T, CUBLAS_OP_N, N, M, K, weight, K, inp, ld.inp, out, CUDA_R_16BF, ld.out, 0.0f, s);
 }
 
+// The backward in two halves, for callers that rebuild inp between them:
+// dinp(M,K) = dout(M,N) @ W(N,K); ld.inp strides dinp, ld.out strides dout
+inline void matmul_backward_input(bf16* dinp, const bf16* dout, const bf16* weight, int M, int N, int K,
+                                  MatmulStrides ld, cudaStream_t s) {
+    gemm(CUBLAS_OP_N, CUBLAS_OP_N, K, M, N, weight, K, dout, ld.out, dinp, CUDA_R_16BF, ld.inp,
+         ld.accumulate_dinp ? 1.0f : 0.0f, s);
+}
+// dW(N,K) += dout^T @ inp; ld.inp strides inp, ld.out strides dout
+inline void matmul_backward_weight(float* dweight, const bf16* dout, const bf16* inp, int M, int N, int K,
+                                   MatmulStrides ld, cudaStream_t s) {
+    gemm(CUBLAS_OP_N, CUBLAS_OP_T, K, N, M, inp, ld.inp, dout, ld.out, dweight, CUDA_R_32F, K, 1.0f, s);
+}
+
 // dinp(M,K) = dout(M,N) @ W(N,K) (skipped if dinp is null); dW(N,K) += dout^T @ inp.
 // ld.inp strides inp and dinp, ld.out strides dout.
 inline void matmul_backward(bf16* dinp, float* dweight, const bf16* dout, const bf16* inp, const bf16* weight, int M,
                             int N, int K, MatmulStrides ld, cudaStream_t s) {
-    if (dinp)
-        gemm(CUBLAS_OP_N, CUBLAS_OP_N, K, M, N, weight, K, dout, ld.out, dinp, CUDA_R_16BF, ld.inp,
-             ld.accumulate_dinp ? 1.0f : 0.0f, s);
-    gemm(CUBLAS_OP_N, CUBLAS_OP_T, K, N, M, inp, ld.inp, dout, ld.out, dweight, CUDA_R_32F, K, 1.0f, s);
+    if (dinp) matmul_backward_input(dinp, dout, weight, M, N, K, ld, s);
+    matmul_backward_weight(dweight, dout, inp, M, N, K, ld, s);
 }
 
 inline void matmul_forward(bf16* out, const bf16* inp, const bf16* weight, int M, int N, int K, cudaStream_t s) {

@@ -37,20 +37,24 @@ __global__ void mlp_act_forward_kernel(bf16* __restrict__ act, const bf16* __res
     }
 }
 
-// da (same layout as a) = dact * f'(a), written
+// da (same layout as a) = dact * f'(a), written; also act = f(a) again (the forward's bits: the down
+// projection's weight gradient reads it, and no recompute pass need write it before)
 template <int VEC>
-__global__ void mlp_act_backward_kernel(bf16* __restrict__ da, const bf16* __restrict__ dact, const bf16* __restrict__ a,
-                                        size_t rows, int ff, MlpAct kind) {
+__global__ void mlp_act_backward_kernel(bf16* __restrict__ da, bf16* __restrict__ act, const bf16* __restrict__ dact,
+                                        const bf16* __restrict__ a, size_t rows, int ff, MlpAct kind) {
     const int w = kind == MlpAct::SwiGLU ? 2 * ff : ff;
     for (size_t i = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) * VEC; i < rows * ff;
          i += (size_t)gridDim.x * blockDim.x * VEC) {
         const size_t r = i / ff, j = i % ff;
-        float g[VEC], d[VEC], dg[VEC];
+        float g[VEC], u[VEC], d[VEC], dg[VEC], o[VEC];
         load_vec<VEC>(g, a + r * w + j);
         load_vec<VEC>(d, dact + i);
+        if (kind == MlpAct::SwiGLU) load_vec<VEC>(u, a + r * w + ff + j);
+        #pragma unroll
+        for (int e = 0; e < VEC; e++) o[e] = mlp_act(kind, g[e], kind == MlpAct::SwiGLU ? u[e] : 1.0f);
+        store_vec<VEC>(act + i, o);
         if (kind == MlpAct::SwiGLU) {
-            float u[VEC], du[VEC];
-            load_vec<VEC>(u, a + r * w + ff + j);
+            float du[VEC];
             #pragma unroll
             for (int e = 0; e < VEC; e++) {
                 dg[e] = d[e] * u[e] * silu_grad(g[e]);
@@ -81,11 +85,12 @@ inline void mlp_act_forward(bf16* act, const bf16* a, int rows, int ff, MlpAct k
     cudaCheckLast();
 }
 
-inline void mlp_act_backward(bf16* da, const bf16* dact, const bf16* a, int rows, int ff, MlpAct kind, cudaStream_t s) {
-    vec_dispatch<8>(vec_width(8, sizeof(bf16), {da, dact, a}, {ff}), [&](auto V) {
+inline void mlp_act_backward(bf16* da, bf16* act, const bf16* dact, const bf16* a, int rows, int ff, MlpAct kind,
+                             cudaStream_t s) {
+    vec_dispatch<8>(vec_width(8, sizeof(bf16), {da, act, dact, a}, {ff}), [&](auto V) {
         constexpr int v = decltype(V)::value;
-        mlp_act_backward_kernel<v><<<elementwise_blocks((size_t)rows * ff / v), 256, 0, s>>>(da, dact, a, rows, ff,
-                                                                                           kind);
+        mlp_act_backward_kernel<v><<<elementwise_blocks((size_t)rows * ff / v), 256, 0, s>>>(da, act, dact, a, rows,
+                                                                                           ff, kind);
     });
     cudaCheckLast();
 }

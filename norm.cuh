@@ -277,13 +277,14 @@ inline void gated_rmsnorm_forward(bf16* out, float* rstd, const bf16* y, const b
 }
 
 // dv = rstd * (gw - n * mean_group(gw * n)), gw = dout * w; dy = dv * silu(z); dz = dv * y * silu'(z);
-// with ITER > 0 (one group) also the partial sums of dweight = sum over rows of dout * n
+// also out = n * w again (the forward's bits: out_proj's weight gradient reads it, and no recompute pass need
+// write it before); with ITER > 0 (one group) also the partial sums of dweight = sum over rows of dout * n
 template <int VEC, int ITER>
-__global__ void __launch_bounds__(32 * NORM_WARPS, 2) gated_rmsnorm_backward_kernel(bf16* __restrict__ dy, bf16* __restrict__ dz, int dz_stride,
-                                              float* __restrict__ partial, const bf16* __restrict__ dout,
-                                              const bf16* __restrict__ y, const bf16* __restrict__ z, int z_stride,
-                                              const bf16* __restrict__ w, const float* __restrict__ rstd, int rows,
-                                              int C, int groups) {
+__global__ void __launch_bounds__(32 * NORM_WARPS, 2)
+gated_rmsnorm_backward_kernel(bf16* __restrict__ dy, bf16* __restrict__ dz, int dz_stride, bf16* __restrict__ out,
+                              float* __restrict__ partial, const bf16* __restrict__ dout, const bf16* __restrict__ y,
+                              const bf16* __restrict__ z, int z_stride, const bf16* __restrict__ w,
+                              const float* __restrict__ rstd, int rows, int C, int groups) {
     const int lane = threadIdx.x, gs = C / groups;
     const int kmax = ITER > 0 ? ITER : (gs + 32 * VEC - 1) / (32 * VEC);
     float acc[ITER > 0 ? ITER * VEC : 1] = {};
@@ -311,7 +312,7 @@ __global__ void __launch_bounds__(32 * NORM_WARPS, 2) gated_rmsnorm_backward_ker
             for (int k = 0; k < kmax; k++) {
                 const int c = g * gs + (lane + k * 32) * VEC;
                 if (ITER == 0 && c >= (g + 1) * gs) break;
-                float yv[VEC], zv[VEC], gv[VEC], wv[VEC], dyv[VEC], dzv[VEC];
+                float yv[VEC], zv[VEC], gv[VEC], wv[VEC], dyv[VEC], dzv[VEC], ov[VEC];
                 load_vec<VEC>(yv, y + base + c);
                 load_vec<VEC>(zv, zr + c);
                 load_vec<VEC>(gv, dout + base + c);
@@ -322,10 +323,12 @@ __global__ void __launch_bounds__(32 * NORM_WARPS, 2) gated_rmsnorm_backward_ker
                     const float dv = r * (gv[e] * wv[e] - v * r * dot);
                     dyv[e] = dv * sz;
                     dzv[e] = dv * yv[e] * silu_grad(zv[e]);
+                    ov[e] = v * r * wv[e];  // as the forward computes it
                     if constexpr (ITER > 0) acc[k * VEC + e] += gv[e] * v * r;
                 }
                 store_vec<VEC>(dy + base + c, dyv);
                 store_vec<VEC>(dz + (size_t)row * dz_stride + c, dzv);
+                store_vec<VEC>(out + base + c, ov);
             }
         }
     }
@@ -333,11 +336,11 @@ __global__ void __launch_bounds__(32 * NORM_WARPS, 2) gated_rmsnorm_backward_ker
 }
 
 template <int V, int ITER>
-inline void gated_rmsnorm_backward_v(bf16* dy, bf16* dz, int dz_stride, float* dweight, float* scratch, const bf16* dout,
-                                     const bf16* y, const bf16* z, int z_stride, const bf16* weight, const float* rstd,
-                                     int rows, int C, int groups, cudaStream_t s) {
+inline void gated_rmsnorm_backward_v(bf16* dy, bf16* dz, int dz_stride, bf16* out, float* dweight, float* scratch,
+                                     const bf16* dout, const bf16* y, const bf16* z, int z_stride, const bf16* weight,
+                                     const float* rstd, int rows, int C, int groups, cudaStream_t s) {
     gated_rmsnorm_backward_kernel<V, ITER><<<NormRows<ITER, V>::blocks(rows), dim3(32, NORM_WARPS), 0, s>>>(
-        dy, dz, dz_stride, scratch, dout, y, z, z_stride, weight, rstd, rows, C, groups);
+        dy, dz, dz_stride, out, scratch, dout, y, z, z_stride, weight, rstd, rows, C, groups);
     cudaCheckLast();
     auto store = [=] __device__(int c, int, float sum) { dweight[c] += sum; };
     if constexpr (ITER > 0) {
@@ -356,14 +359,14 @@ inline void gated_rmsnorm_backward_v(bf16* dy, bf16* dz, int dz_stride, float* d
     }
 }
 
-inline void gated_rmsnorm_backward(bf16* dy, bf16* dz, int dz_stride, float* dweight, float* scratch, const bf16* dout,
-                                   const bf16* y, const bf16* z, int z_stride, const bf16* weight, const float* rstd,
-                                   int rows, int C, int groups, cudaStream_t s) {
-    const int vec = vec_width(8, sizeof(bf16), {dy, dz, dout, y, z, weight}, {C, z_stride, C / groups, dz_stride});
+inline void gated_rmsnorm_backward(bf16* dy, bf16* dz, int dz_stride, bf16* out, float* dweight, float* scratch,
+                                   const bf16* dout, const bf16* y, const bf16* z, int z_stride, const bf16* weight,
+                                   const float* rstd, int rows, int C, int groups, cudaStream_t s) {
+    const int vec = vec_width(8, sizeof(bf16), {dy, dz, out, dout, y, z, weight}, {C, z_stride, C / groups, dz_stride});
     vec_dispatch<8>(vec, [&](auto V) {
         constexpr int v = decltype(V)::value;
         norm_iter_dispatch<v>(groups == 1 ? norm_fused_iter(C, v) : 0, [&](auto I) {
-            gated_rmsnorm_backward_v<v, decltype(I)::value>(dy, dz, dz_stride, dweight, scratch, dout, y, z, z_stride,
+            gated_rmsnorm_backward_v<v, decltype(I)::value>(dy, dz, dz_stride, out, dweight, scratch, dout, y, z, z_stride,
                                                             weight, rstd, rows, C, groups, s);
         });
     });

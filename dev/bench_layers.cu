@@ -152,9 +152,9 @@ int main() {
     }
     report("gated rmsnorm forward", median_ms([&] { gated_rmsnorm_forward(g, rstd, y, in, dip, gw, BT, di, 1, 1e-5f, 0); }),
            (double)BT * di * 2 * 3);
-    report("gated rmsnorm backward", median_ms([&] {
-        gated_rmsnorm_backward(dy, din, dip, dgw, nscratch, out /* as dout */, y, in, dip, gw, rstd, BT, di, 1, 0); }),
-           (double)BT * di * 2 * 5);
+    report("gated rmsnorm backward (+ output)", median_ms([&] {
+        gated_rmsnorm_backward(dy, din, dip, g, dgw, nscratch, out /* as dout */, y, in, dip, gw, rstd, BT, di, 1, 0); }),
+           (double)BT * di * 2 * 6);  // read y, z, dout; write dy, dz and the forward's output
 
     // --- RMSNorm over the fp32 residual stream (d_model wide)
     std::vector<float> h_x((size_t)BT * d);
@@ -205,8 +205,9 @@ int main() {
         if (!(e < 1e-2)) return 1;
         const double bytes = (double)rows * ff * 2;
         report("mlp gelu forward", median_ms([&] { mlp_act_forward(act, a, rows, ff, MlpAct::GELU, 0); }), 2 * bytes);
-        report("mlp gelu backward", median_ms([&] { mlp_act_backward(da, act, a, rows, ff, MlpAct::GELU, 0); }),
-               3 * bytes);
+        bf16* again = cuda_malloc_n<bf16>((size_t)rows * ff, "act again");
+        report("mlp gelu backward (+ activation)", median_ms([&] {
+            mlp_act_backward(da, again, act /* as dact */, a, rows, ff, MlpAct::GELU, 0); }), 4 * bytes);
     }
 
     // --- fused classifier over the padded vocabulary

@@ -134,20 +134,22 @@ TEST_CASE("matmul: strided column slices, dinp written and accumulated", "[layer
                                                      __bfloat162float(dinp0[(size_t)i * ldi + j]));
 }
 
-TEST_CASE("mlp activations: swiglu, gelu, relu2 forward and backward", "[layers]") {
+TEST_CASE("mlp activations: swiglu, gelu, relu2 forward and backward (which writes the activation again)", "[layers]") {
     // ff 136, 68, 37: 8, 4 and 1 hidden units a thread
     for (auto [kind, name, ff] : {std::tuple{MlpAct::SwiGLU, "swiglu", 136}, std::tuple{MlpAct::GELU, "gelu", 136},
                                   std::tuple{MlpAct::ReLU2, "relu2", 136}, std::tuple{MlpAct::SwiGLU, "swiglu", 37},
                                   std::tuple{MlpAct::GELU, "gelu", 68}, std::tuple{MlpAct::ReLU2, "relu2", 37}}) {
         const int rows = 77, w = mlp_up_width(kind) * ff;
         INFO(name << " ff=" << ff);
-        Buf<bf16> a((size_t)rows * w), act((size_t)rows * ff), dact((size_t)rows * ff), da((size_t)rows * w);
+        Buf<bf16> a((size_t)rows * w), act((size_t)rows * ff), again((size_t)rows * ff), dact((size_t)rows * ff),
+            da((size_t)rows * w);
         a.randn(0, 1.5); dact.randn();
-        act.poison(); da.poison();
+        act.poison(); again.poison(); da.poison();
         mlp_act_forward(act.d, a.d, rows, ff, kind, 0);
-        mlp_act_backward(da.d, dact.d, a.d, rows, ff, kind, 0);
+        mlp_act_backward(da.d, again.d, dact.d, a.d, rows, ff, kind, 0);
         cudaCheck(cudaDeviceSynchronize());
-        act.down(); da.down();
+        act.down(); again.down(); da.down();
+        CHECK(std::memcmp(again.h.data(), act.h.data(), act.h.size() * sizeof(bf16)) == 0);  // the same bits
         std::vector<double> ra((size_t)rows * ff), rda((size_t)rows * w);
         ref::mlp_act_forward(ra.data(), a.dbl().data(), rows, ff, name);
         ref::mlp_act_backward(rda.data(), dact.dbl().data(), a.dbl().data(), rows, ff, name);
@@ -222,7 +224,8 @@ TEST_CASE("rmsnorm: forward (output and the kept xhat), apply, backward from xha
     }
 }
 
-TEST_CASE("gated rmsnorm: grouped, strided z, forward and backward", "[layers]") {
+TEST_CASE("gated rmsnorm: grouped, strided z, forward and backward (which writes the forward's output again)",
+          "[layers]") {
     // z is a slice of a wider row; its stride and the group size pick the vector width (1 for
     // the odd strides, then 8, 8, 4, 2); one group of 256 (width 1) or 2048 channels (width 8, as
     // mamba2-370m) sums the weight gradient inside the pass, the others in a column sum after it
@@ -230,16 +233,18 @@ TEST_CASE("gated rmsnorm: grouped, strided z, forward and backward", "[layers]")
                                        std::tuple{45, 512, 2, 576}, std::tuple{33, 384, 3, 392}, std::tuple{19, 96, 4, 100},
                                        std::tuple{7, 60, 5, 62}, std::tuple{700, 2048, 1, 4384}}) {
         INFO("rows=" << rows << " C=" << C << " groups=" << groups << " z stride=" << zs);
-        Buf<bf16> y((size_t)rows * C), z((size_t)rows * zs), w(C), out((size_t)rows * C), dout((size_t)rows * C),
-            dy((size_t)rows * C), dz((size_t)rows * zs);
+        Buf<bf16> y((size_t)rows * C), z((size_t)rows * zs), w(C), out((size_t)rows * C), again((size_t)rows * C),
+            dout((size_t)rows * C), dy((size_t)rows * C), dz((size_t)rows * zs);
         Buf<float> rstd((size_t)rows * groups), dw(C), scratch(gated_rmsnorm_backward_scratch_floats(rows, C));
         y.randn(); z.randn(); w.randn(1.0, 0.2); dout.randn(); dw.randn();
         auto dw0 = dw.dbl();
-        out.poison(); rstd.poison(); dy.poison(); dz.poison();
+        out.poison(); again.poison(); rstd.poison(); dy.poison(); dz.poison();
         gated_rmsnorm_forward(out.d, rstd.d, y.d, z.d, zs, w.d, rows, C, groups, 1e-5f, 0);
-        gated_rmsnorm_backward(dy.d, dz.d, zs, dw.d, scratch.d, dout.d, y.d, z.d, zs, w.d, rstd.d, rows, C, groups, 0);
+        gated_rmsnorm_backward(dy.d, dz.d, zs, again.d, dw.d, scratch.d, dout.d, y.d, z.d, zs, w.d, rstd.d, rows, C,
+                               groups, 0);
         cudaCheck(cudaDeviceSynchronize());
-        out.down(); rstd.down(); dy.down(); dz.down(); dw.down();
+        out.down(); again.down(); rstd.down(); dy.down(); dz.down(); dw.down();
+        CHECK(std::memcmp(again.h.data(), out.h.data(), out.h.size() * sizeof(bf16)) == 0);  // the same bits
         auto zc = z.cols(rows, zs, C);
         std::vector<double> ro((size_t)rows * C), rr((size_t)rows * groups), rdy((size_t)rows * C), rdz((size_t)rows * C),
             rdw = dw0;
