@@ -52,7 +52,7 @@ struct KeptSizes { size_t in_out = 0, y = 0, x_proj_out = 0, stats = 0, saved_by
 // Buffers every layer borrows, each with one meaning, sized for the largest user (elements,
 // except where marked).
 struct SharedSizes {
-    size_t out_in = 0;         // out_proj's input when recomputed (Mamba-2 gated norm, MLP activation)
+    size_t out_in = 0;         // out_proj's input when it is not kept (Mamba-2 gated norm, MLP activation)
     size_t dout_in = 0;        // gradient of out_proj's input
     size_t din = 0;            // gradient of in_proj's output
     size_t conv_out = 0;       // Mamba: conv1d + SiLU output (recomputed in the backward), and its gradient
