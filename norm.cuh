@@ -276,9 +276,13 @@ inline void gated_rmsnorm_forward(bf16* out, float* rstd, const bf16* y, const b
     cudaCheckLast();
 }
 
+inline size_t gated_bwd_smem_bytes(int iter, int C) { return iter > 0 ? (size_t)NORM_WARPS * C * sizeof(float) : 0; }
+
 // dv = rstd * (gw - n * mean_group(gw * n)), gw = dout * w; dy = dv * silu(z); dz = dv * y * silu'(z);
 // also out = n * w again (the forward's bits: out_proj's weight gradient reads it, and no recompute pass need
-// write it before); with ITER > 0 (one group) also the partial sums of dweight = sum over rows of dout * n
+// write it before); with ITER > 0 (one group) also the partial sums of dweight = sum over rows of dout * n,
+// each warp's in its own row of shared memory (gated_bwd_smem_bytes: registers would hold ITER x VEC of them a
+// lane and spill), added in warp order into one partial row per block
 template <int VEC, int ITER>
 __global__ void __launch_bounds__(32 * NORM_WARPS, 2)
 gated_rmsnorm_backward_kernel(bf16* __restrict__ dy, bf16* __restrict__ dz, int dz_stride, bf16* __restrict__ out,
@@ -287,7 +291,12 @@ gated_rmsnorm_backward_kernel(bf16* __restrict__ dy, bf16* __restrict__ dz, int 
                               const float* __restrict__ rstd, int rows, int C, int groups) {
     const int lane = threadIdx.x, gs = C / groups;
     const int kmax = ITER > 0 ? ITER : (gs + 32 * VEC - 1) / (32 * VEC);
-    float acc[ITER > 0 ? ITER * VEC : 1] = {};
+    extern __shared__ __align__(32) float wacc[];  // ITER > 0: (NORM_WARPS, C)
+    float* acc = wacc + (size_t)threadIdx.y * C;
+    if constexpr (ITER > 0) {
+        for (int c = lane; c < C; c += 32) acc[c] = 0.0f;
+        __syncwarp();  // the lanes zeroed each other's sums
+    }
     const NormRows<ITER, VEC> rr(rows);
     for (int row = rr.r0 + threadIdx.y; row < rr.r1; row += NORM_WARPS) {
         const size_t base = (size_t)row * C;
@@ -312,7 +321,8 @@ gated_rmsnorm_backward_kernel(bf16* __restrict__ dy, bf16* __restrict__ dz, int 
             for (int k = 0; k < kmax; k++) {
                 const int c = g * gs + (lane + k * 32) * VEC;
                 if (ITER == 0 && c >= (g + 1) * gs) break;
-                float yv[VEC], zv[VEC], gv[VEC], wv[VEC], dyv[VEC], dzv[VEC], ov[VEC];
+                float yv[VEC], zv[VEC], gv[VEC], wv[VEC], dyv[VEC], dzv[VEC], ov[VEC], av[VEC];
+                if constexpr (ITER > 0) load_vec<VEC>(av, acc + c);
                 load_vec<VEC>(yv, y + base + c);
                 load_vec<VEC>(zv, zr + c);
                 load_vec<VEC>(gv, dout + base + c);
@@ -324,22 +334,33 @@ gated_rmsnorm_backward_kernel(bf16* __restrict__ dy, bf16* __restrict__ dz, int 
                     dyv[e] = dv * sz;
                     dzv[e] = dv * yv[e] * silu_grad(zv[e]);
                     ov[e] = v * r * wv[e];  // as the forward computes it
-                    if constexpr (ITER > 0) acc[k * VEC + e] += gv[e] * v * r;
+                    if constexpr (ITER > 0) av[e] += gv[e] * v * r;
                 }
                 store_vec<VEC>(dy + base + c, dyv);
                 store_vec<VEC>(dz + (size_t)row * dz_stride + c, dzv);
                 store_vec<VEC>(out + base + c, ov);
+                if constexpr (ITER > 0) store_vec<VEC>(acc + c, av);
             }
         }
     }
-    if constexpr (ITER > 0) norm_store_partial<ITER, VEC>(partial, acc, C);
+    if constexpr (ITER > 0) {
+        __syncthreads();
+        for (int c = threadIdx.y * 32 + lane; c < C; c += 32 * NORM_WARPS) {
+            float sum = wacc[c];
+            for (int v = 1; v < NORM_WARPS; v++) sum += wacc[(size_t)v * C + c];
+            partial[(size_t)blockIdx.x * C + c] = sum;
+        }
+    }
 }
 
 template <int V, int ITER>
 inline void gated_rmsnorm_backward_v(bf16* dy, bf16* dz, int dz_stride, bf16* out, float* dweight, float* scratch,
                                      const bf16* dout, const bf16* y, const bf16* z, int z_stride, const bf16* weight,
                                      const float* rstd, int rows, int C, int groups, cudaStream_t s) {
-    gated_rmsnorm_backward_kernel<V, ITER><<<NormRows<ITER, V>::blocks(rows), dim3(32, NORM_WARPS), 0, s>>>(
+    const size_t smem = gated_bwd_smem_bytes(ITER, C);
+    cudaCheck(cudaFuncSetAttribute(gated_rmsnorm_backward_kernel<V, ITER>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                   (int)smem));
+    gated_rmsnorm_backward_kernel<V, ITER><<<NormRows<ITER, V>::blocks(rows), dim3(32, NORM_WARPS), smem, s>>>(
         dy, dz, dz_stride, out, scratch, dout, y, z, z_stride, weight, rstd, rows, C, groups);
     cudaCheckLast();
     auto store = [=] __device__(int c, int, float sum) { dweight[c] += sum; };
