@@ -1,8 +1,8 @@
 // RMSNorm (pre-norm of every block, fp32 residual in, bf16 out) and Mamba-2's gated,
 // grouped RMSNorm: out = rmsnorm_group(y * silu(z)) * w (mamba_ssm's RMSNormGated with
 // norm_before_gate=False). One warp per row. The weight gradients are summed in a fixed
-// order: inside the backward pass when a row's channels fit a lane's registers (NormFused
-// below), else by a column-sum pass after it (cuda_common.cuh).
+// order: inside the backward pass when a row's channels are few enough (NormRows below),
+// else by a column-sum pass after it (cuda_common.cuh).
 #pragma once
 #include <algorithm>
 #include "cuda_common.cuh"
@@ -10,8 +10,9 @@
 constexpr int NORM_WARPS = 8;  // rows per block
 
 // The weight gradient inside the backward pass: every lane owns the same ITER x VEC channels
-// of every row (C = ITER x 32 x VEC), sums its rows' terms for them in registers, and the
-// block's warps add their sums in a fixed order into one partial row per block of rows;
+// of every row (C = ITER x 32 x VEC), sums its rows' terms for them (in registers; the gated
+// norm, short of registers, in its warp's row of shared memory), and the block's warps add
+// their sums in a fixed order into one partial row per block of rows;
 // colsum_finalize adds the NORM_FUSED_CHUNKS partials in order. ITER = 0: the plain pass,
 // one warp a row, the weight gradient left to a column sum.
 constexpr int NORM_FUSED_MAX_ACC = 64;  // floats a lane holds
