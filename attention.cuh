@@ -169,11 +169,6 @@ __device__ inline void store_tile(bf16* g, size_t stride, const bf16* s, int val
     }
 }
 
-template <typename K>
-inline void set_smem(K kernel, size_t bytes) {
-    cudaCheck(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
-}
-
 // ----------------------------------------------------------------------------------------------
 // forward: one block per (query tile of BM rows, query head, b); NW warps, each owning MT = BM / (16 NW)
 // consecutive 16-row slabs; kv tiles of BN rows double-buffered.
@@ -351,7 +346,7 @@ template <int D, int BM, int BN, int NW>
 inline void launch_fwd(bf16* out, float* lse, const bf16* qkv, const AttnShape& sh, const int* pos, cudaStream_t s) {
     const size_t smem = (size_t)(BM + 4 * BN) * (D + PAD) * sizeof(bf16);
     auto kernel = pos ? fwd_kernel<D, BM, BN, NW, true> : fwd_kernel<D, BM, BN, NW, false>;
-    set_smem(kernel, smem);
+    set_max_smem(kernel, smem);
     dim3 grid(sh.B * sh.Hq, (sh.T + BM - 1) / BM);
     kernel<<<grid, NW * 32, smem, s>>>(out, lse, qkv, pos, sh.T, sh.Hq, sh.Hkv, LOG2E / sqrtf((float)D));
     cudaCheckLast();
@@ -612,7 +607,7 @@ inline void launch_dkdv(bf16* dqkv, const bf16* dout, const bf16* qkv, const flo
     constexpr int BN = 16 * NW;
     const size_t smem = (size_t)(2 * BN + 4 * BMQ) * (D + PAD) * sizeof(bf16) + 6 * BMQ * sizeof(float);
     auto kernel = pos ? bwd_dkdv_kernel<D, BMQ, NW, true> : bwd_dkdv_kernel<D, BMQ, NW, false>;
-    set_smem(kernel, smem);
+    set_max_smem(kernel, smem);
     dim3 grid(sh.B * sh.Hkv, (sh.T + BN - 1) / BN);
     const float scale = 1.f / sqrtf((float)D);
     kernel<<<grid, NW * 32, smem, s>>>(dqkv, qkv, dout, lse, delta, pos, sh.T, sh.Hq, sh.Hkv, scale * LOG2E, scale);
@@ -625,7 +620,7 @@ inline void launch_dq(bf16* dqkv, const bf16* dout, const bf16* qkv, const float
     constexpr int BMQ = 16 * NW;
     const size_t smem = (size_t)(2 * BMQ + 4 * BN) * (D + PAD) * sizeof(bf16);
     auto kernel = pos ? bwd_dq_kernel<D, BN, NW, AREG, true> : bwd_dq_kernel<D, BN, NW, AREG, false>;
-    set_smem(kernel, smem);
+    set_max_smem(kernel, smem);
     dim3 grid(sh.B * sh.Hq, (sh.T + BMQ - 1) / BMQ);
     const float scale = 1.f / sqrtf((float)D);
     kernel<<<grid, NW * 32, smem, s>>>(dqkv, qkv, dout, lse, delta, pos, sh.T, sh.Hq, sh.Hkv, scale * LOG2E, scale);

@@ -383,7 +383,7 @@ inline void launch_fwd(bf16* out, float* lse, const bf16* qkv, const AttnShape& 
     p.Hkv = sh.Hkv;
     p.scale_log2 = LOG2E / sqrtf((float)D);
     auto kernel = fwd_kernel<D, NWG, BN, STAGES, PINGPONG, QBUF>;
-    cudaCheck(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM));
+    set_max_smem(kernel, C::SMEM);
     const int ntiles = (sh.T + C::BM - 1) / C::BM * sh.B * sh.Hq;
     kernel<<<std::min(ntiles, sm_count()), C::THREADS, C::SMEM, s>>>(p);
     cudaCheckLast();
@@ -812,7 +812,7 @@ inline void launch_bwd_main(bf16* dqkv, void* scratch, const bf16* dout, const b
     p.scale = 1.f / sqrtf((float)D);
     p.scale_log2 = p.scale * LOG2E;
     auto kernel = bwd_kernel<D>;
-    cudaCheck(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM));
+    set_max_smem(kernel, C::SMEM);
     const int nkv = (sh.T + C::BN - 1) / C::BN;
     kernel<<<nkv * sh.B * sh.Hkv, 384, C::SMEM, s>>>(p);  // kv tile major: block n after every block n - 1
     cudaCheckLast();

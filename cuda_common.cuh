@@ -8,7 +8,9 @@
 #include <cstdlib>
 #include <cstdint>
 #include <initializer_list>
+#include <map>
 #include <type_traits>
+#include <utility>
 #include "common.h"
 #include "kernel_sizes.h"  // bf16 (cuda_bf16.h's), COLSUM_CHUNKS, colsum_scratch_floats
 #include "params.h"        // master_high, master_low, master_join
@@ -22,6 +24,20 @@ inline void cuda_check(cudaError_t err, const char* file, int line) {
 #define cudaCheck(err) cuda_check((err), __FILE__, __LINE__)
 // after every kernel launch
 #define cudaCheckLast() cuda_check(cudaGetLastError(), __FILE__, __LINE__)
+
+// raises a kernel's dynamic shared-memory limit above the default 48 KB, once per kernel, device and
+// size (the attribute stays set: launches after the first, and graph replays, skip the driver call)
+inline void set_max_smem(const void* kernel, size_t bytes) {
+    static std::map<std::pair<const void*, int>, size_t> limit;
+    int dev;
+    cudaCheck(cudaGetDevice(&dev));
+    size_t& cur = limit[{kernel, dev}];
+    if (bytes <= cur) return;
+    cudaCheck(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
+    cur = bytes;
+}
+template <typename K>
+inline void set_max_smem(K* kernel, size_t bytes) { set_max_smem((const void*)kernel, bytes); }
 
 // cudaMalloc that ends the program with the size asked for and what was free.
 // bytes handed out by cuda_malloc so far: the engine allocates once at set-up and frees at
@@ -90,6 +106,26 @@ struct MasterWeights {
     int16_t* lo;
     HOST_DEVICE MasterWeights operator+(size_t k) const { return {hi + k, lo + k}; }
 };
+
+// fp32 weights host[0, n) to the device, split: the high halves of all n to hi, the low halves of
+// host[lo_begin, lo_begin + lo_n) to lo (a rank keeps the low halves of its own range only)
+inline void upload_master(bf16* hi, int16_t* lo, const float* host, size_t n, size_t lo_begin, size_t lo_n) {
+    std::vector<uint16_t> h(n);
+    std::vector<int16_t> l(n);
+    master_split(host, n, h.data(), l.data());
+    cudaCheck(cudaMemcpy(hi, h.data(), n * sizeof(bf16), cudaMemcpyHostToDevice));
+    cudaCheck(cudaMemcpy(lo, l.data() + lo_begin, lo_n * sizeof(int16_t), cudaMemcpyHostToDevice));
+}
+// the n fp32 weights that m holds, joined on the host
+inline std::vector<float> download_master(MasterWeights m, size_t n) {
+    std::vector<uint16_t> h(n);
+    std::vector<int16_t> l(n);
+    cudaCheck(cudaMemcpy(h.data(), m.hi, n * sizeof(bf16), cudaMemcpyDeviceToHost));
+    cudaCheck(cudaMemcpy(l.data(), m.lo, n * sizeof(int16_t), cudaMemcpyDeviceToHost));
+    std::vector<float> w(n);
+    master_unsplit(h.data(), l.data(), n, w.data());
+    return w;
+}
 
 template <int VEC>
 __device__ inline void load_master(float* w, MasterWeights m) {

@@ -652,24 +652,11 @@ struct Model {
     // host[0, n) are the weights from element `offset` on (the rank's range inside them): the
     // bf16 copy of all, the low halves of the range
     void upload_halves(const float* host, size_t offset, size_t n) {
-        std::vector<uint16_t> hi(n);
-        std::vector<int16_t> lo(n);
-        master_split(host, n, hi.data(), lo.data());
-        cudaCheck(cudaMemcpy(params + offset, hi.data(), n * sizeof(bf16), cudaMemcpyHostToDevice));
-        cudaCheck(cudaMemcpy(master_lo, lo.data() + (shard.begin - offset), shard.count() * sizeof(int16_t),
-                             cudaMemcpyHostToDevice));
+        upload_master(params + offset, master_lo, host, n, shard.begin - offset, shard.count());
     }
 
     // the fp32 master weights of the rank's range (one rank: all)
-    std::vector<float> get_master() const {
-        std::vector<uint16_t> hi(shard.count());
-        std::vector<int16_t> lo(shard.count());
-        cudaCheck(cudaMemcpy(hi.data(), params + shard.begin, hi.size() * sizeof(bf16), cudaMemcpyDeviceToHost));
-        cudaCheck(cudaMemcpy(lo.data(), master_lo, lo.size() * sizeof(int16_t), cudaMemcpyDeviceToHost));
-        std::vector<float> host(shard.count());
-        master_unsplit(hi.data(), lo.data(), host.size(), host.data());
-        return host;
-    }
+    std::vector<float> get_master() const { return download_master(master(), shard.count()); }
     // the rank's range of the master weights, for the optimizers
     MasterWeights master() const { return {params + shard.begin, master_lo}; }
 

@@ -10,11 +10,14 @@
 #include "cuda_common.cuh"  // silu, silu_grad
 #include "model_config.h"  // MlpAct
 
+// 2 Phi(g), the GELU's doubled normal CDF: the forward and the backward share it (one erff each)
+__device__ inline float gelu_cdf2(float g) { return 1.0f + erff(g * 0.70710678f); }
+
 // f(a) for one hidden unit; g is the gate (swiglu) or the pre-activation, u the up value
 __device__ inline float mlp_act(MlpAct kind, float g, float u) {
     switch (kind) {
         case MlpAct::SwiGLU: return silu(g) * u;
-        case MlpAct::GELU: return 0.5f * g * (1.0f + erff(g * 0.70710678f));
+        case MlpAct::GELU: return 0.5f * g * gelu_cdf2(g);
         default: { float r = fmaxf(g, 0.0f); return r * r; }
     }
 }
@@ -50,13 +53,11 @@ __global__ void mlp_act_backward_kernel(bf16* __restrict__ da, bf16* __restrict_
         load_vec<VEC>(g, a + r * w + j);
         load_vec<VEC>(d, dact + i);
         if (kind == MlpAct::SwiGLU) load_vec<VEC>(u, a + r * w + ff + j);
-        #pragma unroll
-        for (int e = 0; e < VEC; e++) o[e] = mlp_act(kind, g[e], kind == MlpAct::SwiGLU ? u[e] : 1.0f);
-        store_vec<VEC>(act + i, o);
         if (kind == MlpAct::SwiGLU) {
             float du[VEC];
             #pragma unroll
             for (int e = 0; e < VEC; e++) {
+                o[e] = mlp_act(kind, g[e], u[e]);
                 dg[e] = d[e] * u[e] * silu_grad(g[e]);
                 du[e] = d[e] * silu(g[e]);
             }
@@ -64,14 +65,19 @@ __global__ void mlp_act_backward_kernel(bf16* __restrict__ da, bf16* __restrict_
         } else if (kind == MlpAct::GELU) {
             #pragma unroll
             for (int e = 0; e < VEC; e++) {
-                const float cdf = 0.5f * (1.0f + erff(g[e] * 0.70710678f));
+                const float cdf2 = gelu_cdf2(g[e]), cdf = 0.5f * cdf2;
                 const float pdf = 0.39894228f * __expf(-0.5f * g[e] * g[e]);
+                o[e] = 0.5f * g[e] * cdf2;  // mlp_act's expression: the forward's bits
                 dg[e] = d[e] * (cdf + g[e] * pdf);
             }
         } else {
             #pragma unroll
-            for (int e = 0; e < VEC; e++) dg[e] = d[e] * 2.0f * fmaxf(g[e], 0.0f);
+            for (int e = 0; e < VEC; e++) {
+                o[e] = mlp_act(kind, g[e], 1.0f);
+                dg[e] = d[e] * 2.0f * fmaxf(g[e], 0.0f);
+            }
         }
+        store_vec<VEC>(act + i, o);
         store_vec<VEC>(da + r * w + j, dg);
     }
 }

@@ -359,8 +359,7 @@ inline void gated_rmsnorm_backward_v(bf16* dy, bf16* dz, int dz_stride, bf16* ou
                                      const bf16* dout, const bf16* y, const bf16* z, int z_stride, const bf16* weight,
                                      const float* rstd, int rows, int C, int groups, cudaStream_t s) {
     const size_t smem = gated_bwd_smem_bytes(ITER, C);
-    cudaCheck(cudaFuncSetAttribute(gated_rmsnorm_backward_kernel<V, ITER>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                   (int)smem));
+    set_max_smem(gated_rmsnorm_backward_kernel<V, ITER>, smem);
     gated_rmsnorm_backward_kernel<V, ITER><<<NormRows<ITER, V>::blocks(rows), dim3(32, NORM_WARPS), smem, s>>>(
         dy, dz, dz_stride, out, scratch, dout, y, z, z_stride, weight, rstd, rows, C, groups);
     cudaCheckLast();

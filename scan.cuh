@@ -338,7 +338,7 @@ template <class L, int TT = TT_F>
 inline void launch_fwd(bf16* out, void* saved, const ScanInputs& in, const ScanShape& sh, cudaStream_t s) {
     constexpr size_t smem = fwd_smem<L, TT>();
     auto k = fwd_kernel<L, TT>;
-    cudaCheck(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+    set_max_smem(k, smem);
     dim3 grid((sh.D + L::DT - 1) / L::DT, sh.B);
     k<<<grid, L::THREADS, smem, s>>>(out, (float*)saved, in, sh.T, sh.D, sh.N);
     cudaCheckLast();
@@ -783,7 +783,7 @@ inline void launch_bwd(const ScanGrads& g, void* scratch, const bf16* dout, cons
                        const ScanShape& sh, cudaStream_t s) {
     constexpr size_t smem = BwdSmem<L, TT>::total * sizeof(float);
     auto k = bwd_kernel<L, TT>;
-    cudaCheck(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+    set_max_smem(k, smem);
     const int nck = nchunks(sh), nblk = (sh.D + L::DT - 1) / L::DT, cps = slab_chunks(sh, nblk);
     BwdArgs a{g, in, dout, (const float*)saved, bwd_scratch<L>(sh, scratch), sh.B, sh.T, sh.D, sh.N, 0, 0, cps * CK, 0};
     const int nslab = (nck + cps - 1) / cps;

@@ -218,15 +218,20 @@ __device__ inline void cp_async_wait_sync() {
     __syncthreads();
 }
 
-// starts copying rows [0, rows) of a strided bf16 matrix (COLS wide) into smem (row stride COLS + PAD);
-// rows >= valid become zero (past the end of the sequence)
-template <int COLS>
-__device__ inline void load_rows(bf16* s, const bf16* g, size_t stride, int rows, int valid) {
-    constexpr int V = COLS / 8;
-    for (int idx = threadIdx.x; idx < rows * V; idx += blockDim.x) {
-        const int r = idx / V, v = idx - r * V;
-        const bool ok = r < valid;
-        cp_async16(s + r * (COLS + PAD) + v * 8, g + (ok ? r * stride : 0) + v * 8, ok);
+// starts copying the ROWS rows of a strided bf16 matrix (COLS wide) into smem (row stride COLS + PAD); rows >= valid
+// become zero (past the end of the sequence). Unrolled: the addresses are a base and constant steps.
+template <int COLS, int ROWS = TILE>
+__device__ inline void load_rows(bf16* s, const bf16* g, size_t stride, int valid) {
+    constexpr int V = COLS / 8, STEP = THREADS / V;  // 16-byte pieces a row, rows a pass
+    static_assert(THREADS % V == 0 && ROWS % STEP == 0, "whole rows a pass");
+    const int v = threadIdx.x % V, r0 = threadIdx.x / V;
+    const bf16* g0 = g + v * 8;  // row 0: a valid address for the zero-filling copies
+    const bf16* gr = g0 + r0 * stride;
+    s += r0 * (COLS + PAD) + v * 8;
+#pragma unroll
+    for (int k = 0; k < ROWS / STEP; k++) {
+        const bool ok = r0 + k * STEP < valid;
+        cp_async16(s + k * STEP * (COLS + PAD), ok ? gr + k * STEP * stride : g0, ok);
     }
 }
 
@@ -255,8 +260,9 @@ __device__ inline void block_scan(float* s, int n) {
     }
 }
 
-// exp of a decay exponent (<= 0): the fast intrinsic, its error is far below bf16 rounding
-__device__ inline float decay_exp(float x) { return __expf(x); }
+// exp of a decay exponent (<= 0) by the hardware ex2 (__expf's approximation, its error far below bf16 rounding),
+// flushing results below 2^-126 to zero: 2 instructions instead of __expf's 5 (its denormal range handling)
+__device__ inline float decay_exp(float x) { return fast_exp2(x * 1.4426950408889634f); }
 
 // Document boundaries of a block of rows [t0, t0 + valid) of sequence row b (local index i):
 // thr_i = i - pos = the local index where row i's document starts (< 0: before the block). Pairs (i, j <= i)
@@ -368,9 +374,9 @@ ssd_fwd_kernel(bf16* y, float* dt_s, float* acum_s, SSDInputs in, int T, int H, 
 
     auto load_step = [&](int s) {
         const int s0 = s * TILE, valid = min(TILE, T - s0), buf = s & 1;
-        load_rows<P>(s_x + buf * XS, xg + (size_t)s0 * in.x_stride, in.x_stride, TILE, valid);
-        load_rows<N>(s_b + buf * BS, bg + (size_t)s0 * in.bc_stride, in.bc_stride, TILE, valid);
-        load_rows<N>(s_c + buf * BS, cg + (size_t)s0 * in.bc_stride, in.bc_stride, TILE, valid);
+        load_rows<P>(s_x + buf * XS, xg + (size_t)s0 * in.x_stride, in.x_stride, valid);
+        load_rows<N>(s_b + buf * BS, bg + (size_t)s0 * in.bc_stride, in.bc_stride, valid);
+        load_rows<N>(s_c + buf * BS, cg + (size_t)s0 * in.bc_stride, in.bc_stride, valid);
         cp_async_commit();
     };
     // the preparing warp: raw dt and positions of rows 2 lane, 2 lane + 1 of step s (loads issued a step before use)
@@ -570,8 +576,8 @@ ssd_bwd_states_kernel(bf16* hst, bf16* gst, const float* dt_s, const float* acum
     const bf16* w = (grad ? in.Cm : in.Bm) + row0 * in.bc_stride + g * N;
     auto load_tile = [&](int k) {
         const int j0 = k * TILE;
-        load_rows<P>(s_v + (k & 1) * VS, v + j0 * v_stride, v_stride, TILE, valid - j0);
-        load_rows<N>(s_w + (k & 1) * WS, w + (size_t)j0 * in.bc_stride, in.bc_stride, TILE, valid - j0);
+        load_rows<P>(s_v + (k & 1) * VS, v + j0 * v_stride, v_stride, valid - j0);
+        load_rows<N>(s_w + (k & 1) * WS, w + (size_t)j0 * in.bc_stride, in.bc_stride, valid - j0);
         cp_async_commit();
     };
     load_tile(0);
@@ -751,7 +757,11 @@ ssd_bwd_row_kernel(float* dc_part, BwdScratch sc, const float* dt_s, const float
     const int ra = i0 + m0 + (lane >> 2), rb = ra + 8;  // chunk-local rows (positions i)
     const int tha = DOCS ? doc_thr(in.pos, row0, ra, valid) : -1, thb = DOCS ? doc_thr(in.pos, row0, rb, valid) : -1;
 
-    load_rows<N>(s_c, in.Cm + (row0 + i0) * in.bc_stride + g * N, in.bc_stride, TILE, valid - i0);
+    load_rows<N>(s_c, in.Cm + (row0 + i0) * in.bc_stride + g * N, in.bc_stride, valid - i0);
+    auto load_b = [&](int jt) {
+        load_rows<N>(s_b, in.Bm + (row0 + jt * TILE) * in.bc_stride + g * N, in.bc_stride, valid - jt * TILE);
+    };
+    load_b(0);  // lands during the state part, which does not read s_b
     for (int i = threadIdx.x; i < MAX_HPS * TILE; i += blockDim.x) s_rsum[i / TILE][i % TILE] = 0.f;
     auto arrays = [&](int h, int buf) {
         const size_t pos0 = ((size_t)tb.b * H + h) * Tp + tb.t0;
@@ -765,8 +775,8 @@ ssd_bwd_row_kernel(float* dc_part, BwdScratch sc, const float* dt_s, const float
     auto load_state = [&](int hh, int buf) {
         const int h = tb.h0 + hh;
         bf16* u = s_u + buf * UB;
-        load_rows<P>(u, dy + (row0 + i0) * dy_stride + h * P, dy_stride, TILE, valid - i0);
-        load_rows<N>(u + XS, sc.hst + (((size_t)tb.b * H + h) * tb.nc + tb.c) * P * N, N, P, P);
+        load_rows<P>(u, dy + (row0 + i0) * dy_stride + h * P, dy_stride, valid - i0);
+        load_rows<N, P>(u + XS, sc.hst + (((size_t)tb.b * H + h) * tb.nc + tb.c) * P * N, N, P);
         arrays(h, buf);
         cp_async_commit();
     };
@@ -805,40 +815,42 @@ ssd_bwd_row_kernel(float* dc_part, BwdScratch sc, const float* dt_s, const float
     // ---- intra part: column tiles jt <= it; per tile the heads stream x_jt, dy_it (double-buffered over the
     // sequence of (jt, head) pairs)
     const int npairs = (it + 1) * tb.hps;
-    auto load_pair = [&](int k, int buf) {
-        const int jt = k / tb.hps, h = tb.h0 + k % tb.hps, j0 = jt * TILE;
+    auto load_pair = [&](int jt, int hh, int buf) {
+        const int h = tb.h0 + hh, j0 = jt * TILE;
         bf16* u = s_u + buf * UB;
-        load_rows<P>(u, in.x + (row0 + j0) * in.x_stride + h * P, in.x_stride, TILE, valid - j0);
-        load_rows<P>(u + XS, dy + (row0 + i0) * dy_stride + h * P, dy_stride, TILE, valid - i0);
+        load_rows<P>(u, in.x + (row0 + j0) * in.x_stride + h * P, in.x_stride, valid - j0);
+        load_rows<P>(u + XS, dy + (row0 + i0) * dy_stride + h * P, dy_stride, valid - i0);
         arrays(h, buf);
         cp_async_commit();
     };
-    load_pair(0, 0);
-    // pair k's column sums (summed over the warps) into the csum partial of row tile it
-    auto flush_csum = [&](int k) {
+    load_pair(0, 0, 0);
+    // the column sums of pair (jt, hh) (summed over the warps, buffer buf) into the csum partial of row tile it
+    auto flush_csum = [&](int jt, int hh, int buf) {
         if (threadIdx.x < TILE) {
-            const int jt = k / tb.hps, h = tb.h0 + k % tb.hps;
-            const float* c = s_cs[k & 1][0];
+            const int h = tb.h0 + hh;
+            const float* c = s_cs[buf][0];
             const float v = c[threadIdx.x] + c[TILE + threadIdx.x] + c[2 * TILE + threadIdx.x] + c[3 * TILE + threadIdx.x];
             sc.csum[(((size_t)tb.b * H + h) * Tp + tb.t0 + jt * TILE + threadIdx.x) * NTILE + it] = v;
         }
     };
     float cbv[8][4], wacc[8][4];
+    int jt = 0, hh = 0, pjt = 0, phh = 0;  // pair k = jt * hps + hh, and the previous pair (no divisions)
     for (int k = 0; k < npairs; k++) {
-        const int jt = k / tb.hps, hh = k % tb.hps, j0 = jt * TILE, buf = k & 1;
+        const int j0 = jt * TILE, buf = k & 1;
+        const int njt = hh + 1 < tb.hps ? jt : jt + 1, nhh = hh + 1 < tb.hps ? hh + 1 : 0;  // the next pair
         const int kend = jt == it ? warp + 1 : 4;  // k16 steps of j that rows < m0 + 16 see
-        if (hh == 0) {  // a new column tile: B_jt, C B^T, W = 0
-            load_rows<N>(s_b, in.Bm + (row0 + j0) * in.bc_stride + g * N, in.bc_stride, TILE, valid - j0);
+        if (hh == 0 && jt > 0) {  // a new column tile: B_jt (B_0 came with the state part)
+            load_b(jt);
             cp_async_commit();
         }
         if (k + 1 < npairs) {
-            load_pair(k + 1, buf ^ 1);  // that buffer was freed by the barrier ending iteration k - 1
+            load_pair(njt, nhh, buf ^ 1);  // that buffer was freed by the barrier ending iteration k - 1
             cp_async_wait_group<1>();
         } else {
             cp_async_wait_group<0>();
         }
         __syncthreads();
-        if (k > 0) flush_csum(k - 1);
+        if (k > 0) flush_csum(pjt, phh, buf ^ 1);
         if (hh == 0) {
             zero(cbv);
             zero(wacc);
@@ -852,32 +864,42 @@ ssd_bwd_row_kernel(float* dc_part, BwdScratch sc, const float* dt_s, const float
         zero(m);
         warp_mma<8, false, false>(m, s_dy, P + PAD, m0, s_x, P + PAD, 0, P, 1.f, 1.f, 0, 2 * kend);  // dy_i . x_j
         const float aa = ac[ra], ab = ac[rb];
-        // left of the diagonal tile the decay factors through the row tile's first row i0 (both factors <= 1)
-        const bool off_diag = jt < it;
-        const float a0 = ac[i0], fa = decay_exp(aa - a0), fb = decay_exp(ab - a0);
+        // The decay of a pair i >= j factors through the warp's first row p when j < p: exp(a_i - a_p) exp(a_p - a_j),
+        // both <= 1. Only the warp's diagonal 16 x 16 block of the diagonal tile (n-tiles 2 warp, 2 warp + 1) takes
+        // an exp a pair and the causal mask; every other pair costs two multiplies.
+        const float ap = ac[i0 + m0], fa = decay_exp(aa - ap), fb = decay_exp(ab - ap);
         float rsa = 0.f, rsb = 0.f, cs[8][2];
-#pragma unroll
-        for (int n = 0; n < 8; n++) {
-            cs[n][0] = cs[n][1] = 0.f;
-            if (n >= 2 * kend) continue;
+        auto scores = [&](int n, auto diag_block) {
             const int j = j0 + n * 8 + 2 * q;
             const float2 acj = *reinterpret_cast<const float2*>(ac + j);
             const float2 dtj = *reinterpret_cast<const float2*>(dtv + j);
-            float2 fj = make_float2(0.f, 0.f);  // off the diagonal: exp(acl_i0 - acl_j) dt_j
-            if (off_diag) fj = make_float2(decay_exp(a0 - acj.x) * dtj.x, decay_exp(a0 - acj.y) * dtj.y);
+            float2 fj;  // exp(a_p - a_j) dt_j
+            if constexpr (!diag_block) fj = make_float2(decay_exp(ap - acj.x) * dtj.x, decay_exp(ap - acj.y) * dtj.y);
 #pragma unroll
             for (int e = 0; e < 4; e++) {
                 const int i = e < 2 ? ra : rb, jj = j + (e & 1);
-                const float ai = e < 2 ? aa : ab, aj = (e & 1) ? acj.y : acj.x, dj = (e & 1) ? dtj.y : dtj.x;
-                bool ok = jj <= i;
+                bool ok = true;
+                float l;
+                if constexpr (diag_block) {
+                    ok = jj <= i;
+                    l = decay_exp((e < 2 ? aa : ab) - ((e & 1) ? acj.y : acj.x)) * ((e & 1) ? dtj.y : dtj.x);
+                } else {
+                    l = (e < 2 ? fa : fb) * ((e & 1) ? fj.y : fj.x);
+                }
                 if (DOCS) ok = ok && jj >= (e < 2 ? tha : thb);
-                const float l = off_diag ? (e < 2 ? fa : fb) * ((e & 1) ? fj.y : fj.x) : decay_exp(ai - aj) * dj;
                 const float lam = ok ? m[n][e] * l : 0.f;
                 const float z = cbv[n][e] * lam;
                 wacc[n][e] += lam;
                 cs[n][e & 1] += z;
                 if (e < 2) rsa += z; else rsb += z;
             }
+        };
+        const int nleft = jt == it ? 2 * warp : 8;  // n-tiles left of the warp's rows
+#pragma unroll
+        for (int n = 0; n < 8; n++) {
+            cs[n][0] = cs[n][1] = 0.f;
+            if (n < nleft) scores(n, std::false_type{});
+            else if (n < 2 * kend) scores(n, std::true_type{});
         }
         rsa = quad_sum(rsa);
         rsb = quad_sum(rsb);
@@ -886,7 +908,7 @@ ssd_bwd_row_kernel(float* dc_part, BwdScratch sc, const float* dt_s, const float
             s_rsum[hh][rb - i0] += rsb;
         }
         const float2 csw = warp_col_sums(cs);
-        *reinterpret_cast<float2*>(&s_cs[k & 1][warp][(lane >> 2) * 8 + 2 * q]) = csw;
+        *reinterpret_cast<float2*>(&s_cs[buf][warp][(lane >> 2) * 8 + 2 * q]) = csw;
         if (hh == tb.hps - 1) {  // the tile's last head: dC += W B_jt, W to memory
             uint32_t wa[4][4];
             acc_to_a(wa, wacc);
@@ -900,8 +922,9 @@ ssd_bwd_row_kernel(float* dc_part, BwdScratch sc, const float* dt_s, const float
             }
         }
         __syncthreads();
+        pjt = jt, phh = hh, jt = njt, hh = nhh;
     }
-    flush_csum(npairs - 1);  // after the last pair's barrier
+    flush_csum(pjt, phh, (npairs - 1) & 1);  // after the last pair's barrier
     for (int idx = threadIdx.x; idx < tb.hps * TILE; idx += blockDim.x) {
         const int hh = idx / TILE, r = idx % TILE;
         const size_t pos0 = ((size_t)tb.b * H + tb.h0 + hh) * Tp + tb.t0;
@@ -952,7 +975,7 @@ ssd_bwd_col_kernel(float* db_part, BwdScratch sc, const float* dt_s, const float
     const int it_end = (valid + TILE - 1) / TILE;
     const int kbeg = warp;  // on the diagonal tile this warp's rows j only see columns i >= m0
 
-    load_rows<N>(s_b, in.Bm + (row0 + j0) * in.bc_stride + g * N, in.bc_stride, TILE, valid - j0);
+    load_rows<N>(s_b, in.Bm + (row0 + j0) * in.bc_stride + g * N, in.bc_stride, valid - j0);
     if (DOCS)
         for (int i = threadIdx.x; i < CHUNK; i += blockDim.x) s_thr[i] = doc_thr(in.pos, row0, i, valid);
     const int lds = DOCS ? doc_thr(in.pos, row0, valid - 1, valid) : -1;
@@ -962,8 +985,8 @@ ssd_bwd_col_kernel(float* db_part, BwdScratch sc, const float* dt_s, const float
     // ---- phase 1: C B^T tiles and W^T C, over the row tiles it >= jt
     auto load_c = [&](int it, int buf) {
         bf16* u = s_u + buf * U1;
-        load_rows<N>(u, in.Cm + (row0 + it * TILE) * in.bc_stride + g * N, in.bc_stride, TILE, valid - it * TILE);
-        load_rows<TILE>(u + CS, sc.w + tb.w_offset(nsl, G, it, jt), TILE, TILE, TILE);
+        load_rows<N>(u, in.Cm + (row0 + it * TILE) * in.bc_stride + g * N, in.bc_stride, valid - it * TILE);
+        load_rows<TILE>(u + CS, sc.w + tb.w_offset(nsl, G, it, jt), TILE, TILE);
         cp_async_commit();
     };
     load_c(jt, 0);
@@ -1008,12 +1031,11 @@ ssd_bwd_col_kernel(float* db_part, BwdScratch sc, const float* dt_s, const float
         const int h = tb.h0 + hh;
         const size_t bh = (size_t)tb.b * H + h, pos0 = bh * Tp + tb.t0;
         auto load_dy = [&](int it, int buf) {
-            load_rows<P>(s_dyb + buf * XS, dy + (row0 + it * TILE) * dy_stride + h * P, dy_stride, TILE,
-                         valid - it * TILE);
+            load_rows<P>(s_dyb + buf * XS, dy + (row0 + it * TILE) * dy_stride + h * P, dy_stride, valid - it * TILE);
             cp_async_commit();
         };
-        load_rows<P>(s_x, in.x + (row0 + j0) * in.x_stride + h * P, in.x_stride, TILE, valid - j0);
-        load_rows<N>(s_g, sc.gst + (bh * tb.nc + tb.c) * P * N, N, P, P);
+        load_rows<P>(s_x, in.x + (row0 + j0) * in.x_stride + h * P, in.x_stride, valid - j0);
+        load_rows<N, P>(s_g, sc.gst + (bh * tb.nc + tb.c) * P * N, N, P);
         load_floats(s_dt, dt_s + pos0, CHUNK);
         load_floats(s_ac, acum_s + pos0, CHUNK);
         cp_async_commit();
@@ -1024,8 +1046,13 @@ ssd_bwd_col_kernel(float* db_part, BwdScratch sc, const float* dt_s, const float
         const float aend = s_ac[CHUNK - 1];
         const float dta = s_dt[ra], dtb = s_dt[rb], aa = s_ac[ra], ab = s_ac[rb];
         const float wa = ra >= lds ? expf(aend - aa) : 0.f, wb = rb >= lds ? expf(aend - ab) : 0.f;
+        // The decay of a pair i >= j factors through the warp's last row p when i > p: exp(a_i - a_p) exp(a_p - a_j),
+        // both <= 1. Only the warp's diagonal 16 x 16 block of the diagonal tile takes an exp a pair and the causal
+        // mask; every other pair costs two multiplies.
+        const float ap = s_ac[j0 + m0 + 15], ga = decay_exp(ap - aa), gb = decay_exp(ap - ab);
         float u[P / 8][4];
         zero(u);
+        uint32_t dyj[P / 8][2];  // this thread's dy_j (rows ra, rb), kept from the first tile for the epilogue
         warp_mma<P / 8, false, false>(u, s_b, N + PAD, m0, s_g, N + PAD, 0, N);  // B_j Gout^T
         scale_rows_acc(u, wa, wb);
         float sa, sb;
@@ -1043,19 +1070,19 @@ ssd_bwd_col_kernel(float* db_part, BwdScratch sc, const float* dt_s, const float
                 cp_async_wait_group<0>();
             }
             __syncthreads();
-            const int klo = it == jt ? kbeg : 0;
-            // below the diagonal tile the decay factors through the column tile's first row i0 (both <= 1)
-            const bool off_diag = it > jt;
-            const float a0 = s_ac[i0], ga = decay_exp(a0 - aa), gb = decay_exp(a0 - ab);
-            float s[8][4];
+            if (it == jt) {  // buffer 0 holds dy_jt
 #pragma unroll
-            for (int n = 0; n < 8; n++) {
-                if (n < 2 * klo) {
-                    s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
-                    continue;
+                for (int n = 0; n < P / 8; n++) {
+                    const bf16* d = s_dyb + (ra - j0) * (P + PAD) + n * 8 + 2 * q;
+                    dyj[n][0] = *reinterpret_cast<const uint32_t*>(d);
+                    dyj[n][1] = *reinterpret_cast<const uint32_t*>(d + 8 * (P + PAD));
                 }
+            }
+            const int klo = it == jt ? kbeg : 0;
+            float s[8][4];
+            auto scores = [&](int n, auto diag_block) {
                 float2 c01, c23;  // CB^T of this thread's rows j and columns i, i + 1
-                if (off_diag) {
+                if (it > jt) {
                     const uint32_t* cf = s_cbt + ((it - jt - 1) * 4 + warp) * 16 * 32 + lane;
                     c01 = unpack_bf16(cf[(2 * n) * 32]);
                     c23 = unpack_bf16(cf[(2 * n + 1) * 32]);
@@ -1068,18 +1095,29 @@ ssd_bwd_col_kernel(float* db_part, BwdScratch sc, const float* dt_s, const float
                 const float2 aci = *reinterpret_cast<const float2*>(s_ac + i);
                 int2 thi = make_int2(0, 0);
                 if (DOCS) thi = *reinterpret_cast<const int2*>(s_thr + i);
-                float2 ei = make_float2(0.f, 0.f);  // off the diagonal: exp(acl_i - acl_i0)
-                if (off_diag) ei = make_float2(decay_exp(aci.x - a0), decay_exp(aci.y - a0));
+                float2 ei;  // exp(a_i - a_p)
+                if constexpr (!diag_block) ei = make_float2(decay_exp(aci.x - ap), decay_exp(aci.y - ap));
 #pragma unroll
                 for (int e = 0; e < 4; e++) {
                     const int j = e < 2 ? ra : rb, ii = i + (e & 1);
-                    const float aj = e < 2 ? aa : ab, ai = (e & 1) ? aci.y : aci.x;
                     const float cv = e == 0 ? c01.x : e == 1 ? c01.y : e == 2 ? c23.x : c23.y;
-                    bool ok = ii >= j;
+                    bool ok = true;
+                    float l;
+                    if constexpr (diag_block) {
+                        ok = ii >= j;
+                        l = decay_exp(((e & 1) ? aci.y : aci.x) - (e < 2 ? aa : ab));
+                    } else {
+                        l = (e < 2 ? ga : gb) * ((e & 1) ? ei.y : ei.x);
+                    }
                     if (DOCS) ok = ok && j >= ((e & 1) ? thi.y : thi.x);
-                    const float l = off_diag ? (e < 2 ? ga : gb) * ((e & 1) ? ei.y : ei.x) : decay_exp(ai - aj);
                     s[n][e] = ok ? cv * l : 0.f;
                 }
+            };
+#pragma unroll
+            for (int n = 0; n < 8; n++) {
+                if (n < 2 * klo) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+                else if (it == jt && n < 2 * klo + 2) scores(n, std::true_type{});
+                else scores(n, std::false_type{});
             }
             uint32_t pa[4][4];
             acc_to_a(pa, s);
@@ -1100,8 +1138,7 @@ ssd_bwd_col_kernel(float* db_part, BwdScratch sc, const float* dt_s, const float
             for (int n = 0; n < P / 8; n++) {
                 const int p = n * 8 + 2 * q;
                 const float2 xv = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(s_x + (j - j0) * (P + PAD) + p));
-                float2 dyv = make_float2(0.f, 0.f);
-                if (ok) dyv = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(dy + row * dy_stride + h * P + p));
+                const float2 dyv = unpack_bf16(dyj[n][half]);  // zero past the sequence, like x
                 const float u0 = u[n][2 * half], u1 = u[n][2 * half + 1];
                 xu += xv.x * u0 + xv.y * u1;
                 xdy += xv.x * dyv.x + xv.y * dyv.y;
@@ -1260,17 +1297,12 @@ inline int sm_count() {
     return n;
 }
 
-template <typename K>
-inline void set_smem(K kernel, size_t bytes) {
-    cudaCheck(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
-}
-
 template <int P, int N, bool DOCS>
 void forward_impl(bf16* y, void* saved, const SSDInputs& in, const SSDShape& sh, cudaStream_t s) {
     float* dt_s = (float*)saved;
     float* acum_s = dt_s + padded_positions(sh);
     const size_t smem = fwd_smem_bytes(P, N);
-    set_smem(ssd_fwd_kernel<P, N, DOCS>, smem);
+    set_max_smem(ssd_fwd_kernel<P, N, DOCS>, smem);
     ssd_fwd_kernel<P, N, DOCS><<<dim3(sh.H, sh.B), THREADS, smem, s>>>(y, dt_s, acum_s, in, sh.T, sh.H, sh.G,
                                                                        nchunks(sh) * CHUNK, sm_count());
     cudaCheckLast();
@@ -1287,7 +1319,7 @@ void backward_impl(const SSDGrads& gr, void* scratch, const bf16* dy, const SSDI
 
     // the chunk states S_c and dS_c, then Hin_c and Gout_c
     const size_t cs_smem = chunk_state_smem_bytes(P, N);
-    set_smem(ssd_bwd_states_kernel<P, N, DOCS>, cs_smem);
+    set_max_smem(ssd_bwd_states_kernel<P, N, DOCS>, cs_smem);
     ssd_bwd_states_kernel<P, N, DOCS><<<dim3(nc, 2 * sh.H, sh.B), THREADS, cs_smem, s>>>(
         sc.hst, sc.gst, dt_s, acum_s, dy, in, sh.T, sh.H, sh.G);
     cudaCheckLast();
@@ -1297,8 +1329,8 @@ void backward_impl(const SSDGrads& gr, void* scratch, const bf16* dy, const SSDI
 
     // row direction (dC, W), then column direction (dx, dB, which reads W)
     const size_t row_smem = row_smem_bytes(P, N), col_smem = col_smem_bytes(P, N);
-    set_smem(ssd_bwd_row_kernel<P, N, DOCS>, row_smem);
-    set_smem(ssd_bwd_col_kernel<P, N, DOCS>, col_smem);
+    set_max_smem(ssd_bwd_row_kernel<P, N, DOCS>, row_smem);
+    set_max_smem(ssd_bwd_col_kernel<P, N, DOCS>, col_smem);
     ssd_bwd_row_kernel<P, N, DOCS><<<tile_grid, THREADS, row_smem, s>>>(sc.dc_part, sc, dt_s, acum_s, dy, in,
                                                                          sh.T, sh.H, sh.G, nsl);
     cudaCheckLast();

@@ -101,19 +101,9 @@ struct DeviceMaster {
     ~DeviceMaster() { cuda_free_all({w.hi, w.lo}); }
     void set(const std::vector<float>& host) {
         REQUIRE(host.size() == n);
-        std::vector<uint16_t> hi(n);
-        std::vector<int16_t> lo(n);
-        master_split(host.data(), n, hi.data(), lo.data());
-        cudaCheck(cudaMemcpy(w.hi, hi.data(), n * 2, cudaMemcpyHostToDevice));
-        cudaCheck(cudaMemcpy(w.lo, lo.data(), n * 2, cudaMemcpyHostToDevice));
+        upload_master(w.hi, w.lo, host.data(), n, 0, n);
     }
-    std::vector<float> get() const {
-        const std::vector<bf16> hi = to_host(w.hi, n);
-        const std::vector<int16_t> lo = to_host(w.lo, n);
-        std::vector<float> out(n);
-        master_unsplit(reinterpret_cast<const uint16_t*>(hi.data()), lo.data(), n, out.data());
-        return out;
-    }
+    std::vector<float> get() const { return download_master(w, n); }
     std::vector<bf16> compute_copy() const { return to_host(w.hi, n); }
 };
 
