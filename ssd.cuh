@@ -35,6 +35,9 @@
 //   column:  per 64-row tile j: dx (u_j = sum_{i >= j} CB_ij L_ij dy_i + exp(Aend - Acum_j) Gout B_j per head,
 //            C B^T once per block), dB (state part per head, intra part W^T C once per block)
 //   dt:      per (b, h, chunk): reverse cumsum of dAcum to ddt_raw and the parameter-gradient partials
+// In the row and column kernels the decay L_ij of a pair factors through one row of the warp (an exp per row and
+// per column instead of one per pair) everywhere but on the warp's diagonal 16 x 16 block, and the blocks start
+// the heaviest tiles first (TileBlock).
 // Matmuls run on tensor cores (mma.sync m16n8k16: bf16 in, fp32 accumulate; sm_80 and sm_90), operands from
 // shared memory through ldmatrix. Cumsums, decays and the state recurrences are fp32; states and W go through
 // memory as bf16 (the precision the matmuls read them in). Every sum (over heads, positions, chunks, batch)
@@ -688,15 +691,18 @@ ssd_state_pass_kernel(bf16* hst, bf16* gst, float* dots, const float* acum_s, co
 }
 
 // ----------------------------------------------------------------------------------------------
-// the two backward tile kernels: grid (nchunks * NTILE, G * slices, B)
+// the two backward tile kernels: grid (nchunks, G * slices, NTILE * B)
 
 // what a block works on: 64-row tile `tile` (chunk-local rows r0..) of chunk c (of nc) in batch b, the heads
-// h0 .. h0 + hps of group g (head slice sl); `valid` positions of the chunk are inside the sequence
+// h0 .. h0 + hps of group g (head slice sl); `valid` positions of the chunk are inside the sequence.
+// z, the slowest grid index, ranks the tiles by their work, the heaviest first (the row kernel's tile it meets
+// it + 1 column tiles, the column kernel's tile jt NTILE - jt row tiles): the light ones fill the grid's end.
 struct TileBlock {
     int c, tile, nc, g, sl, b, hps, h0, t0, valid, r0;
-    __device__ __forceinline__ TileBlock(int T, int H, int G, int nsl) {
-        c = blockIdx.x / NTILE, tile = blockIdx.x % NTILE, nc = gridDim.x / NTILE;
-        g = blockIdx.y / nsl, sl = blockIdx.y % nsl, b = blockIdx.z;
+    __device__ __forceinline__ TileBlock(int T, int H, int G, int nsl, bool last_tile_heaviest) {
+        const int B = gridDim.z / NTILE, rank = blockIdx.z / B;
+        c = blockIdx.x, nc = gridDim.x, tile = last_tile_heaviest ? NTILE - 1 - rank : rank;
+        g = blockIdx.y / nsl, sl = blockIdx.y % nsl, b = blockIdx.z - rank * B;
         hps = H / G / nsl, h0 = g * (H / G) + sl * hps;
         t0 = c * CHUNK, valid = min(CHUNK, T - t0), r0 = tile * TILE;
     }
@@ -748,7 +754,7 @@ ssd_bwd_row_kernel(float* dc_part, BwdScratch sc, const float* dt_s, const float
     __shared__ float s_rsum[MAX_HPS][TILE];
     __shared__ __align__(16) float s_cs[2][THREADS / 32][TILE];  // per warp column sums of Z (float2 stores), 2 buffers
 
-    const TileBlock tb(T, H, G, nsl);
+    const TileBlock tb(T, H, G, nsl, true);
     const int it = tb.tile, i0 = tb.r0, g = tb.g, valid = tb.valid;
     if (i0 >= valid) return;
     const size_t row0 = (size_t)tb.b * T + tb.t0, Tp = (size_t)tb.nc * CHUNK;
@@ -965,7 +971,7 @@ ssd_bwd_col_kernel(float* db_part, BwdScratch sc, const float* dt_s, const float
     float* s_ac = s_dt + CHUNK;
     int* s_thr = reinterpret_cast<int*>(s_ac + CHUNK);
 
-    const TileBlock tb(T, H, G, nsl);
+    const TileBlock tb(T, H, G, nsl, false);
     const int jt = tb.tile, j0 = tb.r0, g = tb.g, valid = tb.valid;
     if (j0 >= valid) return;
     const size_t row0 = (size_t)tb.b * T + tb.t0, Tp = (size_t)tb.nc * CHUNK;
@@ -1315,7 +1321,7 @@ void backward_impl(const SSDGrads& gr, void* scratch, const bf16* dy, const SSDI
     const float* dt_s = (const float*)saved;
     const float* acum_s = dt_s + padded_positions(sh);
     BwdScratch sc(sh, scratch);
-    const dim3 chunk_grid(nc, sh.H, sh.B), tile_grid(nc * NTILE, sh.G * nsl, sh.B);
+    const dim3 chunk_grid(nc, sh.H, sh.B), tile_grid(nc, sh.G * nsl, NTILE * sh.B);
 
     // the chunk states S_c and dS_c, then Hin_c and Gout_c
     const size_t cs_smem = chunk_state_smem_bytes(P, N);
