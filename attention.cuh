@@ -35,8 +35,6 @@ namespace attn {
 using namespace tc;
 
 constexpr int PAD = 8;  // bf16 padding per smem row: ldmatrix rows hit distinct banks
-constexpr float LOG2E = 1.4426950408889634f;
-constexpr float LN2 = 0.6931471805599453f;
 
 // ----------------------------------------------------------------------------------------------
 // warp-level tensor-core helpers (the PTX wrappers and fragment layouts are in tensor_core.cuh)

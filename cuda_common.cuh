@@ -279,6 +279,8 @@ inline int elementwise_blocks(size_t n) { return (int)std::min<size_t>((n + 255)
 // ----------------------------------------------------------------------------
 // device math shared by the kernels
 
+constexpr float LOG2E = 1.4426950408889634f, LN2 = 0.6931471805599453f;  // log2(e), ln(2)
+
 // 2^x by the hardware approximation (ex2.approx, flush to zero): the exponentials of the scans'
 // decays and of attention's softmax
 __device__ __forceinline__ float fast_exp2(float x) {

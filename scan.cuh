@@ -55,7 +55,6 @@ namespace scan {
 
 constexpr int TT_F = 8;       // forward time tile
 constexpr int TT_B = 4;       // backward time tile (its decays and states are cached in registers)
-constexpr float LOG2E = 1.4426950408889634f, LN2 = 0.6931471805599453f;
 constexpr unsigned FULL = 0xffffffffu;
 constexpr int SMEM_MAX = 227 * 1024;  // dynamic shared memory a block may take (sm_90)
 

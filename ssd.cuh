@@ -265,7 +265,7 @@ __device__ inline void block_scan(float* s, int n) {
 
 // exp of a decay exponent (<= 0) by the hardware ex2 (__expf's approximation, its error far below bf16 rounding),
 // flushing results below 2^-126 to zero: 2 instructions instead of __expf's 5 (its denormal range handling)
-__device__ inline float decay_exp(float x) { return fast_exp2(x * 1.4426950408889634f); }
+__device__ inline float decay_exp(float x) { return fast_exp2(x * LOG2E); }
 
 // Document boundaries of a block of rows [t0, t0 + valid) of sequence row b (local index i):
 // thr_i = i - pos = the local index where row i's document starts (< 0: before the block). Pairs (i, j <= i)
