@@ -13,7 +13,7 @@ endif
 PYTHON    ?= /usr/bin/python3
 # host-only builds (g++) size attention's backward scratch for the build's target, as nvcc's
 # host pass does (kernel_sizes.h)
-HOST_ARCH := $(if $(filter 90,$(GPU_ARCH)),-DATTN_SM90)
+HOST_ARCH := $(if $(filter 90,$(GPU_ARCH)),-DSM90A)
 CXXFLAGS  := -O3 -std=c++17 -Wall -Wextra -I. $(HOST_ARCH)
 NVCCFLAGS := -O3 -std=c++17 $(ARCH_FLAGS) -I. -Xcompiler -Wall --expt-relaxed-constexpr --extended-lambda -lineinfo
 LIBS      := -lcublas -lcublasLt

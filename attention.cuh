@@ -27,7 +27,7 @@
 #include <algorithm>
 #include <cstdint>
 #include "cuda_common.cuh"
-#include "kernel_sizes.h"  // AttnShape, ATTN_SM90, the backward's scratch layout, attention_scratch_bytes
+#include "kernel_sizes.h"  // AttnShape, SM90A, the backward's scratch layout, attention_scratch_bytes
 #include "tensor_core.cuh"
 
 namespace attn {
@@ -714,7 +714,7 @@ inline void launch_rope(bf16* x, const AttnShape& sh, float theta, const int* po
 
 }  // namespace attn
 
-#ifdef ATTN_SM90
+#ifdef SM90A
 #include "attention_sm90.cuh"
 #endif
 
@@ -727,7 +727,7 @@ inline void launch_rope(bf16* x, const AttnShape& sh, float theta, const int* po
 inline void attention_forward(bf16* out, float* lse, const bf16* qkv, const AttnShape& sh, const int* pos,
                               cudaStream_t s) {
     attn::check_shape(sh);
-#ifdef ATTN_SM90
+#ifdef SM90A
     attn::sm90::forward(out, lse, qkv, sh, pos, s);
 #else
     attn::sm80_forward(out, lse, qkv, sh, pos, s);
@@ -738,7 +738,7 @@ inline void attention_forward(bf16* out, float* lse, const bf16* qkv, const Attn
 inline void attention_backward(bf16* dqkv, void* scratch, const bf16* dout, const bf16* qkv, const bf16* out,
                                const float* lse, const AttnShape& sh, const int* pos, cudaStream_t s) {
     attn::check_shape(sh);
-#ifdef ATTN_SM90
+#ifdef SM90A
     attn::sm90::backward(dqkv, scratch, dout, qkv, out, lse, sh, pos, s);
 #else
     attn::sm80_backward(dqkv, scratch, dout, qkv, out, lse, sh, pos, s);

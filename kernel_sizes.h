@@ -190,11 +190,11 @@ inline size_t scan_scratch_bytes(const ScanShape& sh) {
 
 struct AttnShape { int B, T, Hq, Hkv, Dh; };
 
-// the Hopper kernels when the build targets sm_90a, i.e. Hopper alone (nvcc defines __CUDA_ARCH_LIST__ in the
-// host pass too; wgmma does not exist on later architectures, which take the mma.sync kernels). Host-only
-// builds (g++) get ATTN_SM90 from the Makefile, so their estimates are the GPU build's.
+// the Hopper kernels (attention_sm90.cuh, ssd_sm90.cuh) when the build targets sm_90a, i.e. Hopper alone (nvcc
+// defines __CUDA_ARCH_LIST__ in the host pass too; wgmma does not exist on later architectures, which take the
+// mma.sync kernels). Host-only builds (g++) get SM90A from the Makefile, so their estimates are the GPU build's.
 #if defined(__CUDA_ARCH_LIST__) && __CUDA_ARCH_LIST__ == 900
-#define ATTN_SM90 1
+#define SM90A 1
 #endif
 
 namespace attn::sm90 {
@@ -231,7 +231,7 @@ inline size_t scratch_bytes(const AttnShape& sh) { return BwdScratch(nullptr, sh
 // temporary for the backward, shared by layers (also enough for sm80_backward)
 inline size_t attention_scratch_bytes(const AttnShape& sh) {
     const size_t delta = ((size_t)sh.B * sh.Hq * sh.T * sizeof(float) + 255) / 256 * 256;  // sm80: Delta (B, Hq, T)
-#ifdef ATTN_SM90
+#ifdef SM90A
     return std::max(delta, attn::sm90::scratch_bytes(sh));  // + the dQ accumulator (B, Hq, T, Dh) fp32
 #else
     return delta;

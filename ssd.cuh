@@ -20,7 +20,7 @@
 // Hout = decay Hin + (w x)^T B for its state columns. The next step's tiles load (cp.async) meanwhile and one
 // warp prepares its dt, cumsum and weights. Short steps keep the quadratic part small; x, B, C and dt are read
 // once, y written once, nothing else touches memory but dt and the 256-row-chunk-local cumsum, saved for the
-// backward (8 bytes per (b, t, h)).
+// backward (8 bytes per (b, t, h)). On sm_90a builds heads of 64 take the same steps on wgmma (ssd_sm90.cuh).
 //
 // Backward (chunks of 256 rows through memory; parallel over b, chunk, group and head slices):
 //   states:  per (b, h, chunk) its own state S_c and dS_c = sum_i exp(Acum_i) dy_i C_i^T (the gradient its
@@ -341,6 +341,83 @@ __device__ inline void prepare_step(StepArrays& st, float& base, float2 raw, int
     base += cend;
 }
 
+// The preparing warp's part of the forward: the raw dt (and positions) of rows 2 lane, 2 lane + 1 of a step,
+// loaded a step ahead, then prepare_step into the step's arrays and the saved dt and chunk-local cumsum
+template <bool DOCS>
+struct StepPrep {
+    const bf16* dt;     // raw dt, strided rows
+    const int* pos;
+    int dt_stride;
+    size_t row0, pos0;  // the sequence's first row; its first saved position (b, h)
+    int h, T;
+    float bias, A;
+    float *dt_s, *acum_s;
+    float base = 0.f;  // chunk-local cumsum at the end of the prepared steps
+    float2 raw = make_float2(0.f, 0.f);
+    int2 p2 = make_int2(0, 0);
+
+    __device__ void load(int s) {
+        const int s0 = s * TILE, valid = min(TILE, T - s0), r0 = 2 * (threadIdx.x & 31);
+        const bf16* d = dt + (row0 + s0) * dt_stride + h;
+        raw.x = r0 < valid ? __bfloat162float(d[(size_t)r0 * dt_stride]) : 0.f;
+        raw.y = r0 + 1 < valid ? __bfloat162float(d[(size_t)(r0 + 1) * dt_stride]) : 0.f;
+        if (DOCS) {
+            p2.x = r0 < valid ? pos[row0 + s0 + r0] : 0;
+            p2.y = r0 + 1 < valid ? pos[row0 + s0 + r0 + 1] : 0;
+        }
+    }
+    __device__ void prepare(StepArrays& st, int s) {
+        const int s0 = s * TILE;
+        prepare_step<DOCS>(st, base, raw, p2, min(TILE, T - s0), bias, A, dt_s + pos0 + s0, acum_s + pos0 + s0);
+        if ((s0 + TILE) % CHUNK == 0) base = 0.f;
+    }
+    // saved past the last step (the rest of the last chunk): dt 0, cumsum flat
+    __device__ void finish(int nsteps, int Tp) {
+        for (int t = nsteps * TILE + (threadIdx.x & 31); t < Tp; t += 32) {
+            dt_s[pos0 + t] = 0.f;
+            acum_s[pos0 + t] = base;
+        }
+    }
+};
+
+// scores c (one n8 block of rows ra, rb = ra + 8 and columns j, j + 1, in the accumulator layout) on the
+// diagonal 16 x 16 block: CB_ij exp(acl_i - acl_j) dt_j where row i sees column j, else 0 (ta, tb: the rows'
+// document starts)
+template <bool DOCS>
+__device__ __forceinline__ void diagonal_scores(float* c, const StepArrays& st, int j, int ra, int rb, int ta, int tb) {
+    const float2 acj = *reinterpret_cast<const float2*>(st.acl + j);
+    const float2 dtj = *reinterpret_cast<const float2*>(st.dt + j);
+    const float aa = st.acl[ra], ab = st.acl[rb];
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+        const int i = e < 2 ? ra : rb, jj = j + (e & 1);
+        const float ai = e < 2 ? aa : ab, aj = (e & 1) ? acj.y : acj.x, dj = (e & 1) ? dtj.y : dtj.x;
+        bool ok = jj <= i;
+        if (DOCS) ok = ok && jj >= (e < 2 ? ta : tb);
+        c[e] = ok ? c[e] * decay_exp(ai - aj) * dj : 0.f;
+    }
+}
+
+// A forward block's head h of sequence b: its parameters, the first rows of its x, B, C and y, and the preparing
+// warp's StepPrep
+template <int P, int N>
+struct ForwardHead {
+    int h, b, g;
+    float A, bias, dskip;
+    size_t row0, pos0;  // the sequence's first row; the head's first saved position
+    const bf16 *xg, *bg, *cg;
+    bf16* yg;
+    __device__ ForwardHead(const SSDInputs& in, bf16* y, int T, int H, int G, int Tp)
+        : h(blockIdx.x), b(blockIdx.y), g(h / (H / G)), A(-expf(__bfloat162float(in.A_log[h]))),
+          bias(__bfloat162float(in.dt_bias[h])), dskip(__bfloat162float(in.D[h])), row0((size_t)b * T),
+          pos0(((size_t)b * H + h) * Tp), xg(in.x + row0 * in.x_stride + h * P), bg(in.Bm + row0 * in.bc_stride + g * N),
+          cg(in.Cm + row0 * in.bc_stride + g * N), yg(y + row0 * (size_t)(H * P) + h * P) {}
+    template <bool DOCS>
+    __device__ StepPrep<DOCS> prep(const SSDInputs& in, int T, float* dt_s, float* acum_s) const {
+        return {in.dt, in.pos, in.dt_stride, row0, pos0, h, T, bias, A, dt_s, acum_s};
+    }
+};
+
 // One block per (h, b), 4 warps; see the header for the pipeline. Dynamic smem: fwd_smem_bytes.
 //   y phase, warp w: the 16 rows of row tile w (3 - w in every other wave of blocks), all P columns of y
 //   state phase, warp w: all P rows, columns [wN/4, (w+1)N/4) of the state (fp32 registers, kept across steps)
@@ -360,53 +437,27 @@ ssd_fwd_kernel(bf16* y, float* dt_s, float* acum_s, SSDInputs in, int T, int H, 
     bf16* s_h = s_c + 2 * BS;  // the state entering the step, bf16 [P][N + PAD]
     StepArrays* s_st = reinterpret_cast<StepArrays*>(s_h + P * (N + PAD));  // 2 buffers
 
-    const int h = blockIdx.x, b = blockIdx.y, g = h / (H / G);
+    const ForwardHead<P, N> hd(in, y, T, H, G, Tp);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, q = lane & 3;
     const int nsteps = (T + TILE - 1) / TILE;
     // every other wave of blocks takes the row tiles of the y phase in reverse order (see rt below); the warp
     // with the lightest row tile prepares the next step
     const bool flip = ((blockIdx.y * gridDim.x + blockIdx.x) / nsm) & 1;
     const bool prep = warp == (flip ? 3 : 0);
-    const float A = -expf(__bfloat162float(in.A_log[h])), bias = __bfloat162float(in.dt_bias[h]);
-    const float dskip = __bfloat162float(in.D[h]);
-    const size_t row0 = (size_t)b * T, pos0 = ((size_t)b * H + h) * Tp;
-    const bf16* xg = in.x + row0 * in.x_stride + h * P;
-    const bf16* bg = in.Bm + row0 * in.bc_stride + g * N;
-    const bf16* cg = in.Cm + row0 * in.bc_stride + g * N;
-    bf16* yg = y + row0 * (size_t)(H * P) + h * P;
 
     auto load_step = [&](int s) {
         const int s0 = s * TILE, valid = min(TILE, T - s0), buf = s & 1;
-        load_rows<P>(s_x + buf * XS, xg + (size_t)s0 * in.x_stride, in.x_stride, valid);
-        load_rows<N>(s_b + buf * BS, bg + (size_t)s0 * in.bc_stride, in.bc_stride, valid);
-        load_rows<N>(s_c + buf * BS, cg + (size_t)s0 * in.bc_stride, in.bc_stride, valid);
+        load_rows<P>(s_x + buf * XS, hd.xg + (size_t)s0 * in.x_stride, in.x_stride, valid);
+        load_rows<N>(s_b + buf * BS, hd.bg + (size_t)s0 * in.bc_stride, in.bc_stride, valid);
+        load_rows<N>(s_c + buf * BS, hd.cg + (size_t)s0 * in.bc_stride, in.bc_stride, valid);
         cp_async_commit();
     };
-    // the preparing warp: raw dt and positions of rows 2 lane, 2 lane + 1 of step s (loads issued a step before use)
-    auto load_raw = [&](int s, float2& raw, int2& p2) {
-        const int s0 = s * TILE, valid = min(TILE, T - s0), r0 = 2 * lane;
-        const bf16* d = in.dt + (row0 + s0) * in.dt_stride + h;
-        raw.x = r0 < valid ? __bfloat162float(d[(size_t)r0 * in.dt_stride]) : 0.f;
-        raw.y = r0 + 1 < valid ? __bfloat162float(d[(size_t)(r0 + 1) * in.dt_stride]) : 0.f;
-        if (DOCS) {
-            p2.x = r0 < valid ? in.pos[row0 + s0 + r0] : 0;
-            p2.y = r0 + 1 < valid ? in.pos[row0 + s0 + r0 + 1] : 0;
-        }
-    };
-    float base = 0.f;  // the preparing warp: chunk-local cumsum at the end of the prepared steps
-    auto prepare = [&](int s, float2 raw, int2 p2) {
-        const int s0 = s * TILE;
-        prepare_step<DOCS>(s_st[s & 1], base, raw, p2, min(TILE, T - s0), bias, A, dt_s + pos0 + s0,
-                           acum_s + pos0 + s0);
-        if ((s0 + TILE) % CHUNK == 0) base = 0.f;
-    };
+    StepPrep<DOCS> sp = hd.template prep<DOCS>(in, T, dt_s, acum_s);
 
     load_step(0);
     if (prep) {
-        float2 raw;
-        int2 p2 = make_int2(0, 0);
-        load_raw(0, raw, p2);
-        prepare(0, raw, p2);
+        sp.load(0);
+        sp.prepare(s_st[0], 0);
     }
 
     float st_acc[MT][SNT][4];  // this warp's columns of the state, fp32
@@ -423,9 +474,7 @@ ssd_fwd_kernel(bf16* y, float* dt_s, float* acum_s, SSDInputs in, int T, int H, 
         cp_async_wait_sync();  // step s's tiles, arrays and the state copy are in place; step s-1 is done
         const bool more = s + 1 < nsteps;
         if (more) load_step(s + 1);  // into the buffer step s-1 used
-        float2 raw_n = make_float2(0.f, 0.f);
-        int2 pos_n = make_int2(0, 0);
-        if (prep && more) load_raw(s + 1, raw_n, pos_n);
+        if (prep && more) sp.load(s + 1);
         const StepArrays& st = s_st[buf];
         const bf16* sx = s_x + buf * XS;
         const bf16* sb = s_b + buf * BS;
@@ -448,7 +497,6 @@ ssd_fwd_kernel(bf16* y, float* dt_s, float* acum_s, SSDInputs in, int T, int H, 
             scale_rows_acc(yo, ta < 0 ? st.em[rt] : 0.f, tb < 0 ? st.em[rt] : 0.f);
             // scores CB_ij exp(acl_i - acl_j) dt_j where row i sees column j: left of the row tile without the row
             // factor exp(acl_i - acl_m0), which is applied to the accumulator; the diagonal 16 x 16 block exactly
-            const float aa = st.acl[ra], ab = st.acl[rb];
 #pragma unroll
             for (int n = 0; n < 8; n++) {
                 if (n >= 2 * kend) continue;
@@ -461,16 +509,7 @@ ssd_fwd_kernel(bf16* y, float* dt_s, float* acum_s, SSDInputs in, int T, int H, 
                         cb[n][e] = ok ? cb[n][e] * ((e & 1) ? f.y : f.x) : 0.f;
                     }
                 } else {
-                    const float2 acj = *reinterpret_cast<const float2*>(st.acl + j);
-                    const float2 dtj = *reinterpret_cast<const float2*>(st.dt + j);
-#pragma unroll
-                    for (int e = 0; e < 4; e++) {
-                        const int i = e < 2 ? ra : rb, jj = j + (e & 1);
-                        const float ai = e < 2 ? aa : ab, aj = (e & 1) ? acj.y : acj.x, dj = (e & 1) ? dtj.y : dtj.x;
-                        bool ok = jj <= i;
-                        if (DOCS) ok = ok && jj >= (e < 2 ? ta : tb);
-                        cb[n][e] = ok ? cb[n][e] * decay_exp(ai - aj) * dj : 0.f;
-                    }
+                    diagonal_scores<DOCS>(cb[n], st, j, ra, rb, ta, tb);
                 }
             }
             uint32_t pa[4][4];
@@ -483,17 +522,17 @@ ssd_fwd_kernel(bf16* y, float* dt_s, float* acum_s, SSDInputs in, int T, int H, 
             for (int half = 0; half < 2; half++) {
                 const int i = half ? rb : ra;
                 if (i >= valid) continue;
-                bf16* yr = yg + (size_t)(s0 + i) * (H * P);
+                bf16* yr = hd.yg + (size_t)(s0 + i) * (H * P);
 #pragma unroll
                 for (int n = 0; n < P / 8; n++) {
                     const int p = n * 8 + 2 * q;
                     const float2 xv = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(sx + i * (P + PAD) + p));
                     *reinterpret_cast<__nv_bfloat162*>(yr + p) =
-                        __floats2bfloat162_rn(yo[n][2 * half] + dskip * xv.x, yo[n][2 * half + 1] + dskip * xv.y);
+                        __floats2bfloat162_rn(yo[n][2 * half] + hd.dskip * xv.x, yo[n][2 * half + 1] + hd.dskip * xv.y);
                 }
             }
         }
-        if (prep && more) prepare(s + 1, raw_n, pos_n);
+        if (prep && more) sp.prepare(s_st[(s + 1) & 1], s + 1);
         __syncthreads();  // every warp is done reading the state copy
         if (!more) break;  // the state leaving the last step is not needed
 
@@ -539,12 +578,7 @@ ssd_fwd_kernel(bf16* y, float* dt_s, float* acum_s, SSDInputs in, int T, int H, 
                 }
         }
     }
-    // saved past the last step (the rest of the last chunk): dt 0, cumsum flat
-    if (prep)
-        for (int t = nsteps * TILE + lane; t < Tp; t += 32) {
-            dt_s[pos0 + t] = 0.f;
-            acum_s[pos0 + t] = base;
-        }
+    if (prep) sp.finish(nsteps, Tp);
 }
 
 inline size_t fwd_smem_bytes(int P, int N) {
@@ -1303,8 +1337,17 @@ inline int sm_count() {
     return n;
 }
 
+}  // namespace ssd
+
+#ifdef SM90A
+#include "ssd_sm90.cuh"
+#endif
+
+namespace ssd {
+
+// the mma.sync kernel (sm_80 and later)
 template <int P, int N, bool DOCS>
-void forward_impl(bf16* y, void* saved, const SSDInputs& in, const SSDShape& sh, cudaStream_t s) {
+void forward_mma_sync(bf16* y, void* saved, const SSDInputs& in, const SSDShape& sh, cudaStream_t s) {
     float* dt_s = (float*)saved;
     float* acum_s = dt_s + padded_positions(sh);
     const size_t smem = fwd_smem_bytes(P, N);
@@ -1312,6 +1355,19 @@ void forward_impl(bf16* y, void* saved, const SSDInputs& in, const SSDShape& sh,
     ssd_fwd_kernel<P, N, DOCS><<<dim3(sh.H, sh.B), THREADS, smem, s>>>(y, dt_s, acum_s, in, sh.T, sh.H, sh.G,
                                                                        nchunks(sh) * CHUNK, sm_count());
     cudaCheckLast();
+}
+
+// the wgmma kernel on sm_90a builds for heads of 64, else the mma.sync one
+template <int P, int N, bool DOCS>
+void forward_impl(bf16* y, void* saved, const SSDInputs& in, const SSDShape& sh, cudaStream_t s) {
+#ifdef SM90A
+    if constexpr (P == 64) {
+        float* dt_s = (float*)saved;
+        sm90::forward<N, DOCS>(y, dt_s, dt_s + padded_positions(sh), in, sh, nchunks(sh) * CHUNK, s);
+        return;
+    }
+#endif
+    forward_mma_sync<P, N, DOCS>(y, saved, in, sh, s);
 }
 
 template <int P, int N, bool DOCS>
@@ -1371,6 +1427,9 @@ void dispatch(const SSDShape& sh, bool docs, Args&&... args) {
 template <int P, int N, bool DOCS> struct Forward {
     template <typename... A> static void run(A&... a) { forward_impl<P, N, DOCS>(a...); }
 };
+template <int P, int N, bool DOCS> struct ForwardMmaSync {
+    template <typename... A> static void run(A&... a) { forward_mma_sync<P, N, DOCS>(a...); }
+};
 template <int P, int N, bool DOCS> struct Backward {
     template <typename... A> static void run(A&... a) { backward_impl<P, N, DOCS>(a...); }
 };
@@ -1383,6 +1442,13 @@ inline void ssd_forward(bf16* y, void* saved, void* scratch, const SSDInputs& in
     ssd::check_inputs(in, sh);
     ssd::check_rows("y", y, sh.H * sh.P, sh.H * sh.P);
     ssd::dispatch<ssd::Forward>(sh, in.pos != nullptr, y, saved, in, sh, s);
+}
+
+// the same on the mma.sync kernel, which sm_90a builds use for P = 32 only (the benchmark compares the two)
+inline void ssd_forward_mma_sync(bf16* y, void* saved, const SSDInputs& in, const SSDShape& sh, cudaStream_t s) {
+    ssd::check_inputs(in, sh);
+    ssd::check_rows("y", y, sh.H * sh.P, sh.H * sh.P);
+    ssd::dispatch<ssd::ForwardMmaSync>(sh, in.pos != nullptr, y, saved, in, sh, s);
 }
 
 // dx, dB, dC, ddt written (strided like the inputs); ddt_bias, dA_log, dD accumulate (fp32)

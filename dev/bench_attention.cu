@@ -175,7 +175,7 @@ static void print_rows(const std::vector<Row>& rows) {
                r.sh.Hq, r.sh.Hkv, r.docs.c_str(), r.fwd_ms, r.fwd_tf, r.all_ms, r.all_tf);
 }
 
-#ifdef ATTN_SM90
+#ifdef SM90A
 // The forward's tile variants (D, consumer warpgroups, BN, stages, ping-pong, Q buffers), each checked before
 // it is timed: at small shapes against the reference (with the model's backward on the variant's lse), and at
 // the anchor shape against the mma.sync kernel's output. A variant that fails prints FAIL, not a time.
@@ -249,7 +249,7 @@ int main(int argc, char** argv) {
     }
     try {
         const Path mma_sync{"sm80 (mma.sync)", attn::sm80_forward, attn::sm80_backward};
-#ifdef ATTN_SM90
+#ifdef SM90A
         const Path model{"sm90 (wgmma)", attention_forward, attention_backward};
         std::vector<Path> paths = {model, mma_sync};
 #else
@@ -296,7 +296,7 @@ int main(int argc, char** argv) {
                 rows.push_back(time_case(main_path, {4, 4096, 16, 4, Dh}, lo, hi));
         }
 
-#ifdef ATTN_SM90
+#ifdef SM90A
         if (!quick && !sm80 && ok(model)) {  // the backward's kernels one by one
             printf("backward kernels (B4 L4096 16q/4kv), TFLOP/s of the backward's 2.5x forward FLOPs:\n");
             for (int Dh : {128, 64}) {
@@ -333,7 +333,7 @@ int main(int argc, char** argv) {
                "own blocks)\n");
         print_rows(rows);
         if (sweep && !sm80) {  // last: a variant that faults ends the run
-#ifdef ATTN_SM90
+#ifdef SM90A
             if (ok(mma_sync)) sweep_forward_variants(model, mma_sync);
 #else
             printf("--sweep: the forward's variants are the Hopper kernels' (make GPU_ARCH=90)\n");

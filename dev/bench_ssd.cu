@@ -5,7 +5,8 @@
 // (the forward on a few heads, dx and ddt of one head; per document with boundaries), then the median of
 // cudaEvent timings of the forward and of forward+backward, TFLOP/s (the chunked algorithm's matmul FLOPs as
 // ANCHORS.md counts them, backward counted as twice the forward) and the ratio to the anchor measured in the
-// same device run (ANCHOR_LOG, dev/anchors.h). The last lines are a compact table.
+// same device run (ANCHOR_LOG, dev/anchors.h); also the forward on the mma.sync kernel (what sm_90a builds run
+// for P = 32 only, and other GPUs for every P). The last lines are a compact table.
 // usage: dev/bench_ssd [--shape NAME] [--iters N]     (NAME: bench 370m 2.7b T1024 T512)
 #include <algorithm>
 #include <cmath>
@@ -48,7 +49,7 @@ static std::string shape_label(const Shape& s) {
     return strformat("B%d T%d H%d P%d N%d G%d", s.B, s.T, s.H, s.P, s.N, s.G);
 }
 
-struct Result { double fwd = NAN, all = NAN, fwd_docs = NAN, all_docs = NAN; };
+struct Result { double fwd = NAN, all = NAN, fwd_docs = NAN, all_docs = NAN, fwd_mma_sync = NAN; };
 
 static double rel_err(const std::vector<double>& got, const std::vector<double>& ref) {
     double num = 0, den = 0;
@@ -188,6 +189,7 @@ static Result run_shape(const Shape& s, int iters) {
     in.pos = nullptr;
     r.fwd = time_ms(fwd, warmup, iters);
     r.all = time_ms(all, warmup, iters);
+    r.fwd_mma_sync = time_ms([&]() { ssd_forward_mma_sync(d_y, saved, in, sh, 0); }, warmup, iters);
     in.pos = d_pos;
     r.fwd_docs = time_ms(fwd, warmup, iters);
     r.all_docs = time_ms(all, warmup, iters);
@@ -201,6 +203,8 @@ static Result run_shape(const Shape& s, int iters) {
     };
     line("forward", r.fwd, fwd_flops, anchor_value(prefix, "fwd"));
     line("forward+backward", r.all, 3 * fwd_flops, anchor_value(prefix, "fwd+bwd"));
+    printf("  %-20s (%6.1f TFLOP/s) %.3f ms: the wgmma kernel is %.2fx faster\n", "forward, mma.sync",
+           fwd_flops / r.fwd_mma_sync * 1e-9, r.fwd_mma_sync, r.fwd_mma_sync / r.fwd);
     line("forward, documents", r.fwd_docs, fwd_flops, anchor_value(prefix_docs, "fwd"));
     line("fwd+bwd, documents", r.all_docs, 3 * fwd_flops, anchor_value(prefix_docs, "fwd+bwd"));
 

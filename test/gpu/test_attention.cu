@@ -69,13 +69,13 @@ struct Path {
 };
 static std::vector<Path> paths() {
     std::vector<Path> p = {{"default", attention_forward, attention_backward}};
-#ifdef ATTN_SM90
+#ifdef SM90A
     p.push_back({"sm80 (mma.sync)", attn::sm80_forward, attn::sm80_backward});
 #endif
     return p;
 }
 
-#ifdef ATTN_SM90
+#ifdef SM90A
 // The Hopper building blocks the attention kernels stand on, one warpgroup, against double references:
 // TMA loads of 128-byte-swizzled tiles A (64 x 128) and B (128 x 128), then
 //   C1 = A B^T   (wgmma, A and B K-major from smem, two column blocks along k)

@@ -89,10 +89,11 @@ static RefResult reference(const std::vector<double>& x, const std::vector<doubl
 }
 
 // pos empty: no document boundaries (the kernels get pos = nullptr)
+// mma_sync: the forward on the mma.sync kernel (sm_90a builds run the wgmma one for P = 64)
 static void check_ssd(int B, int T, int H, int G, int P, int N, int chunk, uint64_t seed,
-                      const std::vector<int>& pos = {}) {
+                      const std::vector<int>& pos = {}, bool mma_sync = false) {
     INFO("B=" << B << " T=" << T << " H=" << H << " G=" << G << " P=" << P << " N=" << N << " chunk=" << chunk
-              << (pos.empty() ? "" : " with documents"));
+              << (pos.empty() ? "" : " with documents") << (mma_sync ? " (mma.sync forward)" : ""));
     Rng rng(seed);
     const int HP = H * P, GN = G * N;
     // the model's layout: one row [x | B | C] (+ a gap), dt in a row of its own (+ a gap)
@@ -151,7 +152,8 @@ static void check_ssd(int B, int T, int H, int G, int P, int N, int chunk, uint6
         cudaCheck(cudaMemcpy(d_pg, g0.data(), 3 * H * sizeof(float), cudaMemcpyHostToDevice));
         poison_bytes(scratch, scratch_bytes);
         poison_bytes(saved, ssd_saved_bytes(sh));
-        ssd_forward(d_y, saved, scratch, in, sh, 0);
+        if (mma_sync) ssd_forward_mma_sync(d_y, saved, in, sh, 0);
+        else ssd_forward(d_y, saved, scratch, in, sh, 0);
         poison_bytes(scratch, scratch_bytes);  // the backward must not rely on the forward's scratch
         ssd_backward(gr, scratch, d_dy, in, saved, sh, 0);
         cudaCheck(cudaDeviceSynchronize());
@@ -231,6 +233,12 @@ TEST_CASE("ssd document boundaries vs each document alone", "[gpu][ssd][docs]") 
     // two head slices of 10 heads: the per-slice dB/dC and W partials with boundaries
     REQUIRE(ssd::head_slices(SSDShape{1, 520, 20, 32, 1, 64, 128}) == 2);
     check_ssd(1, 520, 20, 1, 32, 64, 128, 17, make_pos(1, 520, 0.01, {300}, rng));
+}
+
+TEST_CASE("ssd forward on the mma.sync kernel at P = 64 (what other GPUs run)", "[gpu][ssd]") {
+    Rng rng(78);
+    check_ssd(3, 257, 6, 3, 64, 64, 256, 18, {}, true);
+    check_ssd(2, 600, 4, 2, 64, 128, 256, 19, make_pos(2, 600, 1.0 / 40, {63, 64, 255, 256, 599}, rng), true);
 }
 
 TEST_CASE("ssd rejects unsupported shapes", "[gpu][ssd]") {
