@@ -8,7 +8,8 @@
 //   1. CB = C B^T (64 x 64, K = N);
 //   2. Y = C Hin^T (64 x P, K = N) from the bf16 copy of the state entering the step (rows n, P contiguous);
 //   3. the state, kept transposed (S^T: N x P, fp32, in the accumulators across steps): S^T = decay S^T +
-//      B^T (w x), A = B^T straight from the B tile (MN-major), w x written beside x by the warps.
+//      B^T (w x), A = B^T straight from the B tile (MN-major), w x written beside x by the warps at the end of the
+//      step before (each thread over the chunks it copied itself: no barrier between the copy and the scaling).
 // While 2 and 3 run, the warps turn CB into the decayed, masked scores (left of a warp's 16 rows the decay
 // factors through the rows' first row, the diagonal 16 x 16 block takes an exp per score) and pack them as the
 // A operand (bf16) of
@@ -78,6 +79,23 @@ fwd_kernel(bf16* y, float* dt_s, float* acum_s, SSDInputs in, int T, int H, int 
         load_rows_sw128<N>(smem + L::OFF_C + buf * L::BC, hd.cg + (size_t)r * in.bc_stride, in.bc_stride, valid);
         cp_async_commit();
     };
+    // x of a step with its rows j scaled by the state weights w_j (the state's B operand), over the 16-byte chunks
+    // this thread copied (load_rows_sw128's mapping): only its own copies need to have landed
+    auto scale_x = [&](int buf, const StepArrays& sa) {
+        constexpr int V = P / 8, STEP = THREADS / V;
+        const int v = threadIdx.x % V, r0 = threadIdx.x / V;
+#pragma unroll
+        for (int k = 0; k < TILE / STEP; k++) {
+            const int r = r0 + k * STEP, o = r * 128 + ((v ^ (r & 7)) << 4);
+            const float w = sa.w[r];
+            uint4 u = *reinterpret_cast<const uint4*>(smem + buf * L::X + o);
+            u.x = scale_bf16x2(u.x, w, w);
+            u.y = scale_bf16x2(u.y, w, w);
+            u.z = scale_bf16x2(u.z, w, w);
+            u.w = scale_bf16x2(u.w, w, w);
+            *reinterpret_cast<uint4*>(smem + L::OFF_XW + o) = u;
+        }
+    };
     const bool prep = warp == 0;
     StepPrep<DOCS> sp = hd.template prep<DOCS>(in, T, dt_s, acum_s);
     load_step(0);
@@ -100,6 +118,9 @@ fwd_kernel(bf16* y, float* dt_s, float* acum_s, SSDInputs in, int T, int H, int 
     for (int mb = 0; mb < NB; mb++)
 #pragma unroll
         for (int i = 0; i < 32; i++) st[mb][i] = 0.f;
+    cp_async_wait_group<0>();
+    __syncthreads();  // the first step's arrays
+    scale_x(0, s_st[0]);
 
     for (int s = 0; s < nsteps; s++) {
         const int buf = s & 1, r0 = s * TILE, valid = min(TILE, T - r0);
@@ -132,29 +153,12 @@ fwd_kernel(bf16* y, float* dt_s, float* acum_s, SSDInputs in, int T, int H, int 
             wgmma_ss<0, 1>(yo, desc_add(dC, bco + (kk / 4) * TILE * 128 + (kk % 4) * 32), desc_add(dH, kk * 16 * 128),
                            kk > 0);
         wg_commit();
-        {
-            // x with its rows j scaled by w_j, for the state's B operand (its last reader is done: the barrier at
-            // the top of the step)
 #pragma unroll
-            for (int k = 0; k < TILE * 128 / 16 / THREADS; k++) {
-                const int o = (threadIdx.x + k * THREADS) * 16, j = o / 128;  // a 16-byte chunk of row j
-                const float w = sa.w[j];
-                uint4 v = *reinterpret_cast<const uint4*>(smem + xo + o);
-                v.x = scale_bf16x2(v.x, w, w);
-                v.y = scale_bf16x2(v.y, w, w);
-                v.z = scale_bf16x2(v.z, w, w);
-                v.w = scale_bf16x2(v.w, w, w);
-                *reinterpret_cast<uint4*>(smem + L::OFF_XW + o) = v;
-            }
-            fence_async_smem();
-            __syncthreads();
+        for (int mb = 0; mb < NB; mb++)
 #pragma unroll
-            for (int mb = 0; mb < NB; mb++)
-#pragma unroll
-                for (int kk = 0; kk < 4; kk++)  // A = B^T: the B tile's column block mb, MN-major
-                    wgmma_ss<1, 1>(st[mb], desc_add(dB, bco + mb * TILE * 128 + kk * 16 * 128),
-                                   desc_add(dXW, kk * 16 * 128), 1);
-        }
+            for (int kk = 0; kk < 4; kk++)  // A = B^T: the B tile's column block mb, MN-major
+                wgmma_ss<1, 1>(st[mb], desc_add(dB, bco + mb * TILE * 128 + kk * 16 * 128), desc_add(dXW, kk * 16 * 128),
+                               1);
         wg_commit();
 
         // scores CB_ij exp(acl_i - acl_j) dt_j where row i sees column j: left of the warp's row tile as
@@ -235,6 +239,10 @@ fwd_kernel(bf16* y, float* dt_s, float* acum_s, SSDInputs in, int T, int H, int 
                     *reinterpret_cast<uint32_t*>(smem + L::OFF_H + swz128(n, jn * 8 + 2 * q)) =
                         pack_bf16(st[mb][4 * jn + 2 * hf], st[mb][4 * jn + 2 * hf + 1]);
                 }
+        if (more) {  // the next step's w x (this step's state wgmma, its last reader, is done)
+            cp_async_wait_group<0>();
+            scale_x(buf ^ 1, s_st[buf ^ 1]);
+        }
     }
     if (prep) sp.finish(nsteps, Tp);
 }
