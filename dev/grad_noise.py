@@ -52,16 +52,7 @@ def gradients(name, points):
         for m in ("mamba2_mixer", "mamba1_mixer", "attention", "mlp"):
             setattr(ref.LM, m, rounded(getattr(ref.LM, m)))
     spec = ref.CONFIGS[name]
-    gen = torch.Generator().manual_seed(spec["seed"])
-    model = ref.LM(spec["model"], gen)
-    B, T, V = spec["B"], spec["T"], spec["model"]["vocab_size"]
-    inputs = torch.randint(0, V, (B, T), generator=gen)  # the draws of run_config, in its order
-    targets = torch.randint(0, V, (B, T), generator=gen)
-    if spec["masked_targets"]:
-        idx = torch.randperm(B * T, generator=gen)[: spec["masked_targets"]]
-        targets.view(-1)[idx] = -1
-    pos = torch.arange(T, dtype=torch.float64).expand(B, T)
-    weights = torch.tanh(pos / 10) if spec["positional_weights"] else torch.ones(B, T)
+    model, inputs, targets, weights = ref.model_and_batch(spec)
     leaves = model.params
     if "weights" in points:  # the bf16 copy in the forward, the gradient to the full-precision leaf
         model.params = {k: v + (v.to(torch.bfloat16).to(v.dtype) - v).detach() if v.dim() >= 2 else v

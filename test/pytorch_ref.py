@@ -276,11 +276,11 @@ def write_dump(path, tensors):
     os.replace(path + ".tmp", path)
 
 
-def run_config(name, spec, out):
+def model_and_batch(spec):
+    """the config's model and batch (inputs, targets with masked ones -1, loss weights), drawn in this order"""
     gen = torch.Generator().manual_seed(spec["seed"])
-    cfg = spec["model"]
-    model = LM(cfg, gen)
-    B, T, V = spec["B"], spec["T"], cfg["vocab_size"]
+    model = LM(spec["model"], gen)
+    B, T, V = spec["B"], spec["T"], spec["model"]["vocab_size"]
     inputs = torch.randint(0, V, (B, T), generator=gen)
     targets = torch.randint(0, V, (B, T), generator=gen)
     if spec["masked_targets"]:
@@ -288,6 +288,12 @@ def run_config(name, spec, out):
         targets.view(-1)[idx] = -1
     pos = torch.arange(T, dtype=torch.float64).expand(B, T)
     weights = torch.tanh(pos / 10) if spec["positional_weights"] else torch.ones(B, T)
+    return model, inputs, targets, weights
+
+
+def run_config(name, spec, out):
+    cfg = spec["model"]
+    model, inputs, targets, weights = model_and_batch(spec)
     z_loss = spec["z_loss"]
 
     records = [("inputs", inputs), ("targets", targets), ("loss_weights", weights)]
