@@ -353,22 +353,24 @@ struct StepPrep {
     float bias, A;
     float *dt_s, *acum_s;
     float base = 0.f;  // chunk-local cumsum at the end of the prepared steps
-    float2 raw = make_float2(0.f, 0.f);
-    int2 p2 = make_int2(0, 0);
+    // the loaded rows, as loaded: converting them at the load would make the warp wait for the load there
+    bf16 raw[2];
+    int2 p2;
 
     __device__ void load(int s) {
         const int s0 = s * TILE, valid = min(TILE, T - s0), r0 = 2 * (threadIdx.x & 31);
         const bf16* d = dt + (row0 + s0) * dt_stride + h;
-        raw.x = r0 < valid ? __bfloat162float(d[(size_t)r0 * dt_stride]) : 0.f;
-        raw.y = r0 + 1 < valid ? __bfloat162float(d[(size_t)(r0 + 1) * dt_stride]) : 0.f;
-        if (DOCS) {
-            p2.x = r0 < valid ? pos[row0 + s0 + r0] : 0;
-            p2.y = r0 + 1 < valid ? pos[row0 + s0 + r0 + 1] : 0;
-        }
+        raw[0] = raw[1] = __float2bfloat16(0.f);
+        p2 = make_int2(0, 0);
+        if (r0 < valid) raw[0] = d[(size_t)r0 * dt_stride];
+        if (r0 + 1 < valid) raw[1] = d[(size_t)(r0 + 1) * dt_stride];
+        if (DOCS && r0 < valid) p2.x = pos[row0 + s0 + r0];
+        if (DOCS && r0 + 1 < valid) p2.y = pos[row0 + s0 + r0 + 1];
     }
     __device__ void prepare(StepArrays& st, int s) {
         const int s0 = s * TILE;
-        prepare_step<DOCS>(st, base, raw, p2, min(TILE, T - s0), bias, A, dt_s + pos0 + s0, acum_s + pos0 + s0);
+        const float2 rawf = make_float2(__bfloat162float(raw[0]), __bfloat162float(raw[1]));
+        prepare_step<DOCS>(st, base, rawf, p2, min(TILE, T - s0), bias, A, dt_s + pos0 + s0, acum_s + pos0 + s0);
         if ((s0 + TILE) % CHUNK == 0) base = 0.f;
     }
     // saved past the last step (the rest of the last chunk): dt 0, cumsum flat
