@@ -5,11 +5,13 @@ recurrence; autograd does every backward).
 
 For each config X it writes X.bin (MCTF tensor dump, format in HACKING.md) and X.json
 (train_mamba's model config): inputs, targets, loss weights, parameters (unpadded vocab),
-logits, loss, every gradient, then the losses of 10 AdamW steps on the same batch.
+logits, loss, every gradient, then the losses of 10 AdamW steps on the same batch, then each
+gradient's bf16 noise floor (bf16_errors below), which sets its tolerance in test_model.
 
 Usage: /usr/bin/python3 test/pytorch_ref.py --out test/dumps
 """
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -291,6 +293,68 @@ def model_and_batch(spec):
     return model, inputs, targets, weights
 
 
+# The bf16 noise floor of the gradients: the model again with bf16 rounding where the engine keeps bf16 (the
+# weights as matmul operands, the norms' outputs, the mixers' inner results and outputs, the logits) and the
+# gradients flowing back through those points rounded the same way. Kernels round at different places, so each
+# variant rounds at a different subset of the points; the distance of its gradients from float64 is what a
+# correct bf16 implementation can land on.
+BF16_VARIANTS = {"all": ("norm", "inner", "mixer", "weights", "logits"),
+                 "no mixer outputs": ("norm", "inner", "weights", "logits"),
+                 "no inner results": ("norm", "mixer", "weights", "logits"),
+                 "weights and norms": ("norm", "weights")}
+
+
+class RoundBoth(torch.autograd.Function):
+    """bf16 rounding forward, and of the gradient backward"""
+    @staticmethod
+    def forward(ctx, x):
+        return x.to(torch.bfloat16).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.to(torch.bfloat16).to(g.dtype)
+
+
+def rounded(fn):
+    return lambda *a, **k: RoundBoth.apply(fn(*a, **k))
+
+
+def bf16_gradients(spec, points):
+    """the gradients of spec's model on its batch, rounded at the points (a subset of a BF16_VARIANTS value)"""
+    # a fresh copy of this module to patch: the float64 reference itself stays as it is
+    ms = importlib.util.spec_from_file_location("pytorch_ref_bf16", __file__)
+    ref = importlib.util.module_from_spec(ms)
+    ms.loader.exec_module(ref)
+    if "norm" in points:
+        ref.rmsnorm, ref.gated_rmsnorm = rounded(ref.rmsnorm), rounded(ref.gated_rmsnorm)
+    if "inner" in points:
+        ref.ssm_scan, ref.selective_scan = rounded(ref.ssm_scan), rounded(ref.selective_scan)
+        ref.causal_attention = rounded(ref.causal_attention)
+        ref.LM.conv = rounded(ref.LM.conv)
+    if "mixer" in points:
+        for m in ("mamba2_mixer", "mamba1_mixer", "attention", "mlp"):
+            setattr(ref.LM, m, rounded(getattr(ref.LM, m)))
+    model, inputs, targets, weights = ref.model_and_batch(spec)
+    leaves = model.params
+    if "weights" in points:  # the bf16 copy in the forward, the gradient to the full-precision leaf
+        model.params = {k: v + (v.to(torch.bfloat16).to(v.dtype) - v).detach() if v.dim() >= 2 else v
+                        for k, v in leaves.items()}
+    logits = model.forward(inputs)
+    if "logits" in points:
+        logits = RoundBoth.apply(logits)
+    ref.loss_fn(logits, targets, weights, spec["z_loss"]).backward()
+    return {k: v.grad for k, v in leaves.items()}
+
+
+def bf16_errors(spec, exact):
+    """{variant: {parameter: rel L2 distance of its bf16 gradient from exact}} (exact: the float64 gradients)"""
+    errs = {}
+    for v, points in BF16_VARIANTS.items():
+        g = bf16_gradients(spec, points)
+        errs[v] = {k: ((g[k] - exact[k]).norm() / exact[k].norm()).item() for k in exact}
+    return errs
+
+
 def run_config(name, spec, out):
     cfg = spec["model"]
     model, inputs, targets, weights = model_and_batch(spec)
@@ -303,7 +367,8 @@ def run_config(name, spec, out):
     loss = loss_fn(logits, targets, weights, z_loss)
     loss.backward()
     records += [("logits", logits), ("loss", loss)]
-    records += [("grad." + k, v.grad.clone()) for k, v in model.params.items()]
+    grads = {k: v.grad.clone() for k, v in model.params.items()}
+    records += [("grad." + k, g) for k, g in grads.items()]
 
     a = dict(ADAMW, lr=spec.get("lr", ADAMW["lr"]))
     decay, no_decay = model.decay_groups()
@@ -323,6 +388,9 @@ def run_config(name, spec, out):
     records.append(("step_losses", torch.tensor(step_losses)))
     records += [("adamw." + k, torch.tensor(v)) for k, v in a.items()]
     records.append(("z_loss", torch.tensor(z_loss)))
+    # each gradient's noise floor: its largest distance over the variants
+    errs = bf16_errors(spec, grads).values()
+    records += [("noise.grad." + k, torch.tensor(max(e[k] for e in errs))) for k in grads]
 
     write_dump(os.path.join(out, name + ".bin"), records)
     with open(os.path.join(out, name + ".json"), "w") as f:

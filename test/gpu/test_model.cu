@@ -1,5 +1,6 @@
 // The whole CUDA model against the float64 PyTorch dumps (test/pytorch_ref.py): logits,
-// loss, every parameter gradient, and the losses of 10 AdamW steps; the device loss total.
+// loss, every parameter gradient (each against its bf16 noise floor), and the losses of 10
+// AdamW steps; the device loss total.
 // Then a resume test through the train_mamba binary: 2N steps straight equal N steps,
 // resume, N steps.
 #include <catch2/catch.hpp>
@@ -20,6 +21,11 @@ namespace gpu_test_model {  // this file's helpers: all test files link into one
 // value) with fp32 accumulation; through a few layers the relative L2 error of the outputs
 // stays near 1e-2. A wrong index or a missing term gives errors of order 1.
 static const double kLogitsTol = 2e-2, kGradTol = 5e-2;
+// A gradient's tolerance: max(kGradTol, kNoiseFactor x its noise floor), the rel L2 error of the
+// dump's model rounded to bf16 at the engine's rounding points (noise.grad.<name>, pytorch_ref.py's
+// bf16_errors): the per-head gradients (A_log, dt_bias, D), small differences of large sums, have
+// floors around kGradTol. Factor 2: the engine rounds at more points than the emulation does.
+static const double kNoiseFactor = 2.0;
 // A loss against float64 PyTorch: |got - ref| < kLossAbs + kLossRel |ref|. The logits come from
 // bf16 operands (8-bit mantissa: a logit of size 2-4 carries a rounding of ~0.01), so a mean
 // cross-entropy differs by up to ~0.01 nats however small it is; the relative part covers the
@@ -92,14 +98,28 @@ static void check_model_against_dump(const std::string& name) {
     CHECK(loss_close(loss, ref_loss));
     std::vector<float> g(model.layout.total);
     cudaCheck(cudaMemcpy(g.data(), model.grads, g.size() * sizeof(float), cudaMemcpyDeviceToHost));
+    double worst_e = 0, worst_tol = 1;  // the margin: the largest error as a share of its tolerance, printed below
+    std::string worst_name;
     for (auto& t : model.layout.tensors) {
         const auto& ref = dc.tf.get("grad." + t.name).data;
+        INFO(name << ": grad." << t.name);
+        REQUIRE(dc.tf.has("noise.grad." + t.name));  // no fallback: dumps without it predate the rule (make dumps)
+        const double noise = dc.tf.get("noise.grad." + t.name).data[0];
+        const double tol = std::max(kGradTol, kNoiseFactor * noise);
         std::vector<double> got(g.begin() + t.offset, g.begin() + t.offset + ref.size());
         double e = rel_l2(got, ref);
-        INFO(name << ": grad." << t.name << " rel L2 error " << e);
-        CHECK(e < kGradTol);
+        INFO("rel L2 error " << e << ", bf16 noise floor " << noise << ", tolerance " << tol);
+        CHECK(e < tol);
+        if (e / tol >= worst_e / worst_tol) {
+            worst_e = e;
+            worst_tol = tol;
+            worst_name = t.name;
+        }
         for (size_t i = ref.size(); i < t.count; i++) REQUIRE(g[t.offset + i] == 0.0f);  // padded rows
     }
+    printf("%s: worst gradient grad.%s, rel L2 %.2e at %.0f%% of its tolerance %.2e (max(%.0e, %.0f x its bf16 "
+           "noise floor))\n", name.c_str(), worst_name.c_str(), worst_e, 100 * worst_e / worst_tol, worst_tol, kGradTol,
+           kNoiseFactor);
 
     // 10 AdamW steps on the same batch, constant lr (as the dump's reference did)
     AdamWConfig oc;
@@ -269,7 +289,7 @@ TEST_CASE("model: documents packed in a row (--doc-reset) equal each document ru
         CHECK(std::fabs(packed - separate) < 2e-4 * std::fabs(separate));
         // Both sides run in bf16 over different tile and chunk partitions of the same tokens: the
         // whole gradient differs by 2.7e-3 to 5.1e-3 (rel L2, H200); each tensor is held to the
-        // tolerance of the PyTorch dumps above
+        // fixed part of the PyTorch dumps' tolerance above
         std::vector<double> a(g_packed.begin(), g_packed.end()), b(g_sum.begin(), g_sum.end());
         CHECK(rel_l2(a, b) < 1e-2);
         for (const auto& t : ParamLayout(dc.cfg).tensors) {
