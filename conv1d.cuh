@@ -8,14 +8,18 @@
 // window where a document starts.
 // Both passes walk time: each lane holds VEC consecutive channels, each warp a run of rows,
 // and the last K inputs (and in the backward the last K pre-activation gradients) stay in
-// registers, so every tensor is read once from memory, with K-1 rows of halo per run.
+// registers, so every tensor is read once from memory, with K-1 rows of halo per run. The
+// backward's rows arrive through a per-lane cp.async ring in shared memory, CONV_STAGES - 1
+// steps ahead (registers for them would cost the second block an SM).
 #pragma once
 #include "cuda_common.cuh"
 #include "norm.cuh"  // silu, silu_grad
+#include "tensor_core.cuh"  // cp.async
 
 constexpr int CONV_WARPS = 8;     // warps of a block: runs of rows over the same channels
 constexpr int CONV_FWD_ROWS = 32; // rows of a forward run
 constexpr int CONV_STEP = 4;      // rows loaded at once (independent loads in flight)
+constexpr int CONV_STAGES = 3;    // the backward's ring: steps of CONV_STEP rows of in and dout per lane
 
 // one channel vector's taps and the sliding window of its last K inputs
 template <int K, int VEC>
@@ -132,6 +136,16 @@ conv1d_silu_forward_kernel(bf16* __restrict__ out, const bf16* __restrict__ in, 
 // dw[k] += dpre[t] in[t-(K-1)+k] (the window cleared as in the forward), dbias += dpre[t]. Block y is column-sum
 // chunk y (cuda_common.cuh); its warps split the chunk's rows into runs, and their weight
 // gradients are summed in warp order into the chunk's partial.
+// one lane's VEC channels of a row into its ring slot: cp.async (zeros when !valid), or a plain load and
+// store below cp.async's 4 bytes
+template <int VEC>
+__device__ inline void conv_copy(Pack<bf16, VEC>* slot, const bf16* row, bool valid) {
+    if constexpr (VEC * sizeof(bf16) >= 4) tc::cp_async_bytes<VEC * sizeof(bf16)>(slot, row, valid);
+    else *slot = conv_load<VEC>(row, valid);
+}
+template <int VEC>
+constexpr size_t conv_bwd_smem_bytes() { return (size_t)CONV_WARPS * CONV_STAGES * 2 * CONV_STEP * 32 * VEC * sizeof(bf16); }
+
 template <int K, int VEC, bool DOCS>
 __global__ void __launch_bounds__(32 * CONV_WARPS, conv_min_blocks(DOCS, true))
 conv1d_silu_backward_kernel(bf16* __restrict__ din, int din_stride, float* __restrict__ partial,
@@ -139,6 +153,9 @@ conv1d_silu_backward_kernel(bf16* __restrict__ din, int din_stride, float* __res
                             const bf16* __restrict__ w, const bf16* __restrict__ bias, const int* __restrict__ pos,
                             int rows, int T, int C) {
     __shared__ float red[CONV_WARPS][K + 1][32 * VEC];
+    extern __shared__ __align__(16) unsigned char conv_smem[];  // the rings: [warp][stage][in, dout][u][lane]
+    Pack<bf16, VEC>* ring = reinterpret_cast<Pack<bf16, VEC>*>(conv_smem) + threadIdx.y * CONV_STAGES * 2 * CONV_STEP * 32 + threadIdx.x;
+    auto slot = [&](int stage, int tensor, int u) { return ring + ((stage * 2 + tensor) * CONV_STEP + u) * 32; };
     const int c0 = (blockIdx.x * 32 + threadIdx.x) * VEC;
     int p0, p1;
     colsum_chunk_rows(blockIdx.y, rows, &p0, &p1);
@@ -150,17 +167,32 @@ conv1d_silu_backward_kernel(bf16* __restrict__ din, int din_stride, float* __res
         lane.load_taps(w, bias, c0);
         float dq[K][VEC] = {};  // dq[j] = dpre[t - (K-1) + j]
         unsigned restarts = 0;  // DOCS: bit j set when row t - (K-1) + j starts a sequence or document
-        const int t_end = r1 + K - 1;  // din of the run's last row needs dpre K-1 rows further on
-        int tt = conv_t_in_seq(r0 - (K - 1), T);
-        for (int t = r0 - (K - 1); t < t_end; t += CONV_STEP) {
-            // no prefetch of the next rows here: its registers would cost the second block an SM
+        const int t_first = r0 - (K - 1), t_end = r1 + K - 1;  // din of the run's last row needs dpre K-1 rows on
+        // step i's rows t_first + i CONV_STEP .. into stage i % CONV_STAGES (a group per step, empty past the run)
+        auto issue = [&](int i) {
+            const int t = t_first + i * CONV_STEP;
+            if (t < t_end) {
+                #pragma unroll
+                for (int u = 0; u < CONV_STEP; u++) {
+                    const int r = t + u;
+                    const bool valid = r >= 0 && r < rows && r < t_end;
+                    conv_copy<VEC>(slot(i % CONV_STAGES, 0, u), valid ? in + (size_t)r * in_stride + c0 : in, valid);
+                    conv_copy<VEC>(slot(i % CONV_STAGES, 1, u), valid ? dout + (size_t)r * C + c0 : dout, valid && r >= r0);
+                }
+            }
+            tc::cp_async_commit();
+        };
+        #pragma unroll
+        for (int i = 0; i < CONV_STAGES - 1; i++) issue(i);
+        int tt = conv_t_in_seq(t_first, T);
+        for (int t = t_first, i = 0; t < t_end; t += CONV_STEP, i++) {
+            issue(i + CONV_STAGES - 1);  // into the stage this lane read in step i - 1
+            tc::cp_async_wait_group<CONV_STAGES - 1>();
             Pack<bf16, VEC> xs[CONV_STEP], gs[CONV_STEP];
             #pragma unroll
             for (int u = 0; u < CONV_STEP; u++) {
-                const int r = t + u;
-                const bool valid = r >= 0 && r < rows && r < t_end;
-                xs[u] = conv_load<VEC>(in + (size_t)r * in_stride + c0, valid);
-                gs[u] = conv_load<VEC>(dout + (size_t)r * C + c0, valid && r >= r0);
+                xs[u] = *slot(i % CONV_STAGES, 0, u);
+                gs[u] = *slot(i % CONV_STAGES, 1, u);
             }
             const unsigned ds = conv_doc_starts<DOCS>(pos, t, 0, min(rows, t_end));
             #pragma unroll
@@ -202,6 +234,7 @@ conv1d_silu_backward_kernel(bf16* __restrict__ din, int din_stride, float* __res
                 if (++tt == T) tt = 0;
             }
         }
+        tc::cp_async_wait_group<0>();  // (the groups past the run are empty)
     }
     #pragma unroll
     for (int v = 0; v <= K; v++)
@@ -246,7 +279,9 @@ inline void conv1d_silu_backward_k(bf16* din, int din_stride, float* dweight, fl
         constexpr int v = decltype(V)::value;
         dim3 grid(ceil_div(C, 32 * v), COLSUM_CHUNKS);
         auto k = pos ? conv1d_silu_backward_kernel<K, v, true> : conv1d_silu_backward_kernel<K, v, false>;
-        k<<<grid, dim3(32, CONV_WARPS), 0, s>>>(din, din_stride, scratch, dout, in, in_stride, w, bias, pos, rows, T, C);
+        set_max_smem(k, conv_bwd_smem_bytes<v>());
+        k<<<grid, dim3(32, CONV_WARPS), conv_bwd_smem_bytes<v>(), s>>>(din, din_stride, scratch, dout, in, in_stride, w,
+                                                                       bias, pos, rows, T, C);
     });
     cudaCheckLast();
     colsum_finalize<K + 1>(scratch,

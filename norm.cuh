@@ -330,10 +330,10 @@ gated_rmsnorm_backward_kernel(bf16* __restrict__ dy, bf16* __restrict__ dz, int 
                 load_vec<VEC>(wv, w + c);
                 #pragma unroll
                 for (int e = 0; e < VEC; e++) {
-                    const float sz = silu(zv[e]), v = yv[e] * sz;
+                    const float sg = sigmoid_fast(zv[e]), sz = zv[e] * sg, v = yv[e] * sz;  // sz = silu(z)
                     const float dv = r * (gv[e] * wv[e] - v * r * dot);
                     dyv[e] = dv * sz;
-                    dzv[e] = dv * yv[e] * silu_grad(zv[e]);
+                    dzv[e] = dv * yv[e] * silu_grad_s(zv[e], sg);
                     ov[e] = v * r * wv[e];  // as the forward computes it
                     if constexpr (ITER > 0) av[e] += gv[e] * v * r;
                 }

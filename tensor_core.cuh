@@ -75,16 +75,19 @@ __device__ inline float quad_sum(float v) {
     return v + __shfl_xor_sync(0xffffffffu, v, 2);
 }
 
-// 16-byte asynchronous copy global -> smem; ok = false writes zeros and reads nothing
-__device__ inline void cp_async16(void* smem, const void* gmem, bool ok) {
+// asynchronous copy of BYTES (4, 8 or 16) global -> smem; ok = false writes zeros and reads nothing
+// (16 bytes bypass L1, the only width that may)
+template <int BYTES>
+__device__ inline void cp_async_bytes(void* smem, const void* gmem, bool ok) {
+    static_assert(BYTES == 4 || BYTES == 8 || BYTES == 16, "cp.async copies 4, 8 or 16 bytes");
     const uint32_t a = (uint32_t)__cvta_generic_to_shared(smem);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(a), "l"(gmem), "r"(ok ? 16 : 0));
+    if constexpr (BYTES == 16)
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(a), "l"(gmem), "r"(ok ? 16 : 0));
+    else
+        asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(a), "l"(gmem), "n"(BYTES), "r"(ok ? BYTES : 0));
 }
-// the same for one float
-__device__ inline void cp_async4(float* smem, const float* gmem, bool ok) {
-    const uint32_t a = (uint32_t)__cvta_generic_to_shared(smem);
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(a), "l"(gmem), "r"(ok ? 4 : 0));
-}
+__device__ inline void cp_async16(void* smem, const void* gmem, bool ok) { cp_async_bytes<16>(smem, gmem, ok); }
+__device__ inline void cp_async4(float* smem, const float* gmem, bool ok) { cp_async_bytes<4>(smem, gmem, ok); }
 __device__ inline void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 // all but the newest `pending` committed groups of this thread's copies landed
 template <int pending>
