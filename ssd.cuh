@@ -418,6 +418,25 @@ struct ForwardHead {
     __device__ StepPrep<DOCS> prep(const SSDInputs& in, int T, float* dt_s, float* acum_s) const {
         return {in.dt, in.pos, in.dt_stride, row0, pos0, h, T, bias, A, dt_s, acum_s};
     }
+    // y = Y + D x for a lane's rows ra and rb (those below `valid`) of the step starting at row r0:
+    // acc(n, e) is Y at row (e < 2 ? ra : rb), column 8 n + 2 q + e % 2; x(i, p) the bf16 pair of x at row i,
+    // columns p and p + 1 (each forward kernel keeps its own layouts)
+    template <typename Acc, typename X>
+    __device__ void store_y(int r0, int valid, int ra, int rb, int q, int H, Acc&& acc, X&& x) const {
+#pragma unroll
+        for (int half = 0; half < 2; half++) {
+            const int i = half ? rb : ra;
+            if (i >= valid) continue;
+            bf16* yr = yg + (size_t)(r0 + i) * (H * P);
+#pragma unroll
+            for (int n = 0; n < P / 8; n++) {
+                const int p = n * 8 + 2 * q;
+                const float2 xv = __bfloat1622float2(x(i, p));
+                *reinterpret_cast<__nv_bfloat162*>(yr + p) =
+                    __floats2bfloat162_rn(acc(n, 2 * half) + dskip * xv.x, acc(n, 2 * half + 1) + dskip * xv.y);
+            }
+        }
+    }
 };
 
 // One block per (h, b), 4 warps; see the header for the pipeline. Dynamic smem: fwd_smem_bytes.
@@ -519,20 +538,8 @@ ssd_fwd_kernel(bf16* y, float* dt_s, float* acum_s, SSDInputs in, int T, int H, 
             warp_mma_rega<P / 8>(yo, pa, sx, P + PAD, 0, rt);  // columns left of the row tile
             scale_rows_acc(yo, st.e0[ra], st.e0[rb]);
             warp_mma_rega<P / 8>(yo, pa, sx, P + PAD, rt, rt + 1);  // the diagonal block
-            // y = yo + D x
-#pragma unroll
-            for (int half = 0; half < 2; half++) {
-                const int i = half ? rb : ra;
-                if (i >= valid) continue;
-                bf16* yr = hd.yg + (size_t)(s0 + i) * (H * P);
-#pragma unroll
-                for (int n = 0; n < P / 8; n++) {
-                    const int p = n * 8 + 2 * q;
-                    const float2 xv = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(sx + i * (P + PAD) + p));
-                    *reinterpret_cast<__nv_bfloat162*>(yr + p) =
-                        __floats2bfloat162_rn(yo[n][2 * half] + hd.dskip * xv.x, yo[n][2 * half + 1] + hd.dskip * xv.y);
-                }
-            }
+            hd.store_y(s0, valid, ra, rb, q, H, [&](int n, int e) { return yo[n][e]; },
+                       [&](int i, int p) { return *reinterpret_cast<const __nv_bfloat162*>(sx + i * (P + PAD) + p); });
         }
         if (prep && more) sp.prepare(s_st[(s + 1) & 1], s + 1);
         __syncthreads();  // every warp is done reading the state copy

@@ -214,19 +214,8 @@ fwd_kernel(bf16* y, float* dt_s, float* acum_s, SSDInputs in, int T, int H, int 
 
         // y = Y + D x
         const unsigned char* sx = smem + xo;
-#pragma unroll
-        for (int hf = 0; hf < 2; hf++) {
-            const int i = hf ? rb : ra;
-            if (i >= valid) continue;
-            bf16* yr = hd.yg + (size_t)(r0 + i) * (H * P);
-#pragma unroll
-            for (int jn = 0; jn < 8; jn++) {
-                const int p = jn * 8 + 2 * q;
-                const float2 xv = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(sx + swz128(i, p)));
-                *reinterpret_cast<__nv_bfloat162*>(yr + p) =
-                    __floats2bfloat162_rn(yo[4 * jn + 2 * hf] + hd.dskip * xv.x, yo[4 * jn + 2 * hf + 1] + hd.dskip * xv.y);
-            }
-        }
+        hd.store_y(r0, valid, ra, rb, q, H, [&](int n, int e) { return yo[4 * n + e]; },
+                   [&](int i, int p) { return *reinterpret_cast<const __nv_bfloat162*>(sx + swz128(i, p)); });
         __syncthreads();  // every warp's wgmma of this step has read the state copy
         // the state leaving the step, bf16, for the next step's Y (made visible to wgmma at the loop's top)
 #pragma unroll
