@@ -13,7 +13,7 @@
 # anchors (the anchor scripts; their log is ANCHOR_LOG for the benchmarks), anchors-strong [quick]
 # (the whole-model anchors at models' shapes; quick: without the B1 T16384 hybrid), models, sft, default,
 # hf, export-val, export-sft, scan-anchor, bench-one NAME "FLAGS" ("-": none), docreset, sft-bench, bench-prepare,
-# graph (the captured step against --eager).
+# graph (the captured step against --eager), profile "MODEL" (--profile's phases), kernels "MODEL" (ncu, per kernel).
 set -uo pipefail
 if [ "${1:-}" = prepare ]; then  # on the development machine
   make -j2 build/test_gpu build/hf_logits train_mamba finetune_mamba prepare_data convert_hf \
@@ -74,6 +74,12 @@ while [ $# -gt 0 ]; do
                 timeout 120 ./train_mamba --model $m --bench --bench-steps 20 $e 2>&1 | grep -E "bench:|error" | sed "s|^|$m ${e:-(graph)}: |"
               done
             done 2>&1 | tee "$OUT/graph.log" ;;
+    kernels) # kernels "MODEL FLAGS": time per kernel of a few steps under ncu (clocks locked; a short model keeps it
+            # quick, e.g. kernels "mamba2-370m --layers 2 -B 8 -T 2048": every layer runs the same kernels)
+            m=$1; shift
+            timeout 400 ncu --section SpeedOfLight --launch-count 600 ./train_mamba --model $m --bench --bench-steps 1 \
+              --eager > "$OUT/kernels.log" 2>&1
+            python3 dev/ncu_kernels.py "$OUT/kernels.log" | tee -a "$OUT/kernels.txt" ;;
     profile) # profile "MODEL [-B N -T N]" (the shape defaults to B8 T2048)
             m=$1; shift; case "$m" in *-B*) ;; *) m="$m -B 8 -T 2048" ;; esac
             ./train_mamba --model $m --bench --profile --bench-steps 5 2>&1 | tee -a "$OUT/profile.log" | tail -30 ;;
