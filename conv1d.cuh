@@ -131,11 +131,6 @@ conv1d_silu_forward_kernel(bf16* __restrict__ out, const bf16* __restrict__ in, 
     }
 }
 
-// Backward: dpre = dout * silu'(pre); din[s] = sum_k w[k] dpre[s+(K-1)-k] over the rows of s's
-// sequence and document (no sequence or document start in rows s+1 .. s+(K-1)-k);
-// dw[k] += dpre[t] in[t-(K-1)+k] (the window cleared as in the forward), dbias += dpre[t]. Block y is column-sum
-// chunk y (cuda_common.cuh); its warps split the chunk's rows into runs, and their weight
-// gradients are summed in warp order into the chunk's partial.
 // one lane's VEC channels of a row into its ring slot: cp.async (zeros when !valid), or a plain load and
 // store below cp.async's 4 bytes
 template <int VEC>
@@ -143,9 +138,17 @@ __device__ inline void conv_copy(Pack<bf16, VEC>* slot, const bf16* row, bool va
     if constexpr (VEC * sizeof(bf16) >= 4) tc::cp_async_bytes<VEC * sizeof(bf16)>(slot, row, valid);
     else *slot = conv_load<VEC>(row, valid);
 }
+// the backward's rings: [warp][stage][in, dout][row of the step][lane]
 template <int VEC>
-constexpr size_t conv_bwd_smem_bytes() { return (size_t)CONV_WARPS * CONV_STAGES * 2 * CONV_STEP * 32 * VEC * sizeof(bf16); }
+constexpr size_t conv_bwd_smem_bytes() {
+    return (size_t)CONV_WARPS * CONV_STAGES * 2 * CONV_STEP * 32 * VEC * sizeof(bf16);
+}
 
+// Backward: dpre = dout * silu'(pre); din[s] = sum_k w[k] dpre[s+(K-1)-k] over the rows of s's
+// sequence and document (no sequence or document start in rows s+1 .. s+(K-1)-k);
+// dw[k] += dpre[t] in[t-(K-1)+k] (the window cleared as in the forward), dbias += dpre[t]. Block y is column-sum
+// chunk y (cuda_common.cuh); its warps split the chunk's rows into runs, and their weight
+// gradients are summed in warp order into the chunk's partial.
 template <int K, int VEC, bool DOCS>
 __global__ void __launch_bounds__(32 * CONV_WARPS, conv_min_blocks(DOCS, true))
 conv1d_silu_backward_kernel(bf16* __restrict__ din, int din_stride, float* __restrict__ partial,
@@ -153,8 +156,9 @@ conv1d_silu_backward_kernel(bf16* __restrict__ din, int din_stride, float* __res
                             const bf16* __restrict__ w, const bf16* __restrict__ bias, const int* __restrict__ pos,
                             int rows, int T, int C) {
     __shared__ float red[CONV_WARPS][K + 1][32 * VEC];
-    extern __shared__ __align__(16) unsigned char conv_smem[];  // the rings: [warp][stage][in, dout][u][lane]
-    Pack<bf16, VEC>* ring = reinterpret_cast<Pack<bf16, VEC>*>(conv_smem) + threadIdx.y * CONV_STAGES * 2 * CONV_STEP * 32 + threadIdx.x;
+    extern __shared__ __align__(16) unsigned char conv_smem[];  // conv_bwd_smem_bytes
+    Pack<bf16, VEC>* ring =
+        reinterpret_cast<Pack<bf16, VEC>*>(conv_smem) + threadIdx.y * CONV_STAGES * 2 * CONV_STEP * 32 + threadIdx.x;
     auto slot = [&](int stage, int tensor, int u) { return ring + ((stage * 2 + tensor) * CONV_STEP + u) * 32; };
     const int c0 = (blockIdx.x * 32 + threadIdx.x) * VEC;
     int p0, p1;

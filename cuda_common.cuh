@@ -302,8 +302,8 @@ __device__ __forceinline__ float softplus(float x) { return softplus_e(x, exp_ne
 __device__ __forceinline__ float sigmoid(float x) { return sigmoid_e(x, exp_neg_abs(x)); }
 
 // SiLU and its derivative on the hardware's ex2 and rcp approximations (a few ulp of fp32, far below the bf16
-// they are stored in): the memory-bound layers around them (gated norm, conv1d, MLP) spent most of their
-// instructions on IEEE divisions. 1 + e^-x = inf (x < -88) gives rcp = 0, the right limit.
+// they are stored in): with IEEE divisions the gated norm and conv1d passes were bound by instructions, not
+// memory. 1 + e^-x = inf (x < -88) gives rcp = 0, the right limit.
 __device__ __forceinline__ float sigmoid_fast(float x) { return __fdividef(1.0f, 1.0f + __expf(-x)); }
 __device__ __forceinline__ float silu(float x) { return x * sigmoid_fast(x); }
 __device__ __forceinline__ float silu_grad_s(float x, float s) { return s * (1.0f + x * (1.0f - s)); }  // s = sigmoid(x)

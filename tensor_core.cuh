@@ -1,7 +1,7 @@
 // Warp-level tensor-core and asynchronous-copy helpers (inline PTX, sm_80 and later) shared by the
 // tile kernels of ssd.cuh and attention.cuh: ldmatrix, mma.sync m16n8k16 (bf16 in, fp32 accumulate),
 // accumulator fragments (cleared, packed as the next matmul's A operand, summed over a quad), bf16 pairs
-// scaled in registers, cp.async.
+// scaled in registers, cp.async (also conv1d.cuh's backward ring).
 //
 // m16n8k16 fragments (g = lane / 4, q = lane % 4):
 //   A 16x16: a0 (row g, cols 2q, 2q+1), a1 (row g+8), a2 (row g, cols 2q+8, 2q+9), a3 (row g+8, cols 2q+8..)
