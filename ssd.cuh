@@ -1443,21 +1443,25 @@ template <int P, int N, bool DOCS> struct Backward {
     template <typename... A> static void run(A&... a) { backward_impl<P, N, DOCS>(a...); }
 };
 
+// a forward kernel family F (Forward or ForwardMmaSync) after the input checks
+template <template <int, int, bool> class F>
+void checked_forward(bf16* y, void* saved, const SSDInputs& in, const SSDShape& sh, cudaStream_t s) {
+    check_inputs(in, sh);
+    check_rows("y", y, sh.H * sh.P, sh.H * sh.P);
+    dispatch<F>(sh, in.pos != nullptr, y, saved, in, sh, s);
+}
+
 }  // namespace ssd
 
 // y (BT, H*P) = SSD(x, softplus(dt + dt_bias), A = -exp(A_log), B, C) + D*x; saved keeps what the backward reads
 inline void ssd_forward(bf16* y, void* saved, void* scratch, const SSDInputs& in, const SSDShape& sh, cudaStream_t s) {
     (void)scratch;
-    ssd::check_inputs(in, sh);
-    ssd::check_rows("y", y, sh.H * sh.P, sh.H * sh.P);
-    ssd::dispatch<ssd::Forward>(sh, in.pos != nullptr, y, saved, in, sh, s);
+    ssd::checked_forward<ssd::Forward>(y, saved, in, sh, s);
 }
 
 // the same on the mma.sync kernel, which sm_90a builds use for P = 32 only (the benchmark compares the two)
 inline void ssd_forward_mma_sync(bf16* y, void* saved, const SSDInputs& in, const SSDShape& sh, cudaStream_t s) {
-    ssd::check_inputs(in, sh);
-    ssd::check_rows("y", y, sh.H * sh.P, sh.H * sh.P);
-    ssd::dispatch<ssd::ForwardMmaSync>(sh, in.pos != nullptr, y, saved, in, sh, s);
+    ssd::checked_forward<ssd::ForwardMmaSync>(y, saved, in, sh, s);
 }
 
 // dx, dB, dC, ddt written (strided like the inputs); ddt_bias, dA_log, dD accumulate (fp32)
