@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <initializer_list>
 #include <map>
+#include <tuple>
 #include <type_traits>
 #include <utility>
 #include "common.h"
@@ -38,6 +39,23 @@ inline void set_max_smem(const void* kernel, size_t bytes) {
 }
 template <typename K>
 inline void set_max_smem(K* kernel, size_t bytes) { set_max_smem((const void*)kernel, bytes); }
+
+// blocks of `threads` threads and `smem` bytes of dynamic shared memory that an SM holds at once (cached per
+// kernel, size and device)
+inline int occupancy(const void* kernel, int threads, size_t smem) {
+    static std::map<std::tuple<const void*, int, size_t, int>, int> known;
+    int dev;
+    cudaCheck(cudaGetDevice(&dev));
+    int& n = known[{kernel, threads, smem, dev}];
+    if (!n) {
+        set_max_smem(kernel, smem);
+        cudaCheck(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, threads, smem));
+        if (n < 1) THROW("a kernel of %d threads and %zu bytes of shared memory does not fit on an SM", threads, smem);
+    }
+    return n;
+}
+template <typename K>
+inline int occupancy(K* kernel, int threads, size_t smem) { return occupancy((const void*)kernel, threads, smem); }
 
 // cudaMalloc that ends the program with the size asked for and what was free.
 // bytes handed out by cuda_malloc so far: the engine allocates once at set-up and frees at

@@ -80,13 +80,42 @@ struct BwdScratch {
     }
 };
 
+// The forward runs a block per (b, h) down the whole sequence. When the B H blocks leave most SMs idle (one long
+// sequence of few heads: B1 T16384 H64 fills 64 of 264 places), each sequence is cut into segments of whole
+// chunks, a block each, and a fix-up pass adds what each segment's rows owe the state entering it (ssd.cuh).
+// The chunks a segment spans, given `slots` blocks that run at once: the fewest 64-row step times, counting ~2
+// steps for a block's start and 1/256 of a step for each 64-row tile of the fix-up (measured by bench_ssd's
+// segment sweep on an H200; filling a partial last wave does not pay: B4 H80 stays in one segment).
+inline int forward_segment_chunks(const SSDShape& sh, int slots) {
+    const int nc = nchunks(sh);
+    const long bh = (long)sh.B * sh.H;
+    int best = nc, prev = 0;
+    double best_steps = 0;
+    for (int nseg = 1; nseg <= nc; nseg++) {
+        const int len = (int)ceil_div(nc, nseg);
+        if (len == prev) continue;  // the same segments as fewer of them
+        prev = len;
+        const long segs = (long)ceil_div(nc, len), fixup_tiles = (segs - 1) * bh * len * NTILE;
+        const double steps = (double)ceil_div(bh * segs, slots) * (len * NTILE + 2) + fixup_tiles / 256.0;
+        if (nseg == 1 || steps < best_steps) best = len, best_steps = steps;
+    }
+    return best;
+}
+// fp32 final states the segments before the last leave for the fix-up (S^T, N x P, per (b, h, segment))
+inline size_t forward_segment_state_elems(const SSDShape& sh, int seg_chunks) {
+    return (size_t)sh.B * sh.H * (ceil_div(nchunks(sh), seg_chunks) - 1) * sh.P * sh.N;
+}
+
 }  // namespace ssd
 
 // dt and the 256-row-chunk-local cumsum of dt A per (b, h, padded position), fp32
 inline size_t ssd_saved_bytes(const SSDShape& sh) { return 2 * ssd::padded_positions(sh) * sizeof(float); }
 
-// the forward needs none; the backward's (shared by all layers)
-inline size_t ssd_scratch_bytes(const SSDShape& sh) { return ssd::BwdScratch(sh, nullptr).total * sizeof(float); }
+// the backward's, shared by all layers; the forward borrows it for its segments' states (at most one segment a
+// chunk, which fits: the backward keeps two bf16 states a chunk)
+inline size_t ssd_scratch_bytes(const SSDShape& sh) {
+    return std::max(ssd::BwdScratch(sh, nullptr).total, ssd::forward_segment_state_elems(sh, 1)) * sizeof(float);
+}
 
 // ----------------------------------------------------------------------------------------------
 // Mamba-1 selective scan (scan.cuh)

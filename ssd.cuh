@@ -21,6 +21,8 @@
 // warp prepares its dt, cumsum and weights. Short steps keep the quadratic part small; x, B, C and dt are read
 // once, y written once, nothing else touches memory but dt and the 256-row-chunk-local cumsum, saved for the
 // backward (8 bytes per (b, t, h)). On sm_90a builds heads of 64 take the same steps on wgmma (ssd_sm90.cuh).
+// When the (b, h) blocks are too few for the GPU (one long sequence), each sequence runs in segments of whole
+// chunks, a block each from a zero state, and a fix-up adds the entering state's part of y (ssd_segment_*).
 //
 // Backward (chunks of 256 rows through memory; parallel over b, chunk, group and head slices):
 //   states:  per (b, h, chunk) its own state S_c and dS_c = sum_i exp(Acum_i) dy_i C_i^T (the gradient its
@@ -400,29 +402,36 @@ __device__ __forceinline__ void diagonal_scores(float* c, const StepArrays& st, 
     }
 }
 
-// A forward block's head h of sequence b: its parameters, the first rows of its x, B, C and y, and the preparing
-// warp's StepPrep
+// A forward block's head h of sequence b and its segment z (rows [z seg_len, z seg_len + Tl) of the sequence, the
+// whole of it unless the forward runs in segments): its parameters, the first rows of its x, B, C and y, and the
+// preparing warp's StepPrep
 template <int P, int N>
 struct ForwardHead {
-    int h, b, g;
+    int h, b, z, g, H, Tl, Tpl;  // Tl: rows of the segment; Tpl: its saved positions (to the padded end on the last)
     float A, bias, dskip;
-    size_t row0, pos0;  // the sequence's first row; the head's first saved position
+    size_t row0, pos0;  // the segment's first row; the head's first saved position of it
     const bf16 *xg, *bg, *cg;
     bf16* yg;
-    __device__ ForwardHead(const SSDInputs& in, bf16* y, int T, int H, int G, int Tp)
-        : h(blockIdx.x), b(blockIdx.y), g(h / (H / G)), A(-expf(__bfloat162float(in.A_log[h]))),
-          bias(__bfloat162float(in.dt_bias[h])), dskip(__bfloat162float(in.D[h])), row0((size_t)b * T),
-          pos0(((size_t)b * H + h) * Tp), xg(in.x + row0 * in.x_stride + h * P), bg(in.Bm + row0 * in.bc_stride + g * N),
+    __device__ ForwardHead(const SSDInputs& in, bf16* y, int T, int H_, int G, int Tp, int seg_len)
+        : h(blockIdx.x), b(blockIdx.y), z(blockIdx.z), g(h / (H_ / G)), H(H_), Tl(min(T - z * seg_len, seg_len)),
+          Tpl(min(Tp - z * seg_len, seg_len)), A(-expf(__bfloat162float(in.A_log[h]))),
+          bias(__bfloat162float(in.dt_bias[h])), dskip(__bfloat162float(in.D[h])),
+          row0((size_t)b * T + (size_t)z * seg_len), pos0(((size_t)b * H + h) * Tp + (size_t)z * seg_len),
+          xg(in.x + row0 * in.x_stride + h * P), bg(in.Bm + row0 * in.bc_stride + g * N),
           cg(in.Cm + row0 * in.bc_stride + g * N), yg(y + row0 * (size_t)(H * P) + h * P) {}
     template <bool DOCS>
-    __device__ StepPrep<DOCS> prep(const SSDInputs& in, int T, float* dt_s, float* acum_s) const {
-        return {in.dt, in.pos, in.dt_stride, row0, pos0, h, T, bias, A, dt_s, acum_s};
+    __device__ StepPrep<DOCS> prep(const SSDInputs& in, float* dt_s, float* acum_s) const {
+        return {in.dt, in.pos, in.dt_stride, row0, pos0, h, Tl, bias, A, dt_s, acum_s};
+    }
+    // where the state leaving the segment goes (S^T: [n][p], fp32) when a later segment's fix-up needs it, else null
+    __device__ float* state_out(float* seg_state) const {
+        return z + 1 < (int)gridDim.z ? seg_state + (((size_t)b * H + h) * (gridDim.z - 1) + z) * (P * N) : nullptr;
     }
     // y = Y + D x for a lane's rows ra and rb (those below `valid`) of the step starting at row r0:
     // acc(n, e) is Y at row (e < 2 ? ra : rb), column 8 n + 2 q + e % 2; x(i, p) the bf16 pair of x at row i,
     // columns p and p + 1 (each forward kernel keeps its own layouts)
     template <typename Acc, typename X>
-    __device__ void store_y(int r0, int valid, int ra, int rb, int q, int H, Acc&& acc, X&& x) const {
+    __device__ void store_y(int r0, int valid, int ra, int rb, int q, Acc&& acc, X&& x) const {
 #pragma unroll
         for (int half = 0; half < 2; half++) {
             const int i = half ? rb : ra;
@@ -439,12 +448,14 @@ struct ForwardHead {
     }
 };
 
-// One block per (h, b), 4 warps; see the header for the pipeline. Dynamic smem: fwd_smem_bytes.
+// One block per (h, b, segment), 4 warps; see the header for the pipeline. Dynamic smem: fwd_smem_bytes.
 //   y phase, warp w: the 16 rows of row tile w (3 - w in every other wave of blocks), all P columns of y
 //   state phase, warp w: all P rows, columns [wN/4, (w+1)N/4) of the state (fp32 registers, kept across steps)
+// A segment before the last leaves its final state in seg_state (ForwardHead::state_out).
 template <int P, int N, bool DOCS>
 __global__ void __launch_bounds__(THREADS)
-ssd_fwd_kernel(bf16* y, float* dt_s, float* acum_s, SSDInputs in, int T, int H, int G, int Tp, int nsm) {
+ssd_fwd_kernel(bf16* y, float* dt_s, float* acum_s, SSDInputs in, int T, int H, int G, int Tp, int seg_len,
+               float* seg_state, int nsm) {
     static_assert(P % 16 == 0 && N % 64 == 0, "state tiles");
     constexpr int XS = TILE * (P + PAD), BS = TILE * (N + PAD);
     constexpr int MT = P / 16;   // m16 tiles of the state (rows p)
@@ -458,22 +469,23 @@ ssd_fwd_kernel(bf16* y, float* dt_s, float* acum_s, SSDInputs in, int T, int H, 
     bf16* s_h = s_c + 2 * BS;  // the state entering the step, bf16 [P][N + PAD]
     StepArrays* s_st = reinterpret_cast<StepArrays*>(s_h + P * (N + PAD));  // 2 buffers
 
-    const ForwardHead<P, N> hd(in, y, T, H, G, Tp);
+    const ForwardHead<P, N> hd(in, y, T, H, G, Tp, seg_len);
+    float* sout = hd.state_out(seg_state);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, q = lane & 3;
-    const int nsteps = (T + TILE - 1) / TILE;
+    const int nsteps = (hd.Tl + TILE - 1) / TILE;
     // every other wave of blocks takes the row tiles of the y phase in reverse order (see rt below); the warp
     // with the lightest row tile prepares the next step
-    const bool flip = ((blockIdx.y * gridDim.x + blockIdx.x) / nsm) & 1;
+    const bool flip = (((blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x) / nsm) & 1;
     const bool prep = warp == (flip ? 3 : 0);
 
     auto load_step = [&](int s) {
-        const int s0 = s * TILE, valid = min(TILE, T - s0), buf = s & 1;
+        const int s0 = s * TILE, valid = min(TILE, hd.Tl - s0), buf = s & 1;
         load_rows<P>(s_x + buf * XS, hd.xg + (size_t)s0 * in.x_stride, in.x_stride, valid);
         load_rows<N>(s_b + buf * BS, hd.bg + (size_t)s0 * in.bc_stride, in.bc_stride, valid);
         load_rows<N>(s_c + buf * BS, hd.cg + (size_t)s0 * in.bc_stride, in.bc_stride, valid);
         cp_async_commit();
     };
-    StepPrep<DOCS> sp = hd.template prep<DOCS>(in, T, dt_s, acum_s);
+    StepPrep<DOCS> sp = hd.template prep<DOCS>(in, dt_s, acum_s);
 
     load_step(0);
     if (prep) {
@@ -491,7 +503,7 @@ ssd_fwd_kernel(bf16* y, float* dt_s, float* acum_s, SSDInputs in, int T, int H, 
     const int m0 = rt * 16, ra = m0 + (lane >> 2), rb = ra + 8;
     const int kend = rt + 1;  // k16 steps of j that rows < m0 + 16 see
     for (int s = 0; s < nsteps; s++) {
-        const int buf = s & 1, s0 = s * TILE, valid = min(TILE, T - s0);
+        const int buf = s & 1, s0 = s * TILE, valid = min(TILE, hd.Tl - s0);
         cp_async_wait_sync();  // step s's tiles, arrays and the state copy are in place; step s-1 is done
         const bool more = s + 1 < nsteps;
         if (more) load_step(s + 1);  // into the buffer step s-1 used
@@ -538,12 +550,12 @@ ssd_fwd_kernel(bf16* y, float* dt_s, float* acum_s, SSDInputs in, int T, int H, 
             warp_mma_rega<P / 8>(yo, pa, sx, P + PAD, 0, rt);  // columns left of the row tile
             scale_rows_acc(yo, st.e0[ra], st.e0[rb]);
             warp_mma_rega<P / 8>(yo, pa, sx, P + PAD, rt, rt + 1);  // the diagonal block
-            hd.store_y(s0, valid, ra, rb, q, H, [&](int n, int e) { return yo[n][e]; },
+            hd.store_y(s0, valid, ra, rb, q, [&](int n, int e) { return yo[n][e]; },
                        [&](int i, int p) { return *reinterpret_cast<const __nv_bfloat162*>(sx + i * (P + PAD) + p); });
         }
         if (prep && more) sp.prepare(s_st[(s + 1) & 1], s + 1);
         __syncthreads();  // every warp is done reading the state copy
-        if (!more) break;  // the state leaving the last step is not needed
+        if (!more && !sout) break;  // the state leaving the sequence is not needed
 
         // ---- state phase: Hout = decay Hin + (w x)^T B, this warp's columns
         {
@@ -587,12 +599,117 @@ ssd_fwd_kernel(bf16* y, float* dt_s, float* acum_s, SSDInputs in, int T, int H, 
                 }
         }
     }
-    if (prep) sp.finish(nsteps, Tp);
+    if (sout)  // S^T: [n][p]
+#pragma unroll
+        for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+            for (int nt = 0; nt < SNT; nt++)
+#pragma unroll
+                for (int e = 0; e < 4; e++)
+                    sout[(warp * SN + nt * 8 + 2 * q + (e & 1)) * P + mt * 16 + (lane >> 2) + 8 * (e >> 1)] =
+                        st_acc[mt][nt][e];
+    if (prep) sp.finish(nsteps, hd.Tpl);
 }
 
 inline size_t fwd_smem_bytes(int P, int N) {
     return (size_t)(2 * TILE * (P + PAD) + 4 * TILE * (N + PAD) + P * (N + PAD)) * sizeof(bf16) +
            2 * sizeof(StepArrays);
+}
+
+// Forward in segments (kernel_sizes.h, forward_segment_chunks): every segment started from a zero state. The state
+// truly entering segment z > 0 is Hin_z = decay_{z-1} Hin_{z-1} + S_{z-1} (Hin_0 = 0), S_k the state segment k left
+// and decay_k = exp(sum of dt A over segment k), 0 when its last row's document started inside it. Row i of segment
+// z whose document started before the segment owes y_i += exp(Acum_i) Hin_z C_i (Acum_i: the cumsum of dt A from
+// the segment's start, from the saved chunk-local cumsums). Two passes: the states, then the rows with a block per
+// 64-row tile (one block walking a segment's tiles waited on each tile's loads in turn: slower than no segments).
+
+// sum of dt A over chunks [c0, c1) of a (b, h) row of the saved chunk-local cumsums (each chunk's total is its
+// last row's cumsum)
+__device__ inline float chunk_totals(const float* acum, int c0, int c1) {
+    float sum = 0.f;
+    for (int c = c0; c < c1; c++) sum += acum[(size_t)c * CHUNK + CHUNK - 1];
+    return sum;
+}
+
+// Hin_{k+1} in place of S_k for k = 0 .. nseg - 2 (fp32, [n][p]); grid (P N / (4 THREADS), H, B), 4 elements a thread
+template <bool DOCS>
+__global__ void __launch_bounds__(THREADS)
+ssd_segment_hin_kernel(float* seg_state, const float* acum_s, const int* pos, int T, int Tp, int nseg, int seg_len,
+                       int PN) {
+    const int h = blockIdx.y, b = blockIdx.z, H = gridDim.y, seg_chunks = seg_len / CHUNK;
+    const float* acum = acum_s + ((size_t)b * H + h) * Tp;
+    float4* st = reinterpret_cast<float4*>(seg_state + ((size_t)b * H + h) * (nseg - 1) * PN) +
+                 blockIdx.x * THREADS + threadIdx.x;
+    float4 hin = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int k = 0; k + 1 < nseg; k++) {
+        float decay = 0.f;  // of Hin_k over segment k
+        if (k > 0) {
+            const int last = (k + 1) * seg_len - 1;
+            const bool cut = DOCS && pos[(size_t)b * T + last] <= last - k * seg_len;
+            decay = cut ? 0.f : decay_exp(chunk_totals(acum, k * seg_chunks, (k + 1) * seg_chunks));
+        }
+        float4* sk = st + (size_t)k * (PN / 4);
+        const float4 v = *sk;
+        hin = make_float4(decay * hin.x + v.x, decay * hin.y + v.y, decay * hin.z + v.z, decay * hin.w + v.w);
+        *sk = hin;
+    }
+}
+
+// y_i += exp(Acum_i) Hin_z C_i for one 64-row tile of segment z > 0; grid (tiles a segment, segments - 1, B H).
+// The factor only shrinks down a segment (decays and document starts), so a tile whose first row owes nothing is
+// done at once.
+template <int P, int N, bool DOCS>
+__global__ void __launch_bounds__(THREADS)
+ssd_segment_fixup_kernel(bf16* y, const float* seg_state, const float* acum_s, SSDInputs in, int T, int H, int G,
+                         int Tp, int seg_len) {
+    __shared__ __align__(16) bf16 s_c[TILE * (N + PAD)];  // C rows of the tile
+    __shared__ __align__(16) bf16 s_h[N * (P + PAD)];     // Hin^T: rows n, P contiguous
+    __shared__ float s_f[TILE];                            // exp(Acum_i) where row i sees Hin, else 0
+    const int nseg = gridDim.y + 1, z = blockIdx.y + 1, h = blockIdx.z % H, b = blockIdx.z / H, g = h / (H / G);
+    const int begin = z * seg_len, i0 = blockIdx.x * TILE, valid = min(TILE, T - begin - i0);
+    if (valid <= 0) return;  // past the end of the last segment
+    const float* acum = acum_s + ((size_t)b * H + h) * Tp;
+    const size_t r0 = (size_t)b * T + begin + i0;
+    if (threadIdx.x < TILE) {
+        const int i = threadIdx.x, t = begin + i0 + i;
+        const float base = chunk_totals(acum, begin / CHUNK, (begin + i0) / CHUNK);  // from the segment's start
+        float f = i < valid ? decay_exp(base + acum[t]) : 0.f;
+        if (DOCS && i < valid && t - in.pos[r0 + i] >= begin) f = 0.f;  // its document started in the segment
+        s_f[i] = f;
+    }
+    __syncthreads();
+    if (s_f[0] == 0.f) return;
+
+    load_rows<N>(s_c, in.Cm + r0 * in.bc_stride + g * N, in.bc_stride, valid);
+    cp_async_commit();
+    const float* hz = seg_state + (((size_t)b * H + h) * (nseg - 1) + z - 1) * (P * N);
+    for (int e = 4 * threadIdx.x; e < P * N; e += 4 * THREADS) {
+        const float4 v = *reinterpret_cast<const float4*>(hz + e);
+        uint2 u;
+        u.x = pack_bf16(v.x, v.y);
+        u.y = pack_bf16(v.z, v.w);
+        *reinterpret_cast<uint2*>(s_h + (e / P) * (P + PAD) + e % P) = u;
+    }
+    cp_async_wait_sync();
+
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, q = lane & 3;
+    float acc[P / 8][4];
+    zero(acc);
+    warp_mma<P / 8, false, true>(acc, s_c, N + PAD, 16 * warp, s_h, P + PAD, 0, N);
+#pragma unroll
+    for (int half = 0; half < 2; half++) {
+        const int i = 16 * warp + (lane >> 2) + 8 * half;
+        const float f = s_f[i];
+        if (i >= valid || f == 0.f) continue;
+        bf16* yr = y + (r0 + i) * (size_t)(H * P) + h * P;
+#pragma unroll
+        for (int n = 0; n < P / 8; n++) {
+            const int p = n * 8 + 2 * q;
+            const float2 v = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(yr + p));
+            *reinterpret_cast<__nv_bfloat162*>(yr + p) =
+                __floats2bfloat162_rn(v.x + f * acc[n][2 * half], v.y + f * acc[n][2 * half + 1]);
+        }
+    }
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -1354,29 +1471,62 @@ inline int sm_count() {
 
 namespace ssd {
 
-// the mma.sync kernel (sm_80 and later)
-template <int P, int N, bool DOCS>
-void forward_mma_sync(bf16* y, void* saved, const SSDInputs& in, const SSDShape& sh, cudaStream_t s) {
-    float* dt_s = (float*)saved;
-    float* acum_s = dt_s + padded_positions(sh);
-    const size_t smem = fwd_smem_bytes(P, N);
-    set_max_smem(ssd_fwd_kernel<P, N, DOCS>, smem);
-    ssd_fwd_kernel<P, N, DOCS><<<dim3(sh.H, sh.B), THREADS, smem, s>>>(y, dt_s, acum_s, in, sh.T, sh.H, sh.G,
-                                                                       nchunks(sh) * CHUNK, sm_count());
-    cudaCheckLast();
+// the forward kernel a build takes: the wgmma one on sm_90a builds for heads of 64 (unless mma_sync), else the
+// mma.sync one
+template <int P>
+constexpr bool forward_on_wgmma(bool mma_sync) {
+#ifdef SM90A
+    return P == 64 && !mma_sync;
+#else
+    return false;
+#endif
 }
 
-// the wgmma kernel on sm_90a builds for heads of 64, else the mma.sync one
+// chunks a forward segment spans: of `segments` segments, or (0) as forward_segment_chunks chooses for this GPU
 template <int P, int N, bool DOCS>
-void forward_impl(bf16* y, void* saved, const SSDInputs& in, const SSDShape& sh, cudaStream_t s) {
+int forward_seg_chunks(const SSDShape& sh, bool mma_sync, int segments) {
+    if (segments > 0) return (int)ceil_div(nchunks(sh), segments);
+    int per_sm = 0;
 #ifdef SM90A
-    if constexpr (P == 64) {
-        float* dt_s = (float*)saved;
-        sm90::forward<N, DOCS>(y, dt_s, dt_s + padded_positions(sh), in, sh, nchunks(sh) * CHUNK, s);
-        return;
-    }
+    if constexpr (P == 64)
+        if (forward_on_wgmma<P>(mma_sync)) per_sm = sm90::Forward<N, DOCS>::blocks_per_sm();
 #endif
-    forward_mma_sync<P, N, DOCS>(y, saved, in, sh, s);
+    if (!forward_on_wgmma<P>(mma_sync)) per_sm = occupancy(ssd_fwd_kernel<P, N, DOCS>, THREADS, fwd_smem_bytes(P, N));
+    return forward_segment_chunks(sh, per_sm * sm_count());
+}
+
+// the forward in segments, then their fix-up
+template <int P, int N, bool DOCS>
+void forward_impl(bf16* y, void* saved, void* scratch, const SSDInputs& in, const SSDShape& sh, bool mma_sync,
+                  int segments, cudaStream_t s) {
+    float* dt_s = (float*)saved;
+    float* acum_s = dt_s + padded_positions(sh);
+    const int nc = nchunks(sh), Tp = nc * CHUNK, seg_chunks = forward_seg_chunks<P, N, DOCS>(sh, mma_sync, segments);
+    const int nseg = (int)ceil_div(nc, seg_chunks), seg_len = seg_chunks * CHUNK;
+    float* seg_state = nseg > 1 ? (float*)scratch : nullptr;
+    if (nseg > 1 && !scratch) THROW("ssd_forward: %d segments need the scratch (ssd_scratch_bytes)", nseg);
+    const dim3 grid(sh.H, sh.B, nseg);
+#ifdef SM90A
+    if constexpr (P == 64)
+        if (forward_on_wgmma<P>(mma_sync))
+            sm90::Forward<N, DOCS>::run(grid, y, dt_s, acum_s, in, sh, Tp, seg_len, seg_state, s);
+#endif
+    if (!forward_on_wgmma<P>(mma_sync)) {
+        const size_t smem = fwd_smem_bytes(P, N);
+        set_max_smem(ssd_fwd_kernel<P, N, DOCS>, smem);
+        ssd_fwd_kernel<P, N, DOCS><<<grid, THREADS, smem, s>>>(y, dt_s, acum_s, in, sh.T, sh.H, sh.G, Tp, seg_len,
+                                                               seg_state, sm_count());
+        cudaCheckLast();
+    }
+    if (nseg > 1) {
+        static_assert(P * N % (4 * THREADS) == 0, "whole float4 slices of the state");
+        ssd_segment_hin_kernel<DOCS><<<dim3(P * N / (4 * THREADS), sh.H, sh.B), THREADS, 0, s>>>(
+            seg_state, acum_s, in.pos, sh.T, Tp, nseg, seg_len, P * N);
+        cudaCheckLast();
+        ssd_segment_fixup_kernel<P, N, DOCS><<<dim3(seg_len / TILE, nseg - 1, sh.B * sh.H), THREADS, 0, s>>>(
+            y, seg_state, acum_s, in, sh.T, sh.H, sh.G, Tp, seg_len);
+        cudaCheckLast();
+    }
 }
 
 template <int P, int N, bool DOCS>
@@ -1436,32 +1586,32 @@ void dispatch(const SSDShape& sh, bool docs, Args&&... args) {
 template <int P, int N, bool DOCS> struct Forward {
     template <typename... A> static void run(A&... a) { forward_impl<P, N, DOCS>(a...); }
 };
-template <int P, int N, bool DOCS> struct ForwardMmaSync {
-    template <typename... A> static void run(A&... a) { forward_mma_sync<P, N, DOCS>(a...); }
+template <int P, int N, bool DOCS> struct ForwardSegments {
+    static void run(int& nseg, const SSDShape& sh, bool& mma_sync) {
+        nseg = (int)ceil_div(nchunks(sh), forward_seg_chunks<P, N, DOCS>(sh, mma_sync, 0));
+    }
 };
 template <int P, int N, bool DOCS> struct Backward {
     template <typename... A> static void run(A&... a) { backward_impl<P, N, DOCS>(a...); }
 };
 
-// a forward kernel family F (Forward or ForwardMmaSync) after the input checks
-template <template <int, int, bool> class F>
-void checked_forward(bf16* y, void* saved, const SSDInputs& in, const SSDShape& sh, cudaStream_t s) {
-    check_inputs(in, sh);
-    check_rows("y", y, sh.H * sh.P, sh.H * sh.P);
-    dispatch<F>(sh, in.pos != nullptr, y, saved, in, sh, s);
-}
-
 }  // namespace ssd
 
-// y (BT, H*P) = SSD(x, softplus(dt + dt_bias), A = -exp(A_log), B, C) + D*x; saved keeps what the backward reads
-inline void ssd_forward(bf16* y, void* saved, void* scratch, const SSDInputs& in, const SSDShape& sh, cudaStream_t s) {
-    (void)scratch;
-    ssd::checked_forward<ssd::Forward>(y, saved, in, sh, s);
+// y (BT, H*P) = SSD(x, softplus(dt + dt_bias), A = -exp(A_log), B, C) + D*x; saved keeps what the backward reads.
+// The forward borrows the scratch (ssd_scratch_bytes) when it runs in segments; `segments` > 0 sets their number
+// (tests), mma_sync takes the mma.sync kernel on sm_90a builds too (tests and the benchmark compare the two).
+inline void ssd_forward(bf16* y, void* saved, void* scratch, const SSDInputs& in, const SSDShape& sh, cudaStream_t s,
+                        int segments = 0, bool mma_sync = false) {
+    ssd::check_inputs(in, sh);
+    ssd::check_rows("y", y, sh.H * sh.P, sh.H * sh.P);
+    ssd::dispatch<ssd::Forward>(sh, in.pos != nullptr, y, saved, scratch, in, sh, mma_sync, segments, s);
 }
 
-// the same on the mma.sync kernel, which sm_90a builds use for P = 32 only (the benchmark compares the two)
-inline void ssd_forward_mma_sync(bf16* y, void* saved, const SSDInputs& in, const SSDShape& sh, cudaStream_t s) {
-    ssd::checked_forward<ssd::ForwardMmaSync>(y, saved, in, sh, s);
+// the segments ssd_forward cuts each sequence into on this GPU (benchmarks report it)
+inline int ssd_forward_segments(const SSDShape& sh, bool mma_sync = false) {
+    int nseg = 1;
+    ssd::dispatch<ssd::ForwardSegments>(sh, false, nseg, sh, mma_sync);
+    return nseg;
 }
 
 // dx, dB, dC, ddt written (strided like the inputs); ddt_bias, dA_log, dD accumulate (fp32)

@@ -60,7 +60,8 @@ __device__ inline void load_rows_sw128(unsigned char* s, const bf16* g, size_t s
 
 template <int N, bool DOCS>
 __global__ void __launch_bounds__(THREADS, 2)
-fwd_kernel(bf16* y, float* dt_s, float* acum_s, SSDInputs in, int T, int H, int G, int Tp) {
+fwd_kernel(bf16* y, float* dt_s, float* acum_s, SSDInputs in, int T, int H, int G, int Tp, int seg_len,
+           float* seg_state) {
     constexpr int P = 64, NB = N / 64;  // NB: column blocks of B and C, m64 blocks of the state S^T
     using L = FwdSmem<N>;
     extern __shared__ unsigned char smem_raw[];
@@ -68,12 +69,12 @@ fwd_kernel(bf16* y, float* dt_s, float* acum_s, SSDInputs in, int T, int H, int 
     StepArrays* s_st = reinterpret_cast<StepArrays*>(smem + L::OFF_ST);
     const uint32_t s0a = smem_u32(smem);
 
-    const ForwardHead<P, N> hd(in, y, T, H, G, Tp);
+    const ForwardHead<P, N> hd(in, y, T, H, G, Tp, seg_len);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gq = lane >> 2, q = lane & 3;
-    const int nsteps = (T + TILE - 1) / TILE;
+    const int nsteps = (hd.Tl + TILE - 1) / TILE;
 
     auto load_step = [&](int s) {
-        const int r = s * TILE, valid = min(TILE, T - r), buf = s & 1;
+        const int r = s * TILE, valid = min(TILE, hd.Tl - r), buf = s & 1;
         load_rows_sw128<P>(smem + buf * L::X, hd.xg + (size_t)r * in.x_stride, in.x_stride, valid);
         load_rows_sw128<N>(smem + L::OFF_B + buf * L::BC, hd.bg + (size_t)r * in.bc_stride, in.bc_stride, valid);
         load_rows_sw128<N>(smem + L::OFF_C + buf * L::BC, hd.cg + (size_t)r * in.bc_stride, in.bc_stride, valid);
@@ -97,7 +98,7 @@ fwd_kernel(bf16* y, float* dt_s, float* acum_s, SSDInputs in, int T, int H, int 
         }
     };
     const bool prep = warp == 0;
-    StepPrep<DOCS> sp = hd.template prep<DOCS>(in, T, dt_s, acum_s);
+    StepPrep<DOCS> sp = hd.template prep<DOCS>(in, dt_s, acum_s);
     load_step(0);
     if (prep) {
         sp.load(0);
@@ -123,7 +124,7 @@ fwd_kernel(bf16* y, float* dt_s, float* acum_s, SSDInputs in, int T, int H, int 
     scale_x(0, s_st[0]);
 
     for (int s = 0; s < nsteps; s++) {
-        const int buf = s & 1, r0 = s * TILE, valid = min(TILE, T - r0);
+        const int buf = s & 1, r0 = s * TILE, valid = min(TILE, hd.Tl - r0);
         cp_async_wait_group<0>();
         fence_async_smem();  // the copies (and the state copy) are read by wgmma, the async proxy
         __syncthreads();     // step s's tiles, arrays and state copy are in place; step s - 1 is done
@@ -214,7 +215,7 @@ fwd_kernel(bf16* y, float* dt_s, float* acum_s, SSDInputs in, int T, int H, int 
 
         // y = Y + D x
         const unsigned char* sx = smem + xo;
-        hd.store_y(r0, valid, ra, rb, q, H, [&](int n, int e) { return yo[4 * n + e]; },
+        hd.store_y(r0, valid, ra, rb, q, [&](int n, int e) { return yo[4 * n + e]; },
                    [&](int i, int p) { return *reinterpret_cast<const __nv_bfloat162*>(sx + swz128(i, p)); });
         __syncthreads();  // every warp's wgmma of this step has read the state copy
         // the state leaving the step, bf16, for the next step's Y (made visible to wgmma at the loop's top)
@@ -233,15 +234,29 @@ fwd_kernel(bf16* y, float* dt_s, float* acum_s, SSDInputs in, int T, int H, int 
             scale_x(buf ^ 1, s_st[buf ^ 1]);
         }
     }
-    if (prep) sp.finish(nsteps, Tp);
+    if (float* sout = hd.state_out(seg_state))  // the state leaving the segment, S^T: [n][p]
+#pragma unroll
+        for (int mb = 0; mb < NB; mb++)
+#pragma unroll
+            for (int jn = 0; jn < 8; jn++)
+#pragma unroll
+                for (int hf = 0; hf < 2; hf++)
+                    *reinterpret_cast<float2*>(sout + (64 * mb + 16 * warp + gq + 8 * hf) * P + jn * 8 + 2 * q) =
+                        make_float2(st[mb][4 * jn + 2 * hf], st[mb][4 * jn + 2 * hf + 1]);
+    if (prep) sp.finish(nsteps, hd.Tpl);
 }
 
+// the launch for grid (H, B, segments), and the blocks an SM takes
 template <int N, bool DOCS>
-void forward(bf16* y, float* dt_s, float* acum_s, const SSDInputs& in, const SSDShape& sh, int Tp, cudaStream_t s) {
-    auto k = fwd_kernel<N, DOCS>;
-    set_max_smem(k, FwdSmem<N>::BYTES);
-    k<<<dim3(sh.H, sh.B), THREADS, FwdSmem<N>::BYTES, s>>>(y, dt_s, acum_s, in, sh.T, sh.H, sh.G, Tp);
-    cudaCheckLast();
-}
+struct Forward {
+    static int blocks_per_sm() { return occupancy(fwd_kernel<N, DOCS>, THREADS, FwdSmem<N>::BYTES); }
+    static void run(dim3 grid, bf16* y, float* dt_s, float* acum_s, const SSDInputs& in, const SSDShape& sh, int Tp,
+                    int seg_len, float* seg_state, cudaStream_t s) {
+        auto k = fwd_kernel<N, DOCS>;
+        set_max_smem(k, FwdSmem<N>::BYTES);
+        k<<<grid, THREADS, FwdSmem<N>::BYTES, s>>>(y, dt_s, acum_s, in, sh.T, sh.H, sh.G, Tp, seg_len, seg_state);
+        cudaCheckLast();
+    }
+};
 
 }  // namespace ssd::sm90

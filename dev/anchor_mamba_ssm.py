@@ -113,6 +113,7 @@ SSD_SHAPES = [
     ("2.7b", 4, 2048, 80, 64, 128, 1),   # mamba2-2.7b layer
     ("T1024", 4, 1024, 64, 64, 128, 1),
     ("T512", 4, 512, 64, 64, 128, 1),
+    ("B1T16k", 1, 16384, 64, 64, 128, 1),  # hybrid-1.3b layer at B1 T16384
 ]
 SSD_CHUNK = 256
 # packed documents: lengths cycled from index b in row b until the row is full (as dev/bench_ssd.cu)

@@ -1,13 +1,15 @@
 // Benchmark of the SSD scan (ssd.cuh) at ANCHORS.md's shape (B4 T4096 H64 P64 N128 G1, chunk 256), the
-// mamba2-370m and mamba2-2.7b layer shapes and two short sequences (T 512, 1024), each plain and with packed
+// mamba2-370m and mamba2-2.7b layer shapes, two short sequences (T 512, 1024) and one long one of few heads
+// (hybrid-1.3b's layer at B1 T16384, where the forward runs in segments), each plain and with packed
 // documents (many short ones, a few long: the length pattern DOC_LENGTHS, which dev/anchor_mamba_ssm.py
 // repeats for mamba_ssm's seq_idx). Per shape: a correctness check against the sequential double reference
 // (the forward on a few heads, dx and ddt of one head; per document with boundaries), then the median of
 // cudaEvent timings of the forward and of forward+backward, TFLOP/s (the chunked algorithm's matmul FLOPs as
 // ANCHORS.md counts them, backward counted as twice the forward) and the ratio to the anchor measured in the
 // same device run (ANCHOR_LOG, dev/anchors.h); also the forward on the mma.sync kernel (what sm_90a builds run
-// for P = 32 only, and other GPUs for every P). The last lines are a compact table.
-// usage: dev/bench_ssd [--shape NAME] [--iters N]     (NAME: bench 370m 2.7b T1024 T512)
+// for P = 32 only, and other GPUs for every P) and in 1, 2, 4, ... segments (ssd_forward_segments says which
+// count this GPU chooses). The last lines are a compact table.
+// usage: dev/bench_ssd [--shape NAME] [--iters N]     (NAME: bench 370m 2.7b T1024 T512 B1T16k)
 #include <algorithm>
 #include <cmath>
 #include <random>
@@ -26,6 +28,7 @@ static const Shape kShapes[] = {
     {"2.7b", 4, 2048, 80, 64, 128, 1},   // mamba2-2.7b layer: d_inner 5120
     {"T1024", 4, 1024, 64, 64, 128, 1},
     {"T512", 4, 512, 64, 64, 128, 1},
+    {"B1T16k", 1, 16384, 64, 64, 128, 1},  // hybrid-1.3b layer at B1 T16384: 64 (b, h) for 132 SMs
 };
 static const int kChunk = 256;
 // document lengths, cycled from index b in row b until the row is full (the anchor script uses the same)
@@ -189,7 +192,12 @@ static Result run_shape(const Shape& s, int iters) {
     in.pos = nullptr;
     r.fwd = time_ms(fwd, warmup, iters);
     r.all = time_ms(all, warmup, iters);
-    r.fwd_mma_sync = time_ms([&]() { ssd_forward_mma_sync(d_y, saved, in, sh, 0); }, warmup, iters);
+    r.fwd_mma_sync = time_ms([&]() { ssd_forward(d_y, saved, scratch, in, sh, 0, 0, true); }, warmup, iters);
+    // the forward in 1, 2, 4, ... segments (ssd_forward_segments: what it chooses on this GPU)
+    std::string segs = strformat("  %-20s", "forward, segments:");
+    for (int nseg = 1; nseg <= (T + 255) / 256 && nseg <= 16; nseg *= 2)
+        segs += strformat(" %d: %.3f ms", nseg, time_ms([&]() { ssd_forward(d_y, saved, scratch, in, sh, 0, nseg); },
+                                                         warmup, iters));
     in.pos = d_pos;
     r.fwd_docs = time_ms(fwd, warmup, iters);
     r.all_docs = time_ms(all, warmup, iters);
@@ -205,6 +213,7 @@ static Result run_shape(const Shape& s, int iters) {
     line("forward+backward", r.all, 3 * fwd_flops, anchor_value(prefix, "fwd+bwd"));
     printf("  %-20s (%6.1f TFLOP/s) %.3f ms: the wgmma kernel is %.2fx faster\n", "forward, mma.sync",
            fwd_flops / r.fwd_mma_sync * 1e-9, r.fwd_mma_sync, r.fwd_mma_sync / r.fwd);
+    printf("%s (chosen: %d)\n", segs.c_str(), ssd_forward_segments(sh));
     line("forward, documents", r.fwd_docs, fwd_flops, anchor_value(prefix_docs, "fwd"));
     line("fwd+bwd, documents", r.all_docs, 3 * fwd_flops, anchor_value(prefix_docs, "fwd+bwd"));
 
@@ -219,7 +228,7 @@ int main(int argc, char** argv) {
         std::string only;
         int iters = 30;
         Flags f("usage: bench_ssd [flags]");
-        f.add({"--shape"}, &only, "NAME", "one shape only: bench, 370m, 2.7b, T1024 or T512");
+        f.add({"--shape"}, &only, "NAME", "one shape only: bench, 370m, 2.7b, T1024, T512 or B1T16k");
         f.add({"--iters"}, &iters, "N", "timed repetitions", Range::at_least(1));
         if (!f.parse(argc, argv).empty()) THROW("bench_ssd takes no positional arguments (see --help)");
         std::vector<std::pair<Shape, Result>> done;

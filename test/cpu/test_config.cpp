@@ -299,3 +299,22 @@ TEST_CASE("train_mamba and finetune_mamba refuse bad flags before any work, nami
 }
 
 }  // namespace
+
+TEST_CASE("ssd: the segments the forward chooses (kernel_sizes.h)", "[config][ssd]") {
+    using ssd::forward_segment_chunks;
+    // enough (b, h) for every slot: one segment of all chunks
+    REQUIRE(forward_segment_chunks(SSDShape{8, 2048, 32, 64, 1, 128, 256}, 264) == 8);
+    REQUIRE(forward_segment_chunks(SSDShape{4, 4096, 64, 64, 1, 128, 256}, 264) == 16);
+    // 320 blocks on 264 places (mamba2-2.7b, B4 T2048): the fix-up would cost more than the second wave's tail
+    REQUIRE(forward_segment_chunks(SSDShape{4, 2048, 80, 64, 1, 128, 256}, 264) == 8);
+    // one sequence of 64 heads over 16k positions (64 of 264 places): 4 segments of 16 chunks, the fastest in
+    // bench_ssd's sweep (0.37 ms against 0.68 in one segment, 0.41 in 2 or 8)
+    REQUIRE(forward_segment_chunks(SSDShape{1, 16384, 64, 64, 1, 128, 256}, 264) == 16);
+    // a handful of heads: a chunk a segment
+    REQUIRE(forward_segment_chunks(SSDShape{1, 4096, 4, 64, 1, 128, 256}, 264) == 1);
+    // a single chunk cannot be cut
+    REQUIRE(forward_segment_chunks(SSDShape{1, 200, 1, 64, 1, 128, 256}, 264) == 1);
+    // the forward's segment states fit in the backward's scratch
+    for (SSDShape sh : {SSDShape{1, 16384, 64, 64, 1, 128, 256}, SSDShape{2, 300, 3, 32, 1, 64, 64}})
+        REQUIRE(ssd::forward_segment_state_elems(sh, 1) <= ssd::BwdScratch(sh, nullptr).total);
+}

@@ -91,9 +91,10 @@ static RefResult reference(const std::vector<double>& x, const std::vector<doubl
 // pos empty: no document boundaries (the kernels get pos = nullptr)
 // mma_sync: the forward on the mma.sync kernel (sm_90a builds run the wgmma one for P = 64)
 static void check_ssd(int B, int T, int H, int G, int P, int N, int chunk, uint64_t seed,
-                      const std::vector<int>& pos = {}, bool mma_sync = false) {
+                      const std::vector<int>& pos = {}, bool mma_sync = false, int segments = 0) {
     INFO("B=" << B << " T=" << T << " H=" << H << " G=" << G << " P=" << P << " N=" << N << " chunk=" << chunk
-              << (pos.empty() ? "" : " with documents") << (mma_sync ? " (mma.sync forward)" : ""));
+              << (pos.empty() ? "" : " with documents") << (mma_sync ? " (mma.sync forward)" : "") << " segments "
+              << (segments ? segments : ssd_forward_segments(SSDShape{B, T, H, P, G, N, chunk}, mma_sync)));
     Rng rng(seed);
     const int HP = H * P, GN = G * N;
     // the model's layout: one row [x | B | C] (+ a gap), dt in a row of its own (+ a gap)
@@ -152,8 +153,7 @@ static void check_ssd(int B, int T, int H, int G, int P, int N, int chunk, uint6
         cudaCheck(cudaMemcpy(d_pg, g0.data(), 3 * H * sizeof(float), cudaMemcpyHostToDevice));
         poison_bytes(scratch, scratch_bytes);
         poison_bytes(saved, ssd_saved_bytes(sh));
-        if (mma_sync) ssd_forward_mma_sync(d_y, saved, in, sh, 0);
-        else ssd_forward(d_y, saved, scratch, in, sh, 0);
+        ssd_forward(d_y, saved, scratch, in, sh, 0, segments, mma_sync);
         poison_bytes(scratch, scratch_bytes);  // the backward must not rely on the forward's scratch
         ssd_backward(gr, scratch, d_dy, in, saved, sh, 0);
         cudaCheck(cudaDeviceSynchronize());
@@ -239,6 +239,26 @@ TEST_CASE("ssd forward on the mma.sync kernel at P = 64 (what other GPUs run)", 
     Rng rng(78);
     check_ssd(3, 257, 6, 3, 64, 64, 256, 18, {}, true);
     check_ssd(2, 600, 4, 2, 64, 128, 256, 19, make_pos(2, 600, 1.0 / 40, {63, 64, 255, 256, 599}, rng), true);
+}
+
+TEST_CASE("ssd forward in segments (what few (b, h) blocks on a large GPU run)", "[gpu][ssd]") {
+    // segments of whole 256-row chunks: 2 of 2 chunks, 3 of 1-2 chunks with a partial last one, a chunk each
+    // (the segment fix-up then chains 5 states), on both forward kernels; heads whose decay carries the state over
+    // thousands of rows (see the dt and A_log ranges above) make the fix-up's term count
+    Rng rng(79);
+    for (bool mma_sync : {false, true}) {
+        check_ssd(2, 1024, 4, 2, 64, 128, 256, 20, {}, mma_sync, 2);
+        check_ssd(1, 1300, 6, 3, 64, 64, 128, 21, {}, mma_sync, 3);
+        check_ssd(1, 1500, 16, 1, 64, 64, 256, 22, make_pos(1, 1500, 0.0, {300, 512, 1100}, rng), mma_sync, 6);
+    }
+    check_ssd(2, 900, 4, 1, 32, 128, 256, 23, {}, false, 4);  // P = 32 (the mma.sync kernel everywhere)
+    // documents: starting a segment (t = 512, 768), ending one (t = 767), many short ones, every token its own
+    check_ssd(2, 1200, 4, 2, 64, 128, 256, 24, make_pos(2, 1200, 1.0 / 300, {512, 767, 768}, rng), false, 5);
+    check_ssd(1, 800, 4, 2, 32, 64, 64, 25, make_pos(1, 800, 1.0 / 5, {}, rng), false, 4);
+    check_ssd(1, 600, 4, 2, 64, 64, 64, 26, make_pos(1, 600, 1.0, {}, rng), false, 3);
+    // few (b, h) over long sequences: the GPU's own choice runs in segments
+    REQUIRE(ssd_forward_segments(SSDShape{1, 4096, 4, 64, 1, 128, 256}) > 1);
+    check_ssd(1, 4096, 4, 1, 64, 128, 256, 27);
 }
 
 TEST_CASE("ssd rejects unsupported shapes", "[gpu][ssd]") {
