@@ -14,6 +14,8 @@
 # (the whole-model anchors at models' shapes; quick: without the B1 T16384 hybrid), models, sft, default,
 # hf, export-val, export-sft, scan-anchor, bench-one NAME "FLAGS" ("-": none), docreset, sft-bench, bench-prepare,
 # graph (the captured step against --eager), profile "MODEL" (--profile's phases), kernels "MODEL" (ncu, per kernel).
+# Order: time the anchors that need no build (anchors) first, with the CPU idle; start anchor-build only after
+# wait-dumps (beside the extension builds the dumps took over 5 minutes); anchors-strong with the CPU idle again.
 set -uo pipefail
 if [ "${1:-}" = prepare ]; then  # on the development machine
   make -j2 build/test_gpu build/hf_logits train_mamba finetune_mamba prepare_data convert_hf \
