@@ -242,8 +242,8 @@ TEST_CASE("ssd forward on the mma.sync kernel at P = 64 (what other GPUs run)", 
 }
 
 TEST_CASE("ssd forward in segments (what few (b, h) blocks on a large GPU run)", "[gpu][ssd]") {
-    // segments of whole 256-row chunks: 2 of 2 chunks, 3 of 1-2 chunks with a partial last one, a chunk each
-    // (the segment fix-up then chains 5 states), on both forward kernels; heads whose decay carries the state over
+    // segments of whole 256-row chunks: 2 of 2 chunks; 3 of 2 chunks, the last one partial; 6 of a chunk each
+    // (the fix-up then chains 5 states); on both forward kernels. Heads whose decay carries the state over
     // thousands of rows (see the dt and A_log ranges above) make the fix-up's term count
     Rng rng(79);
     for (bool mma_sync : {false, true}) {
