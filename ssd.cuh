@@ -1471,15 +1471,30 @@ inline int sm_count() {
 
 namespace ssd {
 
-// the forward kernel a build takes: the wgmma one on sm_90a builds for heads of 64 (unless mma_sync), else the
-// mma.sync one
-template <int P>
-constexpr bool forward_on_wgmma(bool mma_sync) {
+// the mma.sync forward's launch for grid (H, B, segments), and the blocks an SM takes (sm90::Forward is its twin)
+template <int P, int N, bool DOCS>
+struct ForwardMmaSync {
+    static int blocks_per_sm() { return occupancy(ssd_fwd_kernel<P, N, DOCS>, THREADS, fwd_smem_bytes(P, N)); }
+    static void run(dim3 grid, bf16* y, float* dt_s, float* acum_s, const SSDInputs& in, const SSDShape& sh, int Tp,
+                    int seg_len, float* seg_state, cudaStream_t s) {
+        const size_t smem = fwd_smem_bytes(P, N);
+        set_max_smem(ssd_fwd_kernel<P, N, DOCS>, smem);
+        ssd_fwd_kernel<P, N, DOCS><<<grid, THREADS, smem, s>>>(y, dt_s, acum_s, in, sh.T, sh.H, sh.G, Tp, seg_len,
+                                                               seg_state, sm_count());
+        cudaCheckLast();
+    }
+};
+
+// f(K{}) with the forward kernel K a build takes: the wgmma one on sm_90a builds for heads of 64 (unless
+// mma_sync), else the mma.sync one
+template <int P, int N, bool DOCS, typename F>
+void with_forward_kernel(bool mma_sync, F&& f) {
 #ifdef SM90A
-    return P == 64 && !mma_sync;
-#else
-    return false;
+    if constexpr (P == 64)
+        if (!mma_sync) return f(sm90::Forward<N, DOCS>{});
 #endif
+    (void)mma_sync;
+    f(ForwardMmaSync<P, N, DOCS>{});
 }
 
 // chunks a forward segment spans: of `segments` segments, or (0) as forward_segment_chunks chooses for this GPU
@@ -1487,11 +1502,7 @@ template <int P, int N, bool DOCS>
 int forward_seg_chunks(const SSDShape& sh, bool mma_sync, int segments) {
     if (segments > 0) return (int)ceil_div(nchunks(sh), segments);
     int per_sm = 0;
-#ifdef SM90A
-    if constexpr (P == 64)
-        if (forward_on_wgmma<P>(mma_sync)) per_sm = sm90::Forward<N, DOCS>::blocks_per_sm();
-#endif
-    if (!forward_on_wgmma<P>(mma_sync)) per_sm = occupancy(ssd_fwd_kernel<P, N, DOCS>, THREADS, fwd_smem_bytes(P, N));
+    with_forward_kernel<P, N, DOCS>(mma_sync, [&](auto k) { per_sm = decltype(k)::blocks_per_sm(); });
     return forward_segment_chunks(sh, per_sm * sm_count());
 }
 
@@ -1505,19 +1516,9 @@ void forward_impl(bf16* y, void* saved, void* scratch, const SSDInputs& in, cons
     const int nseg = (int)ceil_div(nc, seg_chunks), seg_len = seg_chunks * CHUNK;
     float* seg_state = nseg > 1 ? (float*)scratch : nullptr;
     if (nseg > 1 && !scratch) THROW("ssd_forward: %d segments need the scratch (ssd_scratch_bytes)", nseg);
-    const dim3 grid(sh.H, sh.B, nseg);
-#ifdef SM90A
-    if constexpr (P == 64)
-        if (forward_on_wgmma<P>(mma_sync))
-            sm90::Forward<N, DOCS>::run(grid, y, dt_s, acum_s, in, sh, Tp, seg_len, seg_state, s);
-#endif
-    if (!forward_on_wgmma<P>(mma_sync)) {
-        const size_t smem = fwd_smem_bytes(P, N);
-        set_max_smem(ssd_fwd_kernel<P, N, DOCS>, smem);
-        ssd_fwd_kernel<P, N, DOCS><<<grid, THREADS, smem, s>>>(y, dt_s, acum_s, in, sh.T, sh.H, sh.G, Tp, seg_len,
-                                                               seg_state, sm_count());
-        cudaCheckLast();
-    }
+    with_forward_kernel<P, N, DOCS>(mma_sync, [&](auto k) {
+        decltype(k)::run(dim3(sh.H, sh.B, nseg), y, dt_s, acum_s, in, sh, Tp, seg_len, seg_state, s);
+    });
     if (nseg > 1) {
         static_assert(P * N % (4 * THREADS) == 0, "whole float4 slices of the state");
         ssd_segment_hin_kernel<DOCS><<<dim3(P * N / (4 * THREADS), sh.H, sh.B), THREADS, 0, s>>>(

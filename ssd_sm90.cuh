@@ -246,7 +246,7 @@ fwd_kernel(bf16* y, float* dt_s, float* acum_s, SSDInputs in, int T, int H, int 
     if (prep) sp.finish(nsteps, hd.Tpl);
 }
 
-// the launch for grid (H, B, segments), and the blocks an SM takes
+// the launch for grid (H, B, segments), and the blocks an SM takes (ssd::ForwardMmaSync is its twin)
 template <int N, bool DOCS>
 struct Forward {
     static int blocks_per_sm() { return occupancy(fwd_kernel<N, DOCS>, THREADS, FwdSmem<N>::BYTES); }

@@ -3,7 +3,7 @@
 // device run logged it). First checks forward and backward against the sequential double reference
 // (test/ref/scan.h) at a small shape, then times forward and forward+backward (median of cudaEvent
 // timings): without document boundaries, with many short documents (mean 64 steps) and with a few long
-// ones (mean 1024), and the forward and the backward in other thread layouts (to tune the defaults on the GPU).
+// ones (mean 1024), and the backward in two other thread layouts (to tune the defaults on the GPU).
 // Prints ms, GB/s over the floor bytes and the ratio to the memory floor at 3.0 TB/s:
 //   forward reads u, dt_raw, z, B, C once and writes y once;
 //   backward reads u, dt_raw, z, B, C, dy once and writes du, ddt_raw, dz, dB, dC once (bf16).
@@ -173,22 +173,6 @@ static void bench_layout(Bufs& bf, const char* name) {
     printf("  backward alone, %-34s %.3f ms\n", name, t);
 }
 
-// the forward in thread layout L (TT-step tiles), its y checked against the default kernel's (y_ref)
-template <class L, int TT>
-static void bench_fwd_layout(Bufs& bf, const std::vector<bf16>& y_ref, const char* name) {
-    const ScanShape sh = bf.sh();
-    cudaCheck(cudaMemset(bf.y, 0xff, y_ref.size() * sizeof(bf16)));  // NaN poison
-    scan::launch_fwd<L, TT>(bf.y, bf.saved, bf.in(), sh, 0);
-    std::vector<bf16> y(y_ref.size());
-    cudaCheck(cudaMemcpy(y.data(), bf.y, y.size() * sizeof(bf16), cudaMemcpyDeviceToHost));
-    std::vector<double> a(y.size()), b(y.size());
-    for (size_t i = 0; i < y.size(); i++) a[i] = __bfloat162float(y[i]), b[i] = __bfloat162float(y_ref[i]);
-    const double e = rel_l2(a, b);
-    if (!(e < 1e-2)) THROW("forward layout %s: y rel L2 %.2e against the default layout's", name, e);
-    const float t = time_ms([&]() { scan::launch_fwd<L, TT>(bf.y, bf.saved, bf.in(), sh, 0); }, 3, 15);
-    printf("  forward alone, %-35s %.3f ms (y against the default's: rel L2 %.1e)\n", name, t, e);
-}
-
 static void bench(int N, std::vector<Row>& rows) {
     // room for the alternative layouts' larger block partials
     const size_t alt_scratch = N == 16 ? scan::bwd_scratch<scan::Layout<4, 1, 4, 4>>({kB, kT, kD, N}, nullptr).total * 4
@@ -220,21 +204,6 @@ static void bench(int N, std::vector<Row>& rows) {
     }
     bf.set_documents(0, 0);
     bf.fwd();
-    // other thread layouts (NPT states and DPT channels a thread, G lanes a channel group, W warps), to tune the
-    // defaults on the GPU: fewer lanes a channel group share the per-(t, d) staging and sums among fewer threads
-    std::vector<bf16> y_ref(bf.BT * kD);
-    cudaCheck(cudaMemcpy(y_ref.data(), bf.y, y_ref.size() * sizeof(bf16), cudaMemcpyDeviceToHost));
-    if (N == 16) {
-        bench_fwd_layout<scan::Config<4, 2, 4>::Fwd, scan::TT_F>(bf, y_ref, "default: 2 ch x 4 states, 4 lanes");
-        bench_fwd_layout<scan::Layout<8, 1, 2, 4>, 8>(bf, y_ref, "1 ch x 8 states, 2 lanes");
-        bench_fwd_layout<scan::Layout<16, 1, 1, 4>, 8>(bf, y_ref, "1 ch x 16 states (a lane a channel)");
-        bench_fwd_layout<scan::Layout<16, 1, 1, 2>, 8>(bf, y_ref, "the same, 2 warps a block");
-    } else {
-        bench_fwd_layout<scan::Config<4, 2, 32>::Fwd, scan::TT_F>(bf, y_ref, "default: 2 ch x 4 states, 32 lanes");
-        bench_fwd_layout<scan::Layout<8, 1, 16, 4>, 8>(bf, y_ref, "1 ch x 8 states, 16 lanes");
-        bench_fwd_layout<scan::Layout<16, 1, 8, 4>, 8>(bf, y_ref, "1 ch x 16 states, 8 lanes");
-    }
-    bf.fwd();  // the default's saved states for the backward
     if (N == 16) {
         bench_layout<scan::Config<4, 2, 4>::Bwd, scan::TT_B>(bf, "default: 2 ch x 4 states, 4 warps");
         bench_layout<scan::Layout<4, 1, 4, 4>, 4>(bf, "1 ch x 4 states (2x the threads)");

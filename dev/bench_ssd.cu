@@ -195,7 +195,7 @@ static Result run_shape(const Shape& s, int iters) {
     r.fwd_mma_sync = time_ms([&]() { ssd_forward(d_y, saved, scratch, in, sh, 0, 0, true); }, warmup, iters);
     // the forward in 1, 2, 4, ... segments (ssd_forward_segments: what it chooses on this GPU)
     std::string segs = strformat("  %-20s", "forward, segments:");
-    for (int nseg = 1; nseg <= (T + 255) / 256 && nseg <= 16; nseg *= 2)
+    for (int nseg = 1; nseg <= ssd::nchunks(sh) && nseg <= 16; nseg *= 2)
         segs += strformat(" %d: %.3f ms", nseg, time_ms([&]() { ssd_forward(d_y, saved, scratch, in, sh, 0, nseg); },
                                                          warmup, iters));
     in.pos = d_pos;

@@ -314,7 +314,8 @@ TEST_CASE("ssd: the segments the forward chooses (kernel_sizes.h)", "[config][ss
     REQUIRE(forward_segment_chunks(SSDShape{1, 4096, 4, 64, 1, 128, 256}, 264) == 1);
     // a single chunk cannot be cut
     REQUIRE(forward_segment_chunks(SSDShape{1, 200, 1, 64, 1, 128, 256}, 264) == 1);
-    // the forward's segment states fit in the backward's scratch
+    // the forward's segment states (a segment a chunk at most) fit in the backward's scratch, which
+    // ssd_scratch_bytes allocates
     for (SSDShape sh : {SSDShape{1, 16384, 64, 64, 1, 128, 256}, SSDShape{2, 300, 3, 32, 1, 64, 64}})
         REQUIRE(ssd::forward_segment_state_elems(sh, 1) <= ssd::BwdScratch(sh, nullptr).total);
 }
