@@ -13,7 +13,8 @@
 # anchors (the anchor scripts; their log is ANCHOR_LOG for the benchmarks), anchors-strong [quick]
 # (the whole-model anchors at models' shapes; quick: without the B1 T16384 hybrid), models, sft, default,
 # hf, export-val, export-sft, scan-anchor, bench-one NAME "FLAGS" ("-": none), docreset, sft-bench, bench-prepare,
-# graph (the captured step against --eager), profile "MODEL" (--profile's phases), kernels "MODEL" (ncu, per kernel).
+# graph (the captured step against --eager), profile "MODEL" (--profile's phases), kernels "MODEL" (ncu, per kernel),
+# multi (on a machine of several GPUs: test/multi_gpu.sh on all of them and the weak scaling).
 # Order: time the anchors that need no build (anchors) first, with the CPU idle; start anchor-build only after
 # wait-dumps (beside the extension builds the dumps took over 5 minutes); anchors-strong with the CPU idle again.
 set -uo pipefail
@@ -123,6 +124,15 @@ while [ $# -gt 0 ]; do
             python3 dev/sft_synthetic.py data/brown/text 20000 /tmp/sft_long.jsonl
             { echo "== sample set"; bash dev/bench_sft.sh data/sft_sample.jsonl ckpt_pre 256 8
               echo "== synthetic set (20k Brown continuations)"; bash dev/bench_sft.sh /tmp/sft_long.jsonl ckpt_pre 1024 8; } 2>&1 | tee "$OUT/sft_bench.log" ;;
+    multi)  # every GPU of the machine: test/multi_gpu.sh, then weak scaling (the same micro-batch per GPU, 32 MiB buckets)
+            n=$(nvidia-smi -L | wc -l)
+            timeout 400 bash test/multi_gpu.sh $n 2>&1 | tee "$OUT/multi.log" | tail -30
+            for m in "mamba2-370m -B 8 -T 2048" "hybrid-1.3b -B 4 -T 2048 --recompute"; do
+              bt=$(echo "$m" | awk '{print $3 * $5}')
+              timeout 120 ./train_mamba --model $m --bench --bench-steps 10 2>&1 | grep bench:
+              timeout 150 mpirun --allow-run-as-root -np $n --bind-to none -x NCCL_NVLS_ENABLE -x LD_LIBRARY_PATH \
+                ./train_mamba --model $m --bench --bench-steps 10 --total-batch $((bt * n)) 2>&1 | grep bench:
+            done 2>&1 | tee "$OUT/scaling.log" ;;
     bench-prepare) bash dev/bench_prepare.sh 2>&1 | tee "$OUT/bench_prepare.log" | tail -8 ;;
     *) echo "unknown step '$s'"; exit 1 ;;
   esac
