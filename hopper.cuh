@@ -200,8 +200,14 @@ __device__ inline uint64_t desc_sw128(uint32_t smem_addr, uint32_t lbo_bytes) {
     return (uint64_t)((smem_addr & 0x3FFFF) >> 4) | (uint64_t)((lbo_bytes >> 4) & 0x3FFF) << 16 |
            (uint64_t)(1024 >> 4) << 32 | 1ull << 62;
 }
-// the descriptor moved by `bytes` (a multiple of 16): only the start address changes
-__device__ inline uint64_t desc_add(uint64_t desc, uint32_t bytes) { return desc + (bytes >> 4); }
+// the descriptor moved by `bytes` (a multiple of 16): only the start address changes, so a 32-bit add on the
+// low word does (the 14-bit field never carries into bit 32), not a 64-bit one with its carry
+__device__ inline uint64_t desc_add(uint64_t desc, uint32_t bytes) {
+    return (desc & 0xFFFFFFFF00000000ull) | (uint32_t)((uint32_t)desc + (bytes >> 4));
+}
+// this thread's warpgroup, broadcast from lane 0 so that the compiler knows it is the same in the whole warp:
+// descriptors computed from it then stay in uniform registers instead of being moved there before each wgmma
+__device__ inline int warpgroup_index() { return __shfl_sync(0xFFFFFFFFu, (int)threadIdx.x / 128, 0); }
 
 __device__ inline void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ inline void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }

@@ -14,6 +14,7 @@
 # (the whole-model anchors at models' shapes; quick: without the B1 T16384 hybrid), models, sft, default,
 # hf, export-val, export-sft, scan-anchor, bench-one NAME "FLAGS" ("-": none), docreset, sft-bench, bench-prepare,
 # graph (the captured step against --eager), profile "MODEL" (--profile's phases), kernels "MODEL" (ncu, per kernel),
+# ncu NAME "MODEL" REGEX (one kernel's full ncu report as text; pack-ncu packs them into one file),
 # multi (on a machine of several GPUs: test/multi_gpu.sh on all of them and the weak scaling).
 # Order: time the anchors that need no build (anchors) first, with the CPU idle; start anchor-build only after
 # wait-dumps (beside the extension builds the dumps took over 5 minutes); anchors-strong with the CPU idle again.
@@ -83,6 +84,16 @@ while [ $# -gt 0 ]; do
             timeout 400 ncu --section SpeedOfLight --launch-count 600 ./train_mamba --model $m --bench --bench-steps 1 \
               --eager > "$OUT/kernels.log" 2>&1
             python3 dev/ncu_kernels.py "$OUT/kernels.log" | tee -a "$OUT/kernels.txt" ;;
+    ncu)    # ncu NAME "MODEL FLAGS" KERNEL_REGEX: the full report of the kernel's first launch in an eager step
+            # (stall reasons, and per SASS instruction the executed counts and stall samples) as text under
+            # $OUT/ncu_NAME/, which the last step packs into one file (at most 8 files come back)
+            n=$1 m=$2 k=$3; shift 3; d=$OUT/ncu_$n; mkdir -p $d
+            timeout 300 ncu --set full --import-source yes -k "regex:$k" -c 1 -f -o $d/rep ./train_mamba --model $m \
+              --bench --bench-steps 1 --eager > $d/run.log 2>&1
+            ncu -i $d/rep.ncu-rep --page details > $d/details.txt 2>&1
+            ncu -i $d/rep.ncu-rep --page source --csv --print-source sass > $d/sass.csv 2>&1
+            rm -f $d/rep.ncu-rep; grep -E "Duration|Registers|Achieved Occupancy|Issue Slots Busy" $d/details.txt ;;
+    pack-ncu) (cd $OUT && tar cJf ncu.tar.xz ncu_* && rm -rf ncu_*) ;;
     profile) # profile "MODEL [-B N -T N]" (the shape defaults to B8 T2048)
             m=$1; shift; case "$m" in *-B*) ;; *) m="$m -B 8 -T 2048" ;; esac
             ./train_mamba --model $m --bench --profile --bench-steps 5 2>&1 | tee -a "$OUT/profile.log" | tail -30 ;;
