@@ -262,21 +262,30 @@ fwd_kernel(bf16* __restrict__ out, float* __restrict__ lse, const bf16* __restri
                     for (int nt = 0; nt < NT; nt++) mma_bf16(s[mt][nt], a, bf[nt][0], bf[nt][1]);
                 }
             }
+            // the mask (after the diagonal, or before the row's document) in a pass of its own, run only where the
+            // diagonal or a document start crosses the tile: tested per score it costs as much as the softmax
+            if (k0 + BN - 1 > q0 + wr0 || k0 < wds_hi) {
+#pragma unroll
+                for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+                    for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+                        for (int e = 0; e < 4; e++) {
+                            const int row = q0 + wr0 + mt * 16 + g + 8 * (e >> 1), col = k0 + nt * 8 + 2 * qd + (e & 1);
+                            if (col > row || col < ds[mt][e >> 1]) s[mt][nt][e] = -INFINITY;
+                        }
+            }
             // online softmax (log2 domain)
-            const bool need_mask = k0 + BN - 1 > q0 + wr0 || k0 < wds_hi;
 #pragma unroll
             for (int mt = 0; mt < MT; mt++) {
 #pragma unroll
                 for (int hf = 0; hf < 2; hf++) {
-                    const int row = q0 + wr0 + mt * 16 + g + 8 * hf;
                     float mx = -INFINITY;
 #pragma unroll
                     for (int nt = 0; nt < NT; nt++)
 #pragma unroll
                         for (int e = 0; e < 2; e++) {
-                            float v = s[mt][nt][2 * hf + e] * scale_log2;
-                            const int col = k0 + nt * 8 + 2 * qd + e;
-                            if (need_mask && (col > row || col < ds[mt][hf])) v = -INFINITY;
+                            const float v = s[mt][nt][2 * hf + e] * scale_log2;
                             s[mt][nt][2 * hf + e] = v;
                             mx = fmaxf(mx, v);
                         }
@@ -459,17 +468,24 @@ bwd_dkdv_kernel(bf16* __restrict__ dqkv, const bf16* __restrict__ qkv, const bf1
             float s[NQ][4];
             zero(s);
             mma_abt<NQ, KD>(s, wK, LD, cQ, LD, ln);  // S^T (kv x q)
-            const bool need_mask = q0 < kr + 15 || pos;
+            // the mask (after the query, or before its document's start) as -inf scores, in a pass run only where the
+            // diagonal crosses the tile or with documents (exp2 of -inf is 0)
+            if (q0 < kr + 15 || pos) {
+#pragma unroll
+                for (int nt = 0; nt < NQ; nt++)
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        const int qi = nt * 8 + 2 * qd + (e & 1), kvrow = kr + g + 8 * (e >> 1);
+                        if (q0 + qi < kvrow || (pos && kvrow < q0 + qi - cP[qi])) s[nt][e] = -INFINITY;
+                    }
+            }
             uint32_t pa[NQ / 2][4];
 #pragma unroll
             for (int nt = 0; nt < NQ; nt++)
 #pragma unroll
                 for (int e = 0; e < 4; e++) {
-                    const int qi = nt * 8 + 2 * qd + (e & 1), kvrow = kr + g + 8 * (e >> 1);
-                    float p = fast_exp2(s[nt][e] * scale_log2 - cL[qi] * LOG2E);
-                    // after the query, or before its document's start
-                    if (need_mask && (q0 + qi < kvrow || (pos && kvrow < q0 + qi - cP[qi]))) p = 0.f;
-                    s[nt][e] = p;
+                    const int qi = nt * 8 + 2 * qd + (e & 1);
+                    s[nt][e] = fast_exp2(s[nt][e] * scale_log2 - cL[qi] * LOG2E);
                 }
             acc_to_a(pa, s);
             mma_rb<DT, NQ / 2, true>(dv, pa, cdO, LD, ln);  // dV += P^T dO
@@ -577,15 +593,21 @@ bwd_dq_kernel(bf16* __restrict__ dqkv, const bf16* __restrict__ qkv, const bf16*
                 mma_abt<NT, KD>(s, wQ, LD, cK, LD, ln);
                 mma_abt<NT, KD>(dp, wdO, LD, cV, LD, ln);
             }
-            const bool need_mask = k0 + BN - 1 > qr || k0 < wds_hi;
+            if (k0 + BN - 1 > qr || k0 < wds_hi) {  // the mask as -inf scores, only where it cuts the tile
+#pragma unroll
+                for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        const int col = k0 + nt * 8 + 2 * qd + (e & 1), row = qr + g + 8 * (e >> 1);
+                        if (col > row || col < ds[e >> 1]) s[nt][e] = -INFINITY;
+                    }
+            }
 #pragma unroll
             for (int nt = 0; nt < NT; nt++)
 #pragma unroll
                 for (int e = 0; e < 4; e++) {
-                    const int hf = e >> 1, col = k0 + nt * 8 + 2 * qd + (e & 1), row = qr + g + 8 * hf;
-                    float p = fast_exp2(s[nt][e] * scale_log2 - l2[hf]);
-                    if (need_mask && (col > row || col < ds[hf])) p = 0.f;
-                    s[nt][e] = p * (dp[nt][e] - dl[hf]);
+                    const int hf = e >> 1;
+                    s[nt][e] = fast_exp2(s[nt][e] * scale_log2 - l2[hf]) * (dp[nt][e] - dl[hf]);
                 }
             uint32_t da[BN / 16][4];
             acc_to_a(da, s);

@@ -433,26 +433,32 @@ struct BwdParams {
     float scale_log2, scale;
 };
 
+// D / 8 threads a (b, h, row), each reading 16 bytes of dO and of O (a warp: 256 / D whole rows; the rows, a
+// multiple of 64, end at a warp's end, so a warp returns whole)
 template <int D>
 __global__ void bwd_prep_kernel(float* __restrict__ l2, float* __restrict__ dl, int* __restrict__ dsp,
                                 const bf16* __restrict__ dout, const bf16* __restrict__ out,
                                 const float* __restrict__ lse, const int* __restrict__ pos, int B, int T, int Tp,
                                 int Hq) {
-    const int idx = blockIdx.x * 8 + threadIdx.x / 32, lane = threadIdx.x % 32;  // a warp per (b, h, row)
+    constexpr int TPR = D / 8;
+    const int idx = (blockIdx.x * blockDim.x + threadIdx.x) / TPR, part = threadIdx.x % TPR;
     if (idx >= B * Hq * Tp) return;
     const int t = idx % Tp, bh = idx / Tp, h = bh % Hq, b = bh / Hq;
     float acc = 0.f;
     if (t < T) {
-        const size_t off = ((size_t)b * T + t) * Hq * D + (size_t)h * D;
+        const size_t off = ((size_t)b * T + t) * Hq * D + (size_t)h * D + part * 8;
+        const uint4 x = *reinterpret_cast<const uint4*>(dout + off), y = *reinterpret_cast<const uint4*>(out + off);
+        const uint32_t xs[4] = {x.x, x.y, x.z, x.w}, ys[4] = {y.x, y.y, y.z, y.w};
 #pragma unroll
-        for (int i = lane * 2; i < D; i += 64) {
-            const float2 x = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(dout + off + i));
-            const float2 y = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(out + off + i));
-            acc += x.x * y.x + x.y * y.y;
+        for (int i = 0; i < 4; i++) {
+            const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&xs[i]));
+            const float2 c = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&ys[i]));
+            acc = fmaf(a.x, c.x, fmaf(a.y, c.y, acc));
         }
-        acc = warp_sum(acc);
     }
-    if (lane == 0) {
+#pragma unroll
+    for (int o = TPR / 2; o > 0; o /= 2) acc += __shfl_xor_sync(0xFFFFFFFFu, acc, o);
+    if (part == 0) {
         dl[idx] = acc;
         l2[idx] = t < T ? lse[(size_t)bh * T + t] * LOG2E : INFINITY;
         if (pos && h == 0) dsp[(size_t)b * Tp + t] = t < T ? t - pos[(size_t)b * T + t] : INT_MAX;
@@ -761,27 +767,34 @@ __global__ void __launch_bounds__(384, 1) bwd_kernel(const __grid_constant__ Bwd
     }
 }
 
-// dq = scale x the accumulator: one block of 128 threads per (b, h, query tile, 64 columns), thread t reading
-// what consumer thread t wrote (row 16 (t / 32) + (t % 32) / 4 (+ 8), columns 8j + 2 (t % 4) (+ 1))
+// dq = scale x the accumulator: one block of 128 threads per (b, h, query tile, 64 columns). Thread t reads
+// what consumer thread t wrote (row 16 (t / 32) + (t % 32) / 4 (+ 8), columns 8j + 2 (t % 4) (+ 1)) with
+// coalesced 16-byte loads; the tile turns through shared memory so that 8 threads write each row's 128 bytes
+// in 16-byte stores (written straight from the register order, a warp's stores hit 16-byte pieces of 8 rows)
 template <int D>
 __global__ void bwd_dq_kernel(bf16* __restrict__ dqkv, const float* __restrict__ dqacc, int T, int Tp, int Hq,
                               int Hkv, float scale) {
-    constexpr int NH = D / 64, BM = 64;
+    constexpr int NH = D / 64, BM = 64, LD = 64 + 8;  // + 8: the register-order writes hit distinct banks
+    __shared__ __align__(16) bf16 tile_s[BM * LD];
     const int t = threadIdx.x, half = blockIdx.x % NH;
     const size_t tile = blockIdx.x / NH;
     const int M = Tp / BM, m = (int)(tile % M), bh = (int)(tile / M), h = bh % Hq, b = bh / Hq;
     const float* src = dqacc + tile * BM * D + half * 4096;
-    const int r0 = m * BM + 16 * (t / 32) + (t % 32) / 4, c0 = h * D + half * 64 + 2 * (t % 4);
-    const size_t stride = (size_t)(Hq + 2 * Hkv) * D;
+    const int r = 16 * (t / 32) + (t % 32) / 4, c = 2 * (t % 4);
 #pragma unroll
     for (int j = 0; j < 8; j++) {
         const float4 v = *reinterpret_cast<const float4*>(src + (j * 128 + t) * 4);
-        if (r0 < T)
-            *reinterpret_cast<uint32_t*>(dqkv + ((size_t)b * T + r0) * stride + c0 + 8 * j) =
-                tc::pack_bf16(v.x * scale, v.y * scale);
-        if (r0 + 8 < T)
-            *reinterpret_cast<uint32_t*>(dqkv + ((size_t)b * T + r0 + 8) * stride + c0 + 8 * j) =
-                tc::pack_bf16(v.z * scale, v.w * scale);
+        *reinterpret_cast<uint32_t*>(tile_s + r * LD + c + 8 * j) = tc::pack_bf16(v.x * scale, v.y * scale);
+        *reinterpret_cast<uint32_t*>(tile_s + (r + 8) * LD + c + 8 * j) = tc::pack_bf16(v.z * scale, v.w * scale);
+    }
+    __syncthreads();
+    const size_t stride = (size_t)(Hq + 2 * Hkv) * D;
+#pragma unroll
+    for (int k = 0; k < 4; k++) {
+        const int piece = k * 128 + t, row = piece / 8, col = (piece % 8) * 8, tr = m * BM + row;
+        if (tr < T)
+            *reinterpret_cast<uint4*>(dqkv + ((size_t)b * T + tr) * stride + h * D + half * 64 + col) =
+                *reinterpret_cast<const uint4*>(tile_s + row * LD + col);
     }
 }
 
@@ -791,8 +804,9 @@ inline void launch_bwd_prep(void* scratch, const bf16* dout, const bf16* out, co
                             const int* pos, cudaStream_t s) {
     const BwdScratch sc(scratch, sh);
     const int rows = sh.B * sh.Hq * sc.Tp;
-    bwd_prep_kernel<D><<<(rows + 7) / 8, 256, 0, s>>>(sc.l2, sc.dl, sc.dsp, dout, out, lse, pos, sh.B, sh.T, sc.Tp,
-                                                      sh.Hq);
+    constexpr int ROWS_PER_BLOCK = 256 / (D / 8);  // divides the rows: Tp is a multiple of 64
+    bwd_prep_kernel<D><<<rows / ROWS_PER_BLOCK, 256, 0, s>>>(sc.l2, sc.dl, sc.dsp, dout, out, lse, pos, sh.B, sh.T,
+                                                             sc.Tp, sh.Hq);
     cudaCheckLast();
     cudaCheck(cudaMemsetAsync(sc.sem, 0, (size_t)rows / BwdCfg<D>::BM * sizeof(int), s));
 }
