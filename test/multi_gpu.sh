@@ -33,7 +33,7 @@ with open(sys.argv[1] + "/data_000000.bin", "wb") as f:
 EOF
 common="--config test/dumps/hybrid_tiny.json --train-data $dir/data_*.bin --val-data $dir/data_*.bin -B 2 -T 64
         --steps 10 --val-every 0 --sample-every 0 --lr 1e-3 --warmup 2 --ckpt-every 0"
-tb="--total-batch $((256 * N))"  # one micro-batch a rank (a flag given twice is an error: the cases add their own)
+tb="--total-batch $((256 * N))"  # 2 micro-batches of 2 x 64 a rank (a flag given twice is an error: cases add theirs)
 losses() { grep -oE '^step +[0-9]+ \| loss [0-9.]+' "$1" | awk '{print $NF}'; }
 for opt in adamw muon; do
   ./train_mamba $common $tb --optimizer $opt --ckpt-dir $dir/one_$opt > $dir/one_$opt.log 2>&1
@@ -45,7 +45,7 @@ for opt in adamw muon; do
        END { exit !(n == 10 && bad == 0) }' \
     $dir/cmp_$opt.txt
   check "$opt: $N ranks with global batch G match 1 rank with G for 10 steps" $?
-  # two micro-batches per rank (each reduced onto the owners and added up there), recomputed
+  # 4 micro-batches a rank (each reduced onto the owners and added up there), recomputed
   $MPI ./train_mamba $common --optimizer $opt --total-batch $((512 * N)) --recompute --ckpt-dir $dir/acc_$opt > $dir/acc_$opt.log 2>&1
   ./train_mamba $common --optimizer $opt --total-batch $((512 * N)) --ckpt-dir $dir/acc1_$opt > $dir/acc1_$opt.log 2>&1
   paste <(losses $dir/acc1_$opt.log) <(losses $dir/acc_$opt.log) |
