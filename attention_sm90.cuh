@@ -859,7 +859,7 @@ inline void backward(bf16* dqkv, void* scratch, const bf16* dout, const bf16* qk
 // tile configurations: D, consumer warpgroups (BM = 64 NWG query rows), BN, stages, ping-pong, Q buffers;
 // the fastest of dev/bench_attention --sweep on an H200 (2026-12-02, B4 T4096 16q/4kv): D = 128 at 527
 // TFLOP/s (ping-pong within 1%), D = 64 at 346 with three stages and no ping-pong (three warpgroups 327,
-// the former ping-pong default 279).
+// the former ping-pong default 279); not swept again since the mask became a per-tile choice (2026-12-04).
 template <int D>
 inline void forward(bf16* out, float* lse, const bf16* qkv, const AttnShape& sh, const int* pos, cudaStream_t s) {
     if constexpr (D == 128) launch_fwd<128, 2, 128, 2, false, 2>(out, lse, qkv, sh, pos, s);
