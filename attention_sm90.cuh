@@ -220,7 +220,7 @@ __global__ void __launch_bounds__(128 * (NWG + 1), 1) fwd_kernel(const __grid_co
 #pragma unroll
         for (int i = 0; i < D / 2; i++) o[i] = 0.f;
 
-        // masks the scores of kv tile j (MASK: the diagonal or a document start crosses the warpgroup's rows),
+        // masks the scores of kv tile j (if mask: the diagonal or a document start crosses the warpgroup's rows),
         // then the online softmax: s becomes exp2 of the scaled scores minus the running max; alpha rescales
         // the earlier sums. The row's max and sum run in 4 independent chains (with 2-3 consumer warps per
         // scheduler, a single chain of BN / 4 dependent adds would be latency, not throughput). The mask is a

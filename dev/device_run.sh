@@ -88,8 +88,10 @@ while [ $# -gt 0 ]; do
             # (stall reasons, and per SASS instruction the executed counts and stall samples) as text under
             # $OUT/ncu_NAME/, which the last step packs into one file (at most 8 files come back)
             n=$1 m=$2 k=$3; shift 3; d=$OUT/ncu_$n; mkdir -p $d
+            set -f  # MODEL FLAGS split into words but not globbed (a --pattern like *+ matches no file)
             timeout 300 ncu --set full --import-source yes -k "regex:$k" -c 1 -f -o $d/rep ./train_mamba --model $m \
               --bench --bench-steps 1 --eager > $d/run.log 2>&1
+            set +f
             ncu -i $d/rep.ncu-rep --page details > $d/details.txt 2>&1
             ncu -i $d/rep.ncu-rep --page source --csv --print-source sass > $d/sass.csv 2>&1
             rm -f $d/rep.ncu-rep; grep -E "Duration|Registers|Achieved Occupancy|Issue Slots Busy" $d/details.txt ;;
