@@ -52,6 +52,9 @@ constexpr int reg_consumer(int nwg) {
 }
 static_assert(reg_consumer(2) == 240 && reg_consumer(3) == 160, "register split");
 
+// the forward's running max moves by more than this (log2 units) or not at all
+constexpr float RESCALE_LOG2 = 8.f;
+
 // the forward's k-th work tile of this block: the list dealt to the blocks in a snake order
 __device__ inline int snake_tile(int k) {
     const int G = gridDim.x;
@@ -225,6 +228,8 @@ __global__ void __launch_bounds__(128 * (NWG + 1), 1) fwd_kernel(const __grid_co
         // the earlier sums. The row's max and sum run in 4 independent chains (with 2-3 consumer warps per
         // scheduler, a single chain of BN / 4 dependent adds would be latency, not throughput). The mask is a
         // compile-time choice taken per tile: tested per score, it was a quarter of the consumers' instructions.
+        // The running max moves only when a score passes it by more than 2^RESCALE_LOG2 (after FlashAttention-4):
+        // the probabilities stay below 256, which bf16 and the fp32 sums hold, and most tiles leave O as it is.
         auto softmax = [&](int j, float (&alpha)[2], auto mask) {
             const int k0 = j * BN;
 #pragma unroll
@@ -243,9 +248,10 @@ __global__ void __launch_bounds__(128 * (NWG + 1), 1) fwd_kernel(const __grid_co
                         mx[(2 * jn + e) % 4] = fmaxf(mx[(2 * jn + e) % 4], v);
                     }
                 const float mt = quad_max(fmaxf(fmaxf(mx[0], mx[1]), fmaxf(mx[2], mx[3])));
-                const float mnew = fmaxf(m[hf], mt);
+                const bool grow = (mt - m[hf]) * sl2 > RESCALE_LOG2;  // false while both are -inf
+                const float mnew = grow ? mt : m[hf];
                 const float muse = mnew == -INFINITY ? 0.f : mnew * sl2;  // a row with nothing seen yet stays 0
-                alpha[hf] = fast_exp2(m[hf] * sl2 - muse);
+                alpha[hf] = grow ? fast_exp2(m[hf] * sl2 - muse) : 1.f;
                 m[hf] = mnew;
                 float sum[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
@@ -312,12 +318,14 @@ __global__ void __launch_bounds__(128 * (NWG + 1), 1) fwd_kernel(const __grid_co
             fence_regs(o);
             fence_regs(pa);
             mbar_arrive_warp(&v_empty[sp]);
+            if (__any_sync(0xFFFFFFFFu, alpha[0] != 1.f || alpha[1] != 1.f)) {
 #pragma unroll
-            for (int jn = 0; jn < D / 8; jn++) {
-                o[4 * jn] *= alpha[0];
-                o[4 * jn + 1] *= alpha[0];
-                o[4 * jn + 2] *= alpha[1];
-                o[4 * jn + 3] *= alpha[1];
+                for (int jn = 0; jn < D / 8; jn++) {
+                    o[4 * jn] *= alpha[0];
+                    o[4 * jn + 1] *= alpha[0];
+                    o[4 * jn + 2] *= alpha[1];
+                    o[4 * jn + 3] *= alpha[1];
+                }
             }
             to_pa();
         }
@@ -405,10 +413,12 @@ inline void launch_fwd(bf16* out, float* lse, const bf16* qkv, const AttnShape& 
 //       P^T = exp2(S^T scale log2e - lse log2e) (masked),  dS^T = P^T (dP^T - Delta)     (registers)
 //       dV += P^T dO,  dK += dS^T Q                                   (A = P^T, dS^T from registers)
 //       dQ_step = dS K                                                (dS^T through smem)
-//     dK and dV stay in registers for the whole block. D = 128 splits dQ's columns between the warpgroups
-//     (both read all of dS); D = 64 splits its k range (each warpgroup its own kv rows, partial sums added in
-//     smem). Producer warp 1 adds each step's fp32 dQ tile into an accumulator in global memory with one
-//     bulk reduction (the tile's first contributor stores instead, so nothing is cleared beforehand).
+//     dK and dV stay in registers for the whole block. D = 128 splits dQ's columns between the warpgroups,
+//     D = 64 gives the whole tile to the warpgroups in turn (both read all of dS^T), and its matmul runs on
+//     into the next step, which stages the tile. The tiles go through two smem buffers, so the consumers
+//     seldom wait for the writer: producer warp 1 adds each step's fp32 dQ tile into an accumulator in global
+//     memory with one bulk reduction (the tile's first contributor stores instead, so nothing is cleared
+//     beforehand).
 //   dq: the accumulator times scale, as bf16, into the q columns of dqkv.
 // Determinism: the contributions to a dQ tile are added in a fixed order, kv tile n_lo (the first that the
 // tile's rows see), n_lo + 1, ..., the diagonal: a counter per (b, h, query tile) says whose turn it is.
@@ -472,8 +482,8 @@ struct BwdCfg {
     static constexpr int ROW_BYTES = 3 * BM * 4;  // a stage's lse, Delta and document starts
     static constexpr int OFF_V = KV_BYTES, OFF_Q = 2 * KV_BYTES, OFF_DO = OFF_Q + STAGES * QT_BYTES;
     static constexpr int OFF_DS = OFF_DO + STAGES * QT_BYTES, OFF_DQ = OFF_DS + 2 * DS_BYTES;
-    static constexpr int OFF_ROW = OFF_DQ + DQ_BYTES, OFF_BAR = OFF_ROW + STAGES * ROW_BYTES;
-    static constexpr int NBAR = 3 + 4 * STAGES;
+    static constexpr int OFF_ROW = OFF_DQ + 2 * DQ_BYTES, OFF_BAR = OFF_ROW + STAGES * ROW_BYTES;
+    static constexpr int NBAR = 5 + 4 * STAGES;
     static constexpr int SMEM = OFF_BAR + NBAR * 8 + 1024;
     static_assert(D == 64 || D == 128, "head dim");
     static_assert(KV_BYTES % 1024 == 0 && QT_BYTES % 1024 == 0 && DS_BYTES % 1024 == 0, "1024-aligned tiles");
@@ -481,12 +491,12 @@ struct BwdCfg {
 };
 
 // named barriers of the backward's consumers
-constexpr int BAR_DS = 1;   // both halves of dS^T in smem (D = 128)
-constexpr int BAR_DQ = 2;   // warpgroup 0's partial dQ in smem (D = 64)
-constexpr int BAR_END = 3;  // every matmul of the block done: sK, sV may take dK, dV
-constexpr int BAR_WG = 4;   // + w: warpgroup w's own rows of a smem tile written (dS^T for D = 64; dK, dV)
+constexpr int BAR_DS = 1;   // both halves of dS^T in smem
+constexpr int BAR_END = 2;  // every matmul of the block done: sK, sV may take dK, dV
+constexpr int BAR_WG = 3;   // + w: warpgroup w's rows of dK, dV in sK, sV
 
-template <int D>
+// DQ_ASYNC: step i's dQ matmul runs on into step i + 1 (which stages the tile) instead of step i waiting for it
+template <int D, bool DQ_ASYNC>
 __global__ void __launch_bounds__(384, 1) bwd_kernel(const __grid_constant__ BwdParams p) {
     using C = BwdCfg<D>;
     constexpr int BN = C::BN, BM = C::BM, STAGES = C::STAGES;
@@ -494,7 +504,7 @@ __global__ void __launch_bounds__(384, 1) bwd_kernel(const __grid_constant__ Bwd
     unsigned char* smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
     unsigned char* sK = smem;
     unsigned char* sV = smem + C::OFF_V;
-    float* sdq = reinterpret_cast<float*>(smem + C::OFF_DQ);
+    auto sdq = [&](int buf) { return reinterpret_cast<float*>(smem + C::OFF_DQ + buf * C::DQ_BYTES); };
     auto sQ = [&](int st) { return smem + C::OFF_Q + st * C::QT_BYTES; };
     auto sdO = [&](int st) { return smem + C::OFF_DO + st * C::QT_BYTES; };
     auto sL = [&](int st) { return reinterpret_cast<float*>(smem + C::OFF_ROW + st * C::ROW_BYTES); };
@@ -502,9 +512,9 @@ __global__ void __launch_bounds__(384, 1) bwd_kernel(const __grid_constant__ Bwd
     auto sDs = [&](int st) { return reinterpret_cast<int*>(sL(st) + 2 * BM); };
     uint64_t* bars = reinterpret_cast<uint64_t*>(smem + C::OFF_BAR);
     uint64_t* kv_full = bars;
-    uint64_t* dq_full = bars + 1;
-    uint64_t* dq_empty = bars + 2;
-    uint64_t* q_full = bars + 3;
+    uint64_t* dq_full = bars + 1;   // per dQ buffer
+    uint64_t* dq_empty = bars + 3;  // per dQ buffer
+    uint64_t* q_full = bars + 5;
     uint64_t* q_empty = q_full + STAGES;
     uint64_t* do_full = q_empty + STAGES;
     uint64_t* do_empty = do_full + STAGES;
@@ -512,8 +522,10 @@ __global__ void __launch_bounds__(384, 1) bwd_kernel(const __grid_constant__ Bwd
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     if (threadIdx.x == 0) {
         mbar_init(kv_full, 1);
-        mbar_init(dq_full, 8);  // the consumer warps
-        mbar_init(dq_empty, 1);
+        for (int buf = 0; buf < 2; buf++) {
+            mbar_init(&dq_full[buf], D == 128 ? 8 : 4);  // the warps that computed the tile
+            mbar_init(&dq_empty[buf], 1);
+        }
         for (int s = 0; s < STAGES; s++) {
             mbar_init(&q_full[s], 1);
             mbar_init(&q_empty[s], 8);
@@ -566,15 +578,15 @@ __global__ void __launch_bounds__(384, 1) bwd_kernel(const __grid_constant__ Bwd
                 const size_t tile = ((size_t)b * Hq + h) * M + m;
                 int* sem = p.sem + tile;
                 float* dst = p.dqacc + tile * BM * D;
-                mbar_wait(dq_full, i & 1);
+                mbar_wait(&dq_full[i & 1], (i / 2) & 1);
                 for (uint32_t polls = 0; ld_acquire(sem) < n - n_lo; __nanosleep(64))
                     if (++polls == (1u << 28)) __trap();  // minutes: a bug, not a slow turn
                 fence_async_global();  // the reduction comes after the previous contributor's
-                if (n == n_lo) bulk_store(dst, sdq, C::DQ_BYTES);
-                else bulk_add_f32(dst, sdq, C::DQ_BYTES);
+                if (n == n_lo) bulk_store(dst, sdq(i & 1), C::DQ_BYTES);
+                else bulk_add_f32(dst, sdq(i & 1), C::DQ_BYTES);
                 bulk_commit();
                 bulk_wait_read<0>();
-                mbar_arrive(dq_empty);  // sdq may take the next step's tile
+                mbar_arrive(&dq_empty[i & 1]);  // the buffer may take step i + 2's tile
                 bulk_wait<0>();         // the sums are in global memory: the next contributor's turn
                 fence_async_global();
                 red_release_add(sem, 1);
@@ -598,15 +610,34 @@ __global__ void __launch_bounds__(384, 1) bwd_kernel(const __grid_constant__ Bwd
     const uint64_t dQm = desc_sw128(smem_u32(sQ(0)), BM * 128), dOm = desc_sw128(smem_u32(sdO(0)), BM * 128);
     const uint64_t dSm = desc_sw128(smem_u32(smem + C::OFF_DS), 16), dKm = desc_sw128(smem_u32(sK), BN * 128);
 
-    float dk[D / 2], dv[D / 2];
+    float dk[D / 2], dv[D / 2], dq[32];
 #pragma unroll
     for (int i = 0; i < D / 2; i++) dk[i] = dv[i] = 0.f;
     mbar_wait(kv_full, 0);
 
+    // Step i's dQ tile: with D = 128 each warpgroup computes 64 of its columns, with D = 64 warpgroup i % 2
+    // computes all of it (every kv row: both halves of dS^T). The tile goes into staging buffer i % 2 in
+    // register order (float4 r of thread t at (128 r + t) * 4), then the proxy fence and the writer's signal
+    // right away: each tile's reduction waits for the previous kv tile's, so a later signal delays the whole
+    // chain (fencing after the next step's probabilities, where the stores had long completed, was 3% slower).
+    // With D = 128, DQ_ASYNC would spill: dK and dV hold 128 registers, the tile in flight 32 more.
+    static_assert(!(DQ_ASYNC && D == 128), "registers");
+    auto owns_dq = [&](int i) { return D == 128 || i % 2 == wg; };
+    auto stage_dq = [&](int i) {
+        mbar_wait(&dq_empty[i & 1], ((i / 2) & 1) ^ 1);
+        float* dst = sdq(i & 1) + (D == 128 ? wg * 4096 : 0);
+#pragma unroll
+        for (int r = 0; r < 8; r++)
+            *reinterpret_cast<float4*>(dst + (r * 128 + wt) * 4) =
+                make_float4(dq[4 * r], dq[4 * r + 1], dq[4 * r + 2], dq[4 * r + 3]);
+        fence_async_smem();
+        mbar_arrive_warp(&dq_full[i & 1]);
+    };
+
     for (int i = 0; i < steps; i++) {
         const int m = m_hi - i / G, st = i % STAGES, q0 = m * BM;
         const uint32_t ph = (i / STAGES) & 1;
-        float sacc[32], dp[32], dq[32];
+        float sacc[32], dp[32];
         uint32_t pa[4][4], da[4][4];
         // S^T and dP^T (both waits before the fence: no branch between it and the matmuls)
         mbar_wait(&q_full[st], ph);
@@ -622,6 +653,11 @@ __global__ void __launch_bounds__(384, 1) bwd_kernel(const __grid_constant__ Bwd
             wgmma_ss<0, 0>(dp, desc_add(dVw, (kk / 4) * BN * 128 + (kk % 4) * 32),
                            desc_add(dOk, st * C::QT_BYTES + (kk / 4) * BM * 128 + (kk % 4) * 32), kk > 0);
         wg_commit();
+        if (DQ_ASYNC && i > 0 && owns_dq(i - 1)) {
+            wg_wait<2>();  // the previous step's dQ (S^T and dP^T may still run)
+            fence_regs(dq);
+            stage_dq(i - 1);
+        }
         wg_wait<1>();
         fence_regs(sacc);
         // P^T (rows: the thread's kv rows, columns: query rows 8j + 2qd + e of the tile)
@@ -692,56 +728,37 @@ __global__ void __launch_bounds__(384, 1) bwd_kernel(const __grid_constant__ Bwd
         for (int kk = 0; kk < 4; kk++) wgmma_rs<1>(dk, da[kk], desc_add(dQm, st * C::QT_BYTES + kk * 16 * 128), 1);
         wg_commit();
         fence_async_smem();  // dS^T in smem, for the async proxy
-        // dQ = dS K
-        wg_fence();
-        if constexpr (D == 128) {
-            named_sync(BAR_DS, 256);  // both warpgroups' rows of dS^T
+        // dQ = dS K: both warpgroups' rows of dS^T (buffer i % 2: the matmul of step i - 1 read the other one)
+        named_sync(BAR_DS, 256);
+        if (owns_dq(i)) {
+            wg_fence();
+            const uint64_t dS = desc_add(dSm, (i & 1) * C::DS_BYTES);
+            const uint64_t dKc = desc_add(dKm, (D == 128 ? wg : 0) * BN * 128);  // the warpgroup's dQ columns
+            wgmma_ss_first<1, 1>(dq, dS, dKc);
 #pragma unroll
-            for (int kk = 0; kk < BN / 16; kk++)  // this warpgroup's 64 columns of dQ, all kv rows
-                wgmma_ss<1, 1>(dq, desc_add(dSm, (i & 1) * C::DS_BYTES + kk * 16 * 128),
-                               desc_add(dKm, wg * BN * 128 + kk * 16 * 128), kk > 0);
+            for (int kk = 1; kk < BN / 16; kk++)
+                wgmma_ss<1, 1>(dq, desc_add(dS, kk * 16 * 128), desc_add(dKc, kk * 16 * 128), 1);
+            wg_commit();
+            if constexpr (DQ_ASYNC) {
+                wg_wait<1>();  // dV and dK; dQ runs on
+            } else {
+                wg_wait<0>();
+                fence_regs(dq);
+                stage_dq(i);
+            }
         } else {
-            named_sync(BAR_WG + wg, 128);  // the warpgroup's rows of dS^T
-#pragma unroll
-            for (int kk = 0; kk < 4; kk++)  // all 64 columns, this warpgroup's kv rows
-                wgmma_ss<1, 1>(dq, desc_add(dSm, (i & 1) * C::DS_BYTES + (64 * wg + 16 * kk) * 128),
-                               desc_add(dKm, (64 * wg + 16 * kk) * 128), kk > 0);
+            wg_wait<0>();
         }
-        wg_commit();
-        wg_wait<0>();
-        fence_regs(dq);
         fence_regs(dk);
         fence_regs(dv);
         fence_regs(pa);
         fence_regs(da);
         mbar_arrive_warp(&q_empty[st]);
         mbar_arrive_warp(&do_empty[st]);
-        // the step's dQ tile into sdq, in register order: float4 j of thread t at (j * 128 + t) * 4
-        mbar_wait(dq_empty, (i & 1) ^ 1);
-        if constexpr (D == 128) {
-            float* dst = sdq + wg * 4096;
-#pragma unroll
-            for (int j = 0; j < 8; j++)
-                *reinterpret_cast<float4*>(dst + (j * 128 + wt) * 4) =
-                    make_float4(dq[4 * j], dq[4 * j + 1], dq[4 * j + 2], dq[4 * j + 3]);
-        } else if (wg == 0) {
-#pragma unroll
-            for (int j = 0; j < 8; j++)
-                *reinterpret_cast<float4*>(sdq + (j * 128 + wt) * 4) =
-                    make_float4(dq[4 * j], dq[4 * j + 1], dq[4 * j + 2], dq[4 * j + 3]);
-            named_arrive(BAR_DQ, 256);
-        } else {
-            named_sync(BAR_DQ, 256);  // warpgroup 0's partial sums are in; add this one's (same positions)
-#pragma unroll
-            for (int j = 0; j < 8; j++) {
-                float4& x = *reinterpret_cast<float4*>(sdq + (j * 128 + wt) * 4);
-                x = make_float4(x.x + dq[4 * j], x.y + dq[4 * j + 1], x.z + dq[4 * j + 2], x.w + dq[4 * j + 3]);
-            }
-        }
-        fence_async_smem();
-        mbar_arrive_warp(dq_full);
     }
-
+    wg_wait<0>();
+    fence_regs(dq);
+    if (DQ_ASYNC && owns_dq(steps - 1)) stage_dq(steps - 1);
     // dK (times scale) and dV as bf16 through sK, sV (every matmul of both warpgroups is done) and TMA stores
     named_sync(BAR_END, 256);
 #pragma unroll
@@ -810,7 +827,7 @@ inline void launch_bwd_prep(void* scratch, const bf16* dout, const bf16* out, co
     cudaCheckLast();
     cudaCheck(cudaMemsetAsync(sc.sem, 0, (size_t)rows / BwdCfg<D>::BM * sizeof(int), s));
 }
-template <int D>
+template <int D, bool DQ_ASYNC = D == 64>
 inline void launch_bwd_main(bf16* dqkv, void* scratch, const bf16* dout, const bf16* qkv, const AttnShape& sh,
                             const int* pos, cudaStream_t s) {
     using C = BwdCfg<D>;
@@ -834,7 +851,7 @@ inline void launch_bwd_main(bf16* dqkv, void* scratch, const bf16* dout, const b
     p.Hkv = sh.Hkv;
     p.scale = 1.f / sqrtf((float)D);
     p.scale_log2 = p.scale * LOG2E;
-    auto kernel = bwd_kernel<D>;
+    auto kernel = bwd_kernel<D, DQ_ASYNC>;
     set_max_smem(kernel, C::SMEM);
     const int nkv = (sh.T + C::BN - 1) / C::BN;
     kernel<<<nkv * sh.B * sh.Hkv, 384, C::SMEM, s>>>(p);  // kv tile major: block n after every block n - 1
@@ -848,22 +865,25 @@ inline void launch_bwd_dq(bf16* dqkv, void* scratch, const AttnShape& sh, cudaSt
                                                        1.f / sqrtf((float)D));
     cudaCheckLast();
 }
-template <int D>
+// the backward's dQ variant: the faster of dev/bench_attention --sweep (H200, 2026-12-04: D = 64 0.946 ms with
+// DQ_ASYNC, 1.022 without)
+template <int D, bool DQ_ASYNC = D == 64>
 inline void backward(bf16* dqkv, void* scratch, const bf16* dout, const bf16* qkv, const bf16* out, const float* lse,
                      const AttnShape& sh, const int* pos, cudaStream_t s) {
     launch_bwd_prep<D>(scratch, dout, out, lse, sh, pos, s);
-    launch_bwd_main<D>(dqkv, scratch, dout, qkv, sh, pos, s);
+    launch_bwd_main<D, DQ_ASYNC>(dqkv, scratch, dout, qkv, sh, pos, s);
     launch_bwd_dq<D>(dqkv, scratch, sh, s);
 }
 
 // tile configurations: D, consumer warpgroups (BM = 64 NWG query rows), BN, stages, ping-pong, Q buffers;
-// the fastest of dev/bench_attention --sweep on an H200 (2026-12-02, B4 T4096 16q/4kv): D = 128 at 527
-// TFLOP/s (ping-pong within 1%), D = 64 at 346 with three stages and no ping-pong (three warpgroups 327,
-// the former ping-pong default 279); not swept again since the mask became a per-tile choice (2026-12-04).
+// the fastest of dev/bench_attention --sweep on an H200 (2026-12-04, B4 T4096 16q/4kv, three calls): D = 128
+// at 653-657 TFLOP/s (ping-pong 633-642); D = 64 at 438-451 with three warpgroups in ping-pong (two warpgroups
+// 401-417: at D = 64 the exps take as long as the matmuls, and a third warpgroup's softmax fills the gaps),
+// one or two Q buffers within 1%
 template <int D>
 inline void forward(bf16* out, float* lse, const bf16* qkv, const AttnShape& sh, const int* pos, cudaStream_t s) {
     if constexpr (D == 128) launch_fwd<128, 2, 128, 2, false, 2>(out, lse, qkv, sh, pos, s);
-    else launch_fwd<64, 2, 128, 3, false, 2>(out, lse, qkv, sh, pos, s);
+    else launch_fwd<64, 3, 128, 3, true, 1>(out, lse, qkv, sh, pos, s);
 }
 inline void forward(bf16* out, float* lse, const bf16* qkv, const AttnShape& sh, const int* pos, cudaStream_t s) {
     if (sh.Dh == 64) forward<64>(out, lse, qkv, sh, pos, s);

@@ -232,6 +232,9 @@ __device__ inline void fence_regs(uint32_t (&r)[N][4]) {
 #define HOPPER_ACC8(i) \
     "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), "+f"(d[i + 6]), "+f"(d[i + 7])
 #define HOPPER_ACC32 HOPPER_ACC8(0), HOPPER_ACC8(8), HOPPER_ACC8(16), HOPPER_ACC8(24)
+#define HOPPER_OUT8(i) \
+    "=f"(d[i]), "=f"(d[i + 1]), "=f"(d[i + 2]), "=f"(d[i + 3]), "=f"(d[i + 4]), "=f"(d[i + 5]), "=f"(d[i + 6]), "=f"(d[i + 7])
+#define HOPPER_OUT32 HOPPER_OUT8(0), HOPPER_OUT8(8), HOPPER_OUT8(16), HOPPER_OUT8(24)
 #define HOPPER_ACC64 HOPPER_ACC32, HOPPER_ACC8(32), HOPPER_ACC8(40), HOPPER_ACC8(48), HOPPER_ACC8(56)
 #define HOPPER_REGS32 \
     "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}"
@@ -249,6 +252,17 @@ __device__ inline void wgmma_ss(float (&d)[32], uint64_t a, uint64_t b, int accu
         "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " HOPPER_REGS32 ", %32, %33, p, 1, 1, %35, %36;\n}\n"
         : HOPPER_ACC32
         : "l"(a), "l"(b), "r"(accumulate), "n"(TA), "n"(TB)
+        : "memory");
+}
+// d = A B, the first k-step into an accumulator whose old value is dead: written only, so that an accumulator
+// kept across loop iterations (read after its matmul finishes in the next one) is not live into the matmul
+template <int TA, int TB>
+__device__ inline void wgmma_ss_first(float (&d)[32], uint64_t a, uint64_t b) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " HOPPER_REGS32 ", %32, %33, p, 1, 1, %35, %36;\n}\n"
+        : HOPPER_OUT32
+        : "l"(a), "l"(b), "r"(0), "n"(TA), "n"(TB)
         : "memory");
 }
 template <int TA, int TB>
@@ -283,6 +297,8 @@ __device__ inline void wgmma_rs(float (&d)[64], const uint32_t (&a)[4], uint64_t
 #undef HOPPER_ACC8
 #undef HOPPER_ACC32
 #undef HOPPER_ACC64
+#undef HOPPER_OUT8
+#undef HOPPER_OUT32
 #undef HOPPER_REGS32
 #undef HOPPER_REGS64
 

@@ -6,9 +6,10 @@
 // (with documents, the FLOPs of the documents' own causal blocks). The anchor (torch SDPA, cuDNN) comes from
 // the same device run through ANCHOR_LOG (dev/anchors.h). On Hopper builds the mma.sync kernels are timed
 // beside the wgmma ones at the anchor shapes; --sm80 times them everywhere instead. Then the Hopper backward's
-// kernels one by one and, with --sweep, the forward's tile variants at the anchor shape.
+// kernels one by one and, with --sweep, the forward's tile variants and the backward's dQ variants at the
+// anchor shape.
 // usage: bench_attention [--sm80] [--quick | --sweep]  (--quick: the anchor shapes only; --sweep: also the
-// forward's tile variants, each checked)
+// forward's and the backward's variants, each checked)
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -193,6 +194,9 @@ static void sweep_forward_variants(const Path& model, const Path& mma_sync) {
         {"64 2wg bn128 s4 -- q2", 64, launch_fwd<64, 2, 128, 4, false, 2>},
         {"64 2wg bn128 s3 pp q2", 64, launch_fwd<64, 2, 128, 3, true, 2>},
         {"64 3wg bn128 s3 pp q2", 64, launch_fwd<64, 3, 128, 3, true, 2>},
+        {"64 3wg bn128 s4 pp q2", 64, launch_fwd<64, 3, 128, 4, true, 2>},
+        {"64 3wg bn128 s3 pp q1", 64, launch_fwd<64, 3, 128, 3, true, 1>},
+        {"64 3wg bn128 s3 -- q2", 64, launch_fwd<64, 3, 128, 3, false, 2>},
         {"64 3wg bn128 s2 -- q2", 64, launch_fwd<64, 3, 128, 2, false, 2>},
     };
     printf("forward variants (B4 L4096 16q/4kv): D, consumer warpgroups, BN, stages, ping-pong, Q buffers; "
@@ -232,6 +236,33 @@ static void sweep_forward_variants(const Path& model, const Path& mma_sync) {
             printf("  fwd D%-30s %.3f ms %6.1f TFLOP/s  check %.1e\n", v.name, t, work / t * 1e-9, err);
             fflush(stdout);
         }
+    }
+}
+
+// The backward's dQ variants (DQ_ASYNC of bwd_kernel), checked like the forward's, then timed alone
+static void sweep_backward_variants(const Path& model) {
+    using namespace attn::sm90;
+    struct Variant { const char* name; int D; BwdFn bwd; };
+    const Variant variants[] = {
+        {"64 dq async", 64, backward<64, true>},
+        {"64 dq waited", 64, backward<64, false>},
+    };
+    printf("backward variants (B4 L4096 16q/4kv), TFLOP/s of the backward's 2.5x forward FLOPs:\n");
+    for (const Variant& v : variants) {
+        const Path path{v.name, model.fwd, v.bwd};
+        try {
+            check_small(path, {2, 333, 4, 2, v.D}, 1, 150, false);
+            check_small(path, {1, 300, 8, 1, v.D}, 0, 0, false);
+            check_small(path, {3, 200, 4, 4, v.D}, 1, 40, false);
+        } catch (const std::exception& e) {
+            printf("  bwd D%-34s FAIL (%s)\n", v.name, e.what());
+            continue;
+        }
+        Bufs bu({4, 4096, 16, 4, v.D}, {}, 1234);
+        bu.fwd(path);
+        const float t = time_ms([&]() { bu.bwd(path); }, 3, 10);
+        printf("  bwd D%-34s %.3f ms %6.1f TFLOP/s\n", v.name, t, 2.5 * bu.fwd_flops() / t * 1e-9);
+        fflush(stdout);
     }
 }
 #endif
@@ -335,8 +366,9 @@ int main(int argc, char** argv) {
         if (sweep && !sm80) {  // last: a variant that faults ends the run
 #ifdef SM90A
             if (ok(mma_sync)) sweep_forward_variants(model, mma_sync);
+            sweep_backward_variants(model);
 #else
-            printf("--sweep: the forward's variants are the Hopper kernels' (make GPU_ARCH=90)\n");
+            printf("--sweep: the variants are the Hopper kernels' (make GPU_ARCH=90)\n");
 #endif
         }
         if (!failed.empty()) return 1;

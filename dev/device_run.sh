@@ -14,7 +14,8 @@
 # (the whole-model anchors at models' shapes; quick: without the B1 T16384 hybrid), models, sft, default,
 # hf, export-val, export-sft, scan-anchor, bench-one NAME "FLAGS" ("-": none), docreset, sft-bench, bench-prepare,
 # graph (the captured step against --eager), profile "MODEL" (--profile's phases), kernels "MODEL" (ncu, per kernel),
-# ncu NAME "MODEL" REGEX (one kernel's full ncu report as text; pack-ncu packs them into one file),
+# ncu NAME "MODEL" REGEX (one kernel's full ncu report as text, MODEL a preset and flags or --config FILE and
+# flags; pack-ncu packs them into one file),
 # multi (on a machine of several GPUs: test/multi_gpu.sh on all of them and the weak scaling).
 # Order: time the anchors that need no build (anchors) first, with the CPU idle; start anchor-build only after
 # wait-dumps (beside the extension builds the dumps took over 5 minutes); anchors-strong with the CPU idle again.
@@ -84,12 +85,14 @@ while [ $# -gt 0 ]; do
             timeout 400 ncu --section SpeedOfLight --launch-count 600 ./train_mamba --model $m --bench --bench-steps 1 \
               --eager > "$OUT/kernels.log" 2>&1
             python3 dev/ncu_kernels.py "$OUT/kernels.log" | tee -a "$OUT/kernels.txt" ;;
-    ncu)    # ncu NAME "MODEL FLAGS" KERNEL_REGEX: the full report of the kernel's first launch in an eager step
-            # (stall reasons, and per SASS instruction the executed counts and stall samples) as text under
-            # $OUT/ncu_NAME/, which the last step packs into one file (at most 8 files come back)
+    ncu)    # ncu NAME "MODEL FLAGS" KERNEL_REGEX (MODEL: a preset, or --config FILE.json): the full report of the
+            # kernel's first launch in an eager step (stall reasons, and per SASS instruction the executed counts and
+            # stall samples) as text under $OUT/ncu_NAME/, which the last step packs into one file (at most 8 files
+            # come back)
             n=$1 m=$2 k=$3; shift 3; d=$OUT/ncu_$n; mkdir -p $d
             set -f  # MODEL FLAGS split into words but not globbed (a --pattern like *+ matches no file)
-            timeout 300 ncu --set full --import-source yes -k "regex:$k" -c 1 -f -o $d/rep ./train_mamba --model $m \
+            case $m in --*) ;; *) m="--model $m" ;; esac
+            timeout 300 ncu --set full --import-source yes -k "regex:$k" -c 1 -f -o $d/rep ./train_mamba $m \
               --bench --bench-steps 1 --eager > $d/run.log 2>&1
             set +f
             ncu -i $d/rep.ncu-rep --page details > $d/details.txt 2>&1
