@@ -109,6 +109,15 @@ TEST_CASE("config: JSON files, and the errors they can raise", "[config]") {
                       Catch::Contains("pattern 'MMM' has 3 layers"));
 }
 
+TEST_CASE("config: the profiling configs of dev/configs load", "[config]") {
+    // dev/device_run.sh ncu profiles one attention layer at the bench shape with it
+    const ModelConfig c = model_config_from_json("dev/configs/attention_d64.json");
+    CHECK(c.pattern == "*");
+    CHECK(c.attn_head_dim == 64);
+    CHECK(c.q_heads() == 16);
+    CHECK(c.kv_heads() == 4);
+}
+
 TEST_CASE("config: the layer allocation reproduces SPEC.md's algorithm", "[config]") {
     // expected patterns from the algorithm as SPEC.md writes it, run in Python (round half to even)
     struct Case { int total; double attn, mlp; const char* pattern; };

@@ -284,6 +284,9 @@ TEST_CASE("attention forward/backward vs double reference (GQA, partial tiles)",
     check_attention(2, 33, 16, 2, 128, 5);
     check_attention(1, 517, 2, 1, 128, 6);
     check_attention(1, 300, 6, 3, 64, 7);
+    // at D = 64 the warpgroups take the backward's dQ tiles in turn: one query head per kv head and 3 and 1 query
+    // tiles per kv tile give odd step counts, whose last tile is warpgroup 0's
+    check_attention(1, 150, 2, 2, 64, 10);
     // more work tiles than SMs: each persistent block walks several
     check_attention(3, 700, 8, 2, 64, 8);
     check_attention(2, 1200, 8, 1, 128, 9);
