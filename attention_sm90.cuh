@@ -415,10 +415,11 @@ inline void launch_fwd(bf16* out, float* lse, const bf16* qkv, const AttnShape& 
 //       dQ_step = dS K                                                (dS^T through smem)
 //     dK and dV stay in registers for the whole block. D = 128 splits dQ's columns between the warpgroups,
 //     D = 64 gives the whole tile to the warpgroups in turn (both read all of dS^T), and its matmul runs on
-//     into the next step, which stages the tile. The tiles go through two smem buffers, so the consumers
-//     seldom wait for the writer: producer warp 1 adds each step's fp32 dQ tile into an accumulator in global
+//     into the next step, which stages the tile. The tiles go through two smem buffers, each with its writer
+//     (one thread of producer warp 1 or 2), which adds the step's fp32 dQ tile into an accumulator in global
 //     memory with one bulk reduction (the tile's first contributor stores instead, so nothing is cleared
-//     beforehand).
+//     beforehand); with two writers two reductions are in flight, and a writer has two steps' time for its
+//     turn, its reduction and the wait for it to complete.
 //   dq: the accumulator times scale, as bf16, into the q columns of dqkv.
 // Determinism: the contributions to a dQ tile are added in a fixed order, kv tile n_lo (the first that the
 // tile's rows see), n_lo + 1, ..., the diagonal: a counter per (b, h, query tile) says whose turn it is.
@@ -495,8 +496,10 @@ constexpr int BAR_DS = 1;   // both halves of dS^T in smem
 constexpr int BAR_END = 2;  // every matmul of the block done: sK, sV may take dK, dV
 constexpr int BAR_WG = 3;   // + w: warpgroup w's rows of dK, dV in sK, sV
 
-// DQ_ASYNC: step i's dQ matmul runs on into step i + 1 (which stages the tile) instead of step i waiting for it
-template <int D, bool DQ_ASYNC>
+// DQ_ASYNC: step i's dQ matmul runs on into step i + 1 (which stages the tile) instead of step i waiting for it;
+// ORDERED: the kv tiles add their dQ tiles in a fixed order (deterministic), else in any order onto a zeroed
+// accumulator (a benchmark variant: what the order costs)
+template <int D, bool DQ_ASYNC, bool ORDERED>
 __global__ void __launch_bounds__(384, 1) bwd_kernel(const __grid_constant__ BwdParams p) {
     using C = BwdCfg<D>;
     constexpr int BN = C::BN, BM = C::BM, STAGES = C::STAGES;
@@ -571,26 +574,34 @@ __global__ void __launch_bounds__(384, 1) bwd_kernel(const __grid_constant__ Bwd
                     tma_load(sdO(st) + cb * BM * 128, &p.dout, &do_full[st], h * D + cb * 64, m * BM, b);
                 bulk_load(sDl(st), p.dl + row, BM * 4, &do_full[st]);
             }
-        } else if (threadIdx.x == 32) {  // the dQ tiles into the accumulator, in the kv tiles' order
-            for (int i = 0; i < steps; i++) {
+        } else if (threadIdx.x == 32 || threadIdx.x == 64) {
+            // the dQ tiles into the accumulator, in the kv tiles' order (ORDERED; else as they come, onto a zeroed
+            // accumulator): writer w (warp 1 + w) takes the steps of buffer w, so that two reductions are in
+            // flight and each writer has two steps for its turn, its reduction and the wait for it to complete
+            for (int i = threadIdx.x / 32 - 1; i < steps; i += 2) {
                 const int m = m_hi - i / G, h = kvh * G + i % G;
                 const int n_lo = doc_start(p.pos, b, T, m * BM) / BN;  // the tile's first contributor
                 const size_t tile = ((size_t)b * Hq + h) * M + m;
                 int* sem = p.sem + tile;
                 float* dst = p.dqacc + tile * BM * D;
                 mbar_wait(&dq_full[i & 1], (i / 2) & 1);
-                for (uint32_t polls = 0; ld_acquire(sem) < n - n_lo; __nanosleep(64))
-                    if (++polls == (1u << 28)) __trap();  // minutes: a bug, not a slow turn
-                fence_async_global();  // the reduction comes after the previous contributor's
-                if (n == n_lo) bulk_store(dst, sdq(i & 1), C::DQ_BYTES);
+                if constexpr (ORDERED) {
+                    for (uint32_t polls = 0; ld_acquire(sem) < n - n_lo; __nanosleep(64))
+                        if (++polls == (1u << 28)) __trap();  // minutes: a bug, not a slow turn
+                    fence_async_global();  // the reduction comes after the previous contributor's
+                }
+                if (ORDERED && n == n_lo) bulk_store(dst, sdq(i & 1), C::DQ_BYTES);
                 else bulk_add_f32(dst, sdq(i & 1), C::DQ_BYTES);
                 bulk_commit();
                 bulk_wait_read<0>();
                 mbar_arrive(&dq_empty[i & 1]);  // the buffer may take step i + 2's tile
-                bulk_wait<0>();         // the sums are in global memory: the next contributor's turn
-                fence_async_global();
-                red_release_add(sem, 1);
+                if constexpr (ORDERED) {
+                    bulk_wait<0>();  // the sums are in global memory: the next contributor's turn
+                    fence_async_global();
+                    red_release_add(sem, 1);
+                }
             }
+            bulk_wait<0>();
         }
         return;
     }
@@ -756,9 +767,11 @@ __global__ void __launch_bounds__(384, 1) bwd_kernel(const __grid_constant__ Bwd
         mbar_arrive_warp(&q_empty[st]);
         mbar_arrive_warp(&do_empty[st]);
     }
-    wg_wait<0>();
-    fence_regs(dq);
-    if (DQ_ASYNC && owns_dq(steps - 1)) stage_dq(steps - 1);
+    if constexpr (DQ_ASYNC) {
+        wg_wait<0>();
+        fence_regs(dq);
+        if (owns_dq(steps - 1)) stage_dq(steps - 1);
+    }
     // dK (times scale) and dV as bf16 through sK, sV (every matmul of both warpgroups is done) and TMA stores
     named_sync(BAR_END, 256);
 #pragma unroll
@@ -816,7 +829,7 @@ __global__ void bwd_dq_kernel(bf16* __restrict__ dqkv, const float* __restrict__
 }
 
 // the backward's three launches (the benchmark times them one by one)
-template <int D>
+template <int D, bool ORDERED = true>
 inline void launch_bwd_prep(void* scratch, const bf16* dout, const bf16* out, const float* lse, const AttnShape& sh,
                             const int* pos, cudaStream_t s) {
     const BwdScratch sc(scratch, sh);
@@ -826,8 +839,9 @@ inline void launch_bwd_prep(void* scratch, const bf16* dout, const bf16* out, co
                                                              sc.Tp, sh.Hq);
     cudaCheckLast();
     cudaCheck(cudaMemsetAsync(sc.sem, 0, (size_t)rows / BwdCfg<D>::BM * sizeof(int), s));
+    if (!ORDERED) cudaCheck(cudaMemsetAsync(sc.dqacc, 0, (size_t)rows * D * sizeof(float), s));
 }
-template <int D, bool DQ_ASYNC = D == 64>
+template <int D, bool DQ_ASYNC = D == 64, bool ORDERED = true>
 inline void launch_bwd_main(bf16* dqkv, void* scratch, const bf16* dout, const bf16* qkv, const AttnShape& sh,
                             const int* pos, cudaStream_t s) {
     using C = BwdCfg<D>;
@@ -851,7 +865,7 @@ inline void launch_bwd_main(bf16* dqkv, void* scratch, const bf16* dout, const b
     p.Hkv = sh.Hkv;
     p.scale = 1.f / sqrtf((float)D);
     p.scale_log2 = p.scale * LOG2E;
-    auto kernel = bwd_kernel<D, DQ_ASYNC>;
+    auto kernel = bwd_kernel<D, DQ_ASYNC, ORDERED>;
     set_max_smem(kernel, C::SMEM);
     const int nkv = (sh.T + C::BN - 1) / C::BN;
     kernel<<<nkv * sh.B * sh.Hkv, 384, C::SMEM, s>>>(p);  // kv tile major: block n after every block n - 1
@@ -866,12 +880,12 @@ inline void launch_bwd_dq(bf16* dqkv, void* scratch, const AttnShape& sh, cudaSt
     cudaCheckLast();
 }
 // the backward's dQ variant: the faster of dev/bench_attention --sweep (H200, 2026-12-04: D = 64 0.946 ms with
-// DQ_ASYNC, 1.022 without)
-template <int D, bool DQ_ASYNC = D == 64>
+// DQ_ASYNC, 1.022 without), deterministic (ORDERED)
+template <int D, bool DQ_ASYNC = D == 64, bool ORDERED = true>
 inline void backward(bf16* dqkv, void* scratch, const bf16* dout, const bf16* qkv, const bf16* out, const float* lse,
                      const AttnShape& sh, const int* pos, cudaStream_t s) {
-    launch_bwd_prep<D>(scratch, dout, out, lse, sh, pos, s);
-    launch_bwd_main<D, DQ_ASYNC>(dqkv, scratch, dout, qkv, sh, pos, s);
+    launch_bwd_prep<D, ORDERED>(scratch, dout, out, lse, sh, pos, s);
+    launch_bwd_main<D, DQ_ASYNC, ORDERED>(dqkv, scratch, dout, qkv, sh, pos, s);
     launch_bwd_dq<D>(dqkv, scratch, sh, s);
 }
 

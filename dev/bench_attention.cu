@@ -239,13 +239,17 @@ static void sweep_forward_variants(const Path& model, const Path& mma_sync) {
     }
 }
 
-// The backward's dQ variants (DQ_ASYNC of bwd_kernel), checked like the forward's, then timed alone
+// The backward's dQ variants (DQ_ASYNC and ORDERED of bwd_kernel: unordered says what the deterministic order
+// costs), checked like the forward's, then timed alone
 static void sweep_backward_variants(const Path& model) {
     using namespace attn::sm90;
     struct Variant { const char* name; int D; BwdFn bwd; };
     const Variant variants[] = {
         {"64 dq async", 64, backward<64, true>},
         {"64 dq waited", 64, backward<64, false>},
+        {"64 dq async, unordered", 64, backward<64, true, false>},
+        {"128 dq waited", 128, backward<128, false>},
+        {"128 dq waited, unordered", 128, backward<128, false, false>},
     };
     printf("backward variants (B4 L4096 16q/4kv), TFLOP/s of the backward's 2.5x forward FLOPs:\n");
     for (const Variant& v : variants) {
