@@ -42,6 +42,10 @@ mkdir -p "$OUT"
 export NCCL_NVLS_ENABLE=0 PATH=/usr/local/cuda/bin:$PATH LD_LIBRARY_PATH=$PWD/devbin/bundle PYTHONUNBUFFERED=1
 export ANCHOR_LOG=$OUT/anchors.log MAMBA_SRC=$PWD/anchors/mamba CC1D_SRC=$PWD/anchors/causal-conv1d
 B=devbin/bundle
+gpu_idle() {  # an anchor timed beside a process left on the GPU (a run killed by its timeout) is slow: wait for it
+  for _ in $(seq 60); do [ -z "$(nvidia-smi --query-compute-apps=pid --format=csv,noheader)" ] && return; sleep 2; done
+  echo "warning: the GPU is still busy: $(nvidia-smi --query-compute-apps=pid,name --format=csv,noheader | tr '\n' ' ')"
+}
 brown="--train-data data/brown/brown_train_*.bin --val-data data/brown/brown_val_*.bin"
 while [ $# -gt 0 ]; do
   s=$1; shift
@@ -57,11 +61,11 @@ while [ $# -gt 0 ]; do
     test)   f=${1:-}; [ $# -gt 0 ] && shift
             timeout 540 ./build/test_gpu $f 2>&1 | tee "$OUT/test_gpu.log" | tail -25 ;;
     anchors) (cd anchors && python3 attn_anchor.py; python3 ../dev/anchor_mamba_ssm.py --part a) 2>&1 | tee -a "$ANCHOR_LOG" | grep -E "anchor" ;;
-    anchors-strong) (cd anchors && timeout 150 python3 anchor_strong.py --layers 48 --d 1024 -B 8 -T 2048
-                     timeout 150 python3 anchor_strong.py --layers 64 --d 2560 -B 4 -T 2048
+    anchors-strong) (cd anchors && gpu_idle && timeout 150 python3 anchor_strong.py --layers 48 --d 1024 -B 8 -T 2048
+                     gpu_idle && timeout 150 python3 anchor_strong.py --layers 64 --d 2560 -B 4 -T 2048
                      hp=$(../train_mamba --model hybrid-1.3b --dry-run | sed -n 's/^pattern: //p')
-                     timeout 150 python3 anchor_strong.py --pattern "$hp" --d 2048 -B 4 -T 2048
-                     [ "${1:-}" = quick ] || timeout 150 python3 anchor_strong.py --pattern "$hp" --d 2048 -B 1 -T 16384
+                     gpu_idle && timeout 150 python3 anchor_strong.py --pattern "$hp" --d 2048 -B 4 -T 2048
+                     [ "${1:-}" = quick ] || { gpu_idle && timeout 150 python3 anchor_strong.py --pattern "$hp" --d 2048 -B 1 -T 16384; }
                     ) 2>&1 | tee -a "$ANCHOR_LOG" | grep -E "anchor"; [ "${1:-}" = quick ] && shift ;;
     bench)  for b in dev/bench_*; do [ -x "$b" ] && { echo "== $b"; timeout 200 "$b"; }; done 2>&1 | tee "$OUT/bench.log" | grep -E "x$|ours|==" ;;
     models) # the shapes of ANCHORS.md's whole-model table (anchors-strong times the anchor's side)
