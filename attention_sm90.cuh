@@ -879,8 +879,8 @@ inline void launch_bwd_dq(bf16* dqkv, void* scratch, const AttnShape& sh, cudaSt
                                                        1.f / sqrtf((float)D));
     cudaCheckLast();
 }
-// the backward's dQ variant: the faster of dev/bench_attention --sweep (H200, 2026-12-04: D = 64 0.946 ms with
-// DQ_ASYNC, 1.022 without), deterministic (ORDERED)
+// the backward's dQ variant: the faster of dev/bench_attention --sweep (H200, 2026-12-04, two writers: D = 64
+// 0.795 ms with DQ_ASYNC, 0.845 without), deterministic (ORDERED: unordered was slower, 0.814 ms)
 template <int D, bool DQ_ASYNC = D == 64, bool ORDERED = true>
 inline void backward(bf16* dqkv, void* scratch, const bf16* dout, const bf16* qkv, const bf16* out, const float* lse,
                      const AttnShape& sh, const int* pos, cudaStream_t s) {
