@@ -295,6 +295,49 @@ __device__ inline float block_sum(float v) {
 inline int elementwise_blocks(size_t n) { return (int)std::min<size_t>((n + 255) / 256, 132 * 16); }
 
 // ----------------------------------------------------------------------------
+// Zeroing many ranges of a float buffer in one launch (a model's gradients that are added to: a
+// few small ones per layer, in one launch instead of one memset each). The ranges go in the
+// kernel's parameters (no device allocation); laid end to end they form one index space, of
+// which each block clears ZERO_SPAN consecutive elements.
+struct ZeroRanges {
+    static constexpr int MAX = 120;  // ranges a launch (1.9 KB of parameters)
+    size_t at[MAX];                  // range r starts at buf[at[r]]
+    size_t end[MAX];                 // and is elements [end[r - 1], end[r]) of the index space (end[-1] = 0)
+    int n = 0;
+};
+constexpr int ZERO_SPAN = 256 * 16;
+
+static __global__ void zero_ranges_kernel(float* buf, const ZeroRanges r) {
+    const size_t lo = (size_t)blockIdx.x * ZERO_SPAN, total = r.end[r.n - 1];
+    const size_t hi = lo + ZERO_SPAN < total ? lo + ZERO_SPAN : total;
+    int k = 0, top = r.n - 1;  // the range holding lo: the first with end > lo
+    while (k < top) {
+        const int mid = (k + top) / 2;
+        if (r.end[mid] > lo) top = mid;
+        else k = mid + 1;
+    }
+    for (size_t i = lo + threadIdx.x; i < hi; i += blockDim.x) {
+        while (r.end[k] <= i) k++;
+        buf[r.at[k] + i - (k > 0 ? r.end[k - 1] : 0)] = 0.0f;
+    }
+}
+
+// buf[b, e) = 0 for each {b, e} of `ranges`
+inline void zero_ranges(float* buf, const std::vector<std::pair<size_t, size_t>>& ranges, cudaStream_t s) {
+    for (size_t first = 0; first < ranges.size(); first += ZeroRanges::MAX) {
+        ZeroRanges r;
+        size_t total = 0;
+        for (size_t i = first; i < ranges.size() && r.n < ZeroRanges::MAX; i++, r.n++) {
+            r.at[r.n] = ranges[i].first;
+            r.end[r.n] = total += ranges[i].second - ranges[i].first;
+        }
+        if (total == 0) continue;
+        zero_ranges_kernel<<<(unsigned)((total + ZERO_SPAN - 1) / ZERO_SPAN), 256, 0, s>>>(buf, r);
+        cudaCheckLast();
+    }
+}
+
+// ----------------------------------------------------------------------------
 // device math shared by the kernels
 
 constexpr float LOG2E = 1.4426950408889634f, LN2 = 0.6931471805599453f;  // log2(e), ln(2)

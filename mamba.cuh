@@ -13,6 +13,7 @@
 //   3. Model: the GPU model. It walks the blocks forward to the loss and back to every gradient.
 // make_block is the one place that maps a layer symbol to its kind.
 #pragma once
+#include <algorithm>
 #include <cmath>
 #include <functional>
 #include <map>
@@ -100,6 +101,7 @@ struct Ctx {
     const bf16* params = nullptr;  // bf16 compute copy
     float* grads = nullptr;        // fp32 gradients (accumulated): the whole buffer, or the bucket arena
     const BucketPlan* grad_buckets = nullptr;  // several ranks: where each tensor's gradient lives in the arena
+    bool write_grads = false;  // the step's first backward: the weight-gradient matmuls write (zero_grad skipped them)
     int B = 0, T = 0;
     const int* pos = nullptr;      // (BT) position in the document, or null: one document per row
     bf16 *out_in = nullptr, *dout_in = nullptr, *din = nullptr, *conv_out = nullptr, *dconv_out = nullptr,
@@ -133,6 +135,8 @@ struct BlockBase {
     }
     // 6 FLOPs per matmul parameter and token (forward + backward)
     double matmul_flops(const ModelConfig& c) const { return 6.0 * ((double)in_width + out_width) * c.d_model; }
+    // the tensors whose gradient one weight-gradient matmul writes whole in every backward (Model::zero_grad)
+    std::vector<size_t> matmul_weights() const { return {in_proj, out_proj}; }
 };
 
 // ---- Mamba-2 ('M'): [z | xBC | dt] = in_proj(xn); [x | B | C] = silu(conv1d(xBC));
@@ -249,6 +253,7 @@ struct Mamba1Block : BlockBase {
         declare_out(c, P, "out_proj", "mamba1");
     }
     ScanShape shape_for(int B, int T) const { return {B, T, di, N}; }
+    std::vector<size_t> matmul_weights() const { return {in_proj, out_proj, x_proj, dt_proj}; }
 
     // columns of in_proj's output [x | z] and of x_proj's output [dt | B | C] (and their gradients)
     template <typename P> P* x(P* in_out) const { return in_out; }
@@ -306,9 +311,9 @@ struct Mamba1Block : BlockBase {
         selective_scan_backward(g, c.mixer_scratch, c.dout_in, scan_inputs(c, a), a.saved, shape_for(c.B, c.T), s);
         c.phase("x_proj bwd", s);
         matmul_backward(dt(c.dxproj), c.grad(dt_proj), c.ddelta, dt(a.x_proj_out), c.w(dt_proj), c.BT(), di, R,
-                        MatmulStrides{xpd, di}, s);
+                        MatmulStrides{xpd, di}, s, c.write_grads);
         matmul_backward(c.dconv_out, c.grad(x_proj), c.dxproj, c.conv_out, c.w(x_proj), c.BT(), xpd, di,
-                        MatmulStrides{di, xpd, true}, s);
+                        MatmulStrides{di, xpd, true}, s, c.write_grads);
         c.phase("conv1d bwd", s);
         conv1d_silu_backward(x(c.din), 2 * di, c.grad(conv_w), c.grad(conv_b), c.norm_scratch, c.dconv_out,
                              x(a.in_out), 2 * di, c.w(conv_w), c.w(conv_b), c.pos, c.B, c.T, di, K, s);
@@ -429,6 +434,22 @@ struct ParamLayout : ParamTable {
         lm_head = c.tie_embeddings ? embedding : add("lm_head", {Vp, d}, true, Init::LinearUniform, "lm_head");
     }
     const BlockBase& block(int l) const { return base_of(blocks[l]); }
+
+    // The gradients that the backward adds to, as [begin, end) runs of the buffer: every tensor but those one
+    // weight-gradient matmul writes whole (the blocks' matmul_weights and the LM head, which a tied embedding
+    // is). Model::zero_grad clears only these; a step's first backward writes the others.
+    std::vector<std::pair<size_t, size_t>> added_grads() const {
+        std::vector<size_t> written = {lm_head};
+        for (const Block& b : blocks)
+            std::visit([&](const auto& k) { for (size_t o : k.matmul_weights()) written.push_back(o); }, b);
+        std::vector<std::pair<size_t, size_t>> runs;
+        for (const TensorInfo& t : tensors) {  // in buffer order
+            if (std::find(written.begin(), written.end(), t.offset) != written.end()) continue;
+            if (!runs.empty() && runs.back().second == t.offset) runs.back().second += t.count;
+            else runs.push_back({t.offset, t.offset + t.count});
+        }
+        return runs;
+    }
 };
 
 // mamba_ssm's initialisation: embedding N(0, 0.02); Linear kaiming-uniform (bound
@@ -549,8 +570,10 @@ struct StepGraph {
     struct Key {
         bool weighted = false, positions = false;
         float z_loss = 0.0f;
+        bool write_grads = false;  // the step's first micro-batch (Model::zero_grad)
         bool operator==(const Key& o) const {
-            return weighted == o.weighted && positions == o.positions && z_loss == o.z_loss;
+            return weighted == o.weighted && positions == o.positions && z_loss == o.z_loss &&
+                   write_grads == o.write_grads;
         }
     } key;
     cudaGraphExec_t exec = nullptr;
@@ -593,6 +616,7 @@ struct Model {
     // offsets); several, the bucket arena (ctx.grad maps each offset to its bucket's place)
     float* grads = nullptr;
     float* grad_shard = nullptr;  // the rank's reduced gradients, as master (one rank: grads itself)
+    const std::vector<std::pair<size_t, size_t>> added_grads;  // layout.added_grads(), for zero_grad
 
     // activations for the (B, T) given to allocate()
     int B = 0, T = 0;
@@ -609,7 +633,7 @@ struct Model {
     int *d_inputs = nullptr, *d_targets = nullptr, *d_rank = nullptr, *d_pos = nullptr;
     float *d_weights = nullptr, *d_dloss = nullptr;
     EmbeddingBuckets buckets;
-    StepGraph graph;                // the captured micro-batch (train_micro_batch)
+    StepGraph graphs[2];            // the captured micro-batch (train_micro_batch): [1] a step's first, [0] the rest
     std::vector<void*> owned;       // every activation allocation, freed together
     PhaseTimer* timer = nullptr;    // set to time each phase
     // Called by backward() as the gradients become final from the end of the buffer down, at
@@ -619,7 +643,8 @@ struct Model {
 
     // rank `rank` of `world` (ZeRO, zero.h); bucket_elems: the gradient buckets' least size
     explicit Model(const ModelConfig& c, int world = 1, int rank = 0, size_t bucket_elems = 0)
-        : cfg(c), layout(c), shard(make_sharding(layout, grad_walk(layout), world, rank, bucket_elems)) {
+        : cfg(c), layout(c), shard(make_sharding(layout, grad_walk(layout), world, rank, bucket_elems)),
+          added_grads(layout.added_grads()) {
         params = cuda_malloc_n<bf16>(layout.total, "bf16 weights");
         master_lo = cuda_malloc_n<int16_t>(shard.count(), "master weights' low halves");
         const size_t grad_floats = shard.sharded() ? shard.buckets.arena : layout.total;
@@ -728,7 +753,7 @@ struct Model {
     }
 
     void free_activations() {
-        graph.release();  // it holds the addresses of what is freed here
+        for (StepGraph& g : graphs) g.release();  // they hold the addresses of what is freed here
         free_stages();
         for (void* p : owned) cudaFree(p);
         owned.clear();
@@ -790,9 +815,10 @@ struct Model {
         const bf16* out_in = nullptr;
         visit(l, [&](const auto& blk) { out_in = blk.out_input(ctx, a); });
         phase("out_proj bwd", s);
-        matmul_backward_weight(ctx.grad(b.out_proj), dresid_bf16, out_in, BT, d, b.out_width, out_ld, s);
+        matmul_backward_weight(ctx.grad(b.out_proj), dresid_bf16, out_in, BT, d, b.out_width, out_ld, s,
+                               ctx.write_grads);
         phase("in_proj bwd", s);
-        matmul_backward(dxn, ctx.grad(b.in_proj), ctx.din, xn, w(b.in_proj), BT, b.in_width, d, s);
+        matmul_backward(dxn, ctx.grad(b.in_proj), ctx.din, xn, w(b.in_proj), BT, b.in_width, d, s, ctx.write_grads);
         phase("rmsnorm bwd", s);
         rmsnorm_backward(dresid, dresid_bf16, ctx.grad(b.norm), ctx.norm_scratch, dxn, xhat[l], w(b.norm), rstd[l], BT, d, s);
     }
@@ -857,7 +883,8 @@ struct Model {
             return;
         }
         upload_batch(batch, dloss, s);
-        const StepGraph::Key key{batch.weights != nullptr, batch.pos != nullptr, z_loss};
+        const StepGraph::Key key{batch.weights != nullptr, batch.pos != nullptr, z_loss, ctx.write_grads};
+        StepGraph& graph = graphs[key.write_grads];
         if (!graph.exec || !(graph.key == key)) {
             buckets.reserve(B * T, cfg.padded_vocab());  // what the step allocates on first use exists before
             matmul_init();
@@ -867,6 +894,7 @@ struct Model {
             });
         }
         cudaCheck(cudaGraphLaunch(graph.exec, s));
+        ctx.write_grads = false;  // (the capture's backward() cleared it too)
     }
 
     // the batch's arrays (and dloss, the loss gradient's scale) into the device buffers the forward reads
@@ -923,7 +951,7 @@ struct Model {
             if (grad) {
                 phase("lm_head bwd", s);
                 matmul_backward(dxn + (size_t)r0 * d, ctx.grad(layout.lm_head), logits, xn + (size_t)r0 * d,
-                                w(layout.lm_head), rows, Vp, d, s);
+                                w(layout.lm_head), rows, Vp, d, s, ctx.write_grads && r0 == 0);
             }
         }
     }
@@ -945,12 +973,21 @@ struct Model {
         phase("embedding bwd", s);
         embedding_backward(ctx.grad(layout.embedding), dresid, buckets, BT, d, s);
         if (grads_done) grads_done(0, true, s);
+        ctx.write_grads = false;  // the next backward adds
     }
 
-    // (several ranks zero each bucket as the backward reaches it: GradReducer)
+    // The gradients are zero for the next backward. One rank: only those the backward adds to are
+    // cleared (layout.added_grads(): norms, the mixers' own tensors, an untied embedding); the matmul
+    // weights' are left for the next backward's weight-gradient matmuls to write instead of adding to
+    // zeros (beta 0), which saves clearing them and reading them back (most of the parameters).
+    // (Several ranks zero each bucket as the backward reaches it: GradReducer.)
     void zero_grad(cudaStream_t s = 0) {
-        const size_t n = shard.sharded() ? shard.buckets.arena : layout.total;
-        cudaCheck(cudaMemsetAsync(grads, 0, n * sizeof(float), s));
+        if (shard.sharded()) {
+            cudaCheck(cudaMemsetAsync(grads, 0, shard.buckets.arena * sizeof(float), s));
+            return;
+        }
+        zero_ranges(grads, added_grads, s);
+        ctx.write_grads = true;
     }
 
     // The sum of the per-token losses of every forward (with targets) since the last call,

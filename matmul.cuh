@@ -58,26 +58,27 @@ inline void matmul_backward_input(bf16* dinp, const bf16* dout, const bf16* weig
     gemm(CUBLAS_OP_N, CUBLAS_OP_N, K, M, N, weight, K, dout, ld.out, dinp, CUDA_R_16BF, ld.inp,
          ld.accumulate_dinp ? 1.0f : 0.0f, s);
 }
-// dW(N,K) += dout^T @ inp; ld.inp strides inp, ld.out strides dout
+// dW(N,K) += dout^T @ inp, or with `write` dW = dout^T @ inp (what it held is never read: the first
+// micro-batch of a step writes instead of adding to zeros); ld.inp strides inp, ld.out strides dout
 inline void matmul_backward_weight(float* dweight, const bf16* dout, const bf16* inp, int M, int N, int K,
-                                   MatmulStrides ld, cudaStream_t s) {
-    gemm(CUBLAS_OP_N, CUBLAS_OP_T, K, N, M, inp, ld.inp, dout, ld.out, dweight, CUDA_R_32F, K, 1.0f, s);
+                                   MatmulStrides ld, cudaStream_t s, bool write = false) {
+    gemm(CUBLAS_OP_N, CUBLAS_OP_T, K, N, M, inp, ld.inp, dout, ld.out, dweight, CUDA_R_32F, K, write ? 0.0f : 1.0f, s);
 }
 
-// dinp(M,K) = dout(M,N) @ W(N,K) (skipped if dinp is null); dW(N,K) += dout^T @ inp.
+// dinp(M,K) = dout(M,N) @ W(N,K) (skipped if dinp is null); dW(N,K) += dout^T @ inp (= with `write`).
 // ld.inp strides inp and dinp, ld.out strides dout.
 inline void matmul_backward(bf16* dinp, float* dweight, const bf16* dout, const bf16* inp, const bf16* weight, int M,
-                            int N, int K, MatmulStrides ld, cudaStream_t s) {
+                            int N, int K, MatmulStrides ld, cudaStream_t s, bool write = false) {
     if (dinp) matmul_backward_input(dinp, dout, weight, M, N, K, ld, s);
-    matmul_backward_weight(dweight, dout, inp, M, N, K, ld, s);
+    matmul_backward_weight(dweight, dout, inp, M, N, K, ld, s, write);
 }
 
 inline void matmul_forward(bf16* out, const bf16* inp, const bf16* weight, int M, int N, int K, cudaStream_t s) {
     matmul_forward(out, inp, weight, M, N, K, MatmulStrides{K, N}, s);
 }
 
-// dinp(M,K) = dout(M,N) @ W(N,K) (skipped if dinp is null); dW(N,K) += dout^T @ inp
+// dinp(M,K) = dout(M,N) @ W(N,K) (skipped if dinp is null); dW(N,K) += dout^T @ inp (= with `write`)
 inline void matmul_backward(bf16* dinp, float* dweight, const bf16* dout, const bf16* inp, const bf16* weight, int M,
-                            int N, int K, cudaStream_t s) {
-    matmul_backward(dinp, dweight, dout, inp, weight, M, N, K, MatmulStrides{K, N}, s);
+                            int N, int K, cudaStream_t s, bool write = false) {
+    matmul_backward(dinp, dweight, dout, inp, weight, M, N, K, MatmulStrides{K, N}, s, write);
 }

@@ -59,6 +59,40 @@ TEST_CASE("config: parameter layout counts every tensor once, in order", "[confi
     CHECK(tied.lm_head == tied.embedding);
 }
 
+TEST_CASE("config: zero_grad clears every gradient but the matmul weights', which the first backward writes", "[config]") {
+    // per element of the buffer: cleared by zero_grad (a run of added_grads) or written by a weight-gradient
+    // matmul (in_proj, out_proj, Mamba-1's x_proj and dt_proj, the LM head or the tied embedding), never both
+    for (const char* name : {"mamba2-tiny", "mamba-tiny", "hybrid-tiny", "transformer-tiny"}) {
+        for (bool tied : {true, false}) {
+            ModelConfig c = model_preset(name, false);
+            c.tie_embeddings = tied;
+            c.finalize();
+            const ParamLayout L(c);
+            INFO(name << (tied ? ", tied" : ", untied"));
+            std::vector<int> covered(L.total, 0);
+            size_t prev_end = 0;
+            for (auto [b, e] : L.added_grads()) {
+                REQUIRE(b >= prev_end);  // sorted, disjoint, merged (no two runs touch)
+                CHECK((b > prev_end || prev_end == 0));
+                REQUIRE(e > b);
+                REQUIRE(e <= L.total);
+                for (size_t i = b; i < e; i++) covered[i]++;
+                prev_end = e;
+            }
+            for (const TensorInfo& t : L.tensors) {
+                const std::string n = t.name.substr(t.name.rfind('.') + 1);
+                const bool matmul = n == "in_proj" || n == "out_proj" || n == "x_proj" || n == "dt_proj" ||
+                                    n == "qkv_proj" || n == "o_proj" || n == "up_proj" || n == "down_proj" ||
+                                    n == "lm_head" || (tied && n == "embedding");
+                INFO(t.name);
+                for (size_t i = t.offset; i < t.offset + t.count; i += std::max<size_t>(1, t.count / 7))
+                    REQUIRE(covered[i] == (matmul ? 0 : 1));
+                REQUIRE(covered[t.offset + t.count - 1] == (matmul ? 0 : 1));
+            }
+        }
+    }
+}
+
 TEST_CASE("config: initialisation follows mamba_ssm", "[config]") {
     ModelConfig c = model_preset("mamba2-tiny");
     ParamLayout L(c);
