@@ -2,8 +2,9 @@
 // bench batch, each distinct matmul of a block (in_proj and out_proj: forward, input gradient, weight gradient)
 // and of the LM head (one chunk of LOGIT_CHUNK rows), timed as the engine calls it, in TFLOP/s. The weight
 // gradients (fp32, added into the gradient buffer: beta 1) are also timed writing instead (beta 0), and every
-// matmul against the fastest of cuBLASLt's heuristic candidates for the same call (the engine's call takes the
-// library's first choice): what choosing the algorithm per shape would give.
+// matmul against the fastest of cuBLASLt's heuristic candidates for the same call (the engine's cublasGemmEx
+// leaves the choice to the library): what choosing the algorithm per shape would give. Each candidate's output
+// is first compared with the engine's on a sample of elements (random operands).
 // usage: dev/bench_matmul [--model NAME -B N -T N] [--iters N]   (default: the four models of the step table)
 #include <algorithm>
 #include <cstring>
@@ -32,7 +33,27 @@ static cublasLtHandle_t lt_handle() {
     return h;
 }
 
-// the fastest of cuBLASLt's heuristic candidates for g (ms), and how many there were; -1 if none ran
+// SAMPLE elements of g's output spread over it, as floats: two ways of computing it are compared on them
+constexpr int SAMPLE = 4096;
+__device__ inline float as_float(bf16 v) { return __bfloat162float(v); }
+__device__ inline float as_float(float v) { return v; }
+template <typename T>
+__global__ void sample_kernel(float* out, const T* c, int m, int n, int ldc) {
+    const int s = blockIdx.x * blockDim.x + threadIdx.x;
+    if (s < SAMPLE) out[s] = as_float(c[(size_t)s * 7919 % n * ldc + (size_t)s * 104729 % m]);
+}
+static std::vector<float> sample_output(const Gemm& g) {
+    static float* d = cuda_malloc_n<float>(SAMPLE, "output sample");
+    if (g.ctype == CUDA_R_32F) sample_kernel<<<SAMPLE / 256, 256>>>(d, (const float*)g.C, g.m, g.n, g.ldc);
+    else sample_kernel<<<SAMPLE / 256, 256>>>(d, (const bf16*)g.C, g.m, g.n, g.ldc);
+    cudaCheckLast();
+    std::vector<float> h(SAMPLE);
+    cudaCheck(cudaMemcpy(h.data(), d, SAMPLE * sizeof(float), cudaMemcpyDeviceToHost));
+    return h;
+}
+
+// the fastest of cuBLASLt's heuristic candidates for g (ms), and how many there were; -1 if none ran. Each
+// candidate first computes g with beta 0, which must match the engine's call on the sample (else it is not timed)
 static double lt_best(const Gemm& g, int* candidates) {
     constexpr int WANT = 16;
     constexpr size_t WS = 64 << 20;
@@ -53,14 +74,30 @@ static double lt_best(const Gemm& g, int* candidates) {
     cublasLtMatmulHeuristicResult_t res[WANT];
     int got = 0;
     cublasCheck(cublasLtMatmulAlgoGetHeuristic(lt_handle(), op, la, lb, lc, lc, pref, WANT, res, &got));
-    const float alpha = 1.f;
+    const float alpha = 1.f, zero = 0.f;
+    Gemm written = g;
+    written.beta = 0.f;
+    written.run();
+    const std::vector<float> ref = sample_output(written);
+    float scale = 0;
+    for (float v : ref) scale = std::max(scale, std::fabs(v));
+    if (!(scale > 0)) THROW("bench_matmul: the engine's output sample is all zero or not finite (m %d n %d k %d)", g.m,
+                            g.n, g.k);
     double best = -1;
     for (int i = 0; i < got; i++) {
-        auto call = [&] {
-            cublasCheck(cublasLtMatmul(lt_handle(), op, &alpha, g.A, la, g.B, lb, &g.beta, g.C, lc, g.C, lc,
+        auto call = [&](const float* beta) {
+            cublasCheck(cublasLtMatmul(lt_handle(), op, &alpha, g.A, la, g.B, lb, beta, g.C, lc, g.C, lc,
                                        &res[i].algo, ws, WS, 0));
         };
-        const double ms = time_ms(call, 2, std::max(3, kIters / 4));
+        call(&zero);
+        const std::vector<float> got_sample = sample_output(g);
+        float err = 0;
+        for (int j = 0; j < SAMPLE; j++) err = std::max(err, std::fabs(got_sample[j] - ref[j]));
+        if (!(err <= 1e-2f * scale)) {  // bf16 outputs differ by a rounding step at most
+            printf("  candidate %d FAIL: max difference %.3g against the engine's output (largest %.3g)\n", i, err, scale);
+            continue;
+        }
+        const double ms = time_ms([&] { call(&g.beta); }, 2, std::max(3, kIters / 4));
         if (best < 0 || ms < best) best = ms;
     }
     *candidates = got;
