@@ -636,7 +636,7 @@ __global__ void __launch_bounds__(384, 1) bwd_kernel(const __grid_constant__ Bwd
     auto owns_dq = [&](int i) { return D == 128 || i % 2 == wg; };
     auto stage_dq = [&](int i) {
         mbar_wait(&dq_empty[i & 1], ((i / 2) & 1) ^ 1);
-        float* dst = sdq(i & 1) + (D == 128 ? wg * 4096 : 0);
+        float* dst = sdq(i & 1) + (D == 128 ? wg * BM * 64 : 0);
 #pragma unroll
         for (int r = 0; r < 8; r++)
             *reinterpret_cast<float4*>(dst + (r * 128 + wt) * 4) =
@@ -809,7 +809,7 @@ __global__ void bwd_dq_kernel(bf16* __restrict__ dqkv, const float* __restrict__
     const int t = threadIdx.x, half = blockIdx.x % NH;
     const size_t tile = blockIdx.x / NH;
     const int M = Tp / BM, m = (int)(tile % M), bh = (int)(tile / M), h = bh % Hq, b = bh / Hq;
-    const float* src = dqacc + tile * BM * D + half * 4096;
+    const float* src = dqacc + tile * BM * D + half * BM * 64;  // a 64-column half of the tile: BM x 64 fp32
     const int r = 16 * (t / 32) + (t % 32) / 4, c = 2 * (t % 4);
 #pragma unroll
     for (int j = 0; j < 8; j++) {
