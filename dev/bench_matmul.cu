@@ -111,6 +111,11 @@ static void report(const std::string& what, const Gemm& g) {
     const double ms = time_ms([&] { g.run(); }, 3, kIters);
     int cand = 0;
     const double best = lt_best(g, &cand);
+    if (best < 0) {
+        printf("  %-30s m %6d n %6d k %6d %8.3f ms %5.0f TFLOP/s | none of %d cuBLASLt candidates ran\n", what.c_str(),
+               g.m, g.n, g.k, ms, g.flops() / ms / 1e9, cand);
+        return;
+    }
     printf("  %-30s m %6d n %6d k %6d %8.3f ms %5.0f TFLOP/s | best of %2d cuBLASLt candidates %8.3f ms %5.0f (%.2fx)\n",
            what.c_str(), g.m, g.n, g.k, ms, g.flops() / ms / 1e9, cand, best, g.flops() / best / 1e9, ms / best);
 }
