@@ -570,10 +570,8 @@ struct StepGraph {
     struct Key {
         bool weighted = false, positions = false;
         float z_loss = 0.0f;
-        bool write_grads = false;  // the step's first micro-batch (Model::zero_grad)
         bool operator==(const Key& o) const {
-            return weighted == o.weighted && positions == o.positions && z_loss == o.z_loss &&
-                   write_grads == o.write_grads;
+            return weighted == o.weighted && positions == o.positions && z_loss == o.z_loss;
         }
     } key;
     cudaGraphExec_t exec = nullptr;
@@ -883,8 +881,8 @@ struct Model {
             return;
         }
         upload_batch(batch, dloss, s);
-        const StepGraph::Key key{batch.weights != nullptr, batch.pos != nullptr, z_loss, ctx.write_grads};
-        StepGraph& graph = graphs[key.write_grads];
+        const StepGraph::Key key{batch.weights != nullptr, batch.pos != nullptr, z_loss};
+        StepGraph& graph = graphs[ctx.write_grads];  // captured with the weight-gradient matmuls writing or adding
         if (!graph.exec || !(graph.key == key)) {
             buckets.reserve(B * T, cfg.padded_vocab());  // what the step allocates on first use exists before
             matmul_init();
