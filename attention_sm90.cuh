@@ -601,7 +601,7 @@ __global__ void __launch_bounds__(384, 1) bwd_kernel(const __grid_constant__ Bwd
                     red_release_add(sem, 1);
                 }
             }
-            bulk_wait<0>();
+            if constexpr (!ORDERED) bulk_wait<0>();  // (ORDERED waited for each reduction in turn)
         }
         return;
     }

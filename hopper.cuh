@@ -245,25 +245,18 @@ __device__ inline void fence_regs(uint32_t (&r)[N][4]) {
 
 // d (64 x N fp32) = A (64 x 16) B (16 x N) + (accumulate ? d : 0), bf16 operands from smem descriptors;
 // TA / TB = 1: A / B MN-major (else K-major). N = 2 x the accumulator's length (64 or 128).
+#define HOPPER_WGMMA_SS_N64                                                                                \
+    "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                                                           \
+    "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " HOPPER_REGS32 ", %32, %33, p, 1, 1, %35, %36;\n}\n"
 template <int TA, int TB>
 __device__ inline void wgmma_ss(float (&d)[32], uint64_t a, uint64_t b, int accumulate) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " HOPPER_REGS32 ", %32, %33, p, 1, 1, %35, %36;\n}\n"
-        : HOPPER_ACC32
-        : "l"(a), "l"(b), "r"(accumulate), "n"(TA), "n"(TB)
-        : "memory");
+    asm volatile(HOPPER_WGMMA_SS_N64 : HOPPER_ACC32 : "l"(a), "l"(b), "r"(accumulate), "n"(TA), "n"(TB) : "memory");
 }
 // d = A B, the first k-step into an accumulator whose old value is dead: written only, so that an accumulator
 // kept across loop iterations (read after its matmul finishes in the next one) is not live into the matmul
 template <int TA, int TB>
 __device__ inline void wgmma_ss_first(float (&d)[32], uint64_t a, uint64_t b) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " HOPPER_REGS32 ", %32, %33, p, 1, 1, %35, %36;\n}\n"
-        : HOPPER_OUT32
-        : "l"(a), "l"(b), "r"(0), "n"(TA), "n"(TB)
-        : "memory");
+    asm volatile(HOPPER_WGMMA_SS_N64 : HOPPER_OUT32 : "l"(a), "l"(b), "r"(0), "n"(TA), "n"(TB) : "memory");
 }
 template <int TA, int TB>
 __device__ inline void wgmma_ss(float (&d)[64], uint64_t a, uint64_t b, int accumulate) {
@@ -301,5 +294,6 @@ __device__ inline void wgmma_rs(float (&d)[64], const uint32_t (&a)[4], uint64_t
 #undef HOPPER_OUT32
 #undef HOPPER_REGS32
 #undef HOPPER_REGS64
+#undef HOPPER_WGMMA_SS_N64
 
 }  // namespace hopper
