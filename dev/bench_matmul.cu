@@ -5,12 +5,13 @@
 // matmul against the fastest of cuBLASLt's heuristic candidates for the same call (the engine's cublasGemmEx
 // leaves the choice to the library): what choosing the algorithm per shape would give. Each candidate's output
 // is first compared with the engine's on a sample of elements (random operands).
-// usage: dev/bench_matmul [--model NAME -B N -T N] [--iters N]   (default: the four models of the step table)
+// usage: dev/bench_matmul [--model NAME [-B N] [-T N]] [--iters N]   (default: the four models of the step table)
 #include <algorithm>
-#include <cstring>
+#include <random>
 #include <string>
 #include <vector>
 #include <cublasLt.h>
+#include "flags.h"
 #include "mamba.cuh"
 #include "dev/timing.h"
 
@@ -134,8 +135,9 @@ static void bench_model(const ModelConfig& c, int B, int T) {
     }
     // operands: random bf16 (the values do not change the time); outputs fp32-sized to hold either type
     std::vector<bf16> host(std::max(wmax, amax));
-    uint64_t x = 1;
-    for (auto& v : host) v = __float2bfloat16(((x = x * 6364136223846793005ULL + 1) >> 40) * 0x1p-24f - 0.5f);
+    std::mt19937 rng(1);
+    std::uniform_real_distribution<float> uniform(-0.5f, 0.5f);
+    for (auto& v : host) v = __float2bfloat16(uniform(rng));
     auto upload = [&](size_t n) {
         bf16* p = cuda_malloc_n<bf16>(n, "bench operand");
         cudaCheck(cudaMemcpy(p, host.data(), n * sizeof(bf16), cudaMemcpyHostToDevice));
@@ -172,19 +174,19 @@ int main(int argc, char** argv) {
     struct Run { std::string model; int B, T; };
     std::vector<Run> runs = {{"nvidia-transformer-8b", 2, 4096}, {"hybrid-1.3b", 4, 2048},
                              {"mamba2-370m", 8, 2048}, {"mamba2-2.7b", 4, 2048}};
-    Run one{"", 0, 0};
-    for (int i = 1; i < argc; i++) {
-        const bool more = i + 1 < argc;
-        if (!strcmp(argv[i], "--model") && more) one.model = argv[++i];
-        else if (!strcmp(argv[i], "-B") && more) one.B = atoi(argv[++i]);
-        else if (!strcmp(argv[i], "-T") && more) one.T = atoi(argv[++i]);
-        else if (!strcmp(argv[i], "--iters") && more) kIters = atoi(argv[++i]);
-        else {
-            fprintf(stderr, "usage: bench_matmul [--model NAME -B N -T N] [--iters N]\n");
-            return 1;
-        }
+    Run one{"", 1, 2048};
+    try {
+        Flags f("usage: bench_matmul [flags]   (default: the four models of the step table)");
+        f.add({"--model"}, &one.model, "NAME", "one model only, at -B and -T");
+        f.add({"-B"}, &one.B, "N", "its micro-batch sequences", Range::at_least(1));
+        f.add({"-T"}, &one.T, "N", "its sequence length", Range::at_least(1));
+        f.add({"--iters"}, &kIters, "N", "timed repetitions of each matmul", Range::at_least(1));
+        if (!f.parse(argc, argv).empty()) THROW("bench_matmul takes no positional arguments (see --help)");
+    } catch (const std::exception& e) {
+        fprintf(stderr, "error: %s\n", e.what());
+        return 1;
     }
-    if (!one.model.empty()) runs = {{one.model, one.B > 0 ? one.B : 1, one.T > 0 ? one.T : 2048}};
+    if (!one.model.empty()) runs = {one};
     try {
         matmul_init();
         for (const Run& r : runs) {
