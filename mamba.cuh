@@ -486,7 +486,8 @@ inline void init_parameters(float* master, const ParamLayout& layout, const Mode
     }
 }
 
-// rows of logits that exist at once (the LM head and the loss run chunk by chunk)
+// rows of logits that exist at once by default (the LM head and the loss run chunk by chunk;
+// --logit-chunk: larger chunks make larger LM-head matmuls for more memory)
 constexpr int LOGIT_CHUNK = 2048;
 
 // Activation memory for (B, T): per layer what its block keeps (with recompute, one set
@@ -496,12 +497,13 @@ constexpr int LOGIT_CHUNK = 2048;
 struct ActivationSizes {
     std::vector<KeptSizes> kept;  // per layer (one entry with recompute)
     SharedSizes shared;
-    size_t resid, logits, total_bytes;  // resid: elements of one (BT, d) row block
+    size_t resid = 0, logits = 0, total_bytes = 0;  // resid: elements of one (BT, d) row block
 };
 
 inline size_t kept_bytes(const KeptSizes& k) { return (k.in_out + k.y + k.x_proj_out) * 2 + k.stats * 4 + k.saved_bytes; }
 
-inline ActivationSizes activation_sizes(const ModelConfig& c, int B, int T, bool recompute = false) {
+inline ActivationSizes activation_sizes(const ModelConfig& c, int B, int T, bool recompute = false,
+                                        int logit_chunk = LOGIT_CHUNK) {
     const ParamLayout L(c);
     const size_t BT = (size_t)B * T, d = c.d_model, nl = c.n_layer;
     ActivationSizes s;
@@ -516,7 +518,7 @@ inline ActivationSizes activation_sizes(const ModelConfig& c, int B, int T, bool
     if (recompute) s.kept.push_back(mx);
     s.shared.norm_scratch = std::max(s.shared.norm_scratch, rmsnorm_backward_scratch_floats((int)BT, (int)d));
     s.resid = BT * d;
-    s.logits = std::min(BT, (size_t)LOGIT_CHUNK) * c.padded_vocab();
+    s.logits = std::min(BT, (size_t)logit_chunk) * c.padded_vocab();
     size_t kept = 0;
     for (const KeptSizes& k : s.kept) kept += kept_bytes(k);
     const SharedSizes& h = s.shared;
@@ -700,7 +702,7 @@ struct Model {
     void allocate(int B_, int T_) {
         free_activations();
         B = B_; T = T_;
-        sz = activation_sizes(cfg, B, T, recompute);
+        sz = activation_sizes(cfg, B, T, recompute, logit_chunk);
         const size_t BT = (size_t)B * T;
         h = alloc<float>(sz.resid, "residual stream");
         for (int l = 0; l <= cfg.n_layer; l++) {
@@ -931,8 +933,10 @@ struct Model {
         if (rows > logit_rows()) THROW("compute_logits: %d rows asked, the buffer holds %d", rows, logit_rows());
         matmul_forward(logits, xn + (size_t)r0 * cfg.d_model, w(layout.lm_head), rows, cfg.padded_vocab(), cfg.d_model, s);
     }
-    int logit_chunk = LOGIT_CHUNK;  // tests set it smaller to run several chunks
-    int logit_rows() const { return std::min(B * T, std::min(logit_chunk, LOGIT_CHUNK)); }
+    // rows of logits a chunk: set before allocate() sizes the buffer (tests set it smaller after, to run several
+    // chunks); never more than the buffer holds
+    int logit_chunk = LOGIT_CHUNK;
+    int logit_rows() const { return (int)std::min((size_t)logit_chunk, sz.logits / cfg.padded_vocab()); }
 
     // The LM head and the loss run over chunks of rows, so the logits of the whole batch
     // never exist at once; with dloss > 0 each chunk's gradient goes straight through the

@@ -51,6 +51,7 @@ struct Args {
     std::string resume;
     std::string init_from, export_dir;     // Hugging Face / mamba_ssm directories (hf.h)
     bool bench = false, profile = false, dry_run = false, recompute = false;
+    int logit_chunk = LOGIT_CHUNK;
     int ranks = 0;         // --dry-run: plan memory for this many ranks (default: the run's)
     double gpu_mem = 0;    // --dry-run: the device memory (GiB) the plan must fit in (0: not judged)
     int bench_steps = 20;
@@ -93,6 +94,9 @@ static Args parse_args(int argc, char** argv) {
     f.flag({"--recompute"}, &a.recompute,
            "keep only the residual stream per layer; rerun each layer's forward\nin the backward (less memory, "
            "about one more forward of time)");
+    f.add({"--logit-chunk"}, &a.logit_chunk, "N",
+          "rows of logits at once: the LM head and the loss run over chunks of\nN rows (larger: larger LM-head matmuls; "
+          "the buffer is\nN x padded vocab x 2 bytes)", Range::at_least(1));
     f.section("optimizer:");
     f.add({"--steps"}, &a.steps, "N", "optimizer steps", Range::at_least(1));
     f.add({"--lr"}, &a.lr, "F", "peak learning rate", Range::above(0));
@@ -210,9 +214,9 @@ static ModelConfig model_config(const Args& a) {
 
 // What one rank allocates (zero.h's plan; with several ranks the rank that needs the most), and
 // whether it fits a GPU of gpu_gib GiB (0: not judged)
-static void print_memory(const ModelConfig& c, const ParamLayout& layout, int B, int T, bool recompute, bool muon,
-                         int world, size_t bucket_elems, double gpu_gib) {
-    const size_t act = activation_sizes(c, B, T, recompute).total_bytes;
+static void print_memory(const ModelConfig& c, const ParamLayout& layout, int B, int T, bool recompute, int logit_chunk,
+                         bool muon, int world, size_t bucket_elems, double gpu_gib) {
+    const size_t act = activation_sizes(c, B, T, recompute, logit_chunk).total_bytes;
     const GradWalk walk = grad_walk(layout);
     RankMemory m;
     int worst = 0;
@@ -236,8 +240,8 @@ static void print_memory(const ModelConfig& c, const ParamLayout& layout, int B,
     }
 }
 
-static void print_dry_run(const ModelConfig& c, const ParamLayout& layout, int B, int T, bool recompute, bool muon,
-                          int world, size_t bucket_elems, double gpu_gib = 0) {
+static void print_dry_run(const ModelConfig& c, const ParamLayout& layout, int B, int T, bool recompute, int logit_chunk,
+                          bool muon, int world, size_t bucket_elems, double gpu_gib = 0) {
     printf("model: %s\n", c.name.c_str());
     printf("pattern: %s\n", c.pattern.c_str());
     int n[3] = {0, 0, 0};
@@ -259,7 +263,7 @@ static void print_dry_run(const ModelConfig& c, const ParamLayout& layout, int B
     for (auto& t : layout.tensors) per_kind[t.kind] += t.count;
     printf("params: %zu\n", layout.total);
     for (auto& kv : per_kind) printf("  %-10s %zu\n", kv.first.c_str(), kv.second);
-    print_memory(c, layout, B, T, recompute, muon, world, bucket_elems, gpu_gib);
+    print_memory(c, layout, B, T, recompute, logit_chunk, muon, world, bucket_elems, gpu_gib);
     printf("flops per token (fwd+bwd): %.3g\n", flops_per_token(c, T));
     fflush(stdout);
 }
@@ -386,11 +390,11 @@ static void run_bench(const Args& a, const Plan& p, Model& model, Trainer& train
     double tps = tokens_per_step / med;
     const int world = trainer.comm.world;
     const RankMemory plan = rank_memory(model.layout, model.shard, a.opt.optimizer == "muon", model.sz.total_bytes);
-    printf("bench: %s B=%d T=%d accum=%d%s%s on %d GPU(s): median step %.2f ms, %.0f tokens/s (%.0f per GPU), "
+    printf("bench: %s B=%d T=%d accum=%d%s%s%s on %d GPU(s): median step %.2f ms, %.0f tokens/s (%.0f per GPU), "
            "MFU %.1f%%, device memory in use %.2f GiB, allocated %.2f GiB (rank 0; its plan %.2f GiB; optimizer "
            "state %.2f GiB)\n",
            p.cfg.name.c_str(), a.B, a.T, accum, a.recompute ? " recompute" : "", a.opt.optimizer == "muon" ? " muon" : "",
-           world, med * 1e3, tps, tps / world, peak > 0 ? 100.0 * fpt * tps / peak : 0.0,
+           a.logit_chunk != LOGIT_CHUNK ? strformat(" logit-chunk %d", a.logit_chunk).c_str() : "", world, med * 1e3, tps, tps / world, peak > 0 ? 100.0 * fpt * tps / peak : 0.0,
            (total_b - free_b) / double(1 << 30), cuda_allocated_bytes() / double(1 << 30), plan.total() / double(1 << 30),
            trainer.state_bytes() / double(1 << 30));
     if (a.profile) {  // the events themselves add a little time: shares, not a second clock
@@ -409,8 +413,8 @@ static int run(const Args& a, Comm& comm) {
     Plan p = make_plan(a, a.ranks > 0 ? 0 : comm.rank, world);
     const ParamLayout layout(p.cfg);
     if (a.dry_run) {
-        print_dry_run(p.cfg, layout, a.B, a.T, a.recompute, a.opt.optimizer == "muon", world, a.opt.bucket_elems(),
-                      a.gpu_mem);
+        print_dry_run(p.cfg, layout, a.B, a.T, a.recompute, a.logit_chunk, a.opt.optimizer == "muon", world,
+                      a.opt.bucket_elems(), a.gpu_mem);
         printf("schedule: %s (unit: %s)\n", p.sched.describe().c_str(), a.schedule_unit.c_str());
         if (p.train) printf("data: %zu training tokens in %zu shard(s)\n", p.train->num_tokens(), p.train->num_shards());
         if (!p.resume.empty()) printf("resume: %s\n", p.resume.c_str());
@@ -424,14 +428,15 @@ static int run(const Args& a, Comm& comm) {
     cudaDeviceProp prop;
     cudaCheck(cudaGetDeviceProperties(&prop, comm.local_rank));
     printf("device: %s, %d SMs, %.1f GiB\n", prop.name, prop.multiProcessorCount, prop.totalGlobalMem / double(1 << 30));
-    print_dry_run(p.cfg, layout, a.B, a.T, a.recompute, a.opt.optimizer == "muon", comm.world, a.opt.bucket_elems(),
-                  prop.totalGlobalMem / double(1 << 30));
+    print_dry_run(p.cfg, layout, a.B, a.T, a.recompute, a.logit_chunk, a.opt.optimizer == "muon", comm.world,
+                  a.opt.bucket_elems(), prop.totalGlobalMem / double(1 << 30));
     matmul_init();
     if (comm.multi())
         printf("ranks: %d (ZeRO-2: master weights, optimizer state and gradients sharded by ranges; gradient buckets "
                "of at least %g MiB)\n", comm.world, a.opt.bucket_mb);
     Model model(p.cfg, comm.world, comm.rank, a.opt.bucket_elems());
     model.recompute = a.recompute;
+    model.logit_chunk = a.logit_chunk;
     model.allocate(a.B, a.T);
     Trainer trainer(model, comm, a.opt, a.lr);
     const double peak = peak_flops(prop) * comm.world, fpt = flops_per_token(p.cfg, a.T);

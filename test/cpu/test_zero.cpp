@@ -188,6 +188,25 @@ TEST_CASE("zero: train_mamba --dry-run --ranks N --gpu-mem G prints the largest 
     CHECK_THAT(out, Catch::Contains("would own no parameters"));
 }
 
+TEST_CASE("zero: --logit-chunk sizes the logits buffer: the plan grows by the rows it adds", "[zero][cli]") {
+    const ModelConfig c = model_preset("mamba2-370m");
+    const size_t Vp = c.padded_vocab();
+    const size_t base = activation_sizes(c, 4, 2048, false).total_bytes;
+    CHECK(activation_sizes(c, 4, 2048, false, LOGIT_CHUNK).total_bytes == base);
+    CHECK(activation_sizes(c, 4, 2048, false, 8192).total_bytes == base + (8192 - LOGIT_CHUNK) * Vp * 2);
+    CHECK(activation_sizes(c, 4, 2048, false, 100000).total_bytes == base + (8192 - LOGIT_CHUNK) * Vp * 2);  // B*T rows at most
+    CHECK(activation_sizes(c, 4, 2048, false, 512).total_bytes == base - (LOGIT_CHUNK - 512) * Vp * 2);
+    std::string out;
+    REQUIRE(run_cmd("./train_mamba --dry-run --model mamba2-370m -B 4 -T 2048 --logit-chunk 8192", out) == 0);
+    INFO(out);
+    const RankMemory m = rank_memory(ParamLayout(c), make_sharding(ParamLayout(c), grad_walk(ParamLayout(c)), 1, 0,
+                                                                    (32u << 20) / 4),
+                                     false, activation_sizes(c, 4, 2048, false, 8192).total_bytes);
+    CHECK_THAT(out, Catch::Contains(strformat("activations %.2f GiB", m.activations / kGiB)));
+    CHECK(run_cmd("./train_mamba --dry-run --logit-chunk 0", out) == 1);
+    CHECK_THAT(out, Catch::Contains("--logit-chunk"));
+}
+
 // ----------------------------------------------------------------------------
 // checkpoints of several ranks
 

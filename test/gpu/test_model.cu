@@ -199,6 +199,16 @@ TEST_CASE("model: --recompute gives the same gradients bit for bit, with less ac
             CHECK(used[r] == activation_sizes(dc.cfg, dc.B, dc.T, r == 1).total_bytes);
         }
         CHECK(used[1] < used[0]);
+        {  // a larger --logit-chunk: its buffer as the estimate says, and chunks of that many rows
+            Model m(dc.cfg);
+            m.logit_chunk = 3 * dc.B * dc.T / 4;
+            const size_t before = cuda_allocated_bytes();
+            m.allocate(dc.B, dc.T);
+            CHECK(cuda_allocated_bytes() - before == activation_sizes(dc.cfg, dc.B, dc.T, false, m.logit_chunk).total_bytes);
+            CHECK(m.logit_rows() == 3 * dc.B * dc.T / 4);
+            m.logit_chunk = 2 * dc.B * dc.T;  // more than allocate() sized: never more rows than the buffer holds
+            CHECK(m.logit_rows() == 3 * dc.B * dc.T / 4);
+        }
         double l0, l1;
         std::vector<float> g0 = grads_of(dc, false, &l0), g1 = grads_of(dc, true, &l1);
         CHECK(l0 == l1);

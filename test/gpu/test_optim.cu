@@ -169,4 +169,28 @@ TEST_CASE("AdamW: tensors with gaps (Muon's matrices) get a compact state; resum
     cudaFree(dg);
 }
 
+TEST_CASE("AdamW: the gradient norm at every start alignment and length", "[optim]") {
+    // a ZeRO shard starts at any float: lengths around the float4 body's edges and past the four-loads-in-flight
+    // loop of the whole grid (NORM_BLOCKS x 256 threads x 4 float4), at each of the 4 offsets from 16 bytes
+    const size_t grid4 = (size_t)NORM_BLOCKS * 256 * 4 * 4;
+    const std::vector<size_t> lengths = {1, 2, 3, 4, 5, 7, 8, 1023, 4099, grid4 - 1, grid4 + 3, 3 * grid4 + 517};
+    std::mt19937 rng(11);
+    std::normal_distribution<float> nd(0.0f, 1.0f);
+    std::vector<float> g(lengths.back() + 3);
+    for (auto& x : g) x = nd(rng);
+    float* dg = to_device(g);
+    AdamW opt({ParamTensor{0, 8, true}}, 0, 8, AdamWConfig{});
+    for (size_t off = 0; off < 4; off++)
+        for (size_t n : lengths) {
+            INFO("offset " << off << ", length " << n);
+            poison(opt.norm2, 1);
+            float got;
+            cudaCheck(cudaMemcpy(&got, opt.grad_norm_squared(dg + off, n, 0), 4, cudaMemcpyDeviceToHost));
+            double want = 0;
+            for (size_t i = off; i < off + n; i++) want += (double)g[i] * g[i];
+            CHECK(std::fabs(got - want) < 1e-5 * want);
+        }
+    cudaFree(dg);
+}
+
 }  // namespace gpu_test_optim
