@@ -40,6 +40,20 @@ inline void set_max_smem(const void* kernel, size_t bytes) {
 template <typename K>
 inline void set_max_smem(K* kernel, size_t bytes) { set_max_smem((const void*)kernel, bytes); }
 
+// the most dynamic shared memory a block may ask for after set_max_smem (227 KB on sm_90), per device
+inline size_t max_smem_optin() {
+    static std::map<int, size_t> known;
+    int dev;
+    cudaCheck(cudaGetDevice(&dev));
+    size_t& n = known[dev];
+    if (!n) {
+        int v;
+        cudaCheck(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+        n = (size_t)v;
+    }
+    return n;
+}
+
 // blocks of `threads` threads and `smem` bytes of dynamic shared memory that an SM holds at once (cached per
 // kernel, size and device)
 inline int occupancy(const void* kernel, int threads, size_t smem) {

@@ -1,34 +1,41 @@
 // RMSNorm (pre-norm of every block, fp32 residual in, bf16 out) and Mamba-2's gated,
 // grouped RMSNorm: out = rmsnorm_group(y * silu(z)) * w (mamba_ssm's RMSNormGated with
 // norm_before_gate=False). One warp per row. The weight gradients are summed in a fixed
-// order: inside the backward pass when a row's channels are few enough (NormRows below),
-// else by a column-sum pass after it (cuda_common.cuh).
+// order: inside the backward pass when the row's channels split evenly over the lanes and the
+// sums fit (NormRows below), else by a column-sum pass after it (cuda_common.cuh), which reads
+// the pass's inputs once more.
 #pragma once
 #include <algorithm>
 #include "cuda_common.cuh"
 
 constexpr int NORM_WARPS = 8;  // rows per block
 
-// The weight gradient inside the backward pass: every lane owns the same ITER x VEC channels
-// of every row (C = ITER x 32 x VEC), sums its rows' terms for them (in registers; the gated
-// norm, short of registers, in its warp's row of shared memory), and the block's warps add
-// their sums in a fixed order into one partial row per block of rows;
-// colsum_finalize adds the NORM_FUSED_CHUNKS partials in order. ITER = 0: the plain pass,
-// one warp a row, the weight gradient left to a column sum.
+// The weight gradient inside the backward pass ("fused"): every lane owns the same channels of
+// every row, sums its rows' terms for them, and the block's warps add their sums in a fixed order
+// into one partial row per block of rows; colsum_finalize adds the NORM_FUSED_CHUNKS partials in
+// order. ITER > 0: C = ITER x 32 x VEC, the loops unrolled to it, the sums in registers (the gated
+// norm, short of registers, in its warp's row of shared memory). ITER = NORM_ANY_WIDTH: any C that
+// is a multiple of 32 x VEC, looped over at run time, each warp's sums in its own row of shared
+// memory (NORM_WARPS x C floats; 128 and 160 KB at 4096 and 5120 channels leave one block an SM).
+// ITER = 0: the plain pass, one warp a row, the weight gradient left to a column sum.
 constexpr int NORM_FUSED_MAX_ACC = 64;  // floats a lane holds
+constexpr int NORM_ANY_WIDTH = -1;
 
-// the ITER the fused pass runs at for C channels of VEC, or 0 when it does not apply
+inline size_t norm_warp_sums_bytes(int C) { return (size_t)NORM_WARPS * C * sizeof(float); }
+
+// the ITER the backward runs at for C channels of VEC (see above)
 inline int norm_fused_iter(int C, int vec) {
     if (C % (32 * vec) != 0) return 0;
     const int it = C / (32 * vec);
-    return (it == 1 || it == 2 || it == 4 || it == 8 || it == 16) && it * vec <= NORM_FUSED_MAX_ACC ? it : 0;
+    if ((it == 1 || it == 2 || it == 4 || it == 8 || it == 16) && it * vec <= NORM_FUSED_MAX_ACC) return it;
+    return norm_warp_sums_bytes(C) <= max_smem_optin() ? NORM_ANY_WIDTH : 0;
 }
 
 template <int ITER, int VEC>
 struct NormRows {
     int r0, r1;  // the rows of this block, each warp taking every NORM_WARPS-th
     __device__ NormRows(int rows) {
-        if (ITER > 0) {
+        if (ITER != 0) {
             const int per = (rows + NORM_FUSED_CHUNKS - 1) / NORM_FUSED_CHUNKS;
             r0 = min(rows, (int)blockIdx.x * per);
             r1 = min(rows, r0 + per);
@@ -37,7 +44,7 @@ struct NormRows {
             r1 = min(rows, r0 + NORM_WARPS);
         }
     }
-    static int blocks(int rows) { return ITER > 0 ? NORM_FUSED_CHUNKS : (int)ceil_div(rows, NORM_WARPS); }
+    static int blocks(int rows) { return ITER != 0 ? NORM_FUSED_CHUNKS : (int)ceil_div(rows, NORM_WARPS); }
 };
 
 // the block's warps add their lanes' channel sums in warp order; one partial row per block
@@ -57,6 +64,36 @@ __device__ void norm_store_partial(float* partial, const float (&acc)[ITER * VEC
         __syncthreads();
     }
     for (int c = threadIdx.y * 32 + lane; c < C; c += 32 * NORM_WARPS) partial[(size_t)blockIdx.x * C + c] = sum[c];
+}
+
+// The sums in shared memory (norm_warp_sums_bytes of it, dynamic): the warp's own row, zeroed
+__device__ inline float* norm_warp_sums(int C) {
+    extern __shared__ __align__(32) float norm_sums[];  // (NORM_WARPS, C)
+    float* acc = norm_sums + (size_t)threadIdx.y * C;
+    for (int c = threadIdx.x; c < C; c += 32) acc[c] = 0.0f;
+    __syncwarp();  // the lanes zeroed each other's sums
+    return acc;
+}
+
+// acc[c .. c + VEC) += t
+template <int VEC>
+__device__ inline void norm_warp_sums_add(float* acc, int c, const float* t) {
+    float a[VEC];
+    load_vec<VEC>(a, acc + c);
+    #pragma unroll
+    for (int e = 0; e < VEC; e++) a[e] += t[e];
+    store_vec<VEC>(acc + c, a);
+}
+
+// the warps' rows added in warp order; one partial row per block
+__device__ inline void norm_warp_sums_store(float* partial, int C) {
+    extern __shared__ __align__(32) float norm_sums[];
+    __syncthreads();
+    for (int c = threadIdx.y * 32 + threadIdx.x; c < C; c += 32 * NORM_WARPS) {
+        float sum = norm_sums[c];
+        for (int w = 1; w < NORM_WARPS; w++) sum += norm_sums[(size_t)w * C + c];
+        partial[(size_t)blockIdx.x * C + c] = sum;
+    }
 }
 
 // ----------------------------------------------------------------------------
@@ -131,7 +168,7 @@ inline void rmsnorm_apply(bf16* out, const bf16* xhat, const bf16* weight, int r
 }
 
 // dx += rstd * (g - xhat * mean(g * xhat)), g = dout * w (xhat as the forward kept it); also
-// writes bf16(dx); with ITER > 0 also the partial sums of dweight = sum over rows of dout * xhat
+// writes bf16(dx); fused (ITER != 0) also the partial sums of dweight = sum over rows of dout * xhat
 template <int VEC, int ITER>
 __global__ void __launch_bounds__(32 * NORM_WARPS, 2)
 rmsnorm_backward_kernel(float* __restrict__ dx, bf16* __restrict__ dx_bf16, float* __restrict__ partial,
@@ -140,6 +177,7 @@ rmsnorm_backward_kernel(float* __restrict__ dx, bf16* __restrict__ dx_bf16, floa
     const int lane = threadIdx.x;
     const int kmax = ITER > 0 ? ITER : (C + 32 * VEC - 1) / (32 * VEC);
     float acc[ITER > 0 ? ITER * VEC : 1] = {};
+    float* sacc = ITER < 0 ? norm_warp_sums(C) : nullptr;
     const NormRows<ITER, VEC> rr(rows);
     for (int row = rr.r0 + threadIdx.y; row < rr.r1; row += NORM_WARPS) {
         const size_t base = (size_t)row * C;
@@ -161,7 +199,7 @@ rmsnorm_backward_kernel(float* __restrict__ dx, bf16* __restrict__ dx_bf16, floa
         for (int k = 0; k < kmax; k++) {
             const int c = (lane + k * 32) * VEC;
             if (ITER == 0 && c >= C) break;
-            float g[VEC], wv[VEC], xv[VEC], d[VEC];
+            float g[VEC], wv[VEC], xv[VEC], d[VEC], t[VEC];
             load_vec<VEC>(g, dout + base + c);
             load_vec<VEC>(wv, w + c);
             load_vec<VEC>(xv, xhat + base + c);
@@ -169,23 +207,28 @@ rmsnorm_backward_kernel(float* __restrict__ dx, bf16* __restrict__ dx_bf16, floa
             #pragma unroll
             for (int e = 0; e < VEC; e++) {
                 d[e] += r * (g[e] * wv[e] - xv[e] * dot);
-                if constexpr (ITER > 0) acc[k * VEC + e] += g[e] * xv[e];
+                t[e] = g[e] * xv[e];
+                if constexpr (ITER > 0) acc[k * VEC + e] += t[e];
             }
+            if constexpr (ITER < 0) norm_warp_sums_add<VEC>(sacc, c, t);
             store_vec<VEC>(dx + base + c, d);
             store_vec<VEC>(dx_bf16 + base + c, d);
         }
     }
     if constexpr (ITER > 0) norm_store_partial<ITER, VEC>(partial, acc, C);
+    if constexpr (ITER < 0) norm_warp_sums_store(partial, C);
 }
 
 template <int V, int ITER>
 inline void rmsnorm_backward_v(float* dx, bf16* dx_bf16, float* dweight, float* scratch, const bf16* dout,
                                const bf16* xhat, const bf16* weight, const float* rstd, int rows, int C, cudaStream_t s) {
-    rmsnorm_backward_kernel<V, ITER><<<NormRows<ITER, V>::blocks(rows), dim3(32, NORM_WARPS), 0, s>>>(
+    const size_t smem = ITER < 0 ? norm_warp_sums_bytes(C) : 0;
+    if (smem) set_max_smem(rmsnorm_backward_kernel<V, ITER>, smem);
+    rmsnorm_backward_kernel<V, ITER><<<NormRows<ITER, V>::blocks(rows), dim3(32, NORM_WARPS), smem, s>>>(
         dx, dx_bf16, scratch, dout, xhat, weight, rstd, rows, C);
     cudaCheckLast();
     auto store = [=] __device__(int c, int, float sum) { dweight[c] += sum; };
-    if constexpr (ITER > 0) {
+    if constexpr (ITER != 0) {
         colsum_finalize<1>(scratch, store, C, s, NORM_FUSED_CHUNKS);
     } else {
         column_sum<1, V>(scratch,
@@ -198,10 +241,11 @@ inline void rmsnorm_backward_v(float* dx, bf16* dx_bf16, float* dweight, float* 
     }
 }
 
-// the fused pass for the ITER the width allows, else the plain pass and a column sum
+// the fused pass for the ITER the width allows (norm_fused_iter), else the plain pass and a column sum
 template <int V, typename F>
 inline void norm_iter_dispatch(int iter, F&& launch) {
     switch (iter) {
+        case NORM_ANY_WIDTH: return launch(std::integral_constant<int, NORM_ANY_WIDTH>());
         case 1: return launch(std::integral_constant<int, 1>());
         case 2: if constexpr (2 * V <= NORM_FUSED_MAX_ACC) return launch(std::integral_constant<int, 2>()); break;
         case 4: if constexpr (4 * V <= NORM_FUSED_MAX_ACC) return launch(std::integral_constant<int, 4>()); break;
@@ -277,13 +321,11 @@ inline void gated_rmsnorm_forward(bf16* out, float* rstd, const bf16* y, const b
     cudaCheckLast();
 }
 
-inline size_t gated_bwd_smem_bytes(int iter, int C) { return iter > 0 ? (size_t)NORM_WARPS * C * sizeof(float) : 0; }
-
 // dv = rstd * (gw - n * mean_group(gw * n)), gw = dout * w; dy = dv * silu(z); dz = dv * y * silu'(z);
 // also out = n * w again (the forward's bits: out_proj's weight gradient reads it, and no recompute pass need
-// write it before); with ITER > 0 (one group) also the partial sums of dweight = sum over rows of dout * n,
-// each warp's in its own row of shared memory (gated_bwd_smem_bytes: registers would hold ITER x VEC of them a
-// lane and spill), added in warp order into one partial row per block
+// write it before); fused (ITER != 0, one group) also the partial sums of dweight = sum over rows of dout * n,
+// each warp's in its own row of shared memory at every ITER (registers would hold ITER x VEC of them a lane
+// and spill), added in warp order into one partial row per block
 template <int VEC, int ITER>
 __global__ void __launch_bounds__(32 * NORM_WARPS, 2)
 gated_rmsnorm_backward_kernel(bf16* __restrict__ dy, bf16* __restrict__ dz, int dz_stride, bf16* __restrict__ out,
@@ -292,12 +334,7 @@ gated_rmsnorm_backward_kernel(bf16* __restrict__ dy, bf16* __restrict__ dz, int 
                               const float* __restrict__ rstd, int rows, int C, int groups) {
     const int lane = threadIdx.x, gs = C / groups;
     const int kmax = ITER > 0 ? ITER : (gs + 32 * VEC - 1) / (32 * VEC);
-    extern __shared__ __align__(32) float wacc[];  // ITER > 0: (NORM_WARPS, C)
-    float* acc = wacc + (size_t)threadIdx.y * C;
-    if constexpr (ITER > 0) {
-        for (int c = lane; c < C; c += 32) acc[c] = 0.0f;
-        __syncwarp();  // the lanes zeroed each other's sums
-    }
+    float* acc = ITER != 0 ? norm_warp_sums(C) : nullptr;
     const NormRows<ITER, VEC> rr(rows);
     for (int row = rr.r0 + threadIdx.y; row < rr.r1; row += NORM_WARPS) {
         const size_t base = (size_t)row * C;
@@ -322,8 +359,7 @@ gated_rmsnorm_backward_kernel(bf16* __restrict__ dy, bf16* __restrict__ dz, int 
             for (int k = 0; k < kmax; k++) {
                 const int c = g * gs + (lane + k * 32) * VEC;
                 if (ITER == 0 && c >= (g + 1) * gs) break;
-                float yv[VEC], zv[VEC], gv[VEC], wv[VEC], dyv[VEC], dzv[VEC], ov[VEC], av[VEC];
-                if constexpr (ITER > 0) load_vec<VEC>(av, acc + c);
+                float yv[VEC], zv[VEC], gv[VEC], wv[VEC], dyv[VEC], dzv[VEC], ov[VEC], tv[VEC];
                 load_vec<VEC>(yv, y + base + c);
                 load_vec<VEC>(zv, zr + c);
                 load_vec<VEC>(gv, dout + base + c);
@@ -335,36 +371,29 @@ gated_rmsnorm_backward_kernel(bf16* __restrict__ dy, bf16* __restrict__ dz, int 
                     dyv[e] = dv * sz;
                     dzv[e] = dv * yv[e] * silu_grad_s(zv[e], sg);
                     ov[e] = v * r * wv[e];  // as the forward computes it
-                    if constexpr (ITER > 0) av[e] += gv[e] * v * r;
+                    tv[e] = gv[e] * v * r;
                 }
                 store_vec<VEC>(dy + base + c, dyv);
                 store_vec<VEC>(dz + (size_t)row * dz_stride + c, dzv);
                 store_vec<VEC>(out + base + c, ov);
-                if constexpr (ITER > 0) store_vec<VEC>(acc + c, av);
+                if constexpr (ITER != 0) norm_warp_sums_add<VEC>(acc, c, tv);
             }
         }
     }
-    if constexpr (ITER > 0) {
-        __syncthreads();
-        for (int c = threadIdx.y * 32 + lane; c < C; c += 32 * NORM_WARPS) {
-            float sum = wacc[c];
-            for (int v = 1; v < NORM_WARPS; v++) sum += wacc[(size_t)v * C + c];
-            partial[(size_t)blockIdx.x * C + c] = sum;
-        }
-    }
+    if constexpr (ITER != 0) norm_warp_sums_store(partial, C);
 }
 
 template <int V, int ITER>
 inline void gated_rmsnorm_backward_v(bf16* dy, bf16* dz, int dz_stride, bf16* out, float* dweight, float* scratch,
                                      const bf16* dout, const bf16* y, const bf16* z, int z_stride, const bf16* weight,
                                      const float* rstd, int rows, int C, int groups, cudaStream_t s) {
-    const size_t smem = gated_bwd_smem_bytes(ITER, C);
-    set_max_smem(gated_rmsnorm_backward_kernel<V, ITER>, smem);
+    const size_t smem = ITER != 0 ? norm_warp_sums_bytes(C) : 0;
+    if (smem) set_max_smem(gated_rmsnorm_backward_kernel<V, ITER>, smem);
     gated_rmsnorm_backward_kernel<V, ITER><<<NormRows<ITER, V>::blocks(rows), dim3(32, NORM_WARPS), smem, s>>>(
         dy, dz, dz_stride, out, scratch, dout, y, z, z_stride, weight, rstd, rows, C, groups);
     cudaCheckLast();
     auto store = [=] __device__(int c, int, float sum) { dweight[c] += sum; };
-    if constexpr (ITER > 0) {
+    if constexpr (ITER != 0) {
         colsum_finalize<1>(scratch, store, C, s, NORM_FUSED_CHUNKS);
     } else {
         const int gs = C / groups;

@@ -1,10 +1,13 @@
-// Microbenchmarks of the memory-bound layers at Mamba-2 370M's shapes (B*T = 16384,
-// d_model 1024, d_inner 2048, conv_dim 2304, vocab 50304): causal conv1d + SiLU (also with
-// document boundaries: many short documents, a few long ones), the gated
-// grouped RMSNorm, RMSNorm and the fused classifier, forward and backward. Each is first
-// checked against the double reference on a slice of rows, then timed (cudaEvents, median of
-// 50 after warmup) and reported in GB/s against the device-to-device copy ceiling measured
-// first (bytes read + written; 3.0 TB/s on an H100 in ANCHORS.md).
+// Microbenchmarks of the memory-bound layers at a Mamba-2 model's shapes (B*T = 16384; --model
+// 370m, the default: d_model 1024, d_inner 2048, conv_dim 2304; hybrid-1.3b: 2048, 4096, 4352;
+// 2.7b: 2560, 5120, 5376; vocab 50304): causal conv1d + SiLU (also with document boundaries: many
+// short documents, a few long ones), the gated grouped RMSNorm, RMSNorm and the fused classifier,
+// forward and backward; the norms' backward also as it runs without the weight gradient inside the
+// pass (the plain pass and a column sum after it). Each is first checked against the double
+// reference on a slice of rows, then timed (cudaEvents, median of 50 after warmup) and reported in
+// GB/s against the device-to-device copy ceiling measured first (bytes read + written; 3.0 TB/s on
+// an H100 in ANCHORS.md).
+// usage: dev/bench_layers [--model 370m|hybrid-1.3b|2.7b]
 #include <algorithm>
 #include <functional>
 #include <random>
@@ -18,6 +21,7 @@
 #include "test/ref/norm.h"
 #include "test/ref/mlp.h"
 #include "dev/timing.h"
+#include "flags.h"
 
 static double kCeilingGBs = 0;
 
@@ -52,8 +56,22 @@ static double rel_err(const bf16* d, const std::vector<double>& ref, size_t n, s
     return std::sqrt(num / den);
 }
 
-int main() {
-    const int B = 8, T = 2048, BT = B * T, d = 1024, di = 2048, cd = 2304, dip = 4384, K = 4, Vp = 50304, V = 50277;
+int main(int argc, char** argv) {
+    std::string model = "370m";
+    try {
+        Flags f("usage: bench_layers [flags]");
+        f.choice({"--model"}, &model, {"370m", "hybrid-1.3b", "2.7b"},
+                 "the layer shapes: mamba2-370m, hybrid-1.3b or mamba2-2.7b");
+        if (!f.parse(argc, argv).empty()) THROW("bench_layers takes no positional arguments (see --help)");
+    } catch (const std::exception& e) {
+        fprintf(stderr, "error: %s\n", e.what());
+        return 1;
+    }
+    // headdim 64, state 128, one group: conv_dim = d_inner + 2 x 128, in_proj = [z | xBC | dt]
+    const int d = model == "370m" ? 1024 : model == "hybrid-1.3b" ? 2048 : 2560, di = 2 * d, cd = di + 2 * 128,
+              dip = 2 * di + 2 * 128 + di / 64;
+    const int B = 8, T = 2048, BT = B * T, K = 4, Vp = 50304, V = 50277;
+    printf("%s: d_model %d, d_inner %d, conv_dim %d, in_proj %d, %d rows\n", model.c_str(), d, di, cd, dip, BT);
     {   // the ceiling: a 1 GiB device-to-device copy
         const size_t n = (size_t)1 << 30;
         void* a = cuda_malloc(n, "copy source");
@@ -152,9 +170,14 @@ int main() {
     }
     report("gated rmsnorm forward", median_ms([&] { gated_rmsnorm_forward(g, rstd, y, in, dip, gw, BT, di, 1, 1e-5f, 0); }),
            (double)BT * di * 2 * 3);
+    const double gated_bwd_bytes = (double)BT * di * 2 * 6;  // read y, z, dout; write dy, dz and the forward's output
     report("gated rmsnorm backward (+ output)", median_ms([&] {
         gated_rmsnorm_backward(dy, din, dip, g, dgw, nscratch, out /* as dout */, y, in, dip, gw, rstd, BT, di, 1, 0); }),
-           (double)BT * di * 2 * 6);  // read y, z, dout; write dy, dz and the forward's output
+           gated_bwd_bytes);
+    // the plain pass and the column sum, 8 wide as the dispatcher picks at these shapes
+    report("  with a column-sum pass", median_ms([&] {
+        gated_rmsnorm_backward_v<8, 0>(dy, din, dip, g, dgw, nscratch, out, y, in, dip, gw, rstd, BT, di, 1, 0); }),
+           gated_bwd_bytes);
 
     // --- RMSNorm over the fp32 residual stream (d_model wide)
     std::vector<float> h_x((size_t)BT * d);
@@ -186,9 +209,11 @@ int main() {
            (double)BT * d * (4 + 2 + 2));  // read x; write the output and xhat
     report("rmsnorm apply (backward's output)", median_ms([&] { rmsnorm_apply(xn, xh, nw, BT, d, 0); }),
            (double)BT * d * (2 + 2));
+    const double bwd_bytes = (double)BT * d * (2 + 2 + 4 + 4 + 2);  // read dout, xhat, dx; write dx, dx bf16
     report("rmsnorm backward", median_ms([&] {
-        rmsnorm_backward(dx, dxb, dnw, rscratch, xn /* as dout */, xh, nw, rstd, BT, d, 0); }),
-           (double)BT * d * (2 + 2 + 4 + 4 + 2));  // read dout, xhat, dx; write dx, dx bf16
+        rmsnorm_backward(dx, dxb, dnw, rscratch, xn /* as dout */, xh, nw, rstd, BT, d, 0); }), bwd_bytes);
+    report("  with a column-sum pass", median_ms([&] {  // 4 wide, as the dispatcher picks
+        rmsnorm_backward_v<4, 0>(dx, dxb, dnw, rscratch, xn, xh, nw, rstd, BT, d, 0); }), bwd_bytes);
 
     // --- MLP activation at hybrid-1.3b's shape (B*T = 8192 rows, GELU over ff = 8192)
     {

@@ -188,12 +188,14 @@ TEST_CASE("embedding: forward, deterministic backward", "[layers]") {
 }
 
 TEST_CASE("rmsnorm: forward (output and the kept xhat), apply, backward from xhat (dx accumulates, bf16 copy, dweight)",
-          "[layers]") {
+          "[layers][norm]") {
     // C 67 and 202 take the scalar and 2-wide paths, the others 4-wide; 1024, 2048 and 128 sum the
-    // weight gradient inside the pass (16, 8 and 1 register groups a lane; 9 rows leave most of
-    // the 256 row blocks empty), the others in a column sum after it
+    // weight gradient inside the pass in registers (8, 16 and 1 groups of 4 a lane; 9 rows leave most
+    // of the 256 row blocks empty), 768, 2560 and 4096 (6, 20 and 32 groups: the models' d_model) in
+    // shared memory at their run-time width, the others in a column sum after it
     for (auto [rows, C] : {std::pair{1, 64}, std::pair{37, 200}, std::pair{1000, 1024}, std::pair{5, 67}, std::pair{9, 202},
-                           std::pair{300, 2048}, std::pair{9, 128}}) {
+                           std::pair{300, 2048}, std::pair{9, 128}, std::pair{41, 768}, std::pair{300, 2560},
+                           std::pair{20, 4096}}) {
         INFO("rows=" << rows << " C=" << C);
         Buf<float> x((size_t)rows * C), rstd(rows), dx((size_t)rows * C), dw(C), scratch(rmsnorm_backward_scratch_floats(rows, C));
         Buf<bf16> w(C), out((size_t)rows * C), xh((size_t)rows * C), again((size_t)rows * C), dout((size_t)rows * C),
@@ -221,17 +223,28 @@ TEST_CASE("rmsnorm: forward (output and the kept xhat), apply, backward from xha
         CHECK(rel_l2(dx.dbl(), rdx) < kTolFp32);
         CHECK(rel_l2(dxb.dbl(), rdx) < kTolBf16);
         CHECK(rel_l2(dw.dbl(), rdw) < kTolFp32);
+        // a rerun from the same dx and dweight gives the same bits (the sums' order is fixed)
+        const std::vector<float> first_dx = dx.h, first_dw = dw.h;
+        dx.h.assign(dx0.begin(), dx0.end()); dx.up();
+        dw.h.assign(dw0.begin(), dw0.end()); dw.up();
+        rmsnorm_backward(dx.d, dxb.d, dw.d, scratch.d, dout.d, xh.d, w.d, rstd.d, rows, C, 0);
+        dx.down(); dw.down();
+        CHECK(dx.h == first_dx);
+        CHECK(dw.h == first_dw);
     }
 }
 
 TEST_CASE("gated rmsnorm: grouped, strided z, forward and backward (which writes the forward's output again)",
-          "[layers]") {
+          "[layers][norm]") {
     // z is a slice of a wider row; its stride and the group size pick the vector width (1 for
     // the odd strides, then 8, 8, 4, 2); one group of 256 (width 1) or 2048 channels (width 8, as
-    // mamba2-370m) sums the weight gradient inside the pass, the others in a column sum after it
+    // mamba2-370m) sums the weight gradient inside the pass unrolled to its width, one group of 96
+    // (width 1, 3 steps a lane), 768 (the tiny models, width 8, 3 steps) or 5120 (mamba2-2.7b, width
+    // 8, 20 steps) inside the pass at its run-time width, the others in a column sum after it
     for (auto [rows, C, groups, zs] : {std::tuple{37, 256, 1, 273}, std::tuple{100, 384, 3, 401}, std::tuple{1, 64, 2, 81},
                                        std::tuple{45, 512, 2, 576}, std::tuple{33, 384, 3, 392}, std::tuple{19, 96, 4, 100},
-                                       std::tuple{7, 60, 5, 62}, std::tuple{700, 2048, 1, 4384}}) {
+                                       std::tuple{7, 60, 5, 62}, std::tuple{700, 2048, 1, 4384}, std::tuple{41, 96, 1, 113},
+                                       std::tuple{41, 768, 1, 776}, std::tuple{300, 5120, 1, 10576}}) {
         INFO("rows=" << rows << " C=" << C << " groups=" << groups << " z stride=" << zs);
         Buf<bf16> y((size_t)rows * C), z((size_t)rows * zs), w(C), out((size_t)rows * C), again((size_t)rows * C),
             dout((size_t)rows * C), dy((size_t)rows * C), dz((size_t)rows * zs);
@@ -258,6 +271,13 @@ TEST_CASE("gated rmsnorm: grouped, strided z, forward and backward (which writes
         CHECK(rel_l2(dw.dbl(), rdw) < kTolFp32);
         for (int r = 0; r < rows; r++)  // the gap beside the dz slice is untouched
             for (int c = C; c < zs; c++) REQUIRE(std::isnan(__bfloat162float(dz.h[(size_t)r * zs + c])));
+        // a rerun from the same dweight gives the same bits (the sums' order is fixed)
+        const std::vector<float> first = dw.h;
+        dw.h.assign(dw0.begin(), dw0.end()); dw.up();
+        gated_rmsnorm_backward(dy.d, dz.d, zs, again.d, dw.d, scratch.d, dout.d, y.d, z.d, zs, w.d, rstd.d, rows, C,
+                               groups, 0);
+        dw.down();
+        CHECK(dw.h == first);
     }
 }
 
