@@ -80,30 +80,70 @@ struct BwdScratch {
     }
 };
 
-// The forward runs a block per (b, h) down the whole sequence. When the B H blocks leave most SMs idle (one long
-// sequence of few heads: B1 T16384 H64 fills 64 of 264 places), each sequence is cut into segments of whole
-// chunks, a block each, and a fix-up pass adds what each segment's rows owe the state entering it (ssd.cuh).
-// The chunks a segment spans, given `slots` blocks that run at once: the fewest 64-row step times, counting ~2
-// steps for a block's start and 1/256 of a step for each 64-row tile of the fix-up (measured by bench_ssd's
-// segment sweep on an H200; filling a partial last wave does not pay: B4 H80 stays in one segment).
-inline int forward_segment_chunks(const SSDShape& sh, int slots) {
+// The forward runs a block per (b, h) row down the whole sequence. When the rows leave SMs idle (one long sequence
+// of few heads: B1 T16384 H64 fills 64 of 264 places; or a last wave of blocks partly full: B4 T2048 H80 is 264
+// rows and then 56), some rows are cut into segments of whole chunks, a block each, and a fix-up pass adds what
+// each segment's rows owe the state entering it (ssd.cuh). A plan: the first `whole` rows (b H + h order) run
+// whole, the other B H - whole rows in segments of seg_chunks chunks. Segments are pointless on a single segment
+// or on no row, so plans keep whole == B H exactly when seg_chunks spans the sequence.
+struct ForwardPlan {
+    int whole, seg_chunks;
+};
+
+inline int forward_segments(const SSDShape& sh, const ForwardPlan& p) {
+    return (int)ceil_div(nchunks(sh), p.seg_chunks);
+}
+inline int forward_split_rows(const SSDShape& sh, const ForwardPlan& p) { return sh.B * sh.H - p.whole; }
+
+// the plan of `whole` whole rows and the others in `segments` segments (fewer where the chunks do not divide)
+inline ForwardPlan forward_plan_of(const SSDShape& sh, int segments, int whole) {
+    const int nc = nchunks(sh), bh = sh.B * sh.H;
+    if (segments < 1 || whole < 0 || whole > bh)
+        THROW("ssd: no forward plan of %d segments with %d of %d rows whole", segments, whole, bh);
+    const int len = (int)ceil_div(nc, segments);
+    return len == nc || whole == bh ? ForwardPlan{bh, nc} : ForwardPlan{whole, len};
+}
+
+// A plan's time in 64-row steps, given `slots` blocks that run at once: its waves of blocks, ~2 steps for a
+// block's start, and 1/256 of a step for each 64-row tile of the fix-up (measured by bench_ssd's segment sweep on
+// an H200). Whole rows past the full waves share the last wave with the segments (and set its length).
+inline double forward_plan_steps(const SSDShape& sh, int slots, const ForwardPlan& p) {
+    const long split = forward_split_rows(sh, p), segs = forward_segments(sh, p), rest = p.whole % slots;
+    const double whole_steps = nchunks(sh) * NTILE + 2, seg_steps = p.seg_chunks * NTILE + 2;
+    const double last_wave = std::max(rest > 0 ? whole_steps : 0.0, ceil_div(rest + split * segs, slots) * seg_steps);
+    return p.whole / slots * whole_steps + last_wave + (segs - 1) * split * p.seg_chunks * NTILE / 256.0;
+}
+
+// the fastest plan with `whole` rows whole: over the segment lengths (one segment first, which wins ties)
+inline ForwardPlan forward_plan_with(const SSDShape& sh, int slots, int whole) {
     const int nc = nchunks(sh);
-    const long bh = (long)sh.B * sh.H;
-    int best = nc, prev = 0;
-    double best_steps = 0;
-    for (int nseg = 1; nseg <= nc; nseg++) {
-        const int len = (int)ceil_div(nc, nseg);
-        if (len == prev) continue;  // the same segments as fewer of them
-        prev = len;
-        const long segs = (long)ceil_div(nc, len), fixup_tiles = (segs - 1) * bh * len * NTILE;
-        const double steps = (double)ceil_div(bh * segs, slots) * (len * NTILE + 2) + fixup_tiles / 256.0;
-        if (nseg == 1 || steps < best_steps) best = len, best_steps = steps;
+    ForwardPlan best = forward_plan_of(sh, 1, whole);
+    double best_steps = forward_plan_steps(sh, slots, best);
+    for (int nseg = 2; nseg <= nc; nseg++) {
+        const ForwardPlan p = forward_plan_of(sh, nseg, whole);
+        if (p.seg_chunks == (int)ceil_div(nc, nseg - 1)) continue;  // the same segments as fewer of them
+        const double steps = forward_plan_steps(sh, slots, p);
+        if (steps < best_steps) best = p, best_steps = steps;
     }
     return best;
 }
-// fp32 final states the segments before the last leave for the fix-up (S^T, N x P, per (b, h, segment))
-inline size_t forward_segment_state_elems(const SSDShape& sh, int seg_chunks) {
-    return (size_t)sh.B * sh.H * (ceil_div(nchunks(sh), seg_chunks) - 1) * sh.P * sh.N;
+
+// the plan the forward runs given `slots`: every row in segments, or the rows of the full waves whole and only the
+// last partial wave's in segments (so their segments fill the last wave), whichever is faster
+inline ForwardPlan forward_plan(const SSDShape& sh, int slots) {
+    const int bh = sh.B * sh.H, full = bh / slots * slots;
+    ForwardPlan best = forward_plan_with(sh, slots, 0);
+    if (full > 0 && full < bh) {
+        const ForwardPlan p = forward_plan_with(sh, slots, full);
+        if (forward_plan_steps(sh, slots, p) < forward_plan_steps(sh, slots, best)) best = p;
+    }
+    return best;
+}
+
+// fp32 final states the split rows' segments before the last leave for the fix-up (S^T, N x P, per split row and
+// segment)
+inline size_t forward_segment_state_elems(const SSDShape& sh, const ForwardPlan& p) {
+    return (size_t)forward_split_rows(sh, p) * (forward_segments(sh, p) - 1) * sh.P * sh.N;
 }
 
 }  // namespace ssd

@@ -21,8 +21,9 @@
 // warp prepares its dt, cumsum and weights. Short steps keep the quadratic part small; x, B, C and dt are read
 // once, y written once, nothing else touches memory but dt and the 256-row-chunk-local cumsum, saved for the
 // backward (8 bytes per (b, t, h)). On sm_90a builds heads of 64 take the same steps on wgmma (ssd_sm90.cuh).
-// When the (b, h) blocks are too few for the GPU (one long sequence), each sequence runs in segments of whole
-// chunks, a block each from a zero state, and a fix-up adds the entering state's part of y (ssd_segment_*).
+// When the (b, h) blocks are too few for the GPU (one long sequence), or the last wave of them only partly fills
+// it, those rows run in segments of whole chunks, a block each from a zero state, and a fix-up adds the entering
+// state's part of y (ssd_segment_*; kernel_sizes.h, ForwardPlan).
 //
 // Backward (chunks of 256 rows through memory; parallel over b, chunk, group and head slices):
 //   states:  per (b, h, chunk) its own state S_c and dS_c = sum_i exp(Acum_i) dy_i C_i^T (the gradient its
@@ -402,30 +403,49 @@ __device__ __forceinline__ void diagonal_scores(float* c, const StepArrays& st, 
     }
 }
 
+// The forward's 1-D grid (kernel_sizes.h, ForwardPlan): blocks [0, whole) run rows [0, whole) (row = b H + h)
+// down the whole sequence; then the other `split` rows in nseg segments of seg_len rows, segment-major (block
+// whole + z split + j is segment z of row whole + j), so every row's early segments start before any later ones.
+struct ForwardGrid {
+    int whole, split, nseg, seg_len;
+    struct Block {
+        int row, z, seg_len;  // seg_len: rows a segment spans (the padded sequence for a whole row)
+        int slot;             // the segment's place in the states the fix-up reads (split row j: j (nseg - 1) + z)
+    };
+    unsigned blocks() const { return (unsigned)(whole + split * nseg); }
+    __device__ Block block(int id, int Tp) const {
+        if (id < whole) return {id, 0, Tp, -1};
+        const int j = (id - whole) % split, z = (id - whole) / split;
+        return {whole + j, z, seg_len, z + 1 < nseg ? j * (nseg - 1) + z : -1};
+    }
+};
+
 // A forward block's head h of sequence b and its segment z (rows [z seg_len, z seg_len + Tl) of the sequence, the
-// whole of it unless the forward runs in segments): its parameters, the first rows of its x, B, C and y, and the
-// preparing warp's StepPrep
+// whole of it for a whole row): its parameters, the first rows of its x, B, C and y, and the preparing warp's
+// StepPrep
 template <int P, int N>
 struct ForwardHead {
+    ForwardGrid::Block blk;
     int h, b, z, g, H, Tl, Tpl;  // Tl: rows of the segment; Tpl: its saved positions (to the padded end on the last)
     float A, bias, dskip;
     size_t row0, pos0;  // the segment's first row; the head's first saved position of it
     const bf16 *xg, *bg, *cg;
     bf16* yg;
-    __device__ ForwardHead(const SSDInputs& in, bf16* y, int T, int H_, int G, int Tp, int seg_len)
-        : h(blockIdx.x), b(blockIdx.y), z(blockIdx.z), g(h / (H_ / G)), H(H_), Tl(min(T - z * seg_len, seg_len)),
-          Tpl(min(Tp - z * seg_len, seg_len)), A(-expf(__bfloat162float(in.A_log[h]))),
-          bias(__bfloat162float(in.dt_bias[h])), dskip(__bfloat162float(in.D[h])),
-          row0((size_t)b * T + (size_t)z * seg_len), pos0(((size_t)b * H + h) * Tp + (size_t)z * seg_len),
-          xg(in.x + row0 * in.x_stride + h * P), bg(in.Bm + row0 * in.bc_stride + g * N),
-          cg(in.Cm + row0 * in.bc_stride + g * N), yg(y + row0 * (size_t)(H * P) + h * P) {}
+    __device__ ForwardHead(const SSDInputs& in, bf16* y, int T, int H_, int G, int Tp, const ForwardGrid& grid)
+        : blk(grid.block(blockIdx.x, Tp)), h(blk.row % H_), b(blk.row / H_), z(blk.z), g(h / (H_ / G)), H(H_),
+          Tl(min(T - z * blk.seg_len, blk.seg_len)), Tpl(min(Tp - z * blk.seg_len, blk.seg_len)),
+          A(-expf(__bfloat162float(in.A_log[h]))), bias(__bfloat162float(in.dt_bias[h])),
+          dskip(__bfloat162float(in.D[h])), row0((size_t)b * T + (size_t)z * blk.seg_len),
+          pos0((size_t)blk.row * Tp + (size_t)z * blk.seg_len), xg(in.x + row0 * in.x_stride + h * P),
+          bg(in.Bm + row0 * in.bc_stride + g * N), cg(in.Cm + row0 * in.bc_stride + g * N),
+          yg(y + row0 * (size_t)(H * P) + h * P) {}
     template <bool DOCS>
     __device__ StepPrep<DOCS> prep(const SSDInputs& in, float* dt_s, float* acum_s) const {
         return {in.dt, in.pos, in.dt_stride, row0, pos0, h, Tl, bias, A, dt_s, acum_s};
     }
     // where the state leaving the segment goes (S^T: [n][p], fp32) when a later segment's fix-up needs it, else null
     __device__ float* state_out(float* seg_state) const {
-        return z + 1 < (int)gridDim.z ? seg_state + (((size_t)b * H + h) * (gridDim.z - 1) + z) * (P * N) : nullptr;
+        return blk.slot >= 0 ? seg_state + (size_t)blk.slot * (P * N) : nullptr;
     }
     // y = Y + D x for a lane's rows ra and rb (those below `valid`) of the step starting at row r0:
     // acc(n, e) is Y at row (e < 2 ? ra : rb), column 8 n + 2 q + e % 2; x(i, p) the bf16 pair of x at row i,
@@ -448,13 +468,14 @@ struct ForwardHead {
     }
 };
 
-// One block per (h, b, segment), 4 warps; see the header for the pipeline. Dynamic smem: fwd_smem_bytes.
+// One block per whole row or segment (ForwardGrid), 4 warps; see the header for the pipeline. Dynamic smem:
+// fwd_smem_bytes.
 //   y phase, warp w: the 16 rows of row tile w (3 - w in every other wave of blocks), all P columns of y
 //   state phase, warp w: all P rows, columns [wN/4, (w+1)N/4) of the state (fp32 registers, kept across steps)
 // A segment before the last leaves its final state in seg_state (ForwardHead::state_out).
 template <int P, int N, bool DOCS>
 __global__ void __launch_bounds__(THREADS)
-ssd_fwd_kernel(bf16* y, float* dt_s, float* acum_s, SSDInputs in, int T, int H, int G, int Tp, int seg_len,
+ssd_fwd_kernel(bf16* y, float* dt_s, float* acum_s, SSDInputs in, int T, int H, int G, int Tp, ForwardGrid grid,
                float* seg_state, int nsm) {
     static_assert(P % 16 == 0 && N % 64 == 0, "state tiles");
     constexpr int XS = TILE * (P + PAD), BS = TILE * (N + PAD);
@@ -469,13 +490,13 @@ ssd_fwd_kernel(bf16* y, float* dt_s, float* acum_s, SSDInputs in, int T, int H, 
     bf16* s_h = s_c + 2 * BS;  // the state entering the step, bf16 [P][N + PAD]
     StepArrays* s_st = reinterpret_cast<StepArrays*>(s_h + P * (N + PAD));  // 2 buffers
 
-    const ForwardHead<P, N> hd(in, y, T, H, G, Tp, seg_len);
+    const ForwardHead<P, N> hd(in, y, T, H, G, Tp, grid);
     float* sout = hd.state_out(seg_state);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, q = lane & 3;
     const int nsteps = (hd.Tl + TILE - 1) / TILE;
     // every other wave of blocks takes the row tiles of the y phase in reverse order (see rt below); the warp
     // with the lightest row tile prepares the next step
-    const bool flip = (((blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x) / nsm) & 1;
+    const bool flip = (blockIdx.x / nsm) & 1;
     const bool prep = warp == (flip ? 3 : 0);
 
     auto load_step = [&](int s) {
@@ -616,12 +637,13 @@ inline size_t fwd_smem_bytes(int P, int N) {
            2 * sizeof(StepArrays);
 }
 
-// Forward in segments (kernel_sizes.h, forward_segment_chunks): every segment started from a zero state. The state
-// truly entering segment z > 0 is Hin_z = decay_{z-1} Hin_{z-1} + S_{z-1} (Hin_0 = 0), S_k the state segment k left
-// and decay_k = exp(sum of dt A over segment k), 0 when its last row's document started inside it. Row i of segment
-// z whose document started before the segment owes y_i += exp(Acum_i) Hin_z C_i (Acum_i: the cumsum of dt A from
-// the segment's start, from the saved chunk-local cumsums). Two passes: the states, then the rows with a block per
-// 64-row tile (one block walking a segment's tiles waited on each tile's loads in turn: slower than no segments).
+// Forward in segments (the split rows of kernel_sizes.h's ForwardPlan): every segment started from a zero state.
+// The state truly entering segment z > 0 is Hin_z = decay_{z-1} Hin_{z-1} + S_{z-1} (Hin_0 = 0), S_k the state
+// segment k left and decay_k = exp(sum of dt A over segment k), 0 when its last row's document started inside it.
+// Row i of segment z whose document started before the segment owes y_i += exp(Acum_i) Hin_z C_i (Acum_i: the
+// cumsum of dt A from the segment's start, from the saved chunk-local cumsums). Two passes: the states, then the
+// rows with a block per 64-row tile (one block walking a segment's tiles waited on each tile's loads in turn:
+// slower than no segments).
 
 // sum of dt A over chunks [c0, c1) of a (b, h) row of the saved chunk-local cumsums (each chunk's total is its
 // last row's cumsum)
@@ -631,14 +653,16 @@ __device__ inline float chunk_totals(const float* acum, int c0, int c1) {
     return sum;
 }
 
-// Hin_{k+1} in place of S_k for k = 0 .. nseg - 2 (fp32, [n][p]); grid (P N / (4 THREADS), H, B), 4 elements a thread
+// Hin_{k+1} in place of S_k for k = 0 .. nseg - 2 (fp32, [n][p]); grid (P N / (4 THREADS), split rows), 4
+// elements a thread
 template <bool DOCS>
 __global__ void __launch_bounds__(THREADS)
-ssd_segment_hin_kernel(float* seg_state, const float* acum_s, const int* pos, int T, int Tp, int nseg, int seg_len,
+ssd_segment_hin_kernel(float* seg_state, const float* acum_s, const int* pos, int T, int H, int Tp, ForwardGrid grid,
                        int PN) {
-    const int h = blockIdx.y, b = blockIdx.z, H = gridDim.y, seg_chunks = seg_len / CHUNK;
-    const float* acum = acum_s + ((size_t)b * H + h) * Tp;
-    float4* st = reinterpret_cast<float4*>(seg_state + ((size_t)b * H + h) * (nseg - 1) * PN) +
+    const int row = grid.whole + blockIdx.y, b = row / H, nseg = grid.nseg, seg_len = grid.seg_len;
+    const int seg_chunks = seg_len / CHUNK;
+    const float* acum = acum_s + (size_t)row * Tp;
+    float4* st = reinterpret_cast<float4*>(seg_state + (size_t)blockIdx.y * (nseg - 1) * PN) +
                  blockIdx.x * THREADS + threadIdx.x;
     float4 hin = make_float4(0.f, 0.f, 0.f, 0.f);
     for (int k = 0; k + 1 < nseg; k++) {
@@ -655,20 +679,20 @@ ssd_segment_hin_kernel(float* seg_state, const float* acum_s, const int* pos, in
     }
 }
 
-// y_i += exp(Acum_i) Hin_z C_i for one 64-row tile of segment z > 0; grid (tiles a segment, segments - 1, B H).
-// The factor only shrinks down a segment (decays and document starts), so a tile whose first row owes nothing is
-// done at once.
+// y_i += exp(Acum_i) Hin_z C_i for one 64-row tile of segment z > 0; grid (tiles a segment, segments - 1, split
+// rows). The factor only shrinks down a segment (decays and document starts), so a tile whose first row owes
+// nothing is done at once.
 template <int P, int N, bool DOCS>
 __global__ void __launch_bounds__(THREADS)
 ssd_segment_fixup_kernel(bf16* y, const float* seg_state, const float* acum_s, SSDInputs in, int T, int H, int G,
-                         int Tp, int seg_len) {
+                         int Tp, ForwardGrid grid) {
     __shared__ __align__(16) bf16 s_c[TILE * (N + PAD)];  // C rows of the tile
     __shared__ __align__(16) bf16 s_h[N * (P + PAD)];     // Hin^T: rows n, P contiguous
     __shared__ float s_f[TILE];                            // exp(Acum_i) where row i sees Hin, else 0
-    const int nseg = gridDim.y + 1, z = blockIdx.y + 1, h = blockIdx.z % H, b = blockIdx.z / H, g = h / (H / G);
-    const int begin = z * seg_len, i0 = blockIdx.x * TILE, valid = min(TILE, T - begin - i0);
+    const int row = grid.whole + blockIdx.z, z = blockIdx.y + 1, h = row % H, b = row / H, g = h / (H / G);
+    const int begin = z * grid.seg_len, i0 = blockIdx.x * TILE, valid = min(TILE, T - begin - i0);
     if (valid <= 0) return;  // past the end of the last segment
-    const float* acum = acum_s + ((size_t)b * H + h) * Tp;
+    const float* acum = acum_s + (size_t)row * Tp;
     const size_t r0 = (size_t)b * T + begin + i0;
     if (threadIdx.x < TILE) {
         const int i = threadIdx.x, t = begin + i0 + i;
@@ -682,7 +706,7 @@ ssd_segment_fixup_kernel(bf16* y, const float* seg_state, const float* acum_s, S
 
     load_rows<N>(s_c, in.Cm + r0 * in.bc_stride + g * N, in.bc_stride, valid);
     cp_async_commit();
-    const float* hz = seg_state + (((size_t)b * H + h) * (nseg - 1) + z - 1) * (P * N);
+    const float* hz = seg_state + ((size_t)blockIdx.z * (grid.nseg - 1) + z - 1) * (P * N);
     for (int e = 4 * threadIdx.x; e < P * N; e += 4 * THREADS) {
         const float4 v = *reinterpret_cast<const float4*>(hz + e);
         uint2 u;
@@ -1471,16 +1495,19 @@ inline int sm_count() {
 
 namespace ssd {
 
-// the mma.sync forward's launch for grid (H, B, segments), and the blocks an SM takes (sm90::Forward is its twin)
+// the mma.sync forward's launch, and the blocks that run at once on this GPU (sm90::Forward is its twin)
 template <int P, int N, bool DOCS>
 struct ForwardMmaSync {
-    static int blocks_per_sm() { return occupancy(ssd_fwd_kernel<P, N, DOCS>, THREADS, fwd_smem_bytes(P, N)); }
-    static void run(dim3 grid, bf16* y, float* dt_s, float* acum_s, const SSDInputs& in, const SSDShape& sh, int Tp,
-                    int seg_len, float* seg_state, cudaStream_t s) {
+    static int slots() {
+        static const int n = occupancy(ssd_fwd_kernel<P, N, DOCS>, THREADS, fwd_smem_bytes(P, N)) * sm_count();
+        return n;
+    }
+    static void run(const ForwardGrid& grid, bf16* y, float* dt_s, float* acum_s, const SSDInputs& in,
+                    const SSDShape& sh, int Tp, float* seg_state, cudaStream_t s) {
         const size_t smem = fwd_smem_bytes(P, N);
         set_max_smem(ssd_fwd_kernel<P, N, DOCS>, smem);
-        ssd_fwd_kernel<P, N, DOCS><<<grid, THREADS, smem, s>>>(y, dt_s, acum_s, in, sh.T, sh.H, sh.G, Tp, seg_len,
-                                                               seg_state, sm_count());
+        ssd_fwd_kernel<P, N, DOCS><<<grid.blocks(), THREADS, smem, s>>>(y, dt_s, acum_s, in, sh.T, sh.H, sh.G, Tp,
+                                                                        grid, seg_state, sm_count());
         cudaCheckLast();
     }
 };
@@ -1497,35 +1524,40 @@ void with_forward_kernel(bool mma_sync, F&& f) {
     f(ForwardMmaSync<P, N, DOCS>{});
 }
 
-// chunks a forward segment spans: of `segments` segments, or (0) as forward_segment_chunks chooses for this GPU
+// the plan the forward runs: forced by segments > 0 (its rows not whole: none, unless whole_rows >= 0) and/or
+// whole_rows >= 0 (its segments the fastest for them unless forced), else forward_plan's for this GPU
 template <int P, int N, bool DOCS>
-int forward_seg_chunks(const SSDShape& sh, bool mma_sync, int segments) {
-    if (segments > 0) return (int)ceil_div(nchunks(sh), segments);
-    int per_sm = 0;
-    with_forward_kernel<P, N, DOCS>(mma_sync, [&](auto k) { per_sm = decltype(k)::blocks_per_sm(); });
-    return forward_segment_chunks(sh, per_sm * sm_count());
+ForwardPlan plan_forward(const SSDShape& sh, bool mma_sync, int segments, int whole_rows) {
+    if (segments > 0) return forward_plan_of(sh, segments, std::max(whole_rows, 0));
+    int slots = 0;
+    with_forward_kernel<P, N, DOCS>(mma_sync, [&](auto k) { slots = decltype(k)::slots(); });
+    return whole_rows >= 0 ? forward_plan_with(sh, slots, whole_rows) : forward_plan(sh, slots);
 }
 
-// the forward in segments, then their fix-up
+// the forward (its split rows in segments), then the segments' fix-up
 template <int P, int N, bool DOCS>
 void forward_impl(bf16* y, void* saved, void* scratch, const SSDInputs& in, const SSDShape& sh, bool mma_sync,
-                  int segments, cudaStream_t s) {
+                  int segments, int whole_rows, cudaStream_t s) {
     float* dt_s = (float*)saved;
     float* acum_s = dt_s + padded_positions(sh);
-    const int nc = nchunks(sh), Tp = nc * CHUNK, seg_chunks = forward_seg_chunks<P, N, DOCS>(sh, mma_sync, segments);
-    const int nseg = (int)ceil_div(nc, seg_chunks), seg_len = seg_chunks * CHUNK;
-    float* seg_state = nseg > 1 ? (float*)scratch : nullptr;
-    if (nseg > 1 && !scratch) THROW("ssd_forward: %d segments need the scratch (ssd_scratch_bytes)", nseg);
+    const int Tp = nchunks(sh) * CHUNK;
+    const ForwardPlan plan = plan_forward<P, N, DOCS>(sh, mma_sync, segments, whole_rows);
+    const ForwardGrid grid{plan.whole, forward_split_rows(sh, plan), forward_segments(sh, plan),
+                           plan.seg_chunks * CHUNK};
+    float* seg_state = grid.split > 0 ? (float*)scratch : nullptr;
+    if (seg_state == nullptr && grid.split > 0)
+        THROW("ssd_forward: %d segments need the scratch (ssd_scratch_bytes)", grid.nseg);
     with_forward_kernel<P, N, DOCS>(mma_sync, [&](auto k) {
-        decltype(k)::run(dim3(sh.H, sh.B, nseg), y, dt_s, acum_s, in, sh, Tp, seg_len, seg_state, s);
+        decltype(k)::run(grid, y, dt_s, acum_s, in, sh, Tp, seg_state, s);
     });
-    if (nseg > 1) {
+    if (grid.split > 0) {
         static_assert(P * N % (4 * THREADS) == 0, "whole float4 slices of the state");
-        ssd_segment_hin_kernel<DOCS><<<dim3(P * N / (4 * THREADS), sh.H, sh.B), THREADS, 0, s>>>(
-            seg_state, acum_s, in.pos, sh.T, Tp, nseg, seg_len, P * N);
+        ssd_segment_hin_kernel<DOCS><<<dim3(P * N / (4 * THREADS), grid.split), THREADS, 0, s>>>(
+            seg_state, acum_s, in.pos, sh.T, sh.H, Tp, grid, P * N);
         cudaCheckLast();
-        ssd_segment_fixup_kernel<P, N, DOCS><<<dim3(seg_len / TILE, nseg - 1, sh.B * sh.H), THREADS, 0, s>>>(
-            y, seg_state, acum_s, in, sh.T, sh.H, sh.G, Tp, seg_len);
+        const dim3 fixup_grid(grid.seg_len / TILE, grid.nseg - 1, grid.split);
+        ssd_segment_fixup_kernel<P, N, DOCS><<<fixup_grid, THREADS, 0, s>>>(y, seg_state, acum_s, in, sh.T, sh.H, sh.G,
+                                                                             Tp, grid);
         cudaCheckLast();
     }
 }
@@ -1587,9 +1619,9 @@ void dispatch(const SSDShape& sh, bool docs, Args&&... args) {
 template <int P, int N, bool DOCS> struct Forward {
     template <typename... A> static void run(A&... a) { forward_impl<P, N, DOCS>(a...); }
 };
-template <int P, int N, bool DOCS> struct ForwardSegments {
-    static void run(int& nseg, const SSDShape& sh, bool& mma_sync) {
-        nseg = (int)ceil_div(nchunks(sh), forward_seg_chunks<P, N, DOCS>(sh, mma_sync, 0));
+template <int P, int N, bool DOCS> struct PlanForward {
+    static void run(ForwardPlan& plan, const SSDShape& sh, bool& mma_sync, int& segments, int& whole_rows) {
+        plan = plan_forward<P, N, DOCS>(sh, mma_sync, segments, whole_rows);
     }
 };
 template <int P, int N, bool DOCS> struct Backward {
@@ -1599,20 +1631,22 @@ template <int P, int N, bool DOCS> struct Backward {
 }  // namespace ssd
 
 // y (BT, H*P) = SSD(x, softplus(dt + dt_bias), A = -exp(A_log), B, C) + D*x; saved keeps what the backward reads.
-// The forward borrows the scratch (ssd_scratch_bytes) when it runs in segments; `segments` > 0 sets their number
-// (tests), mma_sync takes the mma.sync kernel on sm_90a builds too (tests and the benchmark compare the two).
+// The forward borrows the scratch (ssd_scratch_bytes) when some rows run in segments (ssd::ForwardPlan); segments
+// > 0 sets their number and whole_rows >= 0 the rows that run whole (tests and benchmarks), mma_sync takes the
+// mma.sync kernel on sm_90a builds too (tests and the benchmark compare the two).
 inline void ssd_forward(bf16* y, void* saved, void* scratch, const SSDInputs& in, const SSDShape& sh, cudaStream_t s,
-                        int segments = 0, bool mma_sync = false) {
+                        int segments = 0, bool mma_sync = false, int whole_rows = -1) {
     ssd::check_inputs(in, sh);
     ssd::check_rows("y", y, sh.H * sh.P, sh.H * sh.P);
-    ssd::dispatch<ssd::Forward>(sh, in.pos != nullptr, y, saved, scratch, in, sh, mma_sync, segments, s);
+    ssd::dispatch<ssd::Forward>(sh, in.pos != nullptr, y, saved, scratch, in, sh, mma_sync, segments, whole_rows, s);
 }
 
-// the segments ssd_forward cuts each sequence into on this GPU (benchmarks report it)
-inline int ssd_forward_segments(const SSDShape& sh, bool mma_sync = false) {
-    int nseg = 1;
-    ssd::dispatch<ssd::ForwardSegments>(sh, false, nseg, sh, mma_sync);
-    return nseg;
+// the plan ssd_forward runs on this GPU with the same arguments (benchmarks report it, tests check it)
+inline ssd::ForwardPlan ssd_forward_plan(const SSDShape& sh, bool mma_sync = false, int segments = 0,
+                                         int whole_rows = -1) {
+    ssd::ForwardPlan plan{};
+    ssd::dispatch<ssd::PlanForward>(sh, false, plan, sh, mma_sync, segments, whole_rows);
+    return plan;
 }
 
 // dx, dB, dC, ddt written (strided like the inputs); ddt_bias, dA_log, dD accumulate (fp32)

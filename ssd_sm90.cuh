@@ -60,7 +60,7 @@ __device__ inline void load_rows_sw128(unsigned char* s, const bf16* g, size_t s
 
 template <int N, bool DOCS>
 __global__ void __launch_bounds__(THREADS, 2)
-fwd_kernel(bf16* y, float* dt_s, float* acum_s, SSDInputs in, int T, int H, int G, int Tp, int seg_len,
+fwd_kernel(bf16* y, float* dt_s, float* acum_s, SSDInputs in, int T, int H, int G, int Tp, ForwardGrid grid,
            float* seg_state) {
     constexpr int P = 64, NB = N / 64;  // NB: column blocks of B and C, m64 blocks of the state S^T
     using L = FwdSmem<N>;
@@ -69,7 +69,7 @@ fwd_kernel(bf16* y, float* dt_s, float* acum_s, SSDInputs in, int T, int H, int 
     StepArrays* s_st = reinterpret_cast<StepArrays*>(smem + L::OFF_ST);
     const uint32_t s0a = smem_u32(smem);
 
-    const ForwardHead<P, N> hd(in, y, T, H, G, Tp, seg_len);
+    const ForwardHead<P, N> hd(in, y, T, H, G, Tp, grid);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gq = lane >> 2, q = lane & 3;
     const int nsteps = (hd.Tl + TILE - 1) / TILE;
 
@@ -246,15 +246,18 @@ fwd_kernel(bf16* y, float* dt_s, float* acum_s, SSDInputs in, int T, int H, int 
     if (prep) sp.finish(nsteps, hd.Tpl);
 }
 
-// the launch for grid (H, B, segments), and the blocks an SM takes (ssd::ForwardMmaSync is its twin)
+// the launch, and the blocks that run at once on this GPU (ssd::ForwardMmaSync is its twin)
 template <int N, bool DOCS>
 struct Forward {
-    static int blocks_per_sm() { return occupancy(fwd_kernel<N, DOCS>, THREADS, FwdSmem<N>::BYTES); }
-    static void run(dim3 grid, bf16* y, float* dt_s, float* acum_s, const SSDInputs& in, const SSDShape& sh, int Tp,
-                    int seg_len, float* seg_state, cudaStream_t s) {
+    static int slots() {
+        static const int n = occupancy(fwd_kernel<N, DOCS>, THREADS, FwdSmem<N>::BYTES) * sm_count();
+        return n;
+    }
+    static void run(const ForwardGrid& grid, bf16* y, float* dt_s, float* acum_s, const SSDInputs& in,
+                    const SSDShape& sh, int Tp, float* seg_state, cudaStream_t s) {
         auto k = fwd_kernel<N, DOCS>;
         set_max_smem(k, FwdSmem<N>::BYTES);
-        k<<<grid, THREADS, FwdSmem<N>::BYTES, s>>>(y, dt_s, acum_s, in, sh.T, sh.H, sh.G, Tp, seg_len, seg_state);
+        k<<<grid.blocks(), THREADS, FwdSmem<N>::BYTES, s>>>(y, dt_s, acum_s, in, sh.T, sh.H, sh.G, Tp, grid, seg_state);
         cudaCheckLast();
     }
 };

@@ -7,8 +7,9 @@
 // cudaEvent timings of the forward and of forward+backward, TFLOP/s (the chunked algorithm's matmul FLOPs as
 // ANCHORS.md counts them, backward counted as twice the forward) and the ratio to the anchor measured in the
 // same device run (ANCHOR_LOG, dev/anchors.h); also the forward on the mma.sync kernel (what sm_90a builds run
-// for P = 32 only, and other GPUs for every P) and in 1, 2, 4, ... segments (ssd_forward_segments says which
-// count this GPU chooses). The last lines are a compact table.
+// for P = 32 only, and other GPUs for every P), with every (b, h) row in 1, 2, 4, ... segments, and the plan
+// this GPU chooses (ssd_forward_plan: the rows that run whole, the segments of the others; its time is the
+// forward's). The last lines are a compact table.
 // usage: dev/bench_ssd [--shape NAME] [--iters N]     (NAME: bench 370m 2.7b T1024 T512 B1T16k)
 #include <algorithm>
 #include <cmath>
@@ -193,7 +194,7 @@ static Result run_shape(const Shape& s, int iters) {
     r.fwd = time_ms(fwd, warmup, iters);
     r.all = time_ms(all, warmup, iters);
     r.fwd_mma_sync = time_ms([&]() { ssd_forward(d_y, saved, scratch, in, sh, 0, 0, true); }, warmup, iters);
-    // the forward in 1, 2, 4, ... segments (ssd_forward_segments: what it chooses on this GPU)
+    // the forward with every row in 1, 2, 4, ... segments
     std::string segs = strformat("  %-20s", "forward, segments:");
     for (int nseg = 1; nseg <= ssd::nchunks(sh) && nseg <= 16; nseg *= 2)
         segs += strformat(" %d: %.3f ms", nseg, time_ms([&]() { ssd_forward(d_y, saved, scratch, in, sh, 0, nseg); },
@@ -213,7 +214,10 @@ static Result run_shape(const Shape& s, int iters) {
     line("forward+backward", r.all, 3 * fwd_flops, anchor_value(prefix, "fwd+bwd"));
     printf("  %-20s (%6.1f TFLOP/s) %.3f ms: the wgmma kernel is %.2fx faster\n", "forward, mma.sync",
            fwd_flops / r.fwd_mma_sync * 1e-9, r.fwd_mma_sync, r.fwd_mma_sync / r.fwd);
-    printf("%s (chosen: %d)\n", segs.c_str(), ssd_forward_segments(sh));
+    printf("%s\n", segs.c_str());
+    const ssd::ForwardPlan plan = ssd_forward_plan(sh);
+    printf("  %-20s %d whole + %d in %d segments: %.3f ms\n", "forward, plan:", plan.whole,
+           ssd::forward_split_rows(sh, plan), ssd::forward_segments(sh, plan), r.fwd);
     line("forward, documents", r.fwd_docs, fwd_flops, anchor_value(prefix_docs, "fwd"));
     line("fwd+bwd, documents", r.all_docs, 3 * fwd_flops, anchor_value(prefix_docs, "fwd+bwd"));
 

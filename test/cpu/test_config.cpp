@@ -343,22 +343,46 @@ TEST_CASE("train_mamba and finetune_mamba refuse bad flags before any work, nami
 
 }  // namespace
 
-TEST_CASE("ssd: the segments the forward chooses (kernel_sizes.h)", "[config][ssd]") {
-    using ssd::forward_segment_chunks;
-    // enough (b, h) for every slot: one segment of all chunks
-    REQUIRE(forward_segment_chunks(SSDShape{8, 2048, 32, 64, 1, 128, 256}, 264) == 8);
-    REQUIRE(forward_segment_chunks(SSDShape{4, 4096, 64, 64, 1, 128, 256}, 264) == 16);
-    // 320 blocks on 264 places (mamba2-2.7b, B4 T2048): the fix-up would cost more than the second wave's tail
-    REQUIRE(forward_segment_chunks(SSDShape{4, 2048, 80, 64, 1, 128, 256}, 264) == 8);
-    // one sequence of 64 heads over 16k positions (64 of 264 places): 4 segments of 16 chunks, the fastest in
-    // bench_ssd's sweep (0.37 ms against 0.68 in one segment, 0.41 in 2 or 8)
-    REQUIRE(forward_segment_chunks(SSDShape{1, 16384, 64, 64, 1, 128, 256}, 264) == 16);
+TEST_CASE("ssd: the plan the forward chooses (kernel_sizes.h)", "[config][ssd]") {
+    // the rows the plan runs whole and the chunks of the others' segments, given H200's 264 block places
+    auto plan = [](SSDShape sh) {
+        const ssd::ForwardPlan p = ssd::forward_plan(sh, 264);
+        return std::make_pair(p.whole, p.seg_chunks);
+    };
+    // (b, h) rows for at most the slots: all whole (one segment of all chunks)
+    REQUIRE(plan(SSDShape{8, 2048, 32, 64, 1, 128, 256}) == std::make_pair(256, 8));
+    REQUIRE(plan(SSDShape{4, 4096, 64, 64, 1, 128, 256}) == std::make_pair(256, 16));
+    // 320 rows on 264 places (mamba2-2.7b, B4 T2048): a wave of whole rows, then the other 56 in 4 segments of 2
+    // chunks fill the second wave (segmenting every row would cost more in fix-up than the tail it saves)
+    REQUIRE(plan(SSDShape{4, 2048, 80, 64, 1, 128, 256}) == std::make_pair(264, 2));
+    // 640 rows: two waves whole, the other 112 in 2 segments of 4 chunks
+    REQUIRE(plan(SSDShape{8, 2048, 80, 64, 1, 128, 256}) == std::make_pair(528, 4));
+    // one sequence of 64 heads over 16k positions (64 of 264 places): every row in 4 segments of 16 chunks, the
+    // fastest in bench_ssd's sweep (0.37 ms against 0.68 in one segment, 0.41 in 2 or 8)
+    REQUIRE(plan(SSDShape{1, 16384, 64, 64, 1, 128, 256}) == std::make_pair(0, 16));
     // a handful of heads: a chunk a segment
-    REQUIRE(forward_segment_chunks(SSDShape{1, 4096, 4, 64, 1, 128, 256}, 264) == 1);
+    REQUIRE(plan(SSDShape{1, 4096, 4, 64, 1, 128, 256}) == std::make_pair(0, 1));
     // a single chunk cannot be cut
-    REQUIRE(forward_segment_chunks(SSDShape{1, 200, 1, 64, 1, 128, 256}, 264) == 1);
-    // the forward's segment states (a segment a chunk at most) fit in the backward's scratch, which
+    REQUIRE(plan(SSDShape{1, 200, 1, 64, 1, 128, 256}) == std::make_pair(1, 1));
+
+    // forced plans (tests, benchmarks): the segments' chunks rounded up, one segment or no split row is no split
+    const SSDShape sh{2, 1300, 3, 64, 1, 128, 256};  // 6 chunks, 6 rows
+    const ssd::ForwardPlan p = ssd::forward_plan_of(sh, 4, 2);
+    REQUIRE(std::make_pair(p.whole, p.seg_chunks) == std::make_pair(2, 2));
+    REQUIRE(ssd::forward_split_rows(sh, p) == 4);
+    REQUIRE(ssd::forward_segments(sh, p) == 3);
+    REQUIRE(ssd::forward_segment_state_elems(sh, p) == (size_t)4 * 2 * 64 * 128);
+    for (ssd::ForwardPlan q : {ssd::forward_plan_of(sh, 1, 2), ssd::forward_plan_of(sh, 3, 6)}) {
+        REQUIRE(std::make_pair(q.whole, q.seg_chunks) == std::make_pair(6, 6));
+        REQUIRE(ssd::forward_segment_state_elems(sh, q) == 0);
+    }
+    REQUIRE_THROWS(ssd::forward_plan_of(sh, 2, 7));
+    // 4 whole rows forced: their wave is as long as the sequence, so segmenting the other 2 saves nothing
+    REQUIRE(ssd::forward_plan_with(sh, 264, 4).whole == 6);
+
+    // the forward's segment states (every row in segments of a chunk at most) fit in the backward's scratch, which
     // ssd_scratch_bytes allocates
-    for (SSDShape sh : {SSDShape{1, 16384, 64, 64, 1, 128, 256}, SSDShape{2, 300, 3, 32, 1, 64, 64}})
-        REQUIRE(ssd::forward_segment_state_elems(sh, 1) <= ssd::BwdScratch(sh, nullptr).total);
+    for (SSDShape s : {SSDShape{1, 16384, 64, 64, 1, 128, 256}, SSDShape{2, 300, 3, 32, 1, 64, 64}})
+        REQUIRE(ssd::forward_segment_state_elems(s, ssd::forward_plan_of(s, ssd::nchunks(s), 0)) <=
+                ssd::BwdScratch(s, nullptr).total);
 }

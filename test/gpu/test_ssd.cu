@@ -90,11 +90,18 @@ static RefResult reference(const std::vector<double>& x, const std::vector<doubl
 
 // pos empty: no document boundaries (the kernels get pos = nullptr)
 // mma_sync: the forward on the mma.sync kernel (sm_90a builds run the wgmma one for P = 64)
+// segments > 0, whole >= 0: the forward's plan forced (ssd_forward); whole >= 0 must split the other rows
 static void check_ssd(int B, int T, int H, int G, int P, int N, int chunk, uint64_t seed,
-                      const std::vector<int>& pos = {}, bool mma_sync = false, int segments = 0) {
+                      const std::vector<int>& pos = {}, bool mma_sync = false, int segments = 0, int whole = -1) {
+    const ssd::ForwardPlan plan = ssd_forward_plan(SSDShape{B, T, H, P, G, N, chunk}, mma_sync, segments, whole);
+    const int nseg = ssd::forward_segments(SSDShape{B, T, H, P, G, N, chunk}, plan);
     INFO("B=" << B << " T=" << T << " H=" << H << " G=" << G << " P=" << P << " N=" << N << " chunk=" << chunk
-              << (pos.empty() ? "" : " with documents") << (mma_sync ? " (mma.sync forward)" : "") << " segments "
-              << (segments ? segments : ssd_forward_segments(SSDShape{B, T, H, P, G, N, chunk}, mma_sync)));
+              << (pos.empty() ? "" : " with documents") << (mma_sync ? " (mma.sync forward)" : "") << " plan: "
+              << plan.whole << " rows whole, " << B * H - plan.whole << " in " << nseg << " segments");
+    if (whole >= 0) {
+        REQUIRE(plan.whole == whole);
+        REQUIRE(nseg > 1);
+    }
     Rng rng(seed);
     const int HP = H * P, GN = G * N;
     // the model's layout: one row [x | B | C] (+ a gap), dt in a row of its own (+ a gap)
@@ -153,7 +160,7 @@ static void check_ssd(int B, int T, int H, int G, int P, int N, int chunk, uint6
         cudaCheck(cudaMemcpy(d_pg, g0.data(), 3 * H * sizeof(float), cudaMemcpyHostToDevice));
         poison_bytes(scratch, scratch_bytes);
         poison_bytes(saved, ssd_saved_bytes(sh));
-        ssd_forward(d_y, saved, scratch, in, sh, 0, segments, mma_sync);
+        ssd_forward(d_y, saved, scratch, in, sh, 0, segments, mma_sync, whole);
         poison_bytes(scratch, scratch_bytes);  // the backward must not rely on the forward's scratch
         ssd_backward(gr, scratch, d_dy, in, saved, sh, 0);
         cudaCheck(cudaDeviceSynchronize());
@@ -257,8 +264,30 @@ TEST_CASE("ssd forward in segments (what few (b, h) blocks on a large GPU run)",
     check_ssd(1, 800, 4, 2, 32, 64, 64, 25, make_pos(1, 800, 1.0 / 5, {}, rng), false, 4);
     check_ssd(1, 600, 4, 2, 64, 64, 64, 26, make_pos(1, 600, 1.0, {}, rng), false, 3);
     // few (b, h) over long sequences: the GPU's own choice runs in segments
-    REQUIRE(ssd_forward_segments(SSDShape{1, 4096, 4, 64, 1, 128, 256}) > 1);
+    const SSDShape few{1, 4096, 4, 64, 1, 128, 256};
+    REQUIRE(ssd::forward_segments(few, ssd_forward_plan(few)) > 1);
     check_ssd(1, 4096, 4, 1, 64, 128, 256, 27);
+}
+
+TEST_CASE("ssd forward with some rows whole and the rest in segments", "[gpu][ssd]") {
+    // what a last partial wave of (b, h) rows runs: rows b H + h below `whole` down the whole sequence, the others
+    // in segments (segment-major blocks, states and fix-up offset by `whole`). 6 rows: 4 whole and b 1's heads 1, 2
+    // in 3 segments of 2 chunks, the last partial; then 1 whole, the split rows spanning both sequences
+    Rng rng(80);
+    const SSDShape sh{2, 1300, 3, 64, 3, 128, 256};
+    const ssd::ForwardPlan plan = ssd_forward_plan(sh, false, 3, 4);
+    REQUIRE(ssd::forward_split_rows(sh, plan) == 2);
+    REQUIRE(ssd::forward_segments(sh, plan) == 3);
+    REQUIRE(ssd::forward_segment_state_elems(sh, plan) == (size_t)2 * 2 * 64 * 128);
+    for (bool mma_sync : {false, true}) {
+        check_ssd(2, 1300, 3, 3, 64, 128, 256, 28, {}, mma_sync, 3, 4);
+        // documents starting at a segment's last row (t = 511: the state entering that segment does not pass it)
+        // and at segments' first rows (t = 512, 1024)
+        check_ssd(2, 1300, 3, 1, 64, 64, 128, 29, make_pos(2, 1300, 1.0 / 300, {511, 512, 1024}, rng), mma_sync,
+                  3, 4);
+        check_ssd(2, 1300, 3, 3, 64, 128, 256, 30, {}, mma_sync, 2, 1);
+    }
+    check_ssd(2, 1000, 3, 1, 32, 64, 64, 31, make_pos(2, 1000, 1.0 / 100, {256, 767}, rng), false, 4, 1);  // P = 32
 }
 
 TEST_CASE("ssd rejects unsupported shapes", "[gpu][ssd]") {
