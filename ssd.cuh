@@ -1498,10 +1498,7 @@ namespace ssd {
 // the mma.sync forward's launch, and the blocks that run at once on this GPU (sm90::Forward is its twin)
 template <int P, int N, bool DOCS>
 struct ForwardMmaSync {
-    static int slots() {
-        static const int n = occupancy(ssd_fwd_kernel<P, N, DOCS>, THREADS, fwd_smem_bytes(P, N)) * sm_count();
-        return n;
-    }
+    static int slots() { return occupancy(ssd_fwd_kernel<P, N, DOCS>, THREADS, fwd_smem_bytes(P, N)) * sm_count(); }
     static void run(const ForwardGrid& grid, bf16* y, float* dt_s, float* acum_s, const SSDInputs& in,
                     const SSDShape& sh, int Tp, float* seg_state, cudaStream_t s) {
         const size_t smem = fwd_smem_bytes(P, N);

@@ -249,10 +249,7 @@ fwd_kernel(bf16* y, float* dt_s, float* acum_s, SSDInputs in, int T, int H, int 
 // the launch, and the blocks that run at once on this GPU (ssd::ForwardMmaSync is its twin)
 template <int N, bool DOCS>
 struct Forward {
-    static int slots() {
-        static const int n = occupancy(fwd_kernel<N, DOCS>, THREADS, FwdSmem<N>::BYTES) * sm_count();
-        return n;
-    }
+    static int slots() { return occupancy(fwd_kernel<N, DOCS>, THREADS, FwdSmem<N>::BYTES) * sm_count(); }
     static void run(const ForwardGrid& grid, bf16* y, float* dt_s, float* acum_s, const SSDInputs& in,
                     const SSDShape& sh, int Tp, float* seg_state, cudaStream_t s) {
         auto k = fwd_kernel<N, DOCS>;

@@ -390,13 +390,14 @@ static void run_bench(const Args& a, const Plan& p, Model& model, Trainer& train
     double tps = tokens_per_step / med;
     const int world = trainer.comm.world;
     const RankMemory plan = rank_memory(model.layout, model.shard, a.opt.optimizer == "muon", model.sz.total_bytes);
+    const std::string chunk = a.logit_chunk != LOGIT_CHUNK ? strformat(" logit-chunk %d", a.logit_chunk) : "";
+    const double gib = double(1 << 30);
     printf("bench: %s B=%d T=%d accum=%d%s%s%s on %d GPU(s): median step %.2f ms, %.0f tokens/s (%.0f per GPU), "
            "MFU %.1f%%, device memory in use %.2f GiB, allocated %.2f GiB (rank 0; its plan %.2f GiB; optimizer "
            "state %.2f GiB)\n",
            p.cfg.name.c_str(), a.B, a.T, accum, a.recompute ? " recompute" : "", a.opt.optimizer == "muon" ? " muon" : "",
-           a.logit_chunk != LOGIT_CHUNK ? strformat(" logit-chunk %d", a.logit_chunk).c_str() : "", world, med * 1e3, tps, tps / world, peak > 0 ? 100.0 * fpt * tps / peak : 0.0,
-           (total_b - free_b) / double(1 << 30), cuda_allocated_bytes() / double(1 << 30), plan.total() / double(1 << 30),
-           trainer.state_bytes() / double(1 << 30));
+           chunk.c_str(), world, med * 1e3, tps, tps / world, peak > 0 ? 100.0 * fpt * tps / peak : 0.0,
+           (total_b - free_b) / gib, cuda_allocated_bytes() / gib, plan.total() / gib, trainer.state_bytes() / gib);
     if (a.profile) {  // the events themselves add a little time: shares, not a second clock
         double sum = 0;
         for (auto& kv : timer.ms) sum += kv.second;
