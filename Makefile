@@ -74,7 +74,7 @@ $(BUILD)/gpu_%.o: test/gpu/%.cu $(HEADERS)
 	$(NVCC) $(NVCCFLAGS) -c $< -o $@
 
 $(BUILD)/test_cpu: $(BUILD)/catch_main.o $(patsubst test/cpu/%.cpp,$(BUILD)/cpu_%.o,$(CPU_TESTS))
-	$(CXX) $^ -o $@ $(TOKLIBS) -lsentencepiece_train
+	$(CXX) $^ -o $@ $(TOKLIBS) -lsentencepiece_train -pthread
 
 $(BUILD)/test_gpu: $(BUILD)/catch_main.o $(patsubst test/gpu/%.cu,$(BUILD)/gpu_%.o,$(GPU_TESTS))
 	$(NVCC) $(NVCCFLAGS) $^ -o $@ $(LIBS) $(TOKLIBS)

@@ -64,10 +64,13 @@ inline size_t ceil_div(size_t a, size_t b) { return (a + b - 1) / b; }
 // splitmix64: a fixed generator, so shuffles and initialisations are identical on every
 // platform and library
 struct SplitMix64 {
+    static constexpr uint64_t STEP = 0x9E3779B97F4A7C15ULL;  // the state's increment per draw
     uint64_t state;
     explicit SplitMix64(uint64_t seed) : state(seed) {}
+    // the stream k draws further on: the state after k draws is seed + k STEP, so any position is one multiply away
+    void skip(uint64_t k) { state += k * STEP; }
     uint64_t next() {
-        uint64_t z = (state += 0x9E3779B97F4A7C15ULL);
+        uint64_t z = (state += STEP);
         z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
         z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
         return z ^ (z >> 31);

@@ -14,10 +14,13 @@
 // make_block is the one place that maps a layer symbol to its kind.
 #pragma once
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <functional>
 #include <map>
+#include <memory>
 #include <string>
+#include <thread>
 #include <variant>
 #include <vector>
 #include "model_config.h"  // ModelConfig, presets, JSON
@@ -452,38 +455,78 @@ struct ParamLayout : ParamTable {
     }
 };
 
+// Draws of the generator an element takes: a U(-1, 1) for every element, two more for a normal, one more for
+// the A_log and dt draws. The stream is consumed tensor by tensor, element by element.
+inline uint64_t init_draws(Init k) {
+    switch (k) {
+        case Init::Normal002: return 3;
+        case Init::ALogUniform: case Init::DtBias: return 2;
+        default: return 1;
+    }
+}
+
 // mamba_ssm's initialisation: embedding N(0, 0.02); Linear kaiming-uniform (bound
 // 1/sqrt(fan_in); for Mamba-1's dt_proj that is its dt_rank^-0.5), each block's output
 // matrix further divided by sqrt(n_layer); conv1d bound 1/sqrt(K); Mamba-2 A = -U[1, 16]
 // per head, Mamba-1 A[:, n] = -(n + 1) (S4D-real), A_log = log(-A); dt log-uniform in
 // [1e-3, 1e-1] (floor 1e-4) stored as dt_bias = softplus^-1(dt); norms and D ones.
-// Padded vocab rows stay zero.
-inline void init_parameters(float* master, const ParamLayout& layout, const ModelConfig& c, uint64_t seed) {
-    SplitMix64 rng(seed);
-    for (const TensorInfo& t : layout.tensors) {
-        float* p = master + t.offset;
-        int fan_in = t.shape.size() == 2 ? t.shape[1] : 1;
-        for (size_t i = 0; i < t.count; i++) {
-            double u = 2.0 * rng.uniform() - 1.0;  // U(-1, 1)
-            switch (t.init) {
-                case Init::Normal002: p[i] = (float)(0.02 * rng.normal()); break;
-                case Init::LinearUniform: p[i] = (float)(u / std::sqrt((double)fan_in)); break;
-                case Init::OutProjUniform: p[i] = (float)(u / std::sqrt((double)fan_in) / std::sqrt((double)c.n_layer)); break;
-                case Init::ConvUniform: p[i] = (float)(u / std::sqrt((double)c.d_conv)); break;
-                case Init::Ones: p[i] = 1.0f; break;
-                case Init::ALogUniform: p[i] = (float)std::log(1.0 + 15.0 * rng.uniform()); break;
-                case Init::ALogS4D: p[i] = (float)std::log(1.0 + (double)(i % t.shape[1])); break;
-                case Init::DtBias: {
-                    double dt = std::exp(std::log(1e-3) + rng.uniform() * (std::log(1e-1) - std::log(1e-3)));
-                    dt = std::max(dt, 1e-4);
-                    p[i] = (float)(dt + std::log(-std::expm1(-dt)));  // softplus^-1
-                    break;
-                }
+// Here elements [lo, hi) of tensor t, rng at element lo's first draw.
+inline void init_elements(float* p, const TensorInfo& t, const ModelConfig& c, size_t lo, size_t hi, SplitMix64 rng) {
+    const int fan_in = t.shape.size() == 2 ? t.shape[1] : 1;
+    for (size_t i = lo; i < hi; i++) {
+        double u = 2.0 * rng.uniform() - 1.0;  // U(-1, 1)
+        switch (t.init) {
+            case Init::Normal002: p[i] = (float)(0.02 * rng.normal()); break;
+            case Init::LinearUniform: p[i] = (float)(u / std::sqrt((double)fan_in)); break;
+            case Init::OutProjUniform: p[i] = (float)(u / std::sqrt((double)fan_in) / std::sqrt((double)c.n_layer)); break;
+            case Init::ConvUniform: p[i] = (float)(u / std::sqrt((double)c.d_conv)); break;
+            case Init::Ones: p[i] = 1.0f; break;
+            case Init::ALogUniform: p[i] = (float)std::log(1.0 + 15.0 * rng.uniform()); break;
+            case Init::ALogS4D: p[i] = (float)std::log(1.0 + (double)(i % t.shape[1])); break;
+            case Init::DtBias: {
+                double dt = std::exp(std::log(1e-3) + rng.uniform() * (std::log(1e-1) - std::log(1e-3)));
+                dt = std::max(dt, 1e-4);
+                p[i] = (float)(dt + std::log(-std::expm1(-dt)));  // softplus^-1
+                break;
             }
         }
-        if (t.name == "embedding" || t.name == "lm_head")  // padded rows never take part
-            std::fill(p + (size_t)c.vocab_size * c.d_model, p + t.count, 0.0f);
     }
+}
+
+// The whole model's initialisation (init_elements; padded vocab rows stay zero) from one generator stream, as
+// if one thread walked it. Pieces of up to INIT_PIECE elements start at their own place in the stream
+// (SplitMix64::skip), so `threads` threads (0: one per core) fill the buffer with the same bits as one would
+// (one core took minutes for an 8B model).
+constexpr size_t INIT_PIECE = (size_t)1 << 22;
+inline void init_parameters(float* master, const ParamLayout& layout, const ModelConfig& c, uint64_t seed,
+                            int threads = 0) {
+    struct Piece { const TensorInfo* t; size_t lo, hi; uint64_t draw; };
+    std::vector<Piece> pieces;
+    uint64_t draw = 0;
+    for (const TensorInfo& t : layout.tensors) {
+        const uint64_t d = init_draws(t.init);
+        for (size_t lo = 0; lo < t.count; lo += INIT_PIECE)
+            pieces.push_back({&t, lo, std::min(t.count, lo + INIT_PIECE), draw + lo * d});
+        draw += t.count * d;
+    }
+    std::atomic<size_t> next{0};
+    auto work = [&]() {
+        for (size_t k; (k = next++) < pieces.size();) {
+            const Piece& pc = pieces[k];
+            SplitMix64 rng(seed);
+            rng.skip(pc.draw);
+            init_elements(master + pc.t->offset, *pc.t, c, pc.lo, pc.hi, rng);
+        }
+    };
+    if (threads <= 0) threads = (int)std::max(1u, std::thread::hardware_concurrency());
+    threads = (int)std::min<size_t>(threads, pieces.size());
+    std::vector<std::thread> pool;
+    for (int i = 1; i < threads; i++) pool.emplace_back(work);
+    work();
+    for (std::thread& th : pool) th.join();
+    for (const TensorInfo& t : layout.tensors)
+        if (t.name == "embedding" || t.name == "lm_head")  // padded rows never take part
+            std::fill(master + t.offset + (size_t)c.vocab_size * c.d_model, master + t.offset + t.count, 0.0f);
 }
 
 // rows of logits that exist at once by default (the LM head and the loss run chunk by chunk;
@@ -686,9 +729,9 @@ struct Model {
     MasterWeights master() const { return {params + shard.begin, master_lo}; }
 
     void init(uint64_t seed) {
-        std::vector<float> host(layout.total);
-        init_parameters(host.data(), layout, cfg, seed);
-        set_master(host);
+        std::unique_ptr<float[]> host(new float[layout.total]);  // not zeroed: the init writes every element
+        init_parameters(host.get(), layout, cfg, seed);
+        upload_halves(host.get(), 0, layout.total);
     }
 
     template <typename T_>

@@ -120,6 +120,31 @@ TEST_CASE("config: initialisation follows mamba_ssm", "[config]") {
     CHECK(p == q);  // deterministic for a seed
 }
 
+TEST_CASE("config: initialisation on several threads gives one stream's bits", "[config]") {
+    ModelConfig c = model_preset("hybrid-tiny");  // every kind of tensor but Mamba-1's
+    ParamLayout L(c);
+    std::vector<float> one(L.total), many(L.total, NAN);
+    init_parameters(one.data(), L, c, 7, 1);
+    init_parameters(many.data(), L, c, 7, 5);
+    REQUIRE(one == many);
+    // the single stream, walked by hand: element i of a tensor starts at (draws before the tensor) + i * (its draws)
+    SplitMix64 walk(7);
+    for (const TensorInfo& t : L.tensors) {
+        for (size_t i = 0; i < t.count; i++) {
+            const double u = 2.0 * walk.uniform() - 1.0;
+            float want = NAN;
+            if (t.init == Init::Normal002) want = (float)(0.02 * walk.normal());
+            else if (t.init == Init::LinearUniform) want = (float)(u / std::sqrt((double)t.shape[1]));
+            else if (t.init == Init::ALogUniform || t.init == Init::DtBias) walk.uniform();
+            const bool padded = (t.name == "embedding" || t.name == "lm_head") && i >= (size_t)c.vocab_size * c.d_model;
+            if (!std::isnan(want) && !padded && i % 997 == 0) {
+                INFO(t.name << "[" << i << "]");
+                REQUIRE(one[t.offset + i] == want);
+            }
+        }
+    }
+}
+
 TEST_CASE("config: JSON files, and the errors they can raise", "[config]") {
     std::string good = write_tmp("good.json", R"({"vocab_size": 777, "d_model": 64, "n_layer": 3, "d_state": 128,
         "headdim": 64, "ngroups": 1, "tie_embeddings": true})");
