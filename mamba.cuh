@@ -470,43 +470,48 @@ inline uint64_t init_draws(Init k) {
 // matrix further divided by sqrt(n_layer); conv1d bound 1/sqrt(K); Mamba-2 A = -U[1, 16]
 // per head, Mamba-1 A[:, n] = -(n + 1) (S4D-real), A_log = log(-A); dt log-uniform in
 // [1e-3, 1e-1] (floor 1e-4) stored as dt_bias = softplus^-1(dt); norms and D ones.
-// Here elements [lo, hi) of tensor t, rng at element lo's first draw.
-inline void init_elements(float* p, const TensorInfo& t, const ModelConfig& c, size_t lo, size_t hi, SplitMix64 rng) {
+// Here elements [lo, hi) of tensor t into out[0, hi - lo), rng at element lo's first draw.
+inline void init_elements(float* out, const TensorInfo& t, const ModelConfig& c, size_t lo, size_t hi, SplitMix64 rng) {
     const int fan_in = t.shape.size() == 2 ? t.shape[1] : 1;
     for (size_t i = lo; i < hi; i++) {
         double u = 2.0 * rng.uniform() - 1.0;  // U(-1, 1)
+        float& p = out[i - lo];
         switch (t.init) {
-            case Init::Normal002: p[i] = (float)(0.02 * rng.normal()); break;
-            case Init::LinearUniform: p[i] = (float)(u / std::sqrt((double)fan_in)); break;
-            case Init::OutProjUniform: p[i] = (float)(u / std::sqrt((double)fan_in) / std::sqrt((double)c.n_layer)); break;
-            case Init::ConvUniform: p[i] = (float)(u / std::sqrt((double)c.d_conv)); break;
-            case Init::Ones: p[i] = 1.0f; break;
-            case Init::ALogUniform: p[i] = (float)std::log(1.0 + 15.0 * rng.uniform()); break;
-            case Init::ALogS4D: p[i] = (float)std::log(1.0 + (double)(i % t.shape[1])); break;
+            case Init::Normal002: p = (float)(0.02 * rng.normal()); break;
+            case Init::LinearUniform: p = (float)(u / std::sqrt((double)fan_in)); break;
+            case Init::OutProjUniform: p = (float)(u / std::sqrt((double)fan_in) / std::sqrt((double)c.n_layer)); break;
+            case Init::ConvUniform: p = (float)(u / std::sqrt((double)c.d_conv)); break;
+            case Init::Ones: p = 1.0f; break;
+            case Init::ALogUniform: p = (float)std::log(1.0 + 15.0 * rng.uniform()); break;
+            case Init::ALogS4D: p = (float)std::log(1.0 + (double)(i % t.shape[1])); break;
             case Init::DtBias: {
                 double dt = std::exp(std::log(1e-3) + rng.uniform() * (std::log(1e-1) - std::log(1e-3)));
                 dt = std::max(dt, 1e-4);
-                p[i] = (float)(dt + std::log(-std::expm1(-dt)));  // softplus^-1
+                p = (float)(dt + std::log(-std::expm1(-dt)));  // softplus^-1
                 break;
             }
         }
     }
 }
 
-// The whole model's initialisation (init_elements; padded vocab rows stay zero) from one generator stream, as
-// if one thread walked it. Pieces of up to INIT_PIECE elements start at their own place in the stream
-// (SplitMix64::skip), so `threads` threads (0: one per core) fill the buffer with the same bits as one would
-// (one core took minutes for an 8B model).
-constexpr size_t INIT_PIECE = (size_t)1 << 22;
-inline void init_parameters(float* master, const ParamLayout& layout, const ModelConfig& c, uint64_t seed,
-                            int threads = 0) {
+// The model's initialisation (init_elements; padded vocab rows stay zero) from one generator stream, as if one
+// thread walked it: elements [begin, end) of the flat buffer into out[0, end - begin). Pieces of up to
+// INIT_PIECE elements start at their own place in the stream (SplitMix64::skip), so `threads` threads (0: one
+// per core) and any windows give the same bits as one pass (on one core an 8B model took minutes).
+constexpr size_t INIT_PIECE = (size_t)1 << 22, INIT_WINDOW = (size_t)1 << 26;
+inline void init_parameters(float* out, const ParamLayout& layout, const ModelConfig& c, uint64_t seed,
+                            size_t begin = 0, size_t end = SIZE_MAX, int threads = 0) {
+    end = std::min(end, layout.total);
     struct Piece { const TensorInfo* t; size_t lo, hi; uint64_t draw; };
     std::vector<Piece> pieces;
-    uint64_t draw = 0;
+    uint64_t draw = 0;  // the tensor's first draw
     for (const TensorInfo& t : layout.tensors) {
         const uint64_t d = init_draws(t.init);
-        for (size_t lo = 0; lo < t.count; lo += INIT_PIECE)
-            pieces.push_back({&t, lo, std::min(t.count, lo + INIT_PIECE), draw + lo * d});
+        const size_t lo0 = std::max(begin, t.offset), hi0 = std::min(end, t.offset + t.count);  // in the buffer
+        for (size_t lo = lo0; lo < hi0; lo += INIT_PIECE) {
+            const size_t i = lo - t.offset;  // in the tensor
+            pieces.push_back({&t, i, i + std::min(INIT_PIECE, hi0 - lo), draw + i * d});
+        }
         draw += t.count * d;
     }
     std::atomic<size_t> next{0};
@@ -515,7 +520,7 @@ inline void init_parameters(float* master, const ParamLayout& layout, const Mode
             const Piece& pc = pieces[k];
             SplitMix64 rng(seed);
             rng.skip(pc.draw);
-            init_elements(master + pc.t->offset, *pc.t, c, pc.lo, pc.hi, rng);
+            init_elements(out + (pc.t->offset + pc.lo - begin), *pc.t, c, pc.lo, pc.hi, rng);
         }
     };
     if (threads <= 0) threads = (int)std::max(1u, std::thread::hardware_concurrency());
@@ -525,8 +530,11 @@ inline void init_parameters(float* master, const ParamLayout& layout, const Mode
     work();
     for (std::thread& th : pool) th.join();
     for (const TensorInfo& t : layout.tensors)
-        if (t.name == "embedding" || t.name == "lm_head")  // padded rows never take part
-            std::fill(master + t.offset + (size_t)c.vocab_size * c.d_model, master + t.offset + t.count, 0.0f);
+        if (t.name == "embedding" || t.name == "lm_head") {  // padded rows never take part
+            const size_t lo = std::max(begin, t.offset + (size_t)c.vocab_size * c.d_model);
+            const size_t hi = std::min(end, t.offset + t.count);
+            if (lo < hi) std::fill(out + (lo - begin), out + (hi - begin), 0.0f);
+        }
 }
 
 // rows of logits that exist at once by default (the LM head and the loss run chunk by chunk;
@@ -717,10 +725,13 @@ struct Model {
             THROW("master shard of %zu values, rank %d holds %zu", host.size(), shard.rank, shard.count());
         upload_halves(host.data(), shard.begin, host.size());
     }
-    // host[0, n) are the weights from element `offset` on (the rank's range inside them): the
-    // bf16 copy of all, the low halves of the range
+    // host[0, n) are the weights from element `offset` on: the bf16 copy of all, the low halves
+    // of the part inside the rank's range
     void upload_halves(const float* host, size_t offset, size_t n) {
-        upload_master(params + offset, master_lo, host, n, shard.begin - offset, shard.count());
+        const size_t from = std::max(offset, shard.begin), to = std::min(offset + n, shard.begin + shard.count());
+        const size_t lo_n = from < to ? to - from : 0;
+        upload_master(params + offset, master_lo + (lo_n ? from - shard.begin : 0), host, n,
+                      lo_n ? from - offset : 0, lo_n);
     }
 
     // the fp32 master weights of the rank's range (one rank: all)
@@ -728,10 +739,16 @@ struct Model {
     // the rank's range of the master weights, for the optimizers
     MasterWeights master() const { return {params + shard.begin, master_lo}; }
 
+    // in windows, so that the host holds a few hundred MB per rank (the whole fp32 buffer and its two halves
+    // were 8 bytes a parameter: 64 GB per rank for an 8B model)
     void init(uint64_t seed) {
-        std::unique_ptr<float[]> host(new float[layout.total]);  // not zeroed: the init writes every element
-        init_parameters(host.get(), layout, cfg, seed);
-        upload_halves(host.get(), 0, layout.total);
+        const size_t window = std::min(layout.total, INIT_WINDOW);
+        std::unique_ptr<float[]> host(new float[window]);  // not zeroed: the init writes every element
+        for (size_t a = 0; a < layout.total; a += window) {
+            const size_t n = std::min(window, layout.total - a);
+            init_parameters(host.get(), layout, cfg, seed, a, a + n);
+            upload_halves(host.get(), a, n);
+        }
     }
 
     template <typename T_>

@@ -120,13 +120,19 @@ TEST_CASE("config: initialisation follows mamba_ssm", "[config]") {
     CHECK(p == q);  // deterministic for a seed
 }
 
-TEST_CASE("config: initialisation on several threads gives one stream's bits", "[config]") {
+TEST_CASE("config: initialisation on several threads and in windows gives one stream's bits", "[config]") {
     ModelConfig c = model_preset("hybrid-tiny");  // every kind of tensor but Mamba-1's
     ParamLayout L(c);
-    std::vector<float> one(L.total), many(L.total, NAN);
-    init_parameters(one.data(), L, c, 7, 1);
-    init_parameters(many.data(), L, c, 7, 5);
+    std::vector<float> one(L.total), many(L.total, NAN), windows(L.total, NAN);
+    init_parameters(one.data(), L, c, 7, 0, SIZE_MAX, 1);
+    init_parameters(many.data(), L, c, 7, 0, SIZE_MAX, 5);
     REQUIRE(one == many);
+    // windows as Model::init takes them, cut inside tensors, inside the padded vocabulary rows and at the end
+    const size_t pad = L.find("embedding").offset + (size_t)c.vocab_size * c.d_model + 5;
+    const size_t cuts[] = {0, 1000003, pad, L.tensors[L.tensors.size() / 2].offset + 7, L.total};
+    for (size_t k = 0; k + 1 < std::size(cuts); k++)
+        init_parameters(windows.data() + cuts[k], L, c, 7, cuts[k], cuts[k + 1], 3);
+    REQUIRE(one == windows);
     // the single stream, walked by hand: element i of a tensor starts at (draws before the tensor) + i * (its draws)
     SplitMix64 walk(7);
     for (const TensorInfo& t : L.tensors) {
