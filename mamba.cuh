@@ -498,7 +498,7 @@ inline void init_elements(float* out, const TensorInfo& t, const ModelConfig& c,
 // thread walked it: elements [begin, end) of the flat buffer into out[0, end - begin). Pieces of up to
 // INIT_PIECE elements start at their own place in the stream (SplitMix64::skip), so `threads` threads (0: one
 // per core) and any windows give the same bits as one pass (on one core an 8B model took minutes).
-constexpr size_t INIT_PIECE = (size_t)1 << 22, INIT_WINDOW = (size_t)1 << 26;
+constexpr size_t INIT_PIECE = (size_t)1 << 22;
 inline void init_parameters(float* out, const ParamLayout& layout, const ModelConfig& c, uint64_t seed,
                             size_t begin = 0, size_t end = SIZE_MAX, int threads = 0) {
     end = std::min(end, layout.total);
@@ -536,6 +536,9 @@ inline void init_parameters(float* out, const ParamLayout& layout, const ModelCo
             if (lo < hi) std::fill(out + (lo - begin), out + (hi - begin), 0.0f);
         }
 }
+
+// parameters the host initialises or splits into their 16-bit halves at once (Model::init, upload_halves)
+constexpr size_t HOST_WINDOW = (size_t)1 << 26;
 
 // rows of logits that exist at once by default (the LM head and the loss run chunk by chunk;
 // --logit-chunk: larger chunks make larger LM-head matmuls for more memory)
@@ -726,12 +729,15 @@ struct Model {
         upload_halves(host.data(), shard.begin, host.size());
     }
     // host[0, n) are the weights from element `offset` on: the bf16 copy of all, the low halves
-    // of the part inside the rank's range
+    // of the part inside the rank's range; HOST_WINDOW at a time (the host's 16-bit copies)
     void upload_halves(const float* host, size_t offset, size_t n) {
-        const size_t from = std::max(offset, shard.begin), to = std::min(offset + n, shard.begin + shard.count());
-        const size_t lo_n = from < to ? to - from : 0;
-        upload_master(params + offset, master_lo + (lo_n ? from - shard.begin : 0), host, n,
-                      lo_n ? from - offset : 0, lo_n);
+        for (size_t a = 0; a < n; a += HOST_WINDOW) {
+            const size_t m = std::min(HOST_WINDOW, n - a), o = offset + a;
+            const size_t from = std::max(o, shard.begin), to = std::min(o + m, shard.begin + shard.count());
+            const size_t lo_n = from < to ? to - from : 0;
+            upload_master(params + o, master_lo + (lo_n ? from - shard.begin : 0), host + a, m, lo_n ? from - o : 0,
+                          lo_n);
+        }
     }
 
     // the fp32 master weights of the rank's range (one rank: all)
@@ -742,7 +748,7 @@ struct Model {
     // in windows, so that the host holds a few hundred MB per rank (the whole fp32 buffer and its two halves
     // were 8 bytes a parameter: 64 GB per rank for an 8B model)
     void init(uint64_t seed) {
-        const size_t window = std::min(layout.total, INIT_WINDOW);
+        const size_t window = std::min(layout.total, HOST_WINDOW);
         std::unique_ptr<float[]> host(new float[window]);  // not zeroed: the init writes every element
         for (size_t a = 0; a < layout.total; a += window) {
             const size_t n = std::min(window, layout.total - a);
