@@ -2,6 +2,7 @@
 // Library code throws std::runtime_error with a message that names the offending
 // file or value; each main() catches it, prints "error: ..." and exits 1.
 #pragma once
+#include <algorithm>
 #include <cerrno>
 #include <cmath>
 #include <cstdarg>
@@ -12,7 +13,9 @@
 #include <cstring>
 #include <filesystem>
 #include <string>
+#include <sched.h>
 #include <sys/stat.h>
+#include <thread>
 #include <unistd.h>
 #include <vector>
 
@@ -60,6 +63,13 @@ inline void fwrite_or_throw(const void* src, size_t size, size_t count, FILE* f,
 }
 
 inline size_t ceil_div(size_t a, size_t b) { return (a + b - 1) / b; }
+
+// the cores this process may run on (its affinity mask: under mpirun's binding, fewer than the machine's)
+inline int available_cores() {
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+    return std::max(1u, std::thread::hardware_concurrency());
+}
 
 // splitmix64: a fixed generator, so shuffles and initialisations are identical on every
 // platform and library

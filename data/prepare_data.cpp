@@ -10,7 +10,6 @@
 #include <cstdio>
 #include <filesystem>
 #include <optional>
-#include <sched.h>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -38,12 +37,6 @@ static double seconds_since(std::chrono::steady_clock::time_point t0) {
 }
 
 // the cores this process may run on
-static int available_cores() {
-    cpu_set_t set;
-    if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
-    return std::max(1u, std::thread::hardware_concurrency());
-}
-
 static void require_flag(const Flags& f, const char* cmd, const char* flag) {
     if (!f.given(flag)) THROW("%s: missing required flag %s (see prepare_data %s --help)", cmd, flag, cmd);
 }
