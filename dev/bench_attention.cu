@@ -200,6 +200,9 @@ static void sweep_forward_variants(const Path& model, const Path& mma_sync) {
         {"64 3wg bn128 s3 pp q1 emu3", 64, launch_fwd<64, 3, 128, 3, true, 1, 3>},
         {"64 3wg bn128 s3 pp q1 emu2", 64, launch_fwd<64, 3, 128, 3, true, 1, 2>},
         {"64 3wg bn128 s3 pp q2 emu4", 64, launch_fwd<64, 3, 128, 3, true, 2, 4>},
+        {"64 3wg bn64  s4 pp q1", 64, launch_fwd<64, 3, 64, 4, true, 1, 0>},
+        {"64 3wg bn64  s4 pp q1 emu4", 64, launch_fwd<64, 3, 64, 4, true, 1, 4>},
+        {"64 3wg bn64  s4 pp q2 emu4", 64, launch_fwd<64, 3, 64, 4, true, 2, 4>},
         {"64 3wg bn128 s4 pp q2 emu4", 64, launch_fwd<64, 3, 128, 4, true, 2, 4>},
     };
     printf("forward variants (B4 L4096 16q/4kv): D, consumer warpgroups, BN, stages, ping-pong, Q buffers; "
