@@ -179,7 +179,8 @@ static void print_rows(const std::vector<Row>& rows) {
 #ifdef SM90A
 // The forward's tile variants (D, consumer warpgroups, BN, stages, ping-pong, Q buffers, one in EMU
 // exponentials on the FMA pipe), each checked before it is timed: at small shapes against the reference (with
-// the model's backward on the variant's lse), and at the anchor shape against the mma.sync kernel's output. A variant that fails prints FAIL, not a time.
+// the model's backward on the variant's lse), and at the anchor shape against the mma.sync kernel's output. A
+// variant that fails prints FAIL, not a time.
 static void sweep_forward_variants(const Path& model, const Path& mma_sync) {
     using namespace attn::sm90;
     struct Variant { const char* name; int D; FwdFn fwd; };
@@ -205,7 +206,8 @@ static void sweep_forward_variants(const Path& model, const Path& mma_sync) {
         {"64 3wg bn64  s4 pp q2 emu4", 64, launch_fwd<64, 3, 64, 4, true, 2, 4>},
         {"64 3wg bn128 s4 pp q2 emu4", 64, launch_fwd<64, 3, 128, 4, true, 2, 4>},
     };
-    printf("forward variants (B4 L4096 16q/4kv): D, consumer warpgroups, BN, stages, ping-pong, Q buffers; "
+    printf("forward variants (B4 L4096 16q/4kv): D, consumer warpgroups, BN, stages, ping-pong, Q buffers, "
+           "one in EMU exponentials on the FMA pipe; "
            "check = rel L2 vs mma.sync at this shape\n");
     for (int Dh : {128, 64}) {
         Bufs bu({4, 4096, 16, 4, Dh}, {}, 1234);
