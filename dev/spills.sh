@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Kernels that spill registers to local memory, from ptxas's report (no GPU needed): a spill in a hot loop costs
 # local-memory traffic that no profile of the source shows. Compiles each file (default: train_mamba.cu, which
-# holds every kernel of a step, and the benchmarks) for the Makefile's target and prints one line per kernel
-# with spill stores or loads, demangled.
+# holds every kernel of a step, and the benchmarks) for sm_90a, the Makefile's default, and prints one line per
+# kernel with spill stores or loads, demangled.
 #   usage: bash dev/spills.sh [FILE.cu ...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
