@@ -36,7 +36,6 @@ static double seconds_since(std::chrono::steady_clock::time_point t0) {
     return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 
-// the cores this process may run on
 static void require_flag(const Flags& f, const char* cmd, const char* flag) {
     if (!f.given(flag)) THROW("%s: missing required flag %s (see prepare_data %s --help)", cmd, flag, cmd);
 }
