@@ -899,11 +899,12 @@ inline void backward(bf16* dqkv, void* scratch, const bf16* dout, const bf16* qk
 // the fastest of dev/bench_attention --sweep on an H200 (2026-12-04, B4 T4096 16q/4kv, three calls): D = 128
 // at 653-657 TFLOP/s (ping-pong 633-642); D = 64 at 438-451 with three warpgroups in ping-pong (two warpgroups
 // 401-417: at D = 64 the exps take as long as the matmuls, and a third warpgroup's softmax fills the gaps),
-// one or two Q buffers within 1%
+// one or two Q buffers within 1%. One in 4 exponentials on the FMA pipe at D = 64 (3wg ping-pong, one Q buffer)
+// ran at 408 TFLOP/s on an H100 (2026-12-05, not beside EMU 0 in that run): not taken
 template <int D>
 inline void forward(bf16* out, float* lse, const bf16* qkv, const AttnShape& sh, const int* pos, cudaStream_t s) {
     if constexpr (D == 128) launch_fwd<128, 2, 128, 2, false, 2, 0>(out, lse, qkv, sh, pos, s);
-    else launch_fwd<64, 3, 128, 3, true, 1, 4>(out, lse, qkv, sh, pos, s);
+    else launch_fwd<64, 3, 128, 3, true, 1, 0>(out, lse, qkv, sh, pos, s);
 }
 inline void forward(bf16* out, float* lse, const bf16* qkv, const AttnShape& sh, const int* pos, cudaStream_t s) {
     if (sh.Dh == 64) forward<64>(out, lse, qkv, sh, pos, s);
