@@ -18,8 +18,6 @@
 //     S_{j+1} = Q K_{j+1}^T and O += P_j V_j, waits for S_{j+1} only, runs its softmax while the PV matmul
 //     still runs, then rescales O. With PINGPONG the warpgroups take turns issuing matmuls (named barriers),
 //     so one warpgroup's softmax runs while the other's matmuls use the tensor cores.
-//     At D = 64 the exponentials take the MUFU as long as the matmuls take the tensor cores: EMU > 0 moves one
-//     in EMU of them to the FMA pipe.
 //   The epilogue writes O / l as bf16 into the warpgroup's own smem tile and stores it with TMA (rows past T
 //   are clipped by the tensor map), and lse straight from registers.
 // Masks: query i sees key j if ds(i) <= j <= i, with ds(i) = i - pos[i] the start of its document (0 without
@@ -94,12 +92,11 @@ struct FwdCfg {
 // named barriers: 1 + w the turn of consumer warpgroup w (PINGPONG), 1 + NWG + w its epilogue
 constexpr int BAR_TURN = 1;
 
-template <int D, int NWG, int BN, int STAGES, bool PINGPONG, int QBUF, int EMU>
+template <int D, int NWG, int BN, int STAGES, bool PINGPONG, int QBUF>
 __global__ void __launch_bounds__(128 * (NWG + 1), 1) fwd_kernel(const __grid_constant__ FwdParams p) {
     using C = FwdCfg<D, NWG, BN, STAGES, QBUF>;
     constexpr int BM = C::BM;
     constexpr int BAR_EPI = BAR_TURN + NWG;
-    constexpr int EVERY = EMU > 0 ? EMU : 1;  // the softmax's exponentials on the FMA pipe: one in EMU
     extern __shared__ unsigned char smem_raw[];
     unsigned char* smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
     const uint32_t sQ = smem_u32(smem), sK = sQ + C::OFF_K, sV = sQ + C::OFF_V;
@@ -233,7 +230,6 @@ __global__ void __launch_bounds__(128 * (NWG + 1), 1) fwd_kernel(const __grid_co
         // compile-time choice taken per tile: tested per score, it was a quarter of the consumers' instructions.
         // The running max moves only when a score passes it by more than 2^RESCALE_LOG2 (after FlashAttention-4):
         // the probabilities stay below 256, which bf16 and the fp32 sums hold, and most tiles leave O as it is.
-        // With EMU > 0 every EMU-th exponential of a row runs on the FMA pipe (poly_exp2), the rest on the MUFU.
         auto softmax = [&](int j, float (&alpha)[2], auto mask) {
             const int k0 = j * BN;
 #pragma unroll
@@ -264,8 +260,7 @@ __global__ void __launch_bounds__(128 * (NWG + 1), 1) fwd_kernel(const __grid_co
                     for (int e = 0; e < 2; e++) {
                         float& v = s[4 * jn + 2 * hf + e];
                         v = fmaf(v, sl2, -muse);
-                        const bool on_fma = EMU > 0 && (2 * jn + e) % EVERY == EVERY - 1;  // known at compile time
-                        v = on_fma ? poly_exp2(fmaxf(v, -125.f)) : fast_exp2(v);
+                        v = fast_exp2(v);
                         sum[(2 * jn + e) % 4] += v;
                     }
                 l[hf] = l[hf] * alpha[hf] + ((sum[0] + sum[1]) + (sum[2] + sum[3]));
@@ -383,7 +378,7 @@ __global__ void __launch_bounds__(128 * (NWG + 1), 1) fwd_kernel(const __grid_co
     if (wt == 0) bulk_wait<0>();
 }
 
-template <int D, int NWG, int BN, int STAGES, bool PINGPONG, int QBUF, int EMU>
+template <int D, int NWG, int BN, int STAGES, bool PINGPONG, int QBUF>
 inline void launch_fwd(bf16* out, float* lse, const bf16* qkv, const AttnShape& sh, const int* pos, cudaStream_t s) {
     using C = FwdCfg<D, NWG, BN, STAGES, QBUF>;
     FwdParams p;
@@ -398,7 +393,7 @@ inline void launch_fwd(bf16* out, float* lse, const bf16* qkv, const AttnShape& 
     p.Hq = sh.Hq;
     p.Hkv = sh.Hkv;
     p.scale_log2 = LOG2E / sqrtf((float)D);
-    auto kernel = fwd_kernel<D, NWG, BN, STAGES, PINGPONG, QBUF, EMU>;
+    auto kernel = fwd_kernel<D, NWG, BN, STAGES, PINGPONG, QBUF>;
     set_max_smem(kernel, C::SMEM);
     const int ntiles = (sh.T + C::BM - 1) / C::BM * sh.B * sh.Hq;
     kernel<<<std::min(ntiles, sm_count()), C::THREADS, C::SMEM, s>>>(p);
@@ -894,17 +889,16 @@ inline void backward(bf16* dqkv, void* scratch, const bf16* dout, const bf16* qk
     launch_bwd_dq<D>(dqkv, scratch, sh, s);
 }
 
-// tile configurations: D, consumer warpgroups (BM = 64 NWG query rows), BN, stages, ping-pong, Q buffers,
-// one in EMU exponentials on the FMA pipe (0: none);
+// tile configurations: D, consumer warpgroups (BM = 64 NWG query rows), BN, stages, ping-pong, Q buffers;
 // the fastest of dev/bench_attention --sweep on an H200 (2026-12-04, B4 T4096 16q/4kv, three calls): D = 128
 // at 653-657 TFLOP/s (ping-pong 633-642); D = 64 at 438-451 with three warpgroups in ping-pong (two warpgroups
 // 401-417: at D = 64 the exps take as long as the matmuls, and a third warpgroup's softmax fills the gaps),
-// one or two Q buffers within 1%. One in 4 exponentials on the FMA pipe at D = 64 (3wg ping-pong, one Q buffer)
-// ran at 408 TFLOP/s on an H100 (2026-12-05, not beside EMU 0 in that run): not taken
+// one or two Q buffers within 1%. Moving one in 2-8 of the D = 64 exponentials to the FMA pipe (a cubic 2^x,
+// after FlashAttention-4) ran 6-19% slower than the MUFU alone in one H100 run (2026-12-06): not kept
 template <int D>
 inline void forward(bf16* out, float* lse, const bf16* qkv, const AttnShape& sh, const int* pos, cudaStream_t s) {
-    if constexpr (D == 128) launch_fwd<128, 2, 128, 2, false, 2, 0>(out, lse, qkv, sh, pos, s);
-    else launch_fwd<64, 3, 128, 3, true, 1, 0>(out, lse, qkv, sh, pos, s);
+    if constexpr (D == 128) launch_fwd<128, 2, 128, 2, false, 2>(out, lse, qkv, sh, pos, s);
+    else launch_fwd<64, 3, 128, 3, true, 1>(out, lse, qkv, sh, pos, s);
 }
 inline void forward(bf16* out, float* lse, const bf16* qkv, const AttnShape& sh, const int* pos, cudaStream_t s) {
     if (sh.Dh == 64) forward<64>(out, lse, qkv, sh, pos, s);

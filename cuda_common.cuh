@@ -364,19 +364,6 @@ __device__ __forceinline__ float fast_exp2(float x) {
     return y;
 }
 
-// 2^x on the FMA pipe, for x >= -125 (after FlashAttention-4): the multi-function unit does 16 ex2 a clock per
-// SM, an eighth of the FMA rate, so a softmax whose exponentials outlast its matmuls moves some of them here.
-// x = n + f with n the nearest integer (adding 1.5 * 2^23 rounds x into t's low mantissa bits) and f in
-// [-1/2, 1/2]; 2^f by a cubic fitted for relative error (7.5e-5, under bf16's rounding of 2e-3), and n added
-// to its exponent field (t's low bits shifted into place).
-__device__ __forceinline__ float poly_exp2(float x) {
-    constexpr float ROUND = 12582912.f;  // 1.5 * 2^23
-    const float t = x + ROUND;
-    const float f = x - (t - ROUND);
-    const float p = fmaf(fmaf(fmaf(0.05517166f, f, 0.24261113f), f, 0.69326097f), f, 0.99992806f);
-    return __int_as_float(__float_as_int(p) + (__float_as_int(t) << 23));
-}
-
 // softplus and sigmoid of x through e = exp(-|x|), the one exponential they share, in full precision:
 // dt = softplus(dt_raw + dt_bias) enters every decay, and the hardware lg2/rcp/ex2 approximations moved
 // Mamba-2's A_log gradient past its test tolerance (H200, 2026-12-03)

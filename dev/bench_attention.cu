@@ -178,37 +178,29 @@ static void print_rows(const std::vector<Row>& rows) {
 }
 
 #ifdef SM90A
-// The forward's tile variants (D, consumer warpgroups, BN, stages, ping-pong, Q buffers, one in EMU
-// exponentials on the FMA pipe), each checked before it is timed: at small shapes against the reference (with
-// the model's backward on the variant's lse), and at the anchor shape against the mma.sync kernel's output. A
-// variant that fails prints FAIL, not a time.
+// The forward's tile variants (D, consumer warpgroups, BN, stages, ping-pong, Q buffers), each checked before
+// it is timed: at small shapes against the reference (with the model's backward on the variant's lse), and at
+// the anchor shape against the mma.sync kernel's output. A variant that fails prints FAIL, not a time.
 static void sweep_forward_variants(const Path& model, const Path& mma_sync) {
     using namespace attn::sm90;
     struct Variant { const char* name; int D; FwdFn fwd; };
     const Variant variants[] = {
-        {"128 2wg bn128 s2 -- q2", 128, launch_fwd<128, 2, 128, 2, false, 2, 0>},
-        {"128 2wg bn128 s2 -- q2 emu8", 128, launch_fwd<128, 2, 128, 2, false, 2, 8>},
-        {"128 2wg bn128 s2 -- q2 emu4", 128, launch_fwd<128, 2, 128, 2, false, 2, 4>},
-        {"128 2wg bn128 s2 pp q2", 128, launch_fwd<128, 2, 128, 2, true, 2, 0>},
-        {"128 2wg bn128 s2 pp q2 emu4", 128, launch_fwd<128, 2, 128, 2, true, 2, 4>},
-        {"128 2wg bn64  s4 pp q2", 128, launch_fwd<128, 2, 64, 4, true, 2, 0>},
-        {"64 2wg bn128 s3 -- q2", 64, launch_fwd<64, 2, 128, 3, false, 2, 0>},
-        {"64 2wg bn128 s3 -- q2 emu4", 64, launch_fwd<64, 2, 128, 3, false, 2, 4>},
-        {"64 2wg bn128 s3 pp q2 emu4", 64, launch_fwd<64, 2, 128, 3, true, 2, 4>},
-        {"64 3wg bn128 s3 pp q1", 64, launch_fwd<64, 3, 128, 3, true, 1, 0>},
-        {"64 3wg bn128 s3 pp q1 emu8", 64, launch_fwd<64, 3, 128, 3, true, 1, 8>},
-        {"64 3wg bn128 s3 pp q1 emu5", 64, launch_fwd<64, 3, 128, 3, true, 1, 5>},
-        {"64 3wg bn128 s3 pp q1 emu4", 64, launch_fwd<64, 3, 128, 3, true, 1, 4>},
-        {"64 3wg bn128 s3 pp q1 emu3", 64, launch_fwd<64, 3, 128, 3, true, 1, 3>},
-        {"64 3wg bn128 s3 pp q1 emu2", 64, launch_fwd<64, 3, 128, 3, true, 1, 2>},
-        {"64 3wg bn128 s3 pp q2 emu4", 64, launch_fwd<64, 3, 128, 3, true, 2, 4>},
-        {"64 3wg bn64  s4 pp q1", 64, launch_fwd<64, 3, 64, 4, true, 1, 0>},
-        {"64 3wg bn64  s4 pp q1 emu4", 64, launch_fwd<64, 3, 64, 4, true, 1, 4>},
-        {"64 3wg bn64  s4 pp q2 emu4", 64, launch_fwd<64, 3, 64, 4, true, 2, 4>},
-        {"64 3wg bn128 s4 pp q2 emu4", 64, launch_fwd<64, 3, 128, 4, true, 2, 4>},
+        {"128 2wg bn128 s2 -- q2", 128, launch_fwd<128, 2, 128, 2, false, 2>},
+        {"128 2wg bn128 s2 pp q2", 128, launch_fwd<128, 2, 128, 2, true, 2>},
+        {"128 2wg bn128 s2 pp q1", 128, launch_fwd<128, 2, 128, 2, true, 1>},
+        {"128 2wg bn64  s4 pp q2", 128, launch_fwd<128, 2, 64, 4, true, 2>},
+        {"128 3wg bn64  s3 pp q1", 128, launch_fwd<128, 3, 64, 3, true, 1>},
+        {"64 2wg bn128 s3 -- q2", 64, launch_fwd<64, 2, 128, 3, false, 2>},
+        {"64 2wg bn128 s3 -- q1", 64, launch_fwd<64, 2, 128, 3, false, 1>},
+        {"64 2wg bn128 s4 -- q2", 64, launch_fwd<64, 2, 128, 4, false, 2>},
+        {"64 2wg bn128 s3 pp q2", 64, launch_fwd<64, 2, 128, 3, true, 2>},
+        {"64 3wg bn128 s3 pp q2", 64, launch_fwd<64, 3, 128, 3, true, 2>},
+        {"64 3wg bn128 s4 pp q2", 64, launch_fwd<64, 3, 128, 4, true, 2>},
+        {"64 3wg bn128 s3 pp q1", 64, launch_fwd<64, 3, 128, 3, true, 1>},
+        {"64 3wg bn128 s3 -- q2", 64, launch_fwd<64, 3, 128, 3, false, 2>},
+        {"64 3wg bn128 s2 -- q2", 64, launch_fwd<64, 3, 128, 2, false, 2>},
     };
-    printf("forward variants (B4 L4096 16q/4kv): D, consumer warpgroups, BN, stages, ping-pong, Q buffers, "
-           "one in EMU exponentials on the FMA pipe; "
+    printf("forward variants (B4 L4096 16q/4kv): D, consumer warpgroups, BN, stages, ping-pong, Q buffers; "
            "check = rel L2 vs mma.sync at this shape\n");
     for (int Dh : {128, 64}) {
         Bufs bu({4, 4096, 16, 4, Dh}, {}, 1234);
