@@ -893,7 +893,8 @@ inline void backward(bf16* dqkv, void* scratch, const bf16* dout, const bf16* qk
 // the fastest of dev/bench_attention --sweep on an H200 (2026-12-04, B4 T4096 16q/4kv, three calls): D = 128
 // at 653-657 TFLOP/s (ping-pong 633-642); D = 64 at 438-451 with three warpgroups in ping-pong (two warpgroups
 // 401-417: at D = 64 the exps take as long as the matmuls, and a third warpgroup's softmax fills the gaps),
-// one or two Q buffers within 1%
+// one or two Q buffers within 1%. Moving one in 2-8 of the D = 64 exponentials to the FMA pipe (a cubic 2^x,
+// after FlashAttention-4) ran 6-19% slower than the MUFU alone in one H100 run (2026-12-06): not kept
 template <int D>
 inline void forward(bf16* out, float* lse, const bf16* qkv, const AttnShape& sh, const int* pos, cudaStream_t s) {
     if constexpr (D == 128) launch_fwd<128, 2, 128, 2, false, 2>(out, lse, qkv, sh, pos, s);

@@ -146,7 +146,7 @@ inline void upload_master(bf16* hi, int16_t* lo, const float* host, size_t n, si
     std::vector<int16_t> l(n);
     master_split(host, n, h.data(), l.data());
     cudaCheck(cudaMemcpy(hi, h.data(), n * sizeof(bf16), cudaMemcpyHostToDevice));
-    cudaCheck(cudaMemcpy(lo, l.data() + lo_begin, lo_n * sizeof(int16_t), cudaMemcpyHostToDevice));
+    if (lo_n) cudaCheck(cudaMemcpy(lo, l.data() + lo_begin, lo_n * sizeof(int16_t), cudaMemcpyHostToDevice));
 }
 // the n fp32 weights that m holds, joined on the host
 inline std::vector<float> download_master(MasterWeights m, size_t n) {

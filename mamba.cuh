@@ -18,6 +18,7 @@
 #include <cmath>
 #include <functional>
 #include <map>
+#include <memory>
 #include <string>
 #include <system_error>
 #include <thread>
@@ -499,15 +500,20 @@ inline void init_elements(float* out, const TensorInfo& t, const ModelConfig& c,
 // (SplitMix64::skip), so `threads` threads (0: the cores this process may use) give the bits of one pass (on one
 // core an 8B model took minutes).
 constexpr size_t INIT_PIECE = (size_t)1 << 22;
-inline void init_parameters(float* master, const ParamLayout& layout, const ModelConfig& c, uint64_t seed,
-                            int threads = 0) {
+// Elements [begin, end) of the flat buffer go to out[0, end - begin).
+inline void init_parameters(float* out, const ParamLayout& layout, const ModelConfig& c, uint64_t seed,
+                            int threads = 0, size_t begin = 0, size_t end = SIZE_MAX) {
+    end = std::min(end, layout.total);
     struct Piece { const TensorInfo* t; size_t lo, hi; uint64_t draw; };
     std::vector<Piece> pieces;
     uint64_t draw = 0;  // the tensor's first draw
     for (const TensorInfo& t : layout.tensors) {
         const uint64_t d = init_draws(t.init);
-        for (size_t lo = 0; lo < t.count; lo += INIT_PIECE)
-            pieces.push_back({&t, lo, std::min(t.count, lo + INIT_PIECE), draw + lo * d});
+        const size_t lo0 = std::max(begin, t.offset), hi0 = std::min(end, t.offset + t.count);  // in the buffer
+        for (size_t lo = lo0; lo < hi0; lo += INIT_PIECE) {
+            const size_t i = lo - t.offset;  // in the tensor
+            pieces.push_back({&t, i, i + std::min(INIT_PIECE, hi0 - lo), draw + i * d});
+        }
         draw += t.count * d;
     }
     std::atomic<size_t> next{0};
@@ -516,7 +522,7 @@ inline void init_parameters(float* master, const ParamLayout& layout, const Mode
             const Piece& pc = pieces[k];
             SplitMix64 rng(seed);
             rng.skip(pc.draw);
-            init_elements(master + pc.t->offset + pc.lo, *pc.t, c, pc.lo, pc.hi, rng);
+            init_elements(out + (pc.t->offset + pc.lo - begin), *pc.t, c, pc.lo, pc.hi, rng);
         }
     };
     if (threads <= 0) threads = available_cores();
@@ -531,9 +537,15 @@ inline void init_parameters(float* master, const ParamLayout& layout, const Mode
     work();
     for (std::thread& th : pool) th.join();
     for (const TensorInfo& t : layout.tensors)
-        if (t.name == "embedding" || t.name == "lm_head")  // padded rows never take part
-            std::fill(master + t.offset + (size_t)c.vocab_size * c.d_model, master + t.offset + t.count, 0.0f);
+        if (t.name == "embedding" || t.name == "lm_head") {  // padded rows never take part
+            const size_t lo = std::max(begin, t.offset + (size_t)c.vocab_size * c.d_model);
+            const size_t hi = std::min(end, t.offset + t.count);
+            if (lo < hi) std::fill(out + (lo - begin), out + (hi - begin), 0.0f);
+        }
 }
+
+// parameters the host initialises or splits into their 16-bit halves at once (Model::init, upload_halves)
+constexpr size_t HOST_WINDOW = (size_t)1 << 26;
 
 // rows of logits that exist at once by default (the LM head and the loss run chunk by chunk;
 // --logit-chunk: larger chunks make larger LM-head matmuls for more memory)
@@ -723,10 +735,16 @@ struct Model {
             THROW("master shard of %zu values, rank %d holds %zu", host.size(), shard.rank, shard.count());
         upload_halves(host.data(), shard.begin, host.size());
     }
-    // host[0, n) are the weights from element `offset` on (the rank's range inside them): the
-    // bf16 copy of all, the low halves of the range
+    // host[0, n) are the weights from element `offset` on: the bf16 copy of all, the low halves
+    // of the part inside the rank's range; HOST_WINDOW at a time (the host's 16-bit copies)
     void upload_halves(const float* host, size_t offset, size_t n) {
-        upload_master(params + offset, master_lo, host, n, shard.begin - offset, shard.count());
+        for (size_t a = 0; a < n; a += HOST_WINDOW) {
+            const size_t m = std::min(HOST_WINDOW, n - a), o = offset + a;
+            const size_t from = std::max(o, shard.begin), to = std::min(o + m, shard.begin + shard.count());
+            const size_t lo_n = from < to ? to - from : 0;
+            upload_master(params + o, master_lo + (lo_n ? from - shard.begin : 0), host + a, m, lo_n ? from - o : 0,
+                          lo_n);
+        }
     }
 
     // the fp32 master weights of the rank's range (one rank: all)
@@ -734,10 +752,16 @@ struct Model {
     // the rank's range of the master weights, for the optimizers
     MasterWeights master() const { return {params + shard.begin, master_lo}; }
 
+    // in windows, so that the host holds a few hundred MB per rank (the whole fp32 buffer and its two halves
+    // were 8 bytes a parameter: 64 GB per rank for an 8B model)
     void init(uint64_t seed) {
-        std::vector<float> host(layout.total);
-        init_parameters(host.data(), layout, cfg, seed);
-        set_master(host);
+        const size_t window = std::min(layout.total, HOST_WINDOW);
+        std::unique_ptr<float[]> host(new float[window]);  // not zeroed: the init writes every element
+        for (size_t a = 0; a < layout.total; a += window) {
+            const size_t n = std::min(window, layout.total - a);
+            init_parameters(host.get(), layout, cfg, seed, 0, a, a + n);
+            upload_halves(host.get(), a, n);
+        }
     }
 
     template <typename T_>

@@ -354,11 +354,20 @@ static Plan make_plan(const Args& a, int rank, int world) {
     return p;
 }
 
+// the random initialisation, timed (it is most of a large model's start: init_parameters runs on every core)
+static void init_model(Model& model, uint64_t seed) {
+    const auto t0 = std::chrono::steady_clock::now();
+    model.init(seed);
+    printf("initialised %zu parameters in %.1f s on %d threads\n", model.layout.total,
+           std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), available_cores());
+    fflush(stdout);
+}
+
 static void run_bench(const Args& a, const Plan& p, Model& model, Trainer& trainer, double peak) {
     const long tokens_per_step = p.ramp.target;
     const int accum = (int)(tokens_per_step / p.micro_tokens);
     const double fpt = flops_per_token(p.cfg, a.T);
-    model.init(a.seed);
+    init_model(model, a.seed);
     SplitMix64 rng(a.seed + trainer.comm.rank);
     std::vector<int> inputs((size_t)accum * a.B * a.T), targets(inputs.size()), pos(inputs.size());
     for (size_t i = 0; i < pos.size(); i++) pos[i] = (int)(i % a.T);
@@ -468,7 +477,7 @@ static int run(const Args& a, Comm& comm) {
         model.set_master(hf_load<ParamLayout>(a.init_from, c));
         printf("initialised from %s\n", a.init_from.c_str());
     } else {
-        model.init(a.seed);
+        init_model(model, a.seed);
     }
     if (comm.root()) metrics.open(a.ckpt_dir, p.resume.empty() ? -1 : st.step);
     auto print_val = [&](int step) {

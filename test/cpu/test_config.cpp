@@ -128,6 +128,13 @@ TEST_CASE("config: initialisation on several threads gives one stream's bits", "
     init_parameters(many.data(), L, c, 7, 5);
     REQUIRE(L.find("embedding").count > 2 * INIT_PIECE);  // a tensor of several pieces
     REQUIRE(one == many);  // NaN would compare unequal: every element was written
+    // windows as Model::init takes them, cut inside tensors, inside the padded vocabulary rows and at the end
+    std::vector<float> windows(L.total, NAN);
+    const size_t pad = L.find("embedding").offset + (size_t)c.vocab_size * c.d_model + 5;
+    const size_t cuts[] = {0, 1000003, pad, L.tensors[L.tensors.size() / 2].offset + 7, L.total};
+    for (size_t k = 0; k + 1 < std::size(cuts); k++)
+        init_parameters(windows.data() + cuts[k], L, c, 7, 3, cuts[k], cuts[k + 1]);
+    REQUIRE(one == windows);
     // the single stream, walked by hand, element after element: every draw-based value but the A_log and dt ones
     // (their ranges are checked above), and the padded rows zero
     SplitMix64 walk(7);
