@@ -43,7 +43,8 @@
 // groups of (b, chunk) pairs that fill the GPU, the heaviest tiles of a group first (TileBlock, tile_index): the
 // blocks of a chunk read each other's x and dy tiles from L2.
 // Matmuls run on tensor cores (mma.sync m16n8k16: bf16 in, fp32 accumulate; sm_80 and sm_90), operands from
-// shared memory through ldmatrix; on sm_90a builds the row kernel's dy x^T per pair runs on wgmma (heads of 64). Cumsums, decays and the state recurrences are fp32; states and W go through
+// shared memory through ldmatrix; on sm_90a builds the tile kernels' matmuls per pair (row: dy x^T, column: the
+// scores times dy) run on wgmma (heads of 64). Cumsums, decays and the state recurrences are fp32; states and W go through
 // memory as bf16 (the precision the matmuls read them in). Every sum (over heads, positions, chunks, batch)
 // runs in a fixed order, without atomics: results repeat bit for bit.
 //
@@ -56,7 +57,7 @@
 #include "kernel_sizes.h"  // SSDShape, the blocking, the backward's scratch layout, ssd_saved/scratch_bytes
 #include "tensor_core.cuh"
 #ifdef SM90A
-#include "hopper.cuh"  // wgmma for the backward's row kernel; ssd_sm90.cuh's forward
+#include "hopper.cuh"  // wgmma for the backward's tile kernels; ssd_sm90.cuh's forward
 #endif
 
 struct SSDInputs {                    // rows are strided: x, B, C are column slices of the conv output
@@ -898,7 +899,7 @@ ssd_state_pass_kernel(bf16* hst, bf16* gst, float* dots, const float* acum_s, co
 }
 
 // ----------------------------------------------------------------------------------------------
-// wgmma for the row kernel's dy x^T (sm_90a builds, heads of 64)
+// wgmma for the tile kernels' per-pair matmuls (sm_90a builds, heads of 64)
 
 #ifdef SM90A
 constexpr bool WGMMA_BUILD = true;
@@ -920,6 +921,19 @@ __device__ inline void tile_abt_wgmma(float (&m)[8][4], const bf16* s_a, const b
     for (int n = 0; n < 8; n++)
 #pragma unroll
         for (int e = 0; e < 4; e++) m[n][e] = d[4 * n + e];
+}
+// acc += A B for A (64 x 64) in registers (mma.sync's A fragments per k-step, hopper.cuh: the same layout) and
+// B (64 rows along K x 64 columns) in the swizzled layout, MN-major (its columns contiguous), 1024-aligned
+__device__ inline void tile_acc_ab_wgmma(float (&acc)[8][4], const uint32_t (&a)[4][4], const bf16* s_b) {
+    using namespace hopper;
+    const uint64_t db = desc_sw128(smem_u32(s_b), TILE * 128);
+    float(&d)[32] = *reinterpret_cast<float(*)[32]>(&acc[0][0]);  // the same registers in the same order
+    wg_fence();
+#pragma unroll
+    for (int kk = 0; kk < 4; kk++) wgmma_rs<1>(d, a[kk], desc_add(db, kk * 16 * 128), 1);
+    wg_commit();
+    wg_wait<0>();
+    fence_regs(d);
 }
 #else
 constexpr bool WGMMA_BUILD = false;
@@ -1206,8 +1220,9 @@ inline size_t row_smem_bytes(int P, int N) {
 //   per head:        u_j = w_j B_j Gout^T + sum_{i >= j} CB_ij L_ij dy_i  (w_j = exp(Aend - Acum_j) for rows that
 //                    reach the next chunk), dx_j = dt_j u_j + D dy_j, dB_j += dt_j w_j Gout^T x_j, and the per-position
 //                    ddt_dir = x.u, sst = dt_j x_j.(state part of u), dd = x.dy
+// WG (sm_90a, P = 64): u += scores dy_i on wgmma (the scores from registers), dy_i loaded in the swizzled layout.
 // Dynamic smem col_smem_bytes.
-template <int P, int N, bool DOCS>
+template <int P, int N, bool DOCS, bool WG>
 __global__ void __launch_bounds__(THREADS)
 ssd_bwd_col_kernel(float* db_part, BwdScratch sc, const float* dt_s, const float* acum_s, const bf16* dy,
                    SSDInputs in, SSDGrads gr, int T, int H, int G, int nsl, int group) {
@@ -1215,7 +1230,10 @@ ssd_bwd_col_kernel(float* db_part, BwdScratch sc, const float* dt_s, const float
     constexpr int U1 = CS + WS, U2 = XS + HS + 2 * XS;  // phase 1: 2 x (C_it, W); phase 2: x, Gout, 2 x dy_it
     constexpr int UN = 2 * U1 > U2 ? 2 * U1 : U2;
     constexpr int CBD = 4 * 32 * 32, CBT = (NTILE - 1) * 4 * 16 * 32;
-    extern __shared__ __align__(16) unsigned char smem[];
+    static_assert(!WG || (P == 64 && (CS + CBD * 2 + CBT * 2 + XS + HS) * 2 % 1024 == 0 && XS * 2 % 1024 == 0),
+                  "wgmma's dy tiles: one 128-byte column block, 1024-aligned");
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    unsigned char* smem = smem_raw + ((1024 - ((uint32_t)__cvta_generic_to_shared(smem_raw) & 1023)) & 1023);
     // CB^T in this warp's accumulator fragments: the diagonal tile fp32 (its decays are near 1 and it holds the
     // terms i = j: rounded to bf16 it dominated the error of the parameter gradients), the tiles it > jt bf16
     bf16* s_b = reinterpret_cast<bf16*>(smem);                 // B_jt
@@ -1292,7 +1310,9 @@ ssd_bwd_col_kernel(float* db_part, BwdScratch sc, const float* dt_s, const float
         const int h = tb.h0 + hh;
         const size_t bh = (size_t)tb.b * H + h, pos0 = bh * Tp + tb.t0;
         auto load_dy = [&](int it, int buf) {
-            load_rows<P>(s_dyb + buf * XS, dy + (row0 + it * TILE) * dy_stride + h * P, dy_stride, valid - it * TILE);
+            const bf16* g = dy + (row0 + it * TILE) * dy_stride + h * P;
+            if constexpr (WG) load_rows_sw128<P>(reinterpret_cast<unsigned char*>(s_dyb + buf * XS), g, dy_stride, valid - it * TILE);
+            else load_rows<P>(s_dyb + buf * XS, g, dy_stride, valid - it * TILE);
             cp_async_commit();
         };
         load_rows<P>(s_x, in.x + (row0 + j0) * in.x_stride + h * P, in.x_stride, valid - j0);
@@ -1330,14 +1350,22 @@ ssd_bwd_col_kernel(float* db_part, BwdScratch sc, const float* dt_s, const float
             } else {
                 cp_async_wait_group<0>();
             }
+#ifdef SM90A
+            if constexpr (WG) hopper::fence_async_smem();  // the copies are read by wgmma, the async proxy
+#endif
             __syncthreads();
             if (it == jt) {  // buffer 0 holds dy_jt
 #pragma unroll
-                for (int n = 0; n < P / 8; n++) {
-                    const bf16* d = s_dyb + (ra - j0) * (P + PAD) + n * 8 + 2 * q;
-                    dyj[n][0] = *reinterpret_cast<const uint32_t*>(d);
-                    dyj[n][1] = *reinterpret_cast<const uint32_t*>(d + 8 * (P + PAD));
-                }
+                for (int n = 0; n < P / 8; n++)
+#pragma unroll
+                    for (int half = 0; half < 2; half++) {
+                        const int r = ra - j0 + 8 * half, c = n * 8 + 2 * q;
+                        uint32_t off = (r * (P + PAD) + c) * sizeof(bf16);
+#ifdef SM90A
+                        if constexpr (WG) off = hopper::swz128(r, c);
+#endif
+                        dyj[n][half] = *reinterpret_cast<const uint32_t*>(reinterpret_cast<const unsigned char*>(s_dyb) + off);
+                    }
             }
             const int klo = it == jt ? kbeg : 0;
             float s[8][4];
@@ -1382,7 +1410,13 @@ ssd_bwd_col_kernel(float* db_part, BwdScratch sc, const float* dt_s, const float
             }
             uint32_t pa[4][4];
             acc_to_a(pa, s);
-            warp_mma_rega<P / 8>(u, pa, s_dyb + buf * XS, P + PAD, klo);
+            if constexpr (WG) {
+#ifdef SM90A
+                tile_acc_ab_wgmma(u, pa, s_dyb + buf * XS);  // all 4 k-steps: those left of klo are zeros
+#endif
+            } else {
+                warp_mma_rega<P / 8>(u, pa, s_dyb + buf * XS, P + PAD, klo);
+            }
             __syncthreads();
         }
 
@@ -1427,7 +1461,7 @@ inline size_t col_smem_bytes(int P, int N) {
     const size_t cs = TILE * (N + PAD), xs = TILE * (P + PAD), hs = (size_t)P * (N + PAD), ws = TILE * (TILE + PAD);
     const size_t u1 = cs + ws, u2 = xs + hs + 2 * xs, un = 2 * u1 > u2 ? 2 * u1 : u2;
     return (cs + un) * sizeof(bf16) + (4 * 32 * 32 + (NTILE - 1) * 4 * 16 * 32) * sizeof(float) +
-           3 * CHUNK * sizeof(float);
+           3 * CHUNK * sizeof(float) + 1024;  // + the alignment (at P 64, N 128 two blocks still fill an SM's 228 KB)
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -1659,7 +1693,8 @@ void backward_impl(const SSDGrads& gr, void* scratch, const bf16* dy, const SSDI
         set_max_smem(kernel, smem);
         return tile_group ? tile_group : backward_tile_group(sh, occupancy(kernel, THREADS, smem) * sm_count());
     };
-    // the row kernel's dy x^T on wgmma where the build has it, for heads of 64 (unless mma_sync)
+    // the per-pair matmuls (row: dy x^T, column: scores dy) on wgmma where the build has it, for heads of 64
+    // (unless mma_sync)
     auto row = [&](auto wg) {
         auto kernel = ssd_bwd_row_kernel<P, N, DOCS, decltype(wg)::value>;
         const size_t smem = row_smem_bytes(P, N);
@@ -1667,14 +1702,22 @@ void backward_impl(const SSDGrads& gr, void* scratch, const bf16* dy, const SSDI
         kernel<<<tile_blocks, THREADS, smem, s>>>(sc.dc_part, sc, dt_s, acum_s, dy, in, sh.T, sh.H, sh.G, nsl, group);
         cudaCheckLast();
     };
-    constexpr bool ROW_WG = WGMMA_BUILD && P == 64;
-    if (ROW_WG && !mma_sync) row(std::bool_constant<ROW_WG>{});
-    else row(std::false_type{});
-    const size_t col_smem = col_smem_bytes(P, N);
-    const int col_group = group_for(ssd_bwd_col_kernel<P, N, DOCS>, col_smem);
-    ssd_bwd_col_kernel<P, N, DOCS><<<tile_blocks, THREADS, col_smem, s>>>(sc.db_part, sc, dt_s, acum_s, dy, in, gr,
-                                                                           sh.T, sh.H, sh.G, nsl, col_group);
-    cudaCheckLast();
+    auto col = [&](auto wg) {
+        auto kernel = ssd_bwd_col_kernel<P, N, DOCS, decltype(wg)::value>;
+        const size_t smem = col_smem_bytes(P, N);
+        const int group = group_for(kernel, smem);
+        kernel<<<tile_blocks, THREADS, smem, s>>>(sc.db_part, sc, dt_s, acum_s, dy, in, gr, sh.T, sh.H, sh.G, nsl,
+                                                  group);
+        cudaCheckLast();
+    };
+    constexpr bool WG = WGMMA_BUILD && P == 64;
+    if (WG && !mma_sync) {
+        row(std::bool_constant<WG>{});
+        col(std::bool_constant<WG>{});
+    } else {
+        row(std::false_type{});
+        col(std::false_type{});
+    }
 
     ssd_bwd_dt_kernel<<<chunk_grid, THREADS, 0, s>>>(gr, sc, dt_s, acum_s, in, sh.T, sh.H, splits);
     cudaCheckLast();
@@ -1735,7 +1778,7 @@ inline ssd::ForwardPlan ssd_forward_plan(const SSDShape& sh, bool mma_sync = fal
 
 // dx, dB, dC, ddt written (strided like the inputs); ddt_bias, dA_log, dD accumulate (fp32). tile_group > 0 sets
 // the (b, chunk) pairs of a group of the tile kernels' blocks (ssd::tile_index; tests and benchmarks), which
-// changes only their order: the results are the same bit for bit. mma_sync takes the row kernel's mma.sync
+// changes only their order: the results are the same bit for bit. mma_sync takes the tile kernels' mma.sync
 // matmuls on sm_90a builds too (tests and the benchmark compare the two).
 inline void ssd_backward(const SSDGrads& g, void* scratch, const bf16* dy, const SSDInputs& in, const void* saved,
                          const SSDShape& sh, cudaStream_t s, int tile_group = 0, bool mma_sync = false) {

@@ -6,7 +6,7 @@
 // (the forward on a few heads, dx and ddt of one head; per document with boundaries), then the median of
 // cudaEvent timings of the forward and of forward+backward, TFLOP/s (the chunked algorithm's matmul FLOPs as
 // ANCHORS.md counts them, backward counted as twice the forward) and the ratio to the anchor measured in the
-// same device run (ANCHOR_LOG, dev/anchors.h); also the forward and the backward's row kernel on mma.sync (what
+// same device run (ANCHOR_LOG, dev/anchors.h); also the forward and the backward's tile kernels on mma.sync (what
 // sm_90a builds run for P = 32 only, and other GPUs for every P), the forward with every (b, h) row in 1, 2, 4,
 // ... segments, and the plan this GPU chooses (ssd_forward_plan: the rows that run whole, the segments of the
 // others; its time is the forward's), and forward+backward with the backward's tile blocks in groups of 1, 2,
@@ -195,7 +195,7 @@ static Result run_shape(const Shape& s, int iters) {
     r.fwd = time_ms(fwd, warmup, iters);
     r.all = time_ms(all, warmup, iters);
     r.fwd_mma_sync = time_ms([&]() { ssd_forward(d_y, saved, scratch, in, sh, 0, 0, true); }, warmup, iters);
-    r.all_mma_sync = time_ms([&]() {  // the forward as in r.all, the backward's row kernel on mma.sync
+    r.all_mma_sync = time_ms([&]() {  // the forward as in r.all, the backward's tile kernels on mma.sync
         ssd_forward(d_y, saved, scratch, in, sh, 0);
         ssd_backward(gr, scratch, d_dy, in, saved, sh, 0, 0, true);
     }, warmup, iters);
@@ -229,7 +229,7 @@ static Result run_shape(const Shape& s, int iters) {
     line("forward+backward", r.all, 3 * fwd_flops, anchor_value(prefix, "fwd+bwd"));
     printf("  %-20s (%6.1f TFLOP/s) %.3f ms: the wgmma kernel is %.2fx faster\n", "forward, mma.sync",
            fwd_flops / r.fwd_mma_sync * 1e-9, r.fwd_mma_sync, r.fwd_mma_sync / r.fwd);
-    printf("  %-20s (%6.1f TFLOP/s) %.3f ms: the wgmma row kernel saves %.3f ms\n", "fwd+bwd, mma.sync row",
+    printf("  %-20s (%6.1f TFLOP/s) %.3f ms: the wgmma tile kernels save %.3f ms\n", "fwd+bwd, mma.sync",
            3 * fwd_flops / r.all_mma_sync * 1e-9, r.all_mma_sync, r.all_mma_sync - r.all);
     printf("%s\n", segs.c_str());
     printf("%s (of %d pairs; the default's groups fill the GPU)\n", groups.c_str(), pairs);

@@ -89,14 +89,14 @@ static RefResult reference(const std::vector<double>& x, const std::vector<doubl
 }
 
 // pos empty: no document boundaries (the kernels get pos = nullptr)
-// mma_sync: the forward and the backward's row kernel on mma.sync (sm_90a builds run wgmma for P = 64)
+// mma_sync: the forward and the backward's tile kernels on mma.sync (sm_90a builds run wgmma for P = 64)
 // segments > 0, whole >= 0: the forward's plan forced (ssd_forward); whole >= 0 must split the other rows
 static void check_ssd(int B, int T, int H, int G, int P, int N, int chunk, uint64_t seed,
                       const std::vector<int>& pos = {}, bool mma_sync = false, int segments = 0, int whole = -1) {
     const ssd::ForwardPlan plan = ssd_forward_plan(SSDShape{B, T, H, P, G, N, chunk}, mma_sync, segments, whole);
     const int nseg = ssd::forward_segments(SSDShape{B, T, H, P, G, N, chunk}, plan);
     INFO("B=" << B << " T=" << T << " H=" << H << " G=" << G << " P=" << P << " N=" << N << " chunk=" << chunk
-              << (pos.empty() ? "" : " with documents") << (mma_sync ? " (mma.sync forward and row kernel)" : "") << " plan: "
+              << (pos.empty() ? "" : " with documents") << (mma_sync ? " (mma.sync forward and tile kernels)" : "") << " plan: "
               << plan.whole << " rows whole, " << B * H - plan.whole << " in " << nseg << " segments");
     if (whole >= 0) {
         REQUIRE(plan.whole == whole);
