@@ -19,6 +19,13 @@
 #include <unistd.h>
 #include <vector>
 
+// functions of plain integers and pointers that kernels call too (nvcc builds them for both sides)
+#ifdef __CUDACC__
+#define HOST_DEVICE __host__ __device__
+#else
+#define HOST_DEVICE
+#endif
+
 inline std::string strformat(const char* fmt, ...) {
     va_list args;
     va_start(args, fmt);

@@ -45,6 +45,29 @@ inline int head_slices(const SSDShape& sh) {
     return hpg;
 }
 
+// The backward tile kernels' 1-D grid: a block per (b, chunk) pair, tile rank and group slice (G slices of its
+// heads), dealt in groups of `group` pairs: every block of a group's pairs before the next group's, the heaviest
+// tile rank first inside a group. The blocks of one pair read the same x and dy tiles (each row tile's block every
+// column tile up to it, each column tile's every row tile from it), so a group that runs at once finds them in L2.
+// With one group of all the pairs, the heaviest blocks of the whole grid go first, and a wave of one rank streams
+// all of x and dy from DRAM (ncu, mamba2-370m's layer on an H100: 44% L2 hits, about 650 MB read where the
+// tensors hold 140 MB).
+struct TileIndex {
+    int pair, rank, slice;  // pair = b nchunks + chunk, slice = g slices + the slice of group g
+};
+HOST_DEVICE inline TileIndex tile_index(int block, int pairs, int slices, int group) {
+    const int per_pair = NTILE * slices;
+    const int first = block / (group * per_pair) * group;           // the group's first pair
+    const int n = pairs - first < group ? pairs - first : group;     // its pairs (the last group may have fewer)
+    const int k = block - first * per_pair, rank = k / (n * slices), rest = k - rank * n * slices;
+    return {first + rest / slices, rank, rest % slices};
+}
+// pairs a group: as many as fill the `slots` blocks that run at once (at least one, at most all)
+inline int backward_tile_group(const SSDShape& sh, int slots) {
+    const int per_pair = NTILE * sh.G * head_slices(sh), pairs = sh.B * nchunks(sh);
+    return std::clamp(slots / per_pair, 1, pairs);
+}
+
 // backward scratch: S then Hin in place | dS then Gout in place | W per slice and tile pair (bf16) |
 // per-position arrays (csum: one partial per row tile) | pass dots | per-chunk parameter partials |
 // dB, dC slice partials (fp32)

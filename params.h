@@ -13,12 +13,6 @@
 #include <vector>
 #include "common.h"
 
-#ifdef __CUDACC__
-#define HOST_DEVICE __host__ __device__
-#else
-#define HOST_DEVICE
-#endif
-
 // An fp32 master weight's bit pattern w as its bf16 compute copy hi = w rounded to the nearest
 // bf16 (ties away from zero, a tie being 2^-16 of the patterns; bf16 conversion rounds them
 // to even) and the signed remainder lo = w - (hi << 16) in [-2^15, 2^15): hi << 16 + lo

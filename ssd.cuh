@@ -39,10 +39,12 @@
 //            C B^T once per block), dB (state part per head, intra part W^T C once per block)
 //   dt:      per (b, h, chunk): reverse cumsum of dAcum to ddt_raw and the parameter-gradient partials
 // In the row and column kernels the decay L_ij of a pair factors through one row of the warp (an exp per row and
-// per column instead of one per pair) everywhere but on the warp's diagonal 16 x 16 block, and the blocks start
-// the heaviest tiles first (TileBlock).
+// per column instead of one per pair) everywhere but on the warp's diagonal 16 x 16 block, and the blocks run in
+// groups of (b, chunk) pairs that fill the GPU, the heaviest tiles of a group first (TileBlock, tile_index): the
+// blocks of a chunk read each other's x and dy tiles from L2.
 // Matmuls run on tensor cores (mma.sync m16n8k16: bf16 in, fp32 accumulate; sm_80 and sm_90), operands from
-// shared memory through ldmatrix. Cumsums, decays and the state recurrences are fp32; states and W go through
+// shared memory through ldmatrix; on sm_90a builds the tile kernels' matmuls per pair (row: dy x^T, column: the
+// scores times dy) run on wgmma (heads of 64). Cumsums, decays and the state recurrences are fp32; states and W go through
 // memory as bf16 (the precision the matmuls read them in). Every sum (over heads, positions, chunks, batch)
 // runs in a fixed order, without atomics: results repeat bit for bit.
 //
@@ -50,9 +52,13 @@
 // not change the result beyond rounding.
 #pragma once
 #include <cstdint>
+#include <type_traits>
 #include "cuda_common.cuh"
 #include "kernel_sizes.h"  // SSDShape, the blocking, the backward's scratch layout, ssd_saved/scratch_bytes
 #include "tensor_core.cuh"
+#ifdef SM90A
+#include "hopper.cuh"  // wgmma for the backward's tile kernels; ssd_sm90.cuh's forward
+#endif
 
 struct SSDInputs {                    // rows are strided: x, B, C are column slices of the conv output
     const bf16 *x, *Bm, *Cm;          // (BT, H*P), (BT, G*N), (BT, G*N)
@@ -238,6 +244,24 @@ __device__ inline void load_rows(bf16* s, const bf16* g, size_t stride, int vali
     for (int k = 0; k < ROWS / STEP; k++) {
         const bool ok = r0 + k * STEP < valid;
         cp_async16(s + k * STEP * (COLS + PAD), ok ? gr + k * STEP * stride : g0, ok);
+    }
+}
+
+// starts copying the TILE rows of a strided bf16 matrix (COLS wide) into the 128-byte-swizzled layout of wgmma
+// operands (hopper.cuh; COLS / 64 column blocks of TILE rows); rows >= valid become zero. A thread's row
+// advances by a multiple of 8 per pass, so its swizzled chunk is the same in every pass.
+template <int COLS>
+__device__ inline void load_rows_sw128(unsigned char* s, const bf16* g, size_t stride, int valid) {
+    constexpr int V = COLS / 8, STEP = THREADS / V;  // 16-byte pieces a row, rows a pass
+    static_assert(THREADS % V == 0 && STEP % 8 == 0 && TILE % STEP == 0, "whole rows a pass, 8-row groups");
+    const int v = threadIdx.x % V, r0 = threadIdx.x / V;
+    const bf16* g0 = g + v * 8;
+    const bf16* gr = g0 + r0 * stride;
+    s += (v / 8) * TILE * 128 + r0 * 128 + (((v % 8) ^ (r0 & 7)) << 4);
+#pragma unroll
+    for (int k = 0; k < TILE / STEP; k++) {
+        const bool ok = r0 + k * STEP < valid;
+        cp_async16(s + k * STEP * 128, ok ? gr + k * STEP * stride : g0, ok);
     }
 }
 
@@ -875,18 +899,60 @@ ssd_state_pass_kernel(bf16* hst, bf16* gst, float* dots, const float* acum_s, co
 }
 
 // ----------------------------------------------------------------------------------------------
-// the two backward tile kernels: grid (nchunks, G * slices, NTILE * B)
+// wgmma for the tile kernels' per-pair matmuls (sm_90a builds, heads of 64)
+
+#ifdef SM90A
+constexpr bool WGMMA_BUILD = true;
+// m = A B^T for two 64 x 64 tiles in the swizzled layout (load_rows_sw128, 1024-aligned), the rows of both
+// along K (K-major operands), in mma.sync's accumulator layout: wgmma gives warp w rows 16w .. 16w + 15 in the
+// same fragment per 8 columns (hopper.cuh)
+__device__ inline void tile_abt_wgmma(float (&m)[8][4], const bf16* s_a, const bf16* s_b) {
+    using namespace hopper;
+    const uint64_t da = desc_sw128(smem_u32(s_a), 16), db = desc_sw128(smem_u32(s_b), 16);
+    float d[32];
+    wg_fence();
+    wgmma_ss_first<0, 0>(d, da, db);
+#pragma unroll
+    for (int kk = 1; kk < 4; kk++) wgmma_ss<0, 0>(d, desc_add(da, 32 * kk), desc_add(db, 32 * kk), 1);
+    wg_commit();
+    wg_wait<0>();
+    fence_regs(d);
+#pragma unroll
+    for (int n = 0; n < 8; n++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) m[n][e] = d[4 * n + e];
+}
+// acc += A B for A (64 x 64) in registers (mma.sync's A fragments per k-step, hopper.cuh: the same layout) and
+// B (64 rows along K x 64 columns) in the swizzled layout, MN-major (its columns contiguous), 1024-aligned
+__device__ inline void tile_acc_ab_wgmma(float (&acc)[8][4], const uint32_t (&a)[4][4], const bf16* s_b) {
+    using namespace hopper;
+    const uint64_t db = desc_sw128(smem_u32(s_b), TILE * 128);
+    float(&d)[32] = *reinterpret_cast<float(*)[32]>(&acc[0][0]);  // the same registers in the same order
+    wg_fence();
+#pragma unroll
+    for (int kk = 0; kk < 4; kk++) wgmma_rs<1>(d, a[kk], desc_add(db, kk * 16 * 128), 1);
+    wg_commit();
+    wg_wait<0>();
+    fence_regs(d);
+}
+#else
+constexpr bool WGMMA_BUILD = false;
+#endif
+
+// ----------------------------------------------------------------------------------------------
+// the two backward tile kernels: a 1-D grid of B nchunks G slices NTILE blocks in groups of pairs (tile_index)
 
 // what a block works on: 64-row tile `tile` (chunk-local rows r0..) of chunk c (of nc) in batch b, the heads
 // h0 .. h0 + hps of group g (head slice sl); `valid` positions of the chunk are inside the sequence.
-// z, the slowest grid index, ranks the tiles by their work, the heaviest first (the row kernel's tile it meets
-// it + 1 column tiles, the column kernel's tile jt NTILE - jt row tiles): the light ones fill the grid's end.
+// The tile rank orders a group's blocks by their work, the heaviest first (the row kernel's tile it meets it + 1
+// column tiles, the column kernel's tile jt NTILE - jt row tiles): the light ones fill its end.
 struct TileBlock {
     int c, tile, nc, g, sl, b, hps, h0, t0, valid, r0;
-    __device__ __forceinline__ TileBlock(int T, int H, int G, int nsl, bool last_tile_heaviest) {
-        const int B = gridDim.z / NTILE, rank = blockIdx.z / B;
-        c = blockIdx.x, nc = gridDim.x, tile = last_tile_heaviest ? NTILE - 1 - rank : rank;
-        g = blockIdx.y / nsl, sl = blockIdx.y % nsl, b = blockIdx.z - rank * B;
+    __device__ __forceinline__ TileBlock(int T, int H, int G, int nsl, int group, bool last_tile_heaviest) {
+        nc = (T + CHUNK - 1) / CHUNK;
+        const TileIndex ix = tile_index(blockIdx.x, gridDim.x / (NTILE * G * nsl), G * nsl, group);
+        b = ix.pair / nc, c = ix.pair % nc, tile = last_tile_heaviest ? NTILE - 1 - ix.rank : ix.rank;
+        g = ix.slice / nsl, sl = ix.slice % nsl;
         hps = H / G / nsl, h0 = g * (H / G) + sl * hps;
         t0 = c * CHUNK, valid = min(CHUNK, T - t0), r0 = tile * TILE;
     }
@@ -922,14 +988,17 @@ __device__ __forceinline__ void store_slice_part(float* part, const float (&acc)
 //                          Z = CB Lam (rsum_i, and csum_j's partial from this row tile): the gradient of Acum is
 //                          their difference, which cancels, so both come from the same fp32 products;
 //                          then dC_i += W B_jt once and W (bf16) to memory for the column kernel
-// Dynamic smem row_smem_bytes.
-template <int P, int N, bool DOCS>
+// WG (sm_90a, P = 64): M on wgmma, x_jt and dy_it loaded in the swizzled layout. Dynamic smem row_smem_bytes.
+template <int P, int N, bool DOCS, bool WG>
 __global__ void __launch_bounds__(THREADS)
 ssd_bwd_row_kernel(float* dc_part, BwdScratch sc, const float* dt_s, const float* acum_s, const bf16* dy,
-                   SSDInputs in, int T, int H, int G, int nsl) {
+                   SSDInputs in, int T, int H, int G, int nsl, int group) {
     constexpr int CS = TILE * (N + PAD), XS = TILE * (P + PAD), HS = P * (N + PAD);
     constexpr int UB = (XS + HS > 2 * XS ? XS + HS : 2 * XS);  // one buffer: dy + Hin, or x + dy
-    extern __shared__ __align__(16) unsigned char smem[];
+    static_assert(!WG || (P == 64 && CS * 2 % 1024 == 0 && XS * 2 % 1024 == 0 && UB * 2 % 1024 == 0),
+                  "wgmma tiles: one 128-byte column block, 1024-aligned");
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    unsigned char* smem = smem_raw + ((1024 - ((uint32_t)__cvta_generic_to_shared(smem_raw) & 1023)) & 1023);
     bf16* s_c = reinterpret_cast<bf16*>(smem);  // C_it
     bf16* s_b = s_c + CS;                       // B_jt
     bf16* s_u = s_b + CS;                       // 2 buffers of UB
@@ -938,7 +1007,7 @@ ssd_bwd_row_kernel(float* dc_part, BwdScratch sc, const float* dt_s, const float
     __shared__ float s_rsum[MAX_HPS][TILE];
     __shared__ __align__(16) float s_cs[2][THREADS / 32][TILE];  // per warp column sums of Z (float2 stores), 2 buffers
 
-    const TileBlock tb(T, H, G, nsl, true);
+    const TileBlock tb(T, H, G, nsl, group, true);
     const int it = tb.tile, i0 = tb.r0, g = tb.g, valid = tb.valid;
     if (i0 >= valid) return;
     const size_t row0 = (size_t)tb.b * T + tb.t0, Tp = (size_t)tb.nc * CHUNK;
@@ -1008,8 +1077,15 @@ ssd_bwd_row_kernel(float* dc_part, BwdScratch sc, const float* dt_s, const float
     auto load_pair = [&](int jt, int hh, int buf) {
         const int h = tb.h0 + hh, j0 = jt * TILE;
         bf16* u = s_u + buf * UB;
-        load_rows<P>(u, in.x + (row0 + j0) * in.x_stride + h * P, in.x_stride, valid - j0);
-        load_rows<P>(u + XS, dy + (row0 + i0) * dy_stride + h * P, dy_stride, valid - i0);
+        const bf16* xg = in.x + (row0 + j0) * in.x_stride + h * P;
+        const bf16* dyg = dy + (row0 + i0) * dy_stride + h * P;
+        if constexpr (WG) {
+            load_rows_sw128<P>(reinterpret_cast<unsigned char*>(u), xg, in.x_stride, valid - j0);
+            load_rows_sw128<P>(reinterpret_cast<unsigned char*>(u + XS), dyg, dy_stride, valid - i0);
+        } else {
+            load_rows<P>(u, xg, in.x_stride, valid - j0);
+            load_rows<P>(u + XS, dyg, dy_stride, valid - i0);
+        }
         arrays(h, buf);
         cp_async_commit();
     };
@@ -1039,6 +1115,9 @@ ssd_bwd_row_kernel(float* dc_part, BwdScratch sc, const float* dt_s, const float
         } else {
             cp_async_wait_group<0>();
         }
+#ifdef SM90A
+        if constexpr (WG) hopper::fence_async_smem();  // the copies are read by wgmma, the async proxy
+#endif
         __syncthreads();
         if (k > 0) flush_csum(pjt, phh, buf ^ 1);
         if (hh == 0) {
@@ -1050,9 +1129,15 @@ ssd_bwd_row_kernel(float* dc_part, BwdScratch sc, const float* dt_s, const float
         const bf16* s_dy = s_x + XS;
         const float* dtv = s_dt + buf * CHUNK;
         const float* ac = s_ac + buf * CHUNK;
-        float m[8][4];
-        zero(m);
-        warp_mma<8, false, false>(m, s_dy, P + PAD, m0, s_x, P + PAD, 0, P, 1.f, 1.f, 0, 2 * kend);  // dy_i . x_j
+        float m[8][4];  // dy_i . x_j
+        if constexpr (WG) {
+#ifdef SM90A
+            tile_abt_wgmma(m, s_dy, s_x);  // all 64 columns: the scores use those the rows see
+#endif
+        } else {
+            zero(m);
+            warp_mma<8, false, false>(m, s_dy, P + PAD, m0, s_x, P + PAD, 0, P, 1.f, 1.f, 0, 2 * kend);
+        }
         const float aa = ac[ra], ab = ac[rb];
         // The decay of a pair i >= j factors through the warp's first row p when j < p: exp(a_i - a_p) exp(a_p - a_j),
         // both <= 1. Only the warp's diagonal 16 x 16 block of the diagonal tile (n-tiles 2 warp, 2 warp + 1) takes
@@ -1126,7 +1211,7 @@ ssd_bwd_row_kernel(float* dc_part, BwdScratch sc, const float* dt_s, const float
 inline size_t row_smem_bytes(int P, int N) {
     const size_t xs = TILE * (P + PAD), hs = (size_t)P * (N + PAD);
     const size_t ub = xs + hs > 2 * xs ? xs + hs : 2 * xs;
-    return (2 * TILE * (N + PAD) + 2 * ub) * sizeof(bf16) + 4 * CHUNK * sizeof(float);
+    return (2 * TILE * (N + PAD) + 2 * ub) * sizeof(bf16) + 4 * CHUNK * sizeof(float) + 1024;  // + the alignment
 }
 
 // Column direction: one 64-row tile of positions j (rows of warp w: j0 + 16w ..), a slice of the heads of a group.
@@ -1135,16 +1220,20 @@ inline size_t row_smem_bytes(int P, int N) {
 //   per head:        u_j = w_j B_j Gout^T + sum_{i >= j} CB_ij L_ij dy_i  (w_j = exp(Aend - Acum_j) for rows that
 //                    reach the next chunk), dx_j = dt_j u_j + D dy_j, dB_j += dt_j w_j Gout^T x_j, and the per-position
 //                    ddt_dir = x.u, sst = dt_j x_j.(state part of u), dd = x.dy
+// WG (sm_90a, P = 64): u += scores dy_i on wgmma (the scores from registers), dy_i loaded in the swizzled layout.
 // Dynamic smem col_smem_bytes.
-template <int P, int N, bool DOCS>
+template <int P, int N, bool DOCS, bool WG>
 __global__ void __launch_bounds__(THREADS)
 ssd_bwd_col_kernel(float* db_part, BwdScratch sc, const float* dt_s, const float* acum_s, const bf16* dy,
-                   SSDInputs in, SSDGrads gr, int T, int H, int G, int nsl) {
+                   SSDInputs in, SSDGrads gr, int T, int H, int G, int nsl, int group) {
     constexpr int CS = TILE * (N + PAD), XS = TILE * (P + PAD), HS = P * (N + PAD), WS = TILE * (TILE + PAD);
     constexpr int U1 = CS + WS, U2 = XS + HS + 2 * XS;  // phase 1: 2 x (C_it, W); phase 2: x, Gout, 2 x dy_it
     constexpr int UN = 2 * U1 > U2 ? 2 * U1 : U2;
     constexpr int CBD = 4 * 32 * 32, CBT = (NTILE - 1) * 4 * 16 * 32;
-    extern __shared__ __align__(16) unsigned char smem[];
+    static_assert(!WG || (P == 64 && (CS + CBD * 2 + CBT * 2 + XS + HS) * 2 % 1024 == 0 && XS * 2 % 1024 == 0),
+                  "wgmma's dy tiles: one 128-byte column block, 1024-aligned");
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    unsigned char* smem = smem_raw + ((1024 - ((uint32_t)__cvta_generic_to_shared(smem_raw) & 1023)) & 1023);
     // CB^T in this warp's accumulator fragments: the diagonal tile fp32 (its decays are near 1 and it holds the
     // terms i = j: rounded to bf16 it dominated the error of the parameter gradients), the tiles it > jt bf16
     bf16* s_b = reinterpret_cast<bf16*>(smem);                 // B_jt
@@ -1155,7 +1244,7 @@ ssd_bwd_col_kernel(float* db_part, BwdScratch sc, const float* dt_s, const float
     float* s_ac = s_dt + CHUNK;
     int* s_thr = reinterpret_cast<int*>(s_ac + CHUNK);
 
-    const TileBlock tb(T, H, G, nsl, false);
+    const TileBlock tb(T, H, G, nsl, group, false);
     const int jt = tb.tile, j0 = tb.r0, g = tb.g, valid = tb.valid;
     if (j0 >= valid) return;
     const size_t row0 = (size_t)tb.b * T + tb.t0, Tp = (size_t)tb.nc * CHUNK;
@@ -1221,7 +1310,9 @@ ssd_bwd_col_kernel(float* db_part, BwdScratch sc, const float* dt_s, const float
         const int h = tb.h0 + hh;
         const size_t bh = (size_t)tb.b * H + h, pos0 = bh * Tp + tb.t0;
         auto load_dy = [&](int it, int buf) {
-            load_rows<P>(s_dyb + buf * XS, dy + (row0 + it * TILE) * dy_stride + h * P, dy_stride, valid - it * TILE);
+            const bf16* g = dy + (row0 + it * TILE) * dy_stride + h * P;
+            if constexpr (WG) load_rows_sw128<P>(reinterpret_cast<unsigned char*>(s_dyb + buf * XS), g, dy_stride, valid - it * TILE);
+            else load_rows<P>(s_dyb + buf * XS, g, dy_stride, valid - it * TILE);
             cp_async_commit();
         };
         load_rows<P>(s_x, in.x + (row0 + j0) * in.x_stride + h * P, in.x_stride, valid - j0);
@@ -1259,14 +1350,22 @@ ssd_bwd_col_kernel(float* db_part, BwdScratch sc, const float* dt_s, const float
             } else {
                 cp_async_wait_group<0>();
             }
+#ifdef SM90A
+            if constexpr (WG) hopper::fence_async_smem();  // the copies are read by wgmma, the async proxy
+#endif
             __syncthreads();
             if (it == jt) {  // buffer 0 holds dy_jt
 #pragma unroll
-                for (int n = 0; n < P / 8; n++) {
-                    const bf16* d = s_dyb + (ra - j0) * (P + PAD) + n * 8 + 2 * q;
-                    dyj[n][0] = *reinterpret_cast<const uint32_t*>(d);
-                    dyj[n][1] = *reinterpret_cast<const uint32_t*>(d + 8 * (P + PAD));
-                }
+                for (int n = 0; n < P / 8; n++)
+#pragma unroll
+                    for (int half = 0; half < 2; half++) {
+                        const int r = ra - j0 + 8 * half, c = n * 8 + 2 * q;
+                        uint32_t off = (r * (P + PAD) + c) * sizeof(bf16);
+#ifdef SM90A
+                        if constexpr (WG) off = hopper::swz128(r, c);
+#endif
+                        dyj[n][half] = *reinterpret_cast<const uint32_t*>(reinterpret_cast<const unsigned char*>(s_dyb) + off);
+                    }
             }
             const int klo = it == jt ? kbeg : 0;
             float s[8][4];
@@ -1311,7 +1410,13 @@ ssd_bwd_col_kernel(float* db_part, BwdScratch sc, const float* dt_s, const float
             }
             uint32_t pa[4][4];
             acc_to_a(pa, s);
-            warp_mma_rega<P / 8>(u, pa, s_dyb + buf * XS, P + PAD, klo);
+            if constexpr (WG) {
+#ifdef SM90A
+                tile_acc_ab_wgmma(u, pa, s_dyb + buf * XS);  // all 4 k-steps: those left of klo are zeros
+#endif
+            } else {
+                warp_mma_rega<P / 8>(u, pa, s_dyb + buf * XS, P + PAD, klo);
+            }
             __syncthreads();
         }
 
@@ -1356,7 +1461,7 @@ inline size_t col_smem_bytes(int P, int N) {
     const size_t cs = TILE * (N + PAD), xs = TILE * (P + PAD), hs = (size_t)P * (N + PAD), ws = TILE * (TILE + PAD);
     const size_t u1 = cs + ws, u2 = xs + hs + 2 * xs, un = 2 * u1 > u2 ? 2 * u1 : u2;
     return (cs + un) * sizeof(bf16) + (4 * 32 * 32 + (NTILE - 1) * 4 * 16 * 32) * sizeof(float) +
-           3 * CHUNK * sizeof(float);
+           3 * CHUNK * sizeof(float) + 1024;  // + the alignment (at P 64, N 128 two blocks still fill an SM's 228 KB)
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -1561,12 +1666,13 @@ void forward_impl(bf16* y, void* saved, void* scratch, const SSDInputs& in, cons
 
 template <int P, int N, bool DOCS>
 void backward_impl(const SSDGrads& gr, void* scratch, const bf16* dy, const SSDInputs& in, const void* saved,
-                   const SSDShape& sh, cudaStream_t s) {
+                   const SSDShape& sh, cudaStream_t s, int tile_group, bool mma_sync) {
     const int nc = nchunks(sh), nsl = head_slices(sh), splits = pass_splits(sh);
     const float* dt_s = (const float*)saved;
     const float* acum_s = dt_s + padded_positions(sh);
     BwdScratch sc(sh, scratch);
-    const dim3 chunk_grid(nc, sh.H, sh.B), tile_grid(nc, sh.G * nsl, NTILE * sh.B);
+    const dim3 chunk_grid(nc, sh.H, sh.B);
+    const int tile_blocks = sh.B * nc * sh.G * nsl * NTILE;
 
     // the chunk states S_c and dS_c, then Hin_c and Gout_c
     const size_t cs_smem = chunk_state_smem_bytes(P, N);
@@ -1579,15 +1685,39 @@ void backward_impl(const SSDGrads& gr, void* scratch, const bf16* dy, const SSDI
     cudaCheckLast();
 
     // row direction (dC, W), then column direction (dx, dB, which reads W)
-    const size_t row_smem = row_smem_bytes(P, N), col_smem = col_smem_bytes(P, N);
-    set_max_smem(ssd_bwd_row_kernel<P, N, DOCS>, row_smem);
-    set_max_smem(ssd_bwd_col_kernel<P, N, DOCS>, col_smem);
-    ssd_bwd_row_kernel<P, N, DOCS><<<tile_grid, THREADS, row_smem, s>>>(sc.dc_part, sc, dt_s, acum_s, dy, in,
-                                                                         sh.T, sh.H, sh.G, nsl);
-    cudaCheckLast();
-    ssd_bwd_col_kernel<P, N, DOCS><<<tile_grid, THREADS, col_smem, s>>>(sc.db_part, sc, dt_s, acum_s, dy, in, gr,
-                                                                         sh.T, sh.H, sh.G, nsl);
-    cudaCheckLast();
+    // the blocks in groups of (b, chunk) pairs (tile_index): by default one group fills the GPU's block places
+    const int pairs = sh.B * nc;
+    if (tile_group < 0 || tile_group > pairs)
+        THROW("ssd: backward tile group of %d (b, chunk) pairs, not in 0..%d", tile_group, pairs);
+    auto group_for = [&](auto kernel, size_t smem) {
+        set_max_smem(kernel, smem);
+        return tile_group ? tile_group : backward_tile_group(sh, occupancy(kernel, THREADS, smem) * sm_count());
+    };
+    // the per-pair matmuls (row: dy x^T, column: scores dy) on wgmma where the build has it, for heads of 64
+    // (unless mma_sync)
+    auto row = [&](auto wg) {
+        auto kernel = ssd_bwd_row_kernel<P, N, DOCS, decltype(wg)::value>;
+        const size_t smem = row_smem_bytes(P, N);
+        const int group = group_for(kernel, smem);
+        kernel<<<tile_blocks, THREADS, smem, s>>>(sc.dc_part, sc, dt_s, acum_s, dy, in, sh.T, sh.H, sh.G, nsl, group);
+        cudaCheckLast();
+    };
+    auto col = [&](auto wg) {
+        auto kernel = ssd_bwd_col_kernel<P, N, DOCS, decltype(wg)::value>;
+        const size_t smem = col_smem_bytes(P, N);
+        const int group = group_for(kernel, smem);
+        kernel<<<tile_blocks, THREADS, smem, s>>>(sc.db_part, sc, dt_s, acum_s, dy, in, gr, sh.T, sh.H, sh.G, nsl,
+                                                  group);
+        cudaCheckLast();
+    };
+    constexpr bool WG = WGMMA_BUILD && P == 64;
+    if (WG && !mma_sync) {
+        row(std::bool_constant<WG>{});
+        col(std::bool_constant<WG>{});
+    } else {
+        row(std::false_type{});
+        col(std::false_type{});
+    }
 
     ssd_bwd_dt_kernel<<<chunk_grid, THREADS, 0, s>>>(gr, sc, dt_s, acum_s, in, sh.T, sh.H, splits);
     cudaCheckLast();
@@ -1646,14 +1776,17 @@ inline ssd::ForwardPlan ssd_forward_plan(const SSDShape& sh, bool mma_sync = fal
     return plan;
 }
 
-// dx, dB, dC, ddt written (strided like the inputs); ddt_bias, dA_log, dD accumulate (fp32)
+// dx, dB, dC, ddt written (strided like the inputs); ddt_bias, dA_log, dD accumulate (fp32). tile_group > 0 sets
+// the (b, chunk) pairs of a group of the tile kernels' blocks (ssd::tile_index; tests and benchmarks), which
+// changes only their order: the results are the same bit for bit. mma_sync takes the tile kernels' mma.sync
+// matmuls on sm_90a builds too (tests and the benchmark compare the two).
 inline void ssd_backward(const SSDGrads& g, void* scratch, const bf16* dy, const SSDInputs& in, const void* saved,
-                         const SSDShape& sh, cudaStream_t s) {
+                         const SSDShape& sh, cudaStream_t s, int tile_group = 0, bool mma_sync = false) {
     ssd::check_inputs(in, sh);
     ssd::check_rows("dy", dy, sh.H * sh.P, sh.H * sh.P);
     ssd::check_rows("dx", g.dx, g.dx_stride, sh.H * sh.P);
     if (g.dbc_stride < sh.G * sh.N || g.ddt_stride < sh.H)
         THROW("ssd: gradient row strides too small (dB/dC %d, ddt %d)", g.dbc_stride, g.ddt_stride);
-    ssd::dispatch<ssd::Backward>(sh, in.pos != nullptr, g, scratch, dy, in, saved, sh, s);
+    ssd::dispatch<ssd::Backward>(sh, in.pos != nullptr, g, scratch, dy, in, saved, sh, s, tile_group, mma_sync);
 }
 

@@ -40,24 +40,6 @@ struct FwdSmem {
     static_assert(2 * BYTES <= 227 * 1024, "two blocks an SM");
 };
 
-// starts copying the TILE rows of a strided bf16 matrix (COLS wide) into the swizzled layout (COLS / 64 column
-// blocks of TILE rows); rows >= valid become zero. A thread's row advances by a multiple of 8 per pass, so its
-// swizzled chunk is the same in every pass.
-template <int COLS>
-__device__ inline void load_rows_sw128(unsigned char* s, const bf16* g, size_t stride, int valid) {
-    constexpr int V = COLS / 8, STEP = THREADS / V;  // 16-byte pieces a row, rows a pass
-    static_assert(THREADS % V == 0 && STEP % 8 == 0 && TILE % STEP == 0, "whole rows a pass, 8-row groups");
-    const int v = threadIdx.x % V, r0 = threadIdx.x / V;
-    const bf16* g0 = g + v * 8;
-    const bf16* gr = g0 + r0 * stride;
-    s += (v / 8) * TILE * 128 + r0 * 128 + (((v % 8) ^ (r0 & 7)) << 4);
-#pragma unroll
-    for (int k = 0; k < TILE / STEP; k++) {
-        const bool ok = r0 + k * STEP < valid;
-        cp_async16(s + k * STEP * 128, ok ? gr + k * STEP * stride : g0, ok);
-    }
-}
-
 template <int N, bool DOCS>
 __global__ void __launch_bounds__(THREADS, 2)
 fwd_kernel(bf16* y, float* dt_s, float* acum_s, SSDInputs in, int T, int H, int G, int Tp, ForwardGrid grid,

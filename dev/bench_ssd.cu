@@ -6,10 +6,11 @@
 // (the forward on a few heads, dx and ddt of one head; per document with boundaries), then the median of
 // cudaEvent timings of the forward and of forward+backward, TFLOP/s (the chunked algorithm's matmul FLOPs as
 // ANCHORS.md counts them, backward counted as twice the forward) and the ratio to the anchor measured in the
-// same device run (ANCHOR_LOG, dev/anchors.h); also the forward on the mma.sync kernel (what sm_90a builds run
-// for P = 32 only, and other GPUs for every P), with every (b, h) row in 1, 2, 4, ... segments, and the plan
-// this GPU chooses (ssd_forward_plan: the rows that run whole, the segments of the others; its time is the
-// forward's). The last lines are a compact table.
+// same device run (ANCHOR_LOG, dev/anchors.h); also the forward and the backward's tile kernels on mma.sync (what
+// sm_90a builds run for P = 32 only, and other GPUs for every P), the forward with every (b, h) row in 1, 2, 4,
+// ... segments, and the plan this GPU chooses (ssd_forward_plan: the rows that run whole, the segments of the
+// others; its time is the forward's), and forward+backward with the backward's tile blocks in groups of 1, 2,
+// 4, ... (b, chunk) pairs (ssd::tile_index). The last lines are a compact table.
 // usage: dev/bench_ssd [--shape NAME] [--iters N]     (NAME: bench 370m 2.7b T1024 T512 B1T16k)
 #include <algorithm>
 #include <cmath>
@@ -53,7 +54,7 @@ static std::string shape_label(const Shape& s) {
     return strformat("B%d T%d H%d P%d N%d G%d", s.B, s.T, s.H, s.P, s.N, s.G);
 }
 
-struct Result { double fwd = NAN, all = NAN, fwd_docs = NAN, all_docs = NAN, fwd_mma_sync = NAN; };
+struct Result { double fwd = NAN, all = NAN, fwd_docs = NAN, all_docs = NAN, fwd_mma_sync = NAN, all_mma_sync = NAN; };
 
 static double rel_err(const std::vector<double>& got, const std::vector<double>& ref) {
     double num = 0, den = 0;
@@ -194,11 +195,25 @@ static Result run_shape(const Shape& s, int iters) {
     r.fwd = time_ms(fwd, warmup, iters);
     r.all = time_ms(all, warmup, iters);
     r.fwd_mma_sync = time_ms([&]() { ssd_forward(d_y, saved, scratch, in, sh, 0, 0, true); }, warmup, iters);
+    r.all_mma_sync = time_ms([&]() {  // the forward as in r.all, the backward's tile kernels on mma.sync
+        ssd_forward(d_y, saved, scratch, in, sh, 0);
+        ssd_backward(gr, scratch, d_dy, in, saved, sh, 0, 0, true);
+    }, warmup, iters);
     // the forward with every row in 1, 2, 4, ... segments
     std::string segs = strformat("  %-20s", "forward, segments:");
     for (int nseg = 1; nseg <= ssd::nchunks(sh) && nseg <= 16; nseg *= 2)
         segs += strformat(" %d: %.3f ms", nseg, time_ms([&]() { ssd_forward(d_y, saved, scratch, in, sh, 0, nseg); },
                                                          warmup, iters));
+    // forward+backward with the backward's tile blocks in groups of 1, 2, 4, ... (b, chunk) pairs (ssd::tile_index)
+    std::string groups = strformat("  %-20s", "fwd+bwd, tile groups:");
+    const int pairs = B * ssd::nchunks(sh);
+    for (int group = 1;; group = std::min(2 * group, pairs)) {
+        groups += strformat(" %d: %.3f ms", group, time_ms([&]() {
+                                ssd_forward(d_y, saved, scratch, in, sh, 0);
+                                ssd_backward(gr, scratch, d_dy, in, saved, sh, 0, group);
+                            }, warmup, iters));
+        if (group == pairs) break;
+    }
     in.pos = d_pos;
     r.fwd_docs = time_ms(fwd, warmup, iters);
     r.all_docs = time_ms(all, warmup, iters);
@@ -214,7 +229,10 @@ static Result run_shape(const Shape& s, int iters) {
     line("forward+backward", r.all, 3 * fwd_flops, anchor_value(prefix, "fwd+bwd"));
     printf("  %-20s (%6.1f TFLOP/s) %.3f ms: the wgmma kernel is %.2fx faster\n", "forward, mma.sync",
            fwd_flops / r.fwd_mma_sync * 1e-9, r.fwd_mma_sync, r.fwd_mma_sync / r.fwd);
+    printf("  %-20s (%6.1f TFLOP/s) %.3f ms: the wgmma tile kernels save %.3f ms\n", "fwd+bwd, mma.sync",
+           3 * fwd_flops / r.all_mma_sync * 1e-9, r.all_mma_sync, r.all_mma_sync - r.all);
     printf("%s\n", segs.c_str());
+    printf("%s (of %d pairs; the default's groups fill the GPU)\n", groups.c_str(), pairs);
     const ssd::ForwardPlan plan = ssd_forward_plan(sh);
     printf("  %-20s %d whole + %d in %d segments: %.3f ms\n", "forward, plan:", plan.whole,
            ssd::forward_split_rows(sh, plan), ssd::forward_segments(sh, plan), r.fwd);

@@ -430,3 +430,38 @@ TEST_CASE("ssd: the plan the forward chooses (kernel_sizes.h)", "[config][ssd]")
         REQUIRE(ssd::forward_segment_state_elems(s, ssd::forward_plan_of(s, ssd::nchunks(s), 0)) <=
                 ssd::BwdScratch(s, nullptr).total);
 }
+
+TEST_CASE("ssd: the backward tile blocks' order in groups of (b, chunk) pairs (kernel_sizes.h)", "[config][ssd]") {
+    // every block index names one (pair, rank, slice) and every one is named once; a group's blocks are
+    // contiguous, rank by rank; the last group may hold fewer pairs
+    for (int pairs : {1, 5, 64})
+        for (int slices : {1, 4})
+            for (int group : {1, 3, 16, pairs}) {
+                if (group > pairs) continue;
+                INFO(pairs << " pairs, " << slices << " slices, groups of " << group);
+                const int blocks = pairs * ssd::NTILE * slices;
+                std::vector<int> seen(blocks, 0);
+                int prev_group = 0, prev_rank = 0;
+                for (int blk = 0; blk < blocks; blk++) {
+                    const ssd::TileIndex ix = ssd::tile_index(blk, pairs, slices, group);
+                    REQUIRE(ix.pair >= 0);
+                    REQUIRE(ix.pair < pairs);
+                    REQUIRE(ix.rank >= 0);
+                    REQUIRE(ix.rank < ssd::NTILE);
+                    REQUIRE(ix.slice >= 0);
+                    REQUIRE(ix.slice < slices);
+                    seen[(ix.pair * ssd::NTILE + ix.rank) * slices + ix.slice]++;
+                    const int grp = ix.pair / group;
+                    REQUIRE(grp >= prev_group);  // groups in order
+                    if (grp == prev_group) REQUIRE(ix.rank >= prev_rank);  // inside one, ranks in order
+                    prev_group = grp, prev_rank = ix.rank;
+                }
+                for (int k = 0; k < blocks; k++) REQUIRE(seen[k] == 1);
+            }
+    // mamba2-370m's layer (B8 T2048 H32: 64 pairs of 4 slices, 16 blocks a pair) on 264 places: 16 pairs a group;
+    // mamba2-2.7b's (B4 T2048 H80: 32 pairs of 8 slices) 8; never fewer than one pair or more than all
+    REQUIRE(ssd::backward_tile_group(SSDShape{8, 2048, 32, 64, 1, 128, 256}, 264) == 16);
+    REQUIRE(ssd::backward_tile_group(SSDShape{4, 2048, 80, 64, 1, 128, 256}, 264) == 8);
+    REQUIRE(ssd::backward_tile_group(SSDShape{8, 2048, 32, 64, 1, 128, 256}, 8) == 1);
+    REQUIRE(ssd::backward_tile_group(SSDShape{1, 300, 4, 64, 1, 128, 256}, 264) == 2);
+}
