@@ -43,10 +43,10 @@
 // groups of (b, chunk) pairs that fill the GPU, the heaviest tiles of a group first (TileBlock, tile_index): the
 // blocks of a chunk read each other's x and dy tiles from L2.
 // Matmuls run on tensor cores (mma.sync m16n8k16: bf16 in, fp32 accumulate; sm_80 and sm_90), operands from
-// shared memory through ldmatrix; on sm_90a builds the tile kernels' matmuls per pair (row: dy x^T, column: the
-// scores times dy) run on wgmma (heads of 64). Cumsums, decays and the state recurrences are fp32; states and W go through
-// memory as bf16 (the precision the matmuls read them in). Every sum (over heads, positions, chunks, batch)
-// runs in a fixed order, without atomics: results repeat bit for bit.
+// shared memory through ldmatrix; on sm_90a builds the row and column kernels' matmuls run on wgmma (heads of
+// 64). Cumsums, decays and the state recurrences are fp32; states and W go through memory as bf16 (the precision
+// the matmuls read them in). Every sum (over heads, positions, chunks, batch) runs in a fixed order, without
+// atomics: results repeat bit for bit.
 //
 // The blocking (64-row steps, 256-row chunks) is the kernels' own: SSDShape::chunk, the model's chunk size, does
 // not change the result beyond rounding.
@@ -106,12 +106,25 @@ __device__ inline void mma_k16(float (&acc)[NT][4], const uint32_t (&a)[4], cons
     }
 }
 
-// the A fragment of rows m0..m0+16, k0..k0+16 of an smem matrix; A_KM: smem holds A k-major (sA[k][m])
-template <bool A_KM>
+// byte offset of element (r, c) of a TILE-row smem matrix in the 128-byte-swizzled layout of wgmma operands
+// (hopper.cuh: c / 64 column blocks of TILE rows x 128 bytes, the 16-byte chunks of a row permuted by r % 8)
+__device__ __forceinline__ uint32_t sw128_offset(int r, int c) {
+    return (c >> 6) * TILE * 128 + r * 128 + ((((c >> 3) & 7) ^ (r & 7)) << 4) + (c & 7) * 2;
+}
+// element (r, c) of an smem matrix: row stride ld, or (SW) the swizzled layout
+template <bool SW>
+__device__ __forceinline__ const bf16* smem_at(const bf16* s, int ld, int r, int c) {
+    if constexpr (SW) return reinterpret_cast<const bf16*>(reinterpret_cast<const unsigned char*>(s) + sw128_offset(r, c));
+    else return s + r * ld + c;
+}
+
+// the A fragment of rows m0..m0+16, k0..k0+16 of an smem matrix; A_KM: smem holds A k-major (sA[k][m]);
+// SW: in the swizzled layout (lda unused)
+template <bool A_KM, bool SW = false>
 __device__ inline void load_a(uint32_t (&a)[4], const bf16* sA, int lda, int m0, int k0) {
     const int lane = threadIdx.x & 31, r = lane & 7, mi = lane >> 3;
-    if (A_KM) ldsm_x4_t(a, sA + (k0 + r + (mi >> 1) * 8) * lda + m0 + (mi & 1) * 8);
-    else      ldsm_x4(a, sA + (m0 + (lane & 15)) * lda + k0 + (lane >> 4) * 8);
+    if (A_KM) ldsm_x4_t(a, smem_at<SW>(sA, lda, k0 + r + (mi >> 1) * 8, m0 + (mi & 1) * 8));
+    else      ldsm_x4(a, smem_at<SW>(sA, lda, m0 + (lane & 15), k0 + (lane >> 4) * 8));
 }
 
 // acc (rows m0..m0+16, 8NT columns) += A (16 x K) * B (K x 8NT), both from smem.
@@ -172,8 +185,8 @@ __device__ inline void warp_mma_kscaled(float (&acc)[MT][NT][4], const bf16* sA,
 }
 
 // dots of rows g / g+8 of a 16 x 8NT accumulator with rows m0 + g / m0 + g + 8 of an smem tile (row
-// stride ld), this lane's part (quad_sum gives the row's)
-template <int NT>
+// stride ld, or SW: swizzled), this lane's part (quad_sum gives the row's)
+template <int NT, bool SW = false>
 __device__ __forceinline__ void row_dots(float& da, float& db, const float (&acc)[NT][4], const bf16* s, int ld,
                                          int m0) {
     const int lane = threadIdx.x & 31, q = lane & 3;
@@ -181,8 +194,8 @@ __device__ __forceinline__ void row_dots(float& da, float& db, const float (&acc
 #pragma unroll
     for (int n = 0; n < NT; n++) {
         const int p = n * 8 + 2 * q;
-        const float2 va = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(s + (m0 + (lane >> 2)) * ld + p));
-        const float2 vb = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(s + (m0 + (lane >> 2) + 8) * ld + p));
+        const float2 va = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(smem_at<SW>(s, ld, m0 + (lane >> 2), p)));
+        const float2 vb = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(smem_at<SW>(s, ld, m0 + (lane >> 2) + 8, p)));
         da += va.x * acc[n][0] + va.y * acc[n][1];
         db += vb.x * acc[n][2] + vb.y * acc[n][3];
     }
@@ -251,18 +264,26 @@ __device__ inline void load_rows(bf16* s, const bf16* g, size_t stride, int vali
 // operands (hopper.cuh; COLS / 64 column blocks of TILE rows); rows >= valid become zero. A thread's row
 // advances by a multiple of 8 per pass, so its swizzled chunk is the same in every pass.
 template <int COLS>
-__device__ inline void load_rows_sw128(unsigned char* s, const bf16* g, size_t stride, int valid) {
+__device__ inline void load_rows_sw128(void* dst, const bf16* g, size_t stride, int valid) {
     constexpr int V = COLS / 8, STEP = THREADS / V;  // 16-byte pieces a row, rows a pass
     static_assert(THREADS % V == 0 && STEP % 8 == 0 && TILE % STEP == 0, "whole rows a pass, 8-row groups");
     const int v = threadIdx.x % V, r0 = threadIdx.x / V;
     const bf16* g0 = g + v * 8;
     const bf16* gr = g0 + r0 * stride;
-    s += (v / 8) * TILE * 128 + r0 * 128 + (((v % 8) ^ (r0 & 7)) << 4);
+    unsigned char* s = static_cast<unsigned char*>(dst) + sw128_offset(r0, v * 8);
 #pragma unroll
     for (int k = 0; k < TILE / STEP; k++) {
         const bool ok = r0 + k * STEP < valid;
         cp_async16(s + k * STEP * 128, ok ? gr + k * STEP * stride : g0, ok);
     }
+}
+
+// load_rows, or (SW) load_rows_sw128
+template <int COLS, bool SW, int ROWS = TILE>
+__device__ inline void load_rows_as(bf16* s, const bf16* g, size_t stride, int valid) {
+    static_assert(!SW || ROWS == TILE, "swizzled tiles of TILE rows");
+    if constexpr (SW) load_rows_sw128<COLS>(s, g, stride, valid);
+    else load_rows<COLS, ROWS>(s, g, stride, valid);
 }
 
 // starts copying n floats (16-byte aligned, n a multiple of 4) into smem
@@ -899,13 +920,29 @@ ssd_state_pass_kernel(bf16* hst, bf16* gst, float* dots, const float* acum_s, co
 }
 
 // ----------------------------------------------------------------------------------------------
-// wgmma for the tile kernels' per-pair matmuls (sm_90a builds, heads of 64)
+// wgmma for the backward tile kernels (sm_90a builds, heads of 64): 64 x 64 and 64 x N tiles in the swizzled
+// layout (load_rows_sw128, 1024-aligned); accumulators in mma.sync's layout (hopper.cuh: wgmma gives warp w rows
+// 16w .. 16w + 15 in the same fragment per 8 columns), so the epilogues serve both paths
+
+// A fragments of the warp's 16 rows of a 64 x 64 swizzled tile, the 4 k-steps (A_KM: the tile holds A k-major),
+// SCALE: rows g / g + 8 times sa / sb
+template <bool A_KM, bool SCALE = false>
+__device__ inline void load_a_tile_sw(uint32_t (&a)[4][4], const bf16* s, float sa = 1.f, float sb = 1.f) {
+    const int m0 = (threadIdx.x >> 5) * 16;
+#pragma unroll
+    for (int kk = 0; kk < 4; kk++) {
+        load_a<A_KM, true>(a[kk], s, 0, m0, kk * 16);
+        if (SCALE) {
+            a[kk][0] = scale_bf16x2(a[kk][0], sa, sa); a[kk][1] = scale_bf16x2(a[kk][1], sb, sb);
+            a[kk][2] = scale_bf16x2(a[kk][2], sa, sa); a[kk][3] = scale_bf16x2(a[kk][3], sb, sb);
+        }
+    }
+}
 
 #ifdef SM90A
 constexpr bool WGMMA_BUILD = true;
-// m = A B^T for two 64 x 64 tiles in the swizzled layout (load_rows_sw128, 1024-aligned), the rows of both
-// along K (K-major operands), in mma.sync's accumulator layout: wgmma gives warp w rows 16w .. 16w + 15 in the
-// same fragment per 8 columns (hopper.cuh)
+// m = A B^T for two 64-row tiles (K columns, both K-major)
+template <int K>
 __device__ inline void tile_abt_wgmma(float (&m)[8][4], const bf16* s_a, const bf16* s_b) {
     using namespace hopper;
     const uint64_t da = desc_sw128(smem_u32(s_a), 16), db = desc_sw128(smem_u32(s_b), 16);
@@ -913,7 +950,10 @@ __device__ inline void tile_abt_wgmma(float (&m)[8][4], const bf16* s_a, const b
     wg_fence();
     wgmma_ss_first<0, 0>(d, da, db);
 #pragma unroll
-    for (int kk = 1; kk < 4; kk++) wgmma_ss<0, 0>(d, desc_add(da, 32 * kk), desc_add(db, 32 * kk), 1);
+    for (int kk = 1; kk < K / 16; kk++) {
+        const uint32_t off = (kk / 4) * TILE * 128 + (kk % 4) * 32;  // column block, k-step inside it
+        wgmma_ss<0, 0>(d, desc_add(da, off), desc_add(db, off), 1);
+    }
     wg_commit();
     wg_wait<0>();
     fence_regs(d);
@@ -922,12 +962,13 @@ __device__ inline void tile_abt_wgmma(float (&m)[8][4], const bf16* s_a, const b
 #pragma unroll
         for (int e = 0; e < 4; e++) m[n][e] = d[4 * n + e];
 }
-// acc += A B for A (64 x 64) in registers (mma.sync's A fragments per k-step, hopper.cuh: the same layout) and
-// B (64 rows along K x 64 columns) in the swizzled layout, MN-major (its columns contiguous), 1024-aligned
-__device__ inline void tile_acc_ab_wgmma(float (&acc)[8][4], const uint32_t (&a)[4][4], const bf16* s_b) {
+// acc (64 x 8NT) += A B for A (64 x 64) in registers (load_a_tile_sw, or packed accumulators: mma.sync's A
+// fragments per k-step are wgmma's) and B (64 rows along K x 8NT columns) MN-major (its columns contiguous)
+template <int NT>
+__device__ inline void tile_acc_ab_wgmma(float (&acc)[NT][4], const uint32_t (&a)[4][4], const bf16* s_b) {
     using namespace hopper;
     const uint64_t db = desc_sw128(smem_u32(s_b), TILE * 128);
-    float(&d)[32] = *reinterpret_cast<float(*)[32]>(&acc[0][0]);  // the same registers in the same order
+    float(&d)[4 * NT] = *reinterpret_cast<float(*)[4 * NT]>(&acc[0][0]);  // the same registers in the same order
     wg_fence();
 #pragma unroll
     for (int kk = 0; kk < 4; kk++) wgmma_rs<1>(d, a[kk], desc_add(db, kk * 16 * 128), 1);
@@ -988,7 +1029,7 @@ __device__ __forceinline__ void store_slice_part(float* part, const float (&acc)
 //                          Z = CB Lam (rsum_i, and csum_j's partial from this row tile): the gradient of Acum is
 //                          their difference, which cancels, so both come from the same fp32 products;
 //                          then dC_i += W B_jt once and W (bf16) to memory for the column kernel
-// WG (sm_90a, P = 64): M on wgmma, x_jt and dy_it loaded in the swizzled layout. Dynamic smem row_smem_bytes.
+// WG (sm_90a, P = 64): every matmul on wgmma, its smem operands in the swizzled layout. Dynamic smem row_smem_bytes.
 template <int P, int N, bool DOCS, bool WG>
 __global__ void __launch_bounds__(THREADS)
 ssd_bwd_row_kernel(float* dc_part, BwdScratch sc, const float* dt_s, const float* acum_s, const bf16* dy,
@@ -1016,9 +1057,9 @@ ssd_bwd_row_kernel(float* dc_part, BwdScratch sc, const float* dt_s, const float
     const int ra = i0 + m0 + (lane >> 2), rb = ra + 8;  // chunk-local rows (positions i)
     const int tha = DOCS ? doc_thr(in.pos, row0, ra, valid) : -1, thb = DOCS ? doc_thr(in.pos, row0, rb, valid) : -1;
 
-    load_rows<N>(s_c, in.Cm + (row0 + i0) * in.bc_stride + g * N, in.bc_stride, valid - i0);
+    load_rows_as<N, WG>(s_c, in.Cm + (row0 + i0) * in.bc_stride + g * N, in.bc_stride, valid - i0);
     auto load_b = [&](int jt) {
-        load_rows<N>(s_b, in.Bm + (row0 + jt * TILE) * in.bc_stride + g * N, in.bc_stride, valid - jt * TILE);
+        load_rows_as<N, WG>(s_b, in.Bm + (row0 + jt * TILE) * in.bc_stride + g * N, in.bc_stride, valid - jt * TILE);
     };
     load_b(0);  // lands during the state part, which does not read s_b
     for (int i = threadIdx.x; i < MAX_HPS * TILE; i += blockDim.x) s_rsum[i / TILE][i % TILE] = 0.f;
@@ -1034,8 +1075,9 @@ ssd_bwd_row_kernel(float* dc_part, BwdScratch sc, const float* dt_s, const float
     auto load_state = [&](int hh, int buf) {
         const int h = tb.h0 + hh;
         bf16* u = s_u + buf * UB;
-        load_rows<P>(u, dy + (row0 + i0) * dy_stride + h * P, dy_stride, valid - i0);
-        load_rows<N, P>(u + XS, sc.hst + (((size_t)tb.b * H + h) * tb.nc + tb.c) * P * N, N, P);
+        const bf16* hin = sc.hst + (((size_t)tb.b * H + h) * tb.nc + tb.c) * P * N;
+        load_rows_as<P, WG>(u, dy + (row0 + i0) * dy_stride + h * P, dy_stride, valid - i0);
+        load_rows_as<N, WG, P>(u + XS, hin, N, P);
         arrays(h, buf);
         cp_async_commit();
     };
@@ -1048,6 +1090,9 @@ ssd_bwd_row_kernel(float* dc_part, BwdScratch sc, const float* dt_s, const float
         } else {
             cp_async_wait_group<0>();
         }
+#ifdef SM90A
+        if constexpr (WG) hopper::fence_async_smem();  // the copies are read by wgmma, the async proxy
+#endif
         __syncthreads();
         const bf16* s_dy = s_u + buf * UB;
         const bf16* s_h = s_dy + XS;
@@ -1056,13 +1101,27 @@ ssd_bwd_row_kernel(float* dc_part, BwdScratch sc, const float* dt_s, const float
         float oa, ob;
         {
             float yo[P / 8][4];  // Hin C_i
-            zero(yo);
-            warp_mma<P / 8, false, false>(yo, s_c, N + PAD, m0, s_h, N + PAD, 0, N);
-            row_dots(oa, ob, yo, s_dy, P + PAD, m0);
+            if constexpr (WG) {
+#ifdef SM90A
+                tile_abt_wgmma<N>(yo, s_c, s_h);
+#endif
+            } else {
+                zero(yo);
+                warp_mma<P / 8, false, false>(yo, s_c, N + PAD, m0, s_h, N + PAD, 0, N);
+            }
+            row_dots<P / 8, WG>(oa, ob, yo, s_dy, P + PAD, m0);
         }
         oa = ea * quad_sum(oa);
         ob = eb * quad_sum(ob);
-        warp_mma<N / 8, false, true, true>(dc, s_dy, P + PAD, m0, s_h, N + PAD, 0, P, ea, eb);
+        if constexpr (WG) {
+#ifdef SM90A
+            uint32_t a[4][4];  // e_i dy_i
+            load_a_tile_sw<false, true>(a, s_dy, ea, eb);
+            tile_acc_ab_wgmma(dc, a, s_h);
+#endif
+        } else {
+            warp_mma<N / 8, false, true, true>(dc, s_dy, P + PAD, m0, s_h, N + PAD, 0, P, ea, eb);
+        }
         if (q == 0) {
             const size_t pos0 = ((size_t)tb.b * H + h) * Tp + tb.t0;
             sc.off[pos0 + ra] = oa;
@@ -1079,13 +1138,8 @@ ssd_bwd_row_kernel(float* dc_part, BwdScratch sc, const float* dt_s, const float
         bf16* u = s_u + buf * UB;
         const bf16* xg = in.x + (row0 + j0) * in.x_stride + h * P;
         const bf16* dyg = dy + (row0 + i0) * dy_stride + h * P;
-        if constexpr (WG) {
-            load_rows_sw128<P>(reinterpret_cast<unsigned char*>(u), xg, in.x_stride, valid - j0);
-            load_rows_sw128<P>(reinterpret_cast<unsigned char*>(u + XS), dyg, dy_stride, valid - i0);
-        } else {
-            load_rows<P>(u, xg, in.x_stride, valid - j0);
-            load_rows<P>(u + XS, dyg, dy_stride, valid - i0);
-        }
+        load_rows_as<P, WG>(u, xg, in.x_stride, valid - j0);
+        load_rows_as<P, WG>(u + XS, dyg, dy_stride, valid - i0);
         arrays(h, buf);
         cp_async_commit();
     };
@@ -1121,9 +1175,15 @@ ssd_bwd_row_kernel(float* dc_part, BwdScratch sc, const float* dt_s, const float
         __syncthreads();
         if (k > 0) flush_csum(pjt, phh, buf ^ 1);
         if (hh == 0) {
-            zero(cbv);
             zero(wacc);
-            warp_mma<8, false, false>(cbv, s_c, N + PAD, m0, s_b, N + PAD, 0, N, 1.f, 1.f, 0, 2 * kend);
+            if constexpr (WG) {
+#ifdef SM90A
+                tile_abt_wgmma<N>(cbv, s_c, s_b);
+#endif
+            } else {
+                zero(cbv);
+                warp_mma<8, false, false>(cbv, s_c, N + PAD, m0, s_b, N + PAD, 0, N, 1.f, 1.f, 0, 2 * kend);
+            }
         }
         const bf16* s_x = s_u + buf * UB;
         const bf16* s_dy = s_x + XS;
@@ -1132,7 +1192,7 @@ ssd_bwd_row_kernel(float* dc_part, BwdScratch sc, const float* dt_s, const float
         float m[8][4];  // dy_i . x_j
         if constexpr (WG) {
 #ifdef SM90A
-            tile_abt_wgmma(m, s_dy, s_x);  // all 64 columns: the scores use those the rows see
+            tile_abt_wgmma<P>(m, s_dy, s_x);  // all 64 columns: the scores use those the rows see
 #endif
         } else {
             zero(m);
@@ -1187,7 +1247,13 @@ ssd_bwd_row_kernel(float* dc_part, BwdScratch sc, const float* dt_s, const float
         if (hh == tb.hps - 1) {  // the tile's last head: dC += W B_jt, W to memory
             uint32_t wa[4][4];
             acc_to_a(wa, wacc);
-            warp_mma_rega<N / 8>(dc, wa, s_b, N + PAD, 0, kend);
+            if constexpr (WG) {
+#ifdef SM90A
+                tile_acc_ab_wgmma(dc, wa, s_b);  // W's entries right of the warp's k-steps are zeros
+#endif
+            } else {
+                warp_mma_rega<N / 8>(dc, wa, s_b, N + PAD, 0, kend);
+            }
             bf16* wo = sc.w + tb.w_offset(nsl, G, it, jt);
 #pragma unroll
             for (int n = 0; n < 8; n++) {
@@ -1220,8 +1286,7 @@ inline size_t row_smem_bytes(int P, int N) {
 //   per head:        u_j = w_j B_j Gout^T + sum_{i >= j} CB_ij L_ij dy_i  (w_j = exp(Aend - Acum_j) for rows that
 //                    reach the next chunk), dx_j = dt_j u_j + D dy_j, dB_j += dt_j w_j Gout^T x_j, and the per-position
 //                    ddt_dir = x.u, sst = dt_j x_j.(state part of u), dd = x.dy
-// WG (sm_90a, P = 64): u += scores dy_i on wgmma (the scores from registers), dy_i loaded in the swizzled layout.
-// Dynamic smem col_smem_bytes.
+// WG (sm_90a, P = 64): every matmul on wgmma, its smem operands in the swizzled layout. Dynamic smem col_smem_bytes.
 template <int P, int N, bool DOCS, bool WG>
 __global__ void __launch_bounds__(THREADS)
 ssd_bwd_col_kernel(float* db_part, BwdScratch sc, const float* dt_s, const float* acum_s, const bf16* dy,
@@ -1230,8 +1295,9 @@ ssd_bwd_col_kernel(float* db_part, BwdScratch sc, const float* dt_s, const float
     constexpr int U1 = CS + WS, U2 = XS + HS + 2 * XS;  // phase 1: 2 x (C_it, W); phase 2: x, Gout, 2 x dy_it
     constexpr int UN = 2 * U1 > U2 ? 2 * U1 : U2;
     constexpr int CBD = 4 * 32 * 32, CBT = (NTILE - 1) * 4 * 16 * 32;
-    static_assert(!WG || (P == 64 && (CS + CBD * 2 + CBT * 2 + XS + HS) * 2 % 1024 == 0 && XS * 2 % 1024 == 0),
-                  "wgmma's dy tiles: one 128-byte column block, 1024-aligned");
+    static_assert(!WG || (P == 64 && (CS + CBD * 2 + CBT * 2) * 2 % 1024 == 0 && CS * 2 % 1024 == 0 &&
+                          U1 * 2 % 1024 == 0 && XS * 2 % 1024 == 0 && HS * 2 % 1024 == 0),
+                  "wgmma tiles: 128-byte column blocks, 1024-aligned");
     extern __shared__ __align__(16) unsigned char smem_raw[];
     unsigned char* smem = smem_raw + ((1024 - ((uint32_t)__cvta_generic_to_shared(smem_raw) & 1023)) & 1023);
     // CB^T in this warp's accumulator fragments: the diagonal tile fp32 (its decays are near 1 and it holds the
@@ -1254,7 +1320,7 @@ ssd_bwd_col_kernel(float* db_part, BwdScratch sc, const float* dt_s, const float
     const int it_end = (valid + TILE - 1) / TILE;
     const int kbeg = warp;  // on the diagonal tile this warp's rows j only see columns i >= m0
 
-    load_rows<N>(s_b, in.Bm + (row0 + j0) * in.bc_stride + g * N, in.bc_stride, valid - j0);
+    load_rows_as<N, WG>(s_b, in.Bm + (row0 + j0) * in.bc_stride + g * N, in.bc_stride, valid - j0);
     if (DOCS)
         for (int i = threadIdx.x; i < CHUNK; i += blockDim.x) s_thr[i] = doc_thr(in.pos, row0, i, valid);
     const int lds = DOCS ? doc_thr(in.pos, row0, valid - 1, valid) : -1;
@@ -1264,8 +1330,8 @@ ssd_bwd_col_kernel(float* db_part, BwdScratch sc, const float* dt_s, const float
     // ---- phase 1: C B^T tiles and W^T C, over the row tiles it >= jt
     auto load_c = [&](int it, int buf) {
         bf16* u = s_u + buf * U1;
-        load_rows<N>(u, in.Cm + (row0 + it * TILE) * in.bc_stride + g * N, in.bc_stride, valid - it * TILE);
-        load_rows<TILE>(u + CS, sc.w + tb.w_offset(nsl, G, it, jt), TILE, TILE);
+        load_rows_as<N, WG>(u, in.Cm + (row0 + it * TILE) * in.bc_stride + g * N, in.bc_stride, valid - it * TILE);
+        load_rows_as<TILE, WG>(u + CS, sc.w + tb.w_offset(nsl, G, it, jt), TILE, TILE);
         cp_async_commit();
     };
     load_c(jt, 0);
@@ -1277,13 +1343,22 @@ ssd_bwd_col_kernel(float* db_part, BwdScratch sc, const float* dt_s, const float
         } else {
             cp_async_wait_group<0>();
         }
+#ifdef SM90A
+        if constexpr (WG) hopper::fence_async_smem();  // the copies are read by wgmma, the async proxy
+#endif
         __syncthreads();
         const bf16* s_ci = s_u + buf * U1;
         const bf16* s_w = s_ci + CS;
         const int klo = it == jt ? kbeg : 0;
-        float cbt[8][4];
-        zero(cbt);
-        warp_mma<8, false, false>(cbt, s_b, N + PAD, m0, s_ci, N + PAD, 0, N, 1.f, 1.f, 2 * klo);  // B_j . C_i
+        float cbt[8][4];  // B_j . C_i
+        if constexpr (WG) {
+#ifdef SM90A
+            tile_abt_wgmma<N>(cbt, s_b, s_ci);
+#endif
+        } else {
+            zero(cbt);
+            warp_mma<8, false, false>(cbt, s_b, N + PAD, m0, s_ci, N + PAD, 0, N, 1.f, 1.f, 2 * klo);
+        }
         if (it == jt) {
             float* o = s_cbd + warp * 32 * 32 + lane;
 #pragma unroll
@@ -1298,7 +1373,15 @@ ssd_bwd_col_kernel(float* db_part, BwdScratch sc, const float* dt_s, const float
                 o[(2 * n + 1) * 32] = pack_bf16(cbt[n][2], cbt[n][3]);
             }
         }
-        warp_mma<N / 8, true, true>(db, s_w, TILE + PAD, m0, s_ci, N + PAD, 0, TILE);  // W^T C_it
+        if constexpr (WG) {  // W^T C_it
+#ifdef SM90A
+            uint32_t a[4][4];
+            load_a_tile_sw<true>(a, s_w);
+            tile_acc_ab_wgmma(db, a, s_ci);
+#endif
+        } else {
+            warp_mma<N / 8, true, true>(db, s_w, TILE + PAD, m0, s_ci, N + PAD, 0, TILE);
+        }
         __syncthreads();
     }
 
@@ -1310,18 +1393,20 @@ ssd_bwd_col_kernel(float* db_part, BwdScratch sc, const float* dt_s, const float
         const int h = tb.h0 + hh;
         const size_t bh = (size_t)tb.b * H + h, pos0 = bh * Tp + tb.t0;
         auto load_dy = [&](int it, int buf) {
-            const bf16* g = dy + (row0 + it * TILE) * dy_stride + h * P;
-            if constexpr (WG) load_rows_sw128<P>(reinterpret_cast<unsigned char*>(s_dyb + buf * XS), g, dy_stride, valid - it * TILE);
-            else load_rows<P>(s_dyb + buf * XS, g, dy_stride, valid - it * TILE);
+            load_rows_as<P, WG>(s_dyb + buf * XS, dy + (row0 + it * TILE) * dy_stride + h * P, dy_stride,
+                                valid - it * TILE);
             cp_async_commit();
         };
-        load_rows<P>(s_x, in.x + (row0 + j0) * in.x_stride + h * P, in.x_stride, valid - j0);
-        load_rows<N, P>(s_g, sc.gst + (bh * tb.nc + tb.c) * P * N, N, P);
+        load_rows_as<P, WG>(s_x, in.x + (row0 + j0) * in.x_stride + h * P, in.x_stride, valid - j0);
+        load_rows_as<N, WG, P>(s_g, sc.gst + (bh * tb.nc + tb.c) * P * N, N, P);
         load_floats(s_dt, dt_s + pos0, CHUNK);
         load_floats(s_ac, acum_s + pos0, CHUNK);
         cp_async_commit();
         load_dy(jt, 0);
         cp_async_wait_group<1>();
+#ifdef SM90A
+        if constexpr (WG) hopper::fence_async_smem();
+#endif
         __syncthreads();
 
         const float aend = s_ac[CHUNK - 1];
@@ -1332,15 +1417,29 @@ ssd_bwd_col_kernel(float* db_part, BwdScratch sc, const float* dt_s, const float
         // mask; every other pair costs two multiplies.
         const float ap = s_ac[j0 + m0 + 15], ga = decay_exp(ap - aa), gb = decay_exp(ap - ab);
         float u[P / 8][4];
-        zero(u);
         uint32_t dyj[P / 8][2];  // this thread's dy_j (rows ra, rb), kept from the first tile for the epilogue
-        warp_mma<P / 8, false, false>(u, s_b, N + PAD, m0, s_g, N + PAD, 0, N);  // B_j Gout^T
+        if constexpr (WG) {  // B_j Gout^T
+#ifdef SM90A
+            tile_abt_wgmma<N>(u, s_b, s_g);
+#endif
+        } else {
+            zero(u);
+            warp_mma<P / 8, false, false>(u, s_b, N + PAD, m0, s_g, N + PAD, 0, N);
+        }
         scale_rows_acc(u, wa, wb);
         float sa, sb;
-        row_dots(sa, sb, u, s_x, P + PAD, m0);
+        row_dots<P / 8, WG>(sa, sb, u, s_x, P + PAD, m0);
         sa = dta * quad_sum(sa);
         sb = dtb * quad_sum(sb);
-        warp_mma<N / 8, false, true, true>(db, s_x, P + PAD, m0, s_g, N + PAD, 0, P, dta * wa, dtb * wb);
+        if constexpr (WG) {  // dt_j w_j x_j Gout
+#ifdef SM90A
+            uint32_t a[4][4];
+            load_a_tile_sw<false, true>(a, s_x, dta * wa, dtb * wb);
+            tile_acc_ab_wgmma(db, a, s_g);
+#endif
+        } else {
+            warp_mma<N / 8, false, true, true>(db, s_x, P + PAD, m0, s_g, N + PAD, 0, P, dta * wa, dtb * wb);
+        }
 
         for (int it = jt; it < it_end; it++) {
             const int buf = (it - jt) & 1, i0 = it * TILE;
@@ -1360,11 +1459,7 @@ ssd_bwd_col_kernel(float* db_part, BwdScratch sc, const float* dt_s, const float
 #pragma unroll
                     for (int half = 0; half < 2; half++) {
                         const int r = ra - j0 + 8 * half, c = n * 8 + 2 * q;
-                        uint32_t off = (r * (P + PAD) + c) * sizeof(bf16);
-#ifdef SM90A
-                        if constexpr (WG) off = hopper::swz128(r, c);
-#endif
-                        dyj[n][half] = *reinterpret_cast<const uint32_t*>(reinterpret_cast<const unsigned char*>(s_dyb) + off);
+                        dyj[n][half] = *reinterpret_cast<const uint32_t*>(smem_at<WG>(s_dyb, P + PAD, r, c));
                     }
             }
             const int klo = it == jt ? kbeg : 0;
@@ -1432,7 +1527,7 @@ ssd_bwd_col_kernel(float* db_part, BwdScratch sc, const float* dt_s, const float
 #pragma unroll
             for (int n = 0; n < P / 8; n++) {
                 const int p = n * 8 + 2 * q;
-                const float2 xv = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(s_x + (j - j0) * (P + PAD) + p));
+                const float2 xv = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(smem_at<WG>(s_x, P + PAD, j - j0, p)));
                 const float2 dyv = unpack_bf16(dyj[n][half]);  // zero past the sequence, like x
                 const float u0 = u[n][2 * half], u1 = u[n][2 * half + 1];
                 xu += xv.x * u0 + xv.y * u1;
@@ -1693,8 +1788,7 @@ void backward_impl(const SSDGrads& gr, void* scratch, const bf16* dy, const SSDI
         set_max_smem(kernel, smem);
         return tile_group ? tile_group : backward_tile_group(sh, occupancy(kernel, THREADS, smem) * sm_count());
     };
-    // the per-pair matmuls (row: dy x^T, column: scores dy) on wgmma where the build has it, for heads of 64
-    // (unless mma_sync)
+    // the tile kernels on wgmma where the build has it, for heads of 64 (unless mma_sync)
     auto row = [&](auto wg) {
         auto kernel = ssd_bwd_row_kernel<P, N, DOCS, decltype(wg)::value>;
         const size_t smem = row_smem_bytes(P, N);
