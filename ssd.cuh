@@ -1037,7 +1037,7 @@ ssd_bwd_row_kernel(float* dc_part, BwdScratch sc, const float* dt_s, const float
     constexpr int CS = TILE * (N + PAD), XS = TILE * (P + PAD), HS = P * (N + PAD);
     constexpr int UB = (XS + HS > 2 * XS ? XS + HS : 2 * XS);  // one buffer: dy + Hin, or x + dy
     static_assert(!WG || (P == 64 && CS * 2 % 1024 == 0 && XS * 2 % 1024 == 0 && UB * 2 % 1024 == 0),
-                  "wgmma tiles: one 128-byte column block, 1024-aligned");
+                  "wgmma tiles: 128-byte column blocks, 1024-aligned");
     extern __shared__ __align__(16) unsigned char smem_raw[];
     unsigned char* smem = smem_raw + ((1024 - ((uint32_t)__cvta_generic_to_shared(smem_raw) & 1023)) & 1023);
     bf16* s_c = reinterpret_cast<bf16*>(smem);  // C_it
