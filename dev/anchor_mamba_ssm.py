@@ -12,7 +12,11 @@ Part A: mamba_chunk_scan_combined (SSD Triton kernels), forward and fwd+bwd,
         dev/bench_ssd.cu, plain and with packed documents (seq_idx); one line
         per shape, "anchor ssd B4 T4096 H64 P64 N128 G1: fwd 0.563 ms | fwd+bwd
         4.367 ms" ("anchor ssd-docs ..." with documents), which the benchmark
-        reads through ANCHOR_LOG (dev/anchors.h).
+        reads through ANCHOR_LOG (dev/anchors.h). Then the plain case again
+        replayed from a CUDA graph (triton.testing.do_bench_cudagraph): the
+        Python launches between the kernels are not timed, which bound the
+        eager figures on hosts with slow CPUs ("anchor ssd-graph ..."; a
+        capture that fails is logged and skipped; --no-graph skips it).
 Part B: a Mamba-2 370M language model (48 x [h = h + Mamba2(RMSNorm(h))],
         d_model 1024, tied embeddings), fp32 weights, bf16 autocast, fused
         AdamW, batch 8 x 2048 random tokens: ms/step, tokens/s, peak memory.
@@ -217,6 +221,16 @@ def part_a(args):
         log(f"anchor ssd {label}: fwd {times[False][0]:.3f} ms | fwd+bwd {times[False][1]:.3f} ms")
         if True in times:
             log(f"anchor ssd-docs {label}: fwd {times[True][0]:.3f} ms | fwd+bwd {times[True][1]:.3f} ms")
+        if not args.no_graph:
+            try:  # leaves still require grad: the backward is captured with the forward
+                with torch.no_grad():
+                    ms_fwd = triton.testing.do_bench_cudagraph(lambda: fwd(), rep=args.rep_ms, return_mode="median")
+                ms_fb = triton.testing.do_bench_cudagraph(lambda: fwd_bwd(), rep=args.rep_ms, grad_to_none=leaves,
+                                                          return_mode="median")
+                log(f"anchor ssd-graph {label}: fwd {ms_fwd:.3f} ms | fwd+bwd {ms_fb:.3f} ms")
+            except Exception as e:
+                log(f"[A] CUDA-graph timing failed, skipped: {type(e).__name__}: {e}")
+                torch.cuda.synchronize()
         del x, Bm, Cm, dt, dout, leaves
         gc.collect()
         torch.cuda.empty_cache()
@@ -375,6 +389,7 @@ def main():
     ap.add_argument("--ssd-shapes", default=",".join(sh[0] for sh in SSD_SHAPES),
                     help="Part A shapes, comma-separated (default: all of dev/bench_ssd.cu)")
     ap.add_argument("--no-docs", action="store_true", help="Part A without the packed-documents timings")
+    ap.add_argument("--no-graph", action="store_true", help="Part A without the CUDA-graph timings")
     args = ap.parse_args()
 
     t_start = time.perf_counter()

@@ -3,8 +3,9 @@
 // The anchor scripts (dev/anchor_*.py, ../shared/anchors/*.py run from anchors/) print one
 // line per measurement; a device call runs them first and points ANCHOR_LOG at their log.
 // anchor_value(prefix, label) takes the first line that starts with `prefix` and returns the
-// number after `label` on it ("fwd 0.563 ms": label "fwd"), or NaN when there is no log, no
-// such line or no such label: the benchmark then prints its own figure without a ratio.
+// number after `label` on it ("fwd 0.563 ms": label "fwd"; the label a whole word, so "bwd" is
+// not found in "fwd+bwd"), or NaN when there is no log, no such line or no such label: the
+// benchmark then prints its own figure without a ratio.
 #pragma once
 #include <cmath>
 #include <cstdio>
@@ -19,10 +20,10 @@ inline double anchor_value(const std::string& prefix, const std::string& label) 
     std::string line;
     while (std::getline(f, line)) {
         if (line.rfind(prefix, 0) != 0) continue;
-        const size_t at = line.find(label + " ", prefix.size());
+        const size_t at = line.find(" " + label + " ", prefix.size());
         if (at == std::string::npos) return NAN;
         char* end;
-        const std::string rest = line.substr(at + label.size() + 1);
+        const std::string rest = line.substr(at + label.size() + 2);
         const double v = std::strtod(rest.c_str(), &end);
         return end == rest.c_str() ? NAN : v;
     }

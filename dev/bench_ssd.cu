@@ -6,7 +6,8 @@
 // (the forward on a few heads, dx and ddt of one head; per document with boundaries), then the median of
 // cudaEvent timings of the forward and of forward+backward, TFLOP/s (the chunked algorithm's matmul FLOPs as
 // ANCHORS.md counts them, backward counted as twice the forward) and the ratio to the anchor measured in the
-// same device run (ANCHOR_LOG, dev/anchors.h); also the forward and the backward's tile kernels on mma.sync (what
+// same device run (ANCHOR_LOG, dev/anchors.h), and to the anchor replayed from a CUDA graph where the log has that
+// too (its Python launches untimed); also the forward and the backward's tile kernels on mma.sync (what
 // sm_90a builds run for P = 32 only, and other GPUs for every P), the forward with every (b, h) row in 1, 2, 4,
 // ... segments, and the plan this GPU chooses (ssd_forward_plan: the rows that run whole, the segments of the
 // others; its time is the forward's), and forward+backward with the backward's tile blocks in groups of 1, 2,
@@ -227,6 +228,12 @@ static Result run_shape(const Shape& s, int iters) {
     };
     line("forward", r.fwd, fwd_flops, anchor_value(prefix, "fwd"));
     line("forward+backward", r.all, 3 * fwd_flops, anchor_value(prefix, "fwd+bwd"));
+    // the anchor replayed from a CUDA graph (its Python launches not timed), when its log has it
+    const std::string prefix_graph = "anchor ssd-graph " + label + ":";
+    if (!std::isnan(anchor_value(prefix_graph, "fwd"))) {
+        line("fwd, graphed anchor", r.fwd, fwd_flops, anchor_value(prefix_graph, "fwd"));
+        line("f+b, graphed anchor", r.all, 3 * fwd_flops, anchor_value(prefix_graph, "fwd+bwd"));
+    }
     printf("  %-20s (%6.1f TFLOP/s) %.3f ms: the wgmma kernel is %.2fx faster\n", "forward, mma.sync",
            fwd_flops / r.fwd_mma_sync * 1e-9, r.fwd_mma_sync, r.fwd_mma_sync / r.fwd);
     printf("  %-20s (%6.1f TFLOP/s) %.3f ms: the wgmma tile kernels save %.3f ms\n", "fwd+bwd, mma.sync",
