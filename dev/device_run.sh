@@ -147,7 +147,7 @@ while [ $# -gt 0 ]; do
             for x in ./dev/${b}_before ./dev/$b; do
               [ -x $x ] || { echo "ab: $x is missing (prepare BASE_REV $b packs the first)"; continue; }
               echo "== $x $fl"; timeout 200 $x $fl
-            done 2>&1 | tee "$OUT/ab_$b.log" | grep -E "^==|ours|fwd\+bwd|error" ;;
+            done 2>&1 | tee "$OUT/ab_$b.log" | grep -E "^==|ours|fwd\+bwd|error|missing" ;;
     docreset) # the default corpus with and without document boundaries: median tokens/s of steps 10..80
             for f in "" --doc-reset; do
               ./train_mamba $brown --steps 80 --warmup 10 --val-every 0 --sample-every 0 --ckpt-every 0 --ckpt-dir ckpt_dr$f $f \
