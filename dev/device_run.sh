@@ -145,7 +145,7 @@ while [ $# -gt 0 ]; do
             timeout 240 ./dev/$b $fl 2>&1 | tee "$OUT/$b.log" | tail -20 ;;
     ab)     b=$1; fl=$2; shift 2; [ "$fl" = - ] && fl=  # ab NAME "FLAGS": the base revision's build, then this one
             for x in ./dev/${b}_before ./dev/$b; do
-              [ -x $x ] || { echo "ab: $x is missing (prepare BASE_REV $b packs the first)"; continue; }
+              [ -x $x ] || { echo "ab: $x is missing (prepare BASE_REV $b packs both)"; continue; }
               echo "== $x $fl"; timeout 200 $x $fl
             done 2>&1 | tee "$OUT/ab_$b.log" | grep -E "^==|ours|fwd\+bwd|error|missing" ;;
     docreset) # the default corpus with and without document boundaries: median tokens/s of steps 10..80
