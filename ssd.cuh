@@ -980,6 +980,22 @@ __device__ inline void tile_acc_ab_wgmma(float (&acc)[NT][4], const uint32_t (&a
 constexpr bool WGMMA_BUILD = false;
 #endif
 
+// acc = A B^T for two 64-row smem tiles of K columns (both K-major), the rows m0 .. m0 + 15 of this warp: on
+// wgmma (WG: swizzled tiles, every column), else on mma.sync over the n-tiles [nlo, nhi) only (the rest zero)
+template <int NT, int K, bool WG>
+__device__ inline void tile_abt(float (&acc)[NT][4], const bf16* s_a, const bf16* s_b, int m0, int nlo = 0,
+                                int nhi = NT) {
+    if constexpr (WG) {
+        static_assert(NT == 8, "wgmma tiles of 64 columns");
+#ifdef SM90A
+        tile_abt_wgmma<K>(acc, s_a, s_b);
+#endif
+    } else {
+        zero(acc);
+        warp_mma<NT, false, false>(acc, s_a, K + PAD, m0, s_b, K + PAD, 0, K, 1.f, 1.f, nlo, nhi);
+    }
+}
+
 // ----------------------------------------------------------------------------------------------
 // the two backward tile kernels: a 1-D grid of B nchunks G slices NTILE blocks in groups of pairs (tile_index)
 
@@ -1101,14 +1117,7 @@ ssd_bwd_row_kernel(float* dc_part, BwdScratch sc, const float* dt_s, const float
         float oa, ob;
         {
             float yo[P / 8][4];  // Hin C_i
-            if constexpr (WG) {
-#ifdef SM90A
-                tile_abt_wgmma<N>(yo, s_c, s_h);
-#endif
-            } else {
-                zero(yo);
-                warp_mma<P / 8, false, false>(yo, s_c, N + PAD, m0, s_h, N + PAD, 0, N);
-            }
+            tile_abt<P / 8, N, WG>(yo, s_c, s_h, m0);
             row_dots<P / 8, WG>(oa, ob, yo, s_dy, P + PAD, m0);
         }
         oa = ea * quad_sum(oa);
@@ -1176,28 +1185,14 @@ ssd_bwd_row_kernel(float* dc_part, BwdScratch sc, const float* dt_s, const float
         if (k > 0) flush_csum(pjt, phh, buf ^ 1);
         if (hh == 0) {
             zero(wacc);
-            if constexpr (WG) {
-#ifdef SM90A
-                tile_abt_wgmma<N>(cbv, s_c, s_b);
-#endif
-            } else {
-                zero(cbv);
-                warp_mma<8, false, false>(cbv, s_c, N + PAD, m0, s_b, N + PAD, 0, N, 1.f, 1.f, 0, 2 * kend);
-            }
+            tile_abt<8, N, WG>(cbv, s_c, s_b, m0, 0, 2 * kend);
         }
         const bf16* s_x = s_u + buf * UB;
         const bf16* s_dy = s_x + XS;
         const float* dtv = s_dt + buf * CHUNK;
         const float* ac = s_ac + buf * CHUNK;
-        float m[8][4];  // dy_i . x_j
-        if constexpr (WG) {
-#ifdef SM90A
-            tile_abt_wgmma<P>(m, s_dy, s_x);  // all 64 columns: the scores use those the rows see
-#endif
-        } else {
-            zero(m);
-            warp_mma<8, false, false>(m, s_dy, P + PAD, m0, s_x, P + PAD, 0, P, 1.f, 1.f, 0, 2 * kend);
-        }
+        float m[8][4];  // dy_i . x_j (the scores use the columns the rows see)
+        tile_abt<8, P, WG>(m, s_dy, s_x, m0, 0, 2 * kend);
         const float aa = ac[ra], ab = ac[rb];
         // The decay of a pair i >= j factors through the warp's first row p when j < p: exp(a_i - a_p) exp(a_p - a_j),
         // both <= 1. Only the warp's diagonal 16 x 16 block of the diagonal tile (n-tiles 2 warp, 2 warp + 1) takes
@@ -1351,14 +1346,7 @@ ssd_bwd_col_kernel(float* db_part, BwdScratch sc, const float* dt_s, const float
         const bf16* s_w = s_ci + CS;
         const int klo = it == jt ? kbeg : 0;
         float cbt[8][4];  // B_j . C_i
-        if constexpr (WG) {
-#ifdef SM90A
-            tile_abt_wgmma<N>(cbt, s_b, s_ci);
-#endif
-        } else {
-            zero(cbt);
-            warp_mma<8, false, false>(cbt, s_b, N + PAD, m0, s_ci, N + PAD, 0, N, 1.f, 1.f, 2 * klo);
-        }
+        tile_abt<8, N, WG>(cbt, s_b, s_ci, m0, 2 * klo);
         if (it == jt) {
             float* o = s_cbd + warp * 32 * 32 + lane;
 #pragma unroll
@@ -1418,14 +1406,7 @@ ssd_bwd_col_kernel(float* db_part, BwdScratch sc, const float* dt_s, const float
         const float ap = s_ac[j0 + m0 + 15], ga = decay_exp(ap - aa), gb = decay_exp(ap - ab);
         float u[P / 8][4];
         uint32_t dyj[P / 8][2];  // this thread's dy_j (rows ra, rb), kept from the first tile for the epilogue
-        if constexpr (WG) {  // B_j Gout^T
-#ifdef SM90A
-            tile_abt_wgmma<N>(u, s_b, s_g);
-#endif
-        } else {
-            zero(u);
-            warp_mma<P / 8, false, false>(u, s_b, N + PAD, m0, s_g, N + PAD, 0, N);
-        }
+        tile_abt<P / 8, N, WG>(u, s_b, s_g, m0);  // B_j Gout^T
         scale_rows_acc(u, wa, wb);
         float sa, sb;
         row_dots<P / 8, WG>(sa, sb, u, s_x, P + PAD, m0);
