@@ -335,11 +335,11 @@ constexpr int COLSUM_CHUNKS = 64;
 
 inline size_t colsum_scratch_floats(int C, int NV) { return (size_t)COLSUM_CHUNKS * C * NV; }
 
-constexpr int NORM_FUSED_CHUNKS = 256;  // blocks of the fused norm backward (norm.cuh)
+// blocks of a norm backward (norm.cuh): 256 for wide rows, more for narrow ones (a block takes one row at a
+// time, so narrow rows need more blocks in flight); each leaves a partial row of the weight gradient
+inline int norm_row_blocks(int C) { return 256 * std::clamp(4096 / std::max(C, 1), 1, 4); }
 
-inline size_t norm_backward_scratch_floats(int C) {
-    return std::max(colsum_scratch_floats(C, 1), (size_t)NORM_FUSED_CHUNKS * C);
-}
+inline size_t norm_backward_scratch_floats(int C) { return (size_t)norm_row_blocks(C) * C; }
 inline size_t rmsnorm_backward_scratch_floats(int rows, int C) { (void)rows; return norm_backward_scratch_floats(C); }
 
 inline size_t gated_rmsnorm_backward_scratch_floats(int rows, int C) { (void)rows; return norm_backward_scratch_floats(C); }

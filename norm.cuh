@@ -1,145 +1,150 @@
 // RMSNorm (pre-norm of every block, fp32 residual in, bf16 out) and Mamba-2's gated,
 // grouped RMSNorm: out = rmsnorm_group(y * silu(z)) * w (mamba_ssm's RMSNormGated with
-// norm_before_gate=False). One warp per row. The weight gradients are summed in a fixed
-// order: inside the backward pass when the row's channels split evenly over the lanes and the
-// sums fit (NormRows below), else by a column-sum pass after it (cuda_common.cuh), which reads
-// the pass's inputs once more.
+// norm_before_gate=False).
+//
+// Every pass runs in row slices (NormSlice): a block takes one row at a time and keeps its share of
+// the row in registers from the row's sum to its outputs, so each input is read once. In the
+// backward passes a thread owns the same channels in every row of its block's share of the rows,
+// and sums their weight-gradient terms in registers; colsum_finalize adds the blocks' partial rows
+// in block order (the same bits every run, no atomics, no second pass over the inputs).
 #pragma once
 #include <algorithm>
 #include "cuda_common.cuh"
 
-constexpr int NORM_WARPS = 8;  // rows per block
+constexpr int NORM_MAX_NV = 8;         // vectors a thread holds of each input row
+constexpr int NORM_MAX_THREADS = 512;  // a block (the kernels' launch bound: up to 128 registers a thread)
 
-// The weight gradient inside the backward pass ("fused"): every lane owns the same channels of
-// every row, sums its rows' terms for them, and the block's warps add their sums in a fixed order
-// into one partial row per block of rows; colsum_finalize adds the NORM_FUSED_CHUNKS partials in
-// order. ITER > 0: C = ITER x 32 x VEC, the loops unrolled to it, the sums in registers (the gated
-// norm, short of registers, in its warp's row of shared memory). ITER = NORM_ANY_WIDTH: any C that
-// is a multiple of 32 x VEC, looped over at run time, each warp's sums in its own row of shared
-// memory (NORM_WARPS x C floats; 128 and 160 KB at 4096 and 5120 channels leave one block an SM).
-// ITER = 0: the plain pass, one warp a row, the weight gradient left to a column sum.
-constexpr int NORM_FUSED_MAX_ACC = 64;  // floats a lane holds
-constexpr int NORM_ANY_WIDTH = -1;
+// The block layout for rows of C channels in `groups` groups of gs = C / groups, VEC channels a
+// vector: each group goes to tpg consecutive threads (whole warps when the groups are few, else a
+// power of two dividing 32, so that a group's sum is a warp's shuffles and, across a group's
+// warps, one exchange through shared memory), and thread t of a group owns the vectors t, t + tpg,
+// ..., t + (nv - 1) tpg of its group. A group gets more threads while a thread would hold more than
+// max_vals values of an input row (the registers of the kernel's inputs and weight-gradient sums).
+struct NormSlicing { int tpg, threads, nv; };
 
-inline size_t norm_warp_sums_bytes(int C) { return (size_t)NORM_WARPS * C * sizeof(float); }
-
-// the ITER the backward runs at for C channels of VEC (see above)
-inline int norm_fused_iter(int C, int vec) {
-    if (C % (32 * vec) != 0) return 0;
-    const int it = C / (32 * vec);
-    if ((it == 1 || it == 2 || it == 4 || it == 8 || it == 16) && it * vec <= NORM_FUSED_MAX_ACC) return it;
-    return norm_warp_sums_bytes(C) <= max_smem_optin() ? NORM_ANY_WIDTH : 0;
+inline NormSlicing norm_slicing(int C, int groups, int vec, int max_vals = 32) {
+    if (groups < 1 || C % groups != 0 || C / groups % vec != 0)
+        THROW("norm: %d channels do not split into %d groups of whole %d-vectors", C, groups, vec);
+    const int gs = C / groups;
+    int tpg = groups <= 8 ? 32 * (int)ceil_div(8, groups) : groups <= 16 ? 32 : 16;
+    while (tpg > 1 && (groups * tpg > NORM_MAX_THREADS || groups * tpg % 32 != 0)) tpg /= 2;
+    if (groups * tpg > NORM_MAX_THREADS || groups * tpg % 32 != 0)
+        THROW("norm: %d groups do not fill whole warps of a block of at most %d threads", groups, NORM_MAX_THREADS);
+    auto nv = [&] { return (int)ceil_div(gs, (size_t)vec * tpg); };
+    while (nv() * vec > max_vals && tpg % 32 == 0 && 2 * groups * tpg <= NORM_MAX_THREADS) tpg *= 2;
+    if (nv() > NORM_MAX_NV)
+        THROW("norm: a group of %d channels needs %d vectors of %d a thread (at most %d)", gs, nv(), vec, NORM_MAX_NV);
+    return {tpg, groups * tpg, nv()};
 }
 
-template <int ITER, int VEC>
-struct NormRows {
-    int r0, r1;  // the rows of this block, each warp taking every NORM_WARPS-th
-    __device__ NormRows(int rows) {
-        if (ITER != 0) {
-            const int per = (rows + NORM_FUSED_CHUNKS - 1) / NORM_FUSED_CHUNKS;
-            r0 = min(rows, (int)blockIdx.x * per);
-            r1 = min(rows, r0 + per);
-        } else {
-            r0 = blockIdx.x * NORM_WARPS;
-            r1 = min(rows, r0 + NORM_WARPS);
+// launch(V, NV) for the vector width and nv rounded up to a compiled count (1, 2, 3, 4, 8)
+template <int MAX_VEC, typename F>
+inline void norm_dispatch(int vec, int nv, F&& launch) {
+    vec_dispatch<MAX_VEC>(vec, [&](auto V) {
+        if (nv <= 1) launch(V, std::integral_constant<int, 1>());
+        else if (nv <= 2) launch(V, std::integral_constant<int, 2>());
+        else if (nv <= 3) launch(V, std::integral_constant<int, 3>());
+        else if (nv <= 4) launch(V, std::integral_constant<int, 4>());
+        else launch(V, std::integral_constant<int, NORM_MAX_NV>());
+    });
+}
+
+// this thread's place in the row (see NormSlicing)
+template <int VEC, int NV>
+struct NormSlice {
+    int gs, tpg, grp, t;
+    __device__ NormSlice(int C, int groups, int tpg_)
+        : gs(C / groups), tpg(tpg_), grp((int)threadIdx.x / tpg_), t((int)threadIdx.x % tpg_) {}
+    __device__ bool has(int k) const { return (t + k * tpg) * VEC < gs; }
+    __device__ int col(int k) const { return grp * gs + (t + k * tpg) * VEC; }
+    // the sum of v over the thread's group in a fixed order, to every thread of the group; every thread
+    // of the block calls it (it synchronises the block when a group spans several warps)
+    __device__ float group_sum(float v) const {
+        __shared__ float red[32];
+        if (tpg <= 32) {
+            for (int o = tpg / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+            return v;
         }
+        v = warp_sum(v);
+        __syncthreads();  // the last call's reads of red are done
+        if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = v;
+        __syncthreads();
+        const int w0 = grp * (tpg / 32);
+        float s = 0.0f;
+        for (int w = 0; w < tpg / 32; w++) s += red[w0 + w];
+        return s;
     }
-    static int blocks(int rows) { return ITER != 0 ? NORM_FUSED_CHUNKS : (int)ceil_div(rows, NORM_WARPS); }
 };
 
-// the block's warps add their lanes' channel sums in warp order; one partial row per block
-template <int ITER, int VEC>
-__device__ void norm_store_partial(float* partial, const float (&acc)[ITER * VEC], int C) {
-    __shared__ float sum[NORM_FUSED_MAX_ACC * 32];
-    const int lane = threadIdx.x;
-    for (int w = 0; w < NORM_WARPS; w++) {
-        if (threadIdx.y == w)
-            #pragma unroll
-            for (int k = 0; k < ITER; k++)
-                #pragma unroll
-                for (int e = 0; e < VEC; e++) {
-                    const int c = (lane + k * 32) * VEC + e;
-                    sum[c] = w == 0 ? acc[k * VEC + e] : sum[c] + acc[k * VEC + e];
-                }
-        __syncthreads();
-    }
-    for (int c = threadIdx.y * 32 + lane; c < C; c += 32 * NORM_WARPS) partial[(size_t)blockIdx.x * C + c] = sum[c];
-}
-
-// The sums in shared memory (norm_warp_sums_bytes of it, dynamic): the warp's own row, zeroed
-__device__ inline float* norm_warp_sums(int C) {
-    extern __shared__ __align__(32) float norm_sums[];  // (NORM_WARPS, C)
-    float* acc = norm_sums + (size_t)threadIdx.y * C;
-    for (int c = threadIdx.x; c < C; c += 32) acc[c] = 0.0f;
-    __syncwarp();  // the lanes zeroed each other's sums
-    return acc;
-}
-
-// acc[c .. c + VEC) += t
+// VEC bf16 kept packed in registers (half the registers of floats) until used
 template <int VEC>
-__device__ inline void norm_warp_sums_add(float* acc, int c, const float* t) {
-    float a[VEC];
-    load_vec<VEC>(a, acc + c);
-    #pragma unroll
-    for (int e = 0; e < VEC; e++) a[e] += t[e];
-    store_vec<VEC>(acc + c, a);
+using BfVec = Pack<bf16, VEC>;
+template <int VEC>
+__device__ inline BfVec<VEC> load_bf(const bf16* p) { return *reinterpret_cast<const BfVec<VEC>*>(p); }
+template <int VEC>
+__device__ inline float at(const BfVec<VEC>& v, int e) { return __bfloat162float(v.v[e]); }
+
+// a backward block's share of the rows, [r0, r1) (norm_row_blocks of them, kernel_sizes.h)
+__device__ inline void norm_block_rows(int rows, int* r0, int* r1) {
+    const int per = (rows + (int)gridDim.x - 1) / (int)gridDim.x;
+    *r0 = min(rows, (int)blockIdx.x * per);
+    *r1 = min(rows, *r0 + per);
 }
 
-// the warps' rows added in warp order; one partial row per block
-__device__ inline void norm_warp_sums_store(float* partial, int C) {
-    extern __shared__ __align__(32) float norm_sums[];
-    __syncthreads();
-    for (int c = threadIdx.y * 32 + threadIdx.x; c < C; c += 32 * NORM_WARPS) {
-        float sum = norm_sums[c];
-        for (int w = 1; w < NORM_WARPS; w++) sum += norm_sums[(size_t)w * C + c];
-        partial[(size_t)blockIdx.x * C + c] = sum;
-    }
+// the block's weight-gradient sums as its partial row (each channel has one owner)
+template <int VEC, int NV>
+__device__ inline void norm_store_partial(float* partial, const NormSlice<VEC, NV>& sl, const float (&acc)[NV][VEC],
+                                          int C) {
+    #pragma unroll
+    for (int k = 0; k < NV; k++)
+        if (sl.has(k)) store_vec<VEC>(partial + (size_t)blockIdx.x * C + sl.col(k), acc[k]);
 }
 
 // ----------------------------------------------------------------------------
 // RMSNorm of the fp32 residual stream. The forward keeps xhat = x * rstd in bf16 (half the
 // bytes of x) and the backward works from it alone: out = bf16(xhat * w) is the same value
 // whether the forward writes it or rmsnorm_apply rebuilds it in the backward, and dx needs
-// only xhat and rstd. Rows are read twice (the sum of squares, then the output); the second
-// read comes from the cache. VEC values per access, 4 for the fp32 rows.
+// only xhat and rstd. VEC values per access, 4 for the fp32 rows.
 
-template <int VEC>
-__global__ void rmsnorm_forward_kernel(bf16* __restrict__ out, bf16* __restrict__ xhat, float* __restrict__ rstd,
-                                       const float* __restrict__ x, const bf16* __restrict__ w, int rows, int C,
-                                       float eps) {
-    const int row = blockIdx.x * NORM_WARPS + threadIdx.y, lane = threadIdx.x;
-    if (row >= rows) return;
-    const float* xr = x + (size_t)row * C;
-    float ss = 0.0f;
-    #pragma unroll 4
-    for (int c = lane * VEC; c < C; c += 32 * VEC) {
-        float v[VEC];
-        load_vec<VEC>(v, xr + c);
+template <int VEC, int NV>
+__global__ void __launch_bounds__(NORM_MAX_THREADS)
+rmsnorm_forward_kernel(bf16* __restrict__ out, bf16* __restrict__ xhat, float* __restrict__ rstd,
+                       const float* __restrict__ x, const bf16* __restrict__ w, int C, int tpg,
+                       float eps) {
+    const NormSlice<VEC, NV> sl(C, 1, tpg);
+    const size_t base = (size_t)blockIdx.x * C;
+    float xv[NV][VEC], ss = 0.0f;
+    #pragma unroll
+    for (int k = 0; k < NV; k++)
+        if (sl.has(k)) load_vec<VEC>(xv[k], x + base + sl.col(k));
+    #pragma unroll
+    for (int k = 0; k < NV; k++)
+        if (sl.has(k))
+            #pragma unroll
+            for (int e = 0; e < VEC; e++) ss += xv[k][e] * xv[k][e];
+    const float r = rsqrtf(sl.group_sum(ss) / C + eps);
+    #pragma unroll
+    for (int k = 0; k < NV; k++) {
+        if (!sl.has(k)) continue;
+        float wv[VEC];
+        load_vec<VEC>(wv, w + sl.col(k));
         #pragma unroll
-        for (int e = 0; e < VEC; e++) ss += v[e] * v[e];
+        for (int e = 0; e < VEC; e++) xv[k][e] = __bfloat162float(__float2bfloat16(xv[k][e] * r));  // xhat as kept
+        store_vec<VEC>(xhat + base + sl.col(k), xv[k]);
+        #pragma unroll
+        for (int e = 0; e < VEC; e++) xv[k][e] *= wv[e];
+        store_vec<VEC>(out + base + sl.col(k), xv[k]);
     }
-    const float r = rsqrtf(warp_sum(ss) / C + eps);
-    #pragma unroll 4
-    for (int c = lane * VEC; c < C; c += 32 * VEC) {
-        float v[VEC], wv[VEC];
-        load_vec<VEC>(v, xr + c);
-        load_vec<VEC>(wv, w + c);
-        #pragma unroll
-        for (int e = 0; e < VEC; e++) v[e] = __bfloat162float(__float2bfloat16(v[e] * r));  // xhat as kept
-        store_vec<VEC>(xhat + (size_t)row * C + c, v);
-        #pragma unroll
-        for (int e = 0; e < VEC; e++) v[e] *= wv[e];
-        store_vec<VEC>(out + (size_t)row * C + c, v);
-    }
-    if (lane == 0) rstd[row] = r;
+    if (threadIdx.x == 0) rstd[blockIdx.x] = r;
 }
 
 inline void rmsnorm_forward(bf16* out, bf16* xhat, float* rstd, const float* x, const bf16* weight, int rows, int C,
                             float eps, cudaStream_t s) {
     const int vec = std::min(vec_width(4, sizeof(bf16), {out, xhat, weight}, {C}), vec_width(4, sizeof(float), {x}, {C}));
-    vec_dispatch<4>(vec, [&](auto V) {
-        rmsnorm_forward_kernel<decltype(V)::value><<<ceil_div(rows, NORM_WARPS), dim3(32, NORM_WARPS), 0, s>>>(
-            out, xhat, rstd, x, weight, rows, C, eps);
+    const NormSlicing ns = norm_slicing(C, 1, vec);
+    norm_dispatch<4>(vec, ns.nv, [&](auto V, auto NV) {
+        rmsnorm_forward_kernel<decltype(V)::value, decltype(NV)::value><<<rows, ns.threads, 0, s>>>(
+            out, xhat, rstd, x, weight, C, ns.tpg, eps);
     });
     cudaCheckLast();
 }
@@ -168,91 +173,52 @@ inline void rmsnorm_apply(bf16* out, const bf16* xhat, const bf16* weight, int r
 }
 
 // dx += rstd * (g - xhat * mean(g * xhat)), g = dout * w (xhat as the forward kept it); also
-// writes bf16(dx); fused (ITER != 0) also the partial sums of dweight = sum over rows of dout * xhat
-template <int VEC, int ITER>
-__global__ void __launch_bounds__(32 * NORM_WARPS, 2)
+// writes bf16(dx), and the block's partial sums of dweight = sum over rows of dout * xhat
+template <int VEC, int NV>
+__global__ void __launch_bounds__(NORM_MAX_THREADS)
 rmsnorm_backward_kernel(float* __restrict__ dx, bf16* __restrict__ dx_bf16, float* __restrict__ partial,
-                        const bf16* __restrict__ dout, const bf16* __restrict__ xhat, const bf16* __restrict__ w,
-                        const float* __restrict__ rstd, int rows, int C) {
-    const int lane = threadIdx.x;
-    const int kmax = ITER > 0 ? ITER : (C + 32 * VEC - 1) / (32 * VEC);
-    float acc[ITER > 0 ? ITER * VEC : 1] = {};
-    float* sacc = ITER < 0 ? norm_warp_sums(C) : nullptr;
-    const NormRows<ITER, VEC> rr(rows);
-    for (int row = rr.r0 + threadIdx.y; row < rr.r1; row += NORM_WARPS) {
+                        const bf16* __restrict__ dout, const bf16* __restrict__ xhat,
+                        const bf16* __restrict__ w, const float* __restrict__ rstd, int rows, int C,
+                        int tpg) {
+    const NormSlice<VEC, NV> sl(C, 1, tpg);
+    BfVec<VEC> wv[NV];
+    float acc[NV][VEC] = {};
+    #pragma unroll
+    for (int k = 0; k < NV; k++)
+        if (sl.has(k)) wv[k] = load_bf<VEC>(w + sl.col(k));
+    int r0, r1;
+    norm_block_rows(rows, &r0, &r1);
+    for (int row = r0; row < r1; row++) {
         const size_t base = (size_t)row * C;
+        BfVec<VEC> g[NV], xv[NV];
+        float d[NV][VEC], dot = 0.0f;
+        #pragma unroll
+        for (int k = 0; k < NV; k++)
+            if (sl.has(k)) {
+                g[k] = load_bf<VEC>(dout + base + sl.col(k));
+                xv[k] = load_bf<VEC>(xhat + base + sl.col(k));
+                load_vec<VEC>(d[k], dx + base + sl.col(k));
+            }
+        #pragma unroll
+        for (int k = 0; k < NV; k++)
+            if (sl.has(k))
+                #pragma unroll
+                for (int e = 0; e < VEC; e++) dot += at(g[k], e) * at(wv[k], e) * at(xv[k], e);
+        dot = sl.group_sum(dot) / C;
         const float r = rstd[row];
-        float dot = 0.0f;
-        #pragma unroll 4
-        for (int k = 0; k < kmax; k++) {
-            const int c = (lane + k * 32) * VEC;
-            if (ITER == 0 && c >= C) break;
-            float g[VEC], wv[VEC], xv[VEC];
-            load_vec<VEC>(g, dout + base + c);
-            load_vec<VEC>(wv, w + c);
-            load_vec<VEC>(xv, xhat + base + c);
-            #pragma unroll
-            for (int e = 0; e < VEC; e++) dot += g[e] * wv[e] * xv[e];
-        }
-        dot = warp_sum(dot) / C;
-        #pragma unroll (ITER > 0 ? ITER : 4)
-        for (int k = 0; k < kmax; k++) {
-            const int c = (lane + k * 32) * VEC;
-            if (ITER == 0 && c >= C) break;
-            float g[VEC], wv[VEC], xv[VEC], d[VEC], t[VEC];
-            load_vec<VEC>(g, dout + base + c);
-            load_vec<VEC>(wv, w + c);
-            load_vec<VEC>(xv, xhat + base + c);
-            load_vec<VEC>(d, dx + base + c);
+        #pragma unroll
+        for (int k = 0; k < NV; k++) {
+            if (!sl.has(k)) continue;
             #pragma unroll
             for (int e = 0; e < VEC; e++) {
-                d[e] += r * (g[e] * wv[e] - xv[e] * dot);
-                t[e] = g[e] * xv[e];
-                if constexpr (ITER > 0) acc[k * VEC + e] += t[e];
+                d[k][e] += r * (at(g[k], e) * at(wv[k], e) - at(xv[k], e) * dot);
+                acc[k][e] += at(g[k], e) * at(xv[k], e);
             }
-            if constexpr (ITER < 0) norm_warp_sums_add<VEC>(sacc, c, t);
-            store_vec<VEC>(dx + base + c, d);
-            store_vec<VEC>(dx_bf16 + base + c, d);
+            store_vec<VEC>(dx + base + sl.col(k), d[k]);
+            store_vec<VEC>(dx_bf16 + base + sl.col(k), d[k]);
         }
     }
-    if constexpr (ITER > 0) norm_store_partial<ITER, VEC>(partial, acc, C);
-    if constexpr (ITER < 0) norm_warp_sums_store(partial, C);
-}
-
-template <int V, int ITER>
-inline void rmsnorm_backward_v(float* dx, bf16* dx_bf16, float* dweight, float* scratch, const bf16* dout,
-                               const bf16* xhat, const bf16* weight, const float* rstd, int rows, int C, cudaStream_t s) {
-    const size_t smem = ITER < 0 ? norm_warp_sums_bytes(C) : 0;
-    if (smem) set_max_smem(rmsnorm_backward_kernel<V, ITER>, smem);
-    rmsnorm_backward_kernel<V, ITER><<<NormRows<ITER, V>::blocks(rows), dim3(32, NORM_WARPS), smem, s>>>(
-        dx, dx_bf16, scratch, dout, xhat, weight, rstd, rows, C);
-    cudaCheckLast();
-    auto store = [=] __device__(int c, int, float sum) { dweight[c] += sum; };
-    if constexpr (ITER != 0) {
-        colsum_finalize<1>(scratch, store, C, s, NORM_FUSED_CHUNKS);
-    } else {
-        column_sum<1, V>(scratch,
-            [=] __device__(int r, int c, float* v) {
-                float g[V], xv[V];
-                load_vec<V>(g, dout + (size_t)r * C + c);
-                load_vec<V>(xv, xhat + (size_t)r * C + c);
-                for (int e = 0; e < V; e++) v[e] = g[e] * xv[e];
-            }, store, rows, C, s);
-    }
-}
-
-// the fused pass for the ITER the width allows (norm_fused_iter), else the plain pass and a column sum
-template <int V, typename F>
-inline void norm_iter_dispatch(int iter, F&& launch) {
-    switch (iter) {
-        case NORM_ANY_WIDTH: return launch(std::integral_constant<int, NORM_ANY_WIDTH>());
-        case 1: return launch(std::integral_constant<int, 1>());
-        case 2: if constexpr (2 * V <= NORM_FUSED_MAX_ACC) return launch(std::integral_constant<int, 2>()); break;
-        case 4: if constexpr (4 * V <= NORM_FUSED_MAX_ACC) return launch(std::integral_constant<int, 4>()); break;
-        case 8: if constexpr (8 * V <= NORM_FUSED_MAX_ACC) return launch(std::integral_constant<int, 8>()); break;
-        case 16: if constexpr (16 * V <= NORM_FUSED_MAX_ACC) return launch(std::integral_constant<int, 16>()); break;
-    }
-    launch(std::integral_constant<int, 0>());
+    norm_store_partial<VEC, NV>(partial, sl, acc, C);
 }
 
 // dx (fp32, the residual gradient) accumulates and is also written as bf16 to dx_bf16 (the next
@@ -261,12 +227,14 @@ inline void rmsnorm_backward(float* dx, bf16* dx_bf16, float* dweight, float* sc
                              const bf16* xhat, const bf16* weight, const float* rstd, int rows, int C, cudaStream_t s) {
     const int vec = std::min(vec_width(4, sizeof(bf16), {dx_bf16, dout, xhat, weight}, {C}),
                              vec_width(4, sizeof(float), {dx}, {C}));
-    vec_dispatch<4>(vec, [&](auto V) {
-        constexpr int v = decltype(V)::value;
-        norm_iter_dispatch<v>(norm_fused_iter(C, v), [&](auto I) {
-            rmsnorm_backward_v<v, decltype(I)::value>(dx, dx_bf16, dweight, scratch, dout, xhat, weight, rstd, rows, C, s);
-        });
+    const NormSlicing ns = norm_slicing(C, 1, vec);
+    const int blocks = norm_row_blocks(C);
+    norm_dispatch<4>(vec, ns.nv, [&](auto V, auto NV) {
+        rmsnorm_backward_kernel<decltype(V)::value, decltype(NV)::value><<<blocks, ns.threads, 0, s>>>(
+            dx, dx_bf16, scratch, dout, xhat, weight, rstd, rows, C, ns.tpg);
     });
+    cudaCheckLast();
+    colsum_finalize<1>(scratch, [=] __device__(int c, int, float sum) { dweight[c] += sum; }, C, s, blocks);
 }
 
 // ----------------------------------------------------------------------------
@@ -274,150 +242,124 @@ inline void rmsnorm_backward(float* dx, bf16* dx_bf16, float* dweight, float* sc
 // n = v * rstd_g, rstd_g = 1/sqrt(mean_group(v^2) + eps); out = n * w.
 // VEC bf16 per access (the group size is a multiple of VEC).
 
-template <int VEC>
-__global__ void gated_rmsnorm_forward_kernel(bf16* __restrict__ out, float* __restrict__ rstd, const bf16* __restrict__ y,
-                                             const bf16* __restrict__ z, int z_stride, const bf16* __restrict__ w,
-                                             int rows, int C, int groups, float eps) {
-    const int row = blockIdx.x * NORM_WARPS + threadIdx.y, lane = threadIdx.x;
-    if (row >= rows) return;
-    const int gs = C / groups;
+template <int VEC, int NV>
+__global__ void __launch_bounds__(NORM_MAX_THREADS)
+gated_rmsnorm_forward_kernel(bf16* __restrict__ out, float* __restrict__ rstd, const bf16* __restrict__ y,
+                             const bf16* __restrict__ z, int z_stride, const bf16* __restrict__ w,
+                             int C, int groups, int tpg, float eps) {
+    const NormSlice<VEC, NV> sl(C, groups, tpg);
+    const int row = blockIdx.x;
     const bf16* yr = y + (size_t)row * C;
     const bf16* zr = z + (size_t)row * z_stride;
-    for (int g = 0; g < groups; g++) {
-        float ss = 0.0f;
-        #pragma unroll 4
-        for (int c = g * gs + lane * VEC; c < (g + 1) * gs; c += 32 * VEC) {
-            float yv[VEC], zv[VEC];
-            load_vec<VEC>(yv, yr + c);
-            load_vec<VEC>(zv, zr + c);
-            #pragma unroll
-            for (int e = 0; e < VEC; e++) {
-                const float v = yv[e] * silu(zv[e]);
-                ss += v * v;
-            }
+    float v[NV][VEC], ss = 0.0f;
+    #pragma unroll
+    for (int k = 0; k < NV; k++) {
+        if (!sl.has(k)) continue;
+        float zv[VEC];
+        load_vec<VEC>(v[k], yr + sl.col(k));
+        load_vec<VEC>(zv, zr + sl.col(k));
+        #pragma unroll
+        for (int e = 0; e < VEC; e++) {
+            v[k][e] *= silu(zv[e]);
+            ss += v[k][e] * v[k][e];
         }
-        const float r = rsqrtf(warp_sum(ss) / gs + eps);
-        #pragma unroll 4
-        for (int c = g * gs + lane * VEC; c < (g + 1) * gs; c += 32 * VEC) {
-            float yv[VEC], zv[VEC], wv[VEC];
-            load_vec<VEC>(yv, yr + c);
-            load_vec<VEC>(zv, zr + c);
-            load_vec<VEC>(wv, w + c);
-            #pragma unroll
-            for (int e = 0; e < VEC; e++) yv[e] = yv[e] * silu(zv[e]) * r * wv[e];
-            store_vec<VEC>(out + (size_t)row * C + c, yv);
-        }
-        if (lane == 0) rstd[(size_t)row * groups + g] = r;
     }
+    const float r = rsqrtf(sl.group_sum(ss) / sl.gs + eps);
+    #pragma unroll
+    for (int k = 0; k < NV; k++) {
+        if (!sl.has(k)) continue;
+        float wv[VEC];
+        load_vec<VEC>(wv, w + sl.col(k));
+        #pragma unroll
+        for (int e = 0; e < VEC; e++) v[k][e] = v[k][e] * r * wv[e];
+        store_vec<VEC>(out + (size_t)row * C + sl.col(k), v[k]);
+    }
+    if (sl.t == 0) rstd[(size_t)row * groups + sl.grp] = r;
 }
 
 inline void gated_rmsnorm_forward(bf16* out, float* rstd, const bf16* y, const bf16* z, int z_stride, const bf16* weight,
                                   int rows, int C, int groups, float eps, cudaStream_t s) {
     if (C % groups != 0) THROW("gated_rmsnorm: C %d is not divisible by groups %d", C, groups);
-    vec_dispatch<8>(vec_width(8, sizeof(bf16), {out, y, z, weight}, {C, z_stride, C / groups}), [&](auto V) {
-        gated_rmsnorm_forward_kernel<decltype(V)::value><<<ceil_div(rows, NORM_WARPS), dim3(32, NORM_WARPS), 0, s>>>(
-            out, rstd, y, z, z_stride, weight, rows, C, groups, eps);
+    const int vec = vec_width(8, sizeof(bf16), {out, y, z, weight}, {C, z_stride, C / groups});
+    const NormSlicing ns = norm_slicing(C, groups, vec);
+    norm_dispatch<8>(vec, ns.nv, [&](auto V, auto NV) {
+        gated_rmsnorm_forward_kernel<decltype(V)::value, decltype(NV)::value><<<rows, ns.threads, 0, s>>>(
+            out, rstd, y, z, z_stride, weight, C, groups, ns.tpg, eps);
     });
     cudaCheckLast();
 }
 
 // dv = rstd * (gw - n * mean_group(gw * n)), gw = dout * w; dy = dv * silu(z); dz = dv * y * silu'(z);
 // also out = n * w again (the forward's bits: out_proj's weight gradient reads it, and no recompute pass need
-// write it before); fused (ITER != 0, one group) also the partial sums of dweight = sum over rows of dout * n,
-// each warp's in its own row of shared memory at every ITER (registers would hold ITER x VEC of them a lane
-// and spill), added in warp order into one partial row per block
-template <int VEC, int ITER>
-__global__ void __launch_bounds__(32 * NORM_WARPS, 2)
-gated_rmsnorm_backward_kernel(bf16* __restrict__ dy, bf16* __restrict__ dz, int dz_stride, bf16* __restrict__ out,
-                              float* __restrict__ partial, const bf16* __restrict__ dout, const bf16* __restrict__ y,
+// write it before), and the block's partial sums of dweight = sum over rows of dout * n
+template <int VEC, int NV>
+__global__ void __launch_bounds__(NORM_MAX_THREADS)
+gated_rmsnorm_backward_kernel(bf16* __restrict__ dy, bf16* __restrict__ dz, int dz_stride,
+                              bf16* __restrict__ out, float* __restrict__ partial,
+                              const bf16* __restrict__ dout, const bf16* __restrict__ y,
                               const bf16* __restrict__ z, int z_stride, const bf16* __restrict__ w,
-                              const float* __restrict__ rstd, int rows, int C, int groups) {
-    const int lane = threadIdx.x, gs = C / groups;
-    const int kmax = ITER > 0 ? ITER : (gs + 32 * VEC - 1) / (32 * VEC);
-    float* acc = ITER != 0 ? norm_warp_sums(C) : nullptr;
-    const NormRows<ITER, VEC> rr(rows);
-    for (int row = rr.r0 + threadIdx.y; row < rr.r1; row += NORM_WARPS) {
+                              const float* __restrict__ rstd, int rows, int C, int groups, int tpg) {
+    const NormSlice<VEC, NV> sl(C, groups, tpg);
+    BfVec<VEC> wv[NV];
+    float acc[NV][VEC] = {};
+    #pragma unroll
+    for (int k = 0; k < NV; k++)
+        if (sl.has(k)) wv[k] = load_bf<VEC>(w + sl.col(k));
+    int r0, r1;
+    norm_block_rows(rows, &r0, &r1);
+    for (int row = r0; row < r1; row++) {
         const size_t base = (size_t)row * C;
         const bf16* zr = z + (size_t)row * z_stride;
-        for (int g = 0; g < groups; g++) {
-            const float r = rstd[(size_t)row * groups + g];
-            float dot = 0.0f;
-            #pragma unroll 4
-            for (int k = 0; k < kmax; k++) {
-                const int c = g * gs + (lane + k * 32) * VEC;
-                if (ITER == 0 && c >= (g + 1) * gs) break;
-                float yv[VEC], zv[VEC], gv[VEC], wv[VEC];
-                load_vec<VEC>(yv, y + base + c);
-                load_vec<VEC>(zv, zr + c);
-                load_vec<VEC>(gv, dout + base + c);
-                load_vec<VEC>(wv, w + c);
-                #pragma unroll
-                for (int e = 0; e < VEC; e++) dot += gv[e] * wv[e] * yv[e] * silu(zv[e]) * r;
+        BfVec<VEC> yv[NV], zv[NV], gv[NV];
+        #pragma unroll
+        for (int k = 0; k < NV; k++)
+            if (sl.has(k)) {
+                yv[k] = load_bf<VEC>(y + base + sl.col(k));
+                zv[k] = load_bf<VEC>(zr + sl.col(k));
+                gv[k] = load_bf<VEC>(dout + base + sl.col(k));
             }
-            dot = warp_sum(dot) / gs;
-            #pragma unroll (ITER > 0 ? ITER : 4)
-            for (int k = 0; k < kmax; k++) {
-                const int c = g * gs + (lane + k * 32) * VEC;
-                if (ITER == 0 && c >= (g + 1) * gs) break;
-                float yv[VEC], zv[VEC], gv[VEC], wv[VEC], dyv[VEC], dzv[VEC], ov[VEC], tv[VEC];
-                load_vec<VEC>(yv, y + base + c);
-                load_vec<VEC>(zv, zr + c);
-                load_vec<VEC>(gv, dout + base + c);
-                load_vec<VEC>(wv, w + c);
+        const float r = rstd[(size_t)row * groups + sl.grp];
+        float dot = 0.0f;
+        #pragma unroll
+        for (int k = 0; k < NV; k++)
+            if (sl.has(k))
                 #pragma unroll
-                for (int e = 0; e < VEC; e++) {
-                    const float sg = sigmoid_fast(zv[e]), sz = zv[e] * sg, v = yv[e] * sz;  // sz = silu(z)
-                    const float dv = r * (gv[e] * wv[e] - v * r * dot);
-                    dyv[e] = dv * sz;
-                    dzv[e] = dv * yv[e] * silu_grad_s(zv[e], sg);
-                    ov[e] = v * r * wv[e];  // as the forward computes it
-                    tv[e] = gv[e] * v * r;
-                }
-                store_vec<VEC>(dy + base + c, dyv);
-                store_vec<VEC>(dz + (size_t)row * dz_stride + c, dzv);
-                store_vec<VEC>(out + base + c, ov);
-                if constexpr (ITER != 0) norm_warp_sums_add<VEC>(acc, c, tv);
+                for (int e = 0; e < VEC; e++)
+                    dot += at(gv[k], e) * at(wv[k], e) * at(yv[k], e) * silu(at(zv[k], e)) * r;
+        dot = sl.group_sum(dot) / sl.gs;
+        #pragma unroll
+        for (int k = 0; k < NV; k++) {
+            if (!sl.has(k)) continue;
+            float dyv[VEC], dzv[VEC], ov[VEC];
+            #pragma unroll
+            for (int e = 0; e < VEC; e++) {
+                const float zf = at(zv[k], e), yf = at(yv[k], e), gf = at(gv[k], e), wf = at(wv[k], e);
+                const float sg = sigmoid_fast(zf), sz = zf * sg, v = yf * sz;  // sz = silu(z)
+                const float dv = r * (gf * wf - v * r * dot);
+                dyv[e] = dv * sz;
+                dzv[e] = dv * yf * silu_grad_s(zf, sg);
+                ov[e] = v * r * wf;  // as the forward computes it
+                acc[k][e] += gf * v * r;
             }
+            store_vec<VEC>(dy + base + sl.col(k), dyv);
+            store_vec<VEC>(dz + (size_t)row * dz_stride + sl.col(k), dzv);
+            store_vec<VEC>(out + base + sl.col(k), ov);
         }
     }
-    if constexpr (ITER != 0) norm_warp_sums_store(partial, C);
-}
-
-template <int V, int ITER>
-inline void gated_rmsnorm_backward_v(bf16* dy, bf16* dz, int dz_stride, bf16* out, float* dweight, float* scratch,
-                                     const bf16* dout, const bf16* y, const bf16* z, int z_stride, const bf16* weight,
-                                     const float* rstd, int rows, int C, int groups, cudaStream_t s) {
-    const size_t smem = ITER != 0 ? norm_warp_sums_bytes(C) : 0;
-    if (smem) set_max_smem(gated_rmsnorm_backward_kernel<V, ITER>, smem);
-    gated_rmsnorm_backward_kernel<V, ITER><<<NormRows<ITER, V>::blocks(rows), dim3(32, NORM_WARPS), smem, s>>>(
-        dy, dz, dz_stride, out, scratch, dout, y, z, z_stride, weight, rstd, rows, C, groups);
-    cudaCheckLast();
-    auto store = [=] __device__(int c, int, float sum) { dweight[c] += sum; };
-    if constexpr (ITER != 0) {
-        colsum_finalize<1>(scratch, store, C, s, NORM_FUSED_CHUNKS);
-    } else {
-        const int gs = C / groups;
-        column_sum<1, V>(scratch,
-            [=] __device__(int r, int c, float* v) {
-                float yv[V], zv[V], gv[V];
-                load_vec<V>(yv, y + (size_t)r * C + c);
-                load_vec<V>(zv, z + (size_t)r * z_stride + c);
-                load_vec<V>(gv, dout + (size_t)r * C + c);
-                const float rs = rstd[(size_t)r * groups + c / gs];  // the V channels share a group
-                for (int e = 0; e < V; e++) v[e] = gv[e] * yv[e] * silu(zv[e]) * rs;
-            }, store, rows, C, s);
-    }
+    norm_store_partial<VEC, NV>(partial, sl, acc, C);
 }
 
 inline void gated_rmsnorm_backward(bf16* dy, bf16* dz, int dz_stride, bf16* out, float* dweight, float* scratch,
                                    const bf16* dout, const bf16* y, const bf16* z, int z_stride, const bf16* weight,
                                    const float* rstd, int rows, int C, int groups, cudaStream_t s) {
+    if (C % groups != 0) THROW("gated_rmsnorm: C %d is not divisible by groups %d", C, groups);
     const int vec = vec_width(8, sizeof(bf16), {dy, dz, out, dout, y, z, weight}, {C, z_stride, C / groups, dz_stride});
-    vec_dispatch<8>(vec, [&](auto V) {
-        constexpr int v = decltype(V)::value;
-        norm_iter_dispatch<v>(groups == 1 ? norm_fused_iter(C, v) : 0, [&](auto I) {
-            gated_rmsnorm_backward_v<v, decltype(I)::value>(dy, dz, dz_stride, out, dweight, scratch, dout, y, z, z_stride,
-                                                            weight, rstd, rows, C, groups, s);
-        });
+    const NormSlicing ns = norm_slicing(C, groups, vec, 16);  // three inputs and the sums: 16 values of each
+    const int blocks = norm_row_blocks(C);
+    norm_dispatch<8>(vec, ns.nv, [&](auto V, auto NV) {
+        gated_rmsnorm_backward_kernel<decltype(V)::value, decltype(NV)::value><<<blocks, ns.threads, 0, s>>>(
+            dy, dz, dz_stride, out, scratch, dout, y, z, z_stride, weight, rstd, rows, C, groups, ns.tpg);
     });
+    cudaCheckLast();
+    colsum_finalize<1>(scratch, [=] __device__(int c, int, float sum) { dweight[c] += sum; }, C, s, blocks);
 }

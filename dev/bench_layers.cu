@@ -2,11 +2,10 @@
 // 370m, the default: d_model 1024, d_inner 2048, conv_dim 2304; hybrid-1.3b: 2048, 4096, 4352;
 // 2.7b: 2560, 5120, 5376; vocab 50304): causal conv1d + SiLU (also with document boundaries: many
 // short documents, a few long ones), the gated grouped RMSNorm, RMSNorm and the fused classifier,
-// forward and backward; the norms' backward also as it runs without the weight gradient inside the
-// pass (the plain pass and a column sum after it). Each is first checked against the double
-// reference on a slice of rows, then timed (cudaEvents, median of 50 after warmup) and reported in
-// GB/s against the device-to-device copy ceiling measured first (bytes read + written; 3.0 TB/s on
-// an H100 in ANCHORS.md).
+// forward and backward. Each is first checked against the double reference on a slice of rows,
+// then timed (cudaEvents, median of 50 after warmup) and reported in GB/s against the
+// device-to-device copy ceiling measured first (bytes read + written; 3.0 TB/s on an H100 in
+// ANCHORS.md).
 // usage: dev/bench_layers [--model 370m|hybrid-1.3b|2.7b]
 #include <algorithm>
 #include <functional>
@@ -174,10 +173,6 @@ int main(int argc, char** argv) {
     report("gated rmsnorm backward (+ output)", median_ms([&] {
         gated_rmsnorm_backward(dy, din, dip, g, dgw, nscratch, out /* as dout */, y, in, dip, gw, rstd, BT, di, 1, 0); }),
            gated_bwd_bytes);
-    // the plain pass and the column sum, 8 wide as the dispatcher picks at these shapes
-    report("  with a column-sum pass", median_ms([&] {
-        gated_rmsnorm_backward_v<8, 0>(dy, din, dip, g, dgw, nscratch, out, y, in, dip, gw, rstd, BT, di, 1, 0); }),
-           gated_bwd_bytes);
 
     // --- RMSNorm over the fp32 residual stream (d_model wide)
     std::vector<float> h_x((size_t)BT * d);
@@ -212,8 +207,6 @@ int main(int argc, char** argv) {
     const double bwd_bytes = (double)BT * d * (2 + 2 + 4 + 4 + 2);  // read dout, xhat, dx; write dx, dx bf16
     report("rmsnorm backward", median_ms([&] {
         rmsnorm_backward(dx, dxb, dnw, rscratch, xn /* as dout */, xh, nw, rstd, BT, d, 0); }), bwd_bytes);
-    report("  with a column-sum pass", median_ms([&] {  // 4 wide, as the dispatcher picks
-        rmsnorm_backward_v<4, 0>(dx, dxb, dnw, rscratch, xn, xh, nw, rstd, BT, d, 0); }), bwd_bytes);
 
     // --- MLP activation at hybrid-1.3b's shape (B*T = 8192 rows, GELU over ff = 8192)
     {

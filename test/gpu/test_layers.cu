@@ -189,10 +189,10 @@ TEST_CASE("embedding: forward, deterministic backward", "[layers]") {
 
 TEST_CASE("rmsnorm: forward (output and the kept xhat), apply, backward from xhat (dx accumulates, bf16 copy, dweight)",
           "[layers][norm]") {
-    // C 67 and 202 take the scalar and 2-wide paths, the others 4-wide; 1024, 2048 and 128 sum the
-    // weight gradient inside the pass in registers (8, 16 and 1 groups of 4 a lane; 9 rows leave most
-    // of the 256 row blocks empty), 768, 2560 and 4096 (6, 20 and 32 groups: the models' d_model) in
-    // shared memory at their run-time width, the others in a column sum after it
+    // C 67 and 202 take the scalar and 2-wide paths, the others 4-wide; a block of 256 threads takes a
+    // row at a time: 1 vector a thread at C <= 1024 (64 and 67 leave most threads idle), 2 at 2048, 3 at
+    // 2560 (mamba2-2.7b's d_model: some threads hold 2) and 4 at 4096; 9 rows leave most of the row
+    // blocks empty, which still write their (zero) partial weight-gradient rows
     for (auto [rows, C] : {std::pair{1, 64}, std::pair{37, 200}, std::pair{1000, 1024}, std::pair{5, 67}, std::pair{9, 202},
                            std::pair{300, 2048}, std::pair{9, 128}, std::pair{41, 768}, std::pair{300, 2560},
                            std::pair{20, 4096}}) {
@@ -236,15 +236,16 @@ TEST_CASE("rmsnorm: forward (output and the kept xhat), apply, backward from xha
 
 TEST_CASE("gated rmsnorm: grouped, strided z, forward and backward (which writes the forward's output again)",
           "[layers][norm]") {
-    // z is a slice of a wider row; its stride and the group size pick the vector width (1 for
-    // the odd strides, then 8, 8, 4, 2); one group of 256 (width 1) or 2048 channels (width 8, as
-    // mamba2-370m) sums the weight gradient inside the pass unrolled to its width, one group of 96
-    // (width 1, 3 steps a lane), 768 (the tiny models, width 8, 3 steps) or 5120 (mamba2-2.7b, width
-    // 8, 20 steps) inside the pass at its run-time width, the others in a column sum after it
+    // z is a slice of a wider row; its stride and the group size pick the vector width (1 for the odd
+    // strides, then 8, 8, 4, 2). Each group goes to its own threads of the block: 2, 3, 4 and 5 groups to
+    // 4, 3, 2 and 2 warps each (100 x 384 at width 1: 128 vectors over 96 threads), 32 groups to 16 lanes
+    // each and 64 to 8 (a group's sum inside a warp); 2048 (mamba2-370m) and 5120 (mamba2-2.7b: 512
+    // threads in the backward, some holding 2 vectors of 8, some 1) one group across the block
     for (auto [rows, C, groups, zs] : {std::tuple{37, 256, 1, 273}, std::tuple{100, 384, 3, 401}, std::tuple{1, 64, 2, 81},
                                        std::tuple{45, 512, 2, 576}, std::tuple{33, 384, 3, 392}, std::tuple{19, 96, 4, 100},
                                        std::tuple{7, 60, 5, 62}, std::tuple{700, 2048, 1, 4384}, std::tuple{41, 96, 1, 113},
-                                       std::tuple{41, 768, 1, 776}, std::tuple{300, 5120, 1, 10576}}) {
+                                       std::tuple{41, 768, 1, 776}, std::tuple{300, 5120, 1, 10576},
+                                       std::tuple{9, 768, 32, 800}, std::tuple{5, 1024, 64, 1024}}) {
         INFO("rows=" << rows << " C=" << C << " groups=" << groups << " z stride=" << zs);
         Buf<bf16> y((size_t)rows * C), z((size_t)rows * zs), w(C), out((size_t)rows * C), again((size_t)rows * C),
             dout((size_t)rows * C), dy((size_t)rows * C), dz((size_t)rows * zs);
@@ -279,6 +280,14 @@ TEST_CASE("gated rmsnorm: grouped, strided z, forward and backward (which writes
         dw.down();
         CHECK(dw.h == first);
     }
+}
+
+TEST_CASE("norm layout: groups that cannot fill whole warps are refused with their count", "[layers][norm]") {
+    CHECK(norm_slicing(5120, 1, 8).threads == 256);
+    CHECK(norm_slicing(5120, 1, 8, 16).threads == 512);
+    CHECK(norm_slicing(768, 32, 8).tpg == 16);
+    CHECK_THROWS_WITH(norm_slicing(17 * 8, 17, 8), Catch::Contains("17 groups"));
+    CHECK_THROWS_WITH(norm_slicing(100, 3, 8), Catch::Contains("100 channels"));
 }
 
 TEST_CASE("conv1d + SiLU: causal, strided, forward and backward, deterministic", "[layers][conv1d]") {
