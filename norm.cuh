@@ -49,6 +49,14 @@ inline void norm_dispatch(int vec, int nv, F&& launch) {
     });
 }
 
+// VEC bf16 kept packed in registers (half the registers of floats) until used
+template <int VEC>
+using BfVec = Pack<bf16, VEC>;
+template <int VEC>
+__device__ inline BfVec<VEC> load_bf(const bf16* p) { return *reinterpret_cast<const BfVec<VEC>*>(p); }
+template <int VEC>
+__device__ inline float at(const BfVec<VEC>& v, int e) { return __bfloat162float(v.v[e]); }
+
 // this thread's place in the row (see NormSlicing)
 template <int VEC, int NV>
 struct NormSlice {
@@ -57,6 +65,12 @@ struct NormSlice {
         : gs(C / groups), tpg(tpg_), grp((int)threadIdx.x / tpg_), t((int)threadIdx.x % tpg_) {}
     __device__ bool has(int k) const { return (t + k * tpg) * VEC < gs; }
     __device__ int col(int k) const { return grp * gs + (t + k * tpg) * VEC; }
+    // the thread's vectors of a bf16 row (the weights), kept packed
+    __device__ void load(BfVec<VEC> (&v)[NV], const bf16* row) const {
+        #pragma unroll
+        for (int k = 0; k < NV; k++)
+            if (has(k)) v[k] = load_bf<VEC>(row + col(k));
+    }
     // the sum of v over the thread's group in a fixed order, to every thread of the group; every thread
     // of the block calls it (it synchronises the block when a group spans several warps)
     __device__ float group_sum(float v) const {
@@ -76,19 +90,11 @@ struct NormSlice {
     }
 };
 
-// VEC bf16 kept packed in registers (half the registers of floats) until used
-template <int VEC>
-using BfVec = Pack<bf16, VEC>;
-template <int VEC>
-__device__ inline BfVec<VEC> load_bf(const bf16* p) { return *reinterpret_cast<const BfVec<VEC>*>(p); }
-template <int VEC>
-__device__ inline float at(const BfVec<VEC>& v, int e) { return __bfloat162float(v.v[e]); }
-
 // a backward block's share of the rows, [r0, r1) (norm_row_blocks of them, kernel_sizes.h)
-__device__ inline void norm_block_rows(int rows, int* r0, int* r1) {
-    const int per = (rows + (int)gridDim.x - 1) / (int)gridDim.x;
-    *r0 = min(rows, (int)blockIdx.x * per);
-    *r1 = min(rows, *r0 + per);
+struct NormRows { int r0, r1; };
+__device__ inline NormRows norm_block_rows(int rows) {
+    const int per = (rows + (int)gridDim.x - 1) / (int)gridDim.x, r0 = min(rows, (int)blockIdx.x * per);
+    return {r0, min(rows, r0 + per)};
 }
 
 // the block's weight-gradient sums as its partial row (each channel has one owner)
@@ -183,12 +189,9 @@ rmsnorm_backward_kernel(float* __restrict__ dx, bf16* __restrict__ dx_bf16, floa
     const NormSlice<VEC, NV> sl(C, 1, tpg);
     BfVec<VEC> wv[NV];
     float acc[NV][VEC] = {};
-    #pragma unroll
-    for (int k = 0; k < NV; k++)
-        if (sl.has(k)) wv[k] = load_bf<VEC>(w + sl.col(k));
-    int r0, r1;
-    norm_block_rows(rows, &r0, &r1);
-    for (int row = r0; row < r1; row++) {
+    sl.load(wv, w);
+    const NormRows rr = norm_block_rows(rows);
+    for (int row = rr.r0; row < rr.r1; row++) {
         const size_t base = (size_t)row * C;
         BfVec<VEC> g[NV], xv[NV];
         float d[NV][VEC], dot = 0.0f;
@@ -302,12 +305,9 @@ gated_rmsnorm_backward_kernel(bf16* __restrict__ dy, bf16* __restrict__ dz, int 
     const NormSlice<VEC, NV> sl(C, groups, tpg);
     BfVec<VEC> wv[NV];
     float acc[NV][VEC] = {};
-    #pragma unroll
-    for (int k = 0; k < NV; k++)
-        if (sl.has(k)) wv[k] = load_bf<VEC>(w + sl.col(k));
-    int r0, r1;
-    norm_block_rows(rows, &r0, &r1);
-    for (int row = r0; row < r1; row++) {
+    sl.load(wv, w);
+    const NormRows rr = norm_block_rows(rows);
+    for (int row = rr.r0; row < rr.r1; row++) {
         const size_t base = (size_t)row * C;
         const bf16* zr = z + (size_t)row * z_stride;
         BfVec<VEC> yv[NV], zv[NV], gv[NV];
