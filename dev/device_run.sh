@@ -19,6 +19,8 @@
 # ncu NAME "MODEL" REGEX (one kernel's full ncu report as text, MODEL a preset and flags or --config FILE and
 # flags; pack-ncu packs them into one file),
 # multi (on a machine of several GPUs: test/multi_gpu.sh on all of them and the weak scaling).
+# Benchmarks run under stdbuf -oL: one stopped by its timeout still shows what it printed (into a pipe, its
+# output would wait in a buffer and be lost; bench_layers --model 2.7b lost its lines so).
 # Order: time the anchors that need no build (anchors) first, with the CPU idle; start anchor-build only after
 # wait-dumps (beside the extension builds the dumps took over 5 minutes); anchors-strong with the CPU idle again.
 set -uo pipefail
@@ -72,7 +74,7 @@ while [ $# -gt 0 ]; do
                      gpu_idle && timeout 150 python3 anchor_strong.py --pattern "$hp" --d 2048 -B 4 -T 2048
                      [ "${1:-}" = quick ] || { gpu_idle && timeout 150 python3 anchor_strong.py --pattern "$hp" --d 2048 -B 1 -T 16384; }
                     ) 2>&1 | tee -a "$ANCHOR_LOG" | grep -E "anchor"; [ "${1:-}" = quick ] && shift ;;
-    bench)  for b in dev/bench_*; do [[ -x "$b" && $b != *_before ]] && { echo "== $b"; timeout 200 "$b"; }; done 2>&1 |
+    bench)  for b in dev/bench_*; do [[ -x "$b" && $b != *_before ]] && { echo "== $b"; timeout 200 stdbuf -oL "$b"; }; done 2>&1 |
               tee "$OUT/bench.log" | grep -E "x$|ours|==" ;;
     models) # the shapes of ANCHORS.md's whole-model table (anchors-strong times the anchor's side)
             # (train_mamba_before, when packed, on the two shapes issue 14's before/after names)
@@ -142,11 +144,11 @@ while [ $# -gt 0 ]; do
     scan-anchor) while pgrep -f "[s]can_anchor.py --build-only" >/dev/null; do sleep 2; done
             (cd anchors && python3 scan_anchor.py) 2>&1 | tee -a "$ANCHOR_LOG" | grep anchor ;;
     bench-one) b=$1; fl=$2; shift 2; [ "$fl" = - ] && fl=  # bench-one NAME "FLAGS" ("-": none)
-            timeout 240 ./dev/$b $fl 2>&1 | tee "$OUT/$b.log" | tail -20 ;;
+            timeout 240 stdbuf -oL ./dev/$b $fl 2>&1 | tee "$OUT/$b.log" | tail -20 ;;
     ab)     b=$1; fl=$2; shift 2; [ "$fl" = - ] && fl=  # ab NAME "FLAGS": the base revision's build, then this one
             for x in ./dev/${b}_before ./dev/$b; do
               [ -x $x ] || { echo "ab: $x is missing (prepare BASE_REV $b packs both)"; continue; }
-              echo "== $x $fl"; timeout 200 $x $fl
+              echo "== $x $fl"; timeout 200 stdbuf -oL $x $fl
             done 2>&1 | tee "$OUT/ab_$b.log" | grep -E "^==|ours|fwd\+bwd|error|missing" ;;
     docreset) # the default corpus with and without document boundaries: median tokens/s of steps 10..80
             for f in "" --doc-reset; do
