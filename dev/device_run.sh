@@ -13,14 +13,17 @@
 # background), test [FILTER], bench,
 # anchors (the anchor scripts; their log is ANCHOR_LOG for the benchmarks), anchors-strong [quick]
 # (the whole-model anchors at models' shapes; quick: without the B1 T16384 hybrid), models, sft, default,
-# hf, export-val, export-sft, scan-anchor, bench-one NAME "FLAGS" ("-": none), ab NAME "FLAGS" (dev/NAME_before,
-# then dev/NAME, the same flags), docreset, sft-bench, bench-prepare,
+# hf, export-val, export-sft, scan-anchor, steps (ours at the anchors' shapes), bench-one NAME "FLAGS" ("-":
+# none), ab NAME "FLAGS" (dev/NAME_before, then dev/NAME, the same flags), docreset, sft-bench, bench-prepare,
 # graph (the captured step against --eager), profile "MODEL" (--profile's phases), kernels "MODEL" (ncu, per kernel),
 # ncu NAME "MODEL" REGEX (one kernel's full ncu report as text, MODEL a preset and flags or --config FILE and
 # flags; pack-ncu packs them into one file),
 # multi (on a machine of several GPUs: test/multi_gpu.sh on all of them and the weak scaling).
 # Benchmarks run under stdbuf -oL: one stopped by its timeout still shows what it printed (into a pipe, its
 # output would wait in a buffer and be lost; bench_layers --model 2.7b lost its lines so).
+# The whole-model ratios in two calls on one machine (the second at once, before the machine goes back; the
+# builds run on between calls): unpack anchors anchor-build bench-one bench_ssd - steps, then steps
+# wait-anchor-build anchors-strong quick (about 450 and 510 s on an H100, twenty-second session).
 # Order: time the anchors that need no build (anchors) first, with the CPU idle; start anchor-build only after
 # wait-dumps (beside the extension builds the dumps took over 5 minutes); anchors-strong with the CPU idle again.
 set -uo pipefail
@@ -76,6 +79,10 @@ while [ $# -gt 0 ]; do
                     ) 2>&1 | tee -a "$ANCHOR_LOG" | grep -E "anchor"; [ "${1:-}" = quick ] && shift ;;
     bench)  for b in dev/bench_*; do [[ -x "$b" && $b != *_before ]] && { echo "== $b"; timeout 200 stdbuf -oL "$b"; }; done 2>&1 |
               tee "$OUT/bench.log" | grep -E "x$|ours|==" ;;
+    steps)  # our steps at the whole-model anchors' shapes, 10 each: quick, for the minutes an extension build takes
+            for m in "mamba2-370m -B 8 -T 2048" "mamba2-2.7b -B 4 -T 2048" "hybrid-1.3b -B 4 -T 2048" "hybrid-1.3b -B 1 -T 16384"; do
+              timeout 120 ./train_mamba --model $m --bench --bench-steps 10 2>&1 | grep -E "bench:|error" | sed "s|^|$m: |"
+            done 2>&1 | tee -a "$OUT/steps.log" ;;
     models) # the shapes of ANCHORS.md's whole-model table (anchors-strong times the anchor's side)
             # (train_mamba_before, when packed, on the two shapes issue 14's before/after names)
             for m in "mamba2-370m -B 8 -T 2048" "mamba2-370m -B 8 -T 2048 --recompute" "mamba2-2.7b -B 4 -T 2048" \
