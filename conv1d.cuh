@@ -162,7 +162,7 @@ conv1d_silu_backward_kernel(bf16* __restrict__ din, int din_stride, float* __res
     auto slot = [&](int stage, int tensor, int u) { return ring + ((stage * 2 + tensor) * CONV_STEP + u) * 32; };
     const int c0 = (blockIdx.x * 32 + threadIdx.x) * VEC;
     int p0, p1;
-    colsum_chunk_rows(blockIdx.y, rows, &p0, &p1);
+    colsum_chunk_rows(blockIdx.y, COLSUM_CHUNKS, rows, &p0, &p1);
     const int run = (p1 - p0 + CONV_WARPS - 1) / CONV_WARPS;
     const int r0 = min(p1, p0 + threadIdx.y * run), r1 = min(p1, r0 + run);
     float acc[K + 1][VEC] = {};  // dw[k] for k < K, dbias at K

@@ -207,45 +207,16 @@ inline void vec_dispatch(int vec, F&& launch) {
 // ----------------------------------------------------------------------------
 // Deterministic column sums: out[c, v] (+)= sum over rows r of term(r, c, v), for the
 // weight gradients of per-channel parameters (norm weights, conv weights and bias).
-// Rows are cut into a fixed number of chunks; each block sums its chunk for 32 x VEC columns
-// in row order, then one pass adds the chunk partials in chunk order: no atomics, so the
-// result is the same bit for bit on every run. Kernels that make their partials themselves
-// (conv1d's backward) write the same layout, partial[(chunk * C + c) * NV + v], and finish
-// with colsum_finalize.
+// Rows are cut into a fixed number of chunks; the backward kernels sum their chunk's rows
+// for their channels and write one partial row per chunk, partial[(chunk * C + c) * NV + v];
+// colsum_finalize adds the chunk partials in chunk order: no atomics, so the result is the
+// same bit for bit on every run.
 
-// rows [r0, r1) of chunk `chunk` of COLSUM_CHUNKS
-__device__ inline void colsum_chunk_rows(int chunk, int rows, int* r0, int* r1) {
-    const int per = (rows + COLSUM_CHUNKS - 1) / COLSUM_CHUNKS;
+// rows [r0, r1) of chunk `chunk` of `chunks`
+__device__ inline void colsum_chunk_rows(int chunk, int chunks, int rows, int* r0, int* r1) {
+    const int per = (rows + chunks - 1) / chunks;
     *r0 = min(rows, chunk * per);
     *r1 = min(rows, *r0 + per);
-}
-
-// term(r, c, vals) fills vals[v * VEC + e] for row r, columns c .. c + VEC - 1
-template <int NV, int VEC, typename Term>
-__global__ void colsum_partial_kernel(float* partial, Term term, int rows, int C) {
-    __shared__ float red[8][32][NV * VEC];
-    const int c = (blockIdx.x * 32 + threadIdx.x) * VEC, chunk = blockIdx.y;
-    int r0, r1;
-    colsum_chunk_rows(chunk, rows, &r0, &r1);
-    float acc[NV * VEC] = {};
-    if (c < C) {
-        for (int r = r0 + threadIdx.y; r < r1; r += 8) {
-            float vals[NV * VEC];
-            term(r, c, vals);
-            #pragma unroll
-            for (int v = 0; v < NV * VEC; v++) acc[v] += vals[v];
-        }
-    }
-    #pragma unroll
-    for (int v = 0; v < NV * VEC; v++) red[threadIdx.y][threadIdx.x][v] = acc[v];
-    __syncthreads();
-    if (threadIdx.y == 0 && c < C) {
-        for (int y = 1; y < 8; y++)
-            #pragma unroll
-            for (int v = 0; v < NV * VEC; v++) acc[v] += red[y][threadIdx.x][v];
-        for (int e = 0; e < VEC; e++)
-            for (int v = 0; v < NV; v++) partial[((size_t)chunk * C + c + e) * NV + v] = acc[v * VEC + e];
-    }
 }
 
 // store(c, v, sum) receives each column's total. A block sums 32 columns: warp w the chunks
@@ -275,15 +246,6 @@ template <int NV, typename Store>
 inline void colsum_finalize(const float* partial, Store store, int C, cudaStream_t s, int chunks = COLSUM_CHUNKS) {
     colsum_finalize_kernel<NV><<<ceil_div(C, 32), dim3(32, 8), 0, s>>>(partial, store, C, chunks);
     cudaCheckLast();
-}
-
-// VEC must divide C and suit the term's loads (see vec_width)
-template <int NV, int VEC = 1, typename Term, typename Store>
-inline void column_sum(float* scratch, Term term, Store store, int rows, int C, cudaStream_t s) {
-    dim3 grid(ceil_div(C, 32 * VEC), COLSUM_CHUNKS), block(32, 8);
-    colsum_partial_kernel<NV, VEC><<<grid, block, 0, s>>>(scratch, term, rows, C);
-    cudaCheckLast();
-    colsum_finalize<NV>(scratch, store, C, s);
 }
 
 // warp-wide sum

@@ -71,6 +71,27 @@ struct NormSlice {
         for (int k = 0; k < NV; k++)
             if (has(k)) v[k] = load_bf<VEC>(row + col(k));
     }
+    // out = (v r) w over the thread's vectors of a row; XHAT: v r is first rounded to bf16 and kept in xhat_row
+    // (RMSNorm: out = bf16(xhat) w, which rmsnorm_apply rebuilds bit for bit)
+    template <bool XHAT>
+    __device__ void store_scaled(float (&v)[NV][VEC], float r, const bf16* w, bf16* out_row, bf16* xhat_row) const {
+        #pragma unroll
+        for (int k = 0; k < NV; k++) {
+            if (!has(k)) continue;
+            float wv[VEC];
+            load_vec<VEC>(wv, w + col(k));
+            #pragma unroll
+            for (int e = 0; e < VEC; e++) v[k][e] = v[k][e] * r;
+            if constexpr (XHAT) {
+                #pragma unroll
+                for (int e = 0; e < VEC; e++) v[k][e] = __bfloat162float(__float2bfloat16(v[k][e]));
+                store_vec<VEC>(xhat_row + col(k), v[k]);
+            }
+            #pragma unroll
+            for (int e = 0; e < VEC; e++) v[k][e] *= wv[e];
+            store_vec<VEC>(out_row + col(k), v[k]);
+        }
+    }
     // the sum of v over the thread's group in a fixed order, to every thread of the group; every thread
     // of the block calls it (it synchronises the block when a group spans several warps)
     __device__ float group_sum(float v) const {
@@ -89,13 +110,6 @@ struct NormSlice {
         return s;
     }
 };
-
-// a backward block's share of the rows, [r0, r1) (norm_row_blocks of them, kernel_sizes.h)
-struct NormRows { int r0, r1; };
-__device__ inline NormRows norm_block_rows(int rows) {
-    const int per = (rows + (int)gridDim.x - 1) / (int)gridDim.x, r0 = min(rows, (int)blockIdx.x * per);
-    return {r0, min(rows, r0 + per)};
-}
 
 // the block's weight-gradient sums as its partial row (each channel has one owner)
 template <int VEC, int NV>
@@ -129,18 +143,7 @@ rmsnorm_forward_kernel(bf16* __restrict__ out, bf16* __restrict__ xhat, float* _
             #pragma unroll
             for (int e = 0; e < VEC; e++) ss += xv[k][e] * xv[k][e];
     const float r = rsqrtf(sl.group_sum(ss) / C + eps);
-    #pragma unroll
-    for (int k = 0; k < NV; k++) {
-        if (!sl.has(k)) continue;
-        float wv[VEC];
-        load_vec<VEC>(wv, w + sl.col(k));
-        #pragma unroll
-        for (int e = 0; e < VEC; e++) xv[k][e] = __bfloat162float(__float2bfloat16(xv[k][e] * r));  // xhat as kept
-        store_vec<VEC>(xhat + base + sl.col(k), xv[k]);
-        #pragma unroll
-        for (int e = 0; e < VEC; e++) xv[k][e] *= wv[e];
-        store_vec<VEC>(out + base + sl.col(k), xv[k]);
-    }
+    sl.store_scaled<true>(xv, r, w, out + base, xhat + base);
     if (threadIdx.x == 0) rstd[blockIdx.x] = r;
 }
 
@@ -190,8 +193,9 @@ rmsnorm_backward_kernel(float* __restrict__ dx, bf16* __restrict__ dx_bf16, floa
     BfVec<VEC> wv[NV];
     float acc[NV][VEC] = {};
     sl.load(wv, w);
-    const NormRows rr = norm_block_rows(rows);
-    for (int row = rr.r0; row < rr.r1; row++) {
+    int r0, r1;  // this block's rows: chunk blockIdx.x of norm_row_blocks(C) (kernel_sizes.h)
+    colsum_chunk_rows(blockIdx.x, gridDim.x, rows, &r0, &r1);
+    for (int row = r0; row < r1; row++) {
         const size_t base = (size_t)row * C;
         BfVec<VEC> g[NV], xv[NV];
         float d[NV][VEC], dot = 0.0f;
@@ -268,15 +272,7 @@ gated_rmsnorm_forward_kernel(bf16* __restrict__ out, float* __restrict__ rstd, c
         }
     }
     const float r = rsqrtf(sl.group_sum(ss) / sl.gs + eps);
-    #pragma unroll
-    for (int k = 0; k < NV; k++) {
-        if (!sl.has(k)) continue;
-        float wv[VEC];
-        load_vec<VEC>(wv, w + sl.col(k));
-        #pragma unroll
-        for (int e = 0; e < VEC; e++) v[k][e] = v[k][e] * r * wv[e];
-        store_vec<VEC>(out + (size_t)row * C + sl.col(k), v[k]);
-    }
+    sl.store_scaled<false>(v, r, w, out + (size_t)row * C, nullptr);
     if (sl.t == 0) rstd[(size_t)row * groups + sl.grp] = r;
 }
 
@@ -306,8 +302,9 @@ gated_rmsnorm_backward_kernel(bf16* __restrict__ dy, bf16* __restrict__ dz, int 
     BfVec<VEC> wv[NV];
     float acc[NV][VEC] = {};
     sl.load(wv, w);
-    const NormRows rr = norm_block_rows(rows);
-    for (int row = rr.r0; row < rr.r1; row++) {
+    int r0, r1;  // this block's rows: chunk blockIdx.x of norm_row_blocks(C) (kernel_sizes.h)
+    colsum_chunk_rows(blockIdx.x, gridDim.x, rows, &r0, &r1);
+    for (int row = r0; row < r1; row++) {
         const size_t base = (size_t)row * C;
         const bf16* zr = z + (size_t)row * z_stride;
         BfVec<VEC> yv[NV], zv[NV], gv[NV];
