@@ -131,13 +131,6 @@ conv1d_silu_forward_kernel(bf16* __restrict__ out, const bf16* __restrict__ in, 
     }
 }
 
-// one lane's VEC channels of a row into its ring slot: cp.async (zeros when !valid), or a plain load and
-// store below cp.async's 4 bytes
-template <int VEC>
-__device__ inline void conv_copy(Pack<bf16, VEC>* slot, const bf16* row, bool valid) {
-    if constexpr (VEC * sizeof(bf16) >= 4) tc::cp_async_bytes<VEC * sizeof(bf16)>(slot, row, valid);
-    else *slot = conv_load<VEC>(row, valid);
-}
 // the backward's rings: [warp][stage][in, dout][row of the step][lane]
 template <int VEC>
 constexpr size_t conv_bwd_smem_bytes() {
@@ -180,8 +173,8 @@ conv1d_silu_backward_kernel(bf16* __restrict__ din, int din_stride, float* __res
                 for (int u = 0; u < CONV_STEP; u++) {
                     const int r = t + u;
                     const bool valid = r >= 0 && r < rows && r < t_end;
-                    conv_copy<VEC>(slot(i % CONV_STAGES, 0, u), valid ? in + (size_t)r * in_stride + c0 : in, valid);
-                    conv_copy<VEC>(slot(i % CONV_STAGES, 1, u), valid ? dout + (size_t)r * C + c0 : dout, valid && r >= r0);
+                    tc::cp_async_bf16<VEC>(slot(i % CONV_STAGES, 0, u), valid ? in + (size_t)r * in_stride + c0 : in, valid);
+                    tc::cp_async_bf16<VEC>(slot(i % CONV_STAGES, 1, u), valid ? dout + (size_t)r * C + c0 : dout, valid && r >= r0);
                 }
             }
             tc::cp_async_commit();
