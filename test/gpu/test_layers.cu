@@ -294,11 +294,13 @@ TEST_CASE("norm layout: groups that cannot fill whole warps are refused with the
 
 TEST_CASE("conv1d + SiLU: causal, strided, forward and backward, deterministic", "[layers][conv1d]") {
     // input stride and channels pick the vector width (up to 4; 1 and 2 for the odd ones); T = 1
-    // and 3 put sequence starts inside one warp's run of rows, 2 x 1000 makes runs of 4 rows (the
-    // chunks are 32 rows, 8 warps each)
+    // and 3 put sequence starts inside a block's rows; one column block (C <= 128) takes the most row
+    // chunks (conv1d_row_chunks), 2 x 1000 at 64 channels runs of 4 rows; 4100 channels (33 column
+    // blocks) few chunks, runs of tens of rows with the second sequence's start inside one
     for (auto [B, T, C, is, K] : {std::tuple{2, 37, 100, 140, 4}, std::tuple{1, 1, 24, 64, 4}, std::tuple{3, 300, 64, 104, 4},
                                   std::tuple{2, 45, 37, 77, 4}, std::tuple{2, 50, 70, 110, 4}, std::tuple{5, 3, 48, 48, 4},
-                                  std::tuple{2, 1000, 64, 96, 4}, std::tuple{3, 41, 40, 48, 3}, std::tuple{2, 33, 16, 24, 2}}) {
+                                  std::tuple{2, 1000, 64, 96, 4}, std::tuple{3, 41, 40, 48, 3}, std::tuple{2, 33, 16, 24, 2},
+                                  std::tuple{2, 999, 4100, 4104, 4}}) {
         INFO("B=" << B << " T=" << T << " C=" << C << " stride=" << is << " K=" << K);
         const int BT = B * T;
         Buf<bf16> in((size_t)BT * is), w((size_t)C * K), bias(C), out((size_t)BT * C), dout((size_t)BT * C),
@@ -351,10 +353,10 @@ static std::vector<int> conv_doc_positions(int B, int T) {
 
 TEST_CASE("conv1d + SiLU with document boundaries vs each document alone", "[layers][conv1d]") {
     // vector widths 4, 2, 1 (and the 8-wide forward dev/bench_layers times), widths 4, 3, 2, runs of 4
-    // rows (2 x 1000) and one-row sequences
+    // rows (2 x 1000), long runs over many documents (4100 channels) and one-row sequences
     for (auto [B, T, C, is, K] : {std::tuple{3, 150, 64, 96, 4}, std::tuple{2, 77, 70, 110, 4}, std::tuple{2, 45, 37, 77, 4},
                                   std::tuple{3, 41, 40, 48, 3}, std::tuple{2, 33, 16, 24, 2}, std::tuple{2, 1000, 64, 96, 4},
-                                  std::tuple{3, 1, 24, 64, 4}, std::tuple{2, 130, 128, 128, 4}}) {
+                                  std::tuple{3, 1, 24, 64, 4}, std::tuple{2, 130, 128, 128, 4}, std::tuple{2, 999, 4100, 4104, 4}}) {
         INFO("B=" << B << " T=" << T << " C=" << C << " stride=" << is << " K=" << K);
         const int BT = B * T;
         const std::vector<int> pos = conv_doc_positions(B, T);
