@@ -8,7 +8,8 @@
 // window where a document starts.
 // Both passes walk time: each lane holds VEC consecutive channels, each warp a run of rows,
 // and the last K inputs (and in the backward the last K pre-activation gradients) stay in
-// registers, so every tensor is read once from memory, with K-1 rows of halo per run. The
+// registers, so every tensor is read once from memory, with K-1 rows of halo per run (a block's
+// warps split one chunk of the rows, conv1d_row_chunks: long runs in as few waves as fill the GPU). The
 // backward's rows arrive through a per-lane cp.async ring in shared memory, CONV_STAGES - 1
 // steps ahead (registers for them would cost the second block an SM).
 #pragma once
@@ -17,7 +18,6 @@
 #include "tensor_core.cuh"  // cp.async
 
 constexpr int CONV_WARPS = 8;     // warps of a block: runs of rows over the same channels
-constexpr int CONV_FWD_ROWS = 32; // rows of a forward run
 constexpr int CONV_STEP = 4;      // rows loaded at once (independent loads in flight)
 constexpr int CONV_STAGES = 3;    // the backward's ring: steps of CONV_STEP rows of in and dout per lane
 
@@ -76,6 +76,30 @@ __device__ inline unsigned conv_doc_starts(const int* pos, int r, int r_lo, int 
     return m;
 }
 
+// The row chunks (grid.y) of a pass whose blocks span col_blocks column blocks, `slots` blocks resident on the
+// GPU at once: the count (at most COLSUM_CHUNKS, the backward's partial rows) with the least waves x rows a
+// warp walks, halo included. Runs of a few rows read their K-1 halo rows again, in proportion (16 rows a run:
+// 19% more reads); a last wave that fills few slots leaves the GPU idle.
+inline int conv1d_row_chunks(int slots, int col_blocks, int rows, int K) {
+    int best = 1;
+    size_t best_cost = SIZE_MAX;
+    for (int c = 1; c <= COLSUM_CHUNKS; c++) {
+        const size_t waves = ceil_div((size_t)c * col_blocks, (size_t)slots);
+        const size_t cost = waves * (ceil_div((size_t)rows, (size_t)c * CONV_WARPS) + K - 1);
+        if (cost < best_cost) best_cost = cost, best = c;
+    }
+    return best;
+}
+
+// this warp's run [r0, r1) of its block's row chunk (blockIdx.y of gridDim.y)
+__device__ inline void conv_warp_run(int rows, int* r0, int* r1) {
+    int p0, p1;
+    colsum_chunk_rows(blockIdx.y, gridDim.y, rows, &p0, &p1);
+    const int run = (p1 - p0 + CONV_WARPS - 1) / CONV_WARPS;
+    *r0 = min(p1, p0 + (int)threadIdx.y * run);
+    *r1 = min(p1, *r0 + run);
+}
+
 // DOCS: with document boundaries, whose state costs the backward's VEC = 4 its second block an SM
 // unless the registers are capped
 constexpr int conv_min_blocks(bool docs, bool backward) { return docs ? (backward ? 2 : 3) : 1; }
@@ -96,8 +120,9 @@ conv1d_silu_forward_kernel(bf16* __restrict__ out, const bf16* __restrict__ in, 
                            const bf16* __restrict__ w, const bf16* __restrict__ bias, const int* __restrict__ pos,
                            int rows, int T, int C) {
     const int c0 = (blockIdx.x * 32 + threadIdx.x) * VEC;
-    const int r0 = (blockIdx.y * CONV_WARPS + threadIdx.y) * CONV_FWD_ROWS, r1 = min(rows, r0 + CONV_FWD_ROWS);
-    if (c0 >= C || r0 >= rows) return;
+    int r0, r1;
+    conv_warp_run(rows, &r0, &r1);
+    if (c0 >= C || r0 >= r1) return;
     ConvLane<K, VEC> lane;
     lane.load_taps(w, bias, c0);
     Pack<bf16, VEC> xs[CONV_STEP], xn[CONV_STEP];
@@ -131,13 +156,6 @@ conv1d_silu_forward_kernel(bf16* __restrict__ out, const bf16* __restrict__ in, 
     }
 }
 
-// one lane's VEC channels of a row into its ring slot: cp.async (zeros when !valid), or a plain load and
-// store below cp.async's 4 bytes
-template <int VEC>
-__device__ inline void conv_copy(Pack<bf16, VEC>* slot, const bf16* row, bool valid) {
-    if constexpr (VEC * sizeof(bf16) >= 4) tc::cp_async_bytes<VEC * sizeof(bf16)>(slot, row, valid);
-    else *slot = conv_load<VEC>(row, valid);
-}
 // the backward's rings: [warp][stage][in, dout][row of the step][lane]
 template <int VEC>
 constexpr size_t conv_bwd_smem_bytes() {
@@ -148,7 +166,7 @@ constexpr size_t conv_bwd_smem_bytes() {
 // sequence and document (no sequence or document start in rows s+1 .. s+(K-1)-k);
 // dw[k] += dpre[t] in[t-(K-1)+k] (the window cleared as in the forward), dbias += dpre[t]. Block y is column-sum
 // chunk y (cuda_common.cuh); its warps split the chunk's rows into runs, and their weight
-// gradients are summed in warp order into the chunk's partial.
+// gradients are summed in warp order into the chunk's partial (gridDim.y chunks).
 template <int K, int VEC, bool DOCS>
 __global__ void __launch_bounds__(32 * CONV_WARPS, conv_min_blocks(DOCS, true))
 conv1d_silu_backward_kernel(bf16* __restrict__ din, int din_stride, float* __restrict__ partial,
@@ -161,10 +179,8 @@ conv1d_silu_backward_kernel(bf16* __restrict__ din, int din_stride, float* __res
         reinterpret_cast<Pack<bf16, VEC>*>(conv_smem) + threadIdx.y * CONV_STAGES * 2 * CONV_STEP * 32 + threadIdx.x;
     auto slot = [&](int stage, int tensor, int u) { return ring + ((stage * 2 + tensor) * CONV_STEP + u) * 32; };
     const int c0 = (blockIdx.x * 32 + threadIdx.x) * VEC;
-    int p0, p1;
-    colsum_chunk_rows(blockIdx.y, COLSUM_CHUNKS, rows, &p0, &p1);
-    const int run = (p1 - p0 + CONV_WARPS - 1) / CONV_WARPS;
-    const int r0 = min(p1, p0 + threadIdx.y * run), r1 = min(p1, r0 + run);
+    int r0, r1;
+    conv_warp_run(rows, &r0, &r1);
     float acc[K + 1][VEC] = {};  // dw[k] for k < K, dbias at K
     if (c0 < C && r0 < r1) {
         ConvLane<K, VEC> lane;
@@ -180,8 +196,8 @@ conv1d_silu_backward_kernel(bf16* __restrict__ din, int din_stride, float* __res
                 for (int u = 0; u < CONV_STEP; u++) {
                     const int r = t + u;
                     const bool valid = r >= 0 && r < rows && r < t_end;
-                    conv_copy<VEC>(slot(i % CONV_STAGES, 0, u), valid ? in + (size_t)r * in_stride + c0 : in, valid);
-                    conv_copy<VEC>(slot(i % CONV_STAGES, 1, u), valid ? dout + (size_t)r * C + c0 : dout, valid && r >= r0);
+                    tc::cp_async_bf16<VEC>(slot(i % CONV_STAGES, 0, u), valid ? in + (size_t)r * in_stride + c0 : in, valid);
+                    tc::cp_async_bf16<VEC>(slot(i % CONV_STAGES, 1, u), valid ? dout + (size_t)r * C + c0 : dout, valid && r >= r0);
                 }
             }
             tc::cp_async_commit();
@@ -266,8 +282,9 @@ inline void conv1d_silu_forward_k(bf16* out, const bf16* in, int in_stride, cons
     const int rows = B * T;
     vec_dispatch<MAX_VEC>(vec_width(MAX_VEC, sizeof(bf16), {out, in}, {C, in_stride}), [&](auto V) {
         constexpr int v = decltype(V)::value;
-        dim3 grid(ceil_div(C, 32 * v), ceil_div(rows, CONV_WARPS * CONV_FWD_ROWS));
         auto k = pos ? conv1d_silu_forward_kernel<K, v, true> : conv1d_silu_forward_kernel<K, v, false>;
+        const int cb = ceil_div(C, 32 * v);
+        const dim3 grid(cb, conv1d_row_chunks(occupancy(k, 32 * CONV_WARPS, 0) * sm_count(), cb, rows, K));
         k<<<grid, dim3(32, CONV_WARPS), 0, s>>>(out, in, in_stride, w, bias, pos, rows, T, C);
     });
     cudaCheckLast();
@@ -279,20 +296,21 @@ inline void conv1d_silu_backward_k(bf16* din, int din_stride, float* dweight, fl
                                    const int* pos, int B, int T, int C, cudaStream_t s) {
     const int rows = B * T;
     const int vec = vec_width(MAX_VEC, sizeof(bf16), {din, dout, in}, {C, in_stride, din_stride});
+    int chunks = 0;
     vec_dispatch<MAX_VEC>(vec, [&](auto V) {
         constexpr int v = decltype(V)::value;
-        dim3 grid(ceil_div(C, 32 * v), COLSUM_CHUNKS);
         auto k = pos ? conv1d_silu_backward_kernel<K, v, true> : conv1d_silu_backward_kernel<K, v, false>;
-        set_max_smem(k, conv_bwd_smem_bytes<v>());
-        k<<<grid, dim3(32, CONV_WARPS), conv_bwd_smem_bytes<v>(), s>>>(din, din_stride, scratch, dout, in, in_stride, w,
-                                                                       bias, pos, rows, T, C);
+        const int cb = ceil_div(C, 32 * v);
+        chunks = conv1d_row_chunks(occupancy(k, 32 * CONV_WARPS, conv_bwd_smem_bytes<v>()) * sm_count(), cb, rows, K);
+        k<<<dim3(cb, chunks), dim3(32, CONV_WARPS), conv_bwd_smem_bytes<v>(), s>>>(din, din_stride, scratch, dout, in,
+                                                                                   in_stride, w, bias, pos, rows, T, C);
     });
     cudaCheckLast();
     colsum_finalize<K + 1>(scratch,
         [=] __device__(int c, int k, float sum) {
             if (k < K) dweight[c * K + k] += sum;
             else dbias[c] += sum;
-        }, C, s);
+        }, C, s, chunks);
 }
 
 #define CONV1D_DISPATCH(K, CALL)                                                   \

@@ -54,6 +54,16 @@ inline size_t max_smem_optin() {
     return n;
 }
 
+// the device's SMs (cached per device)
+inline int sm_count() {
+    static std::map<int, int> known;
+    int dev;
+    cudaCheck(cudaGetDevice(&dev));
+    int& n = known[dev];
+    if (!n) cudaCheck(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
+    return n;
+}
+
 // blocks of `threads` threads and `smem` bytes of dynamic shared memory that an SM holds at once (cached per
 // kernel, size and device)
 inline int occupancy(const void* kernel, int threads, size_t smem) {

@@ -56,13 +56,6 @@ inline CUtensorMap tensor_map_rows(const void* base, int W, int T, int B, int bo
     return map;
 }
 
-inline int sm_count() {
-    int dev, n;
-    cudaCheck(cudaGetDevice(&dev));
-    cudaCheck(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
-    return n;
-}
-
 // ---------------------------------------------------------------------------------------------------------
 // device
 

@@ -10,19 +10,21 @@
 #pragma once
 #include <algorithm>
 #include "cuda_common.cuh"
+#include "tensor_core.cuh"  // cp.async
 
 constexpr int NORM_MAX_NV = 8;         // vectors a thread holds of each input row
 constexpr int NORM_MAX_THREADS = 512;  // a block (the kernels' launch bound: up to 128 registers a thread)
+constexpr int NORM_STAGES = 2;         // the gated backward's ring: the rows a thread has in flight, this one's included
 
 // The block layout for rows of C channels in `groups` groups of gs = C / groups, VEC channels a
 // vector: each group goes to tpg consecutive threads (whole warps when the groups are few, else a
 // power of two dividing 32, so that a group's sum is a warp's shuffles and, across a group's
 // warps, one exchange through shared memory), and thread t of a group owns the vectors t, t + tpg,
 // ..., t + (nv - 1) tpg of its group. A group gets more threads while a thread would hold more than
-// max_vals values of an input row (the registers of the kernel's inputs and weight-gradient sums).
+// 32 values of an input row.
 struct NormSlicing { int tpg, threads, nv; };
 
-inline NormSlicing norm_slicing(int C, int groups, int vec, int max_vals = 32) {
+inline NormSlicing norm_slicing(int C, int groups, int vec) {
     if (groups < 1 || C % groups != 0 || C / groups % vec != 0)
         THROW("norm: %d channels do not split into %d groups of whole %d-vectors", C, groups, vec);
     const int gs = C / groups;
@@ -31,7 +33,7 @@ inline NormSlicing norm_slicing(int C, int groups, int vec, int max_vals = 32) {
     if (groups * tpg > NORM_MAX_THREADS || groups * tpg % 32 != 0)
         THROW("norm: %d groups do not fill whole warps of a block of at most %d threads", groups, NORM_MAX_THREADS);
     auto nv = [&] { return (int)ceil_div(gs, (size_t)vec * tpg); };
-    while (nv() * vec > max_vals && tpg % 32 == 0 && 2 * groups * tpg <= NORM_MAX_THREADS) tpg *= 2;
+    while (nv() * vec > 32 && tpg % 32 == 0 && 2 * groups * tpg <= NORM_MAX_THREADS) tpg *= 2;
     if (nv() > NORM_MAX_NV)
         THROW("norm: a group of %d channels needs %d vectors of %d a thread (at most %d)", gs, nv(), vec, NORM_MAX_NV);
     return {tpg, groups * tpg, nv()};
@@ -108,6 +110,23 @@ struct NormSlice {
         float s = 0.0f;
         for (int w = 0; w < tpg / 32; w++) s += red[w0 + w];
         return s;
+    }
+};
+
+// The gated backward's rows stream through a per-thread ring in shared memory ([stage][y, z, dout][k]
+// [threads], dynamic): the next NORM_STAGES - 1 rows load by cp.async while a row computes, and no registers
+// hold them; a thread reads only its own slots, so the ring needs no barriers.
+template <int VEC, int NV>
+struct NormRing {
+    static constexpr int TENSORS = 3;
+    BfVec<VEC>* base;
+    static size_t bytes(int threads) { return (size_t)NORM_STAGES * TENSORS * NV * threads * sizeof(BfVec<VEC>); }
+    __device__ NormRing() {
+        extern __shared__ __align__(16) unsigned char norm_ring[];
+        base = reinterpret_cast<BfVec<VEC>*>(norm_ring) + threadIdx.x;
+    }
+    __device__ BfVec<VEC>* slot(int stage, int tensor, int k) const {
+        return base + ((stage * TENSORS + tensor) * NV + k) * blockDim.x;
     }
 };
 
@@ -299,38 +318,50 @@ gated_rmsnorm_backward_kernel(bf16* __restrict__ dy, bf16* __restrict__ dz, int 
                               const bf16* __restrict__ z, int z_stride, const bf16* __restrict__ w,
                               const float* __restrict__ rstd, int rows, int C, int groups, int tpg) {
     const NormSlice<VEC, NV> sl(C, groups, tpg);
+    const NormRing<VEC, NV> ring;
     BfVec<VEC> wv[NV];
     float acc[NV][VEC] = {};
     sl.load(wv, w);
     int r0, r1;  // this block's rows: chunk blockIdx.x of norm_row_blocks(C) (kernel_sizes.h)
     colsum_chunk_rows(blockIdx.x, gridDim.x, rows, &r0, &r1);
-    for (int row = r0; row < r1; row++) {
+    // the block's i-th row into stage i % NORM_STAGES (an empty group past its rows)
+    auto issue = [&](int i) {
+        const int row = r0 + i, st = i % NORM_STAGES;
+        if (row < r1)
+            #pragma unroll
+            for (int k = 0; k < NV; k++)
+                if (sl.has(k)) {
+                    tc::cp_async_bf16<VEC>(ring.slot(st, 0, k), y + (size_t)row * C + sl.col(k), true);
+                    tc::cp_async_bf16<VEC>(ring.slot(st, 1, k), z + (size_t)row * z_stride + sl.col(k), true);
+                    tc::cp_async_bf16<VEC>(ring.slot(st, 2, k), dout + (size_t)row * C + sl.col(k), true);
+                }
+        tc::cp_async_commit();
+    };
+    #pragma unroll
+    for (int i = 0; i < NORM_STAGES - 1; i++) issue(i);
+    for (int row = r0, i = 0; row < r1; row++, i++) {
+        issue(i + NORM_STAGES - 1);  // into the stage this thread read a row ago
+        tc::cp_async_wait_group<NORM_STAGES - 1>();
+        const int st = i % NORM_STAGES;
         const size_t base = (size_t)row * C;
-        const bf16* zr = z + (size_t)row * z_stride;
-        BfVec<VEC> yv[NV], zv[NV], gv[NV];
-        #pragma unroll
-        for (int k = 0; k < NV; k++)
-            if (sl.has(k)) {
-                yv[k] = load_bf<VEC>(y + base + sl.col(k));
-                zv[k] = load_bf<VEC>(zr + sl.col(k));
-                gv[k] = load_bf<VEC>(dout + base + sl.col(k));
-            }
         const float r = rstd[(size_t)row * groups + sl.grp];
         float dot = 0.0f;
         #pragma unroll
         for (int k = 0; k < NV; k++)
-            if (sl.has(k))
+            if (sl.has(k)) {
+                const BfVec<VEC> yv = *ring.slot(st, 0, k), zv = *ring.slot(st, 1, k), gv = *ring.slot(st, 2, k);
                 #pragma unroll
-                for (int e = 0; e < VEC; e++)
-                    dot += at(gv[k], e) * at(wv[k], e) * at(yv[k], e) * silu(at(zv[k], e)) * r;
+                for (int e = 0; e < VEC; e++) dot += at(gv, e) * at(wv[k], e) * at(yv, e) * silu(at(zv, e)) * r;
+            }
         dot = sl.group_sum(dot) / sl.gs;
         #pragma unroll
         for (int k = 0; k < NV; k++) {
             if (!sl.has(k)) continue;
+            const BfVec<VEC> yv = *ring.slot(st, 0, k), zv = *ring.slot(st, 1, k), gv = *ring.slot(st, 2, k);
             float dyv[VEC], dzv[VEC], ov[VEC];
             #pragma unroll
             for (int e = 0; e < VEC; e++) {
-                const float zf = at(zv[k], e), yf = at(yv[k], e), gf = at(gv[k], e), wf = at(wv[k], e);
+                const float zf = at(zv, e), yf = at(yv, e), gf = at(gv, e), wf = at(wv[k], e);
                 const float sg = sigmoid_fast(zf), sz = zf * sg, v = yf * sz;  // sz = silu(z)
                 const float dv = r * (gf * wf - v * r * dot);
                 dyv[e] = dv * sz;
@@ -351,10 +382,13 @@ inline void gated_rmsnorm_backward(bf16* dy, bf16* dz, int dz_stride, bf16* out,
                                    const float* rstd, int rows, int C, int groups, cudaStream_t s) {
     if (C % groups != 0) THROW("gated_rmsnorm: C %d is not divisible by groups %d", C, groups);
     const int vec = vec_width(8, sizeof(bf16), {dy, dz, out, dout, y, z, weight}, {C, z_stride, C / groups, dz_stride});
-    const NormSlicing ns = norm_slicing(C, groups, vec, 16);  // three inputs and the sums: 16 values of each
+    const NormSlicing ns = norm_slicing(C, groups, vec);
     const int blocks = norm_row_blocks(C);
     norm_dispatch<8>(vec, ns.nv, [&](auto V, auto NV) {
-        gated_rmsnorm_backward_kernel<decltype(V)::value, decltype(NV)::value><<<blocks, ns.threads, 0, s>>>(
+        constexpr int v = decltype(V)::value, nv = decltype(NV)::value;
+        const size_t smem = NormRing<v, nv>::bytes(ns.threads);
+        set_max_smem(gated_rmsnorm_backward_kernel<v, nv>, smem);
+        gated_rmsnorm_backward_kernel<v, nv><<<blocks, ns.threads, smem, s>>>(
             dy, dz, dz_stride, out, scratch, dout, y, z, z_stride, weight, rstd, rows, C, groups, ns.tpg);
     });
     cudaCheckLast();

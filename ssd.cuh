@@ -1658,16 +1658,6 @@ inline void check_inputs(const SSDInputs& in, const SSDShape& sh) {
     if (in.dt_stride < sh.H) THROW("ssd: dt row stride %d < H = %d", in.dt_stride, sh.H);
 }
 
-inline int sm_count() {
-    static int n = 0;
-    if (!n) {
-        int dev;
-        cudaCheck(cudaGetDevice(&dev));
-        cudaCheck(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
-    }
-    return n;
-}
-
 }  // namespace ssd
 
 #ifdef SM90A

@@ -1,4 +1,4 @@
-// Microbenchmarks of the memory-bound layers at a Mamba-2 model's shapes (B*T = 16384; --model
+// Microbenchmarks of the memory-bound layers at a Mamba-2 model's shapes (B*T = 16384 unless -B, -T; --model
 // 370m, the default: d_model 1024, d_inner 2048, conv_dim 2304; hybrid-1.3b: 2048, 4096, 4352;
 // 2.7b: 2560, 5120, 5376; vocab 50304): causal conv1d + SiLU (also with document boundaries: many
 // short documents, a few long ones), the gated grouped RMSNorm, RMSNorm and the fused classifier,
@@ -6,7 +6,7 @@
 // then timed (cudaEvents, median of 50 after warmup) and reported in GB/s against the
 // device-to-device copy ceiling measured first (bytes read + written; 3.0 TB/s on an H100 in
 // ANCHORS.md).
-// usage: dev/bench_layers [--model 370m|hybrid-1.3b|2.7b]
+// usage: dev/bench_layers [--model 370m|hybrid-1.3b|2.7b] [-B 8] [-T 2048]
 #include <algorithm>
 #include <functional>
 #include <random>
@@ -57,10 +57,13 @@ static double rel_err(const bf16* d, const std::vector<double>& ref, size_t n, s
 
 int main(int argc, char** argv) {
     std::string model = "370m";
+    int B = 8, T = 2048;
     try {
         Flags f("usage: bench_layers [flags]");
         f.choice({"--model"}, &model, {"370m", "hybrid-1.3b", "2.7b"},
                  "the layer shapes: mamba2-370m, hybrid-1.3b or mamba2-2.7b");
+        f.add({"-B"}, &B, "N", "sequences (the model steps' micro-batch: 8, 4 for 2.7b and hybrid-1.3b)", Range::at_least(1));
+        f.add({"-T"}, &T, "N", "sequence length", Range::at_least(64));
         if (!f.parse(argc, argv).empty()) THROW("bench_layers takes no positional arguments (see --help)");
     } catch (const std::exception& e) {
         fprintf(stderr, "error: %s\n", e.what());
@@ -69,7 +72,7 @@ int main(int argc, char** argv) {
     // headdim 64, state 128, one group: conv_dim = d_inner + 2 x 128, in_proj = [z | xBC | dt]
     const int d = model == "370m" ? 1024 : model == "hybrid-1.3b" ? 2048 : 2560, di = 2 * d, cd = di + 2 * 128,
               dip = 2 * di + 2 * 128 + di / 64;
-    const int B = 8, T = 2048, BT = B * T, K = 4, Vp = 50304, V = 50277;
+    const int BT = B * T, K = 4, Vp = 50304, V = 50277;
     printf("%s: d_model %d, d_inner %d, conv_dim %d, in_proj %d, %d rows\n", model.c_str(), d, di, cd, dip, BT);
     {   // the ceiling: a 1 GiB device-to-device copy
         const size_t n = (size_t)1 << 30;

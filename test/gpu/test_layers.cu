@@ -239,13 +239,15 @@ TEST_CASE("gated rmsnorm: grouped, strided z, forward and backward (which writes
     // z is a slice of a wider row; its stride and the group size pick the vector width (1 for the odd
     // strides, then 8, 8, 4, 2). Each group goes to its own threads of the block: 2, 3, 4 and 5 groups to
     // 4, 3, 2 and 2 warps each (100 x 384 at width 1: 128 vectors over 96 threads), 32 groups to 16 lanes
-    // each and 64 to 8 (a group's sum inside a warp); 2048 (mamba2-370m) and 5120 (mamba2-2.7b: 512
-    // threads in the backward, some holding 2 vectors of 8, some 1) one group across the block
+    // each and 64 to 8 (a group's sum inside a warp); 2048 (mamba2-370m) and 5120 (mamba2-2.7b: some
+    // threads holding 3 vectors of 8, some 2) one group across the block; 2000 x 5120 gives each backward
+    // block 8 rows, which wrap its ring of rows in flight several times
     for (auto [rows, C, groups, zs] : {std::tuple{37, 256, 1, 273}, std::tuple{100, 384, 3, 401}, std::tuple{1, 64, 2, 81},
                                        std::tuple{45, 512, 2, 576}, std::tuple{33, 384, 3, 392}, std::tuple{19, 96, 4, 100},
                                        std::tuple{7, 60, 5, 62}, std::tuple{700, 2048, 1, 4384}, std::tuple{41, 96, 1, 113},
                                        std::tuple{41, 768, 1, 776}, std::tuple{300, 5120, 1, 10576},
-                                       std::tuple{9, 768, 32, 800}, std::tuple{5, 1024, 64, 1024}}) {
+                                       std::tuple{9, 768, 32, 800}, std::tuple{5, 1024, 64, 1024},
+                                       std::tuple{2000, 5120, 1, 5120}}) {
         INFO("rows=" << rows << " C=" << C << " groups=" << groups << " z stride=" << zs);
         Buf<bf16> y((size_t)rows * C), z((size_t)rows * zs), w(C), out((size_t)rows * C), again((size_t)rows * C),
             dout((size_t)rows * C), dy((size_t)rows * C), dz((size_t)rows * zs);
@@ -284,7 +286,7 @@ TEST_CASE("gated rmsnorm: grouped, strided z, forward and backward (which writes
 
 TEST_CASE("norm layout: groups that cannot fill whole warps are refused with their count", "[layers][norm]") {
     CHECK(norm_slicing(5120, 1, 8).threads == 256);
-    CHECK(norm_slicing(5120, 1, 8, 16).threads == 512);
+    CHECK(norm_slicing(5120, 1, 8).nv == 3);
     CHECK(norm_slicing(768, 32, 8).tpg == 16);
     CHECK_THROWS_WITH(norm_slicing(17 * 8, 17, 8), Catch::Contains("17 groups"));
     CHECK_THROWS_WITH(norm_slicing(100, 3, 8), Catch::Contains("100 channels"));
@@ -292,11 +294,13 @@ TEST_CASE("norm layout: groups that cannot fill whole warps are refused with the
 
 TEST_CASE("conv1d + SiLU: causal, strided, forward and backward, deterministic", "[layers][conv1d]") {
     // input stride and channels pick the vector width (up to 4; 1 and 2 for the odd ones); T = 1
-    // and 3 put sequence starts inside one warp's run of rows, 2 x 1000 makes runs of 4 rows (the
-    // chunks are 32 rows, 8 warps each)
+    // and 3 put sequence starts inside a block's rows; one column block (C <= 128) takes the most row
+    // chunks (conv1d_row_chunks), 2 x 1000 at 64 channels runs of 4 rows; 4100 channels (33 column
+    // blocks) few chunks, runs of tens of rows with the second sequence's start inside one
     for (auto [B, T, C, is, K] : {std::tuple{2, 37, 100, 140, 4}, std::tuple{1, 1, 24, 64, 4}, std::tuple{3, 300, 64, 104, 4},
                                   std::tuple{2, 45, 37, 77, 4}, std::tuple{2, 50, 70, 110, 4}, std::tuple{5, 3, 48, 48, 4},
-                                  std::tuple{2, 1000, 64, 96, 4}, std::tuple{3, 41, 40, 48, 3}, std::tuple{2, 33, 16, 24, 2}}) {
+                                  std::tuple{2, 1000, 64, 96, 4}, std::tuple{3, 41, 40, 48, 3}, std::tuple{2, 33, 16, 24, 2},
+                                  std::tuple{2, 999, 4100, 4104, 4}}) {
         INFO("B=" << B << " T=" << T << " C=" << C << " stride=" << is << " K=" << K);
         const int BT = B * T;
         Buf<bf16> in((size_t)BT * is), w((size_t)C * K), bias(C), out((size_t)BT * C), dout((size_t)BT * C),
@@ -349,10 +353,10 @@ static std::vector<int> conv_doc_positions(int B, int T) {
 
 TEST_CASE("conv1d + SiLU with document boundaries vs each document alone", "[layers][conv1d]") {
     // vector widths 4, 2, 1 (and the 8-wide forward dev/bench_layers times), widths 4, 3, 2, runs of 4
-    // rows (2 x 1000) and one-row sequences
+    // rows (2 x 1000), long runs over many documents (4100 channels) and one-row sequences
     for (auto [B, T, C, is, K] : {std::tuple{3, 150, 64, 96, 4}, std::tuple{2, 77, 70, 110, 4}, std::tuple{2, 45, 37, 77, 4},
                                   std::tuple{3, 41, 40, 48, 3}, std::tuple{2, 33, 16, 24, 2}, std::tuple{2, 1000, 64, 96, 4},
-                                  std::tuple{3, 1, 24, 64, 4}, std::tuple{2, 130, 128, 128, 4}}) {
+                                  std::tuple{3, 1, 24, 64, 4}, std::tuple{2, 130, 128, 128, 4}, std::tuple{2, 999, 4100, 4104, 4}}) {
         INFO("B=" << B << " T=" << T << " C=" << C << " stride=" << is << " K=" << K);
         const int BT = B * T;
         const std::vector<int> pos = conv_doc_positions(B, T);
