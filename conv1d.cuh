@@ -17,7 +17,6 @@
 #include "norm.cuh"  // silu, silu_grad
 #include "tensor_core.cuh"  // cp.async
 
-constexpr int CONV_WARPS = 8;     // warps of a block: runs of rows over the same channels
 constexpr int CONV_STEP = 4;      // rows loaded at once (independent loads in flight)
 constexpr int CONV_STAGES = 3;    // the backward's ring: steps of CONV_STEP rows of in and dout per lane
 
@@ -74,21 +73,6 @@ __device__ inline unsigned conv_doc_starts(const int* pos, int r, int r_lo, int 
             if (r + u >= r_lo && r + u < r_hi && pos[r + u] == 0) m |= 1u << u;
     }
     return m;
-}
-
-// The row chunks (grid.y) of a pass whose blocks span col_blocks column blocks, `slots` blocks resident on the
-// GPU at once: the count (at most COLSUM_CHUNKS, the backward's partial rows) with the least waves x rows a
-// warp walks, halo included. Runs of a few rows read their K-1 halo rows again, in proportion (16 rows a run:
-// 19% more reads); a last wave that fills few slots leaves the GPU idle.
-inline int conv1d_row_chunks(int slots, int col_blocks, int rows, int K) {
-    int best = 1;
-    size_t best_cost = SIZE_MAX;
-    for (int c = 1; c <= COLSUM_CHUNKS; c++) {
-        const size_t waves = ceil_div((size_t)c * col_blocks, (size_t)slots);
-        const size_t cost = waves * (ceil_div((size_t)rows, (size_t)c * CONV_WARPS) + K - 1);
-        if (cost < best_cost) best_cost = cost, best = c;
-    }
-    return best;
 }
 
 // this warp's run [r0, r1) of its block's row chunk (blockIdx.y of gridDim.y)

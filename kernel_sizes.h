@@ -344,6 +344,23 @@ inline size_t rmsnorm_backward_scratch_floats(int rows, int C) { (void)rows; ret
 
 inline size_t gated_rmsnorm_backward_scratch_floats(int rows, int C) { (void)rows; return norm_backward_scratch_floats(C); }
 
+constexpr int CONV_WARPS = 8;  // warps of a conv1d block: runs of rows over the same channels
+
+// The row chunks (grid.y) of a conv1d pass whose blocks span col_blocks column blocks, `slots` blocks resident
+// on the GPU at once: the count (at most COLSUM_CHUNKS, the backward's partial rows) with the least waves x rows
+// a warp walks, halo included. Runs of a few rows read their K-1 halo rows again, in proportion (16 rows a run:
+// 19% more reads); a last wave that fills few slots leaves the GPU idle.
+inline int conv1d_row_chunks(int slots, int col_blocks, int rows, int K) {
+    int best = 1;
+    size_t best_cost = SIZE_MAX;
+    for (int c = 1; c <= COLSUM_CHUNKS; c++) {
+        const size_t waves = ceil_div((size_t)c * col_blocks, (size_t)slots);
+        const size_t cost = waves * (ceil_div((size_t)rows, (size_t)c * CONV_WARPS) + K - 1);
+        if (cost < best_cost) best_cost = cost, best = c;
+    }
+    return best;
+}
+
 inline size_t conv1d_backward_scratch_floats(int B, int T, int C, int K) {
     (void)B; (void)T;
     return colsum_scratch_floats(C, K + 1);

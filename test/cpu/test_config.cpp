@@ -465,3 +465,24 @@ TEST_CASE("ssd: the backward tile blocks' order in groups of (b, chunk) pairs (k
     REQUIRE(ssd::backward_tile_group(SSDShape{8, 2048, 32, 64, 1, 128, 256}, 8) == 1);
     REQUIRE(ssd::backward_tile_group(SSDShape{1, 300, 4, 64, 1, 128, 256}, 264) == 2);
 }
+
+TEST_CASE("conv1d: the row chunks of a pass (kernel_sizes.h)", "[config][conv1d]") {
+    // 264 slots: 132 SMs of 2 backward blocks. mamba2-2.7b's B4 (5376 channels, 42 column blocks of 128):
+    // one wave of 6 chunks, runs of 171 rows (the fixed 64 chunks made runs of 16 in 10.2 waves)
+    REQUIRE(conv1d_row_chunks(264, 42, 8192, 4) == 6);
+    REQUIRE(conv1d_row_chunks(396, 42, 8192, 4) == 9);  // the forward's 3 blocks an SM
+    // hybrid-1.3b's B4 (34 column blocks): two waves of 15 chunks (runs of 69 rows) beat one of 7 (147)
+    REQUIRE(conv1d_row_chunks(264, 34, 8192, 4) == 15);
+    // mamba2-370m (18 column blocks, 16384 rows): two waves of 29 chunks (runs of 71 rows)
+    REQUIRE(conv1d_row_chunks(264, 18, 16384, 4) == 29);
+    // few rows: the fewest chunks that give every warp at most one row; never more than COLSUM_CHUNKS
+    REQUIRE(conv1d_row_chunks(264, 1, 15, 4) == 2);
+    REQUIRE(conv1d_row_chunks(100000, 1, 1 << 20, 4) == COLSUM_CHUNKS);
+    for (int cb : {1, 7, 42, 300})
+        for (int rows : {1, 15, 300, 8192})
+            for (int slots : {1, 264}) {
+                const int c = conv1d_row_chunks(slots, cb, rows, 4);
+                REQUIRE(c >= 1);
+                REQUIRE(c <= COLSUM_CHUNKS);
+            }
+}
