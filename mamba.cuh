@@ -554,8 +554,7 @@ constexpr int LOGIT_CHUNK = 2048;
 // Activation memory for (B, T): per layer what its block keeps (with recompute, one set
 // of the largest kind's serves every layer: the backward reruns each layer's forward), the
 // normalised residual stream at every norm (bf16 xhat and fp32 rstd: all a norm's backward
-// needs) and, without recompute, each layer's norm output (in_proj's input, which its weight
-// gradient reads), the running residual stream (fp32), and the buffers all layers share.
+// needs), the running residual stream (fp32), and the buffers all layers share.
 struct ActivationSizes {
     std::vector<KeptSizes> kept;  // per layer (one entry with recompute)
     SharedSizes shared;
@@ -585,7 +584,6 @@ inline ActivationSizes activation_sizes(const ModelConfig& c, int B, int T, bool
     for (const KeptSizes& k : s.kept) kept += kept_bytes(k);
     const SharedSizes& h = s.shared;
     s.total_bytes = (nl + 1) * (s.resid * 2 + BT * 4) /* every norm's xhat and rstd */ + s.resid * 4 /* h */ + kept +
-                    (recompute ? 0 : nl * s.resid * 2) /* the layers' norm outputs */ +
                     (BT * d /* xn */ + h.out_in + h.dout_in + h.din + 2 * h.conv_out + h.dy + 2 * h.delta + h.dxproj +
                      s.logits + BT * d /* dxn */ + s.resid /* dresid bf16 */) * 2 +
                     s.resid * 4 /* dresid */ + BT * 4 /* losses */ + h.mixer_scratch + h.norm_scratch * 4 +
@@ -688,11 +686,9 @@ struct Model {
     float* h = nullptr;             // the residual stream (fp32), updated layer by layer
     std::vector<bf16*> xhat;        // per norm (n_layer + 1, the final one last): h * rstd as it
     std::vector<float*> rstd;       // entered the norm, and the norm's 1/rms
-    std::vector<bf16*> layer_xn;    // per layer without recompute: its norm's output, in_proj's input
     std::vector<LayerActs> acts;    // per layer (all the same set with recompute)
     Ctx ctx;                        // the weights, gradients and shared buffers the blocks use
-    bf16 *xn = nullptr, *dxn = nullptr, *logits = nullptr, *dresid_bf16 = nullptr;  // xn: the final norm's output
-                                    // (and with recompute every layer's, rebuilt in its backward)
+    bf16 *xn = nullptr, *dxn = nullptr, *logits = nullptr, *dresid_bf16 = nullptr;
     float *dresid = nullptr, *losses = nullptr;
     double* loss_total = nullptr;   // the per-token losses summed over forwards, read by loss_sum()
     int *d_inputs = nullptr, *d_targets = nullptr, *d_rank = nullptr, *d_pos = nullptr;
@@ -785,7 +781,6 @@ struct Model {
         for (int l = 0; l <= cfg.n_layer; l++) {
             xhat.push_back(alloc<bf16>(sz.resid, "normalised residual stream"));
             rstd.push_back(alloc<float>(BT, "norm rstd"));
-            if (!recompute && l < cfg.n_layer) layer_xn.push_back(alloc<bf16>(sz.resid, "norm output"));
         }
         for (const KeptSizes& k : sz.kept) {
             LayerActs a;
@@ -837,7 +832,6 @@ struct Model {
         owned.clear();
         xhat.clear();
         rstd.clear();
-        layer_xn.clear();
         acts.clear();
     }
 
@@ -845,20 +839,16 @@ struct Model {
     void phase(const char* name, cudaStream_t s) { if (timer) timer->mark(name, s); }
     template <typename F> void visit(int l, F&& f) { std::visit(f, layout.blocks[l]); }
 
-    // layer l's norm output: its own buffer, or (allocated with recompute) the shared one
-    bf16* norm_out(int l) const { return layer_xn.empty() ? xn : layer_xn[l]; }
-
-    // the norm (from h in the forward; with recompute again in the backward from what it kept),
-    // in_proj into the layer's in_out, then the mixer
+    // the norm (from h in the forward; in the backward again from what it kept), in_proj into
+    // the layer's in_out, then the mixer
     void layer_mixer_forward(int l, bool backward, cudaStream_t s) {
         const BlockBase& b = layout.block(l);
         const LayerActs& a = acts[l];
-        bf16* x = norm_out(l);
         phase("rmsnorm", s);
-        if (backward) rmsnorm_apply(x, xhat[l], w(b.norm), B * T, cfg.d_model, s);
-        else rmsnorm_forward(x, xhat[l], rstd[l], h, w(b.norm), B * T, cfg.d_model, cfg.norm_eps, s);
+        if (backward) rmsnorm_apply(xn, xhat[l], w(b.norm), B * T, cfg.d_model, s);
+        else rmsnorm_forward(xn, xhat[l], rstd[l], h, w(b.norm), B * T, cfg.d_model, cfg.norm_eps, s);
         phase(b.in_name, s);
-        matmul_forward(a.in_out, x, w(b.in_proj), B * T, b.in_width, cfg.d_model, s);
+        matmul_forward(a.in_out, xn, w(b.in_proj), B * T, b.in_width, cfg.d_model, s);
         visit(l, [&](const auto& blk) { blk.forward(ctx, a, s); });
     }
 
@@ -886,6 +876,7 @@ struct Model {
             layer_mixer_forward(l, true, s);
             timer = ctx.timer = t;
         } else {
+            rmsnorm_apply(xn, xhat[l], w(b.norm), BT, d, s);
             visit(l, [&](const auto& blk) { blk.recompute(ctx, a, s); });
         }
         // out_proj's input gradient, the mixer's backward (the Mamba-2 and MLP blocks rebuild out_proj's
@@ -900,8 +891,7 @@ struct Model {
         matmul_backward_weight(ctx.grad(b.out_proj), dresid_bf16, out_in, BT, d, b.out_width, out_ld, s,
                                ctx.write_grads);
         phase("in_proj bwd", s);
-        matmul_backward(dxn, ctx.grad(b.in_proj), ctx.din, norm_out(l), w(b.in_proj), BT, b.in_width, d, s,
-                        ctx.write_grads);
+        matmul_backward(dxn, ctx.grad(b.in_proj), ctx.din, xn, w(b.in_proj), BT, b.in_width, d, s, ctx.write_grads);
         phase("rmsnorm bwd", s);
         rmsnorm_backward(dresid, dresid_bf16, ctx.grad(b.norm), ctx.norm_scratch, dxn, xhat[l], w(b.norm), rstd[l], BT, d, s);
     }
