@@ -61,6 +61,8 @@ while [ $# -gt 0 ]; do
   s=$1; shift
   case $s in
     unpack) nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+            # the host too: the anchors launch from Python, and their times moved 10-20% between hosts
+            echo "host: $(lscpu | sed -n 's/^Model name: *//p' | head -1), $(nproc) CPUs" | tee -a "$OUT/gpu.txt"
             (cd devbin && tar xJf bundle.tar.xz) && cp $B/train_mamba* $B/finetune_mamba $B/prepare_data $B/convert_hf . &&
               mkdir -p build && cp $B/test_gpu $B/hf_logits build/ && for b in $B/bench_*; do cp $b dev/; done ;;
     anchor-build) (cd anchors && for a in anchor_strong scan_anchor; do
