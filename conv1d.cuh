@@ -88,16 +88,6 @@ __device__ inline void conv_warp_run(int rows, int* r0, int* r1) {
 // unless the registers are capped
 constexpr int conv_min_blocks(bool docs, bool backward) { return docs ? (backward ? 2 : 3) : 1; }
 
-template <int VEC>
-__device__ inline Pack<bf16, VEC> conv_load(const bf16* p, bool valid) {
-    Pack<bf16, VEC> pk;
-    if (valid) pk = *reinterpret_cast<const Pack<bf16, VEC>*>(p);
-    else
-        #pragma unroll
-        for (int e = 0; e < VEC; e++) pk.v[e] = __float2bfloat16(0.0f);
-    return pk;
-}
-
 template <int K, int VEC, bool DOCS>
 __global__ void __launch_bounds__(32 * CONV_WARPS, conv_min_blocks(DOCS, false))
 conv1d_silu_forward_kernel(bf16* __restrict__ out, const bf16* __restrict__ in, int in_stride,
@@ -114,7 +104,7 @@ conv1d_silu_forward_kernel(bf16* __restrict__ out, const bf16* __restrict__ in, 
     auto load = [&](Pack<bf16, VEC>* buf, unsigned& starts, int t) {
         #pragma unroll
         for (int u = 0; u < CONV_STEP; u++)
-            buf[u] = conv_load<VEC>(in + (size_t)(t + u) * in_stride + c0, t + u >= 0 && t + u < r1);
+            buf[u] = tc::load_bf16_or_zero<VEC>(in + (size_t)(t + u) * in_stride + c0, t + u >= 0 && t + u < r1);
         starts = conv_doc_starts<DOCS>(pos, t, 0, r1);
     };
     int tt = conv_t_in_seq(r0 - (K - 1), T);

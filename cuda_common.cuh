@@ -217,7 +217,7 @@ inline void vec_dispatch(int vec, F&& launch) {
 // ----------------------------------------------------------------------------
 // Deterministic column sums: out[c, v] (+)= sum over rows r of term(r, c, v), for the
 // weight gradients of per-channel parameters (norm weights, conv weights and bias).
-// Rows are cut into a fixed number of chunks; the backward kernels sum their chunk's rows
+// Rows are cut into chunks (a count fixed by the shape); the backward kernels sum their chunk's rows
 // for their channels and write one partial row per chunk, partial[(chunk * C + c) * NV + v];
 // colsum_finalize adds the chunk partials in chunk order: no atomics, so the result is the
 // same bit for bit on every run.

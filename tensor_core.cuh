@@ -86,19 +86,21 @@ __device__ inline void cp_async_bytes(void* smem, const void* gmem, bool ok) {
     else
         asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(a), "l"(gmem), "n"(BYTES), "r"(ok ? BYTES : 0));
 }
+// VEC bf16 from global memory, or zeros when !ok
+template <int VEC>
+__device__ inline Pack<bf16, VEC> load_bf16_or_zero(const bf16* gmem, bool ok) {
+    Pack<bf16, VEC> pk;
+    if (ok) pk = *reinterpret_cast<const Pack<bf16, VEC>*>(gmem);
+    else
+        #pragma unroll
+        for (int e = 0; e < VEC; e++) pk.v[e] = __float2bfloat16(0.0f);
+    return pk;
+}
 // VEC bf16 into a shared-memory slot: cp.async from 4 bytes up (zeros when !ok), below that a plain load and store
 template <int VEC>
 __device__ inline void cp_async_bf16(Pack<bf16, VEC>* slot, const bf16* gmem, bool ok) {
-    if constexpr (VEC * sizeof(bf16) >= 4) {
-        cp_async_bytes<VEC * sizeof(bf16)>(slot, gmem, ok);
-    } else {
-        Pack<bf16, VEC> pk;
-        if (ok) pk = *reinterpret_cast<const Pack<bf16, VEC>*>(gmem);
-        else
-            #pragma unroll
-            for (int e = 0; e < VEC; e++) pk.v[e] = __float2bfloat16(0.0f);
-        *slot = pk;
-    }
+    if constexpr (VEC * sizeof(bf16) >= 4) cp_async_bytes<VEC * sizeof(bf16)>(slot, gmem, ok);
+    else *slot = load_bf16_or_zero<VEC>(gmem, ok);
 }
 __device__ inline void cp_async16(void* smem, const void* gmem, bool ok) { cp_async_bytes<16>(smem, gmem, ok); }
 __device__ inline void cp_async4(float* smem, const float* gmem, bool ok) { cp_async_bytes<4>(smem, gmem, ok); }
