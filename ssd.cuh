@@ -27,7 +27,8 @@
 //
 // Backward (chunks of 256 rows through memory; parallel over b, chunk, group and head slices):
 //   states:  per (b, h, chunk) its own state S_c and dS_c = sum_i exp(Acum_i) dy_i C_i^T (the gradient its
-//            outputs send to the state entering it), bf16
+//            outputs send to the state entering it), bf16; a block takes two heads of a group where they pair
+//            up, so that they read each B (or C) tile once
 //   pass:    per (b, h): Hin_c in place of S_c (forward), Gout_c = dL/dHin_{c+1} in place of dS_c (reverse),
 //            and decay_c <Gout_c, Hin_c> (the gradient of the chunk's decay)
 //   row:     per 64-row tile i of a chunk and a slice of the heads of a group: dC (the state part
@@ -782,33 +783,37 @@ ssd_segment_fixup_kernel(bf16* y, const float* seg_state, const float* acum_s, S
 }
 
 // ----------------------------------------------------------------------------------------------
-// Backward: chunk states. grid (nchunks, 2H, B); blocks y < H: out = S_c = sum_j w_j x_j B_j^T with
-// w_j = dt_j exp(Aend - Acum_j) (rows j >= lds), into hst; blocks y >= H: out = dS_c = sum_i wt_i dy_i C_i^T with
-// wt_i = exp(Acum_i) (rows whose document started before the chunk), into gst. Both P x N bf16. Warps own
-// 32 x N/WN tiles of out; the row weights scale the A fragments in registers. Dynamic smem
-// chunk_state_smem_bytes: two tile buffers, the next tile loads while the current one is multiplied.
-template <int P, int N, bool DOCS>
+// Backward: chunk states. grid (nchunks, 2H / HB, B), a block HB heads of one group; blocks y < H / HB: out =
+// S_c = sum_j w_j x_j B_j^T with w_j = dt_j exp(Aend - Acum_j) (rows j >= lds), into hst; blocks y >= H / HB:
+// out = dS_c = sum_i wt_i dy_i C_i^T with wt_i = exp(Acum_i) (rows whose document started before the chunk),
+// into gst. Both P x N bf16 per head. The heads of a block share each B (or C) tile, read once from memory
+// for all HB (with one group every head's block read the same tiles again: the kernel was bound by L2). Warps
+// own 32 x N/WN tiles of each head's out; the row weights scale the A fragments in registers. Dynamic smem
+// chunk_state_smem_bytes: two buffers of the tiles, the next tiles load while the current ones are multiplied.
+template <int P, int N, bool DOCS, int HB>
 __global__ void __launch_bounds__(THREADS)
 ssd_bwd_states_kernel(bf16* hst, bf16* gst, const float* dt_s, const float* acum_s, const bf16* dy, SSDInputs in,
                       int T, int H, int G) {
     constexpr int WM = P / 32, WN = 4 / WM, NT = N / WN / 8;
     static_assert(WM * WN == 4 && NT % 2 == 0, "warp layout");
     constexpr int VS = TILE * (P + PAD), WS = TILE * (N + PAD);
-    __shared__ __align__(16) float s_wt[CHUNK];
+    __shared__ __align__(16) float s_wt[HB][CHUNK];
     extern __shared__ __align__(16) unsigned char smem[];
-    bf16* s_v = reinterpret_cast<bf16*>(smem);  // 2 buffers each
-    bf16* s_w = s_v + 2 * VS;
-    const int c = blockIdx.x, nc = gridDim.x, b = blockIdx.z;
-    const bool grad = blockIdx.y >= H;
-    const int h = grad ? blockIdx.y - H : blockIdx.y, g = h / (H / G);
+    bf16* s_v = reinterpret_cast<bf16*>(smem);  // [buffer][head] tiles
+    bf16* s_w = s_v + 2 * HB * VS;              // [buffer] tiles
+    const int c = blockIdx.x, nc = gridDim.x, b = blockIdx.z, hblocks = H / HB;
+    const bool grad = blockIdx.y >= hblocks;
+    const int h0 = (grad ? blockIdx.y - hblocks : blockIdx.y) * HB, g = h0 / (H / G);
     const int t0 = c * CHUNK, valid = min(CHUNK, T - t0), ntiles = (valid + TILE - 1) / TILE;
-    const size_t bh = (size_t)b * H + h, pos0 = bh * nc * CHUNK + (size_t)t0, row0 = (size_t)b * T + t0;
-    const bf16* v = grad ? dy + row0 * (size_t)(H * P) + h * P : in.x + row0 * in.x_stride + h * P;
+    const size_t row0 = (size_t)b * T + t0;
+    const bf16* v = grad ? dy + row0 * (size_t)(H * P) + h0 * P : in.x + row0 * in.x_stride + h0 * P;
     const size_t v_stride = grad ? (size_t)H * P : (size_t)in.x_stride;
     const bf16* w = (grad ? in.Cm : in.Bm) + row0 * in.bc_stride + g * N;
     auto load_tile = [&](int k) {
         const int j0 = k * TILE;
-        load_rows<P>(s_v + (k & 1) * VS, v + j0 * v_stride, v_stride, valid - j0);
+#pragma unroll
+        for (int j = 0; j < HB; j++)
+            load_rows<P>(s_v + ((k & 1) * HB + j) * VS, v + j * P + j0 * v_stride, v_stride, valid - j0);
         load_rows<N>(s_w + (k & 1) * WS, w + (size_t)j0 * in.bc_stride, in.bc_stride, valid - j0);
         cp_async_commit();
     };
@@ -816,47 +821,64 @@ ssd_bwd_states_kernel(bf16* hst, bf16* gst, const float* dt_s, const float* acum
 
     int lds = -1;
     if (DOCS) lds = doc_thr(in.pos, row0, valid - 1, valid);
-    const float aend = acum_s[pos0 + CHUNK - 1];
-    for (int i = threadIdx.x; i < CHUNK; i += blockDim.x) {
-        float wt = 0.f;
-        if (i < valid) {
-            if (grad) wt = (!DOCS || doc_thr(in.pos, row0, i, valid) < 0) ? expf(acum_s[pos0 + i]) : 0.f;
-            else wt = i >= lds ? dt_s[pos0 + i] * expf(aend - acum_s[pos0 + i]) : 0.f;
+#pragma unroll
+    for (int j = 0; j < HB; j++) {
+        const size_t pos0 = ((size_t)b * H + h0 + j) * nc * CHUNK + (size_t)t0;
+        const float aend = acum_s[pos0 + CHUNK - 1];
+        for (int i = threadIdx.x; i < CHUNK; i += blockDim.x) {
+            float wt = 0.f;
+            if (i < valid) {
+                if (grad) wt = (!DOCS || doc_thr(in.pos, row0, i, valid) < 0) ? expf(acum_s[pos0 + i]) : 0.f;
+                else wt = i >= lds ? dt_s[pos0 + i] * expf(aend - acum_s[pos0 + i]) : 0.f;
+            }
+            s_wt[j][i] = wt;
         }
-        s_wt[i] = wt;
     }
 
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int m0 = (warp % WM) * 32, n0 = (warp / WM) * (N / WN);
-    float acc[2][NT][4];
-    zero(acc[0]);
-    zero(acc[1]);
+    float acc[HB][2][NT][4];
+#pragma unroll
+    for (int j = 0; j < HB; j++) {
+        zero(acc[j][0]);
+        zero(acc[j][1]);
+    }
     for (int k = 0; k < ntiles; k++) {
         if (k + 1 < ntiles) {
-            load_tile(k + 1);  // its buffer was freed by the barrier ending iteration k - 1
+            load_tile(k + 1);  // its buffers were freed by the barrier ending iteration k - 1
             cp_async_wait_group<1>();
         } else {
             cp_async_wait_group<0>();
         }
         __syncthreads();  // (the first also publishes s_wt)
-        warp_mma_kscaled<2, NT>(acc, s_v + (k & 1) * VS, P + PAD, m0, s_w + (k & 1) * WS, N + PAD, n0, TILE,
-                                s_wt + k * TILE);
+#pragma unroll
+        for (int j = 0; j < HB; j++)
+            warp_mma_kscaled<2, NT>(acc[j], s_v + ((k & 1) * HB + j) * VS, P + PAD, m0, s_w + (k & 1) * WS, N + PAD,
+                                    n0, TILE, s_wt[j] + k * TILE);
         __syncthreads();
     }
-    bf16* o = (grad ? gst : hst) + (bh * nc + c) * P * N;
     const int cl = n0 + 2 * (lane & 3);
 #pragma unroll
-    for (int mt = 0; mt < 2; mt++) {
-        const int r = m0 + 16 * mt + (lane >> 2);
+    for (int j = 0; j < HB; j++) {
+        bf16* o = (grad ? gst : hst) + (((size_t)b * H + h0 + j) * nc + c) * P * N;
 #pragma unroll
-        for (int nt = 0; nt < NT; nt++) {
-            *reinterpret_cast<uint32_t*>(o + r * N + cl + nt * 8) = pack_bf16(acc[mt][nt][0], acc[mt][nt][1]);
-            *reinterpret_cast<uint32_t*>(o + (r + 8) * N + cl + nt * 8) = pack_bf16(acc[mt][nt][2], acc[mt][nt][3]);
+        for (int mt = 0; mt < 2; mt++) {
+            const int r = m0 + 16 * mt + (lane >> 2);
+#pragma unroll
+            for (int nt = 0; nt < NT; nt++) {
+                *reinterpret_cast<uint32_t*>(o + r * N + cl + nt * 8) = pack_bf16(acc[j][mt][nt][0], acc[j][mt][nt][1]);
+                *reinterpret_cast<uint32_t*>(o + (r + 8) * N + cl + nt * 8) =
+                    pack_bf16(acc[j][mt][nt][2], acc[j][mt][nt][3]);
+            }
         }
     }
 }
 
-inline size_t chunk_state_smem_bytes(int P, int N) { return (size_t)2 * TILE * (P + N + 2 * PAD) * sizeof(bf16); }
+// the heads a states block takes: 2 when a group's heads pair up
+inline int chunk_state_heads(const SSDShape& sh) { return sh.H / sh.G % 2 == 0 ? 2 : 1; }
+inline size_t chunk_state_smem_bytes(int P, int N, int HB) {
+    return (size_t)2 * TILE * (HB * (P + PAD) + N + PAD) * sizeof(bf16);
+}
 
 // decay of chunk c's entering state over the chunk (0 when a document starts in the chunk)
 template <bool DOCS>
@@ -1741,10 +1763,15 @@ void backward_impl(const SSDGrads& gr, void* scratch, const bf16* dy, const SSDI
     const int tile_blocks = sh.B * nc * sh.G * nsl * NTILE;
 
     // the chunk states S_c and dS_c, then Hin_c and Gout_c
-    const size_t cs_smem = chunk_state_smem_bytes(P, N);
-    set_max_smem(ssd_bwd_states_kernel<P, N, DOCS>, cs_smem);
-    ssd_bwd_states_kernel<P, N, DOCS><<<dim3(nc, 2 * sh.H, sh.B), THREADS, cs_smem, s>>>(
-        sc.hst, sc.gst, dt_s, acum_s, dy, in, sh.T, sh.H, sh.G);
+    auto states = [&](auto HB) {
+        constexpr int hb = decltype(HB)::value;
+        const size_t smem = chunk_state_smem_bytes(P, N, hb);
+        set_max_smem(ssd_bwd_states_kernel<P, N, DOCS, hb>, smem);
+        ssd_bwd_states_kernel<P, N, DOCS, hb><<<dim3(nc, 2 * sh.H / hb, sh.B), THREADS, smem, s>>>(
+            sc.hst, sc.gst, dt_s, acum_s, dy, in, sh.T, sh.H, sh.G);
+    };
+    if (chunk_state_heads(sh) == 2) states(std::integral_constant<int, 2>());
+    else states(std::integral_constant<int, 1>());
     cudaCheckLast();
     ssd_state_pass_kernel<DOCS><<<dim3(splits, sh.B * sh.H), PASS_THREADS, 0, s>>>(
         sc.hst, sc.gst, sc.dots, acum_s, in.pos, sh.T, sh.H, nc, P * N);

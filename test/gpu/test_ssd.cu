@@ -208,6 +208,8 @@ TEST_CASE("ssd forward/backward vs sequential reference, partial chunks", "[gpu]
     check_ssd(1, 255, 8, 2, 64, 128, 128, 3);
     check_ssd(3, 257, 6, 3, 64, 64, 256, 4);
     check_ssd(1, 600, 8, 2, 64, 128, 256, 5);
+    // 3 heads a group: the chunk-states kernel takes one head a block (2 where a group's heads pair up)
+    check_ssd(2, 300, 6, 2, 64, 128, 128, 18);
 }
 
 TEST_CASE("ssd small heads and chunks", "[gpu][ssd]") {
@@ -245,6 +247,8 @@ TEST_CASE("ssd document boundaries vs each document alone", "[gpu][ssd][docs]") 
     // two head slices of 10 heads: the per-slice dB/dC and W partials with boundaries
     REQUIRE(ssd::head_slices(SSDShape{1, 520, 20, 32, 1, 64, 128}) == 2);
     check_ssd(1, 520, 20, 1, 32, 64, 128, 17, make_pos(1, 520, 0.01, {300}, rng));
+    // odd heads a group (one head a chunk-states block), boundaries across chunks
+    check_ssd(1, 600, 6, 2, 64, 128, 256, 19, make_pos(1, 600, 1.0 / 100, {256}, rng));
 }
 
 TEST_CASE("ssd forward on the mma.sync kernel at P = 64 (what other GPUs run)", "[gpu][ssd]") {
