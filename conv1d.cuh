@@ -75,15 +75,6 @@ __device__ inline unsigned conv_doc_starts(const int* pos, int r, int r_lo, int 
     return m;
 }
 
-// this warp's run [r0, r1) of its block's row chunk (blockIdx.y of gridDim.y)
-__device__ inline void conv_warp_run(int rows, int* r0, int* r1) {
-    int p0, p1;
-    colsum_chunk_rows(blockIdx.y, gridDim.y, rows, &p0, &p1);
-    const int run = (p1 - p0 + CONV_WARPS - 1) / CONV_WARPS;
-    *r0 = min(p1, p0 + (int)threadIdx.y * run);
-    *r1 = min(p1, *r0 + run);
-}
-
 // DOCS: with document boundaries, whose state costs the backward's VEC = 4 its second block an SM
 // unless the registers are capped
 constexpr int conv_min_blocks(bool docs, bool backward) { return docs ? (backward ? 2 : 3) : 1; }
@@ -95,7 +86,7 @@ conv1d_silu_forward_kernel(bf16* __restrict__ out, const bf16* __restrict__ in, 
                            int rows, int T, int C) {
     const int c0 = (blockIdx.x * 32 + threadIdx.x) * VEC;
     int r0, r1;
-    conv_warp_run(rows, &r0, &r1);
+    conv1d_warp_rows(blockIdx.y, gridDim.y, threadIdx.y, rows, &r0, &r1);  // this warp's run
     if (c0 >= C || r0 >= r1) return;
     ConvLane<K, VEC> lane;
     lane.load_taps(w, bias, c0);
@@ -154,7 +145,7 @@ conv1d_silu_backward_kernel(bf16* __restrict__ din, int din_stride, float* __res
     auto slot = [&](int stage, int tensor, int u) { return ring + ((stage * 2 + tensor) * CONV_STEP + u) * 32; };
     const int c0 = (blockIdx.x * 32 + threadIdx.x) * VEC;
     int r0, r1;
-    conv_warp_run(rows, &r0, &r1);
+    conv1d_warp_rows(blockIdx.y, gridDim.y, threadIdx.y, rows, &r0, &r1);  // this warp's run
     float acc[K + 1][VEC] = {};  // dw[k] for k < K, dbias at K
     if (c0 < C && r0 < r1) {
         ConvLane<K, VEC> lane;

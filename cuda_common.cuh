@@ -221,13 +221,7 @@ inline void vec_dispatch(int vec, F&& launch) {
 // for their channels and write one partial row per chunk, partial[(chunk * C + c) * NV + v];
 // colsum_finalize adds the chunk partials in chunk order: no atomics, so the result is the
 // same bit for bit on every run.
-
-// rows [r0, r1) of chunk `chunk` of `chunks`
-__device__ inline void colsum_chunk_rows(int chunk, int chunks, int rows, int* r0, int* r1) {
-    const int per = (rows + chunks - 1) / chunks;
-    *r0 = min(rows, chunk * per);
-    *r1 = min(rows, *r0 + per);
-}
+// (colsum_chunk_rows, kernel_sizes.h, cuts the rows)
 
 // store(c, v, sum) receives each column's total. A block sums 32 columns: warp w the chunks
 // k = w, w + 8, ... in order, then the 8 warp sums in warp order (a fixed order: the same bits

@@ -344,7 +344,23 @@ inline size_t rmsnorm_backward_scratch_floats(int rows, int C) { (void)rows; ret
 
 inline size_t gated_rmsnorm_backward_scratch_floats(int rows, int C) { (void)rows; return norm_backward_scratch_floats(C); }
 
+// rows [r0, r1) of chunk `chunk` of `chunks` (a column sum's chunks, the norms' backward blocks)
+HOST_DEVICE inline void colsum_chunk_rows(int chunk, int chunks, int rows, int* r0, int* r1) {
+    const int per = (rows + chunks - 1) / chunks, a = chunk * per;
+    *r0 = a < rows ? a : rows;
+    *r1 = *r0 + per < rows ? *r0 + per : rows;
+}
+
 constexpr int CONV_WARPS = 8;  // warps of a conv1d block: runs of rows over the same channels
+
+// warp `warp`'s run [r0, r1) of row chunk `chunk` of `chunks` (its block's rows, split in CONV_WARPS runs)
+HOST_DEVICE inline void conv1d_warp_rows(int chunk, int chunks, int warp, int rows, int* r0, int* r1) {
+    int p0, p1;
+    colsum_chunk_rows(chunk, chunks, rows, &p0, &p1);
+    const int run = (p1 - p0 + CONV_WARPS - 1) / CONV_WARPS, a = p0 + warp * run;
+    *r0 = a < p1 ? a : p1;
+    *r1 = *r0 + run < p1 ? *r0 + run : p1;
+}
 
 // The row chunks (grid.y) of a conv1d pass whose blocks span col_blocks column blocks, `slots` blocks resident
 // on the GPU at once: the count (at most COLSUM_CHUNKS, the backward's partial rows) with the least waves x rows

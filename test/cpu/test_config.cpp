@@ -484,5 +484,16 @@ TEST_CASE("conv1d: the row chunks of a pass (kernel_sizes.h)", "[config][conv1d]
                 const int c = conv1d_row_chunks(slots, cb, rows, 4);
                 REQUIRE(c >= 1);
                 REQUIRE(c <= COLSUM_CHUNKS);
+                // the warps' runs (conv1d_warp_rows) take every row once, in order, chunk by chunk
+                int next = 0;
+                for (int ch = 0; ch < c; ch++)
+                    for (int w = 0; w < CONV_WARPS; w++) {
+                        int r0, r1;
+                        conv1d_warp_rows(ch, c, w, rows, &r0, &r1);
+                        if (r0 >= r1) continue;
+                        REQUIRE(r0 == next);
+                        next = r1;
+                    }
+                REQUIRE(next == rows);
             }
 }

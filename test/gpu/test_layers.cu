@@ -330,10 +330,14 @@ TEST_CASE("conv1d + SiLU: causal, strided, forward and backward, deterministic",
         dw.down();
         CHECK(dw.h == first);
         if (C == 4100) {  // this GPU's row chunks put rows T-1 and T (a sequence start) in one warp's run
-            auto same_run = [&](int chunks, int a, int b) {  // conv_warp_run's split
-                const int per = (int)ceil_div(BT, chunks), ch = a / per, p0 = ch * per;
-                const int run = (int)ceil_div(std::min(BT, p0 + per) - p0, CONV_WARPS);
-                return b / per == ch && (a - p0) / run == (b - p0) / run;
+            auto same_run = [&](int chunks, int a, int b) {  // some warp's run (the kernels' split) holds both
+                for (int ch = 0; ch < chunks; ch++)
+                    for (int wp = 0; wp < CONV_WARPS; wp++) {
+                        int r0, r1;
+                        conv1d_warp_rows(ch, chunks, wp, BT, &r0, &r1);
+                        if (r0 <= a && b < r1) return true;
+                    }
+                return false;
             };
             const int cb = (int)ceil_div(C, 128);  // 4 channels a lane
             const int bwd = conv1d_row_chunks(occupancy(conv1d_silu_backward_kernel<4, 4, false>, 32 * CONV_WARPS,
