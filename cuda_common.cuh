@@ -217,11 +217,10 @@ inline void vec_dispatch(int vec, F&& launch) {
 // ----------------------------------------------------------------------------
 // Deterministic column sums: out[c, v] (+)= sum over rows r of term(r, c, v), for the
 // weight gradients of per-channel parameters (norm weights, conv weights and bias).
-// Rows are cut into chunks (a count fixed by the shape); the backward kernels sum their chunk's rows
-// for their channels and write one partial row per chunk, partial[(chunk * C + c) * NV + v];
-// colsum_finalize adds the chunk partials in chunk order: no atomics, so the result is the
-// same bit for bit on every run.
-// (colsum_chunk_rows, kernel_sizes.h, cuts the rows)
+// Rows are cut into chunks (a count fixed by the shape; colsum_chunk_rows in kernel_sizes.h); the
+// backward kernels sum their chunk's rows for their channels and write one partial row per chunk,
+// partial[(chunk * C + c) * NV + v]; colsum_finalize adds the chunk partials in chunk order: no
+// atomics, so the result is the same bit for bit on every run.
 
 // store(c, v, sum) receives each column's total. A block sums 32 columns: warp w the chunks
 // k = w, w + 8, ... in order, then the 8 warp sums in warp order (a fixed order: the same bits
