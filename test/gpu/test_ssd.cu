@@ -224,8 +224,8 @@ TEST_CASE("ssd many heads per group (head slices of several heads)", "[gpu][ssd]
     const SSDShape sh{2, 4000, 16, 64, 1, 64, 256};
     REQUIRE(ssd::head_slices(sh) == 8);
     check_ssd(2, 4000, 16, 1, 64, 64, 256, 9);
-    // 32 heads on few tiles: 16 heads per slice (the most a slice takes), 2 slices
-    REQUIRE(ssd::head_slices(SSDShape{1, 100, 32, 32, 1, 64, 64}) == 2);
+    // 32 heads on few tiles, which no split brings to 1024 blocks: one head a slice, 32 slice partials
+    REQUIRE(ssd::head_slices(SSDShape{1, 100, 32, 32, 1, 64, 64}) == 32);
     check_ssd(1, 100, 32, 1, 32, 64, 64, 10);
 }
 
@@ -236,7 +236,7 @@ TEST_CASE("ssd document boundaries vs each document alone", "[gpu][ssd][docs]") 
     check_ssd(2, 600, 4, 2, 64, 128, 256, 11, make_pos(2, 600, 1.0 / 40, {63, 64, 255, 256, 599}, rng));
     // many short documents (a few tokens each), one group of several heads
     check_ssd(2, 300, 4, 1, 32, 64, 64, 12, make_pos(2, 300, 1.0 / 5, {1, 299}, rng));
-    // a few long documents spanning chunks, head slices of several heads
+    // a few long documents spanning chunks, 16 heads in one group
     check_ssd(1, 1500, 16, 1, 64, 64, 256, 13, make_pos(1, 1500, 0.0, {300, 301, 1100}, rng));
     // a boundary at the very start of the only chunk and at the last position
     check_ssd(3, 37, 4, 1, 64, 128, 128, 14, make_pos(3, 37, 0.1, {36}, rng));
@@ -244,9 +244,12 @@ TEST_CASE("ssd document boundaries vs each document alone", "[gpu][ssd][docs]") 
     check_ssd(1, 130, 4, 2, 64, 64, 64, 15, make_pos(1, 130, 1.0, {}, rng));
     // one document per row given explicitly: the same as no boundaries
     check_ssd(2, 700, 4, 2, 32, 128, 256, 16, make_pos(2, 700, 0.0, {}, rng));
-    // two head slices of 10 heads: the per-slice dB/dC and W partials with boundaries
-    REQUIRE(ssd::head_slices(SSDShape{1, 520, 20, 32, 1, 64, 128}) == 2);
+    // one head a slice (20 slices): the per-slice dB/dC and W partials with boundaries
+    REQUIRE(ssd::head_slices(SSDShape{1, 520, 20, 32, 1, 64, 128}) == 20);
     check_ssd(1, 520, 20, 1, 32, 64, 128, 17, make_pos(1, 520, 0.01, {300}, rng));
+    // slices of two heads (8 of the 16) with boundaries: W summed over a slice's heads
+    REQUIRE(ssd::head_slices(SSDShape{2, 4000, 16, 64, 1, 64, 256}) == 8);
+    check_ssd(2, 4000, 16, 1, 64, 64, 256, 32, make_pos(2, 4000, 1.0 / 300, {255, 256, 3999}, rng));
     // odd heads a group (one head a chunk-states block), boundaries across chunks
     check_ssd(1, 600, 6, 2, 64, 128, 256, 19, make_pos(1, 600, 1.0 / 100, {256}, rng));
 }
