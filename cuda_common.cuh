@@ -222,53 +222,76 @@ inline void vec_dispatch(int vec, F&& launch) {
 // partial[(chunk * C + c) * NV + v]; colsum_finalize adds the chunk partials in chunk order: no
 // atomics, so the result is the same bit for bit on every run.
 
-// store(c, v, sum) receives each column's total. A block sums 32 columns: warp w the chunks
-// k = w, w + 8, ... in order, then the 8 warp sums in warp order (a fixed order: the same bits
-// every run, with 8 x more blocks in flight than one thread a column)
+// store(c, v, sum) receives each column's total. A block takes COLSUM_COLS columns (a 32-byte sector of a
+// partial row) and blockDim.y lanes of chunks: lane y sums chunks y, y + lanes, ... in order, then the lanes'
+// sums meet in a fixed tree: the same bits every run. Many lanes a column keep many loads in flight: a norm
+// backward leaves up to 1024 partial rows, which one thread a column would read one after another.
+constexpr int COLSUM_COLS = 8;
+
 template <int NV, typename Store>
-__global__ void colsum_finalize_kernel(const float* partial, Store store, int C, int chunks) {
-    __shared__ float red[NV][8][32];
-    const int c = blockIdx.x * 32 + threadIdx.x;
-    for (int v = 0; v < NV; v++) {
-        float s = 0.0f;
-        if (c < C)
-            for (int k = threadIdx.y; k < chunks; k += 8) s += partial[((size_t)k * C + c) * NV + v];
-        red[v][threadIdx.y][threadIdx.x] = s;
+__global__ void __launch_bounds__(1024) colsum_finalize_kernel(const float* partial, Store store, int C, int chunks) {
+    extern __shared__ float red[];  // [NV][lanes][COLSUM_COLS]
+    const int lanes = blockDim.y, x = threadIdx.x, y = threadIdx.y;
+    const int c = blockIdx.x * COLSUM_COLS + x;
+    float sum[NV] = {};
+    if (c < C) {
+        #pragma unroll 4
+        for (int k = y; k < chunks; k += lanes)
+            #pragma unroll
+            for (int v = 0; v < NV; v++) sum[v] += partial[((size_t)k * C + c) * NV + v];
     }
+    #pragma unroll
+    for (int v = 0; v < NV; v++) red[(v * lanes + y) * COLSUM_COLS + x] = sum[v];
     __syncthreads();
-    if (c >= C) return;
-    for (int v = threadIdx.y; v < NV; v += 8) {
-        float s = red[v][0][threadIdx.x];
-        for (int w = 1; w < 8; w++) s += red[v][w][threadIdx.x];
-        store(c, v, s);
+    for (int half = lanes / 2; half > 0; half /= 2) {
+        if (y < half)
+            #pragma unroll
+            for (int v = 0; v < NV; v++)
+                red[(v * lanes + y) * COLSUM_COLS + x] += red[(v * lanes + y + half) * COLSUM_COLS + x];
+        __syncthreads();
     }
+    if (c < C)
+        for (int v = y; v < NV; v += lanes) store(c, v, red[v * lanes * COLSUM_COLS + x]);
 }
 
-// chunks: how many partial rows (COLSUM_CHUNKS, or the count of a kernel's own blocks)
+// chunks: how many partial rows (COLSUM_CHUNKS, or the count of a kernel's own blocks); lanes, a power of two
+// from 4 to 128, give each thread about 8 chunks
 template <int NV, typename Store>
 inline void colsum_finalize(const float* partial, Store store, int C, cudaStream_t s, int chunks = COLSUM_CHUNKS) {
-    colsum_finalize_kernel<NV><<<ceil_div(C, 32), dim3(32, 8), 0, s>>>(partial, store, C, chunks);
+    int lanes = 4;
+    while (lanes < 128 && lanes * 8 < chunks) lanes *= 2;
+    colsum_finalize_kernel<NV><<<ceil_div(C, COLSUM_COLS), dim3(COLSUM_COLS, lanes),
+                                 sizeof(float) * NV * lanes * COLSUM_COLS, s>>>(partial, store, C, chunks);
     cudaCheckLast();
 }
 
-// warp-wide sum
-__device__ inline float warp_sum(float v) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+// reductions by an associative op, the same bits on every run
+struct AddOp { __device__ float operator()(float a, float b) const { return a + b; } };
+struct MaxOp { __device__ float operator()(float a, float b) const { return fmaxf(a, b); } };
+
+// warp-wide: every lane gets it
+template <typename Op>
+__device__ inline float warp_reduce(float v, Op op) {
+    for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffff, v, o));
     return v;
 }
+__device__ inline float warp_sum(float v) { return warp_reduce(v, AddOp{}); }
 
-// block-wide sum (blockDim.x a multiple of 32, at most 1024) in a fixed order; every thread gets
-// it. It synchronises before reusing its slots, so calls may follow each other
-__device__ inline float block_sum(float v) {
+// block-wide (blockDim.x a multiple of 32, at most 1024), the warps' results in warp order; every
+// thread gets it. It synchronises before reusing its slots, so calls may follow each other
+template <typename Op>
+__device__ inline float block_reduce(float v, Op op) {
     __shared__ float red[32];
-    v = warp_sum(v);
+    v = warp_reduce(v, op);
     __syncthreads();
     if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = v;
     __syncthreads();
-    float t = 0.0f;
-    for (int w = 0; w < (int)blockDim.x / 32; w++) t += red[w];
+    float t = red[0];
+    for (int w = 1; w < (int)blockDim.x / 32; w++) t = op(t, red[w]);
     return t;
 }
+__device__ inline float block_sum(float v) { return block_reduce(v, AddOp{}); }
+__device__ inline float block_max(float v) { return block_reduce(v, MaxOp{}); }
 
 // blocks of 256 threads for an elementwise pass over n items with a grid-stride loop
 inline int elementwise_blocks(size_t n) { return (int)std::min<size_t>((n + 255) / 256, 132 * 16); }

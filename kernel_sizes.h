@@ -382,3 +382,15 @@ inline size_t conv1d_backward_scratch_floats(int B, int T, int C, int K) {
     (void)B; (void)T;
     return colsum_scratch_floats(C, K + 1);
 }
+
+// ----------------------------------------------------------------------------------------------
+// the LM head's rows (mamba.cuh, Model::lm_head_and_loss)
+
+// Where fewer of a micro-batch's BT rows carry a loss (a target and a nonzero weight: fine-tuning masks the
+// prompts), the LM head and the loss run over those n rows only, gathered, padded up to this count: a multiple
+// of a sixteenth of the batch (of 64 rows at least), so that at most 16 counts each need a captured step. BT:
+// nothing to gather.
+inline int loss_row_bucket(int n, int BT) {
+    const int unit = std::max(64, (int)ceil_div(ceil_div(BT, 16), 64) * 64);
+    return std::min(BT, (int)ceil_div(std::max(n, 1), unit) * unit);
+}

@@ -1,5 +1,5 @@
-// Fused cross-entropy over the padded vocabulary: one block per row reads the bf16 logits
-// (online max and sum, never an fp32 copy), writes the row's loss, then overwrites the row
+// Fused cross-entropy over the padded vocabulary: one block per row reads the bf16 logits into
+// registers (never an fp32 copy), writes the row's loss, then overwrites the row
 // with its gradient. Per row i with weight w_i (1 without weights; 0 when targets[i] < 0):
 //   lse = logsumexp(logits[i, :V]); ce = lse - logits[i, t_i]
 //   losses[i] = w_i (ce + z_loss lse^2)
@@ -13,69 +13,75 @@
 #include "cuda_common.cuh"
 
 constexpr int LOSS_THREADS = 512;
+// 8-wide vectors of its row that a thread keeps in registers from the first pass to the last (64 registers
+// a thread leave two blocks an SM, so one block's loads overlap the other's arithmetic): LOSS_THREADS * 8 *
+// LOSS_CACHED = 28672 logits of a row are read from memory once; the later passes read the rest again from
+// L2 (GPT-2's 50257: 43% of the row). Each pass reading the whole row again, as before, missed L2.
+constexpr int LOSS_CACHED = 7;
 
-static __global__ void __launch_bounds__(LOSS_THREADS)
+// the 8 logits of a vector as floats, -inf past V (pad columns and the row's end count for nothing)
+__device__ inline void logits8(float (&l)[8], const uint4& raw, int j0, int V) {
+    const bf16* v = reinterpret_cast<const bf16*>(&raw);
+    #pragma unroll
+    for (int k = 0; k < 8; k++) l[k] = j0 + k < V ? __bfloat162float(v[k]) : -INFINITY;
+}
+
+// the row's max, then the sum of exp(l - max) (two exact passes over the registers, no running
+// rescale), then the gradient over the padded row
+static __global__ void __launch_bounds__(LOSS_THREADS, 2)
 fused_classifier_kernel(bf16* logits, float* losses, int* target_rank, const int* targets, const float* weights,
                         const float* dloss, float z_loss, int V, int Vp, bool write_dlogits) {
-    __shared__ float s_max[LOSS_THREADS / 32], s_sum[LOSS_THREADS / 32];
-    __shared__ int s_cnt[LOSS_THREADS / 32];
-    const int row = blockIdx.x, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int row = blockIdx.x, first = threadIdx.x * 8, stride = LOSS_THREADS * 8;
+    const int rest = first + LOSS_CACHED * stride;  // the thread's first vector past its cached ones
     bf16* x = logits + (size_t)row * Vp;
     const int t = targets[row];
     const float w = t < 0 ? 0.0f : (weights ? weights[row] : 1.0f);
     const float xt = t < 0 ? 0.0f : __bfloat162float(x[t]);
-
-    // online softmax statistics over 8-wide vectors (Vp is a multiple of 128)
-    float m = -FLT_MAX, s = 0.0f;
-    int above = 0;
-    for (int j0 = threadIdx.x * 8; j0 < V; j0 += LOSS_THREADS * 8) {
-        uint4 raw = *reinterpret_cast<const uint4*>(x + j0);
-        const bf16* v = reinterpret_cast<const bf16*>(&raw);
+    uint4 cache[LOSS_CACHED];
+    #pragma unroll
+    for (int i = 0; i < LOSS_CACHED; i++) {
+        const int j0 = first + i * stride;
+        cache[i] = j0 < Vp ? *reinterpret_cast<const uint4*>(x + j0) : make_uint4(0, 0, 0, 0);
+    }
+    // each vector, cached then the rest, as 8 floats
+    auto each = [&](auto&& f) {
+        float l[8];
         #pragma unroll
-        for (int k = 0; k < 8; k++) {
-            if (j0 + k >= V) break;
-            float l = __bfloat162float(v[k]);
-            above += l > xt;
-            if (l > m) { s = s * __expf(m - l) + 1.0f; m = l; }
-            else s += __expf(l - m);
-        }
-    }
-    // combine (max, sum) pairs: warp, then block
-    for (int o = 16; o > 0; o >>= 1) {
-        float m2 = __shfl_xor_sync(0xffffffff, m, o), s2 = __shfl_xor_sync(0xffffffff, s, o);
-        float mm = fmaxf(m, m2);
-        s = (m == -FLT_MAX ? 0.0f : s * __expf(m - mm)) + (m2 == -FLT_MAX ? 0.0f : s2 * __expf(m2 - mm));
-        m = mm;
-        above += __shfl_xor_sync(0xffffffff, above, o);
-    }
-    if (lane == 0) { s_max[warp] = m; s_sum[warp] = s; s_cnt[warp] = above; }
-    __syncthreads();
-    float M = -FLT_MAX, S = 0.0f;
-    int cnt = 0;
-    for (int k = 0; k < LOSS_THREADS / 32; k++) M = fmaxf(M, s_max[k]);
-    for (int k = 0; k < LOSS_THREADS / 32; k++) {
-        if (s_max[k] != -FLT_MAX) S += s_sum[k] * __expf(s_max[k] - M);
-        cnt += s_cnt[k];
-    }
-    const float lse = M + logf(S);
+        for (int i = 0; i < LOSS_CACHED; i++) { logits8(l, cache[i], first + i * stride, V); f(l); }
+        for (int j0 = rest; j0 < V; j0 += stride) { logits8(l, *reinterpret_cast<const uint4*>(x + j0), j0, V); f(l); }
+    };
+    float m = -FLT_MAX, above = 0.0f;  // above: logits that beat the target's (exact in a float below 2^24)
+    each([&](const float (&l)[8]) {
+        #pragma unroll
+        for (int k = 0; k < 8; k++) { m = fmaxf(m, l[k]); above += l[k] > xt ? 1.0f : 0.0f; }
+    });
+    const float M = block_max(m), cnt = block_sum(above);
+    float s = 0.0f;
+    each([&](const float (&l)[8]) {
+        #pragma unroll
+        for (int k = 0; k < 8; k++) s += __expf(l[k] - M);
+    });
+    const float lse = M + logf(block_sum(s));
     if (threadIdx.x == 0) {
         losses[row] = w * (lse - xt + z_loss * lse * lse);
-        if (target_rank) target_rank[row] = t < 0 ? -1 : cnt;
+        if (target_rank) target_rank[row] = t < 0 ? -1 : (int)cnt;
     }
     if (!write_dlogits) return;
     const float scale = *dloss * w, pscale = 1.0f + 2.0f * z_loss * lse;
-    for (int j0 = threadIdx.x * 8; j0 < Vp; j0 += LOSS_THREADS * 8) {
-        uint4 raw = *reinterpret_cast<const uint4*>(x + j0);
-        bf16* v = reinterpret_cast<bf16*>(&raw);
+    auto grad = [&](const uint4& raw, int j0) {  // 0 for the pad columns
+        float l[8];
+        logits8(l, raw, j0, V);
+        uint4 out;
+        bf16* g = reinterpret_cast<bf16*>(&out);
         #pragma unroll
-        for (int k = 0; k < 8; k++) {
-            const int j = j0 + k;
-            float g = 0.0f;
-            if (j < V) g = scale * (__expf(__bfloat162float(v[k]) - lse) * pscale - (j == t ? 1.0f : 0.0f));
-            v[k] = __float2bfloat16(g);
-        }
-        *reinterpret_cast<uint4*>(x + j0) = raw;
-    }
+        for (int k = 0; k < 8; k++)
+            g[k] = __float2bfloat16(scale * (__expf(l[k] - lse) * pscale - (j0 + k == t ? 1.0f : 0.0f)));
+        *reinterpret_cast<uint4*>(x + j0) = out;
+    };
+    #pragma unroll
+    for (int i = 0; i < LOSS_CACHED; i++)
+        if (first + i * stride < Vp) grad(cache[i], first + i * stride);
+    for (int j0 = rest; j0 < Vp; j0 += stride) grad(*reinterpret_cast<const uint4*>(x + j0), j0);
 }
 
 inline void fused_classifier(bf16* logits, float* losses, int* target_rank, const int* targets, const float* weights,
@@ -83,6 +89,25 @@ inline void fused_classifier(bf16* logits, float* losses, int* target_rank, cons
     if (Vp % 8 != 0 || V > Vp) THROW("fused_classifier: padded vocab %d must be a multiple of 8 and >= V %d", Vp, V);
     fused_classifier_kernel<<<BT, LOSS_THREADS, 0, s>>>(logits, losses, target_rank, targets, weights, dloss, z_loss, V,
                                                         Vp, write_dlogits);
+    cudaCheckLast();
+}
+
+// The rows that carry a loss, gathered for the LM head, and their gradients scattered back (Model::
+// lm_head_and_loss): out[i] = in[idx[i]], zeros where idx[i] < 0 (the gather's padding; the scatter's rows
+// without a loss). Rows of d bf16 values, copied in 16-byte words where every row allows.
+template <typename Word>
+__global__ void copy_rows_kernel(bf16* out, const bf16* in, const int* idx, int d) {
+    const int words = d * (int)sizeof(bf16) / (int)sizeof(Word), r = idx[blockIdx.x];
+    Word* o = reinterpret_cast<Word*>(out + (size_t)blockIdx.x * d);
+    const Word* x = reinterpret_cast<const Word*>(in + (size_t)(r < 0 ? 0 : r) * d);
+    for (int k = threadIdx.x; k < words; k += blockDim.x) o[k] = r >= 0 ? x[k] : Word{};
+}
+
+inline void copy_rows(bf16* out, const bf16* in, const int* idx, int rows, int d, cudaStream_t s) {
+    const bool wide = vec_width(8, sizeof(bf16), {out, in}, {d}) == 8;
+    const int words = wide ? d / 8 : d, threads = std::min(128, (int)ceil_div(words, 32) * 32);
+    if (wide) copy_rows_kernel<uint4><<<rows, threads, 0, s>>>(out, in, idx, d);
+    else copy_rows_kernel<uint16_t><<<rows, threads, 0, s>>>(out, in, idx, d);
     cudaCheckLast();
 }
 

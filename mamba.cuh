@@ -22,6 +22,7 @@
 #include <string>
 #include <system_error>
 #include <thread>
+#include <tuple>
 #include <variant>
 #include <vector>
 #include "model_config.h"  // ModelConfig, presets, JSON
@@ -587,7 +588,8 @@ inline ActivationSizes activation_sizes(const ModelConfig& c, int B, int T, bool
                     (BT * d /* xn */ + h.out_in + h.dout_in + h.din + 2 * h.conv_out + h.dy + 2 * h.delta + h.dxproj +
                      s.logits + BT * d /* dxn */ + s.resid /* dresid bf16 */) * 2 +
                     s.resid * 4 /* dresid */ + BT * 4 /* losses */ + h.mixer_scratch + h.norm_scratch * 4 +
-                    BT * (4 * sizeof(int) + sizeof(float)) /* inputs, targets, ranks, positions, weights */ +
+                    BT * (6 * sizeof(int) + sizeof(float)) /* inputs, targets, ranks, positions, loss rows and
+                                                               their places, weights */ +
                     sizeof(double) /* the loss total */ + sizeof(float) /* dloss */;
     return s;
 }
@@ -628,22 +630,25 @@ struct Batch {
 };
 
 // One micro-batch's forward and backward captured as a CUDA graph (Model::train_micro_batch),
-// and what it was captured for: the kernels' scalar arguments are part of the graph
+// one for each Key it ran with: the kernels' scalar arguments are part of the graph
 struct StepGraph {
     struct Key {
+        bool write_grads = false;  // the weight-gradient matmuls write (a step's first micro-batch) or add
         bool weighted = false, positions = false;
         float z_loss = 0.0f;
-        bool operator==(const Key& o) const {
-            return weighted == o.weighted && positions == o.positions && z_loss == o.z_loss;
+        int loss_rows = 0;         // the rows the LM head runs over (Model::loss_rows)
+        bool operator<(const Key& o) const {
+            return std::tie(write_grads, weighted, positions, z_loss, loss_rows) <
+                   std::tie(o.write_grads, o.weighted, o.positions, o.z_loss, o.loss_rows);
         }
-    } key;
+    };
     cudaGraphExec_t exec = nullptr;
 
     // records what `work(stream)` queues; relaxed mode, because launchers make host-side calls
     // (kernel attributes, tensor maps) that are not stream work; the stream is a blocking one,
     // so a stray use of the legacy default stream inside fails the capture instead of escaping it
     template <typename F>
-    void capture(const Key& k, F&& work) {
+    void capture(F&& work) {
         release();
         cudaStream_t cs;
         cudaGraph_t g;
@@ -654,7 +659,6 @@ struct StepGraph {
         cudaCheck(cudaGraphInstantiate(&exec, g, 0));
         cudaCheck(cudaGraphDestroy(g));
         cudaCheck(cudaStreamDestroy(cs));
-        key = k;
     }
     void release() {
         if (exec) cudaCheck(cudaGraphExecDestroy(exec));
@@ -692,9 +696,17 @@ struct Model {
     float *dresid = nullptr, *losses = nullptr;
     double* loss_total = nullptr;   // the per-token losses summed over forwards, read by loss_sum()
     int *d_inputs = nullptr, *d_targets = nullptr, *d_rank = nullptr, *d_pos = nullptr;
+    // The LM head's rows: with fewer rows carrying a loss than the batch's (fine-tuning masks the prompts) and
+    // gather_loss_rows on, the training forward gathers them (loss_row_bucket, kernel_sizes.h) and runs the LM
+    // head and the loss over loss_rows < B*T rows: d_loss_rows[i] is gathered row i's row (-1: padding), and
+    // d_loss_slot[r] the gathered row of row r (-1: none); d_targets and d_weights then hold the gathered rows'
+    // targets and weights
+    bool gather_loss_rows = true;
+    int loss_rows = 0;
+    int *d_loss_rows = nullptr, *d_loss_slot = nullptr;
     float *d_weights = nullptr, *d_dloss = nullptr;
     EmbeddingBuckets buckets;
-    StepGraph graphs[2];            // the captured micro-batch (train_micro_batch): [1] a step's first, [0] the rest
+    std::map<StepGraph::Key, StepGraph> graphs;  // the captured micro-batches (train_micro_batch)
     std::vector<void*> owned;       // every activation allocation, freed together
     PhaseTimer* timer = nullptr;    // set to time each phase
     // Called by backward() as the gradients become final from the end of the buffer down, at
@@ -816,6 +828,8 @@ struct Model {
         losses = alloc<float>(BT, "per-token losses");
         d_inputs = alloc<int>(BT, "inputs");
         d_targets = alloc<int>(BT, "targets");
+        d_loss_rows = alloc<int>(BT, "gathered loss rows");
+        d_loss_slot = alloc<int>(BT, "loss rows' places");
         d_rank = alloc<int>(BT, "target ranks");
         d_weights = alloc<float>(BT, "loss weights");
         d_pos = alloc<int>(BT, "positions in the documents");
@@ -826,7 +840,7 @@ struct Model {
     }
 
     void free_activations() {
-        for (StepGraph& g : graphs) g.release();  // they hold the addresses of what is freed here
+        graphs.clear();  // they hold the addresses of what is freed here
         free_stages();
         for (void* p : owned) cudaFree(p);
         owned.clear();
@@ -900,7 +914,7 @@ struct Model {
     // copy of one micro-batch runs while the host prepares the next, and no pageable copy
     // holds the host back. A buffer is refilled once its last copy has finished.
     struct Stage {
-        int *inputs = nullptr, *targets = nullptr, *pos = nullptr;
+        int *inputs = nullptr, *targets = nullptr, *pos = nullptr, *rows = nullptr, *slot = nullptr;
         float *weights = nullptr, *dloss = nullptr;
         cudaEvent_t copied = nullptr;
     };
@@ -913,6 +927,8 @@ struct Model {
             cudaCheck(cudaMallocHost(&st.inputs, BT * sizeof(int)));
             cudaCheck(cudaMallocHost(&st.targets, BT * sizeof(int)));
             cudaCheck(cudaMallocHost(&st.pos, BT * sizeof(int)));
+            cudaCheck(cudaMallocHost(&st.rows, BT * sizeof(int)));
+            cudaCheck(cudaMallocHost(&st.slot, BT * sizeof(int)));
             cudaCheck(cudaMallocHost(&st.weights, BT * sizeof(float)));
             cudaCheck(cudaMallocHost(&st.dloss, sizeof(float)));
             cudaCheck(cudaEventCreateWithFlags(&st.copied, cudaEventDisableTiming));
@@ -920,7 +936,8 @@ struct Model {
     }
     void free_stages() {
         for (Stage& st : stages) {
-            for (void* p : {(void*)st.inputs, (void*)st.targets, (void*)st.pos, (void*)st.weights, (void*)st.dloss})
+            for (void* p : {(void*)st.inputs, (void*)st.targets, (void*)st.pos, (void*)st.rows, (void*)st.slot,
+                            (void*)st.weights, (void*)st.dloss})
                 cudaFreeHost(p);
             if (st.copied) cudaEventDestroy(st.copied);
             st = Stage{};
@@ -939,7 +956,7 @@ struct Model {
     // back through the LM head, ready for backward(). With target_rank (device, BT ints) it
     // also records each target's rank for top-k accuracy.
     void forward(const Batch& batch, float dloss, float z_loss, cudaStream_t s = 0, int* target_rank = nullptr) {
-        upload_batch(batch, dloss, s);
+        upload_batch(batch, dloss, s, target_rank == nullptr);
         forward_uploaded(batch.targets != nullptr, batch.weights != nullptr, dloss > 0, z_loss, target_rank, s);
     }
 
@@ -955,13 +972,13 @@ struct Model {
             backward(s);
             return;
         }
-        upload_batch(batch, dloss, s);
-        const StepGraph::Key key{batch.weights != nullptr, batch.pos != nullptr, z_loss};
-        StepGraph& graph = graphs[ctx.write_grads];  // captured with the weight-gradient matmuls writing or adding
-        if (!graph.exec || !(graph.key == key)) {
+        upload_batch(batch, dloss, s, true);
+        const StepGraph::Key key{ctx.write_grads, batch.weights != nullptr, batch.pos != nullptr, z_loss, loss_rows};
+        StepGraph& graph = graphs[key];
+        if (!graph.exec) {
             buckets.reserve(B * T, cfg.padded_vocab());  // what the step allocates on first use exists before
             matmul_init();
-            graph.capture(key, [&](cudaStream_t cs) {
+            graph.capture([&](cudaStream_t cs) {
                 forward_uploaded(true, key.weighted, true, z_loss, nullptr, cs);
                 backward(cs);
             });
@@ -970,15 +987,41 @@ struct Model {
         ctx.write_grads = false;  // (the capture's backward() cleared it too)
     }
 
-    // the batch's arrays (and dloss, the loss gradient's scale) into the device buffers the forward reads
-    void upload_batch(const Batch& batch, float dloss, cudaStream_t s) {
+    // the batch's arrays (and dloss, the loss gradient's scale) into the device buffers the forward reads;
+    // with `gather` (and gather_loss_rows, targets and dloss > 0), the rows that carry a loss gathered where
+    // they are fewer than the batch's (loss_rows)
+    void upload_batch(const Batch& batch, float dloss, cudaStream_t s, bool gather) {
         const int BT = B * T;
         Stage& st = stages[next_stage];
         next_stage ^= 1;
         cudaCheck(cudaEventSynchronize(st.copied));  // its previous copies are done
         upload(d_inputs, st.inputs, batch.inputs, BT, s);
-        if (batch.targets) upload(d_targets, st.targets, batch.targets, BT, s);
-        if (batch.weights) upload(d_weights, st.weights, batch.weights, BT, s);
+        loss_rows = BT;
+        if (gather && gather_loss_rows && batch.targets && dloss > 0) {
+            int n = 0;
+            for (int r = 0; r < BT; r++) {
+                const bool loss = batch.targets[r] >= 0 && (!batch.weights || batch.weights[r] != 0.0f);
+                st.slot[r] = loss ? n : -1;
+                if (loss) st.rows[n++] = r;
+            }
+            loss_rows = loss_row_bucket(n, BT);
+            if (loss_rows < BT) {
+                for (int i = 0; i < loss_rows; i++) {
+                    const int r = i < n ? st.rows[i] : -1;  // the padding carries no target
+                    st.rows[i] = r;
+                    st.targets[i] = r < 0 ? -1 : batch.targets[r];
+                    if (batch.weights) st.weights[i] = r < 0 ? 0.0f : batch.weights[r];
+                }
+                cudaCheck(cudaMemcpyAsync(d_loss_rows, st.rows, loss_rows * sizeof(int), cudaMemcpyHostToDevice, s));
+                cudaCheck(cudaMemcpyAsync(d_loss_slot, st.slot, BT * sizeof(int), cudaMemcpyHostToDevice, s));
+                cudaCheck(cudaMemcpyAsync(d_targets, st.targets, loss_rows * sizeof(int), cudaMemcpyHostToDevice, s));
+                if (batch.weights)
+                    cudaCheck(cudaMemcpyAsync(d_weights, st.weights, loss_rows * sizeof(float), cudaMemcpyHostToDevice,
+                                              s));
+            }
+        }
+        if (batch.targets && loss_rows == BT) upload(d_targets, st.targets, batch.targets, BT, s);
+        if (batch.weights && loss_rows == BT) upload(d_weights, st.weights, batch.weights, BT, s);
         if (batch.pos) upload(d_pos, st.pos, batch.pos, BT, s);
         if (dloss > 0) upload(d_dloss, st.dloss, &dloss, 1, s);
         cudaCheck(cudaEventRecord(st.copied, s));
@@ -998,7 +1041,7 @@ struct Model {
         rmsnorm_forward(xn, xhat[L], rstd[L], h, w(layout.final_norm), BT, d, cfg.norm_eps, s);
         if (!targets) return;
         lm_head_and_loss(target_rank, weighted, grad, z_loss, s);
-        loss_accumulate(loss_total, losses, BT, s);
+        loss_accumulate(loss_total, losses, loss_rows, s);
     }
 
     // Logits of rows [r0, r0 + rows) (rows <= logit_rows()) into `logits`, after a forward.
@@ -1013,22 +1056,33 @@ struct Model {
 
     // The LM head and the loss run over chunks of rows, so the logits of the whole batch
     // never exist at once; with dloss > 0 each chunk's gradient goes straight through the
-    // LM head (into dxn and the head's weight gradient), ready for backward().
+    // LM head (into dxn and the head's weight gradient), ready for backward(). Over loss_rows
+    // gathered rows (upload_batch), their inputs and gradients sit in the residual gradient's
+    // buffers, which are free until backward().
     void lm_head_and_loss(int* target_rank, bool weighted, bool grad, float z_loss, cudaStream_t s) {
         const int BT = B * T, d = cfg.d_model, Vp = cfg.padded_vocab();
-        for (int r0 = 0; r0 < BT; r0 += logit_rows()) {
-            const int rows = std::min(logit_rows(), BT - r0);
+        const bool gathered = loss_rows < BT;
+        bf16 *x = xn, *dx = dxn;
+        if (gathered) {
             phase("lm_head", s);
-            compute_logits(r0, rows, s);
+            x = dresid_bf16;
+            dx = reinterpret_cast<bf16*>(dresid);
+            copy_rows(x, xn, d_loss_rows, loss_rows, d, s);
+        }
+        for (int r0 = 0; r0 < loss_rows; r0 += logit_rows()) {
+            const int rows = std::min(logit_rows(), loss_rows - r0);
+            phase("lm_head", s);
+            matmul_forward(logits, x + (size_t)r0 * d, w(layout.lm_head), rows, Vp, d, s);
             phase("loss", s);
             fused_classifier(logits, losses + r0, target_rank ? target_rank + r0 : nullptr, d_targets + r0,
                              weighted ? d_weights + r0 : nullptr, d_dloss, z_loss, rows, cfg.vocab_size, Vp, grad, s);
             if (grad) {
                 phase("lm_head bwd", s);
-                matmul_backward(dxn + (size_t)r0 * d, ctx.grad(layout.lm_head), logits, xn + (size_t)r0 * d,
+                matmul_backward(dx + (size_t)r0 * d, ctx.grad(layout.lm_head), logits, x + (size_t)r0 * d,
                                 w(layout.lm_head), rows, Vp, d, s, ctx.write_grads && r0 == 0);
             }
         }
+        if (gathered && grad) copy_rows(dxn, dx, d_loss_slot, BT, d, s);  // zeros where no loss was taken
     }
 
     // Backward from what forward(dloss > 0) left; gradients accumulate

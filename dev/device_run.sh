@@ -165,10 +165,16 @@ while [ $# -gt 0 ]; do
                 > "$OUT/docreset$f.log" 2>&1
               python3 -c "import json,statistics,sys; r=[json.loads(l) for l in open(sys.argv[1]) if '\"ms\"' in l][10:]; print('default run ${f:-(no --doc-reset)}: median', round(statistics.median(x['tokens_per_s'] for x in r)), 'tokens/s')" ckpt_dr$f/metrics.jsonl
             done 2>&1 | tee "$OUT/docreset.log" ;;
-    sft-bench) [ -d ckpt_pre ] || ./train_mamba $brown --steps 50 --warmup 10 --ckpt-dir ckpt_pre --sample-every 0 --val-every 0 > /dev/null
+    sft-bench) # sft-bench [BEFORE_DIR]: BEFORE_DIR holds an earlier build's train_mamba, prepare_data and
+            # finetune_mamba, timed as "before" from a checkpoint of its own (dev/bench_sft.sh)
+            bd=; bi=; if [ -d "${1:-}" ]; then bd=$1 bi=ckpt_pre_before; shift; fi
+            [ -d ckpt_pre ] || ./train_mamba $brown --steps 50 --warmup 10 --ckpt-dir ckpt_pre --sample-every 0 --val-every 0 > /dev/null
+            [ -z "$bd" ] || [ -d $bi ] ||
+              $bd/train_mamba $brown --steps 50 --warmup 10 --ckpt-dir $bi --sample-every 0 --val-every 0 > /dev/null
             python3 dev/sft_synthetic.py data/brown/text 20000 /tmp/sft_long.jsonl
-            { echo "== sample set"; bash dev/bench_sft.sh data/sft_sample.jsonl ckpt_pre 256 8
-              echo "== synthetic set (20k Brown continuations)"; bash dev/bench_sft.sh /tmp/sft_long.jsonl ckpt_pre 1024 8; } 2>&1 | tee "$OUT/sft_bench.log" ;;
+            { echo "== sample set"; bash dev/bench_sft.sh data/sft_sample.jsonl ckpt_pre 256 8 $bd $bi
+              echo "== synthetic set (20k Brown continuations)"; bash dev/bench_sft.sh /tmp/sft_long.jsonl ckpt_pre 1024 8 $bd $bi
+            } 2>&1 | tee "$OUT/sft_bench.log" ;;
     multi)  # every GPU of the machine: test/multi_gpu.sh, then weak scaling (the same micro-batch per GPU, 32 MiB buckets)
             n=$(nvidia-smi -L | wc -l)
             timeout 400 bash test/multi_gpu.sh $n 2>&1 | tee "$OUT/multi.log" | tail -30

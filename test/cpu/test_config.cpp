@@ -497,3 +497,27 @@ TEST_CASE("conv1d: the row chunks of a pass (kernel_sizes.h)", "[config][conv1d]
                 REQUIRE(next == rows);
             }
 }
+
+TEST_CASE("loss rows: the gathered row counts (kernel_sizes.h)", "[config]") {
+    // the fine-tuning test's batch (B2 T37, 41 response rows): one 64-row count below the batch's 74
+    REQUIRE(loss_row_bucket(41, 74) == 64);
+    REQUIRE(loss_row_bucket(65, 74) == 74);  // nothing to gather
+    // B8 T256: counts of 128 rows; a batch without a loss still runs one count (its rows all padding)
+    REQUIRE(loss_row_bucket(0, 2048) == 128);
+    REQUIRE(loss_row_bucket(700, 2048) == 768);
+    REQUIRE(loss_row_bucket(1920, 2048) == 1920);
+    REQUIRE(loss_row_bucket(1921, 2048) == 2048);
+    REQUIRE(loss_row_bucket(3000, 8192) == 3072);  // B8 T1024: counts of 512
+    for (int BT : {1, 37, 600, 2048, 8192, 16384, 65536, 100000}) {
+        std::vector<int> counts;
+        for (int n = 0; n <= BT; n++) {
+            const int b = loss_row_bucket(n, BT);
+            REQUIRE(b >= n);
+            REQUIRE(b <= BT);
+            if (counts.empty() || counts.back() != b) counts.push_back(b);
+        }
+        INFO("BT " << BT);
+        CHECK(counts.size() <= 16);  // each a captured step
+        CHECK(counts.back() == BT);
+    }
+}

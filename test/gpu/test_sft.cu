@@ -71,6 +71,8 @@ static void check_masked_gradient(const std::string& json) {
     cudaCheck(cudaMemset(model.grads, 0xFF, model.layout.total * sizeof(float)));  // NaN poison
     model.zero_grad();
     model.forward({inputs.data(), masked.data()}, 1.0f / valid, 0.0f);
+    REQUIRE(model.loss_rows == loss_row_bucket((int)valid, BT));  // the LM head over the gathered response rows
+    REQUIRE(model.loss_rows < BT);
     model.backward();
     const double loss_masked = model.loss_sum() / valid;
     std::vector<float> g_masked = grads_of(model);
@@ -82,6 +84,32 @@ static void check_masked_gradient(const std::string& json) {
     std::vector<float> g_weighted = grads_of(model);
     CHECK(loss_masked == loss_weighted);
     CHECK(std::memcmp(g_masked.data(), g_weighted.data(), g_masked.size() * sizeof(float)) == 0);
+    // (b') the LM head over every row (nothing gathered): the same loss and gradient, up to the rounding of
+    // matmuls of other row counts
+    model.gather_loss_rows = false;
+    cudaCheck(cudaMemset(model.grads, 0xFF, model.layout.total * sizeof(float)));
+    model.zero_grad();
+    model.forward({inputs.data(), masked.data()}, 1.0f / valid, 0.0f);
+    REQUIRE(model.loss_rows == BT);
+    model.backward();
+    const double loss_every_row = model.loss_sum() / valid;
+    std::vector<float> g_every_row = grads_of(model);
+    model.gather_loss_rows = true;
+    {
+        INFO("loss " << loss_masked << " gathered, " << loss_every_row << " over every row");
+        CHECK(std::fabs(loss_masked - loss_every_row) < 1e-4 * std::fabs(loss_every_row));
+        std::vector<double> gm(g_masked.begin(), g_masked.end()), ge(g_every_row.begin(), g_every_row.end());
+        const double e = rel_l2(gm, ge);
+        INFO("gradient rel L2 " << e);
+        CHECK(e < 1e-3);
+    }
+    // (b'') the captured step (train_micro_batch's CUDA graph, one for each gathered row count) gives the
+    // gathered forward and backward's bits
+    model.zero_grad();
+    model.train_micro_batch({inputs.data(), masked.data()}, 1.0f / valid, 0.0f);
+    CHECK(model.loss_sum() / valid == loss_masked);
+    std::vector<float> g_graph = grads_of(model);
+    CHECK(std::memcmp(g_masked.data(), g_graph.data(), g_masked.size() * sizeof(float)) == 0);
     // (c) the unmasked loss has a clearly different gradient (the mask matters)
     model.zero_grad();
     model.forward({inputs.data(), full.data()}, 1.0f / BT, 0.0f);
