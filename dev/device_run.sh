@@ -56,6 +56,11 @@ gpu_idle() {  # an anchor timed beside a process left on the GPU (a run killed b
   for _ in $(seq 60); do [ -z "$(nvidia-smi --query-compute-apps=pid --format=csv,noheader)" ] && return; sleep 2; done
   echo "warning: the GPU is still busy: $(nvidia-smi --query-compute-apps=pid,name --format=csv,noheader | tr '\n' ' ')"
 }
+strong() {  # one whole-model anchor (anchor_strong.py FLAGS), saying so when it runs out of time (the 2.7B's took
+            # over 120 s in the twenty-eighth session; a missing line otherwise looks like a missing figure)
+  gpu_idle; timeout 150 python3 anchor_strong.py "$@"
+  [ $? = 124 ] && echo "anchor-strong: $* did not finish within 150 s"
+}
 brown="--train-data data/brown/brown_train_*.bin --val-data data/brown/brown_val_*.bin"
 while [ $# -gt 0 ]; do
   s=$1; shift
@@ -63,8 +68,10 @@ while [ $# -gt 0 ]; do
     unpack) nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
             # the host too: the anchors launch from Python, and their times moved 10-20% between hosts
             echo "host: $(lscpu | sed -n 's/^Model name: *//p' | head -1), $(nproc) CPUs" | tee -a "$OUT/gpu.txt"
-            (cd devbin && tar xJf bundle.tar.xz) && cp $B/train_mamba* $B/finetune_mamba $B/prepare_data $B/convert_hf . &&
-              mkdir -p build && cp $B/test_gpu $B/hf_logits build/ && for b in $B/bench_*; do cp $b dev/; done ;;
+            # (a slimmed bundle may leave binaries out: copy what it has, name what it lacks)
+            (cd devbin && tar xJf bundle.tar.xz) && mkdir -p build && for f in $B/*; do case ${f##*/} in
+              lib*) ;; test_gpu|hf_logits) cp $f build/ ;; bench_*) cp $f dev/ ;; *) cp $f . ;; esac; done
+            for f in train_mamba finetune_mamba prepare_data build/test_gpu; do [ -x $f ] || echo "unpack: no $f in the bundle"; done ;;
     anchor-build) (cd anchors && for a in anchor_strong scan_anchor; do
                      setsid nohup python3 $a.py --build-only > "$OUT/build_$a.log" 2>&1 < /dev/null &
                    done) ;;
@@ -73,11 +80,10 @@ while [ $# -gt 0 ]; do
     test)   f=${1:-}; [ $# -gt 0 ] && shift
             timeout 540 ./build/test_gpu $f 2>&1 | tee "$OUT/test_gpu.log" | tail -25 ;;
     anchors) (cd anchors && python3 attn_anchor.py; python3 ../dev/anchor_mamba_ssm.py --part a) 2>&1 | tee -a "$ANCHOR_LOG" | grep -E "anchor" ;;
-    anchors-strong) (cd anchors && gpu_idle && timeout 150 python3 anchor_strong.py --layers 48 --d 1024 -B 8 -T 2048
-                     gpu_idle && timeout 150 python3 anchor_strong.py --layers 64 --d 2560 -B 4 -T 2048
-                     hp=$(../train_mamba --model hybrid-1.3b --dry-run | sed -n 's/^pattern: //p')
-                     gpu_idle && timeout 150 python3 anchor_strong.py --pattern "$hp" --d 2048 -B 4 -T 2048
-                     [ "${1:-}" = quick ] || { gpu_idle && timeout 150 python3 anchor_strong.py --pattern "$hp" --d 2048 -B 1 -T 16384; }
+    anchors-strong) (cd anchors && hp=$(../train_mamba --model hybrid-1.3b --dry-run | sed -n 's/^pattern: //p')
+                     strong --layers 48 --d 1024 -B 8 -T 2048; strong --layers 64 --d 2560 -B 4 -T 2048
+                     strong --pattern "$hp" --d 2048 -B 4 -T 2048
+                     [ "${1:-}" = quick ] || strong --pattern "$hp" --d 2048 -B 1 -T 16384
                     ) 2>&1 | tee -a "$ANCHOR_LOG" | grep -E "anchor"; [ "${1:-}" = quick ] && shift ;;
     bench)  for b in dev/bench_*; do [[ -x "$b" && $b != *_before ]] && { echo "== $b"; timeout 200 stdbuf -oL "$b"; }; done 2>&1 |
               tee "$OUT/bench.log" | grep -E "x$|ours|==" ;;
@@ -103,10 +109,11 @@ while [ $# -gt 0 ]; do
                 timeout 120 ./train_mamba --model $m --bench --bench-steps 20 $e 2>&1 | grep -E "bench:|error" | sed "s|^|$m ${e:-(graph)}: |"
               done
             done 2>&1 | tee "$OUT/graph.log" ;;
-    kernels) # kernels "MODEL FLAGS": time per kernel of a few steps under ncu (clocks locked; a short model keeps it
-            # quick, e.g. kernels "mamba2-370m --layers 2 -B 8 -T 2048": every layer runs the same kernels)
-            m=$1; shift
-            timeout 400 ncu --section SpeedOfLight --launch-count 600 ./train_mamba --model $m --bench --bench-steps 1 \
+    kernels) # kernels "MODEL FLAGS" [LAUNCHES]: time per kernel of a few steps under ncu (clocks locked; a short model
+            # keeps it quick, e.g. kernels "mamba2-370m --layers 2 -B 8 -T 2048": every layer runs the same kernels;
+            # 600 launches by default, about 3 steps of mamba2-tiny, which ran past the limit at B8 T1024)
+            m=$1; n=600; shift; [[ "${1:-}" =~ ^[0-9]+$ ]] && { n=$1; shift; }
+            timeout 400 ncu --section SpeedOfLight --launch-count $n ./train_mamba --model $m --bench --bench-steps 1 \
               --eager > "$OUT/kernels.log" 2>&1
             python3 dev/ncu_kernels.py "$OUT/kernels.log" | tee -a "$OUT/kernels.txt" ;;
     ncu)    # ncu NAME "MODEL FLAGS" KERNEL_REGEX (MODEL: a preset, or --config FILE.json): the full report of the
