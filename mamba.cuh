@@ -47,7 +47,7 @@
 
 // What one layer keeps from its forward for its backward (null where its kind keeps nothing).
 struct LayerActs {
-    bf16* in_out = nullptr;      // (BT, in_width) in_proj's output
+    bf16* in_out = nullptr;      // (BT, in_width) in_proj's output, rows in_stride apart
     bf16* y = nullptr;           // the mixer's output (Mamba-2: the SSD's; Mamba-1, attention: out_proj's input)
     bf16* x_proj_out = nullptr;  // Mamba-1: (BT, R + 2N) = [dt | B | C]
     float* stats = nullptr;      // Mamba-2: gated norm rstd (BT, G); attention: logsumexp (B, Hq, T)
@@ -128,9 +128,15 @@ struct BlockBase {
     const char* in_name;       // in_proj's name (and its phase in --profile)
     size_t norm, in_proj, out_proj;  // (d), (in_width, d), (d, out_width)
     int in_width, out_width;   // in_proj's output columns, out_proj's input columns
+    int in_stride;             // row stride of in_proj's output and of its gradient (>= in_width)
 
-    BlockBase(const ModelConfig& c, ParamTable& P, int l, const char* in_name_, int in_w, int out_w, const char* kind)
-        : prefix("layers." + std::to_string(l) + "."), in_name(in_name_), in_width(in_w), out_width(out_w) {
+    // `padded`: in_stride rounds in_width up to 8 elements (16 bytes), for mixers that read the output
+    // by strides: cuBLAS takes its Hopper (TMA) kernels only for 16-byte row strides (Mamba-2's output
+    // of odd width, 12 heads' dt columns at mamba2-tiny, otherwise gets sm80 kernels at half the speed)
+    BlockBase(const ModelConfig& c, ParamTable& P, int l, const char* in_name_, int in_w, int out_w, const char* kind,
+              bool padded = false)
+        : prefix("layers." + std::to_string(l) + "."), in_name(in_name_), in_width(in_w), out_width(out_w),
+          in_stride(padded ? (in_w + 7) / 8 * 8 : in_w) {
         norm = P.add(prefix + "norm", {c.d_model}, false, Init::Ones, "norms");
         in_proj = P.matrix(prefix + in_name, in_w, c.d_model, Init::LinearUniform, kind);
     }
@@ -155,8 +161,8 @@ struct Mamba2Block : BlockBase {
     SSDShape shape;            // B and T set per call
 
     Mamba2Block(const ModelConfig& c, ParamTable& P, int l)
-        : BlockBase(c, P, l, "in_proj", c.d_in_proj(), c.d_inner(), "mamba2"), di(c.d_inner()),
-          gn(c.ngroups * c.d_state), cd(c.conv_dim()), dip(c.d_in_proj()), H(c.nheads()), G(c.ngroups), K(c.d_conv),
+        : BlockBase(c, P, l, "in_proj", c.d_in_proj(), c.d_inner(), "mamba2", true), di(c.d_inner()),
+          gn(c.ngroups * c.d_state), cd(c.conv_dim()), dip(in_stride), H(c.nheads()), G(c.ngroups), K(c.d_conv),
           eps(c.norm_eps), shape{0, 0, c.nheads(), c.headdim, c.ngroups, c.d_state, c.chunk_size} {
         conv_w = P.add(prefix + "conv_weight", {cd, K}, true, Init::ConvUniform, "mamba2");
         conv_b = P.add(prefix + "conv_bias", {cd}, false, Init::ConvUniform, "mamba2");
@@ -862,7 +868,8 @@ struct Model {
         if (backward) rmsnorm_apply(xn, xhat[l], w(b.norm), B * T, cfg.d_model, s);
         else rmsnorm_forward(xn, xhat[l], rstd[l], h, w(b.norm), B * T, cfg.d_model, cfg.norm_eps, s);
         phase(b.in_name, s);
-        matmul_forward(a.in_out, xn, w(b.in_proj), B * T, b.in_width, cfg.d_model, s);
+        matmul_forward(a.in_out, xn, w(b.in_proj), B * T, b.in_width, cfg.d_model,
+                       MatmulStrides{cfg.d_model, b.in_stride}, s);
         visit(l, [&](const auto& blk) { blk.forward(ctx, a, s); });
     }
 
@@ -905,7 +912,8 @@ struct Model {
         matmul_backward_weight(ctx.grad(b.out_proj), dresid_bf16, out_in, BT, d, b.out_width, out_ld, s,
                                ctx.write_grads);
         phase("in_proj bwd", s);
-        matmul_backward(dxn, ctx.grad(b.in_proj), ctx.din, xn, w(b.in_proj), BT, b.in_width, d, s, ctx.write_grads);
+        matmul_backward(dxn, ctx.grad(b.in_proj), ctx.din, xn, w(b.in_proj), BT, b.in_width, d,
+                        MatmulStrides{d, b.in_stride}, s, ctx.write_grads);
         phase("rmsnorm bwd", s);
         rmsnorm_backward(dresid, dresid_bf16, ctx.grad(b.norm), ctx.norm_scratch, dxn, xhat[l], w(b.norm), rstd[l], BT, d, s);
     }

@@ -131,7 +131,7 @@ static void bench_model(const ModelConfig& c, int B, int T) {
     for (int l = 0; l < c.n_layer; l++) {
         const BlockBase& b = layout.block(l);
         wmax = std::max(wmax, (size_t)std::max(b.in_width, b.out_width) * d);
-        amax = std::max(amax, (size_t)BT * std::max({b.in_width, b.out_width, d}));
+        amax = std::max(amax, (size_t)BT * std::max({b.in_stride, b.out_width, d}));
     }
     // operands: random bf16 (the values do not change the time); outputs fp32-sized to hold either type
     std::vector<bf16> host(std::max(wmax, amax));
@@ -146,14 +146,15 @@ static void bench_model(const ModelConfig& c, int B, int T) {
     bf16 *W = upload(wmax), *X = upload(amax), *Y = upload(amax);
     float* out = cuda_malloc_n<float>(std::max(wmax, amax), "bench output");
     cudaCheck(cudaMemset(out, 0, std::max(wmax, amax) * sizeof(float)));
-    auto trio = [&](const std::string& name, int M, int N, int K, bool residual) {
+    // ld: the row stride of out and dout (the block's in_stride for in_proj)
+    auto trio = [&](const std::string& name, int M, int N, int K, bool residual, int ld) {
         // forward out(M,N) = inp(M,K) W(N,K)^T (bf16, or the fp32 residual stream added to)
         report(name + " fwd", {CUBLAS_OP_T, CUBLAS_OP_N, N, M, K, W, K, X, K, out, residual ? CUDA_R_32F : CUDA_R_16BF,
-                               N, residual ? 1.f : 0.f});
+                               ld, residual ? 1.f : 0.f});
         // input gradient dinp(M,K) = dout(M,N) W(N,K)
-        report(name + " dgrad", {CUBLAS_OP_N, CUBLAS_OP_N, K, M, N, W, K, Y, N, out, CUDA_R_16BF, K, 0.f});
+        report(name + " dgrad", {CUBLAS_OP_N, CUBLAS_OP_N, K, M, N, W, K, Y, ld, out, CUDA_R_16BF, K, 0.f});
         // weight gradient dW(N,K) += dout^T inp, then written (beta 0)
-        const Gemm wg{CUBLAS_OP_N, CUBLAS_OP_T, K, N, M, X, K, Y, N, out, CUDA_R_32F, K, 1.f};
+        const Gemm wg{CUBLAS_OP_N, CUBLAS_OP_T, K, N, M, X, K, Y, ld, out, CUDA_R_32F, K, 1.f};
         report(name + " wgrad (+=)", wg);
         Gemm w0 = wg;
         w0.beta = 0.f;
@@ -163,10 +164,10 @@ static void bench_model(const ModelConfig& c, int B, int T) {
         const BlockBase& b = layout.block(l);
         if (std::find(seen.begin(), seen.end(), std::make_pair(b.in_width, b.out_width)) != seen.end()) continue;
         seen.push_back({b.in_width, b.out_width});
-        trio(std::string(b.in_name), BT, b.in_width, d, false);
-        trio("out_proj/" + std::string(1, c.pattern[l]), BT, d, b.out_width, true);
+        trio(std::string(b.in_name), BT, b.in_width, d, false, b.in_stride);
+        trio("out_proj/" + std::string(1, c.pattern[l]), BT, d, b.out_width, true, d);
     }
-    trio("lm_head", rows, Vp, d, false);
+    trio("lm_head", rows, Vp, d, false, Vp);
     for (void* p : {(void*)W, (void*)X, (void*)Y, (void*)out}) cudaCheck(cudaFree(p));
 }
 
