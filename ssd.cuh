@@ -1565,7 +1565,8 @@ inline size_t col_smem_bytes(int P, int N) {
 // ----------------------------------------------------------------------------------------------
 // per chunk and head: gradient of Acum, reverse cumsum to the gradient of a_t = dt_t A, then
 //   ddt_t = ddt_dir_t + A da_t,  ddt_raw_t = ddt_t sigmoid(dt_raw_t + dt_bias)
-// and the chunk's partial sums of ddt_raw, dt da (-> dA), x.dy (-> dD). grid (nchunks, H, B)
+// and the chunk's partial sums of ddt_raw, dt da (-> dA), x.dy (-> dD). grid (nchunks, H, B); splits: the state
+// pass's dots per chunk (0 where a sequence is one chunk and nothing passes)
 static __global__ void __launch_bounds__(THREADS)
 ssd_bwd_dt_kernel(SSDGrads gr, BwdScratch sc, const float* dt_s, const float* acum_s, SSDInputs in, int T, int H,
                   int splits) {
@@ -1762,20 +1763,26 @@ void backward_impl(const SSDGrads& gr, void* scratch, const bf16* dy, const SSDI
     const dim3 chunk_grid(nc, sh.H, sh.B);
     const int tile_blocks = sh.B * nc * sh.G * nsl * NTILE;
 
-    // the chunk states S_c and dS_c, then Hin_c and Gout_c
-    auto states = [&](auto HB) {
-        constexpr int hb = decltype(HB)::value;
-        const size_t smem = chunk_state_smem_bytes(P, N, hb);
-        set_max_smem(ssd_bwd_states_kernel<P, N, DOCS, hb>, smem);
-        ssd_bwd_states_kernel<P, N, DOCS, hb><<<dim3(nc, 2 * sh.H / hb, sh.B), THREADS, smem, s>>>(
-            sc.hst, sc.gst, dt_s, acum_s, dy, in, sh.T, sh.H, sh.G);
-    };
-    if (chunk_state_heads(sh) == 2) states(std::integral_constant<int, 2>());
-    else states(std::integral_constant<int, 1>());
-    cudaCheckLast();
-    ssd_state_pass_kernel<DOCS><<<dim3(splits, sh.B * sh.H), PASS_THREADS, 0, s>>>(
-        sc.hst, sc.gst, sc.dots, acum_s, in.pos, sh.T, sh.H, nc, P * N);
-    cudaCheckLast();
+    // the chunk states S_c and dS_c, then Hin_c and Gout_c. A sequence of one chunk (fine-tuning's short
+    // windows) passes nothing: Hin_0 = Gout_0 = 0, and dA has no pass term (the dt kernel reads no dots)
+    if (nc > 1) {
+        auto states = [&](auto HB) {
+            constexpr int hb = decltype(HB)::value;
+            const size_t smem = chunk_state_smem_bytes(P, N, hb);
+            set_max_smem(ssd_bwd_states_kernel<P, N, DOCS, hb>, smem);
+            ssd_bwd_states_kernel<P, N, DOCS, hb><<<dim3(nc, 2 * sh.H / hb, sh.B), THREADS, smem, s>>>(
+                sc.hst, sc.gst, dt_s, acum_s, dy, in, sh.T, sh.H, sh.G);
+        };
+        if (chunk_state_heads(sh) == 2) states(std::integral_constant<int, 2>());
+        else states(std::integral_constant<int, 1>());
+        cudaCheckLast();
+        ssd_state_pass_kernel<DOCS><<<dim3(splits, sh.B * sh.H), PASS_THREADS, 0, s>>>(
+            sc.hst, sc.gst, sc.dots, acum_s, in.pos, sh.T, sh.H, nc, P * N);
+        cudaCheckLast();
+    } else {
+        cudaCheck(cudaMemsetAsync(sc.hst, 0, state_elems(sh) * sizeof(bf16), s));
+        cudaCheck(cudaMemsetAsync(sc.gst, 0, state_elems(sh) * sizeof(bf16), s));
+    }
 
     // row direction (dC, W), then column direction (dx, dB, which reads W)
     // the blocks in groups of (b, chunk) pairs (tile_index): by default one group fills the GPU's block places
@@ -1811,7 +1818,7 @@ void backward_impl(const SSDGrads& gr, void* scratch, const bf16* dy, const SSDI
         col(std::false_type{});
     }
 
-    ssd_bwd_dt_kernel<<<chunk_grid, THREADS, 0, s>>>(gr, sc, dt_s, acum_s, in, sh.T, sh.H, splits);
+    ssd_bwd_dt_kernel<<<chunk_grid, THREADS, 0, s>>>(gr, sc, dt_s, acum_s, in, sh.T, sh.H, nc > 1 ? splits : 0);
     cudaCheckLast();
     ssd_param_grads_kernel<<<(int)ceil_div(sh.H, 128), 128, 0, s>>>(gr, sc.partials, in.A_log, sh.B, sh.H, nc);
     cudaCheckLast();
