@@ -1006,14 +1006,18 @@ struct Model {
         upload(d_inputs, st.inputs, batch.inputs, BT, s);
         loss_rows = BT;
         if (gather && gather_loss_rows && batch.targets && dloss > 0) {
+            auto carries_loss = [&](int r) {
+                return batch.targets[r] >= 0 && (!batch.weights || batch.weights[r] != 0.0f);
+            };
             int n = 0;
-            for (int r = 0; r < BT; r++) {
-                const bool loss = batch.targets[r] >= 0 && (!batch.weights || batch.weights[r] != 0.0f);
-                st.slot[r] = loss ? n : -1;
-                if (loss) st.rows[n++] = r;
-            }
+            for (int r = 0; r < BT; r++) n += carries_loss(r);
             loss_rows = loss_row_bucket(n, BT);
-            if (loss_rows < BT) {
+            if (loss_rows < BT) {  // (pretraining, every row a loss, stops at the count)
+                for (int r = 0, i = 0; r < BT; r++) {
+                    const bool loss = carries_loss(r);
+                    st.slot[r] = loss ? i : -1;
+                    if (loss) st.rows[i++] = r;
+                }
                 for (int i = 0; i < loss_rows; i++) {
                     const int r = i < n ? st.rows[i] : -1;  // the padding carries no target
                     st.rows[i] = r;
@@ -1052,10 +1056,12 @@ struct Model {
         loss_accumulate(loss_total, losses, loss_rows, s);
     }
 
-    // Logits of rows [r0, r0 + rows) (rows <= logit_rows()) into `logits`, after a forward.
-    void compute_logits(int r0, int rows, cudaStream_t s = 0) {
+    // Logits of rows [r0, r0 + rows) (rows <= logit_rows()) into `logits`, after a forward; of the rows of x
+    // (the LM head's inputs) instead of the final norm's output where given
+    void compute_logits(int r0, int rows, cudaStream_t s = 0, const bf16* x = nullptr) {
         if (rows > logit_rows()) THROW("compute_logits: %d rows asked, the buffer holds %d", rows, logit_rows());
-        matmul_forward(logits, xn + (size_t)r0 * cfg.d_model, w(layout.lm_head), rows, cfg.padded_vocab(), cfg.d_model, s);
+        matmul_forward(logits, (x ? x : xn) + (size_t)r0 * cfg.d_model, w(layout.lm_head), rows, cfg.padded_vocab(),
+                       cfg.d_model, s);
     }
     // rows of logits a chunk: set before allocate() sizes the buffer (tests set it smaller after, to run several
     // chunks); never more than the buffer holds
@@ -1080,7 +1086,7 @@ struct Model {
         for (int r0 = 0; r0 < loss_rows; r0 += logit_rows()) {
             const int rows = std::min(logit_rows(), loss_rows - r0);
             phase("lm_head", s);
-            matmul_forward(logits, x + (size_t)r0 * d, w(layout.lm_head), rows, Vp, d, s);
+            compute_logits(r0, rows, s, x);
             phase("loss", s);
             fused_classifier(logits, losses + r0, target_rank ? target_rank + r0 : nullptr, d_targets + r0,
                              weighted ? d_weights + r0 : nullptr, d_dloss, z_loss, rows, cfg.vocab_size, Vp, grad, s);
