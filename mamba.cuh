@@ -130,9 +130,9 @@ struct BlockBase {
     int in_width, out_width;   // in_proj's output columns, out_proj's input columns
     int in_stride;             // row stride of in_proj's output and of its gradient (>= in_width)
 
-    // `padded`: in_stride rounds in_width up to 8 elements (16 bytes), for mixers that read the output
-    // by strides: cuBLAS takes its Hopper (TMA) kernels only for 16-byte row strides (Mamba-2's output
-    // of odd width, 12 heads' dt columns at mamba2-tiny, otherwise gets sm80 kernels at half the speed)
+    // `padded`: in_stride rounds in_width up to 8 elements (16 bytes), for mixers that read the output by
+    // strides: Hopper's TMA loads need 16-byte row strides (cuBLAS gave mamba2-tiny's 1676 columns sm80
+    // kernels), and the conv1d and norm kernels read 8-wide vectors only at such strides
     BlockBase(const ModelConfig& c, ParamTable& P, int l, const char* in_name_, int in_w, int out_w, const char* kind,
               bool padded = false)
         : prefix("layers." + std::to_string(l) + "."), in_name(in_name_), in_width(in_w), out_width(out_w),
