@@ -87,8 +87,8 @@ struct BwdScratch {
             off_f += (n + 3) / 4 * 4;  // 16-byte aligned
             return p;
         };
-        hst = (bf16*)take(S / 2);  // S is a multiple of 8
-        gst = (bf16*)take(S / 2);
+        hst = (bf16*)take(S / 2);  // S is a multiple of 8, so gst follows hst with no gap (the backward
+        gst = (bf16*)take(S / 2);  // zeroes both with one memset at one chunk)
         w = (bf16*)take(wn / 2);
         ddt_dir = take(Tp);
         csum = take(Tp * NTILE);

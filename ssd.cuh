@@ -1779,9 +1779,8 @@ void backward_impl(const SSDGrads& gr, void* scratch, const bf16* dy, const SSDI
         ssd_state_pass_kernel<DOCS><<<dim3(splits, sh.B * sh.H), PASS_THREADS, 0, s>>>(
             sc.hst, sc.gst, sc.dots, acum_s, in.pos, sh.T, sh.H, nc, P * N);
         cudaCheckLast();
-    } else {
-        cudaCheck(cudaMemsetAsync(sc.hst, 0, state_elems(sh) * sizeof(bf16), s));
-        cudaCheck(cudaMemsetAsync(sc.gst, 0, state_elems(sh) * sizeof(bf16), s));
+    } else {  // hst and gst are adjacent in the scratch (BwdScratch): one memset
+        cudaCheck(cudaMemsetAsync(sc.hst, 0, 2 * state_elems(sh) * sizeof(bf16), s));
     }
 
     // row direction (dC, W), then column direction (dx, dB, which reads W)

@@ -429,6 +429,16 @@ TEST_CASE("ssd: the plan the forward chooses (kernel_sizes.h)", "[config][ssd]")
     for (SSDShape s : {SSDShape{1, 16384, 64, 64, 1, 128, 256}, SSDShape{2, 300, 3, 32, 1, 64, 64}})
         REQUIRE(ssd::forward_segment_state_elems(s, ssd::forward_plan_of(s, ssd::nchunks(s), 0)) <=
                 ssd::BwdScratch(s, nullptr).total);
+
+    // the chunk states hst and gst are adjacent (a sequence of one chunk zeroes both with one memset)
+    for (SSDShape s : {SSDShape{3, 37, 4, 64, 1, 128, 256}, SSDShape{1, 1, 4, 64, 4, 64, 64},
+                       SSDShape{2, 300, 6, 32, 2, 128, 128}}) {
+        std::vector<float> base(ssd::BwdScratch(s, nullptr).total);
+        const ssd::BwdScratch sc(s, base.data());
+        auto at = [](const void* p) { return reinterpret_cast<uintptr_t>(p); };  // bf16: 2 bytes (opaque here)
+        REQUIRE(at(sc.gst) == at(sc.hst) + 2 * ssd::state_elems(s));
+        REQUIRE(at(sc.w) >= at(sc.gst) + 2 * ssd::state_elems(s));
+    }
 }
 
 TEST_CASE("ssd: the backward tile blocks' order in groups of (b, chunk) pairs (kernel_sizes.h)", "[config][ssd]") {
