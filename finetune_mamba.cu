@@ -244,39 +244,55 @@ static int run(const Args& a, Comm& comm) {
 
     const size_t local = (size_t)a.B * a.T;
     std::vector<int> inputs((size_t)accum * local), targets(inputs.size()), pos(inputs.size());
-    for (int step = 0; step < steps; step++) {
-        const bool last = step == steps - 1;
-        if (a.val_every > 0 && step % a.val_every == 0) eval_and_sample(step);
-        auto t0 = std::chrono::steady_clock::now();
+    // a step's micro-batches into the host arrays, and their count of response tokens (over every rank)
+    auto draw = [&] {
         for (int m = 0; m < accum; m++) {
             train.next_batch();
             std::copy(train.inputs(), train.inputs() + local, inputs.begin() + m * local);
             std::copy(train.targets(), train.targets() + local, targets.begin() + m * local);
             std::copy(train.pos_in_doc(), train.pos_in_doc() + local, pos.begin() + m * local);
         }
-        const long valid = trainer.count_valid(targets.data(), targets.size());
+        return trainer.count_valid(targets.data(), targets.size());
+    };
+    // the next step's batch is drawn while the GPU runs this one's (the step's time counts from its launch to
+    // its end; on the first step, from the draw)
+    auto t0 = std::chrono::steady_clock::now();
+    long valid = draw();
+    for (int step = 0; step < steps; step++) {
+        const bool last = step == steps - 1;
+        if (a.val_every > 0 && step % a.val_every == 0) {
+            eval_and_sample(step);
+            t0 = std::chrono::steady_clock::now();
+        }
         const float lr = (float)sched.at(step + 1);
-        if (valid == 0) {
+        const long step_valid = valid;
+        if (step_valid > 0) {
+            trainer.accumulate({inputs.data(), targets.data(), nullptr, pos.data()}, accum, step_valid, 0.0f);
+            trainer.update(lr, step + 1);
+        }
+        const DataLoader::State resume_at = train.state();  // before the next step's batch: where a resume goes on
+        if (!last) valid = draw();
+        if (step_valid == 0) {
             printf("step %5d | no response token in the batch: skipped\n", step + 1);
         } else {
-            const double loss = trainer.accumulate({inputs.data(), targets.data(), nullptr, pos.data()}, accum, valid, 0.0f);
-            const float norm = trainer.update(lr, step + 1);
+            const auto [loss, norm] = trainer.finish();
             const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
             const double tps = tokens_per_step / dt, mfu = peak > 0 ? 100.0 * fpt * tps / peak : 0.0;
             printf("step %5d | loss %.4f (%ld response tokens) | lr %.2e | norm %.3f | %.1f ms | %.0f tok/s | MFU %.1f%%\n",
-                   step + 1, loss, valid, lr, norm, dt * 1e3, tps, mfu);
+                   step + 1, loss, step_valid, lr, norm, dt * 1e3, tps, mfu);
             fflush(stdout);
             metrics.write({{"step", step + 1}, {"tokens", (long)(step + 1) * tokens_per_step}, {"loss", loss},
                            {"lr", lr}, {"grad_norm", norm}, {"ms", dt * 1e3}, {"tokens_per_s", tps}, {"mfu", mfu},
-                           {"response_tokens", valid}});
+                           {"response_tokens", step_valid}});
         }
         if ((a.ckpt_every > 0 && (step + 1) % a.ckpt_every == 0) || last) {
             TrainState st;
             st.step = step + 1;
             st.tokens = (long)(step + 1) * tokens_per_step;
-            st.loader = train.state();
+            st.loader = resume_at;
             printf("checkpoint: %s\n", trainer.save(a.ckpt_dir, st).c_str());
         }
+        t0 = std::chrono::steady_clock::now();
     }
     if (a.val_every > 0) eval_and_sample(steps);
     printf("model config for train_mamba --resume: %s\n", model_config_to_json(cfg).dump().c_str());

@@ -701,6 +701,7 @@ struct Model {
     bf16 *xn = nullptr, *dxn = nullptr, *logits = nullptr, *dresid_bf16 = nullptr;
     float *dresid = nullptr, *losses = nullptr;
     double* loss_total = nullptr;   // the per-token losses summed over forwards, read by loss_sum()
+    double* loss_host = nullptr;    // (pinned) where loss_sum_to_host() copies that total
     int *d_inputs = nullptr, *d_targets = nullptr, *d_rank = nullptr, *d_pos = nullptr;
     // The LM head's rows: with fewer rows carrying a loss than the batch's (fine-tuning masks the prompts) and
     // gather_loss_rows on, the training forward gathers them (loss_row_bucket, kernel_sizes.h) and runs the LM
@@ -941,6 +942,7 @@ struct Model {
             cudaCheck(cudaMallocHost(&st.dloss, sizeof(float)));
             cudaCheck(cudaEventCreateWithFlags(&st.copied, cudaEventDisableTiming));
         }
+        cudaCheck(cudaMallocHost(&loss_host, sizeof(double)));
     }
     void free_stages() {
         for (Stage& st : stages) {
@@ -950,6 +952,8 @@ struct Model {
             if (st.copied) cudaEventDestroy(st.copied);
             st = Stage{};
         }
+        cudaFreeHost(loss_host);
+        loss_host = nullptr;
     }
     // host array -> pinned stage -> device, on stream s
     template <typename X>
@@ -1133,13 +1137,18 @@ struct Model {
         ctx.write_grads = true;
     }
 
-    // The sum of the per-token losses of every forward (with targets) since the last call,
-    // and the total back to zero: one host sync, once per optimizer step or evaluation.
-    double loss_sum() {
-        double sum;
-        cudaCheck(cudaMemcpy(&sum, loss_total, sizeof(double), cudaMemcpyDeviceToHost));
-        cudaCheck(cudaMemset(loss_total, 0, sizeof(double)));
-        return sum;
+    // The sum of the per-token losses of every forward (with targets) since the last read into
+    // *loss_host, and the total back to zero, queued on stream s: *loss_host holds it once the
+    // stream's work is done (a training step reads it after its update, with no sync between)
+    void loss_sum_to_host(cudaStream_t s) {
+        cudaCheck(cudaMemcpyAsync(loss_host, loss_total, sizeof(double), cudaMemcpyDeviceToHost, s));
+        cudaCheck(cudaMemsetAsync(loss_total, 0, sizeof(double), s));
+    }
+    // the same, read now: one host sync, once per evaluation
+    double loss_sum(cudaStream_t s = 0) {
+        loss_sum_to_host(s);
+        cudaCheck(cudaStreamSynchronize(s));
+        return *loss_host;
     }
 };
 #endif

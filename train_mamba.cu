@@ -386,6 +386,7 @@ static void run_bench(const Args& a, const Plan& p, Model& model, Trainer& train
         const long valid = trainer.count_valid(targets.data(), targets.size());
         trainer.accumulate({inputs.data(), targets.data(), a.pos_weight ? weights.data() : nullptr}, accum, valid, a.z_loss);
         trainer.update((float)p.sched.at(step + 1), step + 1);
+        trainer.finish();
         model.phase("end", 0);
         timer.collect();
         cudaCheck(cudaDeviceSynchronize());
@@ -546,8 +547,10 @@ static int run(const Args& a, Comm& comm) {
         if (valid == 0) THROW("step %d: every target of the batch is masked", step + 1);
         const Batch batch{inputs.data(), targets.data(), a.pos_weight ? weights.data() : nullptr,
                           a.doc_reset ? pos.data() : nullptr};
-        const double loss = trainer.accumulate(batch, accum, valid, a.z_loss);
-        if (spikes.is_spike(loss)) {
+        trainer.accumulate(batch, accum, valid, a.z_loss);
+        // with spike detection the loss is read before the update: one more wait for the GPU a step
+        if (a.spike_factor > 0 && spikes.is_spike(trainer.loss())) {
+            const double loss = trainer.loss();
             // skip the update; go back to the last checkpoint and leave the loader past this batch
             trainer.discard();
             DataLoader::State skip_to = train.state();
@@ -567,12 +570,13 @@ static int run(const Args& a, Comm& comm) {
             fflush(stdout);
             continue;
         }
-        spikes.add(loss);
         // the lr of the step that brings the count of steps (or tokens) to its new value
         st.step++;
         st.tokens += step_tokens;
         const float lr = (float)p.sched.at(p.unit_tokens ? st.tokens : st.step);
-        const float norm = trainer.update(lr, st.step);
+        trainer.update(lr, st.step);
+        const auto [loss, norm] = trainer.finish();
+        spikes.add(loss);
         double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
         size_t free_b, total_b;
         cudaCheck(cudaMemGetInfo(&free_b, &total_b));

@@ -76,6 +76,10 @@ struct Trainer {
     std::unique_ptr<Muon> muon;
     double muon_scale = 1.0;  // Muon's lr / AdamW's lr (the schedule's shape is shared)
     float* norm2 = nullptr;   // the last step's squared gradient norm (device)
+    float* norm2_host = nullptr;  // (pinned) its copy, for finish()
+    long valid_ = 0;              // the step's valid targets (accumulate), and its loss once read
+    double loss_ = 0;
+    bool loss_read = false;
 
     static AdamWConfig adamw_config(const OptimArgs& a) {
         AdamWConfig c;
@@ -93,6 +97,7 @@ struct Trainer {
         if (m.shard.world != c.world || m.shard.rank != c.rank)
             THROW("the model is sharded for rank %d of %d, this is rank %d of %d", m.shard.rank, m.shard.world, c.rank,
                   c.world);
+        cudaCheck(cudaMallocHost(&norm2_host, sizeof(float)));
         if (a.optimizer != "muon") return;
         std::vector<MuonMatrix> mats;
         for (auto& t : m.layout.tensors)
@@ -102,6 +107,9 @@ struct Trainer {
         if (!mats.empty()) muon = std::make_unique<Muon>(mats, mc);
         muon_scale = a.muon_lr > 0 ? a.muon_lr / lr : 1.0;
     }
+    Trainer(const Trainer&) = delete;
+    Trainer& operator=(const Trainer&) = delete;
+    ~Trainer() { cudaFreeHost(norm2_host); }
 
     // The step's valid targets over every rank (the loss is their mean)
     long count_valid(const int* targets, size_t n) const {
@@ -110,12 +118,18 @@ struct Trainer {
         return comm.sum(valid);
     }
 
+    // A step is launched, then waited for once: accumulate() and update() queue their work on the
+    // GPU and return (their arrays are copied before they do), so the host can draw the next batch
+    // while the GPU runs this one; finish() waits and gives the step's loss and gradient norm.
+    // loss() reads the loss early, before update() (one more wait: a loss spike is caught before
+    // it is applied, and discard() drops the step).
+    //
     // Forward and backward of `passes` micro-batches of the model's B x T, one after another
     // in the arrays of `step` (each rank its own; weights and pos may be null). One rank: the
     // gradients are zeroed first and accumulate. Several: each pass's are reduced onto their
     // owners during its backward, the first pass's written into the shards, the others added.
-    // Returns the step's loss (valid: count_valid's total).
-    double accumulate(const Batch& step, int passes, long valid, float z_loss) {
+    // valid: count_valid's total, the loss's denominator.
+    void accumulate(const Batch& step, int passes, long valid, float z_loss) {
         const size_t local = (size_t)model.B * model.T;
         const bool sharded = model.shard.sharded();
         if (sharded) model.grads_done = [this](size_t lo, bool last, cudaStream_t s) { reducer.ready(lo, last, s); };
@@ -127,16 +141,28 @@ struct Trainer {
                                     z_loss);
         }
         model.grads_done = nullptr;
-        return comm.sum(model.loss_sum()) / valid;  // the step's one read of the loss
+        model.loss_sum_to_host(0);
+        valid_ = valid;
+        loss_read = false;
+    }
+
+    // the step's loss over every rank: waits for the step's work queued so far
+    double loss() {
+        if (!loss_read) {  // each rank sums once a step
+            cudaCheck(cudaStreamSynchronize(0));
+            loss_ = comm.sum(*model.loss_host) / valid_;
+            loss_read = true;
+        }
+        return loss_;
     }
 
     // the step is dropped (a loss spike): wait for the reductions already launched, apply nothing
     // (the next step's first micro-batch overwrites the shards)
     void discard() { reducer.finish(0); }
 
-    // The update at learning rate lr for step t (from 1); returns the global gradient norm,
-    // summed from the owners' shards.
-    float update(float lr, int t, cudaStream_t s = 0) {
+    // The update at learning rate lr for step t (from 1), queued on stream s; its global gradient
+    // norm (summed from the owners' shards) is copied back for finish().
+    void update(float lr, int t, cudaStream_t s = 0) {
         reducer.finish(s);
         model.phase("optimizer", s);
         norm2 = adamw.grad_norm_squared(model.grad_shard, end - begin, s);
@@ -144,11 +170,15 @@ struct Trainer {
         adamw.step(model.master(), model.grad_shard, norm2, lr, t, s);
         if (muon) muon->step(model.master(), model.grad_shard, norm2, (float)(lr * muon_scale), s);
         comm.all_gather(model.params, bounds, s);
+        cudaCheck(cudaMemcpyAsync(norm2_host, norm2, sizeof(float), cudaMemcpyDeviceToHost, s));
+    }
+
+    struct StepResult { double loss; float norm; };
+    // waits for the step (accumulate, update) on stream s
+    StepResult finish(cudaStream_t s = 0) {
         comm.wait(s);
-        float h;
-        cudaCheck(cudaMemcpyAsync(&h, norm2, sizeof(float), cudaMemcpyDeviceToHost, s));
         cudaCheck(cudaStreamSynchronize(s));
-        return std::sqrt(h);
+        return {loss(), std::sqrt(*norm2_host)};
     }
 
     size_t state_bytes() const { return (2 * adamw.n_state + (muon ? muon->state_floats() : 0)) * sizeof(float); }

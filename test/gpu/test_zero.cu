@@ -104,18 +104,20 @@ static RunResult train(const Setup& s, int world) {
                             targets.data() + p * local);
             const long valid = trainer.count_valid(targets.data(), targets.size());
             if (s.documents)
-                return trainer.accumulate({inputs.data(), targets.data(), weights.data(), pos.data()}, passes, valid,
-                                          1e-4f);
-            return trainer.accumulate({inputs.data(), targets.data()}, passes, valid, 0.0f);
+                trainer.accumulate({inputs.data(), targets.data(), weights.data(), pos.data()}, passes, valid, 1e-4f);
+            else
+                trainer.accumulate({inputs.data(), targets.data()}, passes, valid, 0.0f);
         };
         while (st.step < s.steps) {
-            if (st.step + 1 == s.discard_at) {
+            if (st.step + 1 == s.discard_at) {  // its loss read early, as train_mamba's spike check does
                 step_batch(true);
+                trainer.loss();
                 trainer.discard();
             }
-            const double loss = step_batch(false);
+            step_batch(false);
             st.step++;
-            const float norm = trainer.update(lr, st.step);
+            trainer.update(lr, st.step);
+            const auto [loss, norm] = trainer.finish();
             if (r == 0) {
                 out.losses.push_back(loss);
                 out.norms.push_back(norm);
