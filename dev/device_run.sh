@@ -179,7 +179,8 @@ while [ $# -gt 0 ]; do
             [ -z "$bd" ] || [ -d $bi ] ||
               $bd/train_mamba $brown --steps 50 --warmup 10 --ckpt-dir $bi --sample-every 0 --val-every 0 > /dev/null
             python3 dev/sft_synthetic.py data/brown/text 20000 /tmp/sft_long.jsonl
-            { echo "== sample set"; bash dev/bench_sft.sh data/sft_sample.jsonl ckpt_pre 256 8 $bd $bi
+            { echo "== sample set (10 epochs: a steady median of 60 steps)"
+              EPOCHS=10 bash dev/bench_sft.sh data/sft_sample.jsonl ckpt_pre 256 8 $bd $bi
               echo "== synthetic set (20k Brown continuations)"; bash dev/bench_sft.sh /tmp/sft_long.jsonl ckpt_pre 1024 8 $bd $bi
             } 2>&1 | tee "$OUT/sft_bench.log" ;;
     multi)  # every GPU of the machine: test/multi_gpu.sh, then weak scaling (the same micro-batch per GPU, 32 MiB buckets)
