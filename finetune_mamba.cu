@@ -254,16 +254,12 @@ static int run(const Args& a, Comm& comm) {
         }
         return trainer.count_valid(targets.data(), targets.size());
     };
-    // the next step's batch is drawn while the GPU runs this one's (the step's time counts from its launch to
-    // its end; on the first step, from the draw)
-    auto t0 = std::chrono::steady_clock::now();
+    // the next step's batch is drawn while the GPU runs this one's (a step's time: from its launch to its end)
     long valid = draw();
     for (int step = 0; step < steps; step++) {
         const bool last = step == steps - 1;
-        if (a.val_every > 0 && step % a.val_every == 0) {
-            eval_and_sample(step);
-            t0 = std::chrono::steady_clock::now();
-        }
+        if (a.val_every > 0 && step % a.val_every == 0) eval_and_sample(step);
+        const auto t0 = std::chrono::steady_clock::now();
         const float lr = (float)sched.at(step + 1);
         const long step_valid = valid;
         if (step_valid > 0) {
@@ -292,7 +288,6 @@ static int run(const Args& a, Comm& comm) {
             st.loader = resume_at;
             printf("checkpoint: %s\n", trainer.save(a.ckpt_dir, st).c_str());
         }
-        t0 = std::chrono::steady_clock::now();
     }
     if (a.val_every > 0) eval_and_sample(steps);
     printf("model config for train_mamba --resume: %s\n", model_config_to_json(cfg).dump().c_str());

@@ -148,12 +148,8 @@ struct Trainer {
 
     // the step's loss over every rank: waits for the step's work queued so far
     double loss() {
-        if (!loss_read) {  // each rank sums once a step
-            cudaCheck(cudaStreamSynchronize(0));
-            loss_ = comm.sum(*model.loss_host) / valid_;
-            loss_read = true;
-        }
-        return loss_;
+        if (!loss_read) cudaCheck(cudaStreamSynchronize(0));
+        return summed_loss();
     }
 
     // the step is dropped (a loss spike): wait for the reductions already launched, apply nothing
@@ -178,7 +174,15 @@ struct Trainer {
     StepResult finish(cudaStream_t s = 0) {
         comm.wait(s);
         cudaCheck(cudaStreamSynchronize(s));
-        return {loss(), std::sqrt(*norm2_host)};
+        return {summed_loss(), std::sqrt(*norm2_host)};
+    }
+    // the loss copied back by the finished stream, summed over the ranks once a step
+    double summed_loss() {
+        if (!loss_read) {
+            loss_ = comm.sum(*model.loss_host) / valid_;
+            loss_read = true;
+        }
+        return loss_;
     }
 
     size_t state_bytes() const { return (2 * adamw.n_state + (muon ? muon->state_floats() : 0)) * sizeof(float); }

@@ -47,6 +47,7 @@ struct RunResult {
     std::vector<double> losses;
     std::vector<float> norms, master;       // master: the ranks' shards end to end
     std::vector<size_t> model_bytes, activation_bytes, trainer_bytes;  // what each rank allocated
+    double discarded_loss = 0;              // the dropped step's loss, read before its discard
 };
 
 // step s's micro-batch m: counting modulo 50 from random starts (learnable), every 13th target masked
@@ -111,7 +112,8 @@ static RunResult train(const Setup& s, int world) {
         while (st.step < s.steps) {
             if (st.step + 1 == s.discard_at) {  // its loss read early, as train_mamba's spike check does
                 step_batch(true);
-                trainer.loss();
+                const double loss = trainer.loss();
+                if (r == 0) out.discarded_loss = loss;
                 trainer.discard();
             }
             step_batch(false);
@@ -218,7 +220,13 @@ TEST_CASE("zero: a dropped step (the spike guard's discard) leaves no trace in t
     s.bucket_mb = 1e-6;
     const RunResult clean = train(s, 2);
     s.discard_at = 3;
-    CHECK(same_run(clean, train(s, 2)));
+    const RunResult dropped = train(s, 2);
+    CHECK(same_run(clean, dropped));
+    // the early read is the corrupt batch's own loss (random targets: above the clean step's), not a stale
+    // copy of the step before's
+    CHECK(std::isfinite(dropped.discarded_loss));
+    CHECK(dropped.discarded_loss > clean.losses[2]);
+    CHECK(dropped.discarded_loss != clean.losses[1]);
 }
 
 TEST_CASE("zero: 3 simulated ranks resume bit for bit from their checkpoint files", "[zero][checkpoint]") {
