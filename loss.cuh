@@ -13,10 +13,10 @@
 #include "cuda_common.cuh"
 
 constexpr int LOSS_THREADS = 512;
-// 8-wide vectors of its row that a thread keeps in registers from the first pass to the last (64 registers
-// a thread leave two blocks an SM, so one block's loads overlap the other's arithmetic): LOSS_THREADS * 8 *
-// LOSS_CACHED = 28672 logits of a row are read from memory once; the later passes read the rest again from
-// L2 (GPT-2's 50257: 43% of the row). Reading the whole row twice, as before, took 8% longer at the 370m shape.
+// 8-wide vectors of its row that a thread keeps in registers from the logsumexp pass to the gradient's (64
+// registers a thread leave two blocks an SM, so one block's loads overlap the other's arithmetic): LOSS_THREADS *
+// 8 * LOSS_CACHED = 28672 logits of a row are read from memory once; the gradient pass reads the rest again from
+// L2 (GPT-2's 50257: 43% of the row). Reading the whole row twice took 8% longer at the 370m shape.
 constexpr int LOSS_CACHED = 7;
 
 // the 8 logits of a vector as floats, -inf past V (pad columns and the row's end count for nothing)
@@ -26,8 +26,28 @@ __device__ inline void logits8(float (&l)[8], const uint4& raw, int j0, int V) {
     for (int k = 0; k < 8; k++) l[k] = j0 + k < V ? __bfloat162float(v[k]) : -INFINITY;
 }
 
-// the row's max, then the sum of exp(l - max) (two exact passes over the registers, no running
-// rescale), then the gradient over the padded row
+// A part of a row's logsumexp: the largest logit m of the part, the sum of exp(l - m) over it, and how
+// many of its logits beat the target's (exact in a float below 2^24). Parts merge in any grouping.
+struct LsePart { float m, s, above; };
+__device__ inline LsePart lse_merge(const LsePart& a, const LsePart& b) {
+    const float m = fmaxf(a.m, b.m);
+    return {m, a.s * __expf(a.m - m) + b.s * __expf(b.m - m), a.above + b.above};
+}
+// the whole block's part, in warp order (the same bits on every run): one barrier
+__device__ inline LsePart block_lse(LsePart p) {
+    __shared__ LsePart red[32];
+    for (int o = 16; o > 0; o >>= 1)
+        p = lse_merge(p, {__shfl_xor_sync(0xffffffff, p.m, o), __shfl_xor_sync(0xffffffff, p.s, o),
+                          __shfl_xor_sync(0xffffffff, p.above, o)});
+    if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = p;
+    __syncthreads();
+    LsePart t = red[0];
+    for (int w = 1; w < (int)blockDim.x / 32; w++) t = lse_merge(t, red[w]);
+    return t;
+}
+
+// One pass for the logsumexp (a running max per thread, its sum rescaled when the max grows) and one
+// block-wide merge, then the gradient over the padded row
 static __global__ void __launch_bounds__(LOSS_THREADS, 2)
 fused_classifier_kernel(bf16* logits, float* losses, int* target_rank, const int* targets, const float* weights,
                         const float* dloss, float z_loss, int V, int Vp, bool write_dlogits) {
@@ -43,28 +63,24 @@ fused_classifier_kernel(bf16* logits, float* losses, int* target_rank, const int
         const int j0 = first + i * stride;
         cache[i] = j0 < Vp ? *reinterpret_cast<const uint4*>(x + j0) : make_uint4(0, 0, 0, 0);
     }
-    // each vector, cached then the rest, as 8 floats
-    auto each = [&](auto&& f) {
-        float l[8];
+    LsePart part{-FLT_MAX, 0.0f, 0.0f};  // -inf logits (past V) add nothing
+    auto add = [&](const uint4& raw, int j0) {
+        float l[8], vm = -FLT_MAX;
+        logits8(l, raw, j0, V);
         #pragma unroll
-        for (int i = 0; i < LOSS_CACHED; i++) { logits8(l, cache[i], first + i * stride, V); f(l); }
-        for (int j0 = rest; j0 < V; j0 += stride) { logits8(l, *reinterpret_cast<const uint4*>(x + j0), j0, V); f(l); }
+        for (int k = 0; k < 8; k++) { vm = fmaxf(vm, l[k]); part.above += l[k] > xt ? 1.0f : 0.0f; }
+        if (vm > part.m) { part.s *= __expf(part.m - vm); part.m = vm; }
+        #pragma unroll
+        for (int k = 0; k < 8; k++) part.s += __expf(l[k] - part.m);
     };
-    float m = -FLT_MAX, above = 0.0f;  // above: logits that beat the target's (exact in a float below 2^24)
-    each([&](const float (&l)[8]) {
-        #pragma unroll
-        for (int k = 0; k < 8; k++) { m = fmaxf(m, l[k]); above += l[k] > xt ? 1.0f : 0.0f; }
-    });
-    const float M = block_max(m), cnt = block_sum(above);
-    float s = 0.0f;
-    each([&](const float (&l)[8]) {
-        #pragma unroll
-        for (int k = 0; k < 8; k++) s += __expf(l[k] - M);
-    });
-    const float lse = M + logf(block_sum(s));
+    #pragma unroll
+    for (int i = 0; i < LOSS_CACHED; i++) add(cache[i], first + i * stride);
+    for (int j0 = rest; j0 < V; j0 += stride) add(*reinterpret_cast<const uint4*>(x + j0), j0);
+    const LsePart all = block_lse(part);
+    const float lse = all.m + logf(all.s);
     if (threadIdx.x == 0) {
         losses[row] = w * (lse - xt + z_loss * lse * lse);
-        if (target_rank) target_rank[row] = t < 0 ? -1 : (int)cnt;
+        if (target_rank) target_rank[row] = t < 0 ? -1 : (int)all.above;
     }
     if (!write_dlogits) return;
     const float scale = *dloss * w, pscale = 1.0f + 2.0f * z_loss * lse;
