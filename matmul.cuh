@@ -45,18 +45,32 @@ inline void matmul_forward_residual(float* out, const float* residual, const bf1
 // whether dinp is written or accumulated (bf16 +=, for inputs that feed two matmuls).
 struct MatmulStrides { int inp, out; bool accumulate_dinp = false; };
 
+// Where N is not a multiple of 8 but the rows it strides are 16-byte aligned (mamba2-tiny's in_proj: 1676
+// columns, rows 1680 apart), cuBLAS gives the whole product sm80 kernels; the first N - N % 8 columns alone get
+// Hopper's, so they go first and the last few columns (or rows of W) after, in a small matmul of their own.
+inline int aligned_part(int N, int ld) { return N % 8 != 0 && N > 64 && ld % 8 == 0 ? N / 8 * 8 : N; }
+
 // out(M,N) = inp(M,K) @ W(N,K)^T, inp and out rows strided
 inline void matmul_forward(bf16* out, const bf16* inp, const bf16* weight, int M, int N, int K, MatmulStrides ld,
                            cudaStream_t s) {
-    gemm(CUBLAS_OP_T, CUBLAS_OP_N, N, M, K, weight, K, inp, ld.inp, out, CUDA_R_16BF, ld.out, 0.0f, s);
+    const int N8 = aligned_part(N, ld.out);
+    gemm(CUBLAS_OP_T, CUBLAS_OP_N, N8, M, K, weight, K, inp, ld.inp, out, CUDA_R_16BF, ld.out, 0.0f, s);
+    if (N8 < N)
+        gemm(CUBLAS_OP_T, CUBLAS_OP_N, N - N8, M, K, weight + (size_t)N8 * K, K, inp, ld.inp, out + N8, CUDA_R_16BF,
+             ld.out, 0.0f, s);
 }
 
 // The backward in two halves, for callers that rebuild inp between them:
 // dinp(M,K) = dout(M,N) @ W(N,K); ld.inp strides dinp, ld.out strides dout
+// (N split as in matmul_forward: the last rows of W add to what the first wrote)
 inline void matmul_backward_input(bf16* dinp, const bf16* dout, const bf16* weight, int M, int N, int K,
                                   MatmulStrides ld, cudaStream_t s) {
-    gemm(CUBLAS_OP_N, CUBLAS_OP_N, K, M, N, weight, K, dout, ld.out, dinp, CUDA_R_16BF, ld.inp,
+    const int N8 = aligned_part(N, ld.out);
+    gemm(CUBLAS_OP_N, CUBLAS_OP_N, K, M, N8, weight, K, dout, ld.out, dinp, CUDA_R_16BF, ld.inp,
          ld.accumulate_dinp ? 1.0f : 0.0f, s);
+    if (N8 < N)
+        gemm(CUBLAS_OP_N, CUBLAS_OP_N, K, M, N - N8, weight + (size_t)N8 * K, K, dout + N8, ld.out, dinp, CUDA_R_16BF,
+             ld.inp, 1.0f, s);
 }
 // dW(N,K) += dout^T @ inp, or with `write` dW = dout^T @ inp (what it held is never read: the first
 // micro-batch of a step writes instead of adding to zeros); ld.inp strides inp, ld.out strides dout
