@@ -720,8 +720,8 @@ struct Model {
     // grad_walk's marks: the gradients of [lo, total) are done (queued on the stream); `last` at
     // the end. Several ranks reduce them while the backward goes on.
     std::function<void(size_t lo, bool last, cudaStream_t s)> grads_done;
-    // A layer's two weight-gradient matmuls run on wgrad_stream beside its input gradient and norm backward (at
-    // small shapes no one of them fills the GPU); the layer's backward waits for them before it returns
+    // A layer's two weight-gradient matmuls may run on wgrad_stream beside its input gradient and norm backward
+    // (layer_backward); the layer's backward waits for them before it returns
     cudaStream_t wgrad_stream = nullptr;
     cudaEvent_t wgrad_fork = nullptr, wgrad_out = nullptr, wgrad_in = nullptr;
 
@@ -920,23 +920,29 @@ struct Model {
         visit(l, [&](const auto& blk) { blk.backward(ctx, a, s); });
         const bf16* out_in = nullptr;
         visit(l, [&](const auto& blk) { out_in = blk.out_input(ctx, a); });
-        // the weight gradients on wgrad_stream: out_proj's beside in_proj's input gradient (the norm's backward
-        // then rewrites dresid_bf16, which it reads), in_proj's beside the norm's backward (the next layer
-        // rewrites din and xn)
-        cudaCheck(cudaEventRecord(wgrad_fork, s));
-        cudaCheck(cudaStreamWaitEvent(wgrad_stream, wgrad_fork, 0));
-        matmul_backward_weight(ctx.grad(b.out_proj), dresid_bf16, out_in, BT, d, b.out_width, out_ld, wgrad_stream,
+        // The weight gradients, on wgrad_stream where in_proj's has fewer 128 x 128 output tiles than the GPU has
+        // SMs (mamba2-tiny, hybrid-tiny: 1-2% a step): out_proj's beside in_proj's input gradient (the norm's
+        // backward then rewrites dresid_bf16, which it reads), in_proj's beside the norm's backward (the next
+        // layer rewrites din and xn). Matmuls that fill the GPU alone run in turn (beside each other, mamba2-370m
+        // and hybrid-1.3b steps ran 0.5-1.6% slower).
+        const bool beside = (long)ceil_div(b.in_width, 128) * (long)ceil_div(d, 128) < sm_count();
+        const cudaStream_t ws = beside ? wgrad_stream : s;
+        auto signal = [&](cudaEvent_t e, cudaStream_t from, cudaStream_t to) {
+            if (!beside) return;
+            cudaCheck(cudaEventRecord(e, from));
+            cudaCheck(cudaStreamWaitEvent(to, e, 0));
+        };
+        signal(wgrad_fork, s, ws);
+        matmul_backward_weight(ctx.grad(b.out_proj), dresid_bf16, out_in, BT, d, b.out_width, out_ld, ws,
                                ctx.write_grads);
-        cudaCheck(cudaEventRecord(wgrad_out, wgrad_stream));
-        matmul_backward_weight(ctx.grad(b.in_proj), ctx.din, xn, BT, b.in_width, d, in_ld, wgrad_stream,
-                               ctx.write_grads);
-        cudaCheck(cudaEventRecord(wgrad_in, wgrad_stream));
+        if (beside) cudaCheck(cudaEventRecord(wgrad_out, ws));
+        matmul_backward_weight(ctx.grad(b.in_proj), ctx.din, xn, BT, b.in_width, d, in_ld, ws, ctx.write_grads);
         phase("in_proj bwd", s);
         matmul_backward_input(dxn, ctx.din, w(b.in_proj), BT, b.in_width, d, in_ld, s);
-        cudaCheck(cudaStreamWaitEvent(s, wgrad_out, 0));
+        if (beside) cudaCheck(cudaStreamWaitEvent(s, wgrad_out, 0));
         phase("rmsnorm bwd", s);
         rmsnorm_backward(dresid, dresid_bf16, ctx.grad(b.norm), ctx.norm_scratch, dxn, xhat[l], w(b.norm), rstd[l], BT, d, s);
-        cudaCheck(cudaStreamWaitEvent(s, wgrad_in, 0));
+        signal(wgrad_in, ws, s);
     }
 
     // The host's batches reach the device through two pinned staging buffers in turn: the
