@@ -3,6 +3,7 @@
 // Row-major (M,N) is column-major (N,M), so each call is written for cuBLAS's column-major view.
 #pragma once
 #include <cublas_v2.h>
+#include <vector>
 #include "cuda_common.cuh"
 
 inline void cublas_check(cublasStatus_t st, const char* file, int line) {
@@ -13,25 +14,51 @@ inline void cublas_check(cublasStatus_t st, const char* file, int line) {
 }
 #define cublasCheck(st) cublas_check((st), __FILE__, __LINE__)
 
-inline cublasHandle_t& cublas_handle() {
-    static cublasHandle_t handle = nullptr;
-    return handle;
+// One cuBLAS handle serves every stream but those given one of their own (matmul_own_handle): a handle's
+// workspace must not serve two matmuls at once, and a side stream's matmuls run beside the main stream's.
+struct CublasHandles {
+    cublasHandle_t shared = nullptr;
+    std::vector<std::pair<cudaStream_t, cublasHandle_t>> own;
+};
+inline CublasHandles& cublas_handles() {
+    static CublasHandles h;
+    return h;
 }
-
+inline cublasHandle_t new_cublas_handle() {
+    cublasHandle_t h;
+    cublasCheck(cublasCreate(&h));
+    cublasCheck(cublasSetMathMode(h, CUBLAS_DEFAULT_MATH));
+    return h;
+}
 inline void matmul_init() {
-    if (cublas_handle()) return;
-    cublasCheck(cublasCreate(&cublas_handle()));
-    cublasCheck(cublasSetMathMode(cublas_handle(), CUBLAS_DEFAULT_MATH));
+    if (!cublas_handles().shared) cublas_handles().shared = new_cublas_handle();
+}
+// stream s gets a handle of its own until matmul_release(s) (before s is destroyed)
+inline void matmul_own_handle(cudaStream_t s) { cublas_handles().own.push_back({s, new_cublas_handle()}); }
+inline void matmul_release(cudaStream_t s) {
+    auto& own = cublas_handles().own;
+    for (size_t i = 0; i < own.size(); i++)
+        if (own[i].first == s) {
+            cublasDestroy(own[i].second);
+            own.erase(own.begin() + i);
+            return;
+        }
+}
+inline cublasHandle_t cublas_handle(cudaStream_t s) {
+    for (const auto& [st, h] : cublas_handles().own)
+        if (st == s) return h;
+    matmul_init();
+    return cublas_handles().shared;
 }
 
 // C(col-major m x n, ldc) = alpha op(A) op(B) + beta C, A/B bf16, C bf16 or fp32 (Muon's
 // Newton-Schulz iterations call it directly)
 inline void gemm(cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k, const bf16* A, int lda, const bf16* B,
                  int ldb, void* C, cudaDataType ctype, int ldc, float beta, cudaStream_t s, float alpha = 1.0f) {
-    matmul_init();
-    cublasCheck(cublasSetStream(cublas_handle(), s));
-    cublasCheck(cublasGemmEx(cublas_handle(), ta, tb, m, n, k, &alpha, A, CUDA_R_16BF, lda, B, CUDA_R_16BF, ldb, &beta,
-                             C, ctype, ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    const cublasHandle_t h = cublas_handle(s);
+    cublasCheck(cublasSetStream(h, s));
+    cublasCheck(cublasGemmEx(h, ta, tb, m, n, k, &alpha, A, CUDA_R_16BF, lda, B, CUDA_R_16BF, ldb, &beta, C, ctype, ldc,
+                             CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
 
 // out = residual + inp @ W^T in fp32 (the residual stream)
