@@ -265,33 +265,33 @@ inline void colsum_finalize(const float* partial, Store store, int C, cudaStream
     cudaCheckLast();
 }
 
-// reductions by an associative op, the same bits on every run
+// reductions by an associative op, the same bits on every run; a value type other than float brings its own
+// shfl_xor (found by argument-dependent lookup), e.g. a struct that shuffles each field
 struct AddOp { __device__ float operator()(float a, float b) const { return a + b; } };
-struct MaxOp { __device__ float operator()(float a, float b) const { return fmaxf(a, b); } };
+__device__ inline float shfl_xor(float v, int lane_mask) { return __shfl_xor_sync(0xffffffff, v, lane_mask); }
 
 // warp-wide: every lane gets it
-template <typename Op>
-__device__ inline float warp_reduce(float v, Op op) {
-    for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffff, v, o));
+template <typename T, typename Op>
+__device__ inline T warp_reduce(T v, Op op) {
+    for (int o = 16; o > 0; o >>= 1) v = op(v, shfl_xor(v, o));
     return v;
 }
 __device__ inline float warp_sum(float v) { return warp_reduce(v, AddOp{}); }
 
 // block-wide (blockDim.x a multiple of 32, at most 1024), the warps' results in warp order; every
 // thread gets it. It synchronises before reusing its slots, so calls may follow each other
-template <typename Op>
-__device__ inline float block_reduce(float v, Op op) {
-    __shared__ float red[32];
+template <typename T, typename Op>
+__device__ inline T block_reduce(T v, Op op) {
+    __shared__ T red[32];
     v = warp_reduce(v, op);
     __syncthreads();
     if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = v;
     __syncthreads();
-    float t = red[0];
+    T t = red[0];
     for (int w = 1; w < (int)blockDim.x / 32; w++) t = op(t, red[w]);
     return t;
 }
 __device__ inline float block_sum(float v) { return block_reduce(v, AddOp{}); }
-__device__ inline float block_max(float v) { return block_reduce(v, MaxOp{}); }
 
 // blocks of 256 threads for an elementwise pass over n items with a grid-stride loop
 inline int elementwise_blocks(size_t n) { return (int)std::min<size_t>((n + 255) / 256, 132 * 16); }

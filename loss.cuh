@@ -29,21 +29,14 @@ __device__ inline void logits8(float (&l)[8], const uint4& raw, int j0, int V) {
 // A part of a row's logsumexp: the largest logit m of the part, the sum of exp(l - m) over it, and how
 // many of its logits beat the target's (exact in a float below 2^24). Parts merge in any grouping.
 struct LsePart { float m, s, above; };
-__device__ inline LsePart lse_merge(const LsePart& a, const LsePart& b) {
-    const float m = fmaxf(a.m, b.m);
-    return {m, a.s * __expf(a.m - m) + b.s * __expf(b.m - m), a.above + b.above};
-}
-// the whole block's part, in warp order (the same bits on every run): one barrier
-__device__ inline LsePart block_lse(LsePart p) {
-    __shared__ LsePart red[32];
-    for (int o = 16; o > 0; o >>= 1)
-        p = lse_merge(p, {__shfl_xor_sync(0xffffffff, p.m, o), __shfl_xor_sync(0xffffffff, p.s, o),
-                          __shfl_xor_sync(0xffffffff, p.above, o)});
-    if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = p;
-    __syncthreads();
-    LsePart t = red[0];
-    for (int w = 1; w < (int)blockDim.x / 32; w++) t = lse_merge(t, red[w]);
-    return t;
+struct LseMerge {
+    __device__ LsePart operator()(const LsePart& a, const LsePart& b) const {
+        const float m = fmaxf(a.m, b.m);
+        return {m, a.s * __expf(a.m - m) + b.s * __expf(b.m - m), a.above + b.above};
+    }
+};
+__device__ inline LsePart shfl_xor(const LsePart& p, int lane_mask) {
+    return {shfl_xor(p.m, lane_mask), shfl_xor(p.s, lane_mask), shfl_xor(p.above, lane_mask)};
 }
 
 // One pass for the logsumexp (a running max per thread, its sum rescaled when the max grows) and one
@@ -76,7 +69,7 @@ fused_classifier_kernel(bf16* logits, float* losses, int* target_rank, const int
     #pragma unroll
     for (int i = 0; i < LOSS_CACHED; i++) add(cache[i], first + i * stride);
     for (int j0 = rest; j0 < V; j0 += stride) add(*reinterpret_cast<const uint4*>(x + j0), j0);
-    const LsePart all = block_lse(part);
+    const LsePart all = block_reduce(part, LseMerge{});
     const float lse = all.m + logf(all.s);
     if (threadIdx.x == 0) {
         losses[row] = w * (lse - xt + z_loss * lse * lse);

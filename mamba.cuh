@@ -721,8 +721,14 @@ struct Model {
     // the end. Several ranks reduce them while the backward goes on.
     std::function<void(size_t lo, bool last, cudaStream_t s)> grads_done;
     // A layer's two weight-gradient matmuls may run on wgrad_stream beside its input gradient and norm backward
-    // (layer_backward); the layer's backward waits for them before it returns
-    cudaStream_t wgrad_stream = nullptr;
+    // (layer_backward; the layer's backward waits for them before it returns). Auto: beside where in_proj's
+    // weight gradient has fewer 128 x 128 output tiles than the GPU has SMs (mamba2-tiny, hybrid-tiny: 1-2% a
+    // step); matmuls that fill the GPU alone run in turn (beside each other, the mamba2-370m and hybrid-1.3b
+    // steps ran 0.5-1.6% slower). Beside / Serial force one placement (the model test compares them).
+    enum class WgradPlacement { Auto, Beside, Serial };
+    WgradPlacement wgrad_placement = WgradPlacement::Auto;  // set before allocate()
+    std::vector<char> wgrad_beside;  // per layer, set by allocate()
+    cudaStream_t wgrad_stream = nullptr;  // created by allocate() when a layer runs beside
     cudaEvent_t wgrad_fork = nullptr, wgrad_out = nullptr, wgrad_in = nullptr;
 
     // rank `rank` of `world` (ZeRO, zero.h); bucket_elems: the gradient buckets' least size
@@ -735,10 +741,6 @@ struct Model {
         grads = cuda_malloc_n<float>(grad_floats, shard.sharded() ? "gradient buckets" : "fp32 gradients");
         cudaCheck(cudaMemset(grads, 0, grad_floats * sizeof(float)));
         grad_shard = shard.sharded() ? cuda_malloc_n<float>(shard.count(), "fp32 gradient shard") : grads;
-        cudaCheck(cudaStreamCreateWithFlags(&wgrad_stream, cudaStreamNonBlocking));
-        matmul_own_handle(wgrad_stream);
-        for (cudaEvent_t* e : {&wgrad_fork, &wgrad_out, &wgrad_in})
-            cudaCheck(cudaEventCreateWithFlags(e, cudaEventDisableTiming));
     }
     Model(const Model&) = delete;
     Model& operator=(const Model&) = delete;
@@ -747,9 +749,11 @@ struct Model {
         for (void* p : {(void*)master_lo, (void*)params, (void*)grads}) cudaFree(p);
         if (grad_shard != grads) cudaFree(grad_shard);
         free_activations();
-        for (cudaEvent_t e : {wgrad_fork, wgrad_out, wgrad_in}) cudaEventDestroy(e);
-        matmul_release(wgrad_stream);
-        cudaStreamDestroy(wgrad_stream);
+        if (wgrad_stream) {
+            for (cudaEvent_t e : {wgrad_fork, wgrad_out, wgrad_in}) cudaEventDestroy(e);
+            matmul_release(wgrad_stream);
+            cudaStreamDestroy(wgrad_stream);
+        }
     }
 
     // upload fp32 master weights of every parameter from the host: the whole bf16 copy (their
@@ -855,6 +859,23 @@ struct Model {
         loss_total = alloc<double>(1, "loss total");
         cudaCheck(cudaMemset(loss_total, 0, sizeof(double)));
         allocate_stages();
+        place_weight_gradients();
+    }
+
+    // wgrad_beside per layer (wgrad_placement), and the side stream, its cuBLAS handle and events where one is
+    void place_weight_gradients() {
+        wgrad_beside.assign(cfg.n_layer, 0);
+        for (int l = 0; l < cfg.n_layer; l++) {
+            const long tiles = (long)ceil_div(layout.block(l).in_width, 128) * (long)ceil_div(cfg.d_model, 128);
+            wgrad_beside[l] = wgrad_placement == WgradPlacement::Beside ||
+                              (wgrad_placement == WgradPlacement::Auto && tiles < sm_count());
+        }
+        const bool any = std::find(wgrad_beside.begin(), wgrad_beside.end(), 1) != wgrad_beside.end();
+        if (!any || wgrad_stream) return;
+        cudaCheck(cudaStreamCreateWithFlags(&wgrad_stream, cudaStreamNonBlocking));
+        matmul_own_handle(wgrad_stream);
+        for (cudaEvent_t* e : {&wgrad_fork, &wgrad_out, &wgrad_in})
+            cudaCheck(cudaEventCreateWithFlags(e, cudaEventDisableTiming));
     }
 
     void free_activations() {
@@ -920,12 +941,10 @@ struct Model {
         visit(l, [&](const auto& blk) { blk.backward(ctx, a, s); });
         const bf16* out_in = nullptr;
         visit(l, [&](const auto& blk) { out_in = blk.out_input(ctx, a); });
-        // The weight gradients, on wgrad_stream where in_proj's has fewer 128 x 128 output tiles than the GPU has
-        // SMs (mamba2-tiny, hybrid-tiny: 1-2% a step): out_proj's beside in_proj's input gradient (the norm's
+        // The weight gradients, beside (wgrad_beside): out_proj's beside in_proj's input gradient (the norm's
         // backward then rewrites dresid_bf16, which it reads), in_proj's beside the norm's backward (the next
-        // layer rewrites din and xn). Matmuls that fill the GPU alone run in turn (beside each other, mamba2-370m
-        // and hybrid-1.3b steps ran 0.5-1.6% slower).
-        const bool beside = (long)ceil_div(b.in_width, 128) * (long)ceil_div(d, 128) < sm_count();
+        // layer rewrites din and xn)
+        const bool beside = wgrad_beside[l];
         const cudaStream_t ws = beside ? wgrad_stream : s;
         auto signal = [&](cudaEvent_t e, cudaStream_t from, cudaStream_t to) {
             if (!beside) return;

@@ -5,6 +5,7 @@
 // resume, N steps.
 #include <catch2/catch.hpp>
 #include "test/test_util.h"
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -167,10 +168,13 @@ TEST_CASE("model: Transformer (GQA 4:1, RoPE, SwiGLU, tied) matches the PyTorch 
     check_model_against_dump("transformer_tiny");
 }
 
-// the gradients of one forward/backward, with or without full-layer recomputation
-static std::vector<float> grads_of(DumpCase& dc, bool recompute, double* loss) {
+// the gradients of one forward/backward, with or without full-layer recomputation, the weight gradients where
+// `placement` puts them
+static std::vector<float> grads_of(DumpCase& dc, bool recompute, double* loss,
+                                   Model::WgradPlacement placement = Model::WgradPlacement::Auto) {
     Model model(dc.cfg);
     model.recompute = recompute;
+    model.wgrad_placement = placement;
     model.set_master(dc.master(model.layout));
     model.allocate(dc.B, dc.T);
     cudaCheck(cudaMemset(model.grads, 0xFF, model.layout.total * sizeof(float)));
@@ -211,6 +215,33 @@ TEST_CASE("model: --recompute gives the same gradients bit for bit, with less ac
         }
         double l0, l1;
         std::vector<float> g0 = grads_of(dc, false, &l0), g1 = grads_of(dc, true, &l1);
+        CHECK(l0 == l1);
+        REQUIRE(g0.size() == g1.size());
+        CHECK(std::memcmp(g0.data(), g1.data(), g0.size() * sizeof(float)) == 0);
+        double norm = 0;
+        for (float x : g0) norm += (double)x * x;
+        CHECK(norm > 0);
+    }
+}
+
+TEST_CASE("model: the weight gradients beside the rest (a second stream) give the serial order's bits", "[model]") {
+    matmul_init();
+    for (const char* name : {"mamba2_tiny", "hybrid_tiny", "mamba1_tiny"}) {
+        INFO(name);
+        DumpCase dc(name);
+        {  // the test models are small: Auto puts every layer beside, Serial none, and only Serial makes no stream
+            Model a(dc.cfg), s(dc.cfg);
+            s.wgrad_placement = Model::WgradPlacement::Serial;
+            a.allocate(dc.B, dc.T);
+            s.allocate(dc.B, dc.T);
+            CHECK(std::count(a.wgrad_beside.begin(), a.wgrad_beside.end(), 1) == dc.cfg.n_layer);
+            CHECK(std::count(s.wgrad_beside.begin(), s.wgrad_beside.end(), 0) == dc.cfg.n_layer);
+            CHECK(a.wgrad_stream != nullptr);
+            CHECK(s.wgrad_stream == nullptr);
+        }
+        double l0, l1;
+        std::vector<float> g0 = grads_of(dc, false, &l0, Model::WgradPlacement::Serial),
+                           g1 = grads_of(dc, false, &l1, Model::WgradPlacement::Beside);
         CHECK(l0 == l1);
         REQUIRE(g0.size() == g1.size());
         CHECK(std::memcmp(g0.data(), g1.data(), g0.size() * sizeof(float)) == 0);
