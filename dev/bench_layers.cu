@@ -2,7 +2,8 @@
 // 370m, the default: d_model 1024, d_inner 2048, conv_dim 2304; hybrid-1.3b: 2048, 4096, 4352;
 // 2.7b: 2560, 5120, 5376; vocab 50304): causal conv1d + SiLU (also with document boundaries: many
 // short documents, a few long ones), the gated grouped RMSNorm, RMSNorm and the fused classifier,
-// forward and backward. Each is first checked against the double reference on a slice of rows,
+// forward and backward; and the optimizer step (the gradient norm, AdamW) over the model's parameters and
+// mamba2-tiny's (fine-tuning's). Each layer is first checked against the double reference on a slice of rows,
 // then timed (cudaEvents, median of 50 after warmup) and reported in GB/s against the
 // device-to-device copy ceiling measured first (bytes read + written; 3.0 TB/s on an H100 in
 // ANCHORS.md).
@@ -16,6 +17,8 @@
 #include "norm.cuh"
 #include "loss.cuh"
 #include "mlp.cuh"
+#include "mamba.cuh"  // ParamLayout
+#include "optim.cuh"
 #include "test/ref/conv1d.h"
 #include "test/ref/norm.h"
 #include "test/ref/mlp.h"
@@ -32,6 +35,19 @@ static void report(const char* what, double ms, double bytes) {
 }
 
 static std::mt19937 rng(1);
+
+// x[i] = a hash of i in [-scale, scale): values for buffers too large to draw on the host
+static __global__ void fill_hash_kernel(float* x, size_t n, float scale) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        uint32_t h = (uint32_t)i * 2654435761u ^ (uint32_t)(i >> 32);
+        h ^= h >> 15; h *= 2246822519u; h ^= h >> 13;
+        x[i] = scale * ((float)(h >> 8) * (2.0f / 16777216.0f) - 1.0f);
+    }
+}
+static void fill_uniform(float* x, size_t n, float scale) {
+    fill_hash_kernel<<<elementwise_blocks(n), 256>>>(x, n, scale);
+    cudaCheckLast();
+}
 static bf16* rand_bf16(size_t n, std::vector<double>* host = nullptr, double sd = 1.0) {
     std::normal_distribution<float> nd(0.0f, (float)sd);
     std::vector<bf16> h(n);
@@ -244,5 +260,29 @@ int main(int argc, char** argv) {
     report("fused classifier (loss+dlogits)", median_ms([&] {
         fused_classifier(logits, losses, nullptr, dt, nullptr, dloss, 1e-4f, BT, V, Vp, true, 0); }),
            (double)BT * Vp * 2 * 3);
+    for (void* p : {(void*)logits, (void*)dt, (void*)losses, (void*)dloss}) cudaCheck(cudaFree(p));
+
+    // --- the optimizer step over a model's parameters (their real tensors: small ones, decay flags), with
+    // random gradients: the gradient norm reads 4 bytes a parameter, AdamW 16 and writes 12 (gradient, m, v,
+    // the master weights' bf16 high and int16 low halves)
+    for (const std::string& preset : {std::string("mamba2-tiny"),
+                                     model == "370m" ? "mamba2-370m" : model == "2.7b" ? "mamba2-2.7b" : model}) {
+        const ParamLayout layout(model_preset(preset));
+        const size_t n = layout.total;
+        AdamW adamw(adamw_tensors(layout, false), 0, n, AdamWConfig{});
+        float* grads = cuda_malloc_n<float>(n, "gradients");
+        MasterWeights master{cuda_malloc_n<bf16>(n, "weights"), cuda_malloc_n<int16_t>(n, "low halves")};
+        fill_uniform(grads, n, 1e-3f);
+        cudaCheck(cudaMemset(master.hi, 0, n * sizeof(bf16)));
+        cudaCheck(cudaMemset(master.lo, 0, n * sizeof(int16_t)));
+        float* norm2 = nullptr;
+        char what[64];
+        snprintf(what, sizeof what, "grad norm, %s (%.1fM)", preset.c_str(), n * 1e-6);
+        report(what, median_ms([&] { norm2 = adamw.grad_norm_squared(grads, n, 0); }), 4.0 * n);
+        snprintf(what, sizeof what, "AdamW, %s", preset.c_str());
+        int t = 1;
+        report(what, median_ms([&] { adamw.step(master, grads, norm2, 1e-4f, t++, 0); }), 28.0 * n);
+        for (void* p : {(void*)grads, (void*)master.hi, (void*)master.lo}) cudaCheck(cudaFree(p));
+    }
     return 0;
 }
