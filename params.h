@@ -90,10 +90,9 @@ struct ParamTable {
 struct ParamTensor { size_t offset, count; bool decay; };
 
 // AdamW's work: items of at most ADAMW_ITEM elements, each inside one tensor (so one launch
-// knows every element's weight-decay flag), and their place in its compact m and v. One block
-// takes an item: 64K elements (64 passes of 256 threads x 4) amortise the block's start, which
-// waits on two dependent loads (the item, the gradient norm) before its first element.
-constexpr size_t ADAMW_ITEM = 1 << 16;
+// knows every element's weight-decay flag), and their place in its compact m and v. A block of
+// 256 threads takes an item in one pass of four 4-element vectors a thread (optim.cuh).
+constexpr size_t ADAMW_ITEM = 1 << 12;
 
 // start: the item's first element in the flat buffer; state: where its m and v start
 struct AdamWItem { size_t start, state; uint32_t count, decay; };
