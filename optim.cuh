@@ -22,79 +22,48 @@ struct AdamWConfig {
 
 constexpr int NORM_BLOCKS = 1024;
 
-// AdamW's arithmetic on VEC consecutive elements of one item (the same for any VEC), in three steps so that a
-// thread can have several vectors' loads in flight before it computes any
-struct AdamWHyper { float clip, lr, beta1, beta2, eps, decay, bc1, bc2; };
+// clip_scale = min(1, clip / (norm + 1e-6)) as torch.nn.utils.clip_grad_norm_
+// VEC consecutive elements of one item (the same arithmetic for any VEC)
 template <int VEC>
-struct AdamWVec {
-    float g[VEC], m[VEC], v[VEC], p[VEC];
-    __device__ void load(MasterWeights master, const float* m_, const float* v_, const float* grads) {
-        load_vec<VEC>(g, grads);
-        load_vec<VEC>(m, m_);
-        load_vec<VEC>(v, v_);
-        load_master<VEC>(p, master);
+__device__ inline void adamw_elems(MasterWeights master, float* m, float* v, const float* grads, float clip,
+                                   float lr, float beta1, float beta2, float eps, float decay, float bc1, float bc2) {
+    float g[VEC], mi[VEC], vi[VEC], p[VEC];
+    load_vec<VEC>(g, grads);
+    load_vec<VEC>(mi, m);
+    load_vec<VEC>(vi, v);
+    load_master<VEC>(p, master);
+    #pragma unroll
+    for (int e = 0; e < VEC; e++) {
+        const float ge = g[e] * clip;
+        mi[e] = beta1 * mi[e] + (1.0f - beta1) * ge;
+        vi[e] = beta2 * vi[e] + (1.0f - beta2) * ge * ge;
+        p[e] -= lr * decay * p[e];
+        p[e] -= lr * (mi[e] / bc1) / (sqrtf(vi[e] / bc2) + eps);
     }
-    __device__ void update(const AdamWHyper& h) {
-        #pragma unroll
-        for (int e = 0; e < VEC; e++) {
-            const float ge = g[e] * h.clip;
-            m[e] = h.beta1 * m[e] + (1.0f - h.beta1) * ge;
-            v[e] = h.beta2 * v[e] + (1.0f - h.beta2) * ge * ge;
-            p[e] -= h.lr * h.decay * p[e];
-            p[e] -= h.lr * (m[e] / h.bc1) / (sqrtf(v[e] / h.bc2) + h.eps);
-        }
-    }
-    __device__ void store(MasterWeights master, float* m_, float* v_) const {
-        store_vec<VEC>(m_, m);
-        store_vec<VEC>(v_, v);
-        store_master<VEC>(master, p);
-    }
-};
+    store_vec<VEC>(m, mi);
+    store_vec<VEC>(v, vi);
+    store_master<VEC>(master, p);
+}
 
-constexpr int ADAMW_THREADS = 256;
-constexpr int ADAMW_PASSES = (int)(ADAMW_ITEM / (4 * ADAMW_THREADS));  // 4-element vectors a thread takes of an item
-static_assert(ADAMW_ITEM % (4 * ADAMW_THREADS) == 0, "an item is whole passes of the block's 4-element vectors");
-
-// A grid of resident blocks walks the items, block b taking items b, b + grid, ...: the blocks running at
-// any moment work on neighbouring items, a few long runs of memory (one block per 64K-element item, each
-// walking a range of its own, read and wrote 2.3-2.5 TB/s against the copy's 3.0). A thread loads all of
-// its vectors of the item (16-byte accesses where the item's pointers and length allow, else one element a
-// pass) before it computes any. clip_scale = min(1, clip / (norm + 1e-6)) as torch.nn.utils.clip_grad_norm_.
-static __global__ void __launch_bounds__(ADAMW_THREADS)
-adamw_kernel(MasterWeights master, float* m, float* v, const float* grads, const AdamWItem* items, int num_items,
-             const float* norm2, float grad_clip, float lr, float beta1, float beta2, float eps, float wd, float bc1,
-             float bc2) {
+// one block per item; 4 elements a thread (16-byte accesses) when the item's pointers and
+// length allow, else one
+static __global__ void adamw_kernel(MasterWeights master, float* m, float* v, const float* grads,
+                             const AdamWItem* items, const float* norm2, float grad_clip, float lr,
+                             float beta1, float beta2, float eps, float wd, float bc1, float bc2) {
+    const AdamWItem it = items[blockIdx.x];
     const float norm = sqrtf(*norm2);
-    AdamWHyper h{grad_clip > 0.0f ? fminf(1.0f, grad_clip / (norm + 1e-6f)) : 1.0f, lr, beta1, beta2, eps, 0.0f,
-                 bc1, bc2};
-    for (int i = blockIdx.x; i < num_items; i += gridDim.x) {
-        const AdamWItem it = items[i];
-        h.decay = it.decay ? wd : 0.0f;
-        const MasterWeights mw = master + it.start;
-        const float* g = grads + it.start;
-        float *mi = m + it.state, *vi = v + it.state;
-        const bool wide = it.count % 4 == 0 && ((uintptr_t)g | (uintptr_t)mi | (uintptr_t)vi) % 16 == 0 &&
-                          ((uintptr_t)mw.hi | (uintptr_t)mw.lo) % 8 == 0;
-        if (wide) {
-            AdamWVec<4> r[ADAMW_PASSES];
-            auto at = [&](int k) { return 4 * (threadIdx.x + k * ADAMW_THREADS); };
-            #pragma unroll
-            for (int k = 0; k < ADAMW_PASSES; k++)
-                if (at(k) < it.count) r[k].load(mw + at(k), mi + at(k), vi + at(k), g + at(k));
-            #pragma unroll
-            for (int k = 0; k < ADAMW_PASSES; k++) {
-                if (at(k) >= it.count) break;
-                r[k].update(h);
-                r[k].store(mw + at(k), mi + at(k), vi + at(k));
-            }
-        } else {
-            for (uint32_t k = threadIdx.x; k < it.count; k += ADAMW_THREADS) {
-                AdamWVec<1> r;
-                r.load(mw + k, mi + k, vi + k, g + k);
-                r.update(h);
-                r.store(mw + k, mi + k, vi + k);
-            }
-        }
+    const float clip = grad_clip > 0.0f ? fminf(1.0f, grad_clip / (norm + 1e-6f)) : 1.0f;
+    const float decay = it.decay ? wd : 0.0f;
+    master = master + it.start; grads += it.start;
+    m += it.state; v += it.state;
+    const bool wide = it.count % 4 == 0 && ((uintptr_t)grads | (uintptr_t)m | (uintptr_t)v) % 16 == 0 &&
+                      ((uintptr_t)master.hi | (uintptr_t)master.lo) % 8 == 0;
+    if (wide) {
+        for (uint32_t k = 4 * threadIdx.x; k < it.count; k += 4 * blockDim.x)
+            adamw_elems<4>(master + k, m + k, v + k, grads + k, clip, lr, beta1, beta2, eps, decay, bc1, bc2);
+    } else {
+        for (uint32_t k = threadIdx.x; k < it.count; k += blockDim.x)
+            adamw_elems<1>(master + k, m + k, v + k, grads + k, clip, lr, beta1, beta2, eps, decay, bc1, bc2);
     }
 }
 
@@ -141,7 +110,7 @@ struct AdamW {
     size_t n_state = 0;  // elements it updates: the length of m and v
     float *m = nullptr, *v = nullptr, *partial = nullptr, *norm2 = nullptr;
     AdamWItem* items = nullptr;
-    int num_items = 0, grid = 0;  // grid: the blocks adamw_kernel keeps resident
+    int num_items = 0;
 
     AdamW(const std::vector<ParamTensor>& tensors, size_t begin_, size_t end_, AdamWConfig c)
         : cfg(c), begin(begin_), end(end_) {
@@ -158,9 +127,6 @@ struct AdamW {
             v = cuda_malloc_n<float>(n_state, "AdamW v");
             cudaCheck(cudaMemset(m, 0, n_state * sizeof(float)));
             cudaCheck(cudaMemset(v, 0, n_state * sizeof(float)));
-            int per_sm = 0;
-            cudaCheck(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, adamw_kernel, ADAMW_THREADS, 0));
-            grid = std::min(num_items, std::max(1, per_sm) * sm_count());
         }
         partial = cuda_malloc_n<float>(NORM_BLOCKS, "grad norm partials");
         norm2 = cuda_malloc_n<float>(1, "grad norm");
@@ -182,8 +148,8 @@ struct AdamW {
     void step(MasterWeights master, const float* grads, const float* grad_norm2, float lr, int t, cudaStream_t s) {
         if (num_items == 0) return;
         const float bc1 = 1.0f - std::pow(cfg.beta1, (float)t), bc2 = 1.0f - std::pow(cfg.beta2, (float)t);
-        adamw_kernel<<<grid, ADAMW_THREADS, 0, s>>>(master, m, v, grads, items, num_items, grad_norm2, cfg.grad_clip,
-                                                    lr, cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay, bc1, bc2);
+        adamw_kernel<<<num_items, 256, 0, s>>>(master, m, v, grads, items, grad_norm2, cfg.grad_clip, lr,
+                                               cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay, bc1, bc2);
         cudaCheckLast();
     }
 
