@@ -187,6 +187,16 @@ static std::vector<float> grads_of(DumpCase& dc, bool recompute, double* loss,
     return g;
 }
 
+// two runs' losses and gradients are the same bits, and the gradients are not all zero
+static void check_same_bits(double l0, const std::vector<float>& g0, double l1, const std::vector<float>& g1) {
+    CHECK(l0 == l1);
+    REQUIRE(g0.size() == g1.size());
+    CHECK(std::memcmp(g0.data(), g1.data(), g0.size() * sizeof(float)) == 0);
+    double norm = 0;
+    for (float x : g0) norm += (double)x * x;
+    CHECK(norm > 0);
+}
+
 TEST_CASE("model: --recompute gives the same gradients bit for bit, with less activation memory", "[model]") {
     matmul_init();
     for (const char* name : {"hybrid_tiny", "mamba1_tiny", "transformer_tiny"}) {
@@ -215,12 +225,7 @@ TEST_CASE("model: --recompute gives the same gradients bit for bit, with less ac
         }
         double l0, l1;
         std::vector<float> g0 = grads_of(dc, false, &l0), g1 = grads_of(dc, true, &l1);
-        CHECK(l0 == l1);
-        REQUIRE(g0.size() == g1.size());
-        CHECK(std::memcmp(g0.data(), g1.data(), g0.size() * sizeof(float)) == 0);
-        double norm = 0;
-        for (float x : g0) norm += (double)x * x;
-        CHECK(norm > 0);
+        check_same_bits(l0, g0, l1, g1);
     }
 }
 
@@ -242,12 +247,7 @@ TEST_CASE("model: the weight gradients beside the rest (a second stream) give th
         double l0, l1;
         std::vector<float> g0 = grads_of(dc, false, &l0, Model::WgradPlacement::Serial),
                            g1 = grads_of(dc, false, &l1, Model::WgradPlacement::Beside);
-        CHECK(l0 == l1);
-        REQUIRE(g0.size() == g1.size());
-        CHECK(std::memcmp(g0.data(), g1.data(), g0.size() * sizeof(float)) == 0);
-        double norm = 0;
-        for (float x : g0) norm += (double)x * x;
-        CHECK(norm > 0);
+        check_same_bits(l0, g0, l1, g1);
     }
 }
 
