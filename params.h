@@ -94,7 +94,7 @@ struct ParamTensor { size_t offset, count; bool decay; };
 // takes an item (4 passes of 256 threads x 4). Items of 4K elements against 64K (bench_layers,
 // H100): mamba2-tiny's 44M parameters 0.53 -> 0.46 ms (676 blocks had left the one wave uneven),
 // hybrid-1.3b 14.3 -> 13.8, mamba2-2.7b 30.6 -> 28.0 (78 -> 90%, 95 -> 99%, 82 -> 90% of the copy);
-// 16K lay between.
+// 16K items were slower than 4K at every size.
 constexpr size_t ADAMW_ITEM = 1 << 12;
 
 // start: the item's first element in the flat buffer; state: where its m and v start
