@@ -234,7 +234,8 @@ TEST_CASE("model: the weight gradients beside the rest (a second stream) give th
     for (const char* name : {"mamba2_tiny", "hybrid_tiny", "mamba1_tiny"}) {
         INFO(name);
         DumpCase dc(name);
-        {  // the test models are small: Auto puts every layer beside, Serial none, and only Serial makes no stream
+        {  // the test models are small (on a GPU of 132 SMs, H100 or H200): Auto puts every layer beside, Serial none,
+           // and only Serial makes no stream
             Model a(dc.cfg), s(dc.cfg);
             s.wgrad_placement = Model::WgradPlacement::Serial;
             a.allocate(dc.B, dc.T);
