@@ -50,7 +50,7 @@ struct Args {
     int ckpt_every = 0;
     std::vector<std::string> sample_prompts;
     std::vector<std::string> generate;
-    bool greedy = false, dry_run = false;
+    bool greedy = false, dry_run = false, profile = false;
     float temperature = 0.7f, top_p = 0.9f;
     int max_new = 64;
 };
@@ -90,6 +90,9 @@ static Args parse_args(int argc, char** argv) {
     f.repeat({"--sample-prompt"}, &a.sample_prompts, "P", "with each evaluation, the greedy answer to P (repeatable)");
     f.add({"--ckpt-dir"}, &a.ckpt_dir, "DIR", "checkpoints and the metrics log (metrics.jsonl)");
     f.add({"--ckpt-every"}, &a.ckpt_every, "N", "also every N steps (default 0: only at the end)", Range::at_least(0));
+    f.flag({"--profile"}, &a.profile,
+           "time of each phase (kernel family) per step from the 4th, printed at the end\n(each kernel launched by "
+           "the host: slower steps)");
     f.flag({"--dry-run"}, &a.dry_run, "check the flags, checkpoint, tokenizer, template and data; no GPU");
     f.section("generation:");
     f.repeat({"--generate"}, &a.generate, "PROMPT", "the user turn (repeatable); prints the model's response");
@@ -256,9 +259,11 @@ static int run(const Args& a, Comm& comm) {
     };
     // the next step's batch is drawn while the GPU runs this one's (a step's time: from its launch to its end)
     long valid = draw();
+    PhaseTimer timer;
     for (int step = 0; step < steps; step++) {
         const bool last = step == steps - 1;
         if (a.val_every > 0 && step % a.val_every == 0) eval_and_sample(step);
+        model.timer = a.profile && step >= 3 ? &timer : nullptr;  // the step only, not the evaluation
         const auto t0 = std::chrono::steady_clock::now();
         const float lr = (float)sched.at(step + 1);
         const long step_valid = valid;
@@ -266,12 +271,17 @@ static int run(const Args& a, Comm& comm) {
             trainer.accumulate({inputs.data(), targets.data(), nullptr, pos.data()}, accum, step_valid, 0.0f);
             trainer.update(lr, step + 1);
         }
+        model.timer = nullptr;
         const DataLoader::State resume_at = train.state();  // before the next step's batch: where a resume goes on
         if (!last) valid = draw();
         if (step_valid == 0) {
             printf("step %5d | no response token in the batch: skipped\n", step + 1);
         } else {
             const auto [loss, norm] = trainer.finish();
+            if (a.profile && step >= 3) {
+                timer.mark("end", 0);
+                timer.collect();
+            }
             const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
             const double tps = tokens_per_step / dt, mfu = peak > 0 ? 100.0 * fpt * tps / peak : 0.0;
             printf("step %5d | loss %.4f (%ld response tokens) | lr %.2e | norm %.3f | %.1f ms | %.0f tok/s | MFU %.1f%%\n",
@@ -289,6 +299,7 @@ static int run(const Args& a, Comm& comm) {
             printf("checkpoint: %s\n", trainer.save(a.ckpt_dir, st).c_str());
         }
     }
+    if (a.profile && steps > 3) timer.print(steps - 3);
     if (a.val_every > 0) eval_and_sample(steps);
     printf("model config for train_mamba --resume: %s\n", model_config_to_json(cfg).dump().c_str());
     return 0;

@@ -99,6 +99,16 @@ struct PhaseTimer {
         for (auto& m : marks) cudaCheck(cudaEventDestroy(m.second));
         marks.clear();
     }
+    // the totals per step over `steps` collected steps, largest first (the events themselves add a
+    // little time: shares, not a second clock)
+    void print(int steps) const {
+        double sum = 0;
+        std::vector<std::pair<double, std::string>> rows;
+        for (auto& [name, t] : ms) { sum += t; rows.push_back({t / steps, name}); }
+        std::sort(rows.rbegin(), rows.rend());
+        printf("per-step time by phase (all layers):\n");
+        for (auto& [t, name] : rows) printf("  %-16s %8.2f ms  %5.1f%%\n", name.c_str(), t, 100.0 * t * steps / sum);
+    }
 };
 
 // What a block's GPU methods work on: the weights, the gradients, the shared buffers.

@@ -261,7 +261,7 @@ static void print_dry_run(const ModelConfig& c, const ParamLayout& layout, int B
     if (n[2]) printf("  mlp: %s, hidden %d\n", c.mlp.c_str(), c.ff());
     std::map<std::string, size_t> per_kind;
     for (auto& t : layout.tensors) per_kind[t.kind] += t.count;
-    printf("params: %zu\n", layout.total);
+    printf("params: %zu\n", layout.elements());
     for (auto& kv : per_kind) printf("  %-10s %zu\n", kv.first.c_str(), kv.second);
     print_memory(c, layout, B, T, recompute, logit_chunk, muon, world, bucket_elems, gpu_gib);
     printf("flops per token (fwd+bwd): %.3g\n", flops_per_token(c, T));
@@ -358,7 +358,7 @@ static Plan make_plan(const Args& a, int rank, int world) {
 static void init_model(Model& model, uint64_t seed) {
     const auto t0 = std::chrono::steady_clock::now();
     model.init(seed);
-    printf("initialised %zu parameters in %.1f s on %d threads\n", model.layout.total,
+    printf("initialised %zu parameters in %.1f s on %d threads\n", model.layout.elements(),
            std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), available_cores());
     fflush(stdout);
 }
@@ -408,15 +408,7 @@ static void run_bench(const Args& a, const Plan& p, Model& model, Trainer& train
            p.cfg.name.c_str(), a.B, a.T, accum, a.recompute ? " recompute" : "", a.opt.optimizer == "muon" ? " muon" : "",
            chunk.c_str(), world, med * 1e3, tps, tps / world, peak > 0 ? 100.0 * fpt * tps / peak : 0.0,
            (total_b - free_b) / gib, cuda_allocated_bytes() / gib, plan.total() / gib, trainer.state_bytes() / gib);
-    if (a.profile) {  // the events themselves add a little time: shares, not a second clock
-        double sum = 0;
-        for (auto& kv : timer.ms) sum += kv.second;
-        std::vector<std::pair<double, std::string>> rows;
-        for (auto& kv : timer.ms) rows.push_back({kv.second / a.bench_steps, kv.first});
-        std::sort(rows.rbegin(), rows.rend());
-        printf("per-step time by phase (all layers):\n");
-        for (auto& [ms, name] : rows) printf("  %-16s %8.2f ms  %5.1f%%\n", name.c_str(), ms, 100.0 * ms * a.bench_steps / sum);
-    }
+    if (a.profile) timer.print(a.bench_steps);
 }
 
 static int run(const Args& a, Comm& comm) {
