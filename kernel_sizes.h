@@ -34,15 +34,18 @@ inline size_t state_elems(const SSDShape& sh) { return (size_t)sh.B * sh.H * nch
 inline int pass_splits(const SSDShape& sh) { return (int)ceil_div((size_t)sh.P * sh.N / 4, PASS_THREADS); }
 
 // heads of a group are split into slices (one block each) so the backward grid has enough blocks: the fewest
-// slices (of at most MAX_HPS heads) that make 1024 blocks, else one head a slice. Short batches (fine-tuning's,
-// the tiny models') have few (b, chunk) pairs: mamba2-tiny at B8 T256 has 32 tiles, so one slice of its 12 heads
-// left 100 of an H100's 132 SMs idle through the backward's two longest kernels. dB/dC partials per slice are
-// reduced afterwards.
+// slices (of at most MAX_HPS heads) that make BWD_TILE_BLOCKS blocks, else one head a slice. Short batches
+// (fine-tuning's, the tiny models') have few (b, chunk) pairs: mamba2-tiny at B8 T256 has 32 tiles, so one slice
+// of its 12 heads left 100 of an H100's 132 SMs idle through the backward's two longest kernels. More slices cost
+// too: each recomputes C B^T and writes dB/dC partials of its own (B T N floats each, summed afterwards).
+// mamba2-tiny's B8 T1024 step (H100, 12 heads): 6.60 ms with 12 slices (1536 blocks), 6.32 with 6, 6.25 with 4
+// (512), 6.29 with 3; at B8 T256 2.50 with 12 (384), 2.48 with 6, 2.53 with 4.
+constexpr long BWD_TILE_BLOCKS = 512;
 inline int head_slices(const SSDShape& sh) {
     const int hpg = sh.H / sh.G;
     const long tiles = (long)sh.B * sh.G * nchunks(sh) * NTILE;
     for (int s = 1; s <= hpg; s++)
-        if (hpg % s == 0 && hpg / s <= MAX_HPS && tiles * s >= 1024) return s;
+        if (hpg % s == 0 && hpg / s <= MAX_HPS && tiles * s >= BWD_TILE_BLOCKS) return s;
     return hpg;
 }
 

@@ -219,12 +219,12 @@ TEST_CASE("ssd small heads and chunks", "[gpu][ssd]") {
 }
 
 TEST_CASE("ssd many heads per group (head slices of several heads)", "[gpu][ssd]") {
-    // 16 heads in one group over 128 tiles: the backward loops over 2 heads per block and
-    // reduces 8 dB/dC slice partials (see ssd::head_slices)
+    // 16 heads in one group over 128 tiles: the backward loops over 4 heads per block and
+    // reduces 4 dB/dC slice partials (see ssd::head_slices)
     const SSDShape sh{2, 4000, 16, 64, 1, 64, 256};
-    REQUIRE(ssd::head_slices(sh) == 8);
+    REQUIRE(ssd::head_slices(sh) == 4);
     check_ssd(2, 4000, 16, 1, 64, 64, 256, 9);
-    // 32 heads on few tiles, which no split brings to 1024 blocks: one head a slice, 32 slice partials
+    // 32 heads on few tiles, which no split brings to ssd::BWD_TILE_BLOCKS: one head a slice, 32 slice partials
     REQUIRE(ssd::head_slices(SSDShape{1, 100, 32, 32, 1, 64, 64}) == 32);
     check_ssd(1, 100, 32, 1, 32, 64, 64, 10);
 }
@@ -247,8 +247,8 @@ TEST_CASE("ssd document boundaries vs each document alone", "[gpu][ssd][docs]") 
     // one head a slice (20 slices): the per-slice dB/dC and W partials with boundaries
     REQUIRE(ssd::head_slices(SSDShape{1, 520, 20, 32, 1, 64, 128}) == 20);
     check_ssd(1, 520, 20, 1, 32, 64, 128, 17, make_pos(1, 520, 0.01, {300}, rng));
-    // slices of two heads (8 of the 16) with boundaries: W summed over a slice's heads
-    REQUIRE(ssd::head_slices(SSDShape{2, 4000, 16, 64, 1, 64, 256}) == 8);
+    // slices of four heads (4 of the 16) with boundaries: W summed over a slice's heads
+    REQUIRE(ssd::head_slices(SSDShape{2, 4000, 16, 64, 1, 64, 256}) == 4);
     check_ssd(2, 4000, 16, 1, 64, 64, 256, 32, make_pos(2, 4000, 1.0 / 300, {255, 256, 3999}, rng));
     // odd heads a group (one head a chunk-states block), boundaries across chunks
     check_ssd(1, 600, 6, 2, 64, 128, 256, 19, make_pos(1, 600, 1.0 / 100, {256}, rng));
