@@ -98,6 +98,27 @@ inline void write_atomic(const std::string& path, nlohmann::json h, const Parts&
     });
 }
 
+// Master weights of `n` values as this build lays them out: a checkpoint written before tensors were aligned
+// (params.h's PARAM_ALIGN) holds them packed, tensor after tensor, and each moves to its aligned place
+inline bool checkpoint_packed(const ModelConfig& cfg, size_t n) {
+    return n != ParamLayout(cfg).total && n == ParamLayout(cfg, 1).total;
+}
+inline void check_param_count(const std::string& path, const ModelConfig& cfg, size_t n) {
+    const size_t total = ParamLayout(cfg).total;
+    if (n != total && !checkpoint_packed(cfg, n))
+        THROW("checkpoint '%s' holds %zu parameters, its config gives %zu", path.c_str(), n, total);
+}
+inline std::vector<float> unpack_master(const std::vector<float>& m, const ModelConfig& cfg) {
+    if (!checkpoint_packed(cfg, m.size())) return m;
+    const ParamLayout now(cfg), packed(cfg, 1);
+    std::vector<float> out(now.total, 0.0f);
+    for (size_t k = 0; k < now.tensors.size(); k++) {
+        const TensorInfo &a = packed.tensors[k], &b = now.tensors[k];
+        std::copy(m.begin() + a.offset, m.begin() + a.offset + a.count, out.begin() + b.offset);
+    }
+    return out;
+}
+
 // the ranks' ranges of a model's parameter buffer (zero.h)
 inline std::vector<size_t> checkpoint_bounds(const ModelConfig& cfg, int world) { return param_ranges(ParamLayout(cfg), world); }
 
@@ -295,15 +316,14 @@ inline std::vector<float> checkpoint_weights(const std::string& path, ModelConfi
     CheckpointFile ck(path, true);
     cfg = checkpoint_config(ck);
     const size_t n = ck.h["num_params"].get<size_t>();
-    if (n != ParamLayout(cfg).total)
-        THROW("checkpoint '%s' holds %zu parameters, its config gives %zu", path.c_str(), n, ParamLayout(cfg).total);
+    check_param_count(path, cfg, n);
     step = ck.h["step"].get<int>();
     DataLoader::State loader;
     ck.read(&loader, sizeof(loader));
     std::vector<float> master(n);
     if (ck.shards.empty()) {
         ck.read(master.data(), n * sizeof(float));
-        return master;
+        return unpack_master(master, cfg);
     }
     const int world = ck.h["world"].get<int>();
     for (int r = 0; r < world; r++) {
@@ -311,7 +331,7 @@ inline std::vector<float> checkpoint_weights(const std::string& path, ModelConfi
         checkpoint_check_shard(ck, shard, r);
         shard.read(master.data() + ck.shards[r], (ck.shards[r + 1] - ck.shards[r]) * sizeof(float));
     }
-    return master;
+    return unpack_master(master, cfg);
 }
 // Checks that a checkpoint can resume this run (same model, ranks and optimizer set-up)
 // without loading it: train_mamba does this before it sets up the GPU.
@@ -325,7 +345,12 @@ inline void checkpoint_check(const std::string& path, const ModelConfig& cfg, co
         THROW("checkpoint '%s' holds model %s, but this run builds %s", path.c_str(), ck.h["config"].dump().c_str(),
               model_config_to_json(cfg).dump().c_str());
     const size_t n = ck.h["num_params"].get<size_t>(), total = ParamLayout(cfg).total;
-    if (n != total) THROW("checkpoint '%s' does not match this build (params %zu vs %zu)", path.c_str(), n, total);
+    if (checkpoint_packed(cfg, n) && world > 1)  // its ranks' ranges and optimizer arrays cut the packed buffer
+        THROW("checkpoint '%s' holds its tensors packed, as builds before 2026-12-07 wrote them: resume it on one rank "
+              "(the next checkpoint is written aligned), or start a run from its weights with finetune_mamba --init",
+              path.c_str());
+    if (n != total && !checkpoint_packed(cfg, n))
+        THROW("checkpoint '%s' does not match this build (params %zu vs %zu)", path.c_str(), n, total);
     std::vector<std::pair<std::string, size_t>> have = ck.arrays;
     if (world > 1) {
         if (!ck.shards.empty() && ck.shards != checkpoint_bounds(cfg, world))
@@ -364,10 +389,11 @@ inline std::vector<float> checkpoint_load(const std::string& path, TrainState& s
     ck.read(&st.loader, sizeof(st.loader));
     std::vector<float> master(bounds[rank + 1] - bounds[rank]);
     if (world == 1) {
+        master.resize(ck.h["num_params"].get<size_t>());  // (packed: fewer)
         ck.read(master.data(), master.size() * sizeof(float));
         for (auto& [name, v] : opt) ck.read(v.data(), v.size() * sizeof(float));
         ck.verify();
-        return master;
+        return unpack_master(master, cfg);
     }
     CheckpointFile shard(checkpoint_shard_name(path, rank, world), false);
     if (ck.shards.empty()) {  // written before the master weights were sharded: all of them here

@@ -447,7 +447,8 @@ struct ParamLayout : ParamTable {
     size_t embedding = 0, final_norm = 0, lm_head = 0;
     std::vector<Block> blocks;
 
-    explicit ParamLayout(const ModelConfig& c) {
+    // align: PARAM_ALIGN; 1 gives the packed layout of older checkpoints (checkpoint.cuh)
+    explicit ParamLayout(const ModelConfig& c, size_t align = PARAM_ALIGN) : ParamTable(align) {
         const int d = c.d_model, Vp = c.padded_vocab();
         embedding = add("embedding", {Vp, d}, true, Init::Normal002, "embedding");
         for (int l = 0; l < c.n_layer; l++) blocks.push_back(make_block(c.pattern[l], c, *this, l));
@@ -456,19 +457,22 @@ struct ParamLayout : ParamTable {
     }
     const BlockBase& block(int l) const { return base_of(blocks[l]); }
 
-    // The gradients that the backward adds to, as [begin, end) runs of the buffer: every tensor but those one
-    // weight-gradient matmul writes whole (the blocks' matmul_weights and the LM head, which a tied embedding
-    // is). Model::zero_grad clears only these; a step's first backward writes the others.
+    // The gradients that the backward adds to, as [begin, end) runs of the buffer: all of it but the tensors
+    // that one weight-gradient matmul writes whole (the blocks' matmul_weights and the LM head, which a tied
+    // embedding is); the gaps between tensors stay zero. Model::zero_grad clears only these; a step's first
+    // backward writes the others.
     std::vector<std::pair<size_t, size_t>> added_grads() const {
         std::vector<size_t> written = {lm_head};
         for (const Block& b : blocks)
             std::visit([&](const auto& k) { for (size_t o : k.matmul_weights()) written.push_back(o); }, b);
         std::vector<std::pair<size_t, size_t>> runs;
+        size_t from = 0;
         for (const TensorInfo& t : tensors) {  // in buffer order
-            if (std::find(written.begin(), written.end(), t.offset) != written.end()) continue;
-            if (!runs.empty() && runs.back().second == t.offset) runs.back().second += t.count;
-            else runs.push_back({t.offset, t.offset + t.count});
+            if (std::find(written.begin(), written.end(), t.offset) == written.end()) continue;
+            if (t.offset > from) runs.push_back({from, t.offset});
+            from = t.offset + t.count;
         }
+        if (total > from) runs.push_back({from, total});
         return runs;
     }
 };
@@ -521,6 +525,7 @@ constexpr size_t INIT_PIECE = (size_t)1 << 22;
 inline void init_parameters(float* out, const ParamLayout& layout, const ModelConfig& c, uint64_t seed,
                             int threads = 0, size_t begin = 0, size_t end = SIZE_MAX) {
     end = std::min(end, layout.total);
+    std::fill(out, out + (end - begin), 0.0f);  // the gaps between tensors
     struct Piece { const TensorInfo* t; size_t lo, hi; uint64_t draw; };
     std::vector<Piece> pieces;
     uint64_t draw = 0;  // the tensor's first draw
@@ -800,7 +805,7 @@ struct Model {
     // were 8 bytes a parameter: 64 GB per rank for an 8B model)
     void init(uint64_t seed) {
         const size_t window = std::min(layout.total, HOST_WINDOW);
-        std::unique_ptr<float[]> host(new float[window]);  // not zeroed: the init writes every element
+        std::unique_ptr<float[]> host(new float[window]);  // not zeroed: the init writes every element, gaps too
         for (size_t a = 0; a < layout.total; a += window) {
             const size_t n = std::min(window, layout.total - a);
             init_parameters(host.get(), layout, cfg, seed, 0, a, a + n);

@@ -1,7 +1,8 @@
 // The flat parameter buffer (no CUDA): every tensor's name, shape, place and optimizer group.
 //
 // Parameters live in one contiguous buffer with identical element offsets for the bf16
-// compute copy, the fp32 gradients and the fp32 master weights. The master weights are kept
+// compute copy, the fp32 gradients and the fp32 master weights. Every tensor starts at a multiple
+// of PARAM_ALIGN elements; the few elements between two tensors are zero and belong to none. The master weights are kept
 // as two 16-bit halves (master_split): the compute copy is their high half, so a rank adds
 // only the 16-bit low half (2 bytes a parameter instead of 4). The blocks (mamba.cuh) declare
 // their tensors into a ParamTable in buffer order; the optimizers and checkpoints see only this.
@@ -55,22 +56,31 @@ struct TensorInfo {
 // the largest tensor kernels index with 32-bit ints, and the largest model
 constexpr size_t MAX_TENSOR = (1ull << 31) - 1, MAX_PARAMS = 1ull << 40;
 
+// Tensor offsets are multiples of 8 elements, 16 bytes of bf16: cuBLAS runs a matrix whose bf16 copy is not
+// 16-byte aligned on sm80 kernels, not Hopper's (whose TMA loads need the alignment). Packed back to back,
+// mamba2-tiny's 12-element head vectors left every other layer's in_proj or out_proj unaligned (ncu, B8 T1024:
+// 83 us a forward against 31 us). Checkpoints of the packed layout (align 1, before 2026-12-07) still load.
+constexpr size_t PARAM_ALIGN = 8;
+
 struct ParamTable {
     std::vector<TensorInfo> tensors;
-    size_t total = 0;
+    size_t total = 0;  // the buffer's length: the tensors and the gaps between them
+    size_t align = PARAM_ALIGN;
+
+    explicit ParamTable(size_t align_ = PARAM_ALIGN) : align(align_) {}
 
     size_t add(const std::string& name, std::vector<int> shape, bool decay, Init init, const std::string& kind,
                bool block_matrix = false) {
         TensorInfo t;
         t.name = name; t.shape = shape; t.decay = decay; t.block_matrix = block_matrix; t.init = init; t.kind = kind;
-        t.offset = total;
+        t.offset = ceil_div(total, align) * align;
         t.count = 1;
         for (int s : shape) {
             if (s <= 0) THROW("tensor '%s' has a dimension %d", name.c_str(), s);
             t.count *= (size_t)s;
             if (t.count > MAX_TENSOR) THROW("tensor '%s' has more than 2^31 elements", name.c_str());
         }
-        total += t.count;
+        total = t.offset + t.count;
         if (total > MAX_PARAMS) THROW("the model has more than 2^40 parameters (at tensor '%s')", name.c_str());
         tensors.push_back(t);
         return t.offset;
@@ -78,6 +88,13 @@ struct ParamTable {
     // a block's 2-D matrix (rows, cols): decayed, in Muon's group
     size_t matrix(const std::string& name, int rows, int cols, Init init, const std::string& kind) {
         return add(name, {rows, cols}, true, init, kind, true);
+    }
+
+    // the model's parameters (the buffer less its gaps)
+    size_t elements() const {
+        size_t n = 0;
+        for (auto& t : tensors) n += t.count;
+        return n;
     }
 
     const TensorInfo& find(const std::string& name) const {
@@ -140,10 +157,9 @@ inline ArraySizes optimizer_arrays(const ParamTable& P, bool with_muon, size_t b
     return a;
 }
 
-// optimizer state of the whole buffer: AdamW's m and v over its tensors, Muon's momentum
-// over the rest (the tensors tile the buffer)
+// optimizer state of every tensor: AdamW's m and v over its tensors, Muon's momentum over the rest
 inline size_t optimizer_state_bytes(const ParamTable& P, bool with_muon) {
     size_t adamw = 0;
     for (const ParamTensor& t : adamw_tensors(P, with_muon)) adamw += t.count;
-    return (2 * adamw + (P.total - adamw)) * sizeof(float);
+    return (2 * adamw + (P.elements() - adamw)) * sizeof(float);
 }

@@ -154,6 +154,68 @@ TEST_CASE("checkpoint: corrupt files are refused with the file named", "[checkpo
     CHECK_THROWS_WITH(checkpoint_check(good, c, arrays, 0, 2), Catch::Contains("mpirun -np 1"));
 }
 
+TEST_CASE("checkpoint: a file of the packed layout (before tensors were aligned) loads into the aligned one", "[checkpoint]") {
+    REQUIRE(system(("rm -rf " + kDir + " && mkdir -p " + kDir).c_str()) == 0);
+    std::vector<float> master;
+    const std::string good = write_tiny(kDir + "/g", 9, &master);
+    const ModelConfig c = tiny_config();
+    const ParamLayout L(c), packed(c, 1);
+    REQUIRE(packed.total < L.total);  // its 4-head vectors leave gaps
+    for (const TensorInfo& t : L.tensors) CHECK(t.offset % PARAM_ALIGN == 0);
+    CHECK(packed.elements() == L.elements());
+    CHECK(packed.total == L.elements());
+    // the good file rewritten as an earlier build wrote it: the same tensors packed (no checksum, as before
+    // checksums; the optimizer arrays do not depend on the layout)
+    const std::string bytes = slurp(good);
+    uint64_t hb;
+    memcpy(&hb, bytes.data() + 8, 8);
+    nlohmann::json h = nlohmann::json::parse(bytes.substr(16, hb));
+    h["num_params"] = packed.total;
+    h.erase("checksum");
+    const size_t loader = sizeof(DataLoader::State), master_at = 16 + hb + loader;
+    std::vector<float> p(packed.total);
+    for (size_t k = 0; k < L.tensors.size(); k++)
+        std::copy_n(master.begin() + L.tensors[k].offset, L.tensors[k].count, p.begin() + packed.tensors[k].offset);
+    const std::string hs = h.dump();
+    std::string s = bytes.substr(0, 8);
+    const uint64_t n = hs.size();
+    s.append((const char*)&n, 8);
+    s += hs + bytes.substr(16 + hb, loader) + std::string((const char*)p.data(), p.size() * 4) +
+         bytes.substr(master_at + L.total * 4);
+    const std::string path = kDir + "/packed.ckpt";
+    spit(path, s);
+    // every tensor where this build has it, the gaps zero
+    std::vector<float> want(L.total, 0.0f);
+    for (const TensorInfo& t : L.tensors) std::copy_n(master.begin() + t.offset, t.count, want.begin() + t.offset);
+    REQUIRE(want != master);  // the gaps of write_tiny's file held values
+    ModelConfig c2;
+    int step = 0;
+    CHECK(checkpoint_weights(path, c2, step) == want);
+    CHECK(step == 9);
+    const ArraySizes arrays = optimizer_arrays(L, false, 0, L.total);
+    OptState opt, opt_good;
+    for (auto& [name, k] : arrays) opt.push_back({name, std::vector<float>(k, NAN)});
+    opt_good = opt;
+    TrainState st, st_good;
+    CHECK(checkpoint_load(path, st, opt, c) == want);
+    checkpoint_load(good, st_good, opt_good, c);
+    CHECK(opt == opt_good);
+    CHECK(st.step == 9);
+    CHECK(st.loader.position == st_good.loader.position);
+    // a count that is neither layout's is refused
+    h["num_params"] = packed.total + 1;
+    const std::string hs2 = h.dump();
+    std::string bad = bytes.substr(0, 8);
+    const uint64_t n2 = hs2.size();
+    bad.append((const char*)&n2, 8);
+    bad += hs2 + s.substr(16 + n, loader) + std::string((const char*)p.data(), p.size() * 4) + std::string(4, '\0') +
+           bytes.substr(master_at + L.total * 4);
+    spit(kDir + "/odd.ckpt", bad);
+    CHECK_THROWS_WITH(checkpoint_weights(kDir + "/odd.ckpt", c2, step),
+                      Catch::Contains("odd.ckpt") && Catch::Contains(std::to_string(packed.total + 1)));
+    CHECK_THROWS_WITH(checkpoint_check(kDir + "/odd.ckpt", c, arrays, 0, 1), Catch::Contains("does not match this build"));
+}
+
 TEST_CASE("checkpoint: a write that fails leaves the old file and no .tmp", "[checkpoint]") {
     REQUIRE(system(("rm -rf " + kDir + " && mkdir -p " + kDir).c_str()) == 0);
     const std::string first = write_tiny(kDir + "/f", 3);

@@ -44,18 +44,27 @@ TEST_CASE("config: parameter layout counts every tensor once, in order", "[confi
     // by hand: d_inner 256, H 4, conv_dim 256 + 2*2*64 = 512, d_in_proj 512 + 256 + 4 = 772
     const size_t per_layer = 128 + 772 * 128 + 512 * 4 + 512 + 4 + 4 + 4 + 256 + 128 * 256;
     const size_t vocab_rows = 1024;  // 1000 padded to 128
-    CHECK(L.total == 2 * vocab_rows * 128 + 2 * per_layer + 128);
-    size_t expect_offset = 0;
+    CHECK(L.elements() == 2 * vocab_rows * 128 + 2 * per_layer + 128);
+    // in order, each at a multiple of 8 elements (16 bytes of bf16), after a gap shorter than that
+    size_t end = 0;
     for (auto& t : L.tensors) {
-        CHECK(t.offset == expect_offset);
-        expect_offset += t.count;
+        INFO(t.name);
+        CHECK(t.offset % PARAM_ALIGN == 0);
+        CHECK(t.offset >= end);
+        CHECK(t.offset - end < PARAM_ALIGN);
+        end = t.offset + t.count;
     }
+    CHECK(L.total == end);
+    CHECK(L.total > L.elements());  // the 4-element head vectors leave gaps
+    const ParamLayout packed(c, 1);  // older checkpoints' layout: back to back
+    CHECK(packed.total == packed.elements());
+    CHECK(packed.elements() == L.elements());
     CHECK(L.find("layers.1.out_proj").shape == std::vector<int>{128, 256});
     CHECK(L.find("layers.0.A_log").decay == false);
     CHECK(L.find("layers.0.in_proj").decay == true);
     c.tie_embeddings = true;
     ParamLayout tied(c);
-    CHECK(tied.total == L.total - vocab_rows * 128);
+    CHECK(tied.elements() == L.elements() - vocab_rows * 128);
     CHECK(tied.lm_head == tied.embedding);
 }
 
@@ -89,6 +98,11 @@ TEST_CASE("config: zero_grad clears every gradient but the matmul weights', whic
                     REQUIRE(covered[i] == (matmul ? 0 : 1));
                 REQUIRE(covered[t.offset + t.count - 1] == (matmul ? 0 : 1));
             }
+            // the gaps between tensors too: they stay zero, so the gradient norm over the buffer is the tensors'
+            std::vector<char> in_tensor(L.total, 0);
+            for (const TensorInfo& t : L.tensors) std::fill_n(in_tensor.begin() + t.offset, t.count, 1);
+            for (size_t i = 0; i < L.total; i++)
+                if (!in_tensor[i]) REQUIRE(covered[i] == 1);
         }
     }
 }
@@ -267,10 +281,10 @@ TEST_CASE("train_mamba --dry-run prints the pattern, parameter count and memory;
     ModelConfig c = model_preset("mamba2-370m");
     ParamLayout L(c);
     CHECK_THAT(out, Catch::Contains("pattern: " + std::string(48, 'M')));
-    CHECK_THAT(out, Catch::Contains("params: " + std::to_string(L.total)));
+    CHECK_THAT(out, Catch::Contains("params: " + std::to_string(L.elements())));
     CHECK_THAT(out, Catch::Contains("memory estimate for B=8 T=2048"));
     // AdamW alone: m and v over every parameter
-    CHECK_THAT(out, Catch::Contains(strformat("optimizer state (AdamW m and v) %.2f GiB", 8.0 * L.total / (1 << 30))));
+    CHECK_THAT(out, Catch::Contains(strformat("optimizer state (AdamW m and v) %.2f GiB", 8.0 * L.elements() / (1 << 30))));
     CHECK(L.total > 360000000);
     CHECK(L.total < 375000000);
     // with Muon, AdamW's m and v leave out Muon's matrices (the blocks' in_proj and out_proj
@@ -282,14 +296,14 @@ TEST_CASE("train_mamba --dry-run prints the pattern, parameter count and memory;
     REQUIRE(matrices > L.total / 2);
     REQUIRE(run_cmd("./train_mamba --model mamba2-370m --optimizer muon --dry-run -B 8 -T 2048", out) == 0);
     CHECK_THAT(out, Catch::Contains(strformat("optimizer state (AdamW m and v, Muon momentum) %.2f GiB",
-                                              (8.0 * (L.total - matrices) + 4.0 * matrices) / (1 << 30))));
+                                              (8.0 * (L.elements() - matrices) + 4.0 * matrices) / (1 << 30))));
     // a hybrid from the allocation flags, and an explicit pattern of Mamba-1 layers
     REQUIRE(run_cmd("./train_mamba --model mamba2-tiny --layers 24 --attn-ratio 0.08 --mlp-ratio 0.5 --dry-run", out) == 0);
     CHECK_THAT(out, Catch::Contains("pattern: M+M+M++*M+M+M+M+*M++M+M+\n"));
     ModelConfig h = model_preset("mamba2-tiny");
     h.n_layer = 24; h.pattern = allocate_pattern(24, 0.08, 0.5);
     h.finalize();
-    CHECK_THAT(out, Catch::Contains("params: " + std::to_string(ParamLayout(h).total) + "\n"));
+    CHECK_THAT(out, Catch::Contains("params: " + std::to_string(ParamLayout(h).elements()) + "\n"));
     REQUIRE(run_cmd("./train_mamba --model mamba2-tiny --ssm mamba1 --pattern 'M+M' --dry-run", out) == 0);
     CHECK_THAT(out, Catch::Contains("pattern: M+M\n"));
     CHECK_THAT(out, Catch::Contains("mamba1: d_inner 768, d_state 16, dt_rank 24"));
