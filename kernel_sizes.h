@@ -34,18 +34,25 @@ inline size_t state_elems(const SSDShape& sh) { return (size_t)sh.B * sh.H * nch
 inline int pass_splits(const SSDShape& sh) { return (int)ceil_div((size_t)sh.P * sh.N / 4, PASS_THREADS); }
 
 // heads of a group are split into slices (one block each) so the backward grid has enough blocks: the fewest
-// slices (of at most MAX_HPS heads) that make BWD_TILE_BLOCKS blocks, else one head a slice. Short batches
-// (fine-tuning's, the tiny models') have few (b, chunk) pairs: mamba2-tiny at B8 T256 has 32 tiles, so one slice
-// of its 12 heads left 100 of an H100's 132 SMs idle through the backward's two longest kernels. More slices cost
-// too: each recomputes C B^T and writes dB/dC partials of its own (B T N floats each, summed afterwards).
-// mamba2-tiny's B8 T1024 step (H100, 12 heads): 6.60 ms with 12 slices (1536 blocks), 6.32 with 6, 6.25 with 4
-// (512), 6.29 with 3; at B8 T256 2.50 with 12 (384), 2.48 with 6, 2.53 with 4.
+// slices (of at most MAX_HPS heads) that make at least BWD_TILE_BLOCKS blocks and fill their last wave at least
+// 3/4 on a GPU of BWD_SLOTS places, else one head a slice. Short batches (fine-tuning's, the tiny models') have
+// few (b, chunk) pairs: mamba2-tiny at B8 T256 has 32 tiles, so one slice of its 12 heads left 100 of an H100's
+// 132 SMs idle through the backward's two longest kernels. More slices cost too: each recomputes C B^T and
+// writes dB/dC partials of its own (B T N floats each, summed afterwards). Steps on an H100 (mamba2-tiny's 12
+// heads at B8 T1024: 6.60 ms with 12 slices (1536 blocks), 6.32 with 6, 6.25 with 4 (512), 6.29 with 3 (384,
+// 1.45 waves); at B8 T256 2.50 with 12 (384), 2.48 with 6, 2.53 with 4. mamba2-370m 127.1 -> 125.7 ms with 2
+// slices (512) for 4 (1024); mamba2-2.7b's 80 heads 342.2 -> 346.4 ms with 5 (640 blocks, a last wave 42%
+// full) for 8 (1024), which this rule keeps.
 constexpr long BWD_TILE_BLOCKS = 512;
+constexpr long BWD_SLOTS = 264;  // an H100's or H200's 132 SMs, two tile blocks each
 inline int head_slices(const SSDShape& sh) {
     const int hpg = sh.H / sh.G;
     const long tiles = (long)sh.B * sh.G * nchunks(sh) * NTILE;
-    for (int s = 1; s <= hpg; s++)
-        if (hpg % s == 0 && hpg / s <= MAX_HPS && tiles * s >= BWD_TILE_BLOCKS) return s;
+    for (int s = 1; s <= hpg; s++) {
+        const long blocks = tiles * s, last = blocks % BWD_SLOTS;
+        if (hpg % s == 0 && hpg / s <= MAX_HPS && blocks >= BWD_TILE_BLOCKS && (last == 0 || 4 * last >= 3 * BWD_SLOTS))
+            return s;
+    }
     return hpg;
 }
 
