@@ -346,9 +346,9 @@ inline void checkpoint_check(const std::string& path, const ModelConfig& cfg, co
               model_config_to_json(cfg).dump().c_str());
     const size_t n = ck.h["num_params"].get<size_t>(), total = ParamLayout(cfg).total;
     if (checkpoint_packed(cfg, n) && world > 1)  // its ranks' ranges and optimizer arrays cut the packed buffer
-        THROW("checkpoint '%s' holds its tensors packed, as builds before 2026-12-07 wrote them: resume it on one rank "
-              "(the next checkpoint is written aligned), or start a run from its weights with finetune_mamba --init",
-              path.c_str());
+        THROW("checkpoint '%s' holds its tensors packed, as builds before 2026-12-07 wrote them, and its %d ranks' "
+              "ranges and optimizer state cut that layout: it cannot resume here. Its weights still load: "
+              "finetune_mamba --init, or convert_hf export and train_mamba --init-from", path.c_str(), world);
     if (n != total && !checkpoint_packed(cfg, n))
         THROW("checkpoint '%s' does not match this build (params %zu vs %zu)", path.c_str(), n, total);
     std::vector<std::pair<std::string, size_t>> have = ck.arrays;

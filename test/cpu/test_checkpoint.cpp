@@ -214,6 +214,22 @@ TEST_CASE("checkpoint: a file of the packed layout (before tensors were aligned)
     CHECK_THROWS_WITH(checkpoint_weights(kDir + "/odd.ckpt", c2, step),
                       Catch::Contains("odd.ckpt") && Catch::Contains(std::to_string(packed.total + 1)));
     CHECK_THROWS_WITH(checkpoint_check(kDir + "/odd.ckpt", c, arrays, 0, 1), Catch::Contains("does not match this build"));
+    // packed and written by 2 ranks: its ranges cut the packed layout, so it cannot resume 2 ranks here
+    nlohmann::json h2 = nlohmann::json::parse(bytes.substr(16, hb));
+    h2["num_params"] = packed.total;
+    h2["world"] = 2;
+    h2["master_shards"] = {0, packed.total / 2, packed.total};
+    h2["optimizer"] = nlohmann::json::array();
+    h2.erase("checksum");
+    const std::string hs3 = h2.dump();
+    std::string two = bytes.substr(0, 8);
+    const uint64_t n3 = hs3.size();
+    two.append((const char*)&n3, 8);
+    two += hs3 + bytes.substr(16 + hb, loader);
+    spit(kDir + "/packed2.ckpt", two);
+    CHECK_THROWS_WITH(checkpoint_check(kDir + "/packed2.ckpt", c, arrays, 0, 2),
+                      Catch::Contains("packed2.ckpt") && Catch::Contains("cannot resume here") &&
+                          Catch::Contains("finetune_mamba --init"));
 }
 
 TEST_CASE("checkpoint: a write that fails leaves the old file and no .tmp", "[checkpoint]") {
