@@ -2,10 +2,11 @@
 //
 // Parameters live in one contiguous buffer with identical element offsets for the bf16
 // compute copy, the fp32 gradients and the fp32 master weights. Every tensor starts at a multiple
-// of PARAM_ALIGN elements; the few elements between two tensors are zero and belong to none. The master weights are kept
-// as two 16-bit halves (master_split): the compute copy is their high half, so a rank adds
-// only the 16-bit low half (2 bytes a parameter instead of 4). The blocks (mamba.cuh) declare
-// their tensors into a ParamTable in buffer order; the optimizers and checkpoints see only this.
+// of PARAM_ALIGN elements; the few elements between two tensors are zero and belong to none. The
+// master weights are kept as two 16-bit halves (master_split): the compute copy is their high
+// half, so a rank adds only the 16-bit low half (2 bytes a parameter instead of 4). The blocks
+// (mamba.cuh) declare their tensors into a ParamTable in buffer order; the optimizers and
+// checkpoints see only this.
 #pragma once
 #include <algorithm>
 #include <cstdint>
