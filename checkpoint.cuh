@@ -104,9 +104,9 @@ inline bool checkpoint_packed(const ModelConfig& cfg, size_t n) {
     return n != ParamLayout(cfg).total && n == ParamLayout(cfg, 1).total;
 }
 inline void check_param_count(const std::string& path, const ModelConfig& cfg, size_t n) {
-    const size_t total = ParamLayout(cfg).total;
-    if (n != total && !checkpoint_packed(cfg, n))
-        THROW("checkpoint '%s' holds %zu parameters, its config gives %zu", path.c_str(), n, total);
+    if (n != ParamLayout(cfg).total && !checkpoint_packed(cfg, n))
+        THROW("checkpoint '%s' holds %zu parameters; this build lays its config out in %zu (or %zu packed, as "
+              "builds before 2026-12-07 wrote them)", path.c_str(), n, ParamLayout(cfg).total, ParamLayout(cfg, 1).total);
 }
 inline std::vector<float> unpack_master(const std::vector<float>& m, const ModelConfig& cfg) {
     if (!checkpoint_packed(cfg, m.size())) return m;
@@ -344,13 +344,12 @@ inline void checkpoint_check(const std::string& path, const ModelConfig& cfg, co
     if (ck.h["config"] != model_config_to_json(cfg))
         THROW("checkpoint '%s' holds model %s, but this run builds %s", path.c_str(), ck.h["config"].dump().c_str(),
               model_config_to_json(cfg).dump().c_str());
-    const size_t n = ck.h["num_params"].get<size_t>(), total = ParamLayout(cfg).total;
+    const size_t n = ck.h["num_params"].get<size_t>();
+    check_param_count(path, cfg, n);
     if (checkpoint_packed(cfg, n) && world > 1)  // its ranks' ranges and optimizer arrays cut the packed buffer
         THROW("checkpoint '%s' holds its tensors packed, as builds before 2026-12-07 wrote them, and its %d ranks' "
               "ranges and optimizer state cut that layout: it cannot resume here. Its weights still load: "
               "finetune_mamba --init, or convert_hf export and train_mamba --init-from", path.c_str(), world);
-    if (n != total && !checkpoint_packed(cfg, n))
-        THROW("checkpoint '%s' does not match this build (params %zu vs %zu)", path.c_str(), n, total);
     std::vector<std::pair<std::string, size_t>> have = ck.arrays;
     if (world > 1) {
         if (!ck.shards.empty() && ck.shards != checkpoint_bounds(cfg, world))

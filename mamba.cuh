@@ -81,6 +81,7 @@ struct SharedSizes {
 struct PhaseTimer {
     std::vector<std::pair<std::string, cudaEvent_t>> marks;
     std::map<std::string, double> ms;
+    int steps = 0;  // collect() calls that found marks: the steps the totals cover
     void mark(const std::string& name, cudaStream_t s) {
         cudaEvent_t e;
         cudaCheck(cudaEventCreate(&e));
@@ -98,10 +99,11 @@ struct PhaseTimer {
         }
         for (auto& m : marks) cudaCheck(cudaEventDestroy(m.second));
         marks.clear();
+        steps++;
     }
-    // the totals per step over `steps` collected steps, largest first (the events themselves add a
-    // little time: shares, not a second clock)
-    void print(int steps) const {
+    // the totals per step, largest first (the events themselves add a little time: shares, not a second clock)
+    void print() const {
+        if (steps == 0) return;
         double sum = 0;
         std::vector<std::pair<double, std::string>> rows;
         for (auto& [name, t] : ms) { sum += t; rows.push_back({t / steps, name}); }

@@ -408,7 +408,7 @@ static void run_bench(const Args& a, const Plan& p, Model& model, Trainer& train
            p.cfg.name.c_str(), a.B, a.T, accum, a.recompute ? " recompute" : "", a.opt.optimizer == "muon" ? " muon" : "",
            chunk.c_str(), world, med * 1e3, tps, tps / world, peak > 0 ? 100.0 * fpt * tps / peak : 0.0,
            (total_b - free_b) / gib, cuda_allocated_bytes() / gib, plan.total() / gib, trainer.state_bytes() / gib);
-    if (a.profile) timer.print(a.bench_steps);
+    if (a.profile) timer.print();
 }
 
 static int run(const Args& a, Comm& comm) {
