@@ -48,8 +48,10 @@ struct Comm {
     // The bucket's contents may change.
     virtual void reduce_scatter(float* /*bucket*/, size_t /*lo*/, size_t /*hi*/, float* /*shard*/,
                                 const std::vector<size_t>& /*bounds*/, bool /*accumulate*/, cudaStream_t) {}
-    // waits for the stream's work (several ranks: watching for a failed collective)
+    // waits for the stream's work, or for the work before an event (several ranks: watching for a failed
+    // collective; one rank: nothing, the caller's own wait follows)
     virtual void wait(cudaStream_t) {}
+    virtual void wait_event(cudaEvent_t) {}
 };
 
 // ZeRO-2's gradient buckets during the backward (several ranks; one rank has none). Before a

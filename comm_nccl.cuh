@@ -67,13 +67,16 @@ struct NcclComm : Comm {
         mpi = false;
     }
 
-    // Waits for the stream's work, polling NCCL's asynchronous error state, so a failed or
+    // Waits for the stream's work (or an event's), polling NCCL's asynchronous error state, so a failed or
     // stuck collective ends the job instead of hanging it.
-    void wait(cudaStream_t s) override {
+    void wait(cudaStream_t s) override { poll([&] { return cudaStreamQuery(s); }); }
+    void wait_event(cudaEvent_t ev) override { poll([&] { return cudaEventQuery(ev); }); }
+    template <typename Query>
+    void poll(Query query) {
         if (!multi()) return;  // one rank: the next copy to the host waits anyway
         const auto t0 = std::chrono::steady_clock::now();
         for (;;) {
-            cudaError_t e = cudaStreamQuery(s);
+            cudaError_t e = query();
             if (e == cudaSuccess) return;
             if (e != cudaErrorNotReady) cudaCheck(e);
             if (nccl) {

@@ -211,6 +211,7 @@ struct SimComm : Comm {
         collective(c);
     }
     void wait(cudaStream_t s) override { cudaCheck(cudaStreamSynchronize(s)); }
+    void wait_event(cudaEvent_t e) override { cudaCheck(cudaEventSynchronize(e)); }
 };
 
 // Runs body(comm) as `world` simulated ranks, each in its own thread, taking turns (above);

@@ -11,10 +11,10 @@
 // <|im_end|>), the model is rebuilt with the larger vocabulary: every tensor copied by name,
 // the new embedding and LM-head rows set to the mean of the existing rows (session.cuh).
 #include <algorithm>
-#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
+#include <optional>
 #include <string>
 #include <vector>
 #include "flags.h"
@@ -257,14 +257,34 @@ static int run(const Args& a, Comm& comm) {
         }
         return trainer.count_valid(targets.data(), targets.size());
     };
-    // the next step's batch is drawn while the GPU runs this one's (a step's time: from its launch to its end)
+    // A step's line and metrics once its results are read. Steps stay in flight (not with --profile): step k is
+    // read after step k + 1 is launched, so the host draws and uploads the next batch and launches it while the
+    // GPU runs this one, and the GPU does not wait for the host between steps. A step's time is the GPU's, from
+    // the end of the step before it (Trainer::StepResult).
+    struct Launched { int step; long valid; float lr; };
+    std::optional<Launched> pending;  // kept in flight, not read yet
+    auto report = [&](const Launched& l, const Trainer::StepResult& r) {
+        const double dt = r.ms / 1e3, tps = tokens_per_step / dt, mfu = peak > 0 ? 100.0 * fpt * tps / peak : 0.0;
+        printf("step %5d | loss %.4f (%ld response tokens) | lr %.2e | norm %.3f | %.1f ms | %.0f tok/s | MFU %.1f%%\n",
+               l.step, r.loss, l.valid, l.lr, r.norm, dt * 1e3, tps, mfu);
+        fflush(stdout);
+        metrics.write({{"step", l.step}, {"tokens", (long)l.step * tokens_per_step}, {"loss", r.loss}, {"lr", l.lr},
+                       {"grad_norm", r.norm}, {"ms", dt * 1e3}, {"tokens_per_s", tps}, {"mfu", mfu},
+                       {"response_tokens", l.valid}});
+    };
+    auto drain = [&] {  // before what reads the weights or prints out of turn
+        if (pending) report(*pending, trainer.finish_previous());
+        pending.reset();
+    };
     long valid = draw();
     PhaseTimer timer;
     for (int step = 0; step < steps; step++) {
         const bool last = step == steps - 1;
-        if (a.val_every > 0 && step % a.val_every == 0) eval_and_sample(step);
+        if (a.val_every > 0 && step % a.val_every == 0) {
+            drain();
+            eval_and_sample(step);
+        }
         model.timer = a.profile && step >= 3 ? &timer : nullptr;  // the step only, not the evaluation
-        const auto t0 = std::chrono::steady_clock::now();
         const float lr = (float)sched.at(step + 1);
         const long step_valid = valid;
         if (step_valid > 0) {
@@ -274,24 +294,24 @@ static int run(const Args& a, Comm& comm) {
         model.timer = nullptr;
         const DataLoader::State resume_at = train.state();  // before the next step's batch: where a resume goes on
         if (!last) valid = draw();
+        const Launched now{step + 1, step_valid, lr};
         if (step_valid == 0) {
+            drain();
             printf("step %5d | no response token in the batch: skipped\n", step + 1);
+        } else if (!a.profile) {
+            if (pending) report(*pending, trainer.finish_previous());
+            trainer.keep_in_flight();
+            pending = now;
         } else {
-            const auto [loss, norm] = trainer.finish();
-            if (a.profile && step >= 3) {
+            const Trainer::StepResult r = trainer.finish();
+            if (step >= 3) {
                 timer.mark("end", 0);
                 timer.collect();
             }
-            const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-            const double tps = tokens_per_step / dt, mfu = peak > 0 ? 100.0 * fpt * tps / peak : 0.0;
-            printf("step %5d | loss %.4f (%ld response tokens) | lr %.2e | norm %.3f | %.1f ms | %.0f tok/s | MFU %.1f%%\n",
-                   step + 1, loss, step_valid, lr, norm, dt * 1e3, tps, mfu);
-            fflush(stdout);
-            metrics.write({{"step", step + 1}, {"tokens", (long)(step + 1) * tokens_per_step}, {"loss", loss},
-                           {"lr", lr}, {"grad_norm", norm}, {"ms", dt * 1e3}, {"tokens_per_s", tps}, {"mfu", mfu},
-                           {"response_tokens", step_valid}});
+            report(now, r);
         }
         if ((a.ckpt_every > 0 && (step + 1) % a.ckpt_every == 0) || last) {
+            drain();
             TrainState st;
             st.step = step + 1;
             st.tokens = (long)(step + 1) * tokens_per_step;

@@ -1200,10 +1200,10 @@ struct Model {
     }
 
     // The sum of the per-token losses of every forward (with targets) since the last read into
-    // *loss_host, and the total back to zero, queued on stream s: *loss_host holds it once the
-    // stream's work is done (a training step reads it after its update, with no sync between)
-    void loss_sum_to_host(cudaStream_t s) {
-        cudaCheck(cudaMemcpyAsync(loss_host, loss_total, sizeof(double), cudaMemcpyDeviceToHost, s));
+    // *to (pinned; loss_host by default), and the total back to zero, queued on stream s: *to holds it once
+    // the stream's work is done (a training step reads it after its update, with no sync between)
+    void loss_sum_to_host(cudaStream_t s, double* to = nullptr) {
+        cudaCheck(cudaMemcpyAsync(to ? to : loss_host, loss_total, sizeof(double), cudaMemcpyDeviceToHost, s));
         cudaCheck(cudaMemsetAsync(loss_total, 0, sizeof(double), s));
     }
     // the same, read now: one host sync, once per evaluation

@@ -76,10 +76,21 @@ struct Trainer {
     std::unique_ptr<Muon> muon;
     double muon_scale = 1.0;  // Muon's lr / AdamW's lr (the schedule's shape is shared)
     float* norm2 = nullptr;   // the last step's squared gradient norm (device)
-    float* norm2_host = nullptr;  // (pinned) its copy, for finish()
-    long valid_ = 0;              // the step's valid targets (accumulate), and its loss once read
-    double loss_ = 0;
-    bool loss_read = false;
+    // A step's results: its loss and gradient norm copied to pinned memory, events where its work starts and
+    // ends. finish() reads the step just launched; with keep_in_flight() the next step takes the next slot, and
+    // finish_previous() reads the one before while the GPU runs it (three slots: a step's time is measured from
+    // the end of the one before it, whose slot is then still unused).
+    struct Slot {
+        double* loss = nullptr;  // (pinned)
+        float* norm2 = nullptr;  // (pinned)
+        cudaEvent_t start = nullptr, done = nullptr;
+        long valid = 0;          // its valid targets, and its loss once read
+        double loss_sum = 0;
+        bool loss_read = false, chained = false;  // chained: launched while the step before was in flight
+    };
+    Slot slots[3];
+    int cur = 0;             // the slot of the step being launched
+    bool in_flight = false;  // the step before it was kept in flight and is not read yet
 
     static AdamWConfig adamw_config(const OptimArgs& a) {
         AdamWConfig c;
@@ -97,7 +108,12 @@ struct Trainer {
         if (m.shard.world != c.world || m.shard.rank != c.rank)
             THROW("the model is sharded for rank %d of %d, this is rank %d of %d", m.shard.rank, m.shard.world, c.rank,
                   c.world);
-        cudaCheck(cudaMallocHost(&norm2_host, sizeof(float)));
+        for (Slot& sl : slots) {
+            cudaCheck(cudaMallocHost(&sl.loss, sizeof(double)));
+            cudaCheck(cudaMallocHost(&sl.norm2, sizeof(float)));
+            cudaCheck(cudaEventCreate(&sl.start));
+            cudaCheck(cudaEventCreate(&sl.done));
+        }
         if (a.optimizer != "muon") return;
         std::vector<MuonMatrix> mats;
         for (auto& t : m.layout.tensors)
@@ -109,7 +125,14 @@ struct Trainer {
     }
     Trainer(const Trainer&) = delete;
     Trainer& operator=(const Trainer&) = delete;
-    ~Trainer() { cudaFreeHost(norm2_host); }
+    ~Trainer() {
+        for (Slot& sl : slots) {
+            cudaFreeHost(sl.loss);
+            cudaFreeHost(sl.norm2);
+            cudaEventDestroy(sl.start);
+            cudaEventDestroy(sl.done);
+        }
+    }
 
     // The step's valid targets over every rank (the loss is their mean)
     long count_valid(const int* targets, size_t n) const {
@@ -120,7 +143,8 @@ struct Trainer {
 
     // A step is launched, then waited for once: accumulate() and update() queue their work on the
     // GPU and return (their arrays are copied before they do), so the host can draw the next batch
-    // while the GPU runs this one; finish() waits and gives the step's loss and gradient norm.
+    // while the GPU runs this one; finish() waits and gives the step's loss and gradient norm (or,
+    // after keep_in_flight(), finish_previous() once the next step is launched).
     // loss() reads the loss early, before update() (one more wait: a loss spike is caught before
     // it is applied, and discard() drops the step).
     //
@@ -132,6 +156,9 @@ struct Trainer {
     void accumulate(const Batch& step, int passes, long valid, float z_loss) {
         const size_t local = (size_t)model.B * model.T;
         const bool sharded = model.shard.sharded();
+        Slot& sl = slots[cur];
+        sl.chained = in_flight;
+        cudaCheck(cudaEventRecord(sl.start, 0));
         if (sharded) model.grads_done = [this](size_t lo, bool last, cudaStream_t s) { reducer.ready(lo, last, s); };
         else model.zero_grad();
         for (int p = 0; p < passes; p++) {
@@ -141,15 +168,15 @@ struct Trainer {
                                     z_loss);
         }
         model.grads_done = nullptr;
-        model.loss_sum_to_host(0);
-        valid_ = valid;
-        loss_read = false;
+        model.loss_sum_to_host(0, sl.loss);
+        sl.valid = valid;
+        sl.loss_read = false;
     }
 
     // the step's loss over every rank: waits for the step's work queued so far
     double loss() {
-        if (!loss_read) cudaCheck(cudaStreamSynchronize(0));
-        return summed_loss();
+        if (!slots[cur].loss_read) cudaCheck(cudaStreamSynchronize(0));
+        return summed_loss(slots[cur]);
     }
 
     // the step is dropped (a loss spike): wait for the reductions already launched, apply nothing
@@ -166,23 +193,47 @@ struct Trainer {
         adamw.step(model.master(), model.grad_shard, norm2, lr, t, s);
         if (muon) muon->step(model.master(), model.grad_shard, norm2, (float)(lr * muon_scale), s);
         comm.all_gather(model.params, bounds, s);
-        cudaCheck(cudaMemcpyAsync(norm2_host, norm2, sizeof(float), cudaMemcpyDeviceToHost, s));
+        cudaCheck(cudaMemcpyAsync(slots[cur].norm2, norm2, sizeof(float), cudaMemcpyDeviceToHost, s));
+        cudaCheck(cudaEventRecord(slots[cur].done, s));
     }
 
-    struct StepResult { double loss; float norm; };
+    // ms: the GPU's time for the step, from the end of the step before it when it was launched behind that one
+    // (what a run of steps in flight takes a step), else from its start
+    struct StepResult { double loss; float norm; float ms; };
     // waits for the step (accumulate, update) on stream s
     StepResult finish(cudaStream_t s = 0) {
         comm.wait(s);
         cudaCheck(cudaStreamSynchronize(s));
-        return {summed_loss(), std::sqrt(*norm2_host)};
+        return result(cur);
     }
-    // the loss copied back by the finished stream, summed over the ranks once a step
-    double summed_loss() {
-        if (!loss_read) {
-            loss_ = comm.sum(*model.loss_host) / valid_;
-            loss_read = true;
+    // The step just launched stays in flight: the next one takes the next slot, and finish_previous() reads
+    // this one (so the host draws, uploads and launches the next step while the GPU runs this one)
+    void keep_in_flight() {
+        in_flight = true;
+        cur = (cur + 1) % 3;
+    }
+    // waits for the step kept in flight (not for the one launched after it) and gives its results
+    StepResult finish_previous() {
+        if (!in_flight) THROW("finish_previous: no step is in flight");
+        const int k = (cur + 2) % 3;
+        comm.wait_event(slots[k].done);
+        cudaCheck(cudaEventSynchronize(slots[k].done));
+        in_flight = false;
+        return result(k);
+    }
+    StepResult result(int k) {
+        Slot& sl = slots[k];
+        float ms = 0;
+        cudaCheck(cudaEventElapsedTime(&ms, sl.chained ? slots[(k + 2) % 3].done : sl.start, sl.done));
+        return {summed_loss(sl), std::sqrt(*sl.norm2), ms};
+    }
+    // the loss copied back by the step's work, summed over the ranks once a step
+    double summed_loss(Slot& sl) {
+        if (!sl.loss_read) {
+            sl.loss_sum = comm.sum(*sl.loss) / sl.valid;
+            sl.loss_read = true;
         }
-        return loss_;
+        return sl.loss_sum;
     }
 
     size_t state_bytes() const { return (2 * adamw.n_state + (muon ? muon->state_floats() : 0)) * sizeof(float); }
