@@ -11,8 +11,8 @@
 # Steps: unpack (always first), anchor-build (starts the anchors' CUDA extensions building in the
 # background; wait-anchor-build waits for them), dumps (the PyTorch reference dumps, in the
 # background), test [FILTER], bench,
-# anchors (the anchor scripts; their log is ANCHOR_LOG for the benchmarks), anchors-strong [quick]
-# (the whole-model anchors at models' shapes; quick: without the B1 T16384 hybrid), models, sft, default,
+# anchors (the anchor scripts; their log is ANCHOR_LOG for the benchmarks), anchors-strong [quick|long]
+# (the whole-model anchors at models' shapes; quick: without the B1 T16384 hybrid, long: only it), models, sft, default,
 # hf, export-val, export-sft, scan-anchor, steps (ours at the anchors' shapes), bench-one NAME "FLAGS" ("-":
 # none), ab NAME "FLAGS" (dev/NAME_before, then dev/NAME, the same flags), docreset, sft-bench, bench-prepare,
 # graph (the captured step against --eager), profile "MODEL" (--profile's phases), kernels "MODEL" (ncu, per kernel),
@@ -80,11 +80,16 @@ while [ $# -gt 0 ]; do
     test)   f=${1:-}; [ $# -gt 0 ] && shift
             timeout 540 ./build/test_gpu $f 2>&1 | tee "$OUT/test_gpu.log" | tail -25 ;;
     anchors) (cd anchors && python3 attn_anchor.py; python3 ../dev/anchor_mamba_ssm.py --part a) 2>&1 | tee -a "$ANCHOR_LOG" | grep -E "anchor" ;;
-    anchors-strong) (cd anchors && hp=$(../train_mamba --model hybrid-1.3b --dry-run | sed -n 's/^pattern: //p')
-                     strong --layers 48 --d 1024 -B 8 -T 2048; strong --layers 64 --d 2560 -B 4 -T 2048
-                     strong --pattern "$hp" --d 2048 -B 4 -T 2048
-                     [ "${1:-}" = quick ] || strong --pattern "$hp" --d 2048 -B 1 -T 16384
-                    ) 2>&1 | tee -a "$ANCHOR_LOG" | grep -E "anchor"; [ "${1:-}" = quick ] && shift ;;
+    anchors-strong) # anchors-strong [quick|long]: quick leaves out the B1 T16384 hybrid, long runs only it (the
+            # four take up to 600 s, a whole call: split them over two calls on one machine)
+            w=${1:-}; case $w in quick|long) shift ;; *) w= ;; esac
+            (cd anchors && hp=$(../train_mamba --model hybrid-1.3b --dry-run | sed -n 's/^pattern: //p')
+             if [ "$w" != long ]; then
+               strong --layers 48 --d 1024 -B 8 -T 2048; strong --layers 64 --d 2560 -B 4 -T 2048
+               strong --pattern "$hp" --d 2048 -B 4 -T 2048
+             fi
+             [ "$w" = quick ] || strong --pattern "$hp" --d 2048 -B 1 -T 16384
+            ) 2>&1 | tee -a "$ANCHOR_LOG" | grep -E "anchor" ;;
     bench)  for b in dev/bench_*; do [[ -x "$b" && $b != *_before ]] && { echo "== $b"; timeout 200 stdbuf -oL "$b"; }; done 2>&1 |
               tee "$OUT/bench.log" | grep -E "x$|ours|==" ;;
     steps)  # our steps at the whole-model anchors' shapes, 10 each: quick, for the minutes an extension build takes
