@@ -104,9 +104,10 @@ inline bool checkpoint_packed(const ModelConfig& cfg, size_t n) {
     return n != ParamLayout(cfg).total && n == ParamLayout(cfg, 1).total;
 }
 inline void check_param_count(const std::string& path, const ModelConfig& cfg, size_t n) {
-    if (n != ParamLayout(cfg).total && !checkpoint_packed(cfg, n))
+    const size_t aligned = ParamLayout(cfg).total, packed = ParamLayout(cfg, 1).total;
+    if (n != aligned && n != packed)
         THROW("checkpoint '%s' holds %zu parameters; this build lays its config out in %zu (or %zu packed, as "
-              "builds before 2026-12-07 wrote them)", path.c_str(), n, ParamLayout(cfg).total, ParamLayout(cfg, 1).total);
+              "builds before 2026-12-07 wrote them)", path.c_str(), n, aligned, packed);
 }
 inline std::vector<float> unpack_master(const std::vector<float>& m, const ModelConfig& cfg) {
     if (!checkpoint_packed(cfg, m.size())) return m;

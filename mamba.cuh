@@ -968,12 +968,15 @@ struct Model {
             cudaCheck(cudaEventRecord(e, from));
             cudaCheck(cudaStreamWaitEvent(to, e, 0));
         };
+        // (--profile: serial, each weight gradient is charged to its matmul's phase; beside, the phases it
+        // overlaps carry it)
+        phase("out_proj bwd", s);
         signal(wgrad_fork, s, ws);
         matmul_backward_weight(ctx.grad(b.out_proj), dresid_bf16, out_in, BT, d, b.out_width, out_ld, ws,
                                ctx.write_grads);
         if (beside) cudaCheck(cudaEventRecord(wgrad_out, ws));
-        matmul_backward_weight(ctx.grad(b.in_proj), ctx.din, xn, BT, b.in_width, d, in_ld, ws, ctx.write_grads);
         phase("in_proj bwd", s);
+        matmul_backward_weight(ctx.grad(b.in_proj), ctx.din, xn, BT, b.in_width, d, in_ld, ws, ctx.write_grads);
         matmul_backward_input(dxn, ctx.din, w(b.in_proj), BT, b.in_width, d, in_ld, s);
         if (beside) cudaCheck(cudaStreamWaitEvent(s, wgrad_out, 0));
         phase("rmsnorm bwd", s);
