@@ -567,7 +567,8 @@ static int run(const Args& a, Comm& comm) {
         st.tokens += step_tokens;
         const float lr = (float)p.sched.at(p.unit_tokens ? st.tokens : st.step);
         trainer.update(lr, st.step);
-        [[maybe_unused]] const auto [loss, norm, gpu_ms] = trainer.finish();  // gpu_ms unused: the step's time here is the host's clock
+        // (the step's time here is the host's clock, not the GPU's gpu_ms)
+        [[maybe_unused]] const auto [loss, norm, gpu_ms] = trainer.finish();
         spikes.add(loss);
         double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
         size_t free_b, total_b;
