@@ -21,9 +21,11 @@
 # multi (on a machine of several GPUs: test/multi_gpu.sh on all of them and the weak scaling).
 # Benchmarks run under stdbuf -oL: one stopped by its timeout still shows what it printed (into a pipe, its
 # output would wait in a buffer and be lost; bench_layers --model 2.7b lost its lines so).
-# The whole-model ratios in two calls on one machine (the second at once, before the machine goes back; the
-# builds run on between calls): unpack anchors anchor-build bench-one bench_ssd - steps, then steps
-# wait-anchor-build anchors-strong quick (about 450 and 510 s on an H100, twenty-second session).
+# Every anchor beside ours in three calls on one machine (each at once after the one before, within the 30 s the
+# machine waits; the builds run on between calls; 428, 382 and 261 s on an H100, thirty-sixth session):
+#   1. unpack anchors anchor-build bench-one bench_ssd - bench-one bench_attention - steps
+#   2. unpack scan-anchor bench-one bench_scan - wait-anchor-build anchors-strong quick
+#   3. unpack anchors-strong long steps dumps wait-dumps test
 # Order: time the anchors that need no build (anchors) first, with the CPU idle; start anchor-build only after
 # wait-dumps (beside the extension builds the dumps took over 5 minutes); anchors-strong with the CPU idle again.
 set -uo pipefail
