@@ -44,7 +44,8 @@ inline int pass_splits(const SSDShape& sh) { return (int)ceil_div((size_t)sh.P *
 // slices (512) for 4 (1024); mamba2-2.7b's 80 heads 342.2 -> 346.4 ms with 5 (640 blocks, a last wave 42%
 // full) for 8 (1024), which this rule keeps.
 constexpr long BWD_TILE_BLOCKS = 512;
-constexpr long BWD_SLOTS = 264;  // an H100's or H200's 132 SMs, two tile blocks each
+constexpr long BWD_SLOTS = 264;  // an H100's or H200's 132 SMs, two tile blocks each (a constant, not the GPU's
+                                 // count: head_slices also sizes the scratch in --dry-run, which has no GPU to ask)
 inline int head_slices(const SSDShape& sh) {
     const int hpg = sh.H / sh.G;
     const long tiles = (long)sh.B * sh.G * nchunks(sh) * NTILE;
