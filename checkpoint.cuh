@@ -110,8 +110,8 @@ inline void check_param_count(const std::string& path, const ModelConfig& cfg, s
               "builds before 2026-12-07 wrote them)", path.c_str(), n, aligned, packed);
 }
 inline std::vector<float> unpack_master(const std::vector<float>& m, const ModelConfig& cfg) {
-    if (!checkpoint_packed(cfg, m.size())) return m;
     const ParamLayout now(cfg), packed(cfg, 1);
+    if (m.size() == now.total || m.size() != packed.total) return m;  // (not checkpoint_packed: each layout once)
     std::vector<float> out(now.total, 0.0f);
     for (size_t k = 0; k < now.tensors.size(); k++) {
         const TensorInfo &a = packed.tensors[k], &b = now.tensors[k];
