@@ -111,7 +111,7 @@ inline void check_param_count(const std::string& path, const ModelConfig& cfg, s
 }
 inline std::vector<float> unpack_master(const std::vector<float>& m, const ModelConfig& cfg) {
     const ParamLayout now(cfg), packed(cfg, 1);
-    if (m.size() == now.total || m.size() != packed.total) return m;  // (not checkpoint_packed: each layout once)
+    if (m.size() != packed.total || packed.total == now.total) return m;  // this build's layout (check_param_count)
     std::vector<float> out(now.total, 0.0f);
     for (size_t k = 0; k < now.tensors.size(); k++) {
         const TensorInfo &a = packed.tensors[k], &b = now.tensors[k];
