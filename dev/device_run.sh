@@ -13,7 +13,7 @@
 #   on the GPU: bash dev/device_run.sh STEP...
 # Steps: unpack (always first), anchor-build (starts the anchors' CUDA extensions building in the
 # background; wait-anchor-build waits for them), dumps (the PyTorch reference dumps, in the
-# background), test [FILTER], bench,
+# background), test [TAGS] (a Catch2 tag filter such as "[ssd]"; a next word not in brackets is the next step), bench,
 # anchors (the anchor scripts; their log is ANCHOR_LOG for the benchmarks), anchors-strong [quick|long]
 # (the whole-model anchors at models' shapes; quick: without the B1 T16384 hybrid, long: only it), models, sft, default,
 # hf, export-val, export-sft, scan-anchor, steps (ours at the anchors' shapes), bench-one NAME "FLAGS" ("-":
@@ -82,8 +82,8 @@ while [ $# -gt 0 ]; do
                    done) ;;
     dumps)  setsid nohup make dumps PYTHON=python3 > "$OUT/dumps.log" 2>&1 < /dev/null & ;;
     wait-dumps) while pgrep -f "make dumps" >/dev/null; do sleep 2; done ;;
-    test)   f=${1:-}; [ $# -gt 0 ] && shift
-            timeout 540 ./build/test_gpu $f 2>&1 | tee "$OUT/test_gpu.log" | tail -25 ;;
+    test)   f=; case ${1:-} in \[*) f=$1; shift ;; esac
+            timeout 540 ./build/test_gpu ${f:+"$f"} 2>&1 | tee "$OUT/test_gpu.log" | tail -25 ;;
     anchors) (cd anchors && python3 attn_anchor.py; python3 ../dev/anchor_mamba_ssm.py --part a) 2>&1 | tee -a "$ANCHOR_LOG" | grep -E "anchor" ;;
     anchors-strong) # anchors-strong [quick|long]: quick leaves out the B1 T16384 hybrid, long runs only it (the
             # four take up to 600 s, a whole call: split them over two calls on one machine)
